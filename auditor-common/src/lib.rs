@@ -1,0 +1,122 @@
+//! Types shared by the kernel programs (`auditor-ebpf`) and the daemon (`auditor`).
+//!
+//! Every ring-buffer record starts with a one-byte [`EventKind`] tag; the rest of the layout depends
+//! on it. All structs are `#[repr(C)]` and plain old data so both sides read the same bytes.
+#![no_std]
+
+/// Largest payload one ring-buffer record carries. A syscall that moved more bytes is sent as several
+/// chunk records (driven by `bpf_loop`), all with the same `stream_pos`.
+pub const CHUNK_SIZE: usize = 16000;
+/// Upper bound of chunks per syscall; the effective bound is `CONFIG[CFG_CAPTURE_CAP] / CHUNK_SIZE`.
+pub const MAX_CHUNKS: u32 = 4096;
+/// Default capture cap per syscall (bytes). Past it the event's `total_len` says what was not copied.
+pub const DEFAULT_CAPTURE_CAP: u64 = 64 * 1024;
+
+/// Index in the `CONFIG` array map: capture cap per syscall, bytes.
+pub const CFG_CAPTURE_CAP: u32 = 0;
+/// Index in the `CONFIG` array map: ring-buffer wake-up threshold in bytes (0: wake on every record).
+pub const CFG_WAKEUP_BYTES: u32 = 1;
+pub const CFG_LEN: u32 = 4;
+
+/// Index in the per-CPU `STATS` array: ring-buffer records that could not be written.
+pub const STAT_RING_DROPS: u32 = 0;
+/// Index in the per-CPU `STATS` array: payload bytes that could not be written to the ring buffer.
+pub const STAT_RING_DROP_BYTES: u32 = 1;
+/// Index in the per-CPU `STATS` array: records written.
+pub const STAT_RING_WRITES: u32 = 2;
+pub const STAT_LEN: u32 = 4;
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Data = 1,
+    Accept = 2,
+    Close = 3,
+}
+
+/// Direction of a data event, seen from the server.
+pub const DIR_IN: u8 = 0;
+pub const DIR_OUT: u8 = 1;
+
+/// Address families as the kernel numbers them.
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Header of a data record; `chunk_len` payload bytes follow it directly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataEvent {
+    pub kind: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+    pub fd: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()` at syscall exit.
+    pub ts_ns: u64,
+    /// Position of the syscall's first byte in this direction's byte stream of the socket. A jump
+    /// between consecutive events tells user space exactly how many bytes it never saw.
+    pub stream_pos: u64,
+    /// Bytes the syscall really moved (its return value).
+    pub total_len: u32,
+    /// Offset of this chunk within the syscall's bytes.
+    pub chunk_off: u32,
+    /// Payload bytes in this record.
+    pub chunk_len: u32,
+    /// Bytes of the syscall that were copied at all (min(total_len, cap)); the rest was not captured.
+    pub captured_len: u32,
+}
+
+pub const DATA_HDR_LEN: usize = core::mem::size_of::<DataEvent>();
+
+/// A connection accepted by the target (accept/accept4 exit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptEvent {
+    pub kind: u8,
+    pub _pad: u8,
+    pub family: u16,
+    pub fd: u32,
+    pub tgid: u32,
+    pub listen_fd: u32,
+    pub ts_ns: u64,
+    /// Peer port in host byte order (0 for unix sockets).
+    pub port: u16,
+    pub _pad2: [u8; 6],
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+/// A socket fd closed by the target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseEvent {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub fd: u32,
+    pub tgid: u32,
+    pub _pad2: u32,
+    pub ts_ns: u64,
+}
+
+/// Per-socket state kept in the kernel's `SOCKETS` map, keyed by `(tgid << 32) | fd`. Only fds in this
+/// map are captured, which is how non-socket fds (Valkey's `/proc/self/stat` reads) are ignored.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketState {
+    /// Bytes read so far (position of the next inbound byte).
+    pub in_pos: u64,
+    /// Bytes written so far.
+    pub out_pos: u64,
+}
+
+pub const fn socket_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid.
+    unsafe impl aya::Pod for super::SocketState {}
+}

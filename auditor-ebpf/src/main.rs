@@ -1,0 +1,560 @@
+//! Kernel side of the auditor: syscall tracepoints that copy the bytes a target valkey-server moves on
+//! its client sockets into one ring buffer, with the connection tuples and close events.
+//!
+//! Filtering happens before any copy: the calling process must be in `TARGETS` (by TGID, so Valkey's
+//! io-threads are included) and the fd must be in `SOCKETS` (filled at accept, by user space for
+//! connections that existed before attach, emptied at close). Everything else costs one map lookup.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use auditor_common::{
+    AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_WAKEUP_BYTES, CHUNK_SIZE,
+    CloseEvent, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS, STAT_LEN,
+    STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_WRITES, SocketState, socket_key,
+};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+/// Processes to audit, by TGID. Value unused.
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// Sockets of the targets that are captured, keyed by `socket_key(tgid, fd)`.
+#[map]
+static SOCKETS: HashMap<u64, SocketState> = HashMap::with_max_entries(65536, 0);
+
+/// Settings written by user space (see `CFG_*`).
+#[map]
+static CONFIG: Array<u64> = Array::with_max_entries(CFG_LEN, 0);
+
+/// Per-CPU counters (see `STAT_*`): every failed ring-buffer write is counted here.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
+
+/// The one ring buffer to user space: a single ring keeps a global order across CPUs. User space may
+/// resize it before load.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Arguments of an in-flight data syscall, saved at enter and consumed at exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DataArgs {
+    fd: u32,
+    dir: u8,
+    _pad: [u8; 3],
+    /// Buffer (plain syscalls) or `struct iovec *` (vectored ones).
+    ptr: u64,
+    /// 0 for a plain buffer, else the iovec count.
+    iovcnt: u64,
+}
+
+#[map]
+static DATA_ARGS: HashMap<u64, DataArgs> = HashMap::with_max_entries(8192, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AcceptArgs {
+    listen_fd: u32,
+    _pad: u32,
+    sockaddr: u64,
+}
+
+#[map]
+static ACCEPT_ARGS: HashMap<u64, AcceptArgs> = HashMap::with_max_entries(1024, 0);
+
+/// Staging area for one ring record: header, then up to two chunks' worth of room so the verifier can
+/// prove `fill + n` in bounds without relating the two registers (each is bounded by `CHUNK_SIZE`).
+const SCRATCH_LEN: usize = DATA_HDR_LEN + 2 * CHUNK_SIZE;
+
+#[repr(C, align(8))]
+struct Scratch {
+    bytes: [u8; SCRATCH_LEN],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The copy loop's state lives in a per-CPU map value, not on the stack: the verifier then sees its
+/// fields as unknown scalars on every `bpf_loop` iteration and checks the callback once, instead of
+/// following exact values through thousands of iterations.
+#[map]
+static COPY_CTX: PerCpuArray<CopyCtx> = PerCpuArray::with_max_entries(1, 0);
+
+// Tracepoint field offsets (from /sys/kernel/tracing/events/syscalls/*/format).
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const RET: usize = 16;
+
+#[inline(always)]
+fn is_target(tgid: u32) -> bool {
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { TARGETS.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+fn bump(index: u32, by: u64) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += by };
+    }
+}
+
+#[inline(always)]
+fn config(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// Save the arguments of a data syscall if it is on a captured socket of a target.
+#[inline(always)]
+fn save_data_args(ctx: &TracePointContext, dir: u8, kind: ArgKind) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    // SAFETY: offsets come from the tracepoint format.
+    let fd: u64 = match unsafe { ctx.read_at(ARG0) } {
+        Ok(v) => v,
+        Err(_) => return 0,
+    };
+    let fd = fd as u32;
+    // SAFETY: read-only lookup.
+    if unsafe { SOCKETS.get(&socket_key(tgid, fd)) }.is_none() {
+        return 0;
+    }
+    let arg1: u64 = unsafe { ctx.read_at(ARG1) }.unwrap_or(0);
+    let (ptr, iovcnt) = match kind {
+        ArgKind::Plain => (arg1, 0),
+        ArgKind::Iovec => (arg1, unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0)),
+        ArgKind::Msghdr => {
+            // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+            let mut iov: u64 = 0;
+            let mut cnt: u64 = 0;
+            // SAFETY: reading user memory through the helper, which tolerates faults.
+            unsafe {
+                bpf_probe_read_user((&raw mut iov).cast(), 8, (arg1 + 16) as *const c_void);
+                bpf_probe_read_user((&raw mut cnt).cast(), 8, (arg1 + 24) as *const c_void);
+            }
+            (iov, cnt)
+        }
+    };
+    if ptr == 0 {
+        return 0;
+    }
+    let args = DataArgs {
+        fd,
+        dir,
+        _pad: [0; 3],
+        ptr,
+        iovcnt,
+    };
+    let _ = DATA_ARGS.insert(&pid_tgid, &args, 0);
+    0
+}
+
+#[derive(Clone, Copy)]
+enum ArgKind {
+    Plain,
+    Iovec,
+    Msghdr,
+}
+
+/// State of the chunked copy driven by `bpf_loop`; lives on the stack of the exit handler.
+#[repr(C)]
+struct CopyCtx {
+    iov: u64,
+    iovcnt: u64,
+    iov_idx: u64,
+    cur_base: u64,
+    cur_len: u64,
+    /// Bytes still to copy (never more than the capture cap).
+    left: u64,
+    /// Bytes staged in the scratch buffer.
+    fill: u64,
+    /// Offset, within the syscall, of the staged bytes.
+    off: u64,
+    flags: u64,
+    hdr: DataEvent,
+}
+
+/// Send the staged bytes as one ring record. Returns false when the ring is full.
+#[inline(always)]
+fn flush(c: &mut CopyCtx, scratch: *mut u8) -> bool {
+    let mut fill = c.fill;
+    if fill == 0 {
+        return true;
+    }
+    if fill > CHUNK_SIZE as u64 {
+        fill = CHUNK_SIZE as u64;
+    }
+    c.hdr.chunk_off = c.off as u32;
+    c.hdr.chunk_len = fill as u32;
+    // SAFETY: the scratch buffer is at least DATA_HDR_LEN + CHUNK_SIZE bytes.
+    let ret = unsafe {
+        core::ptr::write_unaligned(scratch.cast::<DataEvent>(), c.hdr);
+        bpf_ringbuf_output(
+            (&raw const EVENTS).cast_mut().cast(),
+            scratch.cast(),
+            DATA_HDR_LEN as u64 + fill,
+            c.flags,
+        )
+    };
+    if ret < 0 {
+        bump(STAT_RING_DROPS, 1);
+        bump(STAT_RING_DROP_BYTES, c.left + fill);
+        return false;
+    }
+    bump(STAT_RING_WRITES, 1);
+    c.off += fill;
+    c.fill = 0;
+    true
+}
+
+#[inline(never)]
+extern "C" fn copy_step(_index: u64, _unused: *mut c_void) -> i64 {
+    let Some(c) = COPY_CTX.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU map value; the program runs to completion on this CPU.
+    let c = unsafe { &mut *c };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: pointer to the per-CPU scratch value (a fresh map pointer the verifier can bound).
+    let scratch = unsafe { (*scratch).bytes.as_mut_ptr() };
+    if c.left == 0 {
+        let _ = flush(c, scratch);
+        return 1;
+    }
+    if c.cur_len == 0 {
+        if c.iov_idx >= c.iovcnt {
+            let _ = flush(c, scratch);
+            return 1;
+        }
+        let mut pair = [0u64; 2];
+        // SAFETY: reading one user `struct iovec` through the fault-tolerant helper.
+        let r = unsafe {
+            bpf_probe_read_user(
+                pair.as_mut_ptr().cast(),
+                16,
+                (c.iov + c.iov_idx * 16) as *const c_void,
+            )
+        };
+        c.iov_idx += 1;
+        if r < 0 {
+            let _ = flush(c, scratch);
+            return 1;
+        }
+        c.cur_base = pair[0];
+        c.cur_len = pair[1];
+        return 0;
+    }
+    let mut fill = c.fill;
+    if fill >= CHUNK_SIZE as u64 {
+        fill = CHUNK_SIZE as u64 - 1;
+    }
+    let mut n = c.cur_len;
+    if n > c.left {
+        n = c.left;
+    }
+    let space = CHUNK_SIZE as u64 - fill;
+    if n > space {
+        n = space;
+    }
+    if n > CHUNK_SIZE as u64 {
+        n = CHUNK_SIZE as u64;
+    }
+    // SAFETY: fill < CHUNK_SIZE and n <= CHUNK_SIZE, and the scratch has room for 2 * CHUNK_SIZE.
+    let r = unsafe {
+        let dst = scratch.add(DATA_HDR_LEN + fill as usize);
+        bpf_probe_read_user(dst.cast(), n as u32, c.cur_base as *const c_void)
+    };
+    if r < 0 {
+        // The user buffer vanished under us: what we have is still sent, the rest shows as a gap.
+        let _ = flush(c, scratch);
+        return 1;
+    }
+    c.fill = fill + n;
+    c.cur_base += n;
+    c.cur_len -= n;
+    c.left -= n;
+    if (c.fill >= CHUNK_SIZE as u64 || c.left == 0) && !flush(c, scratch) {
+        return 1;
+    }
+    0
+}
+
+#[inline(always)]
+fn emit_data(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: read-only lookup; the value is copied out before removal.
+    let args = match unsafe { DATA_ARGS.get(&pid_tgid) } {
+        Some(a) => *a,
+        None => return 0,
+    };
+    let _ = DATA_ARGS.remove(&pid_tgid);
+    let ret: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(0);
+    if ret <= 0 {
+        return 0;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let state = match SOCKETS.get_ptr_mut(&socket_key(tgid, args.fd)) {
+        Some(s) => s,
+        None => return 0,
+    };
+    let ret = ret as u64;
+    // SAFETY: map value pointer; one direction of one socket is only ever advanced by one thread
+    // at a time, since Valkey never reads (or writes) one client from two threads at once.
+    let pos = unsafe {
+        if args.dir == DIR_IN {
+            let p = (*state).in_pos;
+            (*state).in_pos = p + ret;
+            p
+        } else {
+            let p = (*state).out_pos;
+            (*state).out_pos = p + ret;
+            p
+        }
+    };
+    let cap = config(CFG_CAPTURE_CAP);
+    let captured = if ret < cap { ret } else { cap };
+    let wakeup = config(CFG_WAKEUP_BYTES);
+    let flags = if wakeup == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    let (iov, iovcnt, cur_base, cur_len) = if args.iovcnt == 0 {
+        (0, 0, args.ptr, ret)
+    } else {
+        (args.ptr, args.iovcnt, 0, 0)
+    };
+    let Some(ctx_ptr) = COPY_CTX.get_ptr_mut(0) else {
+        return 0;
+    };
+    let c = CopyCtx {
+        iov,
+        iovcnt,
+        iov_idx: 0,
+        cur_base,
+        cur_len,
+        left: captured,
+        fill: 0,
+        off: 0,
+        flags,
+        hdr: DataEvent {
+            kind: EventKind::Data as u8,
+            dir: args.dir,
+            _pad: [0; 2],
+            fd: args.fd,
+            tgid,
+            tid: pid_tgid as u32,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            stream_pos: pos,
+            total_len: ret as u32,
+            chunk_off: 0,
+            chunk_len: 0,
+            captured_len: captured as u32,
+        },
+    };
+    if captured == 0 {
+        return 0;
+    }
+    let chunks = captured / CHUNK_SIZE as u64 + 2;
+    let mut loops = chunks + 2 * iovcnt;
+    if loops > MAX_CHUNKS as u64 {
+        loops = MAX_CHUNKS as u64;
+    }
+    // SAFETY: per-CPU map value, written before the loop that reads it; the callback follows the
+    // bpf_loop contract and takes its state from COPY_CTX.
+    unsafe {
+        core::ptr::write(ctx_ptr, c);
+        bpf_loop(
+            loops as u32,
+            copy_step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+    0
+}
+
+macro_rules! data_probes {
+    ($enter:ident, $exit:ident, $dir:expr, $kind:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            save_data_args(&ctx, $dir, $kind)
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            emit_data(&ctx)
+        }
+    };
+}
+
+data_probes!(sys_enter_read, sys_exit_read, DIR_IN, ArgKind::Plain);
+data_probes!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    DIR_IN,
+    ArgKind::Plain
+);
+data_probes!(sys_enter_readv, sys_exit_readv, DIR_IN, ArgKind::Iovec);
+data_probes!(sys_enter_recvmsg, sys_exit_recvmsg, DIR_IN, ArgKind::Msghdr);
+data_probes!(sys_enter_write, sys_exit_write, DIR_OUT, ArgKind::Plain);
+data_probes!(sys_enter_sendto, sys_exit_sendto, DIR_OUT, ArgKind::Plain);
+data_probes!(sys_enter_writev, sys_exit_writev, DIR_OUT, ArgKind::Iovec);
+data_probes!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    DIR_OUT,
+    ArgKind::Msghdr
+);
+
+#[inline(always)]
+fn save_accept_args(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_target((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let listen_fd: u64 = unsafe { ctx.read_at(ARG0) }.unwrap_or(0);
+    let sockaddr: u64 = unsafe { ctx.read_at(ARG1) }.unwrap_or(0);
+    let args = AcceptArgs {
+        listen_fd: listen_fd as u32,
+        _pad: 0,
+        sockaddr,
+    };
+    let _ = ACCEPT_ARGS.insert(&pid_tgid, &args, 0);
+    0
+}
+
+#[inline(always)]
+fn emit_accept(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: value copied out before removal.
+    let args = match unsafe { ACCEPT_ARGS.get(&pid_tgid) } {
+        Some(a) => *a,
+        None => return 0,
+    };
+    let _ = ACCEPT_ARGS.remove(&pid_tgid);
+    let ret: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(-1);
+    if ret < 0 {
+        return 0; // EAGAIN ends every accept loop of Valkey
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = ret as u32;
+    // A new socket starts both streams at 0, replacing whatever an earlier fd of that number had.
+    let _ = SOCKETS.insert(&socket_key(tgid, fd), &SocketState::default(), 0);
+    let mut raw = [0u8; 28];
+    if args.sockaddr != 0 {
+        // SAFETY: fault-tolerant read of the sockaddr the caller passed (sockaddr_in6 is 28 bytes).
+        unsafe {
+            bpf_probe_read_user(raw.as_mut_ptr().cast(), 28, args.sockaddr as *const c_void);
+        }
+    }
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let port = u16::from_be_bytes([raw[2], raw[3]]);
+    let mut addr = [0u8; 16];
+    if family == AF_INET {
+        addr[..4].copy_from_slice(&raw[4..8]);
+    } else if family == AF_INET6 {
+        addr.copy_from_slice(&raw[8..24]);
+    }
+    let ev = AcceptEvent {
+        kind: EventKind::Accept as u8,
+        _pad: 0,
+        family,
+        fd,
+        tgid,
+        listen_fd: args.listen_fd,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        port: if family == AF_INET || family == AF_INET6 {
+            port
+        } else {
+            0
+        },
+        _pad2: [0; 6],
+        addr,
+    };
+    if EVENTS.output::<AcceptEvent>(&ev, 0).is_err() {
+        bump(STAT_RING_DROPS, 1);
+    } else {
+        bump(STAT_RING_WRITES, 1);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    save_accept_args(&ctx)
+}
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    emit_accept(&ctx)
+}
+#[tracepoint]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    save_accept_args(&ctx)
+}
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    emit_accept(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    let fd: u64 = unsafe { ctx.read_at(ARG0) }.unwrap_or(u64::MAX);
+    let fd = fd as u32;
+    let key = socket_key(tgid, fd);
+    // SAFETY: read-only lookup.
+    if unsafe { SOCKETS.get(&key) }.is_none() {
+        return 0;
+    }
+    let _ = SOCKETS.remove(&key);
+    let ev = CloseEvent {
+        kind: EventKind::Close as u8,
+        _pad: [0; 3],
+        fd,
+        tgid,
+        _pad2: 0,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if EVENTS.output::<CloseEvent>(&ev, 0).is_err() {
+        bump(STAT_RING_DROPS, 1);
+    } else {
+        bump(STAT_RING_WRITES, 1);
+    }
+    0
+}
+
+// Keep BPF_NOEXIST referenced for user space documentation parity (inserts from user space use it).
+const _: u64 = BPF_NOEXIST as u64;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

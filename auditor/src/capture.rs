@@ -1,0 +1,218 @@
+//! The BPF edge: load the kernel programs, pick targets, register sockets, attach the tracepoints,
+//! and decode what the ring buffer delivers. Nothing here knows about RESP or records.
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use auditor_common::{
+    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_WAKEUP_BYTES, CloseEvent,
+    DATA_HDR_LEN, DIR_IN, DataEvent, EventKind, STAT_RING_DROP_BYTES, STAT_RING_DROPS, SocketState,
+    socket_key,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+use crate::session::{CaptureEvent, Peer};
+
+/// The eBPF object built by `auditor/build.rs` (aya-build), embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor"));
+
+/// Syscalls whose enter and exit tracepoints the daemon attaches.
+const DATA_SYSCALLS: [&str; 8] = [
+    "read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
+];
+
+/// Loaded and attached kernel programs. Dropping it detaches everything.
+pub struct Capture {
+    ebpf: Ebpf,
+    sockets: HashMap<MapData, u64, SocketState>,
+    targets: HashMap<MapData, u32, u32>,
+}
+
+/// Capture options fixed at load.
+pub struct CaptureConfig {
+    pub ring_bytes: u32,
+    pub capture_cap: u64,
+    pub wakeup_bytes: u64,
+}
+
+/// Ring buffer and kernel counters, owned by the capture thread.
+pub struct CaptureStream {
+    pub ring: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Capture {
+    pub fn load(cfg: &CaptureConfig) -> Result<(Capture, CaptureStream)> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this auditor binary was built with AYA_BUILD_SKIP and carries no eBPF object");
+        }
+        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+            bail!(
+                "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); the auditor needs CONFIG_DEBUG_INFO_BTF=y"
+            );
+        }
+        let mut ebpf = EbpfLoader::new()
+            .set_max_entries("EVENTS", cfg.ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| privilege_hint(anyhow!(e)))
+            .context("loading the eBPF programs")?;
+        {
+            let mut config: Array<_, u64> =
+                Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
+            config.set(CFG_CAPTURE_CAP, cfg.capture_cap, 0)?;
+            config.set(CFG_WAKEUP_BYTES, cfg.wakeup_bytes, 0)?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
+        let sockets = HashMap::try_from(ebpf.take_map("SOCKETS").context("SOCKETS map")?)?;
+        let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
+        Ok((
+            Capture {
+                ebpf,
+                sockets,
+                targets,
+            },
+            CaptureStream { ring, stats },
+        ))
+    }
+
+    pub fn add_target(&mut self, tgid: u32) -> Result<()> {
+        self.targets
+            .insert(tgid, 1, 0)
+            .context("adding the target pid to the TARGETS map")?;
+        Ok(())
+    }
+
+    /// Attach every tracepoint. Accepts and closes first so no connection is half-known.
+    pub fn attach(&mut self) -> Result<()> {
+        let mut names: Vec<String> = vec![
+            "sys_enter_accept".into(),
+            "sys_exit_accept".into(),
+            "sys_enter_accept4".into(),
+            "sys_exit_accept4".into(),
+            "sys_enter_close".into(),
+        ];
+        for s in DATA_SYSCALLS {
+            names.push(format!("sys_enter_{s}"));
+            names.push(format!("sys_exit_{s}"));
+        }
+        for name in &names {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .map_err(|e| privilege_hint(anyhow!(e)))
+                .with_context(|| format!("loading {name} (verifier)"))?;
+            prog.attach("syscalls", name)
+                .map_err(|e| privilege_hint(anyhow!(e)))
+                .with_context(|| format!("attaching tracepoint syscalls:{name} (is tracefs mounted at /sys/kernel/tracing?)"))?;
+        }
+        Ok(())
+    }
+
+    /// Register a socket that was open before attach. Returns false when the kernel already knows it
+    /// (accepted after attach), in which case its accept event is on its way.
+    pub fn register_existing_socket(&mut self, tgid: u32, fd: u32) -> Result<bool> {
+        const BPF_NOEXIST: u64 = 1;
+        match self
+            .sockets
+            .insert(socket_key(tgid, fd), SocketState::default(), BPF_NOEXIST)
+        {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).context("registering an existing socket"),
+        }
+    }
+}
+
+/// Turn permission failures into the one line an operator needs.
+fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted")
+        || text.contains("EPERM")
+        || text.contains("permission denied")
+    {
+        e.context(
+            "missing privileges: run as root, or with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE",
+        )
+    } else {
+        e
+    }
+}
+
+impl CaptureStream {
+    /// Failed ring-buffer writes summed over CPUs: (records, bytes).
+    pub fn kernel_drops(&self) -> Result<(u64, u64)> {
+        let events: u64 = self.stats.get(&STAT_RING_DROPS, 0)?.iter().sum();
+        let bytes: u64 = self.stats.get(&STAT_RING_DROP_BYTES, 0)?.iter().sum();
+        Ok((events, bytes))
+    }
+}
+
+/// Decode one ring record. Unix peers are named by the listening socket's path when known.
+pub fn decode<'a>(
+    bytes: &'a [u8],
+    unix_path: &dyn Fn(u32, u32) -> Option<String>,
+) -> Option<CaptureEvent<'a>> {
+    let kind = *bytes.first()?;
+    if kind == EventKind::Data as u8 {
+        if bytes.len() < DATA_HDR_LEN {
+            return None;
+        }
+        // SAFETY: length checked; DataEvent is plain old data and read unaligned.
+        let h: DataEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let end = DATA_HDR_LEN
+            .checked_add(h.chunk_len as usize)?
+            .min(bytes.len());
+        Some(CaptureEvent::Data {
+            tgid: h.tgid,
+            fd: h.fd,
+            ts_ns: h.ts_ns,
+            inbound: h.dir == DIR_IN,
+            stream_pos: h.stream_pos,
+            total_len: h.total_len,
+            chunk_off: h.chunk_off,
+            captured_len: h.captured_len,
+            bytes: &bytes[DATA_HDR_LEN..end],
+        })
+    } else if kind == EventKind::Accept as u8 {
+        if bytes.len() < std::mem::size_of::<AcceptEvent>() {
+            return None;
+        }
+        // SAFETY: as above.
+        let a: AcceptEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let peer = match a.family {
+            AF_INET => Peer::from_v4([a.addr[0], a.addr[1], a.addr[2], a.addr[3]], a.port),
+            AF_INET6 => Peer::from_v6(a.addr, a.port),
+            AF_UNIX => Peer::unix(&unix_path(a.tgid, a.listen_fd).unwrap_or_default()),
+            _ => Peer::unix(""),
+        };
+        Some(CaptureEvent::Accept {
+            tgid: a.tgid,
+            fd: a.fd,
+            ts_ns: a.ts_ns,
+            peer,
+        })
+    } else if kind == EventKind::Close as u8 {
+        if bytes.len() < std::mem::size_of::<CloseEvent>() {
+            return None;
+        }
+        // SAFETY: as above.
+        let c: CloseEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Some(CaptureEvent::Close {
+            tgid: c.tgid,
+            fd: c.fd,
+            ts_ns: c.ts_ns,
+        })
+    } else {
+        None
+    }
+}

@@ -1,0 +1,964 @@
+//! The three record layouts of the Valkey Audit Module (text, JSON, CSV), written so that one record is
+//! always exactly one line and always parses, whatever bytes a client sent.
+//!
+//! Field order is the module's 13 fields (timestamp, category, command, command_args, result,
+//! duration_us, keys_modified, client_id, username, client_ip, client_port, server_hostname, error),
+//! then the auditor's own: seq, keys, pid. On clean data the first 13 fields are byte-for-byte what the
+//! module writes. Where the module writes client bytes raw (its log-injection and broken-JSON defects),
+//! we escape:
+//!
+//! * **text**: `\n` `\r` `\t`, other control bytes (< 0x20, 0x7f) as `\xHH`, backslash as `\\`, bytes
+//!   that are not UTF-8 as `\xHH`. C1 controls (U+0080..U+009F) and U+2028/U+2029 are written as the
+//!   `\xHH` of their UTF-8 bytes, because some viewers treat them as line breaks or terminal escapes.
+//!   Undoing `\xHH` → byte gives the client's bytes back. In `keys=`, `,` is also escaped (`\,`) so
+//!   the list splits unambiguously.
+//! * **json**: RFC 8259 (`\"` `\\` `\n` `\r` `\t` `\b` `\f`, other controls, DEL and C1 as `\u00XX`,
+//!   U+2028/U+2029 as `\u2028`/`\u2029`). JSON strings cannot hold bytes that are not UTF-8, so such a
+//!   byte is written as the four characters `\xHH` (JSON text `\\xHH`): the line stays valid JSON and
+//!   the byte stays visible. (A client that sends the literal text `\xff` looks the same; the text and
+//!   CSV formats do not have that ambiguity.)
+//! * **csv**: RFC 4180 with no header row. A record must be one line, so inside each field the text
+//!   escaping above is applied first (CR/LF/controls never reach the file raw); then a field that holds
+//!   `,` or `"` is quoted with `"` and its `"` doubled. The keys column is the keys joined with `,`,
+//!   each key's own `,` escaped as `\,` (and `\` as `\\`), quoted as a whole.
+//!
+//! Timestamps are local time `%Y-%m-%d %H:%M:%S`, like the module. Formatting a local time is costly
+//! (time-zone rules), so the last formatted second is cached per thread; the cache is keyed by the
+//! Unix second, which maps to exactly one local time, so it cannot go stale within a second.
+
+use std::cell::Cell;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, Local, Timelike};
+
+use crate::record::Record;
+
+/// The output format (`audit.format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    Csv,
+}
+
+/// `audit.format` was not `text`, `json` or `csv`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownFormat(pub String);
+
+impl fmt::Display for UnknownFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown audit format {:?} (expected text, json or csv)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownFormat {}
+
+impl FromStr for Format {
+    type Err = UnknownFormat;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("text") {
+            Ok(Format::Text)
+        } else if s.eq_ignore_ascii_case("json") {
+            Ok(Format::Json)
+        } else if s.eq_ignore_ascii_case("csv") {
+            Ok(Format::Csv)
+        } else {
+            Err(UnknownFormat(s.to_string()))
+        }
+    }
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Json => "json",
+            Format::Csv => "csv",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Append one record to `out` as exactly one line ending in `\n`. Allocates nothing but the growth of
+/// `out`.
+pub fn write_record(format: Format, r: &Record, out: &mut Vec<u8>) {
+    match format {
+        Format::Text => write_text(r, out),
+        Format::Json => write_json(r, out),
+        Format::Csv => write_csv(r, out),
+    }
+}
+
+fn write_text(r: &Record, out: &mut Vec<u8>) {
+    let plain = Plain::TEXT;
+    out.push(b'[');
+    push_timestamp(out, r.time_unix_us);
+    out.extend_from_slice(b"] [");
+    escape_plain(out, r.category.as_str().as_bytes(), plain);
+    out.extend_from_slice(b"] ");
+    escape_plain(out, &r.command, plain);
+    out.extend_from_slice(b" result=");
+    out.extend_from_slice(r.result.as_str().as_bytes());
+    out.extend_from_slice(b" duration_us=");
+    push_u64(out, r.duration_us);
+    out.extend_from_slice(b" keys_modified=");
+    push_u64(out, r.keys_modified);
+    out.extend_from_slice(b" client_id=");
+    push_u64(out, r.client_id);
+    out.extend_from_slice(b" username=");
+    escape_plain(out, &r.username, plain);
+    out.extend_from_slice(b" client_ip=");
+    escape_plain(out, r.client_ip.as_bytes(), plain);
+    out.push(b':');
+    push_u64(out, u64::from(r.client_port));
+    out.extend_from_slice(b" server_hostname=");
+    escape_plain(out, r.server_hostname.as_bytes(), plain);
+    if !r.command_args.is_empty() {
+        out.push(b' ');
+        escape_plain(out, &r.command_args, plain);
+    }
+    if !r.error.is_empty() {
+        out.push(b' ');
+        escape_plain(out, &r.error, plain);
+    }
+    out.extend_from_slice(b" seq=");
+    push_u64(out, r.seq);
+    out.extend_from_slice(b" keys=");
+    push_key_list(out, &r.keys, Plain::TEXT_KEY);
+    out.extend_from_slice(b" pid=");
+    push_u64(out, u64::from(r.pid));
+    out.push(b'\n');
+}
+
+fn write_json(r: &Record, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    push_timestamp(out, r.time_unix_us);
+    out.extend_from_slice(b"\",\"category\":\"");
+    escape_json(out, r.category.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"command\":\"");
+    escape_json(out, &r.command);
+    out.extend_from_slice(b"\",\"command_args\":\"");
+    escape_json(out, &r.command_args);
+    out.extend_from_slice(b"\",\"result\":\"");
+    out.extend_from_slice(r.result.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"duration_us\":");
+    push_u64(out, r.duration_us);
+    out.extend_from_slice(b",\"keys_modified\":");
+    push_u64(out, r.keys_modified);
+    out.extend_from_slice(b",\"client_id\":");
+    push_u64(out, r.client_id);
+    out.extend_from_slice(b",\"username\":\"");
+    escape_json(out, &r.username);
+    out.extend_from_slice(b"\",\"client_ip\":\"");
+    escape_json(out, r.client_ip.as_bytes());
+    out.extend_from_slice(b"\",\"client_port\":");
+    push_u64(out, u64::from(r.client_port));
+    out.extend_from_slice(b",\"server_hostname\":\"");
+    escape_json(out, r.server_hostname.as_bytes());
+    out.extend_from_slice(b"\",\"error\":\"");
+    escape_json(out, &r.error);
+    out.extend_from_slice(b"\",\"seq\":");
+    push_u64(out, r.seq);
+    out.extend_from_slice(b",\"keys\":[");
+    for (i, key) in r.keys.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        escape_json(out, key);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"],\"pid\":");
+    push_u64(out, u64::from(r.pid));
+    out.extend_from_slice(b"}\n");
+}
+
+fn write_csv(r: &Record, out: &mut Vec<u8>) {
+    push_timestamp(out, r.time_unix_us);
+    out.push(b',');
+    csv_field(out, r.category.as_str().as_bytes());
+    out.push(b',');
+    csv_field(out, &r.command);
+    out.push(b',');
+    csv_field(out, &r.command_args);
+    out.push(b',');
+    out.extend_from_slice(r.result.as_str().as_bytes());
+    out.push(b',');
+    push_u64(out, r.duration_us);
+    out.push(b',');
+    push_u64(out, r.keys_modified);
+    out.push(b',');
+    push_u64(out, r.client_id);
+    out.push(b',');
+    csv_field(out, &r.username);
+    out.push(b',');
+    csv_field(out, r.client_ip.as_bytes());
+    out.push(b',');
+    push_u64(out, u64::from(r.client_port));
+    out.push(b',');
+    csv_field(out, r.server_hostname.as_bytes());
+    out.push(b',');
+    csv_field(out, &r.error);
+    out.push(b',');
+    push_u64(out, r.seq);
+    out.push(b',');
+    let quote = r.keys.len() > 1 || r.keys.iter().any(|k| needs_csv_quotes(k));
+    if quote {
+        out.push(b'"');
+    }
+    push_key_list(
+        out,
+        &r.keys,
+        if quote {
+            Plain::CSV_KEY_QUOTED
+        } else {
+            Plain::TEXT_KEY
+        },
+    );
+    if quote {
+        out.push(b'"');
+    }
+    out.push(b',');
+    push_u64(out, u64::from(r.pid));
+    out.push(b'\n');
+}
+
+/// Keys joined with `,`, each escaped with `plain` (which escapes `,`).
+fn push_key_list(out: &mut Vec<u8>, keys: &[Vec<u8>], plain: Plain) {
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        escape_plain(out, key, plain);
+    }
+}
+
+fn needs_csv_quotes(s: &[u8]) -> bool {
+    s.iter().any(|&b| b == b',' || b == b'"')
+}
+
+/// One CSV field: text-escaped, quoted when it holds `,` or `"`. (Escaping never adds or removes `,`
+/// or `"`, so the raw bytes decide.)
+fn csv_field(out: &mut Vec<u8>, s: &[u8]) {
+    if needs_csv_quotes(s) {
+        out.push(b'"');
+        escape_plain(out, s, Plain::CSV_QUOTED);
+        out.push(b'"');
+    } else {
+        escape_plain(out, s, Plain::TEXT);
+    }
+}
+
+/// Options of the text/CSV escaper.
+#[derive(Clone, Copy)]
+struct Plain {
+    /// Escape `,` as `\,` (key lists).
+    comma: bool,
+    /// Double `"` (inside a quoted CSV field).
+    double_quote: bool,
+}
+
+impl Plain {
+    const TEXT: Plain = Plain {
+        comma: false,
+        double_quote: false,
+    };
+    const TEXT_KEY: Plain = Plain {
+        comma: true,
+        double_quote: false,
+    };
+    const CSV_QUOTED: Plain = Plain {
+        comma: false,
+        double_quote: true,
+    };
+    const CSV_KEY_QUOTED: Plain = Plain {
+        comma: true,
+        double_quote: true,
+    };
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex_byte(out: &mut Vec<u8>, b: u8) {
+    out.extend_from_slice(&[
+        b'\\',
+        b'x',
+        HEX[usize::from(b >> 4)],
+        HEX[usize::from(b & 0xf)],
+    ]);
+}
+
+/// Text/CSV escaping (see the module doc). Copies runs of plain bytes in one go.
+fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
+    for chunk in s.utf8_chunks() {
+        let valid = chunk.valid().as_bytes();
+        let mut run = 0;
+        let mut i = 0;
+        while i < valid.len() {
+            let b = valid[i];
+            let special: Option<&[u8]> = match b {
+                b'\\' => Some(b"\\\\"),
+                b'\n' => Some(b"\\n"),
+                b'\r' => Some(b"\\r"),
+                b'\t' => Some(b"\\t"),
+                b',' if opts.comma => Some(b"\\,"),
+                b'"' if opts.double_quote => Some(b"\"\""),
+                0..=0x1f | 0x7f => Some(b""),
+                // C1 controls: U+0080..U+009F are C2 80..C2 9F.
+                0xc2 if valid.get(i + 1).is_some_and(|&n| n <= 0x9f) => Some(b""),
+                // U+2028, U+2029: E2 80 A8, E2 80 A9.
+                0xe2 if valid.get(i + 1) == Some(&0x80)
+                    && matches!(valid.get(i + 2), Some(0xa8 | 0xa9)) =>
+                {
+                    Some(b"")
+                }
+                _ => None,
+            };
+            match special {
+                None => i += 1,
+                Some(replacement) => {
+                    out.extend_from_slice(&valid[run..i]);
+                    if replacement.is_empty() {
+                        // \xHH for every byte of this character.
+                        let len = match b {
+                            0xc2 => 2,
+                            0xe2 => 3,
+                            _ => 1,
+                        };
+                        for &byte in &valid[i..i + len] {
+                            push_hex_byte(out, byte);
+                        }
+                        i += len;
+                    } else {
+                        out.extend_from_slice(replacement);
+                        i += 1;
+                    }
+                    run = i;
+                }
+            }
+        }
+        out.extend_from_slice(&valid[run..]);
+        for &b in chunk.invalid() {
+            push_hex_byte(out, b);
+        }
+    }
+}
+
+/// JSON string-content escaping (see the module doc).
+fn escape_json(out: &mut Vec<u8>, s: &[u8]) {
+    for chunk in s.utf8_chunks() {
+        let valid = chunk.valid().as_bytes();
+        let mut run = 0;
+        let mut i = 0;
+        while i < valid.len() {
+            let b = valid[i];
+            let (replacement, len): (&[u8], usize) = match b {
+                b'"' => (b"\\\"", 1),
+                b'\\' => (b"\\\\", 1),
+                b'\n' => (b"\\n", 1),
+                b'\r' => (b"\\r", 1),
+                b'\t' => (b"\\t", 1),
+                0x08 => (b"\\b", 1),
+                0x0c => (b"\\f", 1),
+                0..=0x1f | 0x7f => (b"", 1),
+                0xc2 if valid.get(i + 1).is_some_and(|&n| n <= 0x9f) => (b"", 2),
+                0xe2 if valid.get(i + 1) == Some(&0x80) && valid.get(i + 2) == Some(&0xa8) => {
+                    (b"\\u2028", 3)
+                }
+                0xe2 if valid.get(i + 1) == Some(&0x80) && valid.get(i + 2) == Some(&0xa9) => {
+                    (b"\\u2029", 3)
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            out.extend_from_slice(&valid[run..i]);
+            if replacement.is_empty() {
+                // A control character U+00XX: the code point is the byte (or the second byte of C2 XX).
+                let cp = if len == 2 { valid[i + 1] } else { b };
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(cp >> 4)]);
+                out.push(HEX[usize::from(cp & 0xf)]);
+            } else {
+                out.extend_from_slice(replacement);
+            }
+            i += len;
+            run = i;
+        }
+        out.extend_from_slice(&valid[run..]);
+        for &b in chunk.invalid() {
+            // `\\xHH`: a backslash (escaped) then xHH.
+            out.extend_from_slice(&[
+                b'\\',
+                b'\\',
+                b'x',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
+        }
+    }
+}
+
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// `YYYY-MM-DD HH:MM:SS` is 19 bytes.
+const TIMESTAMP_LEN: usize = 19;
+
+thread_local! {
+    /// The last Unix second formatted on this thread, and its text.
+    static TIMESTAMP_CACHE: Cell<Option<(i64, [u8; TIMESTAMP_LEN])>> = const { Cell::new(None) };
+}
+
+/// Append the local time of `time_unix_us` as `%Y-%m-%d %H:%M:%S`.
+fn push_timestamp(out: &mut Vec<u8>, time_unix_us: i64) {
+    let secs = time_unix_us.div_euclid(1_000_000);
+    if let Some((cached, text)) = TIMESTAMP_CACHE.get()
+        && cached == secs
+    {
+        out.extend_from_slice(&text);
+        return;
+    }
+    let Some(local) = DateTime::from_timestamp(secs, 0).map(|t| t.with_timezone(&Local)) else {
+        // Outside chrono's range (±262,000 years): cannot happen for a real clock.
+        out.extend_from_slice(b"0000-00-00 00:00:00");
+        return;
+    };
+    let year = local.year();
+    if !(0..=9999).contains(&year) {
+        // Not 19 bytes wide: format without caching (never for a real clock).
+        use std::io::Write;
+        let _ = write!(out, "{}", local.format("%Y-%m-%d %H:%M:%S"));
+        return;
+    }
+    let mut text = [0u8; TIMESTAMP_LEN];
+    let two = |dst: &mut [u8], v: u32| {
+        dst[0] = b'0' + (v / 10 % 10) as u8;
+        dst[1] = b'0' + (v % 10) as u8;
+    };
+    let year = year as u32;
+    two(&mut text[0..2], year / 100);
+    two(&mut text[2..4], year % 100);
+    text[4] = b'-';
+    two(&mut text[5..7], local.month());
+    text[7] = b'-';
+    two(&mut text[8..10], local.day());
+    text[10] = b' ';
+    two(&mut text[11..13], local.hour());
+    text[13] = b':';
+    two(&mut text[14..16], local.minute());
+    text[16] = b':';
+    two(&mut text[17..19], local.second());
+    TIMESTAMP_CACHE.set(Some((secs, text)));
+    out.extend_from_slice(&text);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Category, Outcome};
+    use chrono::TimeZone;
+
+    /// The local-time microseconds of a wall-clock time, so tests do not depend on the machine's zone.
+    fn local_us(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> i64 {
+        Local
+            .with_ymd_and_hms(y, mo, d, h, mi, s)
+            .earliest()
+            .expect("valid local time")
+            .timestamp()
+            * 1_000_000
+            + 123_456
+    }
+
+    /// The sample's `set user:1001 hello` record (samples/text.log, S11).
+    fn sample_set() -> Record {
+        Record {
+            time_unix_us: local_us(2026, 11, 22, 14, 12, 51),
+            category: Category::KeyOp,
+            command: b"set".to_vec(),
+            command_args: b"key=user:1001 payload=hello".to_vec(),
+            result: Outcome::Success,
+            duration_us: 8,
+            keys_modified: 1,
+            client_id: 6,
+            username: b"alice".to_vec(),
+            client_ip: "127.0.0.1".to_string(),
+            client_port: 42696,
+            server_hostname: "vm".to_string(),
+            error: Vec::new(),
+            seq: 42,
+            keys: vec![b"user:1001".to_vec()],
+            pid: 4242,
+        }
+    }
+
+    /// The sample's unknown-command record (S12), with its error text.
+    fn sample_unknown() -> Record {
+        Record {
+            category: Category::Other,
+            command: b"NOSUCHCOMMAND".to_vec(),
+            command_args: b"arg1=arg".to_vec(),
+            result: Outcome::Failure,
+            duration_us: 0,
+            keys_modified: 0,
+            error: b"rejected=unknown command 'NOSUCHCOMMAND', with args beginning with: 'arg' "
+                .to_vec(),
+            keys: Vec::new(),
+            ..sample_set()
+        }
+    }
+
+    fn line(format: Format, r: &Record) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_record(format, r, &mut out);
+        out
+    }
+
+    fn sample_line(file: &str, needle: &str) -> String {
+        let path = format!("/work/shared/reference/samples/{file}");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .find(|l| l.contains(needle))
+                .expect("sample line")
+                .to_string(),
+            // The samples are outside the crate; the expected lines are also spelled out below.
+            Err(_) => String::new(),
+        }
+    }
+
+    #[test]
+    fn parse_format() {
+        assert_eq!("TEXT".parse::<Format>(), Ok(Format::Text));
+        assert_eq!("json".parse::<Format>(), Ok(Format::Json));
+        assert_eq!("Csv".parse::<Format>(), Ok(Format::Csv));
+        let err = "xml".parse::<Format>().unwrap_err();
+        assert_eq!(err, UnknownFormat("xml".to_string()));
+        assert!(err.to_string().contains("xml"));
+        for f in [Format::Text, Format::Json, Format::Csv] {
+            assert_eq!(f.as_str().parse::<Format>(), Ok(f));
+        }
+    }
+
+    #[test]
+    fn text_matches_module_prefix() {
+        let expected = "[2026-11-22 14:12:51] [KEY_OP] set result=SUCCESS duration_us=8 keys_modified=1 client_id=6 username=alice client_ip=127.0.0.1:42696 server_hostname=vm key=user:1001 payload=hello";
+        let sample = sample_line(
+            "text.log",
+            "duration_us=8 keys_modified=1 client_id=6 username=alice client_ip=127.0.0.1:42696 server_hostname=vm key=user:1001",
+        );
+        if !sample.is_empty() {
+            assert_eq!(sample, expected);
+        }
+        let got = String::from_utf8(line(Format::Text, &sample_set())).unwrap();
+        assert_eq!(got, format!("{expected} seq=42 keys=user:1001 pid=4242\n"));
+
+        let expected = "[2026-11-22 14:12:51] [OTHER] NOSUCHCOMMAND result=FAILURE duration_us=0 keys_modified=0 client_id=6 username=alice client_ip=127.0.0.1:42696 server_hostname=vm arg1=arg rejected=unknown command 'NOSUCHCOMMAND', with args beginning with: 'arg' ";
+        let sample = sample_line("text.log", "[OTHER] NOSUCHCOMMAND");
+        if !sample.is_empty() {
+            assert_eq!(sample, expected);
+        }
+        let got = String::from_utf8(line(Format::Text, &sample_unknown())).unwrap();
+        assert_eq!(got, format!("{expected} seq=42 keys= pid=4242\n"));
+    }
+
+    #[test]
+    fn json_matches_module_prefix() {
+        let mut r = sample_set();
+        r.time_unix_us = local_us(2026, 11, 22, 14, 13, 12);
+        r.duration_us = 19;
+        r.client_port = 59310;
+        let expected = r#"{"timestamp":"2026-11-22 14:13:12","category":"KEY_OP","command":"set","command_args":"key=user:1001 payload=hello","result":"SUCCESS","duration_us":19,"keys_modified":1,"client_id":6,"username":"alice","client_ip":"127.0.0.1","client_port":59310,"server_hostname":"vm","error":""#;
+        let sample = sample_line(
+            "json.log",
+            r#""command_args":"key=user:1001 payload=hello""#,
+        );
+        if !sample.is_empty() {
+            assert_eq!(sample, format!("{expected}}}"));
+        }
+        let got = String::from_utf8(line(Format::Json, &r)).unwrap();
+        assert_eq!(
+            got,
+            format!(r#"{expected},"seq":42,"keys":["user:1001"],"pid":4242}}"#) + "\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+        assert_eq!(v["keys"][0], "user:1001");
+
+        let mut r = sample_unknown();
+        r.time_unix_us = local_us(2026, 11, 22, 14, 13, 12);
+        r.client_port = 59310;
+        let expected = r#"{"timestamp":"2026-11-22 14:13:12","category":"OTHER","command":"NOSUCHCOMMAND","command_args":"arg1=arg","result":"FAILURE","duration_us":0,"keys_modified":0,"client_id":6,"username":"alice","client_ip":"127.0.0.1","client_port":59310,"server_hostname":"vm","error":"rejected=unknown command 'NOSUCHCOMMAND', with args beginning with: 'arg' ""#;
+        let sample = sample_line("json.log", r#""command":"NOSUCHCOMMAND""#);
+        if !sample.is_empty() {
+            assert_eq!(sample, format!("{expected}}}"));
+        }
+        let got = String::from_utf8(line(Format::Json, &r)).unwrap();
+        assert_eq!(
+            got,
+            format!(r#"{expected},"seq":42,"keys":[],"pid":4242}}"#) + "\n"
+        );
+    }
+
+    #[test]
+    fn csv_matches_module_prefix_on_clean_data() {
+        let mut r = sample_set();
+        r.time_unix_us = local_us(2026, 11, 22, 14, 13, 15);
+        r.client_port = 52198;
+        let expected = "2026-11-22 14:13:15,KEY_OP,set,key=user:1001 payload=hello,SUCCESS,8,1,6,alice,127.0.0.1,52198,vm,";
+        let sample = sample_line("csv.log", ",set,key=user:1001 payload=hello,");
+        if !sample.is_empty() {
+            assert_eq!(sample, expected);
+        }
+        let got = String::from_utf8(line(Format::Csv, &r)).unwrap();
+        assert_eq!(got, format!("{expected},42,user:1001,4242\n"));
+
+        // Connection-style record with an empty field in the middle.
+        let r = Record {
+            category: Category::Connection,
+            command: b"connection".to_vec(),
+            command_args: b"type=normal".to_vec(),
+            duration_us: 0,
+            keys_modified: 0,
+            client_id: 4,
+            username: b"default".to_vec(),
+            client_port: 52172,
+            keys: Vec::new(),
+            time_unix_us: local_us(2026, 11, 22, 14, 13, 14),
+            ..sample_set()
+        };
+        let expected = "2026-11-22 14:13:14,CONNECTION,connection,type=normal,SUCCESS,0,0,4,default,127.0.0.1,52172,vm,";
+        let sample = sample_line(
+            "csv.log",
+            "14:13:14,CONNECTION,connection,type=normal,SUCCESS,0,0,4,",
+        );
+        if !sample.is_empty() {
+            assert_eq!(sample, expected);
+        }
+        assert_eq!(
+            String::from_utf8(line(Format::Csv, &r)).unwrap(),
+            format!("{expected},42,,4242\n")
+        );
+    }
+
+    /// Nasty byte strings: quotes, backslashes, newlines, NUL, invalid UTF-8, U+2028, C1, commas.
+    fn nasty() -> Vec<Vec<u8>> {
+        vec![
+            b"va\"l,ue\\x\nline2 sp".to_vec(),
+            b"a\r\nb\tc\0d\x7f\x1b[31m".to_vec(),
+            vec![0xff, 0xfe],
+            b"x\xc3(\xe2\x82".to_vec(),
+            "line\u{2028}sep\u{2029}end\u{85}nel\u{9b}csi"
+                .as_bytes()
+                .to_vec(),
+            "héllo, wörld \"q\" \\".as_bytes().to_vec(),
+            b"\x08\x0c\"\"".to_vec(),
+            Vec::new(),
+            b",".to_vec(),
+            b"\\,".to_vec(),
+        ]
+    }
+
+    fn nasty_record(v: &[u8]) -> Record {
+        Record {
+            category: Category::Custom(String::from_utf8_lossy(v).into_owned()),
+            command: v.to_vec(),
+            command_args: v.to_vec(),
+            username: v.to_vec(),
+            error: v.to_vec(),
+            client_ip: String::from_utf8_lossy(v).into_owned(),
+            server_hostname: String::from_utf8_lossy(v).into_owned(),
+            keys: vec![v.to_vec(), b"k,2".to_vec(), v.to_vec()],
+            ..sample_set()
+        }
+    }
+
+    fn assert_one_line(out: &[u8]) {
+        assert_eq!(out.last(), Some(&b'\n'));
+        assert!(
+            !out[..out.len() - 1]
+                .iter()
+                .any(|&b| b == b'\n' || b == b'\r'),
+            "{:?}",
+            String::from_utf8_lossy(out)
+        );
+        let text = std::str::from_utf8(out).expect("output is always UTF-8");
+        let body = &text[..text.len() - 1];
+        assert!(
+            !body
+                .chars()
+                .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}'),
+            "{body:?}"
+        );
+    }
+
+    #[test]
+    fn json_always_valid() {
+        for v in nasty() {
+            let out = line(Format::Json, &nasty_record(&v));
+            assert_one_line(&out);
+            let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                panic!(
+                    "invalid JSON for {v:?}: {e}: {}",
+                    String::from_utf8_lossy(&out)
+                )
+            });
+            let expected_text = match std::str::from_utf8(&v) {
+                Ok(s) => s.to_string(),
+                Err(_) => {
+                    // Invalid bytes become the four characters \xHH.
+                    let mut s = String::new();
+                    for chunk in v.utf8_chunks() {
+                        s.push_str(chunk.valid());
+                        for b in chunk.invalid() {
+                            s.push_str(&format!("\\x{b:02x}"));
+                        }
+                    }
+                    s
+                }
+            };
+            assert_eq!(parsed["command_args"], expected_text.as_str());
+            assert_eq!(parsed["error"], expected_text.as_str());
+            assert_eq!(parsed["keys"][1], "k,2");
+            assert_eq!(parsed["keys"].as_array().unwrap().len(), 3);
+            assert_eq!(parsed["seq"], 42);
+        }
+        let out = line(Format::Json, &nasty_record(&[0xff, 0xfe]));
+        assert!(out.windows(12).any(|w| w == br#"\\xff\\xfe"#));
+        let out = line(Format::Json, &nasty_record("a\u{2028}b".as_bytes()));
+        assert!(out.windows(6).any(|w| w == br"\u2028"));
+        let out = line(Format::Json, &nasty_record(b"\0\x08\x0c\x7f"));
+        assert!(
+            out.windows(16).any(|w| w == br"\u0000\b\f\u007f"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    /// Undo the text/CSV field escaping.
+    fn unescape(s: &str) -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && i + 1 < b.len() {
+                match b[i + 1] {
+                    b'n' => out.push(b'\n'),
+                    b'r' => out.push(b'\r'),
+                    b't' => out.push(b'\t'),
+                    b'\\' => out.push(b'\\'),
+                    b',' => out.push(b','),
+                    b'x' => {
+                        out.push(u8::from_str_radix(&s[i + 2..i + 4], 16).unwrap());
+                        i += 2;
+                    }
+                    other => panic!("unknown escape {other}"),
+                }
+                i += 2;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Minimal RFC 4180 reader for one line (no embedded line breaks, which we never write).
+    fn read_csv_line(line: &str) -> Vec<String> {
+        let mut fields = Vec::new();
+        let mut field = String::new();
+        let mut chars = line.chars().peekable();
+        let mut quoted = false;
+        let mut at_start = true;
+        while let Some(c) = chars.next() {
+            if quoted {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        chars.next();
+                        field.push('"');
+                    } else {
+                        quoted = false;
+                    }
+                } else {
+                    field.push(c);
+                }
+            } else if c == '"' && at_start {
+                quoted = true;
+                at_start = false;
+            } else if c == ',' {
+                fields.push(std::mem::take(&mut field));
+                at_start = true;
+            } else {
+                assert_ne!(c, '"', "bare quote in unquoted field: {line}");
+                field.push(c);
+                at_start = false;
+            }
+        }
+        assert!(!quoted, "unterminated quote: {line}");
+        fields.push(field);
+        fields
+    }
+
+    /// Split a keys column on unescaped commas.
+    fn split_keys(field: &str) -> Vec<Vec<u8>> {
+        if field.is_empty() {
+            return Vec::new();
+        }
+        let mut keys = Vec::new();
+        let mut cur = String::new();
+        let mut escaped = false;
+        for c in field.chars() {
+            if escaped {
+                cur.push('\\');
+                cur.push(c);
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == ',' {
+                keys.push(unescape(&std::mem::take(&mut cur)));
+            } else {
+                cur.push(c);
+            }
+        }
+        keys.push(unescape(&cur));
+        keys
+    }
+
+    #[test]
+    fn csv_one_line_and_round_trip() {
+        for v in nasty() {
+            let r = nasty_record(&v);
+            let out = line(Format::Csv, &r);
+            assert_one_line(&out);
+            let text = std::str::from_utf8(&out[..out.len() - 1]).unwrap();
+            let fields = read_csv_line(text);
+            assert_eq!(fields.len(), 16, "{text}");
+            assert_eq!(unescape(&fields[1]), r.category.as_str().as_bytes());
+            assert_eq!(unescape(&fields[2]), v, "{text}");
+            assert_eq!(unescape(&fields[3]), v);
+            assert_eq!(fields[4], "SUCCESS");
+            assert_eq!(unescape(&fields[8]), v);
+            assert_eq!(unescape(&fields[12]), v);
+            assert_eq!(fields[13], "42");
+            assert_eq!(split_keys(&fields[14]), r.keys, "{text}");
+            assert_eq!(fields[15], "4242");
+        }
+        let r = Record {
+            keys: vec![b"a,b".to_vec(), b"c".to_vec()],
+            ..sample_set()
+        };
+        let out = String::from_utf8(line(Format::Csv, &r)).unwrap();
+        assert!(out.ends_with(",42,\"a\\,b,c\",4242\n"), "{out}");
+        let r = Record {
+            command_args: b"say \"hi\", ok".to_vec(),
+            ..sample_set()
+        };
+        let out = String::from_utf8(line(Format::Csv, &r)).unwrap();
+        assert!(
+            out.contains(",set,\"say \"\"hi\"\", ok\",SUCCESS,"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn text_one_line_and_escapes() {
+        for v in nasty() {
+            let out = line(Format::Text, &nasty_record(&v));
+            assert_one_line(&out);
+        }
+        let r = Record {
+            command_args: b"key=k,comma payload=va\"l,ue\\x\nline2 sp".to_vec(),
+            keys: vec![b"k,comma".to_vec(), b"x\\y".to_vec()],
+            username: vec![0xff, b'a', 0x00],
+            ..sample_set()
+        };
+        let out = String::from_utf8(line(Format::Text, &r)).unwrap();
+        assert!(out.contains(" username=\\xffa\\x00 "), "{out}");
+        assert!(out.contains(" key=k,comma payload=va\"l,ue\\\\x\\nline2 sp seq=42 keys=k\\,comma,x\\\\y pid=4242\n"), "{out}");
+        let r = Record {
+            command_args: "a\u{2028}b\u{85}c\té".as_bytes().to_vec(),
+            ..sample_set()
+        };
+        let out = String::from_utf8(line(Format::Text, &r)).unwrap();
+        assert!(
+            out.contains(" a\\xe2\\x80\\xa8b\\xc2\\x85c\\té seq="),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn timestamp_cache_stays_correct() {
+        let a = local_us(2026, 1, 2, 3, 4, 5);
+        let b = a + 1_000_000;
+        let mut out = Vec::new();
+        for t in [a, a + 999_999 - 123_456, b, a, b - 1] {
+            out.clear();
+            push_timestamp(&mut out, t);
+            let secs = t.div_euclid(1_000_000);
+            let want = Local
+                .timestamp_opt(secs, 0)
+                .unwrap()
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string();
+            assert_eq!(String::from_utf8(out.clone()).unwrap(), want);
+        }
+        out.clear();
+        push_timestamp(&mut out, -1);
+        assert_eq!(out.len(), TIMESTAMP_LEN);
+        out.clear();
+        push_timestamp(&mut out, i64::MAX);
+        assert!(!out.is_empty());
+        out.clear();
+        push_timestamp(&mut out, i64::MIN);
+        assert!(!out.is_empty());
+    }
+
+    #[test]
+    fn reuses_buffer_and_appends() {
+        let mut out = b"prev\n".to_vec();
+        write_record(Format::Json, &sample_set(), &mut out);
+        write_record(Format::Text, &sample_set(), &mut out);
+        assert!(out.starts_with(b"prev\n{"));
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 3);
+    }
+
+    #[test]
+    fn numbers() {
+        let r = Record {
+            duration_us: u64::MAX,
+            keys_modified: 0,
+            client_id: 1_000_000,
+            client_port: u16::MAX,
+            pid: u32::MAX,
+            seq: 10,
+            ..sample_set()
+        };
+        let out = String::from_utf8(line(Format::Text, &r)).unwrap();
+        assert!(out.contains("duration_us=18446744073709551615 keys_modified=0 client_id=1000000"));
+        assert!(out.contains(":65535 ") && out.ends_with("pid=4294967295\n"));
+        let v: serde_json::Value = serde_json::from_slice(&line(Format::Json, &r)).unwrap();
+        assert_eq!(v["duration_us"], u64::MAX);
+    }
+}

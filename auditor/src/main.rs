@@ -1,0 +1,251 @@
+//! `auditor`: an out-of-process audit logger for a running valkey-server.
+//!
+//! Data flow: kernel (syscall tracepoints) → ring buffer → per-connection streams → RESP parsing →
+//! classification → filter → record → format → sink. See ARCHITECTURE.md.
+
+mod argv;
+mod capture;
+mod commands;
+mod control;
+mod format;
+mod procscan;
+mod record;
+mod resp;
+mod session;
+mod settings;
+mod writer;
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+
+use crate::capture::{Capture, CaptureConfig, CaptureStream};
+use crate::commands::CommandTable;
+use crate::record::Record;
+use crate::session::Session;
+use crate::settings::{Protocol, Settings};
+use crate::writer::FileWriter;
+
+/// Audit a running valkey-server from outside: eBPF capture of its client sockets, records to a file.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Pid of the valkey-server to audit.
+    #[arg(long)]
+    pid: u32,
+    /// Control port (RESP; valkey-cli compatible). Answers PING once auditing has started.
+    #[arg(long, default_value = "127.0.0.1:6380")]
+    control: SocketAddr,
+    /// Config file with `audit.<name> <value>` lines.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bytes copied per syscall at most; the rest is skipped using RESP lengths.
+    #[arg(long, default_value_t = auditor_common::DEFAULT_CAPTURE_CAP)]
+    capture_cap: u64,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    ring_bytes: u32,
+    /// Accept a process whose name is not valkey-server (or redis-server).
+    #[arg(long)]
+    any_process: bool,
+    /// Settings in the Valkey Audit Module's syntax: `audit.format json audit.protocol "file /x.log"`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    settings: Vec<String>,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("auditor: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn check_target(pid: u32, any_process: bool) -> Result<()> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .with_context(|| format!("no process with pid {pid}"))?;
+    let comm = comm.trim();
+    if !any_process && !comm.starts_with("valkey-server") && !comm.starts_with("redis-server") {
+        bail!(
+            "process {pid} is '{comm}', not a valkey-server (use --any-process to audit it anyway)"
+        );
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let mut settings = Settings::default();
+    if let Some(path) = &cli.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        settings
+            .apply_config_text(&text)
+            .map_err(anyhow::Error::msg)?;
+    }
+    settings
+        .apply_args(&cli.settings)
+        .map_err(anyhow::Error::msg)?;
+    check_target(cli.pid, cli.any_process)?;
+    if cli.capture_cap == 0 {
+        bail!("--capture-cap must be at least 1");
+    }
+
+    let Protocol::File(log_path) = &settings.protocol;
+    let writer = FileWriter::open(log_path, settings.format)?;
+    let table = CommandTable::builtin().context("loading the command table")?;
+
+    let (mut capture, stream) = Capture::load(&CaptureConfig {
+        ring_bytes: cli.ring_bytes,
+        capture_cap: cli.capture_cap,
+        wakeup_bytes: 64 * 1024,
+    })?;
+    capture.add_target(cli.pid)?;
+    capture.attach()?;
+
+    let wall_offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
+    let mut session = Session::new(
+        table,
+        settings.clone(),
+        hostname(),
+        wall_offset,
+        cli.capture_cap,
+    );
+    let mut initial = Vec::new();
+    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+    for conn in procscan::existing_connections(cli.pid)? {
+        if capture.register_existing_socket(cli.pid, conn.fd)? {
+            session.add_existing(cli.pid, conn.fd, conn.peer, None, now, &mut initial);
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(control::bind(cli.control))?;
+
+    let pid = cli.pid;
+    let stop_c = stop.clone();
+    let worker = std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || capture_loop(pid, stream, session, writer, initial, &stop_c))?;
+
+    eprintln!(
+        "auditor: auditing pid {} → {} (control port {})",
+        cli.pid,
+        log_path.display(),
+        cli.control
+    );
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = control::serve(listener) => {},
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        anyhow::Ok(())
+    })?;
+    stop.store(true, Ordering::SeqCst);
+    let result = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("capture thread panicked"))?;
+    drop(capture);
+    result
+}
+
+/// The capture thread: drain the ring, run the pipeline, write records. Wakes at least every 10 ms so
+/// records reach the file within tens of milliseconds even when the kernel batches wake-ups.
+fn capture_loop(
+    pid: u32,
+    mut stream: CaptureStream,
+    mut session: Session,
+    mut writer: FileWriter,
+    initial: Vec<Record>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let unix_paths = procscan::unix_listeners(pid);
+    let unix_path = |_tgid: u32, listen_fd: u32| unix_paths.get(&listen_fd).cloned();
+    for rec in initial {
+        writer.write(rec)?;
+    }
+    writer.flush()?;
+    let mut records = Vec::with_capacity(1024);
+    let mut reported_drops = (0u64, 0u64);
+    let mut last_check = Instant::now();
+    let ring_fd = stream.ring.as_raw_fd();
+    loop {
+        let mut drained = 0usize;
+        while let Some(item) = stream.ring.next() {
+            if let Some(ev) = capture::decode(&item, &unix_path) {
+                session.handle(ev, &mut records);
+            }
+            drop(item);
+            for rec in records.drain(..) {
+                writer.write(rec)?;
+            }
+            drained += 1;
+            if drained >= 65536 {
+                break;
+            }
+        }
+        if last_check.elapsed() >= Duration::from_millis(100) || drained == 0 {
+            last_check = Instant::now();
+            if let Ok(drops) = stream.kernel_drops()
+                && drops.0 > reported_drops.0
+            {
+                let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                session.kernel_loss(
+                    drops.0 - reported_drops.0,
+                    drops.1 - reported_drops.1,
+                    now,
+                    &mut records,
+                );
+                reported_drops = drops;
+                for rec in records.drain(..) {
+                    writer.write(rec)?;
+                }
+            }
+        }
+        if drained == 0 {
+            writer.flush()?;
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: ring_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
+        }
+    }
+    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+    session.flush_all(now, &mut records);
+    for rec in records.drain(..) {
+        writer.write(rec)?;
+    }
+    writer.flush()
+}

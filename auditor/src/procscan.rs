@@ -1,0 +1,226 @@
+//! Finding a target's sockets in /proc: client connections that were open before the auditor
+//! attached, and the listening unix sockets (to name unix clients by their socket path).
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, Result};
+
+use crate::session::Peer;
+
+/// An established client connection of the target, by fd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingConn {
+    pub fd: u32,
+    pub peer: Peer,
+}
+
+/// Map of socket inode → fd for every socket the process holds.
+fn socket_fds(pid: u32) -> Result<HashMap<u64, u32>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut map = HashMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+            && let (Ok(inode), Ok(fd)) = (
+                inode.parse::<u64>(),
+                entry.file_name().to_string_lossy().parse::<u32>(),
+            )
+        {
+            map.insert(inode, fd);
+        }
+    }
+    Ok(map)
+}
+
+/// Parse one `/proc/net/tcp{,6}` address `HEX:PORT` (addresses in the kernel's in-memory order).
+fn parse_addr(s: &str) -> Option<(Vec<u8>, u16)> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    // Each 32-bit word is printed as a host-order (little-endian here) integer.
+    for word in addr.as_bytes().chunks(8) {
+        let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    Some((bytes, port))
+}
+
+/// TCP sockets from a `/proc/<pid>/net/tcp{,6}` table: inode → (local port, peer, state).
+fn tcp_table(text: &str) -> Vec<(u64, u16, Peer, u8)> {
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 10 {
+            continue;
+        }
+        let (Some((_, lport)), Some((raddr, rport))) = (parse_addr(cols[1]), parse_addr(cols[2]))
+        else {
+            continue;
+        };
+        let Ok(state) = u8::from_str_radix(cols[3], 16) else {
+            continue;
+        };
+        let Ok(inode) = cols[9].parse::<u64>() else {
+            continue;
+        };
+        let peer = match raddr.len() {
+            4 => Peer {
+                ip: Ipv4Addr::new(raddr[0], raddr[1], raddr[2], raddr[3]).to_string(),
+                port: rport,
+            },
+            16 => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&raddr);
+                let v6 = Ipv6Addr::from(a);
+                Peer {
+                    ip: v6
+                        .to_ipv4_mapped()
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| v6.to_string()),
+                    port: rport,
+                }
+            }
+            _ => continue,
+        };
+        rows.push((inode, lport, peer, state));
+    }
+    rows
+}
+
+const TCP_ESTABLISHED: u8 = 0x01;
+const TCP_LISTEN: u8 = 0x0a;
+
+/// Client connections of `pid` that are open now: established TCP sockets whose local port is one the
+/// process listens on (so its own outgoing links, e.g. to a primary, are left out), and connected
+/// unix sockets accepted from one of its listening unix sockets.
+pub fn existing_connections(pid: u32) -> Result<Vec<ExistingConn>> {
+    let fds = socket_fds(pid)?;
+    let mut tcp = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            tcp.extend(tcp_table(&text));
+        }
+    }
+    let listen_ports: Vec<u16> = tcp
+        .iter()
+        .filter(|(inode, _, _, st)| *st == TCP_LISTEN && fds.contains_key(inode))
+        .map(|(_, p, _, _)| *p)
+        .collect();
+    let mut out = Vec::new();
+    for (inode, lport, peer, state) in tcp {
+        if state == TCP_ESTABLISHED
+            && listen_ports.contains(&lport)
+            && let Some(&fd) = fds.get(&inode)
+        {
+            out.push(ExistingConn { fd, peer });
+        }
+    }
+    if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/unix")) {
+        let listeners = unix_listeners_from(&text, &fds);
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 7 {
+                continue;
+            }
+            let flags = u32::from_str_radix(cols[3], 16).unwrap_or(0);
+            let state = cols[5];
+            let Ok(inode) = cols[6].parse::<u64>() else {
+                continue;
+            };
+            let path = cols.get(7).copied().unwrap_or("");
+            // Connected (03), not listening (__SO_ACCEPTCON = 0x10000), held by the target.
+            if state == "03"
+                && flags & 0x10000 == 0
+                && let Some(&fd) = fds.get(&inode)
+                && (listeners.values().any(|p| p == path)
+                    || (!listeners.is_empty() && path.is_empty()))
+            {
+                let shown = if path.is_empty() {
+                    listeners.values().next().cloned().unwrap_or_default()
+                } else {
+                    path.to_string()
+                };
+                out.push(ExistingConn {
+                    fd,
+                    peer: Peer::unix(&shown),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|c| c.fd);
+    Ok(out)
+}
+
+fn unix_listeners_from(text: &str, fds: &HashMap<u64, u32>) -> HashMap<u32, String> {
+    let mut out = HashMap::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 8 {
+            continue;
+        }
+        let flags = u32::from_str_radix(cols[3], 16).unwrap_or(0);
+        let Ok(inode) = cols[6].parse::<u64>() else {
+            continue;
+        };
+        if flags & 0x10000 != 0
+            && let Some(&fd) = fds.get(&inode)
+        {
+            out.insert(fd, cols[7].to_string());
+        }
+    }
+    out
+}
+
+/// Listening unix sockets of `pid`: listening fd → path (accepted unix clients are named by it).
+pub fn unix_listeners(pid: u32) -> HashMap<u32, String> {
+    let Ok(fds) = socket_fds(pid) else {
+        return HashMap::new();
+    };
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+        return HashMap::new();
+    };
+    unix_listeners_from(&text, &fds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tcp_rows() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0 100 0 0 10 0\n   1: 0100007F:18EB 0100007F:D3A4 01 00000000:00000000 00:00000000 00000000     0        0 5678 1 0 20 4 30 10 -1\n";
+        let rows = tcp_table(text);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].1, 6379);
+        assert_eq!(rows[0].3, TCP_LISTEN);
+        assert_eq!(
+            rows[1].2,
+            Peer {
+                ip: "127.0.0.1".into(),
+                port: 0xD3A4
+            }
+        );
+        assert_eq!(rows[1].0, 5678);
+    }
+
+    #[test]
+    fn parses_ipv6_rows() {
+        let text = "header\n   0: 00000000000000000000000001000000:18EB 00000000000000000000000001000000:C350 01 0:0 0:0 0 0 0 999 1\n";
+        let rows = tcp_table(text);
+        assert_eq!(
+            rows[0].2,
+            Peer {
+                ip: "::1".into(),
+                port: 50000
+            }
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! The audit record: what one line of the audit log says.
+//!
+//! Field order follows the Valkey Audit Module (timestamp, category, command, command_args, result,
+//! duration_us, keys_modified, client_id, username, client_ip, client_port, server_hostname, error),
+//! then the auditor's own fields (seq, keys, pid).
+
+/// Record category. The names are the module's (`CONNECTION`, `AUTH`, ...), plus `AUDIT` and
+/// `AUDIT_LOSS` for the auditor's own records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Category {
+    Connection,
+    Auth,
+    Config,
+    KeyOp,
+    Other,
+    /// A custom category from `audit.custom_category` (control issue).
+    Custom(String),
+    /// The auditor's own start/stop records.
+    Audit,
+    /// Loss of data or records: cause and count in command_args.
+    AuditLoss,
+}
+
+impl Category {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Category::Connection => "CONNECTION",
+            Category::Auth => "AUTH",
+            Category::Config => "CONFIG",
+            Category::KeyOp => "KEY_OP",
+            Category::Other => "OTHER",
+            Category::Custom(name) => name,
+            Category::Audit => "AUDIT",
+            Category::AuditLoss => "AUDIT_LOSS",
+        }
+    }
+}
+
+/// What the server's reply said about the command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// No reply was seen and none will be (CLIENT REPLY OFF/SKIP, connection closed first, reply bytes
+    /// lost): the auditor does not guess.
+    Unknown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "SUCCESS",
+            Outcome::Failure => "FAILURE",
+            Outcome::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// One audit record. Byte fields may hold any bytes a client sent; the formats escape them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Wall-clock time of the reply (or of the event), seconds since the epoch.
+    pub time_unix_us: i64,
+    pub category: Category,
+    /// Canonical lower-case name (`set`, `config|set`), the client's spelling for unknown commands,
+    /// or `connection` / `disconnection`.
+    pub command: Vec<u8>,
+    /// What the record shows of the arguments (`key=... payload=...`, `arg1=...`), secrets redacted.
+    pub command_args: Vec<u8>,
+    pub result: Outcome,
+    pub duration_us: u64,
+    pub keys_modified: u64,
+    pub client_id: u64,
+    pub username: Vec<u8>,
+    pub client_ip: String,
+    pub client_port: u16,
+    pub server_hostname: String,
+    /// Empty, `rejected=<msg>`, `acl_deny_reason=<r> acl_object=<o>`, or the error reply's text.
+    pub error: Vec<u8>,
+    /// Gapless sequence number over every record written in this run (set by the writer).
+    pub seq: u64,
+    /// Every key of the command, each cut to `audit.payload_maxsize`.
+    pub keys: Vec<Vec<u8>>,
+    /// The audited server's pid.
+    pub pid: u32,
+}

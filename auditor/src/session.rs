@@ -1,0 +1,949 @@
+//! Per-connection reassembly and request/reply correlation: the pure core between the capture edge
+//! (decoded ring-buffer events) and the writer (records).
+//!
+//! Each connection keeps one ordered byte stream per direction. The kernel stamps every data event with
+//! the stream position of its first byte, so a jump is an exact count of bytes never seen: it is handed
+//! to the RESP parser as a gap (skipped inside a bulk payload, a resync and a loss record otherwise).
+//! Requests wait in a FIFO until their reply arrives; replies that are not answers (pub/sub messages,
+//! RESP3 pushes, MONITOR lines) are recognised and passed over. Records are produced after the reply,
+//! or when the connection closes without one.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::argv::Arg;
+use crate::commands::{CommandTable, Described, command_args};
+use crate::record::{Category, Outcome, Record};
+use crate::resp::{
+    Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
+};
+use crate::settings::{
+    EVENT_AUTH, EVENT_CONFIG, EVENT_CONNECTIONS, EVENT_KEYS, EVENT_OTHER, Settings,
+};
+
+/// Requests waiting for a reply on one connection, at most. Valkey answers in order, so this is only
+/// reached by a client that pipelines without reading; past it the oldest is written as UNKNOWN.
+const MAX_PENDING: usize = 100_000;
+/// Smallest prefix kept of each argument (command names, subcommands, short keys).
+const MIN_KEEP: usize = 256;
+
+/// A socket event as decoded from the ring buffer.
+#[derive(Clone, Debug)]
+pub enum CaptureEvent<'a> {
+    Accept {
+        tgid: u32,
+        fd: u32,
+        ts_ns: u64,
+        peer: Peer,
+    },
+    Data {
+        tgid: u32,
+        fd: u32,
+        ts_ns: u64,
+        inbound: bool,
+        stream_pos: u64,
+        total_len: u32,
+        chunk_off: u32,
+        captured_len: u32,
+        bytes: &'a [u8],
+    },
+    Close {
+        tgid: u32,
+        fd: u32,
+        ts_ns: u64,
+    },
+}
+
+/// The client side of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub ip: String,
+    pub port: u16,
+}
+
+impl Peer {
+    pub fn from_v4(addr: [u8; 4], port: u16) -> Self {
+        Peer {
+            ip: Ipv4Addr::from(addr).to_string(),
+            port,
+        }
+    }
+    pub fn from_v6(addr: [u8; 16], port: u16) -> Self {
+        let v6 = Ipv6Addr::from(addr);
+        // IPv4 clients of a dual-stack listener: show them as IPv4, as operators expect.
+        let ip = match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        };
+        Peer { ip, port }
+    }
+    pub fn unix(path: &str) -> Self {
+        Peer {
+            ip: if path.is_empty() {
+                "unix".into()
+            } else {
+                path.into()
+            },
+            port: 0,
+        }
+    }
+}
+
+/// Why bytes or records were lost; written in AUDIT_LOSS records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossCause {
+    /// Framing broke in the client->server stream; requests in flight were lost.
+    RequestResync,
+    /// Framing broke in the server->client stream; pending requests were written as UNKNOWN.
+    ReplyResync,
+    /// The kernel could not write to the ring buffer.
+    RingBufferFull,
+}
+
+impl LossCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossCause::RequestResync => "parser_resync_request",
+            LossCause::ReplyResync => "parser_resync_reply",
+            LossCause::RingBufferFull => "ring_buffer_full",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    /// The next command gets no reply.
+    SkipNext,
+}
+
+/// What a request does to the connection's state once its reply says it succeeded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Effect {
+    None,
+    /// AUTH/HELLO AUTH: the user the connection becomes on success.
+    Auth(Vec<u8>),
+    /// HELLO without AUTH: protocol version.
+    Hello(Option<u8>),
+    HelloAuth(Option<u8>, Vec<u8>),
+    Multi,
+    Exec,
+    Discard,
+    /// (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE: confirmation kind and how many confirmations answer it.
+    Subscribe(&'static str, u64),
+    Monitor,
+    Reset,
+}
+
+#[derive(Debug)]
+struct Pending {
+    record: Record,
+    done_ts: u64,
+    expects_reply: bool,
+    effect: Effect,
+    write_keys: u64,
+    /// Subscribe-family confirmations seen so far.
+    confirmations: u64,
+}
+
+struct Conn {
+    client_id: u64,
+    tgid: u32,
+    peer: Peer,
+    username: Vec<u8>,
+    in_expected: u64,
+    out_expected: u64,
+    requests: RequestParser,
+    replies: ReplyParser,
+    pending: VecDeque<Pending>,
+    queued: Vec<Pending>,
+    in_multi: bool,
+    reply_mode: ReplyMode,
+    subscribed: bool,
+    monitor: bool,
+    resp3: bool,
+    /// Found already open at attach: replies to requests sent before attach are passed over.
+    preexisting: bool,
+}
+
+/// Counters the daemon reports (INFO audit, loss records).
+#[derive(Clone, Debug, Default)]
+pub struct SessionStats {
+    pub connections_seen: u64,
+    pub requests: u64,
+    pub replies_unmatched: u64,
+    pub request_resyncs: u64,
+    pub reply_resyncs: u64,
+    pub bytes_skipped: u64,
+}
+
+/// All audited connections of all targets, and the settings and tables the records need.
+pub struct Session {
+    conns: HashMap<(u32, u32), Conn>,
+    next_client_id: u64,
+    table: CommandTable,
+    settings: Settings,
+    hostname: String,
+    /// Wall clock minus the kernel's monotonic clock, in ns: converts event stamps to wall time.
+    wall_offset_ns: i64,
+    capture_cap: u64,
+    pub stats: SessionStats,
+    scratch_req: Vec<RequestEvent>,
+    scratch_rep: Vec<ReplyEvent>,
+}
+
+impl Session {
+    pub fn new(
+        table: CommandTable,
+        settings: Settings,
+        hostname: String,
+        wall_offset_ns: i64,
+        capture_cap: u64,
+    ) -> Self {
+        Session {
+            conns: HashMap::new(),
+            next_client_id: 1,
+            table,
+            settings,
+            hostname,
+            wall_offset_ns,
+            capture_cap,
+            stats: SessionStats::default(),
+            scratch_req: Vec::new(),
+            scratch_rep: Vec::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) {
+        let keep = settings.payload_maxsize.saturating_add(1).max(MIN_KEEP);
+        for c in self.conns.values_mut() {
+            c.requests.set_keep(keep);
+        }
+        self.settings = settings;
+    }
+
+    fn keep(&self) -> usize {
+        self.settings
+            .payload_maxsize
+            .saturating_add(1)
+            .max(MIN_KEEP)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// A connection that was open before the auditor attached. Its user is unknown unless given.
+    pub fn add_existing(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        peer: Peer,
+        username: Option<Vec<u8>>,
+        now_ns: u64,
+        out: &mut Vec<Record>,
+    ) {
+        let keep = self.keep();
+        let conn = Conn {
+            client_id: self.alloc_id(),
+            tgid,
+            peer,
+            username: username.unwrap_or_else(|| b"unknown".to_vec()),
+            in_expected: 0,
+            out_expected: 0,
+            requests: RequestParser::new_resyncing(keep),
+            replies: ReplyParser::new_resyncing(),
+            pending: VecDeque::new(),
+            queued: Vec::new(),
+            in_multi: false,
+            reply_mode: ReplyMode::On,
+            subscribed: false,
+            monitor: false,
+            resp3: false,
+            preexisting: true,
+        };
+        self.stats.connections_seen += 1;
+        let rec = self.connection_record(
+            &conn,
+            b"connection",
+            b"type=normal attached=existing",
+            now_ns,
+        );
+        self.push(rec, out);
+        self.conns.insert((tgid, fd), conn);
+    }
+
+    fn alloc_id(&mut self) -> u64 {
+        let id = self.next_client_id;
+        self.next_client_id += 1;
+        id
+    }
+
+    /// Process one capture event, appending the records it completes to `out`.
+    pub fn handle(&mut self, ev: CaptureEvent<'_>, out: &mut Vec<Record>) {
+        match ev {
+            CaptureEvent::Accept {
+                tgid,
+                fd,
+                ts_ns,
+                peer,
+            } => {
+                // An fd number reused without us seeing the close: finish the old connection first.
+                if self.conns.contains_key(&(tgid, fd)) {
+                    self.close(tgid, fd, ts_ns, out);
+                }
+                let keep = self.keep();
+                let conn = Conn {
+                    client_id: self.alloc_id(),
+                    tgid,
+                    peer,
+                    username: b"default".to_vec(),
+                    in_expected: 0,
+                    out_expected: 0,
+                    requests: RequestParser::new(keep),
+                    replies: ReplyParser::new(),
+                    pending: VecDeque::new(),
+                    queued: Vec::new(),
+                    in_multi: false,
+                    reply_mode: ReplyMode::On,
+                    subscribed: false,
+                    monitor: false,
+                    resp3: false,
+                    preexisting: false,
+                };
+                self.stats.connections_seen += 1;
+                let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
+                self.push(rec, out);
+                self.conns.insert((tgid, fd), conn);
+            }
+            CaptureEvent::Close { tgid, fd, ts_ns } => self.close(tgid, fd, ts_ns, out),
+            CaptureEvent::Data {
+                tgid,
+                fd,
+                ts_ns,
+                inbound,
+                stream_pos,
+                total_len,
+                chunk_off,
+                captured_len,
+                bytes,
+            } => self.data(
+                tgid,
+                fd,
+                ts_ns,
+                inbound,
+                stream_pos + chunk_off as u64,
+                bytes,
+                // Bytes of this syscall past the capture cap: known once its last captured chunk is in.
+                if chunk_off as u64 + bytes.len() as u64 >= captured_len as u64 {
+                    (total_len as u64).saturating_sub(captured_len as u64)
+                } else {
+                    0
+                },
+                out,
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn data(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        ts_ns: u64,
+        inbound: bool,
+        pos: u64,
+        bytes: &[u8],
+        uncaptured_tail: u64,
+        out: &mut Vec<Record>,
+    ) {
+        let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
+            return;
+        };
+        if inbound {
+            let mut events = std::mem::take(&mut self.scratch_req);
+            if pos > conn.in_expected {
+                let gap = pos - conn.in_expected;
+                self.stats.bytes_skipped += gap;
+                conn.requests.skip(gap, &mut events);
+            }
+            conn.requests.feed(bytes, ts_ns, &mut events);
+            conn.in_expected = pos.max(conn.in_expected) + bytes.len() as u64;
+            if uncaptured_tail > 0 {
+                self.stats.bytes_skipped += uncaptured_tail;
+                conn.requests.skip(uncaptured_tail, &mut events);
+                conn.in_expected += uncaptured_tail;
+            }
+            for ev in events.drain(..) {
+                match ev {
+                    RequestEvent::Request(req) => self.on_request(&mut conn, req, out),
+                    RequestEvent::Desync { reason } => {
+                        self.stats.request_resyncs += 1;
+                        let rec =
+                            self.loss_record(&conn, LossCause::RequestResync, reason, 1, ts_ns);
+                        self.push(rec, out);
+                    }
+                }
+            }
+            self.scratch_req = events;
+        } else {
+            let mut events = std::mem::take(&mut self.scratch_rep);
+            if pos > conn.out_expected {
+                let gap = pos - conn.out_expected;
+                self.stats.bytes_skipped += gap;
+                conn.replies.skip(gap, &mut events);
+            }
+            conn.replies.feed(bytes, ts_ns, &mut events);
+            conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64;
+            if uncaptured_tail > 0 {
+                self.stats.bytes_skipped += uncaptured_tail;
+                conn.replies.skip(uncaptured_tail, &mut events);
+                conn.out_expected += uncaptured_tail;
+            }
+            for ev in events.drain(..) {
+                match ev {
+                    ReplyEvent::Reply(reply) => self.on_reply(&mut conn, reply, out),
+                    ReplyEvent::Desync { reason } => {
+                        self.stats.reply_resyncs += 1;
+                        let n = conn.pending.len() as u64;
+                        let rec = self.loss_record(&conn, LossCause::ReplyResync, reason, n, ts_ns);
+                        self.push(rec, out);
+                        // The replies of everything in flight are gone: say so rather than guess.
+                        while let Some(p) = conn.pending.pop_front() {
+                            self.finish_unknown(&conn, p, "reply lost (capture gap)", ts_ns, out);
+                        }
+                    }
+                }
+            }
+            self.scratch_rep = events;
+        }
+        self.conns.insert((tgid, fd), conn);
+    }
+
+    fn on_request(&mut self, conn: &mut Conn, req: Request, out: &mut Vec<Record>) {
+        self.stats.requests += 1;
+        let d = self.table.describe(&req.args, req.argc);
+        let effect = effect_of(&d, &req.args);
+        let mut expects_reply = match conn.reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::SkipNext => {
+                conn.reply_mode = ReplyMode::On;
+                false
+            }
+        };
+        // CLIENT REPLY changes what the server answers from this very command on.
+        if d.command == b"client|reply" {
+            match req.args.get(2).map(|a| a.lower()).as_deref() {
+                Some("on") => {
+                    conn.reply_mode = ReplyMode::On;
+                    expects_reply = true;
+                }
+                Some("off") => {
+                    conn.reply_mode = ReplyMode::Off;
+                    expects_reply = false;
+                }
+                Some("skip") => {
+                    if conn.reply_mode == ReplyMode::On {
+                        conn.reply_mode = ReplyMode::SkipNext;
+                    }
+                    expects_reply = false;
+                }
+                _ => {}
+            }
+        }
+        let args_text = command_args(
+            &d,
+            &req.args,
+            self.settings.payload_disable,
+            self.settings.payload_maxsize,
+        );
+        let maxsize = self.settings.payload_maxsize;
+        let keys = d
+            .keys
+            .iter()
+            .filter_map(|&i| req.args.get(i))
+            .map(|a| a.prefix[..a.prefix.len().min(maxsize)].to_vec())
+            .collect();
+        let record = Record {
+            time_unix_us: 0,
+            category: d.category.clone(),
+            command: d.command.clone(),
+            command_args: args_text,
+            result: Outcome::Unknown,
+            duration_us: 0,
+            keys_modified: 0,
+            client_id: conn.client_id,
+            username: conn.username.clone(),
+            client_ip: conn.peer.ip.clone(),
+            client_port: conn.peer.port,
+            server_hostname: self.hostname.clone(),
+            error: Vec::new(),
+            seq: 0,
+            keys,
+            pid: conn.tgid,
+        };
+        let pending = Pending {
+            record,
+            done_ts: req.done_ts,
+            expects_reply,
+            effect,
+            write_keys: d.write_keys as u64,
+            confirmations: 0,
+        };
+        if !expects_reply && conn.pending.is_empty() {
+            let ts = pending.done_ts;
+            self.finish_unknown(conn, pending, "", ts, out);
+            return;
+        }
+        if conn.pending.len() >= MAX_PENDING
+            && let Some(old) = conn.pending.pop_front()
+        {
+            let ts = old.done_ts;
+            self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
+        }
+        conn.pending.push_back(pending);
+    }
+
+    fn on_reply(&mut self, conn: &mut Conn, reply: Reply, out: &mut Vec<Record>) {
+        // Out-of-band data first: it answers no request.
+        let first = reply.first.as_deref().map(|f| f.to_ascii_lowercase());
+        let is_pubsub_kind = matches!(
+            first.as_deref(),
+            Some(
+                b"message"
+                    | b"pmessage"
+                    | b"smessage"
+                    | b"subscribe"
+                    | b"psubscribe"
+                    | b"ssubscribe"
+                    | b"unsubscribe"
+                    | b"punsubscribe"
+                    | b"sunsubscribe"
+            )
+        );
+        let pubsub_frame = reply.kind == ReplyKind::Push
+            || (conn.subscribed && reply.kind == ReplyKind::Array && is_pubsub_kind);
+        if pubsub_frame {
+            if let Some(head) = conn.pending.front_mut()
+                && let Effect::Subscribe(kind, expected) = head.effect
+                && first.as_deref() == Some(kind.as_bytes())
+            {
+                head.confirmations += 1;
+                conn.subscribed = reply.third_int.unwrap_or(1) > 0;
+                if head.confirmations >= expected.max(1) {
+                    let p = conn.pending.pop_front().expect("head exists");
+                    self.finish(conn, p, &reply, out);
+                    self.drain_unreplied(conn, reply.start_ts, out);
+                }
+            }
+            return;
+        }
+        if conn.monitor
+            && reply.kind == ReplyKind::Simple
+            && reply.text.first().is_some_and(u8::is_ascii_digit)
+        {
+            return;
+        }
+        let Some(p) = conn.pending.pop_front() else {
+            if !conn.preexisting {
+                self.stats.replies_unmatched += 1;
+            }
+            return;
+        };
+        self.finish(conn, p, &reply, out);
+        self.drain_unreplied(conn, reply.start_ts, out);
+    }
+
+    /// Requests that get no reply (CLIENT REPLY OFF/SKIP) are written once everything before them is.
+    fn drain_unreplied(&mut self, conn: &mut Conn, ts: u64, out: &mut Vec<Record>) {
+        while conn.pending.front().is_some_and(|p| !p.expects_reply) {
+            let p = conn.pending.pop_front().expect("front exists");
+            let _ = ts;
+            let done = p.done_ts;
+            self.finish_unknown(conn, p, "", done, out);
+        }
+    }
+
+    fn finish(&mut self, conn: &mut Conn, mut p: Pending, reply: &Reply, out: &mut Vec<Record>) {
+        let failed = reply.is_error();
+        // Inside MULTI a +QUEUED answer only means "accepted for later".
+        if conn.in_multi && !failed && reply.kind == ReplyKind::Simple && reply.text == b"QUEUED" {
+            p.record.time_unix_us = self.wall_us(reply.start_ts);
+            p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
+            conn.queued.push(p);
+            return;
+        }
+        p.record.time_unix_us = self.wall_us(reply.start_ts);
+        p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
+        if failed {
+            p.record.result = Outcome::Failure;
+            fill_error(&mut p.record, &reply.text);
+        } else {
+            p.record.result = Outcome::Success;
+            p.record.keys_modified = p.write_keys;
+            self.apply_effect(conn, &p.effect, reply, out);
+        }
+        if matches!(p.effect, Effect::Exec | Effect::Discard) {
+            let queued = std::mem::take(&mut conn.queued);
+            conn.in_multi = false;
+            let mut total_modified = 0;
+            let exec_ok = p.effect == Effect::Exec
+                && !failed
+                && reply.kind == ReplyKind::Array
+                && reply.len >= 0
+                && reply.elements as usize == queued.len();
+            for (i, mut q) in queued.into_iter().enumerate() {
+                if exec_ok {
+                    q.record.time_unix_us = p.record.time_unix_us;
+                    if let Some((_, text)) = reply
+                        .element_errors
+                        .iter()
+                        .find(|(idx, _)| *idx as usize == i)
+                    {
+                        q.record.result = Outcome::Failure;
+                        fill_error(&mut q.record, text);
+                    } else {
+                        q.record.result = Outcome::Success;
+                        q.record.keys_modified = q.write_keys;
+                        total_modified += q.write_keys;
+                        // State changes queued in MULTI (e.g. AUTH) take effect at EXEC.
+                        let synthetic = Reply {
+                            kind: ReplyKind::Simple,
+                            start_ts: reply.start_ts,
+                            text: b"OK".to_vec(),
+                            len: 0,
+                            first: None,
+                            third_int: None,
+                            element_errors: Vec::new(),
+                            elements: 0,
+                            lost: false,
+                        };
+                        let effect = q.effect.clone();
+                        self.apply_effect(conn, &effect, &synthetic, out);
+                    }
+                } else {
+                    q.record.result = Outcome::Failure;
+                    q.record.error = if p.effect == Effect::Discard {
+                        b"discarded".to_vec()
+                    } else if failed {
+                        b"not executed: transaction aborted".to_vec()
+                    } else {
+                        b"not executed: WATCHed key changed".to_vec()
+                    };
+                }
+                self.push(q.record, out);
+            }
+            if exec_ok {
+                p.record.keys_modified = total_modified;
+            }
+        }
+        self.push(p.record, out);
+    }
+
+    fn apply_effect(
+        &mut self,
+        conn: &mut Conn,
+        effect: &Effect,
+        reply: &Reply,
+        _out: &mut Vec<Record>,
+    ) {
+        match effect {
+            Effect::None | Effect::Exec | Effect::Discard => {}
+            Effect::Auth(user) => conn.username = user.clone(),
+            Effect::Hello(v) => {
+                if let Some(v) = v {
+                    conn.resp3 = *v == 3;
+                }
+            }
+            Effect::HelloAuth(v, user) => {
+                if let Some(v) = v {
+                    conn.resp3 = *v == 3;
+                }
+                conn.username = user.clone();
+            }
+            Effect::Multi => {
+                conn.in_multi = true;
+                conn.queued.clear();
+            }
+            Effect::Subscribe(_, _) => {
+                conn.subscribed = reply.third_int.unwrap_or(1) > 0;
+            }
+            Effect::Monitor => conn.monitor = true,
+            Effect::Reset => {
+                conn.username = b"default".to_vec();
+                conn.resp3 = false;
+                conn.subscribed = false;
+                conn.monitor = false;
+                conn.in_multi = false;
+                conn.queued.clear();
+                conn.reply_mode = ReplyMode::On;
+            }
+        }
+    }
+
+    fn finish_unknown(
+        &mut self,
+        _conn: &Conn,
+        mut p: Pending,
+        why: &str,
+        ts: u64,
+        out: &mut Vec<Record>,
+    ) {
+        p.record.time_unix_us = self.wall_us(ts);
+        p.record.result = Outcome::Unknown;
+        p.record.error = why.as_bytes().to_vec();
+        self.push(p.record, out);
+    }
+
+    fn close(&mut self, tgid: u32, fd: u32, ts_ns: u64, out: &mut Vec<Record>) {
+        let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
+            return;
+        };
+        let queued = std::mem::take(&mut conn.queued);
+        for q in queued {
+            self.finish_unknown(&conn, q, "connection closed inside MULTI", ts_ns, out);
+        }
+        while let Some(p) = conn.pending.pop_front() {
+            let why = if p.expects_reply {
+                "connection closed before reply"
+            } else {
+                ""
+            };
+            self.finish_unknown(&conn, p, why, ts_ns, out);
+        }
+        let rec = self.connection_record(&conn, b"disconnection", b"type=normal", ts_ns);
+        self.push(rec, out);
+    }
+
+    /// Write every connection's outstanding requests (shutdown).
+    pub fn flush_all(&mut self, now_ns: u64, out: &mut Vec<Record>) {
+        let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(mut conn) = self.conns.remove(&key) {
+                while let Some(p) = conn.pending.pop_front() {
+                    self.finish_unknown(&conn, p, "auditor stopped before reply", now_ns, out);
+                }
+                self.conns.insert(key, conn);
+            }
+        }
+    }
+
+    /// A loss the kernel reported (ring buffer full): one AUDIT_LOSS record.
+    pub fn kernel_loss(
+        &mut self,
+        lost_events: u64,
+        lost_bytes: u64,
+        now_ns: u64,
+        out: &mut Vec<Record>,
+    ) {
+        let mut rec = self.bare_record(Category::AuditLoss, b"loss", now_ns);
+        rec.command_args = format!(
+            "cause={} count={lost_events} bytes={lost_bytes}",
+            LossCause::RingBufferFull.as_str()
+        )
+        .into_bytes();
+        rec.result = Outcome::Failure;
+        self.push(rec, out);
+    }
+
+    fn bare_record(&self, category: Category, command: &[u8], ts_ns: u64) -> Record {
+        Record {
+            time_unix_us: self.wall_us(ts_ns),
+            category,
+            command: command.to_vec(),
+            command_args: Vec::new(),
+            result: Outcome::Success,
+            duration_us: 0,
+            keys_modified: 0,
+            client_id: 0,
+            username: Vec::new(),
+            client_ip: String::new(),
+            client_port: 0,
+            server_hostname: self.hostname.clone(),
+            error: Vec::new(),
+            seq: 0,
+            keys: Vec::new(),
+            pid: 0,
+        }
+    }
+
+    fn connection_record(&self, conn: &Conn, command: &[u8], args: &[u8], ts_ns: u64) -> Record {
+        let mut rec = self.bare_record(Category::Connection, command, ts_ns);
+        rec.command_args = args.to_vec();
+        rec.client_id = conn.client_id;
+        rec.username = conn.username.clone();
+        rec.client_ip = conn.peer.ip.clone();
+        rec.client_port = conn.peer.port;
+        rec.pid = conn.tgid;
+        rec
+    }
+
+    fn loss_record(
+        &self,
+        conn: &Conn,
+        cause: LossCause,
+        reason: &str,
+        count: u64,
+        ts_ns: u64,
+    ) -> Record {
+        let mut rec = self.connection_record(conn, b"loss", b"", ts_ns);
+        rec.category = Category::AuditLoss;
+        rec.result = Outcome::Failure;
+        rec.command_args =
+            format!("cause={} count={count} reason={reason}", cause.as_str()).into_bytes();
+        rec
+    }
+
+    fn wall_us(&self, ts_ns: u64) -> i64 {
+        (ts_ns as i64).saturating_add(self.wall_offset_ns) / 1000
+    }
+
+    /// The filter stage: `audit.enabled` and `audit.events`. Loss and AUDIT records always pass.
+    fn push(&mut self, rec: Record, out: &mut Vec<Record>) {
+        let s = &self.settings;
+        let pass = match rec.category {
+            Category::Audit | Category::AuditLoss => true,
+            _ if !s.enabled => false,
+            Category::Connection => s.events & EVENT_CONNECTIONS != 0,
+            Category::Auth => s.events & EVENT_AUTH != 0,
+            Category::Config => s.events & EVENT_CONFIG != 0,
+            Category::KeyOp => s.events & EVENT_KEYS != 0,
+            Category::Other | Category::Custom(_) => s.events & EVENT_OTHER != 0,
+        };
+        if pass {
+            out.push(rec);
+        }
+    }
+
+    pub fn capture_cap(&self) -> u64 {
+        self.capture_cap
+    }
+}
+
+/// The error field: the module's `rejected=` for commands the server refused before running them,
+/// `acl_deny_reason=` for ACL denials (category AUTH, as the module does), else the error text.
+fn fill_error(rec: &mut Record, text: &[u8]) {
+    let s = String::from_utf8_lossy(text);
+    if let Some(rest) = s.strip_prefix("NOPERM") {
+        rec.category = Category::Auth;
+        let rest = rest.trim_start();
+        let (reason, object) = if rest.contains("to run the") {
+            ("command", None)
+        } else if rest.contains("key") {
+            ("key", quoted(rest))
+        } else if rest.contains("channel") {
+            ("channel", quoted(rest))
+        } else if rest.contains("database") || rest.contains(" db") {
+            ("db", None)
+        } else {
+            ("auth", None)
+        };
+        let mut e = format!("acl_deny_reason={reason}").into_bytes();
+        if let Some(o) = object {
+            e.extend_from_slice(b" acl_object=");
+            e.extend_from_slice(o.as_bytes());
+        }
+        rec.error = e;
+        return;
+    }
+    let rejected = [
+        "ERR unknown command",
+        "ERR unknown subcommand",
+        "ERR wrong number of arguments",
+        "ERR Protocol error",
+        "NOAUTH",
+        "OOM",
+        "READONLY",
+        "BUSY",
+        "LOADING",
+        "MASTERDOWN",
+        "MISCONF",
+        "ERR EXEC without MULTI",
+        "ERR DISCARD without MULTI",
+        "ERR MULTI calls can not be nested",
+        "EXECABORT",
+        "NOREPLICAS",
+        "CROSSSLOT",
+        "MOVED",
+        "ASK",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+    ];
+    if rejected.iter().any(|p| s.starts_with(p)) {
+        let msg = s.strip_prefix("ERR ").unwrap_or(&s);
+        rec.error = format!("rejected={msg}").into_bytes();
+    } else {
+        rec.error = text.to_vec();
+    }
+}
+
+fn quoted(s: &str) -> Option<String> {
+    let start = s.find('\'')? + 1;
+    let end = s[start..].find('\'')? + start;
+    Some(s[start..end].to_string())
+}
+
+fn effect_of(d: &Described, args: &[Arg]) -> Effect {
+    let arg_lower = |i: usize| args.get(i).map(|a| a.lower()).unwrap_or_default();
+    match d.command.as_slice() {
+        b"auth" => match args.len() {
+            2 => Effect::Auth(b"default".to_vec()),
+            n if n >= 3 => Effect::Auth(args[1].prefix.clone()),
+            _ => Effect::None,
+        },
+        b"hello" => {
+            let version = args
+                .get(1)
+                .and_then(|a| std::str::from_utf8(&a.prefix).ok()?.parse().ok());
+            let mut i = 2;
+            let mut user = None;
+            while i < args.len() {
+                if args[i].eq_ignore_case("auth") && i + 2 < args.len() {
+                    user = Some(args[i + 1].prefix.clone());
+                    i += 3;
+                } else if args[i].eq_ignore_case("setname") {
+                    i += 2;
+                } else {
+                    i += 1;
+                }
+            }
+            match user {
+                Some(u) => Effect::HelloAuth(version, u),
+                None => Effect::Hello(version),
+            }
+        }
+        b"multi" => Effect::Multi,
+        b"exec" => Effect::Exec,
+        b"discard" => Effect::Discard,
+        b"monitor" => Effect::Monitor,
+        b"reset" => Effect::Reset,
+        b"subscribe" | b"psubscribe" | b"ssubscribe" => {
+            let kind = match d.command.as_slice() {
+                b"subscribe" => "subscribe",
+                b"psubscribe" => "psubscribe",
+                _ => "ssubscribe",
+            };
+            Effect::Subscribe(kind, args.len().saturating_sub(1) as u64)
+        }
+        b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" => {
+            let kind = match d.command.as_slice() {
+                b"unsubscribe" => "unsubscribe",
+                b"punsubscribe" => "punsubscribe",
+                _ => "sunsubscribe",
+            };
+            // Without arguments the server sends one confirmation per subscription (at least one);
+            // the first completes the command and the rest are passed over as pub/sub frames.
+            Effect::Subscribe(kind, args.len().saturating_sub(1).max(1) as u64)
+        }
+        _ => {
+            let _ = arg_lower;
+            Effect::None
+        }
+    }
+}

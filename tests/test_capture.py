@@ -1,0 +1,454 @@
+"""End-to-end capture tests: a real valkey-server, real clients (redis-cli, redis-py, raw sockets),
+the real auditor; assertions on the records it writes."""
+import json
+import os
+import random
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import redis
+
+from conftest import REDIS_CLI, by_client, commands_of, wait_until
+
+
+def read_until(s, predicate, timeout=10.0):
+    s.settimeout(timeout)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not predicate(buf):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no complete reply: {buf[-200:]!r}")
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_connect_disconnect_peer_and_basic_command(audited):
+    valkey, auditor = audited
+    c = valkey.client()
+    c.set("k1", "v1")
+    c.close()
+    recs = auditor.wait_records(
+        lambda rs: any(r["command"] == "disconnection" for r in rs), what="disconnection record")
+    conn = [r for r in recs if r["command"] == "connection"]
+    disc = [r for r in recs if r["command"] == "disconnection"]
+    assert conn and disc
+    assert conn[0]["client_ip"] == "127.0.0.1"
+    assert conn[0]["category"] == "CONNECTION"
+    assert conn[0]["client_port"] == disc[0]["client_port"] > 0
+    sets = [r for r in recs if r["command"] == "set"]
+    assert len(sets) == 1
+    s = sets[0]
+    assert s["category"] == "KEY_OP" and s["result"] == "SUCCESS"
+    assert s["keys"] == ["k1"]
+    assert "key=k1" in s["command_args"] and "payload=v1" in s["command_args"]
+    assert s["username"] == "default"
+    assert s["client_id"] == conn[0]["client_id"]
+    assert s["pid"] == valkey.pid
+    # Field order: the module's 13, then ours.
+    line = auditor.lines()[0].decode()
+    keys = list(json.loads(line).keys())
+    assert keys == ["timestamp", "category", "command", "command_args", "result", "duration_us",
+                    "keys_modified", "client_id", "username", "client_ip", "client_port",
+                    "server_hostname", "error", "seq", "keys", "pid"]
+    seqs = [r["seq"] for r in auditor.records()]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_peer_port_matches_client_socket(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    local_port = s.getsockname()[1]
+    s.sendall(b"*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n")
+    read_until(s, lambda b: b.endswith(b"hi\r\n"))
+    s.close()
+    recs = auditor.wait_records(
+        lambda rs: any(r["command"] == "disconnection" and r["client_port"] == local_port for r in rs))
+    echo = [r for r in recs if r["command"] == "echo"]
+    assert echo[0]["client_port"] == local_port
+    assert echo[0]["category"] == "OTHER"
+    assert echo[0]["command_args"] == "arg1=hi"
+
+
+def test_unix_socket_client(audited):
+    valkey, auditor = audited
+    out = subprocess.run([REDIS_CLI, "-s", valkey.sock, "SET", "unixkey", "u"], capture_output=True, timeout=10)
+    assert out.stdout.strip() == b"OK"
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "set" for r in rs))
+    rec = [r for r in recs if r["command"] == "set"][0]
+    assert rec["keys"] == ["unixkey"]
+    assert rec["client_ip"] == valkey.sock
+    assert rec["client_port"] == 0
+
+
+def test_ipv6_client(audited):
+    valkey, auditor = audited
+    try:
+        s = socket.create_connection(("::1", valkey.port), timeout=2)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    s.sendall(b"PING\r\n")
+    read_until(s, lambda b: b.endswith(b"\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "ping" for r in rs))
+    assert [r for r in recs if r["command"] == "ping"][0]["client_ip"] == "::1"
+
+
+def test_client_connected_before_attach(valkey, start_auditor):
+    early = socket.create_connection(("127.0.0.1", valkey.port))
+    early_port = early.getsockname()[1]
+    early.sendall(b"*3\r\n$3\r\nSET\r\n$6\r\nbefore\r\n$1\r\n1\r\n")
+    read_until(early, lambda b: b == b"+OK\r\n")
+    auditor = start_auditor(valkey.pid)
+    early.sendall(b"*2\r\n$3\r\nGET\r\n$6\r\nbefore\r\n")
+    read_until(early, lambda b: b.endswith(b"1\r\n"))
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "get" for r in rs))
+    got = [r for r in recs if r["command"] == "get"][0]
+    assert got["client_port"] == early_port
+    assert got["username"] == "unknown"
+    assert got["result"] == "SUCCESS"
+    assert not any(r["command"] == "set" for r in recs)
+    conn = [r for r in recs if r["command"] == "connection" and r["client_port"] == early_port]
+    assert conn and "attached=existing" in conn[0]["command_args"]
+    early.close()
+    auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early_port for r in rs))
+
+
+def test_auth_and_hello_with_acl_user(audited):
+    valkey, auditor = audited
+    admin = valkey.client()
+    admin.execute_command("ACL", "SETUSER", "alice", "on", ">s3cr3t-alice", "~*", "+@all")
+    c = valkey.client(single_connection_client=True)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        c.execute_command("AUTH", "alice", "wrong-pass-1")
+    c.set("after-bad", "1")
+    assert c.execute_command("AUTH", "alice", "s3cr3t-alice")
+    c.set("after-good", "1")
+    c.close()
+    # HELLO 3 AUTH, wrong then right, over raw RESP.
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    s.sendall(b"*5\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$12\r\nwrong-pass-2\r\n")
+    read_until(s, lambda b: b.startswith(b"-") and b.endswith(b"\r\n"))
+    s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")
+    read_until(s, lambda b: b.endswith(b"\r\n"))
+    s.sendall(b"*5\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$12\r\ns3cr3t-alice\r\n")
+    read_until(s, lambda b: b"proto" in b, timeout=5)
+    s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\ny\r\n")
+    read_until(s, lambda b: b.endswith(b"\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: sum(r["command"] == "disconnection" for r in rs) >= 2
+                                and any(r["keys"] == ["y"] for r in rs))
+    auths = [r for r in recs if r["command"] == "auth"]
+    assert [a["result"] for a in auths] == ["FAILURE", "SUCCESS"]
+    assert all(a["category"] == "AUTH" for a in auths)
+    assert auths[0]["username"] == "default"  # the user the command ran as
+    after_bad = [r for r in recs if r["keys"] == ["after-bad"]][0]
+    assert after_bad["username"] == "default"
+    after_good = [r for r in recs if r["keys"] == ["after-good"]][0]
+    assert after_good["username"] == "alice"
+    hellos = [r for r in recs if r["command"] == "hello"]
+    assert [h["result"] for h in hellos] == ["FAILURE", "SUCCESS"]
+    assert all(h["category"] == "AUTH" for h in hellos)
+    assert [r for r in recs if r["keys"] == ["x"]][0]["username"] == "default"
+    assert [r for r in recs if r["keys"] == ["y"]][0]["username"] == "alice"
+    text = auditor.log.read_bytes()
+    for secret in (b"s3cr3t-alice", b"wrong-pass-1", b"wrong-pass-2"):
+        assert secret not in text
+
+
+def test_secrets_never_logged(audited):
+    valkey, auditor = audited
+    c = valkey.client()
+    c.execute_command("ACL", "SETUSER", "bob", "on", ">bobsecret", "#" + "a" * 64, "<oldsecret", "~*", "+@all")
+    c.execute_command("CONFIG", "SET", "requirepass", "reqsecret")
+    c.execute_command("AUTH", "reqsecret")
+    c.execute_command("CONFIG", "SET", "masterauth", "mastersecret")
+    c.execute_command("CONFIG", "SET", "requirepass", "")
+    try:
+        c.execute_command("MIGRATE", "127.0.0.1", "1", "", "0", "100", "AUTH", "migsecret", "KEYS", "a")
+    except redis.exceptions.ResponseError:
+        pass
+    c.close()
+    auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    text = auditor.log.read_bytes()
+    for secret in (b"bobsecret", b"a" * 64, b"oldsecret", b"reqsecret", b"mastersecret", b"migsecret"):
+        assert secret not in text, secret
+    recs = auditor.records()
+    cfg = [r for r in recs if r["command"] == "config|set"]
+    assert len(cfg) == 3 and all(r["category"] == "CONFIG" for r in cfg)
+    assert "param=requirepass" in cfg[0]["command_args"]
+
+
+def test_command_mix(audited):
+    valkey, auditor = audited
+    c = valkey.client(single_connection_client=True)
+    assert c.config_get("maxmemory")
+    c.config_set("maxmemory-policy", "allkeys-lru")
+    c.mset({"m1": "a", "m2": "b", "m3": "c"})
+    c.delete("m1", "m2", "nokey")
+    c.setex("ttlkey", 100, "ttlvalue")
+    c.hset("h1", mapping={"f1": "v1", "f2": "v2"})
+    c.eval("return redis.call('set', KEYS[1], ARGV[1])", 2, "ek1", "ek2", "earg")
+    p = c.pipeline(transaction=True)
+    p.set("tx1", "1")
+    p.incr("tx1")
+    p.execute()
+    c.set("str", "x")
+    with pytest.raises(redis.exceptions.ResponseError):
+        c.lpush("str", "y")
+    with pytest.raises(redis.exceptions.ResponseError):
+        c.execute_command("NOSUCHCOMMAND", "arg")
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    cmds = [r for r in recs if r["category"] != "CONNECTION"]
+    names = [r["command"] for r in cmds]
+    assert "config|get" in names and "config|set" in names
+    cs = [r for r in cmds if r["command"] == "config|set"][0]
+    assert cs["category"] == "CONFIG" and "param=maxmemory-policy" in cs["command_args"]
+    mset = [r for r in cmds if r["command"] == "mset"][0]
+    assert mset["keys"] == ["m1", "m2", "m3"]
+    dele = [r for r in cmds if r["command"] == "del"][0]
+    assert dele["keys"] == ["m1", "m2", "nokey"]
+    setex = [r for r in cmds if r["command"] == "setex"][0]
+    assert "payload=ttlvalue" in setex["command_args"] and setex["keys"] == ["ttlkey"]
+    hset = [r for r in cmds if r["command"] == "hset"][0]
+    assert hset["keys"] == ["h1"] and hset["category"] == "KEY_OP"
+    ev = [r for r in cmds if r["command"] == "eval"][0]
+    assert ev["keys"] == ["ek1", "ek2"] and ev["result"] == "SUCCESS"
+    tx = [r["command"] for r in cmds if r["command"] in ("multi", "set", "incr", "exec") and
+          (r["keys"] in (["tx1"], []))]
+    assert tx[-4:] == ["multi", "set", "incr", "exec"]
+    assert all(r["result"] == "SUCCESS" for r in cmds if r["keys"] == ["tx1"])
+    wrong = [r for r in cmds if r["command"] == "lpush"][0]
+    assert wrong["result"] == "FAILURE" and wrong["error"].startswith("WRONGTYPE")
+    unk = [r for r in cmds if r["command"] == "NOSUCHCOMMAND"][0]
+    assert unk["result"] == "FAILURE" and unk["error"].startswith("rejected=unknown command")
+    assert all(r["duration_us"] >= 0 for r in cmds)
+
+
+def test_inline_command(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    s.sendall(b'SET inlinekey "inline value"\r\n')
+    read_until(s, lambda b: b == b"+OK\r\n")
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "set" for r in rs))
+    r = [r for r in recs if r["command"] == "set"][0]
+    assert r["keys"] == ["inlinekey"] and "payload=inline value" in r["command_args"]
+
+
+def test_subscribe_then_publish(audited):
+    valkey, auditor = audited
+    sub = socket.create_connection(("127.0.0.1", valkey.port))
+    sub_port = sub.getsockname()[1]
+    sub.sendall(b"*3\r\n$9\r\nSUBSCRIBE\r\n$3\r\nch1\r\n$3\r\nch2\r\n")
+    read_until(sub, lambda b: b.count(b"subscribe") >= 2 and b.endswith(b":2\r\n"))
+    pub = valkey.client()
+    assert pub.publish("ch1", "hello") == 1
+    read_until(sub, lambda b: b.endswith(b"hello\r\n"))
+    sub.sendall(b"*1\r\n$4\r\nPING\r\n")
+    read_until(sub, lambda b: b.endswith(b"$0\r\n\r\n"))
+    sub.sendall(b"*1\r\n$11\r\nUNSUBSCRIBE\r\n")
+    read_until(sub, lambda b: b.endswith(b":0\r\n"))
+    sub.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nz\r\n")
+    read_until(sub, lambda b: b.endswith(b"$-1\r\n"))
+    sub.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == sub_port for r in rs))
+    mine = commands_of(recs, sub_port)
+    assert [r["command"] for r in mine] == ["subscribe", "ping", "unsubscribe", "get"]
+    assert all(r["result"] == "SUCCESS" for r in mine)
+    pubrec = [r for r in recs if r["command"] == "publish"][0]
+    assert pubrec["result"] == "SUCCESS"
+
+
+def test_resp3_push_subscribe(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n")
+    read_until(s, lambda b: b"modules" in b)
+    s.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n*2\r\n$3\r\nGET\r\n$1\r\nq\r\n")
+    read_until(s, lambda b: b.endswith(b"_\r\n"))
+    valkey.client().publish("c", "m")
+    read_until(s, lambda b: b.endswith(b"m\r\n"))
+    s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nr\r\n")
+    read_until(s, lambda b: b.endswith(b"_\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    assert [r["command"] for r in commands_of(recs, port)] == ["hello", "subscribe", "get", "get"]
+
+
+def test_client_reply_off_skip(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"CLIENT REPLY OFF\r\nSET a 1\r\nCLIENT REPLY ON\r\nCLIENT REPLY SKIP\r\nSET b 2\r\nGET a\r\n")
+    read_until(s, lambda b: b == b"+OK\r\n$1\r\n1\r\n")
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    mine = commands_of(recs, port)
+    assert [r["command"] for r in mine] == ["client|reply", "set", "client|reply", "client|reply", "set", "get"]
+    assert [r["result"] for r in mine] == ["UNKNOWN", "UNKNOWN", "SUCCESS", "UNKNOWN", "UNKNOWN", "SUCCESS"]
+
+
+def test_blocking_command_reply_later(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nqueue\r\n$1\r\n0\r\n*2\r\n$3\r\nGET\r\n$2\r\nzz\r\n")
+    time.sleep(0.2)  # let BLPOP block (it has no reply to wait on yet)
+    valkey.client().rpush("queue", "job")
+    read_until(s, lambda b: b.endswith(b"$-1\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    mine = commands_of(recs, port)
+    assert [r["command"] for r in mine] == ["blpop", "get"]
+    assert mine[0]["duration_us"] >= 100_000
+
+
+def test_monitor(audited):
+    valkey, auditor = audited
+    m = socket.create_connection(("127.0.0.1", valkey.port))
+    mport = m.getsockname()[1]
+    m.sendall(b"MONITOR\r\n")
+    read_until(m, lambda b: b == b"+OK\r\n")
+    valkey.client().set("seen-by-monitor", "1")
+    read_until(m, lambda b: b"seen-by-monitor" in b)
+    m.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == mport for r in rs))
+    assert [r["command"] for r in commands_of(recs, mport)] == ["monitor"]
+
+
+def _pipeline_payload(n, tag):
+    parts = []
+    expect = []
+    for i in range(n):
+        k = f"{tag}:{i}".encode()
+        if i % 3 == 0:
+            parts.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(k), k, len(str(i)), str(i).encode()))
+            expect.append(("set", k.decode(), "SUCCESS"))
+        elif i % 3 == 1:
+            parts.append(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
+            expect.append(("get", k.decode(), "SUCCESS"))
+        else:
+            parts.append(b"*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n" % (len(k), k))
+            expect.append(("incr", k.decode(), "SUCCESS"))
+    return b"".join(parts), expect
+
+
+@pytest.mark.parametrize("mode", ["one_write", "byte_per_write"])
+def test_10000_pipelined(audited, mode):
+    valkey, auditor = audited
+    n = 10000 if mode == "one_write" else 2000
+    payload, expect = _pipeline_payload(n, mode)
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    port = s.getsockname()[1]
+    got = bytearray()
+    done = threading.Event()
+
+    def reader():
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            got.extend(chunk)
+            if done.is_set():
+                break
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    if mode == "one_write":
+        s.sendall(payload)
+    else:
+        for i in range(len(payload)):
+            s.send(payload[i:i + 1])
+    recs = auditor.wait_records(lambda rs: len(commands_of(rs, port)) >= n, timeout=120, what=f"{n} records")
+    done.set()
+    s.close()
+    mine = commands_of(recs, port)
+    assert len(mine) == n
+    assert [(r["command"], r["keys"][0], r["result"]) for r in mine] == expect
+
+
+def test_big_values_bounded_memory(audited):
+    valkey, auditor = audited
+    c = valkey.client()
+    c.set("big5", b"x" * (5 * 1024 * 1024))
+    c.set("big100", b"y" * (100 * 1024 * 1024))
+    assert c.strlen("big100") == 100 * 1024 * 1024
+    recs = auditor.wait_records(lambda rs: sum(r["command"] == "set" for r in rs) >= 2)
+    sets = {r["keys"][0]: r for r in recs if r["command"] == "set"}
+    for k, ch in (("big5", "x"), ("big100", "y")):
+        r = sets[k]
+        assert r["result"] == "SUCCESS"
+        assert f"payload={ch * 1024}...(truncated)" in r["command_args"]
+    rss_kb = int([l for l in open(f"/proc/{auditor.proc.pid}/status") if l.startswith("VmHWM")][0].split()[1])
+    assert rss_kb < 64 * 1024, f"auditor peak RSS {rss_kb} kB"
+
+
+def test_io_threads_50_clients(start_valkey, start_auditor):
+    valkey = start_valkey("--io-threads", "4")
+    auditor = start_auditor(valkey.pid)
+    per_client = 200
+    errors = []
+
+    def worker(n):
+        try:
+            c = redis.Redis(port=valkey.port, single_connection_client=True)
+            for i in range(per_client):
+                c.set(f"io:{n}:{i}", i)
+            c.close()
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    recs = auditor.wait_records(lambda rs: sum(r["command"] == "set" for r in rs) >= 50 * per_client
+                                and sum(r["command"] == "disconnection" for r in rs) >= 50, timeout=60)
+    keys = sorted(r["keys"][0] for r in recs if r["command"] == "set")
+    assert keys == sorted(f"io:{n}:{i}" for n in range(50) for i in range(per_client))
+    assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
+
+
+def test_sigterm_flushes_and_exits_zero(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid)
+    c = valkey.client()
+    for i in range(100):
+        c.set(f"t{i}", i)
+    assert auditor.stop() == 0
+    recs = auditor.records()
+    assert sum(r["command"] == "set" for r in recs) == 100
+
+
+def test_bad_pid_and_not_valkey(tmp_path):
+    from conftest import AUDITOR
+    out = subprocess.run([str(AUDITOR), "--pid", "999999999"], capture_output=True, timeout=10)
+    assert out.returncode != 0 and b"no process with pid" in out.stderr and b"panick" not in out.stderr
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        out = subprocess.run([str(AUDITOR), "--pid", str(sleeper.pid)], capture_output=True, timeout=10)
+        assert out.returncode != 0 and b"not a valkey-server" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    finally:
+        sleeper.kill()
+
+
+def test_text_and_csv_formats_one_line(valkey, start_auditor):
+    for fmt in ("text", "csv"):
+        auditor = start_auditor(valkey.pid, fmt=fmt)
+        c = valkey.client()
+        c.set(f"nl\nkey,{fmt}", 'va"l,ue\\x\nline2')
+        c.close()
+        wait_until(lambda: any(b"disconnection" in l for l in auditor.lines()), what=f"{fmt} disconnection")
+        lines = auditor.lines()
+        sets = [l for l in lines if (b"[KEY_OP] set" in l if fmt == "text" else b",KEY_OP,set," in l)]
+        assert len(sets) == 1, lines
+        auditor.stop()

@@ -1,0 +1,80 @@
+//! Developer tasks: `cargo xtask build-ebpf` (the kernel object alone) and `cargo xtask bench`.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (auditor-ebpf) for bpfel-unknown-none, as aya-build does.
+    BuildEbpf {
+        /// Debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(|p| p.to_path_buf()).unwrap_or(dir)
+}
+
+fn build_ebpf(debug: bool) -> anyhow::Result<()> {
+    let toolchain = std::env::var("EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    let root = workspace_root();
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root.join("auditor-ebpf"))
+        .args([
+            "run",
+            &toolchain,
+            "cargo",
+            "build",
+            "--package",
+            "auditor-ebpf",
+            "--bins",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
+        )
+        .env("CARGO_TARGET_DIR", root.join("target/ebpf"));
+    if !debug {
+        cmd.arg("--release");
+    }
+    if toolchain != "nightly" {
+        cmd.env("RUSTC_BOOTSTRAP", "1");
+    }
+    let status = cmd
+        .status()
+        .context("running rustup (is the eBPF toolchain installed? run scripts/setup.sh)")?;
+    if !status.success() {
+        bail!("eBPF build failed: {status}");
+    }
+    let profile = if debug { "debug" } else { "release" };
+    println!(
+        "built {}",
+        root.join("target/ebpf/bpfel-unknown-none")
+            .join(profile)
+            .join("auditor")
+            .display()
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf { debug } => build_ebpf(debug),
+    }
+}
