@@ -54,7 +54,8 @@ class Valkey:
 
     def _ping(self):
         try:
-            return redis.Redis(port=self.port, socket_timeout=0.5).ping()
+            with redis.Redis(port=self.port, socket_timeout=0.5) as r:
+                return r.ping()
         except Exception:
             return False
 

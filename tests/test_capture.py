@@ -35,8 +35,8 @@ def test_connect_disconnect_peer_and_basic_command(audited):
     c.close()
     recs = auditor.wait_records(
         lambda rs: any(r["command"] == "disconnection" for r in rs), what="disconnection record")
-    conn = [r for r in recs if r["command"] == "connection"]
     disc = [r for r in recs if r["command"] == "disconnection"]
+    conn = [r for r in recs if r["command"] == "connection" and r["client_id"] == disc[0]["client_id"]]
     assert conn and disc
     assert conn[0]["client_ip"] == "127.0.0.1"
     assert conn[0]["category"] == "CONNECTION"
@@ -119,34 +119,88 @@ def test_client_connected_before_attach(valkey, start_auditor):
     auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early_port for r in rs))
 
 
+def resp(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+class Raw:
+    """A raw RESP client: exact bytes on the wire, one reply at a time."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.buf = b""
+
+    def call(self, *args):
+        self.sock.sendall(resp(*args))
+        return self.read_reply()
+
+    def read_reply(self):
+        while True:
+            n = self._complete(self.buf, 0)
+            if n is not None:
+                reply, self.buf = self.buf[:n], self.buf[n:]
+                return reply
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+
+    def _complete(self, b, i):
+        """Index just past one complete RESP value starting at i, or None."""
+        end = b.find(b"\r\n", i)
+        if end < 0:
+            return None
+        t, line = b[i:i + 1], b[i + 1:end]
+        if t in b"$=!":
+            n = int(line)
+            if n < 0:
+                return end + 2
+            return end + 2 + n + 2 if len(b) >= end + 2 + n + 2 else None
+        if t in b"*~>%|":
+            n = int(line)
+            n = n * 2 if t in b"%|" else n
+            j = end + 2
+            for _ in range(max(n, 0)):
+                j = self._complete(b, j)
+                if j is None:
+                    return None
+            if t == b"|":
+                return self._complete(b, j)
+            return j
+        return end + 2
+
+    def close(self):
+        self.sock.close()
+
+
 def test_auth_and_hello_with_acl_user(audited):
     valkey, auditor = audited
-    admin = valkey.client()
-    admin.execute_command("ACL", "SETUSER", "alice", "on", ">s3cr3t-alice", "~*", "+@all")
-    c = valkey.client(single_connection_client=True)
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        c.execute_command("AUTH", "alice", "wrong-pass-1")
-    c.set("after-bad", "1")
-    assert c.execute_command("AUTH", "alice", "s3cr3t-alice")
-    c.set("after-good", "1")
+    admin = Raw(valkey.port)
+    assert admin.call("ACL", "SETUSER", "alice", "on", ">s3cr3t-alice", "~*", "+@all") == b"+OK\r\n"
+    c = Raw(valkey.port)
+    assert c.call("AUTH", "alice", "wrong-pass-1").startswith(b"-WRONGPASS")
+    c.call("SET", "after-bad", "1")
+    assert c.call("AUTH", "alice", "s3cr3t-alice") == b"+OK\r\n"
+    c.call("SET", "after-good", "1")
     c.close()
-    # HELLO 3 AUTH, wrong then right, over raw RESP.
-    s = socket.create_connection(("127.0.0.1", valkey.port))
-    s.sendall(b"*5\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$12\r\nwrong-pass-2\r\n")
-    read_until(s, lambda b: b.startswith(b"-") and b.endswith(b"\r\n"))
-    s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")
-    read_until(s, lambda b: b.endswith(b"\r\n"))
-    s.sendall(b"*5\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$5\r\nalice\r\n$12\r\ns3cr3t-alice\r\n")
-    read_until(s, lambda b: b"proto" in b, timeout=5)
-    s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\ny\r\n")
-    read_until(s, lambda b: b.endswith(b"\r\n"))
+    s = Raw(valkey.port)
+    assert s.call("HELLO", "3", "AUTH", "alice", "wrong-pass-2").startswith(b"-WRONGPASS")
+    s.call("GET", "x")
+    assert s.call("HELLO", "3", "AUTH", "alice", "s3cr3t-alice").startswith(b"%")
+    s.call("GET", "y")
     s.close()
-    recs = auditor.wait_records(lambda rs: sum(r["command"] == "disconnection" for r in rs) >= 2
-                                and any(r["keys"] == ["y"] for r in rs))
+    admin.close()
+    recs = auditor.wait_records(lambda rs: sum(r["command"] == "disconnection" for r in rs) >= 3)
     auths = [r for r in recs if r["command"] == "auth"]
     assert [a["result"] for a in auths] == ["FAILURE", "SUCCESS"]
     assert all(a["category"] == "AUTH" for a in auths)
     assert auths[0]["username"] == "default"  # the user the command ran as
+    assert auths[0]["error"].startswith("WRONGPASS")
     after_bad = [r for r in recs if r["keys"] == ["after-bad"]][0]
     assert after_bad["username"] == "default"
     after_good = [r for r in recs if r["keys"] == ["after-good"]][0]
@@ -156,6 +210,8 @@ def test_auth_and_hello_with_acl_user(audited):
     assert all(h["category"] == "AUTH" for h in hellos)
     assert [r for r in recs if r["keys"] == ["x"]][0]["username"] == "default"
     assert [r for r in recs if r["keys"] == ["y"]][0]["username"] == "alice"
+    disc = [r for r in recs if r["command"] == "disconnection" and r["client_port"] == s.port][0]
+    assert disc["username"] == "alice"
     text = auditor.log.read_bytes()
     for secret in (b"s3cr3t-alice", b"wrong-pass-1", b"wrong-pass-2"):
         assert secret not in text
@@ -163,25 +219,29 @@ def test_auth_and_hello_with_acl_user(audited):
 
 def test_secrets_never_logged(audited):
     valkey, auditor = audited
-    c = valkey.client()
-    c.execute_command("ACL", "SETUSER", "bob", "on", ">bobsecret", "#" + "a" * 64, "<oldsecret", "~*", "+@all")
-    c.execute_command("CONFIG", "SET", "requirepass", "reqsecret")
-    c.execute_command("AUTH", "reqsecret")
-    c.execute_command("CONFIG", "SET", "masterauth", "mastersecret")
-    c.execute_command("CONFIG", "SET", "requirepass", "")
-    try:
-        c.execute_command("MIGRATE", "127.0.0.1", "1", "", "0", "100", "AUTH", "migsecret", "KEYS", "a")
-    except redis.exceptions.ResponseError:
-        pass
+    c = Raw(valkey.port)
+    for cmd in (
+        ("ACL", "SETUSER", "bob", "on", ">bobsecret", "#" + "a" * 64, "~*", "+@all"),
+        ("ACL", "SETUSER", "bob", "<bobsecret"),
+        ("CONFIG", "SET", "requirepass", "reqsecret"),
+        ("AUTH", "reqsecret"),
+        ("CONFIG", "SET", "masterauth", "mastersecret", "maxmemory", "0"),
+        ("CONFIG", "SET", "requirepass", ""),
+        ("MIGRATE", "127.0.0.1", "1", "", "0", "100", "AUTH", "migsecret", "KEYS", "a"),
+        ("MIGRATE", "127.0.0.1", "1", "", "0", "100", "AUTH2", "miguser", "mig2secret", "KEYS", "a"),
+        ("HELLO", "2", "AUTH", "default", "hellosecret"),
+    ):
+        c.call(*cmd)
     c.close()
-    auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
     text = auditor.log.read_bytes()
-    for secret in (b"bobsecret", b"a" * 64, b"oldsecret", b"reqsecret", b"mastersecret", b"migsecret"):
+    for secret in (b"bobsecret", b"a" * 64, b"reqsecret", b"mastersecret", b"migsecret", b"mig2secret",
+                   b"hellosecret"):
         assert secret not in text, secret
-    recs = auditor.records()
     cfg = [r for r in recs if r["command"] == "config|set"]
     assert len(cfg) == 3 and all(r["category"] == "CONFIG" for r in cfg)
     assert "param=requirepass" in cfg[0]["command_args"]
+    assert len([r for r in recs if r["command"] == "migrate"]) == 2
 
 
 def test_command_mix(audited):
@@ -197,7 +257,7 @@ def test_command_mix(audited):
     p = c.pipeline(transaction=True)
     p.set("tx1", "1")
     p.incr("tx1")
-    p.execute()
+    assert p.execute() == [True, 2]
     c.set("str", "x")
     with pytest.raises(redis.exceptions.ResponseError):
         c.lpush("str", "y")
@@ -220,9 +280,9 @@ def test_command_mix(audited):
     assert hset["keys"] == ["h1"] and hset["category"] == "KEY_OP"
     ev = [r for r in cmds if r["command"] == "eval"][0]
     assert ev["keys"] == ["ek1", "ek2"] and ev["result"] == "SUCCESS"
-    tx = [r["command"] for r in cmds if r["command"] in ("multi", "set", "incr", "exec") and
+    tx = [r["command"] for r in cmds if r["command"] in ("multi", "set", "incrby", "exec") and
           (r["keys"] in (["tx1"], []))]
-    assert tx[-4:] == ["multi", "set", "incr", "exec"]
+    assert tx[-4:] == ["multi", "set", "incrby", "exec"]
     assert all(r["result"] == "SUCCESS" for r in cmds if r["keys"] == ["tx1"])
     wrong = [r for r in cmds if r["command"] == "lpush"][0]
     assert wrong["result"] == "FAILURE" and wrong["error"].startswith("WRONGTYPE")

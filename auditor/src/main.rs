@@ -49,7 +49,7 @@ struct Cli {
     #[arg(long, default_value_t = auditor_common::DEFAULT_CAPTURE_CAP)]
     capture_cap: u64,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
-    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
     ring_bytes: u32,
     /// Accept a process whose name is not valkey-server (or redis-server).
     #[arg(long)]
