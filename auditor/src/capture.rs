@@ -54,7 +54,7 @@ impl Capture {
             );
         }
         let mut ebpf = EbpfLoader::new()
-            .set_max_entries("EVENTS", cfg.ring_bytes)
+            .map_max_entries("EVENTS", cfg.ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| privilege_hint(anyhow!(e)))
             .context("loading the eBPF programs")?;

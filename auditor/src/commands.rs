@@ -659,11 +659,14 @@ fn spec_range(spec: &KeySpec, args: &[Arg], argc: i64) -> Option<(i64, i64, i64)
     let first = match &spec.begin {
         BeginSearch::Index(i) => *i,
         BeginSearch::Keyword { keyword, startfrom } => {
+            // Only kept arguments can be compared; the bounds also keep a huge argc from making
+            // this a long loop.
+            let kept = i64::try_from(args.len()).unwrap_or(i64::MAX);
             let found = if *startfrom > 0 {
                 // Forwards, not looking at the last argument (nothing could follow it).
-                (*startfrom..argc.saturating_sub(1)).find(|&i| arg_is(args, i, keyword))
+                (*startfrom..argc.saturating_sub(1).min(kept)).find(|&i| arg_is(args, i, keyword))
             } else {
-                let start = argc.checked_add(*startfrom)?;
+                let start = argc.checked_add(*startfrom)?.min(kept - 1);
                 (1..=start).rev().find(|&i| arg_is(args, i, keyword))
             };
             found? + 1

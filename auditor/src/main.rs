@@ -3,18 +3,6 @@
 //! Data flow: kernel (syscall tracepoints) → ring buffer → per-connection streams → RESP parsing →
 //! classification → filter → record → format → sink. See ARCHITECTURE.md.
 
-mod argv;
-mod capture;
-mod commands;
-mod control;
-mod format;
-mod procscan;
-mod record;
-mod resp;
-mod session;
-mod settings;
-mod writer;
-
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
@@ -25,12 +13,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
-use crate::capture::{Capture, CaptureConfig, CaptureStream};
-use crate::commands::CommandTable;
-use crate::record::Record;
-use crate::session::Session;
-use crate::settings::{Protocol, Settings};
-use crate::writer::FileWriter;
+use auditor::capture::{self, Capture, CaptureConfig, CaptureStream};
+use auditor::commands::CommandTable;
+use auditor::record::Record;
+use auditor::session::Session;
+use auditor::settings::{Protocol, Settings};
+use auditor::writer::FileWriter;
+use auditor::{control, procscan};
 
 /// Audit a running valkey-server from outside: eBPF capture of its client sockets, records to a file.
 #[derive(Parser, Debug)]

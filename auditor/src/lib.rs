@@ -1,0 +1,19 @@
+//! The auditor's pipeline as a library, so the daemon, the tests and the benchmarks share it.
+//!
+//! Data flow: kernel (`auditor-ebpf`) → ring buffer ([`capture`]) → per-connection streams and
+//! request/reply correlation ([`session`]) → RESP parsing ([`resp`]) → classification ([`commands`]) →
+//! filter ([`session`], by [`settings`]) → [`record`] → [`format`] → sink ([`writer`]).
+//! The core (`resp`, `commands`, `format`, `session`, `settings`) is pure; I/O lives in `capture`,
+//! `procscan`, `control` and `writer`.
+
+pub mod argv;
+pub mod capture;
+pub mod commands;
+pub mod control;
+pub mod format;
+pub mod procscan;
+pub mod record;
+pub mod resp;
+pub mod session;
+pub mod settings;
+pub mod writer;
