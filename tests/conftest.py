@@ -73,14 +73,15 @@ class Valkey:
 
 
 class Auditor:
-    def __init__(self, tmp_path, pid, fmt="json", extra=(), settings=()):
+    def __init__(self, tmp_path, pid, fmt="json", extra=(), settings=(), env=None):
         self.control = free_port()
         self.log = tmp_path / f"audit-{self.control}.log"
         self.stderr_path = tmp_path / f"auditor-{self.control}.stderr"
         args = [str(AUDITOR), "--pid", str(pid), "--control", f"127.0.0.1:{self.control}", *extra,
                 "audit.protocol", f"file {self.log}", "audit.format", fmt, *settings]
         self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     env={**os.environ, **(env or {})})
         self.fmt = fmt
         wait_until(self._ready, timeout=30, what="auditor control port to answer PONG")
 

@@ -608,3 +608,22 @@ def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_
                for r in loss)
     assert mine[-1]["command"] == "get" and mine[-1]["keys"] == ["after"] and mine[-1]["result"] == "SUCCESS"
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+
+
+def test_existing_connection_user_from_client_list(valkey, start_auditor):
+    admin = Raw(valkey.port)
+    assert admin.call("ACL", "SETUSER", "alice", "on", ">alicepw", "~*", "+@all") == b"+OK\r\n"
+    assert admin.call("ACL", "SETUSER", "auditor", "on", ">auditorpw", "+client|list") == b"+OK\r\n"
+    early = Raw(valkey.port)
+    assert early.call("AUTH", "alice", "alicepw") == b"+OK\r\n"
+    auditor = start_auditor(valkey.pid, extra=("--server-user", "auditor"),
+                            env={"AUDITOR_SERVER_PASSWORD": "auditorpw"})
+    early.call("GET", "k-early")
+    admin.call("GET", "k-admin")
+    early.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early.port
+                                               for r in rs))
+    assert [r["username"] for r in recs if r["keys"] == ["k-early"]] == ["alice"]
+    assert [r["username"] for r in recs if r["keys"] == ["k-admin"]] == ["default"]
+    assert not any(r["command"] in ("client|list", "auth") for r in recs)
+    assert b"auditorpw" not in auditor.log.read_bytes()

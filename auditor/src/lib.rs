@@ -14,6 +14,7 @@ pub mod format;
 pub mod procscan;
 pub mod record;
 pub mod resp;
+pub mod serverquery;
 pub mod session;
 pub mod settings;
 pub mod writer;

@@ -40,6 +40,14 @@ struct Cli {
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     ring_bytes: u32,
+    /// User the auditor authenticates as to ask the server (`CLIENT LIST`) which user each connection
+    /// open before attach has. The password comes from AUDITOR_SERVER_PASSWORD or
+    /// --server-password-file. Without credentials those connections show `unknown` until they AUTH.
+    #[arg(long)]
+    server_user: Option<String>,
+    /// File holding the password for --server-user (first line).
+    #[arg(long)]
+    server_password_file: Option<PathBuf>,
     /// Accept a process whose name is not valkey-server (or redis-server).
     #[arg(long)]
     any_process: bool,
@@ -123,9 +131,14 @@ fn run() -> Result<()> {
     );
     let mut initial = Vec::new();
     let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+    let users = existing_users(&cli, &mut session)?;
     for conn in procscan::existing_connections(cli.pid)? {
+        if session.is_ignored(&conn.peer) {
+            continue;
+        }
         if capture.register_existing_socket(cli.pid, conn.fd)? {
-            session.add_existing(cli.pid, conn.fd, conn.peer, None, now, &mut initial);
+            let user = users.get(&conn.fd).cloned();
+            session.add_existing(cli.pid, conn.fd, conn.peer, user, now, &mut initial);
         }
     }
 
@@ -162,6 +175,49 @@ fn run() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("capture thread panicked"))?;
     drop(capture);
     result
+}
+
+/// With operator credentials, ask the server which user each open connection has (by fd). The
+/// auditor's own connection is registered as ignored before its accept event is processed.
+fn existing_users(
+    cli: &Cli,
+    session: &mut Session,
+) -> Result<std::collections::HashMap<u32, Vec<u8>>> {
+    let password = match (
+        &cli.server_password_file,
+        std::env::var("AUDITOR_SERVER_PASSWORD"),
+    ) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ),
+        (None, Ok(p)) => Some(p),
+        (None, Err(_)) => None,
+    };
+    let Some(password) = password else {
+        return Ok(Default::default());
+    };
+    let addr = procscan::tcp_listen_addrs(cli.pid)
+        .into_iter()
+        .next()
+        .context("the server has no TCP listener to ask CLIENT LIST on")?;
+    let mut conn =
+        auditor::serverquery::ServerConn::connect(addr, cli.server_user.as_deref(), &password)?;
+    session.ignore_peer(auditor::session::Peer {
+        ip: match conn.local.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| v6.to_string()),
+            ip => ip.to_string(),
+        },
+        port: conn.local.port(),
+    });
+    conn.users_by_fd()
 }
 
 /// The capture thread: drain the ring, run the pipeline, write records. Wakes at least every 10 ms so

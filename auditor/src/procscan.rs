@@ -190,6 +190,60 @@ pub fn unix_listeners(pid: u32) -> HashMap<u32, String> {
     unix_listeners_from(&text, &fds)
 }
 
+/// TCP addresses `pid` listens on, for the auditor's own connection to the server (CLIENT LIST).
+/// Wildcard addresses are replaced by the loopback address of their family.
+pub fn tcp_listen_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
+    let Ok(fds) = socket_fds(pid) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != "0A" {
+                continue;
+            }
+            let Ok(inode) = cols[9].parse::<u64>() else {
+                continue;
+            };
+            if !fds.contains_key(&inode) {
+                continue;
+            }
+            let Some((addr, port)) = parse_addr(cols[1]) else {
+                continue;
+            };
+            let ip: std::net::IpAddr = match addr.len() {
+                4 => {
+                    let v4 = Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]);
+                    if v4.is_unspecified() {
+                        Ipv4Addr::LOCALHOST
+                    } else {
+                        v4
+                    }
+                    .into()
+                }
+                16 => {
+                    let mut a = [0u8; 16];
+                    a.copy_from_slice(&addr);
+                    let v6 = Ipv6Addr::from(a);
+                    if v6.is_unspecified() {
+                        Ipv6Addr::LOCALHOST
+                    } else {
+                        v6
+                    }
+                    .into()
+                }
+                _ => continue,
+            };
+            out.push(std::net::SocketAddr::new(ip, port));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -189,6 +189,8 @@ pub struct Session {
     wall_offset_ns: i64,
     capture_cap: u64,
     pub stats: SessionStats,
+    /// Connections that are the auditor's own (CLIENT LIST queries): never audited.
+    ignored_peers: Vec<Peer>,
     scratch_req: Vec<RequestEvent>,
     scratch_rep: Vec<ReplyEvent>,
 }
@@ -210,6 +212,7 @@ impl Session {
             wall_offset_ns,
             capture_cap,
             stats: SessionStats::default(),
+            ignored_peers: Vec::new(),
             scratch_req: Vec::new(),
             scratch_rep: Vec::new(),
         }
@@ -236,6 +239,15 @@ impl Session {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Never audit the connection from `peer` (the auditor's own connection to the server).
+    pub fn ignore_peer(&mut self, peer: Peer) {
+        self.ignored_peers.push(peer);
+    }
+
+    pub fn is_ignored(&self, peer: &Peer) -> bool {
+        self.ignored_peers.contains(peer)
     }
 
     /// A connection that was open before the auditor attached. Its user is unknown unless given.
@@ -296,6 +308,9 @@ impl Session {
                 // An fd number reused without us seeing the close: finish the old connection first.
                 if self.conns.contains_key(&(tgid, fd)) {
                     self.close(tgid, fd, ts_ns, out);
+                }
+                if self.is_ignored(&peer) {
+                    return;
                 }
                 let keep = self.keep();
                 let conn = Conn {
