@@ -627,3 +627,77 @@ def test_existing_connection_user_from_client_list(valkey, start_auditor):
     assert [r["username"] for r in recs if r["keys"] == ["k-admin"]] == ["default"]
     assert not any(r["command"] in ("client|list", "auth") for r in recs)
     assert b"auditorpw" not in auditor.log.read_bytes()
+
+
+def test_target_exit_stops_auditor_cleanly(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid)
+    c = Raw(valkey.port)
+    c.call("SET", "last", "1")
+    valkey.proc.kill()
+    valkey.proc.wait()
+    assert auditor.proc.wait(20) == 0
+    recs = auditor.records()
+    assert [r["keys"] for r in recs if r["command"] == "set"] == [["last"]]
+    assert any(r["command"] == "disconnection" and r["client_port"] == c.port for r in recs)
+
+
+def test_events_and_payload_settings(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid, settings=("audit.events", "keys,auth", "audit.payload_maxsize", "4"))
+    c = Raw(valkey.port)
+    c.call("SET", "kkkkkkkkkk", "vvvvvvvvvv")
+    c.call("PING")
+    c.call("AUTH", "nopass-user", "x")
+    c.call("CONFIG", "GET", "maxmemory")
+    c.close()
+    c2 = Raw(valkey.port)
+    c2.call("GET", "sentinel-key")
+    # Records of one connection are written in order, and c's were complete before c2 started.
+    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["sent"] for r in rs))
+    cats = {r["category"] for r in recs}
+    assert cats == {"KEY_OP", "AUTH"}, cats
+    s = [r for r in recs if r["command"] == "set"][0]
+    assert s["command_args"] == "key=kkkk...(truncated) payload=vvvv...(truncated)"
+    assert s["keys"] == ["kkkk"]
+    auditor.stop()
+    c2.close()
+    a2 = start_auditor(valkey.pid, settings=("audit.payload_disable", "yes"))
+    c3 = Raw(valkey.port)
+    c3.call("SET", "pk", "secretish-value")
+    rs = a2.wait_records(lambda rs: any(r["command"] == "set" for r in rs))
+    assert [r["command_args"] for r in rs if r["command"] == "set"] == ["key=pk"]
+    c3.close()
+    a3 = start_auditor(valkey.pid, settings=("audit.enabled", "no"))
+    c4 = Raw(valkey.port)
+    c4.call("SET", "off", "1")
+    c4.close()
+    assert a3.stop() == 0
+    assert a3.records() == []
+
+
+def test_json_escaping_of_hostile_bytes(audited):
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    key = b'k"\\\n\r\t\x00\xff\xfe\xe2\x80\xa8end'
+    c.call("SET", key, b'v"\n\x01')
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "set" for r in rs))
+    lines = auditor.lines()
+    assert all(l.count(b"\n") == 0 for l in lines)
+    s = [r for r in recs if r["command"] == "set"][0]
+    assert s["keys"] == ['k"\\\n\r\t\x00\\xff\\xfe\u2028end']
+
+
+def test_missing_privileges_one_clear_line(valkey, tmp_path):
+    from conftest import AUDITOR
+    import shutil as sh
+    capsh = sh.which("capsh")
+    if capsh is None:
+        pytest.fail("capsh missing: scripts/setup.sh installs libcap2-bin")
+    out = subprocess.run(
+        [capsh, "--drop=cap_bpf,cap_perfmon,cap_sys_admin", "--", "-c",
+         f"{AUDITOR} --pid {valkey.pid} --control 127.0.0.1:0 audit.protocol 'file {tmp_path}/x.log'"],
+        capture_output=True, timeout=30)
+    assert out.returncode == 1
+    err = out.stderr.decode()
+    assert "missing privileges" in err and "panick" not in err
+    assert len(err.strip().splitlines()) == 1, err

@@ -162,10 +162,16 @@ fn run() -> Result<()> {
     );
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let worker_done = async {
+            while !worker.is_finished() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
         tokio::select! {
             _ = control::serve(listener) => {},
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
+            _ = worker_done => {},
         }
         anyhow::Ok(())
     })?;
@@ -257,6 +263,22 @@ fn capture_loop(
         }
         if last_check.elapsed() >= Duration::from_millis(100) || drained == 0 {
             last_check = Instant::now();
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                // Drain what the kernel still holds, then close the target's connections.
+                while let Some(item) = stream.ring.next() {
+                    if let Some(ev) = capture::decode(&item, &unix_path) {
+                        session.handle(ev, &mut records);
+                    }
+                }
+                let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                session.close_all(pid, now, &mut records);
+                for rec in records.drain(..) {
+                    writer.write(rec)?;
+                }
+                writer.flush()?;
+                eprintln!("auditor: pid {pid} exited; stopping");
+                return Ok(());
+            }
             if let Ok(drops) = stream.kernel_drops()
                 && drops.0 > reported_drops.0
             {

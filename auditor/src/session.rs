@@ -736,6 +736,20 @@ impl Session {
         self.push(rec, out);
     }
 
+    /// The target process is gone: its connections closed with it (no close syscalls were made).
+    pub fn close_all(&mut self, tgid: u32, now_ns: u64, out: &mut Vec<Record>) {
+        let mut fds: Vec<u32> = self
+            .conns
+            .keys()
+            .filter(|(t, _)| *t == tgid)
+            .map(|(_, fd)| *fd)
+            .collect();
+        fds.sort_unstable();
+        for fd in fds {
+            self.close(tgid, fd, now_ns, out);
+        }
+    }
+
     /// Write every connection's outstanding requests (shutdown).
     pub fn flush_all(&mut self, now_ns: u64, out: &mut Vec<Record>) {
         let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
