@@ -653,7 +653,7 @@ def test_events_and_payload_settings(valkey, start_auditor):
     c2.call("GET", "sentinel-key")
     # Records of one connection are written in order, and c's were complete before c2 started.
     recs = auditor.wait_records(lambda rs: any(r["keys"] == ["sent"] for r in rs))
-    cats = {r["category"] for r in recs}
+    cats = {r["category"] for r in recs if r["category"] != "AUDIT"}
     assert cats == {"KEY_OP", "AUTH"}, cats
     s = [r for r in recs if r["command"] == "set"][0]
     assert s["command_args"] == "key=kkkk...(truncated) payload=vvvv...(truncated)"
@@ -671,7 +671,7 @@ def test_events_and_payload_settings(valkey, start_auditor):
     c4.call("SET", "off", "1")
     c4.close()
     assert a3.stop() == 0
-    assert a3.records() == []
+    assert [r["command"] for r in a3.records()] == ["start", "stop"]
 
 
 def test_json_escaping_of_hostile_bytes(audited):

@@ -2,19 +2,24 @@
 //!
 //! Data flow: kernel (`auditor-ebpf`) → ring buffer ([`capture`]) → per-connection streams and
 //! request/reply correlation ([`session`]) → RESP parsing ([`resp`]) → classification ([`commands`]) →
-//! filter ([`session`], by [`settings`]) → [`record`] → [`format`] → sink ([`writer`]).
+//! filter ([`session`], by [`settings`]) → [`record`] → bounded queue ([`delivery`]) → [`format`] →
+//! [`sink`] (file, syslog, TCP; chosen by [`sinkset`]).
 //! The core (`resp`, `commands`, `format`, `session`, `settings`) is pure; I/O lives in `capture`,
-//! `procscan`, `control` and `writer`.
+//! `procscan`, `serverquery`, `control`, `delivery` and `sink`.
 
 pub mod argv;
 pub mod capture;
 pub mod commands;
 pub mod control;
+pub mod delivery;
+pub mod filter;
 pub mod format;
+pub mod metrics;
 pub mod procscan;
 pub mod record;
 pub mod resp;
 pub mod serverquery;
 pub mod session;
 pub mod settings;
-pub mod writer;
+pub mod sink;
+pub mod sinkset;

@@ -3,10 +3,12 @@
 //! Data flow: kernel (syscall tracepoints) → ring buffer → per-connection streams → RESP parsing →
 //! classification → filter → record → format → sink. See ARCHITECTURE.md.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,11 +17,14 @@ use clap::Parser;
 
 use auditor::capture::{self, Capture, CaptureConfig, CaptureStream};
 use auditor::commands::CommandTable;
-use auditor::record::Record;
-use auditor::session::Session;
-use auditor::settings::{Protocol, Settings};
-use auditor::writer::FileWriter;
-use auditor::{control, procscan};
+use auditor::control::{self, ControlBackend};
+use auditor::delivery::{Queue, run_sink};
+use auditor::metrics::Metrics;
+use auditor::record::{Category, Outcome, Record};
+use auditor::session::{Peer, Session};
+use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
+use auditor::sinkset::{SettingsSinks, open_sink, validate};
+use auditor::{procscan, serverquery};
 
 /// Audit a running valkey-server from outside: eBPF capture of its client sockets, records to a file.
 #[derive(Parser, Debug)]
@@ -31,7 +36,10 @@ struct Cli {
     /// Control port (RESP; valkey-cli compatible). Answers PING once auditing has started.
     #[arg(long, default_value = "127.0.0.1:6380")]
     control: SocketAddr,
-    /// Config file with `audit.<name> <value>` lines.
+    /// Password of the control port (same as `audit.control_requirepass`).
+    #[arg(long)]
+    control_password: Option<String>,
+    /// Config file with `audit.<name> <value>` lines; CONFIG REWRITE writes back to it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Bytes copied per syscall at most; the rest is skipped using RESP lengths.
@@ -104,13 +112,16 @@ fn run() -> Result<()> {
     settings
         .apply_args(&cli.settings)
         .map_err(anyhow::Error::msg)?;
+    if let Some(pw) = &cli.control_password {
+        settings.control_requirepass = pw.clone();
+    }
     check_target(cli.pid, cli.any_process)?;
     if cli.capture_cap == 0 {
         bail!("--capture-cap must be at least 1");
     }
 
-    let Protocol::File(log_path) = &settings.protocol;
-    let writer = FileWriter::open(log_path, settings.format)?;
+    let metrics = Arc::new(Metrics::new(vec![cli.pid]));
+    let sink = open_sink(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     let table = CommandTable::builtin().context("loading the command table")?;
 
     let (mut capture, stream) = Capture::load(&CaptureConfig {
@@ -121,11 +132,12 @@ fn run() -> Result<()> {
     capture.add_target(cli.pid)?;
     capture.attach()?;
 
+    let host = hostname();
     let wall_offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
     let mut session = Session::new(
         table,
         settings.clone(),
-        hostname(),
+        host.clone(),
         wall_offset,
         cli.capture_cap,
     );
@@ -142,53 +154,158 @@ fn run() -> Result<()> {
         }
     }
 
+    let queue = Queue::new(
+        settings.delivery.max_queue_size as usize,
+        settings.delivery.overflow,
+    );
     let stop = Arc::new(AtomicBool::new(false));
+    let start = audit_record(&host, wall_offset, b"start", start_args(&settings, cli.pid));
+    let mut first = vec![start];
+    first.append(&mut initial);
+    let initial = first;
+    let format = settings.format;
+    let shared = Arc::new(SharedSettings::new(settings));
+    let backend = Arc::new(Backend {
+        settings: shared.clone(),
+        metrics: metrics.clone(),
+        config_path: cli.config.clone(),
+        queue: queue.clone(),
+        stop: stop.clone(),
+        hostname: host.clone(),
+        wall_offset,
+    });
+
+    // SIGHUP reopens the log file (logrotate), like Valkey's own log.
+    let reopen = Arc::new(AtomicBool::new(false));
+    let sink_thread = {
+        let provider = SettingsSinks::new(shared.clone(), sink, host.clone(), wall_offset);
+        let queue = queue.clone();
+        let metrics = metrics.clone();
+        let reopen = reopen.clone();
+        std::thread::Builder::new()
+            .name("sink".into())
+            .spawn(move || {
+                run_sink(
+                    queue,
+                    format,
+                    Box::new(provider),
+                    metrics,
+                    reopen,
+                    Arc::new(AtomicU64::new(1)),
+                )
+            })?
+    };
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let listener = rt.block_on(control::bind(cli.control))?;
 
     let pid = cli.pid;
-    let stop_c = stop.clone();
-    let worker = std::thread::Builder::new()
-        .name("capture".into())
-        .spawn(move || capture_loop(pid, stream, session, writer, initial, &stop_c))?;
+    let worker = {
+        let stop = stop.clone();
+        let shared = shared.clone();
+        let metrics = metrics.clone();
+        let queue = queue.clone();
+        std::thread::Builder::new()
+            .name("capture".into())
+            .spawn(move || {
+                CaptureLoop {
+                    pid,
+                    stream,
+                    session,
+                    queue,
+                    shared,
+                    metrics,
+                    stop,
+                }
+                .run(initial)
+            })?
+    };
 
     eprintln!(
         "auditor: auditing pid {} → {} (control port {})",
         cli.pid,
-        log_path.display(),
+        backend.settings.get().protocol_string(),
         cli.control
     );
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let reopen_on_hup = async {
+            while hup.recv().await.is_some() {
+                reopen.store(true, Ordering::Release);
+            }
+        };
         let worker_done = async {
             while !worker.is_finished() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
         tokio::select! {
-            _ = control::serve(listener) => {},
+            _ = control::serve(listener, backend) => {},
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
             _ = worker_done => {},
+            _ = reopen_on_hup => {},
         }
         anyhow::Ok(())
     })?;
     stop.store(true, Ordering::SeqCst);
     let result = worker
         .join()
-        .map_err(|_| anyhow::anyhow!("capture thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("capture thread panicked"));
     drop(capture);
-    result
+    // A clean stop flushes everything: the stop record goes last, then the queue is drained.
+    let stop_rec = audit_record(
+        &host,
+        wall_offset,
+        b"stop",
+        format!("version={} pid={}", env!("CARGO_PKG_VERSION"), cli.pid).into_bytes(),
+    );
+    queue.push_all(&mut vec![stop_rec], &stop);
+    queue.close();
+    let _ = sink_thread.join();
+    result?
+}
+
+fn start_args(s: &Settings, pid: u32) -> Vec<u8> {
+    let mut out = format!("version={} pid={pid}", env!("CARGO_PKG_VERSION"));
+    for name in SETTING_NAMES {
+        if let Some(v) = s.get(name)
+            && !auditor::settings::is_secret(name)
+        {
+            out.push_str(&format!(" {}={}", name.trim_start_matches("audit."), v));
+        }
+    }
+    out.into_bytes()
+}
+
+fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> Record {
+    let now = clock_ns(libc::CLOCK_MONOTONIC);
+    Record {
+        time_unix_us: (now + wall_offset) / 1000,
+        category: Category::Audit,
+        command: command.to_vec(),
+        command_args: args,
+        result: Outcome::Success,
+        duration_us: 0,
+        keys_modified: 0,
+        client_id: 0,
+        username: Vec::new(),
+        client_ip: String::new(),
+        client_port: 0,
+        server_hostname: host.to_string(),
+        error: Vec::new(),
+        seq: 0,
+        keys: Vec::new(),
+        pid: std::process::id(),
+    }
 }
 
 /// With operator credentials, ask the server which user each open connection has (by fd). The
 /// auditor's own connection is registered as ignored before its accept event is processed.
-fn existing_users(
-    cli: &Cli,
-    session: &mut Session,
-) -> Result<std::collections::HashMap<u32, Vec<u8>>> {
+fn existing_users(cli: &Cli, session: &mut Session) -> Result<HashMap<u32, Vec<u8>>> {
     let password = match (
         &cli.server_password_file,
         std::env::var("AUDITOR_SERVER_PASSWORD"),
@@ -205,15 +322,14 @@ fn existing_users(
         (None, Err(_)) => None,
     };
     let Some(password) = password else {
-        return Ok(Default::default());
+        return Ok(HashMap::new());
     };
     let addr = procscan::tcp_listen_addrs(cli.pid)
         .into_iter()
         .next()
         .context("the server has no TCP listener to ask CLIENT LIST on")?;
-    let mut conn =
-        auditor::serverquery::ServerConn::connect(addr, cli.server_user.as_deref(), &password)?;
-    session.ignore_peer(auditor::session::Peer {
+    let mut conn = serverquery::ServerConn::connect(addr, cli.server_user.as_deref(), &password)?;
+    session.ignore_peer(Peer {
         ip: match conn.local.ip() {
             std::net::IpAddr::V6(v6) => v6
                 .to_ipv4_mapped()
@@ -226,93 +342,262 @@ fn existing_users(
     conn.users_by_fd()
 }
 
+/// The daemon's side of the control port.
+struct Backend {
+    settings: Arc<SharedSettings>,
+    metrics: Arc<Metrics>,
+    config_path: Option<PathBuf>,
+    /// CONFIG records go straight to the delivery queue (the sink thread numbers everything).
+    queue: Queue,
+    stop: Arc<AtomicBool>,
+    hostname: String,
+    wall_offset: i64,
+}
+
+impl ControlBackend for Backend {
+    fn setting_names(&self) -> Vec<String> {
+        SETTING_NAMES.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn get_setting(&self, name: &str) -> Option<String> {
+        self.settings.get().get(name)
+    }
+
+    fn set_settings(&self, pairs: &[(String, String)]) -> Result<(), String> {
+        self.settings
+            .update(|current| {
+                let next = current.apply_all(pairs).map_err(|e| e.to_string())?;
+                if next.protocol != current.protocol || next.delivery != current.delivery {
+                    // Refuse a destination that cannot be used: the running one stays in use.
+                    validate(&next).map_err(|e| {
+                        format!("CONFIG SET failed (possibly related to argument 'audit.protocol') - {e}")
+                    })?;
+                }
+                self.queue
+                    .configure(next.delivery.max_queue_size as usize, next.delivery.overflow);
+                Ok(next)
+            })
+            .map(|_| ())
+    }
+
+    fn rewrite_config(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("The server is running without a config file".into());
+        };
+        let original = std::fs::read_to_string(path).unwrap_or_default();
+        let text = self.settings.get().rewrite_config_text(&original);
+        // Atomically: a temporary file next to it, then rename, like Valkey.
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            if let Ok(meta) = std::fs::metadata(path) {
+                std::fs::set_permissions(&tmp, meta.permissions())?;
+            }
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("Rewriting config file: {e}")
+        })
+    }
+
+    fn reset_stats(&self) {
+        self.metrics.reset();
+    }
+
+    fn info_audit(&self) -> Vec<(String, String)> {
+        let s = self.settings.get();
+        self.metrics.info_fields(
+            &s.protocol_string(),
+            s.format.as_str(),
+            self.queue.len_bytes(),
+        )
+    }
+
+    fn control_password(&self) -> Option<String> {
+        let pw = self.settings.get().control_requirepass.clone();
+        if pw.is_empty() { None } else { Some(pw) }
+    }
+
+    fn audit_control_event(
+        &self,
+        command: &str,
+        args: &str,
+        client: SocketAddr,
+        user: &str,
+        success: bool,
+        error: &str,
+    ) {
+        // Setting names only: a value never reaches a record, and secret settings are named only.
+        let now = clock_ns(libc::CLOCK_MONOTONIC);
+        let rec = Record {
+            time_unix_us: (now + self.wall_offset) / 1000,
+            category: Category::Config,
+            command: command.as_bytes().to_vec(),
+            command_args: args.as_bytes().to_vec(),
+            result: if success {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            duration_us: 0,
+            keys_modified: 0,
+            client_id: 0,
+            username: user.as_bytes().to_vec(),
+            client_ip: match client.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| v6.to_string()),
+                ip => ip.to_string(),
+            },
+            client_port: client.port(),
+            server_hostname: self.hostname.clone(),
+            error: error.as_bytes().to_vec(),
+            seq: 0,
+            keys: Vec::new(),
+            pid: std::process::id(),
+        };
+        self.queue.push_all(&mut vec![rec], &self.stop);
+    }
+}
+
 /// The capture thread: drain the ring, run the pipeline, write records. Wakes at least every 10 ms so
 /// records reach the file within tens of milliseconds even when the kernel batches wake-ups.
-fn capture_loop(
+struct CaptureLoop {
     pid: u32,
-    mut stream: CaptureStream,
-    mut session: Session,
-    mut writer: FileWriter,
-    initial: Vec<Record>,
-    stop: &AtomicBool,
-) -> Result<()> {
-    let unix_paths = procscan::unix_listeners(pid);
-    let unix_path = |_tgid: u32, listen_fd: u32| unix_paths.get(&listen_fd).cloned();
-    for rec in initial {
-        writer.write(rec)?;
-    }
-    writer.flush()?;
-    let mut records = Vec::with_capacity(1024);
-    let mut reported_drops = (0u64, 0u64);
-    let mut last_check = Instant::now();
-    let ring_fd = stream.ring.as_raw_fd();
-    loop {
-        let mut drained = 0usize;
-        while let Some(item) = stream.ring.next() {
-            if let Some(ev) = capture::decode(&item, &unix_path) {
-                session.handle(ev, &mut records);
+    stream: CaptureStream,
+    session: Session,
+    queue: Queue,
+    shared: Arc<SharedSettings>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CaptureLoop {
+    fn run(mut self, initial: Vec<Record>) -> Result<()> {
+        let unix_paths = procscan::unix_listeners(self.pid);
+        let unix_path = |_tgid: u32, listen_fd: u32| unix_paths.get(&listen_fd).cloned();
+        let mut records = initial;
+        self.write_all(&mut records);
+        let mut seen_version = self.shared.version();
+        let mut reported_drops = (0u64, 0u64);
+        let mut published = [0u64; 6];
+        let mut last_check = Instant::now();
+        let ring_fd = self.stream.ring.as_raw_fd();
+        loop {
+            let mut drained = 0usize;
+            while let Some(item) = self.stream.ring.next() {
+                // A CONFIG SET applies from the very next command: one atomic load per event.
+                if self.shared.version() != seen_version {
+                    seen_version = self.shared.version();
+                    self.session.set_timeline(self.shared.history());
+                }
+                if let Some(ev) = capture::decode(&item, &unix_path) {
+                    self.session.handle(ev, &mut records);
+                }
+                drop(item);
+                self.queue.push_all(&mut records, &self.stop);
+                drained += 1;
+                if drained >= 65536 {
+                    break;
+                }
             }
-            drop(item);
-            for rec in records.drain(..) {
-                writer.write(rec)?;
+            if self.shared.version() != seen_version {
+                seen_version = self.shared.version();
+                self.apply_settings();
             }
-            drained += 1;
-            if drained >= 65536 {
-                break;
-            }
-        }
-        if last_check.elapsed() >= Duration::from_millis(100) || drained == 0 {
-            last_check = Instant::now();
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                // Drain what the kernel still holds, then close the target's connections.
-                while let Some(item) = stream.ring.next() {
-                    if let Some(ev) = capture::decode(&item, &unix_path) {
-                        session.handle(ev, &mut records);
+            self.write_all(&mut records);
+            if last_check.elapsed() >= Duration::from_millis(100) {
+                last_check = Instant::now();
+                self.publish_stats(&mut published);
+                if let Ok(drops) = self.stream.kernel_drops()
+                    && drops.0 > reported_drops.0
+                {
+                    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                    self.session.kernel_loss(
+                        drops.0 - reported_drops.0,
+                        drops.1 - reported_drops.1,
+                        now,
+                        &mut records,
+                    );
+                    reported_drops = drops;
+                    self.write_all(&mut records);
+                }
+                if !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+                    // Drain what the kernel still holds, then close the target's connections.
+                    while let Some(item) = self.stream.ring.next() {
+                        if let Some(ev) = capture::decode(&item, &unix_path) {
+                            self.session.handle(ev, &mut records);
+                        }
                     }
+                    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                    self.session.close_all(self.pid, now, &mut records);
+                    self.write_all(&mut records);
+                    eprintln!("auditor: pid {} exited; stopping", self.pid);
+                    return Ok(());
                 }
-                let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-                session.close_all(pid, now, &mut records);
-                for rec in records.drain(..) {
-                    writer.write(rec)?;
-                }
-                writer.flush()?;
-                eprintln!("auditor: pid {pid} exited; stopping");
-                return Ok(());
             }
-            if let Ok(drops) = stream.kernel_drops()
-                && drops.0 > reported_drops.0
-            {
-                let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-                session.kernel_loss(
-                    drops.0 - reported_drops.0,
-                    drops.1 - reported_drops.1,
-                    now,
-                    &mut records,
-                );
-                reported_drops = drops;
-                for rec in records.drain(..) {
-                    writer.write(rec)?;
+            if drained == 0 {
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
                 }
+                let mut pfd = libc::pollfd {
+                    fd: ring_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 10) };
             }
         }
-        if drained == 0 {
-            writer.flush()?;
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            let mut pfd = libc::pollfd {
-                fd: ring_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 10) };
+        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        self.session.flush_all(now, &mut records);
+        self.write_all(&mut records);
+        Ok(())
+    }
+
+    fn apply_settings(&mut self) {
+        self.session.set_timeline(self.shared.history());
+    }
+
+    /// Hand records to the delivery queue (blocks in `overflow block` mode while it is full, which
+    /// stops ring-buffer reads: the kernel then drops and counts, the server is never slowed).
+    fn write_all(&mut self, records: &mut Vec<Record>) {
+        self.queue.push_all(records, &self.stop);
+    }
+
+    /// Add what happened since the last call to the shared counters (deltas, so CONFIG RESETSTAT
+    /// can zero them at any time).
+    fn publish_stats(&mut self, last: &mut [u64; 6]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &self.session.stats;
+        let (ring_events, ring_bytes) = self.stream.kernel_drops().unwrap_or((last[4], last[5]));
+        let now = [
+            st.request_resyncs,
+            st.reply_resyncs,
+            st.bytes_skipped,
+            st.filtered,
+            ring_events,
+            ring_bytes,
+        ];
+        let m = &self.metrics;
+        let targets = [
+            &m.request_resyncs,
+            &m.reply_resyncs,
+            &m.bytes_skipped,
+            &m.filtered,
+            &m.lost_ring_events,
+            &m.lost_ring_bytes,
+        ];
+        for ((t, n), l) in targets.iter().zip(now).zip(last.iter_mut()) {
+            t.fetch_add(n.saturating_sub(*l), Relaxed);
+            *l = n;
         }
+        m.connections
+            .store(self.session.connection_count() as u64, Relaxed);
     }
-    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-    session.flush_all(now, &mut records);
-    for rec in records.drain(..) {
-        writer.write(rec)?;
-    }
-    writer.flush()
 }

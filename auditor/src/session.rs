@@ -10,16 +10,16 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use crate::argv::Arg;
 use crate::commands::{CommandTable, Described, command_args};
+use crate::filter;
 use crate::record::{Category, Outcome, Record};
 use crate::resp::{
     Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
 };
-use crate::settings::{
-    EVENT_AUTH, EVENT_CONFIG, EVENT_CONNECTIONS, EVENT_KEYS, EVENT_OTHER, Settings,
-};
+use crate::settings::Settings;
 
 /// Requests waiting for a reply on one connection, at most. Valkey answers in order, so this is only
 /// reached by a client that pipelines without reading; past it the oldest is written as UNKNOWN.
@@ -139,6 +139,8 @@ enum Effect {
 #[derive(Debug)]
 struct Pending {
     record: Record,
+    /// The settings in force when the command was read: they decide its record.
+    settings: Arc<Settings>,
     done_ts: u64,
     expects_reply: bool,
     effect: Effect,
@@ -165,6 +167,12 @@ struct Conn {
     resp3: bool,
     /// Found already open at attach: replies to requests sent before attach are passed over.
     preexisting: bool,
+    /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
+    /// replies, and the link is server-internal traffic.
+    replica: bool,
+    /// Server-internal traffic (a replica's REPLCONF/SYNC/PSYNC link): not audited while
+    /// `ignore_internal_clients` is on.
+    internal: bool,
 }
 
 /// Counters the daemon reports (INFO audit, loss records).
@@ -176,6 +184,8 @@ pub struct SessionStats {
     pub request_resyncs: u64,
     pub reply_resyncs: u64,
     pub bytes_skipped: u64,
+    /// Records the filter stage did not write (exclusions, events, result mode).
+    pub filtered: u64,
 }
 
 /// All audited connections of all targets, and the settings and tables the records need.
@@ -183,7 +193,11 @@ pub struct Session {
     conns: HashMap<(u32, u32), Conn>,
     next_client_id: u64,
     table: CommandTable,
-    settings: Settings,
+    /// The latest settings.
+    settings: Arc<Settings>,
+    /// Settings changes with the kernel-clock time each took effect, oldest first: a command uses
+    /// the settings in force when it was read, however late the pipeline processes it.
+    timeline: Vec<(u64, Arc<Settings>)>,
     hostname: String,
     /// Wall clock minus the kernel's monotonic clock, in ns: converts event stamps to wall time.
     wall_offset_ns: i64,
@@ -207,7 +221,8 @@ impl Session {
             conns: HashMap::new(),
             next_client_id: 1,
             table,
-            settings,
+            settings: Arc::new(settings.clone()),
+            timeline: vec![(0, Arc::new(settings))],
             hostname,
             wall_offset_ns,
             capture_cap,
@@ -222,12 +237,35 @@ impl Session {
         &self.settings
     }
 
+    /// Replace the settings from now on (tests and simple callers).
     pub fn set_settings(&mut self, settings: Settings) {
-        let keep = settings.payload_maxsize.saturating_add(1).max(MIN_KEEP);
+        self.set_timeline(vec![(0, Arc::new(settings))]);
+    }
+
+    /// The settings history: `(monotonic ns when it took effect, settings)`, oldest first.
+    pub fn set_timeline(&mut self, timeline: Vec<(u64, Arc<Settings>)>) {
+        let Some((_, latest)) = timeline.last() else {
+            return;
+        };
+        let keep = latest.payload_maxsize.saturating_add(1).max(MIN_KEEP);
         for c in self.conns.values_mut() {
             c.requests.set_keep(keep);
         }
-        self.settings = settings;
+        self.settings = latest.clone();
+        self.timeline = timeline;
+    }
+
+    /// The settings in force at kernel time `ts`.
+    fn settings_at(&self, ts: u64) -> Arc<Settings> {
+        let i = self.timeline.partition_point(|(at, _)| *at <= ts);
+        match i.checked_sub(1).and_then(|i| self.timeline.get(i)) {
+            Some((_, s)) => s.clone(),
+            None => self
+                .timeline
+                .first()
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| self.settings.clone()),
+        }
     }
 
     fn keep(&self) -> usize {
@@ -278,6 +316,8 @@ impl Session {
             monitor: false,
             resp3: false,
             preexisting: true,
+            replica: false,
+            internal: false,
         };
         self.stats.connections_seen += 1;
         let rec = self.connection_record(
@@ -286,7 +326,7 @@ impl Session {
             b"type=normal attached=existing",
             now_ns,
         );
-        self.push(rec, out);
+        self.push(rec, now_ns, out);
         self.conns.insert((tgid, fd), conn);
     }
 
@@ -330,10 +370,12 @@ impl Session {
                     monitor: false,
                     resp3: false,
                     preexisting: false,
+                    replica: false,
+                    internal: false,
                 };
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
-                self.push(rec, out);
+                self.push(rec, ts_ns, out);
                 self.conns.insert((tgid, fd), conn);
             }
             CaptureEvent::Close { tgid, fd, ts_ns } => self.close(tgid, fd, ts_ns, out),
@@ -401,11 +443,14 @@ impl Session {
                         self.stats.request_resyncs += 1;
                         let rec =
                             self.loss_record(&conn, LossCause::RequestResync, reason, 1, ts_ns);
-                        self.push(rec, out);
+                        self.push(rec, ts_ns, out);
                     }
                 }
             }
             self.scratch_req = events;
+        } else if conn.replica {
+            // The replication stream: positions advance, nothing is parsed.
+            conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64 + uncaptured_tail;
         } else {
             let mut events = std::mem::take(&mut self.scratch_rep);
             if pos > conn.out_expected {
@@ -427,7 +472,7 @@ impl Session {
                         self.stats.reply_resyncs += 1;
                         let n = conn.pending.len() as u64;
                         let rec = self.loss_record(&conn, LossCause::ReplyResync, reason, n, ts_ns);
-                        self.push(rec, out);
+                        self.push(rec, ts_ns, out);
                         // The replies of everything in flight are gone: say so rather than guess.
                         while let Some(p) = conn.pending.pop_front() {
                             self.finish_unknown(&conn, p, "reply lost (capture gap)", ts_ns, out);
@@ -442,7 +487,48 @@ impl Session {
 
     fn on_request(&mut self, conn: &mut Conn, req: Request, out: &mut Vec<Record>) {
         self.stats.requests += 1;
+        let settings = self.settings_at(req.done_ts);
         let d = self.table.describe(&req.args, req.argc);
+        if matches!(
+            d.command.as_slice(),
+            b"replconf" | b"replconf|ack" | b"sync" | b"psync"
+        ) || d.command.starts_with(b"replconf")
+        {
+            // Only replicas speak REPLCONF/SYNC/PSYNC: the link is server-internal traffic.
+            conn.internal = true;
+        }
+        if conn.internal && settings.ignore_internal_clients {
+            if matches!(d.command.as_slice(), b"sync" | b"psync") {
+                conn.replica = true;
+                for p in std::mem::take(&mut conn.pending) {
+                    let ts = p.done_ts;
+                    self.finish_unknown(conn, p, "", ts, out);
+                }
+            }
+            return;
+        }
+        if matches!(d.command.as_slice(), b"sync" | b"psync") {
+            // From here on the server streams the dataset and its writes to this connection.
+            conn.replica = true;
+            for p in std::mem::take(&mut conn.pending) {
+                let ts = p.done_ts;
+                self.finish_unknown(conn, p, "", ts, out);
+            }
+            if settings.ignore_internal_clients {
+                return;
+            }
+            let args_text = command_args(&d, &req.args, true, 0);
+            let mut rec = self.bare_record(d.category.clone(), &d.command, req.done_ts);
+            rec.command_args = args_text;
+            rec.client_id = conn.client_id;
+            rec.username = conn.username.clone();
+            rec.client_ip = conn.peer.ip.clone();
+            rec.client_port = conn.peer.port;
+            rec.pid = conn.tgid;
+            rec.result = Outcome::Unknown;
+            self.push(rec, req.done_ts, out);
+            return;
+        }
         let effect = effect_of(&d, &req.args);
         let mut expects_reply = match conn.reply_mode {
             ReplyMode::On => true,
@@ -475,10 +561,10 @@ impl Session {
         let args_text = command_args(
             &d,
             &req.args,
-            self.settings.payload_disable,
-            self.settings.payload_maxsize,
+            settings.payload_disable,
+            settings.payload_maxsize,
         );
-        let maxsize = self.settings.payload_maxsize;
+        let maxsize = settings.payload_maxsize;
         let keys = d
             .keys
             .iter()
@@ -505,6 +591,7 @@ impl Session {
         };
         let pending = Pending {
             record,
+            settings,
             done_ts: req.done_ts,
             expects_reply,
             effect,
@@ -596,6 +683,9 @@ impl Session {
         }
         p.record.time_unix_us = self.wall_us(reply.start_ts);
         p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
+        // The user the command ran as: every earlier command on the connection (a pipelined AUTH
+        // included) has completed by now, and this one's own effect is applied only below.
+        p.record.username = conn.username.clone();
         if failed {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text);
@@ -614,6 +704,7 @@ impl Session {
                 && reply.len >= 0
                 && reply.elements as usize == queued.len();
             for (i, mut q) in queued.into_iter().enumerate() {
+                q.record.username = conn.username.clone();
                 if exec_ok {
                     q.record.time_unix_us = p.record.time_unix_us;
                     if let Some((_, text)) = reply
@@ -652,13 +743,15 @@ impl Session {
                         b"not executed: WATCHed key changed".to_vec()
                     };
                 }
-                self.push(q.record, out);
+                let qs = q.settings.clone();
+                self.push_with(&qs, q.record, out);
             }
             if exec_ok {
                 p.record.keys_modified = total_modified;
             }
         }
-        self.push(p.record, out);
+        let ps = p.settings.clone();
+        self.push_with(&ps, p.record, out);
     }
 
     fn apply_effect(
@@ -710,10 +803,12 @@ impl Session {
         ts: u64,
         out: &mut Vec<Record>,
     ) {
+        p.record.username = _conn.username.clone();
         p.record.time_unix_us = self.wall_us(ts);
         p.record.result = Outcome::Unknown;
         p.record.error = why.as_bytes().to_vec();
-        self.push(p.record, out);
+        let ps = p.settings.clone();
+        self.push_with(&ps, p.record, out);
     }
 
     fn close(&mut self, tgid: u32, fd: u32, ts_ns: u64, out: &mut Vec<Record>) {
@@ -732,8 +827,16 @@ impl Session {
             };
             self.finish_unknown(&conn, p, why, ts_ns, out);
         }
-        let rec = self.connection_record(&conn, b"disconnection", b"type=normal", ts_ns);
-        self.push(rec, out);
+        if conn.internal && self.settings_at(ts_ns).ignore_internal_clients {
+            return;
+        }
+        let kind: &[u8] = if conn.replica {
+            b"type=replica"
+        } else {
+            b"type=normal"
+        };
+        let rec = self.connection_record(&conn, b"disconnection", kind, ts_ns);
+        self.push(rec, ts_ns, out);
     }
 
     /// The target process is gone: its connections closed with it (no close syscalls were made).
@@ -778,7 +881,7 @@ impl Session {
         )
         .into_bytes();
         rec.result = Outcome::Failure;
-        self.push(rec, out);
+        self.push(rec, now_ns, out);
     }
 
     fn bare_record(&self, category: Category, command: &[u8], ts_ns: u64) -> Record {
@@ -833,20 +936,27 @@ impl Session {
         (ts_ns as i64).saturating_add(self.wall_offset_ns) / 1000
     }
 
-    /// The filter stage: `audit.enabled` and `audit.events`. Loss and AUDIT records always pass.
-    fn push(&mut self, rec: Record, out: &mut Vec<Record>) {
-        let s = &self.settings;
-        let pass = match rec.category {
-            Category::Audit | Category::AuditLoss => true,
-            _ if !s.enabled => false,
-            Category::Connection => s.events & EVENT_CONNECTIONS != 0,
-            Category::Auth => s.events & EVENT_AUTH != 0,
-            Category::Config => s.events & EVENT_CONFIG != 0,
-            Category::KeyOp => s.events & EVENT_KEYS != 0,
-            Category::Other | Category::Custom(_) => s.events & EVENT_OTHER != 0,
-        };
-        if pass {
+    /// The filter stage (`crate::filter::decide`): enabled, events, exclusions, custom categories,
+    /// result mode, evaluated with the user the command ran as. Internal (replication) traffic is
+    /// dropped here when `ignore_internal_clients` is on.
+    fn push(&mut self, rec: Record, ts: u64, out: &mut Vec<Record>) {
+        let settings = self.settings_at(ts);
+        self.push_with(&settings, rec, out);
+    }
+
+    fn push_with(&mut self, settings: &Settings, mut rec: Record, out: &mut Vec<Record>) {
+        if let Some(cat) = filter::decide(
+            &settings.filter,
+            &rec.category,
+            &rec.command,
+            &rec.username,
+            &rec.client_ip,
+            rec.result,
+        ) {
+            rec.category = cat;
             out.push(rec);
+        } else {
+            self.stats.filtered += 1;
         }
     }
 

@@ -1,62 +1,190 @@
-//! The `audit.*` settings this build supports, with the Valkey Audit Module's names, values and
-//! defaults, parsed from a config file (`audit.<name> <value>` lines) and from trailing command-line
-//! pairs in the module's load-argument syntax.
+//! Every `audit.*` setting, with the Valkey Audit Module's names, values, defaults, ranges and error
+//! texts (plus the auditor's own), parsed from a config file (`audit.<name> <value>` lines), from
+//! trailing command-line pairs in the module's load-argument syntax, and from `CONFIG SET`.
+//!
+//! A `Settings` value is immutable once published: the control port builds a new one (all or nothing)
+//! and [`SharedSettings`] swaps it in, so the capture thread sees a change on its very next event.
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use crate::filter::{
+    CommandSet, CustomCategories, Events, ExcludeRules, FilterConfig, PrefixFilter, ResultMode,
+};
 use crate::format::Format;
-
-/// Event classes of `audit.events`, as the module spells them.
-pub const EVENT_CONNECTIONS: u8 = 1 << 0;
-pub const EVENT_AUTH: u8 = 1 << 1;
-pub const EVENT_CONFIG: u8 = 1 << 2;
-pub const EVENT_KEYS: u8 = 1 << 3;
-pub const EVENT_OTHER: u8 = 1 << 4;
-pub const EVENT_ALL: u8 = 0x1f;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Protocol {
     File(PathBuf),
+    /// Facility name as given (`local0`, `daemon`, ...).
+    Syslog(String),
+    /// `tcp host:port`: the address lives in `TcpSettings` (the module's tcp_host / tcp_port).
+    Tcp,
 }
 
+/// What the bounded queue between pipeline and sink does when full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// Stop reading the ring buffer (the kernel then drops and counts: the server is never slowed).
+    Block,
+    /// Drop the newest records, counted.
+    Drop,
+}
+
+/// Delivery settings (file rolling and retention, syslog, spool, queue).
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliverySettings {
+    pub roll_cycle: String,
+    pub max_file_size: u64,
+    pub max_log_size: u64,
+    pub archive_command: String,
+    pub max_archive_retries: u64,
+    pub fsync: String,
+    pub syslog_format: String,
+    pub syslog_target: String,
+    pub spool_dir: PathBuf,
+    pub spool_max_size: u64,
+    pub max_queue_size: u64,
+    pub overflow: Overflow,
+}
+
+/// The module's TCP sink settings (accepted, validated and reported; the delivery issue uses them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpSettings {
+    pub host: String,
+    pub port: u16,
+    pub timeout_ms: u64,
+    pub retry_interval_ms: u64,
+    pub max_retries: u64,
+    pub reconnect_on_failure: bool,
+    pub buffer_on_disconnect: bool,
+}
+
+#[derive(Clone, Debug)]
 pub struct Settings {
-    pub enabled: bool,
+    /// enabled, always_audit_config, events, excluderules, exclude_commands, prefix_filter,
+    /// custom_category, command_result_mode: what the filter stage evaluates.
+    pub filter: FilterConfig,
     pub protocol: Protocol,
     pub format: Format,
-    pub events: u8,
     pub payload_disable: bool,
     pub payload_maxsize: usize,
+    pub ignore_internal_clients: bool,
+    /// Kept for compatibility: the auditor reads auth results from replies and never waits.
+    pub auth_result_check_delay_ms: u64,
+    pub tcp: TcpSettings,
+    /// Password of the control port ("" = none). Never shown by CONFIG GET.
+    pub control_requirepass: String,
+    pub delivery: DeliverySettings,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            enabled: true,
+            filter: FilterConfig::default(),
             protocol: Protocol::File(PathBuf::from("/var/log/valkey/audit.log")),
             format: Format::Text,
-            events: EVENT_ALL,
             payload_disable: false,
             payload_maxsize: 1024,
+            ignore_internal_clients: true,
+            auth_result_check_delay_ms: 10,
+            tcp: TcpSettings {
+                host: "127.0.0.1".into(),
+                port: 514,
+                timeout_ms: 5000,
+                retry_interval_ms: 1000,
+                max_retries: 3,
+                reconnect_on_failure: true,
+                buffer_on_disconnect: true,
+            },
+            control_requirepass: String::new(),
+            delivery: DeliverySettings {
+                roll_cycle: "never".into(),
+                max_file_size: 0,
+                max_log_size: 0,
+                archive_command: String::new(),
+                max_archive_retries: 10,
+                fsync: "everysec".into(),
+                syslog_format: "rfc3164".into(),
+                syslog_target: "local".into(),
+                spool_dir: PathBuf::from("/var/spool/auditor"),
+                spool_max_size: 1024 * 1024 * 1024,
+                max_queue_size: 64 * 1024 * 1024,
+                overflow: Overflow::Block,
+            },
         }
     }
 }
 
-/// A setting that could not be applied; the message reads like Valkey's CONFIG errors.
+/// Every setting, in the order CONFIG GET and CONFIG REWRITE list them.
+pub const SETTING_NAMES: &[&str] = &[
+    "audit.enabled",
+    "audit.always_audit_config",
+    "audit.protocol",
+    "audit.format",
+    "audit.events",
+    "audit.payload_disable",
+    "audit.payload_maxsize",
+    "audit.excluderules",
+    "audit.exclude_commands",
+    "audit.prefix_filter",
+    "audit.custom_category",
+    "audit.ignore_internal_clients",
+    "audit.command_result_mode",
+    "audit.auth_result_check_delay_ms",
+    "audit.tcp_host",
+    "audit.tcp_port",
+    "audit.tcp_timeout_ms",
+    "audit.tcp_retry_interval_ms",
+    "audit.tcp_max_retries",
+    "audit.tcp_reconnect_on_failure",
+    "audit.tcp_buffer_on_disconnect",
+    "audit.control_requirepass",
+    "audit.roll_cycle",
+    "audit.max_file_size",
+    "audit.max_log_size",
+    "audit.archive_command",
+    "audit.max_archive_retries",
+    "audit.fsync",
+    "audit.syslog_format",
+    "audit.syslog_target",
+    "audit.spool_dir",
+    "audit.spool_max_size",
+    "audit.max_queue_size",
+    "audit.overflow",
+];
+
+/// Settings whose value is a secret: never echoed, never written to a record.
+pub fn is_secret(name: &str) -> bool {
+    full_name(name) == "audit.control_requirepass"
+}
+
+/// A setting that could not be applied; `Display` reads like Valkey's CONFIG SET errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettingError {
     pub name: String,
     pub message: String,
+    /// The name is not a setting at all (Valkey words that error differently).
+    pub unknown: bool,
 }
 
 impl fmt::Display for SettingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "CONFIG SET failed (possibly related to argument '{}') - {}",
-            self.name, self.message
-        )
+        if self.unknown {
+            write!(
+                f,
+                "Unknown option or number of arguments for CONFIG SET - '{}'",
+                self.name
+            )
+        } else {
+            write!(
+                f,
+                "CONFIG SET failed (possibly related to argument '{}') - {}",
+                self.name, self.message
+            )
+        }
     }
 }
 
@@ -66,77 +194,58 @@ fn err(name: &str, message: impl Into<String>) -> SettingError {
     SettingError {
         name: name.to_string(),
         message: message.into(),
+        unknown: false,
+    }
+}
+
+fn full_name(name: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    if lower.starts_with("audit.") {
+        lower
+    } else {
+        format!("audit.{lower}")
     }
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, SettingError> {
     match v.to_ascii_lowercase().as_str() {
-        "yes" | "1" | "true" | "on" => Ok(true),
-        "no" | "0" | "false" | "off" => Ok(false),
+        "yes" => Ok(true),
+        "no" => Ok(false),
         _ => Err(err(name, "argument must be 'yes' or 'no'")),
     }
 }
 
-/// Parse `audit.events`: a comma list of connections, auth, config, keys, other, or all / none.
-pub fn parse_events(v: &str) -> Result<u8, SettingError> {
-    let mut mask = 0u8;
-    for word in v.split(',').map(str::trim).filter(|w| !w.is_empty()) {
-        mask |= match word.to_ascii_lowercase().as_str() {
-            "all" => EVENT_ALL,
-            "none" => 0,
-            "connections" | "connection" => EVENT_CONNECTIONS,
-            "auth" => EVENT_AUTH,
-            "config" => EVENT_CONFIG,
-            "keys" => EVENT_KEYS,
-            "other" => EVENT_OTHER,
-            _ => {
-                return Err(err(
-                    "audit.events",
-                    format!(
-                        "unknown event type '{word}': must be a comma list of connections, auth, config, keys, other, all, none"
-                    ),
-                ));
-            }
-        };
-    }
-    Ok(mask)
+fn yes_no(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
 }
 
-pub fn render_events(mask: u8) -> String {
-    if mask == EVENT_ALL {
-        return "all".into();
+fn parse_range(name: &str, v: &str, min: u64, max: u64) -> Result<u64, SettingError> {
+    let n: i128 = v
+        .trim()
+        .parse()
+        .map_err(|_| err(name, "argument couldn't be parsed into an integer"))?;
+    if n < min as i128 || n > max as i128 {
+        return Err(err(
+            name,
+            format!("argument must be between {min} and {max} inclusive"),
+        ));
     }
-    if mask == 0 {
-        return "none".into();
-    }
-    let names = [
-        (EVENT_CONNECTIONS, "connections"),
-        (EVENT_AUTH, "auth"),
-        (EVENT_CONFIG, "config"),
-        (EVENT_KEYS, "keys"),
-        (EVENT_OTHER, "other"),
-    ];
-    names
-        .iter()
-        .filter(|(bit, _)| mask & bit != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(",")
+    Ok(n as u64)
 }
 
 impl Settings {
-    /// Apply one `audit.<name> <value>` pair. `name` may be given with or without the `audit.` prefix.
+    /// Apply one setting. `name` may omit the `audit.` prefix; case-insensitive like Valkey.
     pub fn apply(&mut self, name: &str, value: &str) -> Result<(), SettingError> {
-        let short = name
-            .strip_prefix("audit.")
-            .unwrap_or(name)
-            .to_ascii_lowercase();
-        let full = format!("audit.{short}");
+        let full = full_name(name);
         let value = unquote(value.trim());
-        match short.as_str() {
-            "enabled" => self.enabled = parse_bool(&full, &value)?,
-            "protocol" => self.protocol = parse_protocol(&value)?,
-            "format" => {
+        let ferr = |e: crate::filter::FilterError| err(&full, e.0);
+        match full.as_str() {
+            "audit.enabled" => self.filter.enabled = parse_bool(&full, &value)?,
+            "audit.always_audit_config" => {
+                self.filter.always_audit_config = parse_bool(&full, &value)?
+            }
+            "audit.protocol" => self.apply_protocol(&value)?,
+            "audit.format" => {
                 self.format = value.parse().map_err(|_| {
                     err(
                         &full,
@@ -144,17 +253,274 @@ impl Settings {
                     )
                 })?
             }
-            "events" => self.events = parse_events(&value)?,
-            "payload_disable" => self.payload_disable = parse_bool(&full, &value)?,
-            "payload_maxsize" => {
-                self.payload_maxsize = value
-                    .parse::<u64>()
-                    .map_err(|_| err(&full, "argument couldn't be parsed into an integer"))?
-                    .min(usize::MAX as u64) as usize
+            "audit.events" => self.filter.events = Events::parse(&value).map_err(ferr)?,
+            "audit.payload_disable" => self.payload_disable = parse_bool(&full, &value)?,
+            "audit.payload_maxsize" => {
+                self.payload_maxsize =
+                    parse_range(&full, &value, 0, i64::MAX as u64)?.min(usize::MAX as u64) as usize
             }
-            _ => return Err(err(&full, format!("unknown setting 'audit.{short}'"))),
+            "audit.excluderules" => {
+                self.filter.exclude_rules = ExcludeRules::parse(&value).map_err(ferr)?
+            }
+            "audit.exclude_commands" => {
+                self.filter.exclude_commands = CommandSet::parse(&value).map_err(ferr)?
+            }
+            "audit.prefix_filter" => {
+                self.filter.prefix_filter = PrefixFilter::parse(&value).map_err(ferr)?
+            }
+            "audit.custom_category" => {
+                let mut custom: CustomCategories = self.filter.custom.clone();
+                custom.merge(&value).map_err(ferr)?;
+                self.filter.custom = custom;
+            }
+            "audit.ignore_internal_clients" => {
+                self.ignore_internal_clients = parse_bool(&full, &value)?
+            }
+            "audit.command_result_mode" => {
+                self.filter.result_mode = ResultMode::parse(&value).map_err(|_| {
+                    err(
+                        &full,
+                        "argument(s) must be one of the following: failures, all",
+                    )
+                })?
+            }
+            "audit.auth_result_check_delay_ms" => {
+                self.auth_result_check_delay_ms = parse_range(&full, &value, 1, 1000)?
+            }
+            "audit.tcp_host" => {
+                if value.is_empty() || value.contains(char::is_whitespace) {
+                    return Err(err(&full, "argument must be a host name or address"));
+                }
+                self.tcp.host = value
+            }
+            "audit.tcp_port" => self.tcp.port = parse_range(&full, &value, 1, 65535)? as u16,
+            "audit.tcp_timeout_ms" => self.tcp.timeout_ms = parse_range(&full, &value, 100, 60000)?,
+            "audit.tcp_retry_interval_ms" => {
+                self.tcp.retry_interval_ms = parse_range(&full, &value, 100, 300000)?
+            }
+            "audit.tcp_max_retries" => self.tcp.max_retries = parse_range(&full, &value, 0, 100)?,
+            "audit.tcp_reconnect_on_failure" => {
+                self.tcp.reconnect_on_failure = parse_bool(&full, &value)?
+            }
+            "audit.tcp_buffer_on_disconnect" => {
+                self.tcp.buffer_on_disconnect = parse_bool(&full, &value)?
+            }
+            "audit.control_requirepass" => self.control_requirepass = value,
+            "audit.roll_cycle" => {
+                let v = value.to_ascii_lowercase();
+                if !["never", "minutely", "hourly", "daily"].contains(&v.as_str()) {
+                    return Err(err(
+                        &full,
+                        "argument(s) must be one of the following: never, minutely, hourly, daily",
+                    ));
+                }
+                self.delivery.roll_cycle = v
+            }
+            "audit.max_file_size" => {
+                self.delivery.max_file_size = parse_range(&full, &value, 0, i64::MAX as u64)?
+            }
+            "audit.max_log_size" => {
+                self.delivery.max_log_size = parse_range(&full, &value, 0, i64::MAX as u64)?
+            }
+            "audit.archive_command" => {
+                if !value.is_empty() && !value.contains("%path") {
+                    return Err(err(&full, "argument must contain %path (the rolled file)"));
+                }
+                self.delivery.archive_command = value
+            }
+            "audit.max_archive_retries" => {
+                self.delivery.max_archive_retries = parse_range(&full, &value, 0, 1000)?
+            }
+            "audit.fsync" => {
+                let v = value.to_ascii_lowercase();
+                if !["no", "everysec", "always"].contains(&v.as_str()) {
+                    return Err(err(
+                        &full,
+                        "argument(s) must be one of the following: no, everysec, always",
+                    ));
+                }
+                self.delivery.fsync = v
+            }
+            "audit.syslog_format" => {
+                let v = value.to_ascii_lowercase();
+                if !["rfc3164", "rfc5424"].contains(&v.as_str()) {
+                    return Err(err(
+                        &full,
+                        "argument(s) must be one of the following: rfc3164, rfc5424",
+                    ));
+                }
+                self.delivery.syslog_format = v
+            }
+            "audit.syslog_target" => {
+                let v = value.trim().to_string();
+                let ok = v.is_empty()
+                    || v == "local"
+                    || ["udp://", "tcp://"].iter().any(|p| {
+                        v.strip_prefix(p)
+                            .and_then(|hp| hp.rsplit_once(':'))
+                            .is_some_and(|(h, port)| {
+                                !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                            })
+                    });
+                if !ok {
+                    return Err(err(
+                        &full,
+                        "argument must be local, udp://host:port or tcp://host:port",
+                    ));
+                }
+                self.delivery.syslog_target = if v.is_empty() { "local".into() } else { v }
+            }
+            "audit.spool_dir" => {
+                if value.is_empty() {
+                    return Err(err(&full, "argument must be a directory"));
+                }
+                self.delivery.spool_dir = PathBuf::from(value)
+            }
+            "audit.spool_max_size" => {
+                self.delivery.spool_max_size = parse_range(&full, &value, 0, i64::MAX as u64)?
+            }
+            "audit.max_queue_size" => {
+                self.delivery.max_queue_size =
+                    parse_range(&full, &value, 64 * 1024, i64::MAX as u64)?
+            }
+            "audit.overflow" => {
+                self.delivery.overflow = match value.to_ascii_lowercase().as_str() {
+                    "block" => Overflow::Block,
+                    "drop" => Overflow::Drop,
+                    _ => {
+                        return Err(err(
+                            &full,
+                            "argument(s) must be one of the following: block, drop",
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(SettingError {
+                    name: name.to_string(),
+                    message: "unknown setting".into(),
+                    unknown: true,
+                });
+            }
         }
         Ok(())
+    }
+
+    fn apply_protocol(&mut self, value: &str) -> Result<(), SettingError> {
+        let name = "audit.protocol";
+        let (kind, rest) = value
+            .trim()
+            .split_once(char::is_whitespace)
+            .unwrap_or((value.trim(), ""));
+        match kind.to_ascii_lowercase().as_str() {
+            "file" => {
+                let path = rest.trim();
+                if path.is_empty() {
+                    return Err(err(name, "file protocol needs a path: \"file <path>\""));
+                }
+                self.protocol = Protocol::File(PathBuf::from(path));
+                Ok(())
+            }
+            "syslog" => {
+                let facility = rest.trim().to_ascii_lowercase();
+                let facility = if facility.is_empty() {
+                    "local0".to_string()
+                } else {
+                    facility
+                };
+                crate::sink::syslog::parse_facility(&facility).map_err(|e| err(name, e))?;
+                self.protocol = Protocol::Syslog(facility);
+                Ok(())
+            }
+            "tcp" => {
+                let addr = rest.trim();
+                if !addr.is_empty() {
+                    let (host, port) = addr
+                        .rsplit_once(':')
+                        .ok_or_else(|| err(name, "tcp protocol needs \"tcp <host:port>\""))?;
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let port: u16 = port
+                        .parse()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| err(name, "tcp port must be between 1 and 65535"))?;
+                    if host.is_empty() {
+                        return Err(err(name, "tcp protocol needs \"tcp <host:port>\""));
+                    }
+                    self.tcp.host = host.to_string();
+                    self.tcp.port = port;
+                }
+                self.protocol = Protocol::Tcp;
+                Ok(())
+            }
+            _ => Err(err(
+                name,
+                "argument must be \"file <path>\", \"syslog <facility>\" or \"tcp <host:port>\"",
+            )),
+        }
+    }
+
+    /// Apply several settings all or nothing (CONFIG SET with several pairs).
+    pub fn apply_all(&self, pairs: &[(String, String)]) -> Result<Settings, SettingError> {
+        let mut next = self.clone();
+        for (name, value) in pairs {
+            next.apply(name, value)?;
+        }
+        Ok(next)
+    }
+
+    /// The value as CONFIG GET shows it (secrets as "").
+    pub fn get(&self, name: &str) -> Option<String> {
+        let full = full_name(name);
+        Some(match full.as_str() {
+            "audit.enabled" => yes_no(self.filter.enabled),
+            "audit.always_audit_config" => yes_no(self.filter.always_audit_config),
+            "audit.protocol" => self.protocol_string(),
+            "audit.format" => self.format.as_str().to_string(),
+            "audit.events" => self.filter.events.render(),
+            "audit.payload_disable" => yes_no(self.payload_disable),
+            "audit.payload_maxsize" => self.payload_maxsize.to_string(),
+            "audit.excluderules" => self.filter.exclude_rules.render(),
+            "audit.exclude_commands" => self.filter.exclude_commands.render(),
+            "audit.prefix_filter" => self.filter.prefix_filter.render(),
+            "audit.custom_category" => self.filter.custom.render(),
+            "audit.ignore_internal_clients" => yes_no(self.ignore_internal_clients),
+            "audit.command_result_mode" => self.filter.result_mode.render().to_string(),
+            "audit.auth_result_check_delay_ms" => self.auth_result_check_delay_ms.to_string(),
+            "audit.tcp_host" => self.tcp.host.clone(),
+            "audit.tcp_port" => self.tcp.port.to_string(),
+            "audit.tcp_timeout_ms" => self.tcp.timeout_ms.to_string(),
+            "audit.tcp_retry_interval_ms" => self.tcp.retry_interval_ms.to_string(),
+            "audit.tcp_max_retries" => self.tcp.max_retries.to_string(),
+            "audit.tcp_reconnect_on_failure" => yes_no(self.tcp.reconnect_on_failure),
+            "audit.tcp_buffer_on_disconnect" => yes_no(self.tcp.buffer_on_disconnect),
+            "audit.control_requirepass" => String::new(),
+            "audit.roll_cycle" => self.delivery.roll_cycle.clone(),
+            "audit.max_file_size" => self.delivery.max_file_size.to_string(),
+            "audit.max_log_size" => self.delivery.max_log_size.to_string(),
+            "audit.archive_command" => self.delivery.archive_command.clone(),
+            "audit.max_archive_retries" => self.delivery.max_archive_retries.to_string(),
+            "audit.fsync" => self.delivery.fsync.clone(),
+            "audit.syslog_format" => self.delivery.syslog_format.clone(),
+            "audit.syslog_target" => self.delivery.syslog_target.clone(),
+            "audit.spool_dir" => self.delivery.spool_dir.display().to_string(),
+            "audit.spool_max_size" => self.delivery.spool_max_size.to_string(),
+            "audit.max_queue_size" => self.delivery.max_queue_size.to_string(),
+            "audit.overflow" => match self.delivery.overflow {
+                Overflow::Block => "block".into(),
+                Overflow::Drop => "drop".into(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// The value as CONFIG REWRITE writes it to the config file (secrets included: the file is the
+    /// operator's own, as Valkey does with requirepass).
+    fn file_value(&self, name: &str) -> Option<String> {
+        if name == "audit.control_requirepass" {
+            return Some(self.control_requirepass.clone());
+        }
+        self.get(name)
     }
 
     /// Apply trailing command-line words: `audit.<name>` followed by its value. A value may span
@@ -180,15 +546,13 @@ impl Settings {
     }
 
     /// Apply a config file: `audit.<name> <value>` lines; `#` comments and other lines are ignored
-    /// (a file may be shared with other tools).
+    /// (a file may be shared with valkey.conf).
     pub fn apply_config_text(&mut self, text: &str) -> Result<(), SettingError> {
         for line in text.lines() {
             let line = line.trim();
-            if line.is_empty() || line.starts_with('#') || !line.starts_with("audit.") {
-                continue;
+            if let Some((name, value)) = setting_line(line) {
+                self.apply(name, value)?;
             }
-            let (name, value) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-            self.apply(name, value)?;
         }
         Ok(())
     }
@@ -196,8 +560,69 @@ impl Settings {
     pub fn protocol_string(&self) -> String {
         match &self.protocol {
             Protocol::File(p) => format!("file {}", p.display()),
+            Protocol::Syslog(f) => format!("syslog {f}"),
+            Protocol::Tcp => {
+                if self.tcp.host.contains(':') {
+                    format!("tcp [{}]:{}", self.tcp.host, self.tcp.port)
+                } else {
+                    format!("tcp {}:{}", self.tcp.host, self.tcp.port)
+                }
+            }
         }
     }
+
+    /// CONFIG REWRITE: the config file's text with every `audit.*` line set to the running value, in
+    /// place; duplicates dropped; comments and unrelated lines kept; settings that differ from the
+    /// defaults and have no line yet appended.
+    pub fn rewrite_config_text(&self, original: &str) -> String {
+        let defaults = Settings::default();
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = String::with_capacity(original.len() + 256);
+        for line in original.lines() {
+            match setting_line(line.trim()) {
+                Some((name, _)) if SETTING_NAMES.contains(&full_name(name).as_str()) => {
+                    let full = full_name(name);
+                    if seen.contains(&full) {
+                        continue;
+                    }
+                    seen.push(full.clone());
+                    if let Some(v) = self.file_value(&full) {
+                        out.push_str(&format!("{full} {}\n", quote(&v)));
+                    }
+                }
+                _ => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        let mut header = false;
+        for name in SETTING_NAMES {
+            if seen.iter().any(|s| s == name) {
+                continue;
+            }
+            let (now, default) = (self.file_value(name), defaults.file_value(name));
+            if now == default {
+                continue;
+            }
+            if !header {
+                out.push_str("# Generated by CONFIG REWRITE\n");
+                header = true;
+            }
+            if let Some(v) = now {
+                out.push_str(&format!("{name} {}\n", quote(&v)));
+            }
+        }
+        out
+    }
+}
+
+/// `audit.<name> <value>` on a config line, or None.
+fn setting_line(line: &str) -> Option<(&str, &str)> {
+    if !line.to_ascii_lowercase().starts_with("audit.") {
+        return None;
+    }
+    Some(line.split_once(char::is_whitespace).unwrap_or((line, "")))
 }
 
 fn unquote(v: &str) -> String {
@@ -205,36 +630,99 @@ fn unquote(v: &str) -> String {
     if b.len() >= 2
         && ((b[0] == b'"' && b[b.len() - 1] == b'"') || (b[0] == b'\'' && b[b.len() - 1] == b'\''))
     {
-        v[1..v.len() - 1].to_string()
+        let inner = &v[1..v.len() - 1];
+        if b[0] == b'"' {
+            inner.replace("\\\"", "\"").replace("\\\\", "\\")
+        } else {
+            inner.to_string()
+        }
     } else {
         v.to_string()
     }
 }
 
-fn parse_protocol(v: &str) -> Result<Protocol, SettingError> {
-    let (kind, rest) = v
-        .trim()
-        .split_once(char::is_whitespace)
-        .unwrap_or((v.trim(), ""));
-    match kind.to_ascii_lowercase().as_str() {
-        "file" => {
-            let path = rest.trim();
-            if path.is_empty() {
-                return Err(err(
-                    "audit.protocol",
-                    "file protocol needs a path: \"file <path>\"",
-                ));
-            }
-            Ok(Protocol::File(PathBuf::from(path)))
+/// Quote a value for the config file when it is empty or has spaces or quotes.
+fn quote(v: &str) -> String {
+    if !v.is_empty() && !v.contains([' ', '"', '\'', '\\', '\t']) {
+        return v.to_string();
+    }
+    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The running settings, shared by the control port (writer) and the capture thread (reader).
+/// Every change is kept with the kernel-clock time it took effect, so the pipeline, which may run
+/// a little behind the server, judges each command by the settings in force when it was sent.
+#[derive(Default)]
+pub struct SharedSettings {
+    current: Mutex<Arc<Settings>>,
+    history: Mutex<Vec<(u64, Arc<Settings>)>>,
+    version: AtomicU64,
+}
+
+/// Changes kept in the history; older ones are folded into the first entry.
+const HISTORY_LEN: usize = 256;
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses for event stamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl SharedSettings {
+    pub fn new(s: Settings) -> Self {
+        let s = Arc::new(s);
+        SharedSettings {
+            current: Mutex::new(s.clone()),
+            history: Mutex::new(vec![(0, s)]),
+            version: AtomicU64::new(1),
         }
-        "syslog" | "tcp" => Err(err(
-            "audit.protocol",
-            format!("protocol '{kind}' is not supported by this build yet; use \"file <path>\""),
-        )),
-        _ => Err(err(
-            "audit.protocol",
-            "argument must be \"file <path>\", \"syslog <facility>\" or \"tcp <host:port>\"",
-        )),
+    }
+
+    /// `(monotonic ns when it took effect, settings)` for recent changes, oldest first.
+    pub fn history(&self) -> Vec<(u64, Arc<Settings>)> {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn get(&self) -> Arc<Settings> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A number that changes whenever the settings do: one atomic load per event to notice a change.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Replace the settings with `f(current)` if it succeeds; nothing changes otherwise.
+    pub fn update<E>(
+        &self,
+        f: impl FnOnce(&Settings) -> Result<Settings, E>,
+    ) -> Result<Arc<Settings>, E> {
+        let mut guard = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Arc::new(f(&guard)?);
+        *guard = next.clone();
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            h.push((monotonic_ns(), next.clone()));
+            if h.len() > HISTORY_LEN {
+                // The oldest kept change becomes the base for everything before it.
+                let excess = h.len() - HISTORY_LEN;
+                h.drain(..excess);
+                h[0].0 = 0;
+            }
+        }
+        self.version.fetch_add(1, Ordering::AcqRel);
+        Ok(next)
     }
 }
 
@@ -242,39 +730,58 @@ fn parse_protocol(v: &str) -> Result<Protocol, SettingError> {
 mod tests {
     use super::*;
 
+    fn words(w: &[&str]) -> Vec<String> {
+        w.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn trailing_pairs_in_module_syntax() {
         let mut s = Settings::default();
-        let words: Vec<String> = ["audit.protocol", "file /tmp/a.log", "audit.format", "json"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        s.apply_args(&words).unwrap();
+        s.apply_args(&words(&[
+            "audit.protocol",
+            "file /tmp/a.log",
+            "audit.format",
+            "json",
+        ]))
+        .unwrap();
         assert_eq!(s.protocol, Protocol::File("/tmp/a.log".into()));
         assert_eq!(s.format, Format::Json);
-        let words: Vec<String> = [
+        s.apply_args(&words(&[
             "audit.protocol",
             "file",
             "/tmp/b.log",
             "audit.events",
             "auth,config",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        s.apply_args(&words).unwrap();
+        ]))
+        .unwrap();
         assert_eq!(s.protocol, Protocol::File("/tmp/b.log".into()));
-        assert_eq!(s.events, EVENT_AUTH | EVENT_CONFIG);
+        assert_eq!(s.get("audit.events").unwrap(), "auth,config");
     }
 
     #[test]
     fn config_file_lines_and_quotes() {
         let mut s = Settings::default();
-        s.apply_config_text("# c\nport 6379\naudit.protocol \"file /x/y.log\"\naudit.payload_maxsize 10\naudit.payload_disable yes\n")
-            .unwrap();
+        s.apply_config_text(
+            "# c\nport 6379\naudit.protocol \"file /x/y.log\"\naudit.payload_maxsize 10\naudit.payload_disable yes\n",
+        )
+        .unwrap();
         assert_eq!(s.protocol, Protocol::File("/x/y.log".into()));
         assert_eq!(s.payload_maxsize, 10);
         assert!(s.payload_disable);
+    }
+
+    #[test]
+    fn every_setting_round_trips_through_get() {
+        let s = Settings::default();
+        for name in SETTING_NAMES {
+            let v = s.get(name).unwrap_or_else(|| panic!("{name} has no value"));
+            let mut t = s.clone();
+            if !is_secret(name) {
+                t.apply(name, &v)
+                    .unwrap_or_else(|e| panic!("{name}={v:?}: {e}"));
+                assert_eq!(t.get(name).unwrap(), v, "{name}");
+            }
+        }
     }
 
     #[test]
@@ -285,17 +792,76 @@ mod tests {
             e.to_string(),
             "CONFIG SET failed (possibly related to argument 'audit.format') - argument(s) must be one of the following: text, json, csv"
         );
-        assert!(s.apply("audit.events", "keys,bogus").is_err());
-        assert!(s.apply("audit.enabled", "maybe").is_err());
-        assert!(s.apply("audit.nope", "1").is_err());
-        assert_eq!(s, Settings::default());
+        assert_eq!(
+            s.apply("audit.tcp_port", "70000").unwrap_err().to_string(),
+            "CONFIG SET failed (possibly related to argument 'audit.tcp_port') - argument must be between 1 and 65535 inclusive"
+        );
+        assert_eq!(
+            s.apply("audit.enabled", "maybe").unwrap_err().to_string(),
+            "CONFIG SET failed (possibly related to argument 'audit.enabled') - argument must be 'yes' or 'no'"
+        );
+        assert_eq!(
+            s.apply("audit.nope", "1").unwrap_err().to_string(),
+            "Unknown option or number of arguments for CONFIG SET - 'audit.nope'"
+        );
+        assert!(s.apply("audit.auth_result_check_delay_ms", "0").is_err());
+        assert!(s.apply("audit.payload_maxsize", "-1").is_err());
     }
 
     #[test]
-    fn events_render() {
-        assert_eq!(render_events(EVENT_ALL), "all");
-        assert_eq!(render_events(0), "none");
-        assert_eq!(render_events(EVENT_AUTH | EVENT_KEYS), "auth,keys");
-        assert_eq!(parse_events("none").unwrap(), 0);
+    fn apply_all_is_all_or_nothing() {
+        let s = Settings::default();
+        let pairs = vec![
+            ("audit.format".to_string(), "json".to_string()),
+            ("audit.tcp_port".to_string(), "0".to_string()),
+        ];
+        assert!(s.apply_all(&pairs).is_err());
+        assert_eq!(s.format, Format::Text);
+        let ok = s.apply_all(&pairs[..1]).unwrap();
+        assert_eq!(ok.format, Format::Json);
+    }
+
+    #[test]
+    fn secret_is_never_echoed() {
+        let mut s = Settings::default();
+        s.apply("audit.control_requirepass", "hunter2").unwrap();
+        assert_eq!(s.get("audit.control_requirepass").unwrap(), "");
+        assert!(is_secret("AUDIT.CONTROL_REQUIREPASS"));
+    }
+
+    #[test]
+    fn rewrite_keeps_comments_and_unrelated_lines() {
+        let mut s = Settings::default();
+        s.apply("audit.format", "json").unwrap();
+        s.apply("audit.tcp_port", "1514").unwrap();
+        s.apply("audit.protocol", "file /var/log/a b.log").unwrap();
+        let original = "# my comment\nport 6379\naudit.format text\naudit.format csv\n\n# end\n";
+        let text = s.rewrite_config_text(original);
+        assert!(
+            text.starts_with("# my comment\nport 6379\naudit.format json\n\n# end\n"),
+            "{text}"
+        );
+        assert!(text.contains("audit.tcp_port 1514\n"));
+        assert!(text.contains("audit.protocol \"file /var/log/a b.log\"\n"));
+        let mut back = Settings::default();
+        back.apply_config_text(&text).unwrap();
+        for name in SETTING_NAMES {
+            assert_eq!(back.get(name), s.get(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn shared_settings_version_changes_only_on_success() {
+        let shared = SharedSettings::new(Settings::default());
+        let v = shared.version();
+        let r: Result<_, SettingError> =
+            shared.update(|s| s.apply_all(&[("audit.format".into(), "bad".into())]));
+        assert!(r.is_err());
+        assert_eq!(shared.version(), v);
+        shared
+            .update(|s| s.apply_all(&[("audit.format".into(), "csv".into())]))
+            .unwrap();
+        assert_ne!(shared.version(), v);
+        assert_eq!(shared.get().format, Format::Csv);
     }
 }

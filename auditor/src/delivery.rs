@@ -1,0 +1,312 @@
+//! Delivery: one bounded queue between the pipeline and the sink, and the sink thread that numbers,
+//! formats and writes records.
+//!
+//! The queue is bounded in bytes (`audit.max_queue_size`). When it is full, `audit.overflow block`
+//! makes the producer wait (the capture thread then stops reading the ring buffer, the kernel drops
+//! and counts, and the server is never slowed), and `drop` drops the newest records and counts them.
+//! Every loss becomes an `AUDIT_LOSS` record as soon as one can be written. `seq` is assigned here, at
+//! formatting time, so it is gapless over the records actually written. A batch the sink refuses (disk
+//! full, collector away) is kept whole and retried: no torn line, no gap, no duplicate.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::format::{Format, write_record};
+use crate::metrics::Metrics;
+use crate::record::{Category, Outcome, Record};
+use crate::settings::Overflow;
+use crate::sink::Sink;
+
+/// Rough bytes a record takes in the queue (its variable parts plus a fixed overhead).
+pub fn record_cost(r: &Record) -> usize {
+    200 + r.command.len()
+        + r.command_args.len()
+        + r.username.len()
+        + r.client_ip.len()
+        + r.error.len()
+        + r.keys.iter().map(|k| k.len() + 24).sum::<usize>()
+}
+
+struct QueueState {
+    records: VecDeque<Record>,
+    bytes: usize,
+    max_bytes: usize,
+    overflow: Overflow,
+    /// Records dropped by `overflow drop` since the last loss record.
+    dropped: u64,
+    closed: bool,
+}
+
+/// The bounded queue. Cloned handles share it.
+#[derive(Clone)]
+pub struct Queue {
+    state: Arc<(Mutex<QueueState>, Condvar, Condvar)>,
+}
+
+impl Queue {
+    pub fn new(max_bytes: usize, overflow: Overflow) -> Self {
+        Queue {
+            state: Arc::new((
+                Mutex::new(QueueState {
+                    records: VecDeque::new(),
+                    bytes: 0,
+                    max_bytes,
+                    overflow,
+                    dropped: 0,
+                    closed: false,
+                }),
+                Condvar::new(), // not empty
+                Condvar::new(), // not full
+            )),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn configure(&self, max_bytes: usize, overflow: Overflow) {
+        let mut st = self.lock();
+        st.max_bytes = max_bytes;
+        st.overflow = overflow;
+        self.state.2.notify_all();
+    }
+
+    /// Add records. In block mode this waits while the queue is full (unless `stop` is set); in drop
+    /// mode the records that do not fit are dropped and counted. A single record larger than the
+    /// whole bound is still accepted into an empty queue, so nothing is refused forever.
+    pub fn push_all(&self, records: &mut Vec<Record>, stop: &AtomicBool) {
+        if records.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for rec in records.drain(..) {
+            let cost = record_cost(&rec);
+            loop {
+                if st.bytes + cost <= st.max_bytes || st.records.is_empty() || st.closed {
+                    st.bytes += cost;
+                    st.records.push_back(rec);
+                    break;
+                }
+                match st.overflow {
+                    Overflow::Drop => {
+                        st.dropped += 1;
+                        break;
+                    }
+                    Overflow::Block => {
+                        if stop.load(Ordering::Relaxed) {
+                            // Shutting down: keep the record anyway, the sink drains everything.
+                            st.bytes += cost;
+                            st.records.push_back(rec);
+                            break;
+                        }
+                        self.state.1.notify_one();
+                        st = self
+                            .state
+                            .2
+                            .wait_timeout(st, Duration::from_millis(50))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+        self.state.1.notify_one();
+    }
+
+    /// True when the queue has no room for more (the capture thread stops reading the ring).
+    pub fn is_full(&self) -> bool {
+        let st = self.lock();
+        st.overflow == Overflow::Block && st.bytes >= st.max_bytes
+    }
+
+    /// Take up to `max` records, waiting up to `wait` for the first. Returns the drop count too.
+    fn pop_batch(&self, max: usize, wait: Duration, out: &mut Vec<Record>) -> u64 {
+        let mut st = self.lock();
+        if st.records.is_empty() && !st.closed {
+            st = self
+                .state
+                .1
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let n = st.records.len().min(max);
+        for _ in 0..n {
+            if let Some(r) = st.records.pop_front() {
+                st.bytes = st.bytes.saturating_sub(record_cost(&r));
+                out.push(r);
+            }
+        }
+        let dropped = std::mem::take(&mut st.dropped);
+        self.state.2.notify_all();
+        dropped
+    }
+
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        self.state.1.notify_all();
+        self.state.2.notify_all();
+    }
+
+    fn is_drained(&self) -> bool {
+        let st = self.lock();
+        st.closed && st.records.is_empty()
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+/// Owns the active sink and follows the running settings.
+pub trait SinkProvider: Send {
+    /// The sink to write to now.
+    fn sink(&mut self) -> &mut dyn Sink;
+    /// Called every loop: reconfigure or replace the sink, and update the format, when the settings
+    /// changed.
+    fn refresh(&mut self, format: &mut Format);
+    /// Hostname for the auditor's own records.
+    fn hostname(&self) -> String;
+    /// Wall-clock microseconds now.
+    fn now_us(&self) -> i64;
+}
+
+/// The sink thread's loop: runs until the queue is closed and drained.
+pub fn run_sink(
+    queue: Queue,
+    mut format: Format,
+    mut provider: Box<dyn SinkProvider>,
+    metrics: Arc<Metrics>,
+    reopen: Arc<AtomicBool>,
+    first_seq: Arc<AtomicU64>,
+) {
+    let mut next_seq = first_seq.load(Ordering::Relaxed).max(1);
+    let mut pending: Vec<Record> = Vec::with_capacity(4096);
+    let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut batch_lines = 0usize;
+    let mut batch_cats: Vec<Category> = Vec::new();
+    let mut last_tick = Instant::now();
+    let mut last_flush = Instant::now();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        // Housekeeping: settings, SIGHUP, rolling, reconnects, sink-internal losses.
+        provider.refresh(&mut format);
+        let hostname = provider.hostname();
+        let now_us = provider.now_us();
+        let sink = provider.sink();
+        if reopen.swap(false, Ordering::AcqRel)
+            && let Err(e) = sink.reopen()
+        {
+            eprintln!("auditor: reopening the sink: {e}");
+        }
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            last_tick = Instant::now();
+            let _ = sink.tick();
+            let loss = sink.take_loss();
+            if loss.records > 0 {
+                pending.insert(
+                    0,
+                    loss_record(&hostname, now_us, "sink_overflow", loss.records, loss.bytes),
+                );
+                metrics.lost_sink.fetch_add(loss.records, Ordering::Relaxed);
+            }
+            metrics.set_sink_status(sink.kind(), sink.status());
+        }
+        // Fill a batch only when the previous one was written.
+        if batch.is_empty() {
+            let dropped = queue.pop_batch(4096, Duration::from_millis(10), &mut pending);
+            if dropped > 0 {
+                metrics.lost_queue.fetch_add(dropped, Ordering::Relaxed);
+                pending.insert(
+                    0,
+                    loss_record(&hostname, now_us, "queue_overflow", dropped, 0),
+                );
+            }
+            batch_cats.clear();
+            for mut rec in pending.drain(..) {
+                rec.seq = next_seq;
+                next_seq += 1;
+                write_record(format, &rec, &mut batch);
+                batch_lines += 1;
+                batch_cats.push(rec.category);
+            }
+        }
+        if !batch.is_empty() {
+            match sink.write_batch(&batch, batch_lines) {
+                Ok(()) => {
+                    let per = batch.len() as u64 / batch_lines.max(1) as u64;
+                    for c in &batch_cats {
+                        metrics.record_written(c, per);
+                    }
+                    batch.clear();
+                    batch_lines = 0;
+                    backoff = Duration::from_millis(10);
+                    metrics.set_sink_status(sink.kind(), sink.status());
+                }
+                Err(e) => {
+                    metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics.set_sink_status(sink.kind(), sink.status());
+                    if !e.retryable {
+                        eprintln!("auditor: {e}");
+                    }
+                    // Keep the batch; retry after a pause (the queue fills meanwhile: back-pressure).
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if queue.is_drained()
+                        && backoff >= Duration::from_secs(1)
+                        && shutdown_deadline_passed(&queue)
+                    {
+                        eprintln!(
+                            "auditor: giving up on {} unwritten records at shutdown: {e}",
+                            batch_lines
+                        );
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
+        if last_flush.elapsed() >= Duration::from_millis(10) {
+            last_flush = Instant::now();
+            let _ = sink.flush(false);
+        }
+        if queue.is_drained() && batch.is_empty() && pending.is_empty() {
+            break;
+        }
+    }
+    let sink = provider.sink();
+    let _ = sink.flush(true);
+    metrics.set_sink_status(sink.kind(), sink.status());
+    first_seq.store(next_seq, Ordering::Relaxed);
+}
+
+/// At shutdown a sink that keeps failing is given a bounded grace period (the process must exit).
+fn shutdown_deadline_passed(_queue: &Queue) -> bool {
+    static SINCE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    SINCE.get_or_init(Instant::now).elapsed() >= Duration::from_secs(10)
+}
+
+fn loss_record(hostname: &str, now_us: i64, cause: &str, count: u64, bytes: u64) -> Record {
+    Record {
+        time_unix_us: now_us,
+        category: Category::AuditLoss,
+        command: b"loss".to_vec(),
+        command_args: format!("cause={cause} count={count} bytes={bytes}").into_bytes(),
+        result: Outcome::Failure,
+        duration_us: 0,
+        keys_modified: 0,
+        client_id: 0,
+        username: Vec::new(),
+        client_ip: String::new(),
+        client_port: 0,
+        server_hostname: hostname.to_string(),
+        error: Vec::new(),
+        seq: 0,
+        keys: Vec::new(),
+        pid: 0,
+    }
+}

@@ -1,0 +1,1209 @@
+//! The TCP sink: `audit.protocol "tcp host:port"`, newline-delimited records to a collector, with a
+//! backlog that really keeps records while the collector is away (`tcp_buffer_on_disconnect`).
+//!
+//! # The backlog
+//!
+//! Records wait in one ordered queue with two segments, and the memory segment is always older than
+//! the spool segment:
+//!
+//! * **memory**: whole lines, up to `memory_limit` bytes not yet sent;
+//! * **spool**: a file `<spool_dir>/tcp-spool-<host>-<port>.log`, up to `spool_max_size` bytes.
+//!
+//! New lines go to memory only while the spool holds nothing; once anything is spooled, new lines are
+//! appended to the spool too, and sending drains memory first, then the spool. A line that fits
+//! neither is dropped, and so is every later line of the same batch ("drop newest"), so what is kept
+//! of a batch is always a prefix of it; [`Sink::take_loss`] counts the dropped lines and bytes exactly.
+//!
+//! The spool file is a ring: a 256-byte text header (`capacity`, `read` and `write` positions, line
+//! count) followed by at most `capacity` bytes of data, where the data byte at logical position `p`
+//! lives at offset `256 + p % capacity`. Reading never copies or compacts anything, and the file never
+//! grows beyond its capacity; when it empties it is truncated back to the header. The header is
+//! rewritten after each append and each release, so the spool survives a restart of the auditor: a
+//! sink opened on an existing spool file sends its content first. On `flush(true)` (shutdown) what
+//! could not be delivered in time moves from memory to the front of the spool, as far as it fits, so
+//! a clean restart loses nothing. After a crash, records that were only in memory are lost, and up to
+//! one send's worth of spooled records may be sent again. A spool file is locked (`flock`) by its
+//! sink; a second sink for the same collector and directory uses `…-<pid>.log` instead. A new
+//! `spool_dir` or `spool_max_size` takes effect when the current spool is empty.
+//!
+//! # Exactly once, in order
+//!
+//! The socket is non-blocking, so `write_batch` never waits for the collector. A line leaves the
+//! backlog only once the collector's TCP stack has acknowledged all of it (`SIOCOUTQ` gives the bytes
+//! still unacknowledged), not merely when the kernel accepted it: data sitting in our send queue when
+//! the collector dies is not lost but sent again on the next connection, starting with the first line
+//! that was not completely acknowledged. Before writing, the sink checks whether the collector closed
+//! the connection, and it aborts (RST) a connection it abandons with unacknowledged data, so the old
+//! connection cannot deliver data that is then sent again. What remains out of reach of any sender on
+//! plain TCP: records acknowledged by the collector's kernel but not yet read by the collector when
+//! it is killed are lost (its kernel then resets the connection), and a line cut by a broken
+//! connection leaves its first part on the old connection, without a newline, before it is sent
+//! whole on the new one (collectors usually drop an unterminated last line).
+//!
+//! # Connection
+//!
+//! Connecting is non-blocking too: an attempt tries each resolved address for at most
+//! `tcp_timeout_ms` and is checked on each call. Attempts start at most every `tcp_retry_interval_ms`
+//! (with millisecond precision; the module rounds to seconds). After `tcp_max_retries` failed attempts
+//! in a row the sink keeps trying if `tcp_reconnect_on_failure` is set, else it gives up (status
+//! `error`) until `reopen` or `reconfigure`. `tcp_timeout_ms` is also the connection's
+//! `TCP_USER_TIMEOUT`, so a collector host that vanished is noticed after that long without
+//! acknowledgements, and the drain time of `flush(true)`. A collector that is alive but slow is not
+//! disconnected: records wait in the backlog. Host names are resolved (blocking) at each attempt.
+//!
+//! With `tcp_buffer_on_disconnect=no` the spool is not used, and records are kept only while a
+//! connection exists or is being made: records that arrive while there is none, and what is held when
+//! an attempt fails, are dropped and counted.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{Sink, SinkError, SinkLoss, SinkStatus};
+
+/// Most backlog bytes written per call, so a long backlog does not stall the caller.
+const PUMP_BUDGET: usize = 4 * 1024 * 1024;
+
+/// Most bytes read from the spool file at once.
+const SPOOL_READ_CHUNK: usize = 1024 * 1024;
+
+/// Size of the spool file's text header.
+const SPOOL_HEADER_LEN: u64 = 256;
+
+const SPOOL_MAGIC: &str = "valkey-audit-spool";
+const SPOOL_VERSION: &str = "1";
+
+/// How often opening the spool file is retried after it failed.
+const SPOOL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The TCP sink's settings: the module's `tcp_*` settings plus the spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub host: String,
+    pub port: u16,
+    pub timeout_ms: u64,
+    pub retry_interval_ms: u64,
+    pub max_retries: u64,
+    pub reconnect_on_failure: bool,
+    pub buffer_on_disconnect: bool,
+    pub spool_dir: PathBuf,
+    /// Bytes the spool file may hold; 0 = no spool file.
+    pub spool_max_size: u64,
+    /// Unsent bytes kept in memory before spilling to the spool file.
+    pub memory_limit: u64,
+}
+
+impl TcpOptions {
+    /// `<spool_dir>/tcp-spool-<host>-<port>.log`, with anything but `[A-Za-z0-9._-]` in the host
+    /// replaced by `_` (IPv6 colons).
+    pub fn spool_path(&self) -> PathBuf {
+        self.spool_dir
+            .join(spool_file_name(&self.host, self.port, None))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.max(1))
+    }
+
+    fn retry_interval(&self) -> Duration {
+        Duration::from_millis(self.retry_interval_ms)
+    }
+
+    fn spool_enabled(&self) -> bool {
+        self.buffer_on_disconnect && self.spool_max_size > 0
+    }
+}
+
+fn spool_file_name(host: &str, port: u16, pid: Option<u32>) -> String {
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match pid {
+        Some(pid) => format!("tcp-spool-{host}-{port}-{pid}.log"),
+        None => format!("tcp-spool-{host}-{port}.log"),
+    }
+}
+
+/// A byte queue: append at the back, release from the front, without moving bytes on each release.
+#[derive(Default)]
+struct ByteQueue {
+    buf: Vec<u8>,
+    head: usize,
+}
+
+impl ByteQueue {
+    fn len(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.head..]
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        // Move the live bytes down only when the released part is at least half: amortised O(1).
+        if self.head > 0 && self.head >= self.buf.len() / 2 {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    fn release(&mut self, n: usize) {
+        self.head += n;
+        debug_assert!(self.head <= self.buf.len());
+        if self.head >= self.buf.len() {
+            self.clear();
+        }
+    }
+
+    /// Keeps only the first `n` bytes.
+    fn truncate(&mut self, n: usize) {
+        self.buf.truncate(self.head + n);
+        if n == 0 {
+            self.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.head = 0;
+        // Give back what a long outage made us allocate.
+        if self.buf.capacity() > 8 * 1024 * 1024 {
+            self.buf.shrink_to(1024 * 1024);
+        }
+    }
+}
+
+fn count_lines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// Length of the longest prefix of `data` made of whole lines and at most `room` bytes long.
+fn whole_lines_within(data: &[u8], room: u64) -> usize {
+    if data.len() as u64 <= room {
+        return data.len();
+    }
+    let window = &data[..room as usize];
+    window
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1)
+}
+
+/// The spool file: a ring of whole lines behind a text header; see the module documentation.
+struct Spool {
+    path: PathBuf,
+    /// Locked with `flock` while open.
+    file: File,
+    capacity: u64,
+    /// Logical position of the oldest byte still held (not acknowledged by the collector).
+    read_pos: u64,
+    /// Logical position after the newest byte.
+    write_pos: u64,
+    /// Lines held, for exact loss counts.
+    lines: u64,
+    /// Bytes from `read_pos` on, read from the file for sending.
+    cache: ByteQueue,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool at `path`, keeping what a previous run left in it. A file that
+    /// is locked by another sink fails with `WouldBlock`.
+    fn open(path: &Path, capacity: u64) -> io::Result<Spool> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        // SAFETY: flock on a valid descriptor owned by `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut spool = Spool {
+            path: path.to_path_buf(),
+            file,
+            capacity,
+            read_pos: 0,
+            write_pos: 0,
+            lines: 0,
+            cache: ByteQueue::default(),
+        };
+        match spool.read_header()? {
+            Some((cap, read, write, lines)) if write > read => {
+                spool.capacity = cap;
+                spool.read_pos = read;
+                spool.write_pos = write;
+                spool.lines = lines;
+            }
+            // Empty, new, or unreadable (then its content cannot be trusted): start afresh.
+            _ => spool.reset()?,
+        }
+        Ok(spool)
+    }
+
+    /// The header's (capacity, read, write, lines), if it is a valid header for this file.
+    fn read_header(&self) -> io::Result<Option<(u64, u64, u64, u64)>> {
+        let file_len = self.file.metadata()?.len();
+        if file_len < SPOOL_HEADER_LEN {
+            return Ok(None);
+        }
+        let mut raw = [0u8; SPOOL_HEADER_LEN as usize];
+        self.file.read_exact_at(&mut raw, 0)?;
+        let Ok(text) = std::str::from_utf8(&raw) else {
+            return Ok(None);
+        };
+        let mut words = text.split_whitespace();
+        if words.next() != Some(SPOOL_MAGIC) || words.next() != Some(SPOOL_VERSION) {
+            return Ok(None);
+        }
+        let mut field = |name: &str| -> Option<u64> {
+            let (key, value) = words.next()?.split_once('=')?;
+            if key == name {
+                value.parse().ok()
+            } else {
+                None
+            }
+        };
+        let (Some(cap), Some(read), Some(write), Some(lines)) = (
+            field("capacity"),
+            field("read"),
+            field("write"),
+            field("lines"),
+        ) else {
+            return Ok(None);
+        };
+        let held = write.checked_sub(read);
+        let data_len = file_len - SPOOL_HEADER_LEN;
+        let valid = cap > 0 && held.is_some_and(|h| h <= cap) && data_len >= write.min(cap);
+        Ok(valid.then_some((cap, read, write, lines)))
+    }
+
+    fn write_header(&self) -> io::Result<()> {
+        let mut text = format!(
+            "{SPOOL_MAGIC} {SPOOL_VERSION} capacity={} read={} write={} lines={}",
+            self.capacity, self.read_pos, self.write_pos, self.lines
+        );
+        let len = SPOOL_HEADER_LEN as usize;
+        debug_assert!(text.len() < len);
+        text.extend(std::iter::repeat_n(' ', len - 1 - text.len()));
+        text.push('\n');
+        self.file.write_all_at(text.as_bytes(), 0)
+    }
+
+    /// Empties the spool and gives its disk space back.
+    fn reset(&mut self) -> io::Result<()> {
+        self.read_pos = 0;
+        self.write_pos = 0;
+        self.lines = 0;
+        self.cache.clear();
+        self.file.set_len(SPOOL_HEADER_LEN)?;
+        self.write_header()
+    }
+
+    fn held(&self) -> u64 {
+        self.write_pos - self.read_pos
+    }
+
+    fn room(&self) -> u64 {
+        self.capacity - self.held()
+    }
+
+    /// Writes `data` at logical position `pos`, wrapping at the end of the ring.
+    fn write_ring(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        let offset = pos % self.capacity;
+        let first = (data.len() as u64).min(self.capacity - offset) as usize;
+        self.file
+            .write_all_at(&data[..first], SPOOL_HEADER_LEN + offset)?;
+        if first < data.len() {
+            self.file.write_all_at(&data[first..], SPOOL_HEADER_LEN)?;
+        }
+        Ok(())
+    }
+
+    /// Reads logical positions `pos..pos + buf.len()`, wrapping at the end of the ring.
+    fn read_ring(file: &File, capacity: u64, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let offset = pos % capacity;
+        let first = (buf.len() as u64).min(capacity - offset) as usize;
+        file.read_exact_at(&mut buf[..first], SPOOL_HEADER_LEN + offset)?;
+        if first < buf.len() {
+            file.read_exact_at(&mut buf[first..], SPOOL_HEADER_LEN)?;
+        }
+        Ok(())
+    }
+
+    /// Appends whole lines; the caller made sure they fit.
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        debug_assert!(data.len() as u64 <= self.room());
+        self.write_ring(self.write_pos, data)?;
+        self.write_pos += data.len() as u64;
+        self.lines += count_lines(data);
+        self.write_header()
+    }
+
+    /// Puts whole lines in front of what the spool holds (they are older); the caller made sure
+    /// they fit.
+    fn prepend(&mut self, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        debug_assert!(len <= self.room());
+        if self.read_pos < len {
+            // Shift both positions by whole turns of the ring: the same file offsets, room in front.
+            let turns = (len - self.read_pos).div_ceil(self.capacity);
+            self.read_pos += turns * self.capacity;
+            self.write_pos += turns * self.capacity;
+        }
+        self.write_ring(self.read_pos - len, data)?;
+        self.read_pos -= len;
+        self.lines += count_lines(data);
+        self.cache.clear();
+        self.write_header()
+    }
+
+    /// Makes sure the cache holds at least `want` bytes (or everything held), reading in chunks.
+    fn fill_cache(&mut self, want: u64) -> io::Result<()> {
+        let want = want.min(self.held());
+        while (self.cache.len() as u64) < want {
+            let from = self.read_pos + self.cache.len() as u64;
+            let n = (self.write_pos - from).min(SPOOL_READ_CHUNK as u64) as usize;
+            let start = self.cache.buf.len();
+            self.cache.buf.resize(start + n, 0);
+            if let Err(e) = Spool::read_ring(
+                &self.file,
+                self.capacity,
+                from,
+                &mut self.cache.buf[start..],
+            ) {
+                self.cache.buf.truncate(start);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` bytes (whole lines, in the cache) once the collector has them.
+    fn release(&mut self, n: usize) -> io::Result<()> {
+        let lines = count_lines(&self.cache.bytes()[..n]);
+        self.cache.release(n);
+        self.read_pos += n as u64;
+        self.lines = self.lines.saturating_sub(lines);
+        if self.held() == 0 {
+            self.reset()
+        } else {
+            self.write_header()
+        }
+    }
+}
+
+/// A connection attempt in progress: one non-blocking connect per address, in order.
+struct Attempt {
+    addrs: Vec<SocketAddr>,
+    index: usize,
+    stream: TcpStream,
+    address_started: Instant,
+}
+
+enum Link {
+    /// No socket; the next attempt may start at `TcpSink::next_attempt`.
+    Down,
+    Connecting(Attempt),
+    Up(TcpStream),
+}
+
+/// Sends records to a TCP collector, keeping them while it is away; see the module documentation.
+pub struct TcpSink {
+    opts: TcpOptions,
+    link: Link,
+    /// Failed attempts in a row.
+    failures: u64,
+    /// `tcp_reconnect_on_failure=no` and `tcp_max_retries` attempts failed: no more attempts.
+    gave_up: bool,
+    next_attempt: Instant,
+    memory: ByteQueue,
+    spool: Option<Spool>,
+    spool_retry_at: Option<Instant>,
+    /// Bytes at the front of the backlog (memory, then spool) written on the current connection and
+    /// not released yet (not acknowledged, or part of a line not completely acknowledged).
+    in_flight: u64,
+    loss: SinkLoss,
+    last_error: Option<String>,
+}
+
+impl TcpSink {
+    /// Never fails: the connection is made by later calls, and a spool left by a previous run is
+    /// sent first.
+    pub fn open(opts: TcpOptions) -> Self {
+        let mut sink = TcpSink {
+            opts,
+            link: Link::Down,
+            failures: 0,
+            gave_up: false,
+            next_attempt: Instant::now(),
+            memory: ByteQueue::default(),
+            spool: None,
+            spool_retry_at: None,
+            in_flight: 0,
+            loss: SinkLoss::default(),
+            last_error: None,
+        };
+        if sink.opts.spool_enabled() && sink.opts.spool_path().exists() {
+            sink.open_spool();
+        }
+        sink.drive_link();
+        sink
+    }
+
+    /// Applies new settings. A new host or port drops the connection (the backlog goes to the new
+    /// collector); any change ends a give-up.
+    pub fn reconfigure(&mut self, opts: TcpOptions) {
+        let new_target = opts.host != self.opts.host || opts.port != self.opts.port;
+        let new_timeout = opts.timeout_ms != self.opts.timeout_ms;
+        self.opts = opts;
+        self.gave_up = false;
+        self.failures = 0;
+        if new_target {
+            if !matches!(self.link, Link::Down) {
+                self.drop_link("switching to a new collector");
+            }
+            self.next_attempt = Instant::now();
+        } else if new_timeout && let Link::Up(stream) = &self.link {
+            let _ = set_user_timeout(stream, self.opts.timeout_ms);
+        }
+        self.drive_link();
+    }
+
+    /// Bytes held in the spool file.
+    pub fn spooled_bytes(&self) -> u64 {
+        self.spool.as_ref().map_or(0, Spool::held)
+    }
+
+    /// Bytes held in memory (sent or not, until acknowledged).
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.len() as u64
+    }
+
+    /// Why the last connection, send or spool operation failed, if one did.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    pub fn options(&self) -> &TcpOptions {
+        &self.opts
+    }
+
+    fn backlog_is_empty(&self) -> bool {
+        self.memory.is_empty() && self.spooled_bytes() == 0
+    }
+
+    /// Bytes of the memory segment not written on the current connection.
+    fn memory_unsent(&self) -> u64 {
+        (self.memory.len() as u64).saturating_sub(self.in_flight)
+    }
+
+    /// Whether the backlog holds bytes not written on the current connection.
+    fn has_unsent(&self) -> bool {
+        self.memory.len() as u64 + self.spooled_bytes() > self.in_flight
+    }
+
+    fn note(&mut self, message: String) {
+        self.last_error = Some(message);
+    }
+
+    fn count_loss(&mut self, records: u64, bytes: u64) {
+        self.loss.records += records;
+        self.loss.bytes += bytes;
+    }
+
+    // ---- connection ----
+
+    /// Moves the connection along: starts an attempt when one is due, finishes one in progress, and
+    /// notices a collector that closed the connection.
+    fn drive_link(&mut self) {
+        match &self.link {
+            Link::Down => {
+                if !self.gave_up && Instant::now() >= self.next_attempt {
+                    self.start_attempt();
+                }
+            }
+            Link::Connecting(_) => self.check_attempt(),
+            Link::Up(_) => self.check_peer(),
+        }
+    }
+
+    fn start_attempt(&mut self) {
+        let now = Instant::now();
+        self.next_attempt = now + self.opts.retry_interval();
+        let target = (self.opts.host.as_str(), self.opts.port);
+        let addrs: Vec<SocketAddr> = match target.to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => return self.attempt_failed(format!("resolving {}: {e}", self.opts.host)),
+        };
+        if addrs.is_empty() {
+            return self.attempt_failed(format!("{} resolves to no address", self.opts.host));
+        }
+        self.try_address(addrs, 0, None);
+    }
+
+    /// Starts a connect to `addrs[index]`, or to the next address that can be tried.
+    fn try_address(&mut self, addrs: Vec<SocketAddr>, mut index: usize, mut error: Option<String>) {
+        while index < addrs.len() {
+            match start_connect(addrs[index]) {
+                Ok((stream, true)) => return self.connected(stream),
+                Ok((stream, false)) => {
+                    self.link = Link::Connecting(Attempt {
+                        addrs,
+                        index,
+                        stream,
+                        address_started: Instant::now(),
+                    });
+                    // On loopback the handshake is usually over already.
+                    return self.check_attempt();
+                }
+                Err(e) => {
+                    error = Some(format!("connecting to {}: {e}", addrs[index]));
+                    index += 1;
+                }
+            }
+        }
+        self.attempt_failed(error.unwrap_or_else(|| "no address to connect to".to_string()));
+    }
+
+    fn check_attempt(&mut self) {
+        let Link::Connecting(attempt) = &self.link else {
+            return;
+        };
+        let outcome = match poll_fd(attempt.stream.as_raw_fd(), libc::POLLOUT, 0) {
+            Ok(0) if attempt.address_started.elapsed() >= self.opts.timeout() => Err(format!(
+                "connecting to {}: timed out after {} ms",
+                attempt.addrs[attempt.index], self.opts.timeout_ms
+            )),
+            Ok(0) => return,
+            Ok(_) => match attempt.stream.take_error() {
+                Ok(None) => match attempt.stream.peer_addr() {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!(
+                        "connecting to {}: {e}",
+                        attempt.addrs[attempt.index]
+                    )),
+                },
+                Ok(Some(e)) | Err(e) => Err(format!(
+                    "connecting to {}: {e}",
+                    attempt.addrs[attempt.index]
+                )),
+            },
+            Err(e) => Err(format!(
+                "connecting to {}: {e}",
+                attempt.addrs[attempt.index]
+            )),
+        };
+        let Link::Connecting(attempt) = std::mem::replace(&mut self.link, Link::Down) else {
+            unreachable!("checked above");
+        };
+        match outcome {
+            Ok(()) => self.connected(attempt.stream),
+            Err(error) => self.try_address(attempt.addrs, attempt.index + 1, Some(error)),
+        }
+    }
+
+    fn connected(&mut self, stream: TcpStream) {
+        // Small records should not wait for Nagle, and segments then mostly end at line ends.
+        let _ = stream.set_nodelay(true);
+        let _ = set_user_timeout(&stream, self.opts.timeout_ms);
+        self.link = Link::Up(stream);
+        self.failures = 0;
+        self.in_flight = 0;
+    }
+
+    fn attempt_failed(&mut self, error: String) {
+        self.link = Link::Down;
+        self.failures += 1;
+        self.note(format!(
+            "tcp {}:{}: {error}",
+            self.opts.host, self.opts.port
+        ));
+        if self.failures >= self.opts.max_retries.max(1) {
+            if self.opts.reconnect_on_failure {
+                self.failures = 0;
+            } else {
+                self.gave_up = true;
+            }
+        }
+        if !self.opts.buffer_on_disconnect {
+            self.drop_backlog();
+        }
+    }
+
+    /// Whether the collector closed or reset the connection; anything it sends is read and ignored.
+    fn check_peer(&mut self) {
+        let Link::Up(stream) = &mut self.link else {
+            return;
+        };
+        let events = libc::POLLIN | libc::POLLRDHUP;
+        let revents = match poll_fd(stream.as_raw_fd(), events, 0) {
+            Ok(revents) => revents,
+            Err(e) => return self.link_failed(format!("polling: {e}")),
+        };
+        if revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            let why = match stream.take_error() {
+                Ok(Some(e)) | Err(e) => e.to_string(),
+                Ok(None) => "connection closed".to_string(),
+            };
+            return self.link_failed(why);
+        }
+        if revents & (libc::POLLIN | libc::POLLRDHUP) != 0 {
+            let mut scratch = [0u8; 4096];
+            loop {
+                match stream.read(&mut scratch) {
+                    Ok(0) => {
+                        return self.link_failed("the collector closed the connection".to_string());
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return self.link_failed(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// An established connection broke: keep what was not acknowledged, and reconnect when allowed.
+    fn link_failed(&mut self, error: String) {
+        self.note(format!(
+            "tcp {}:{}: {error}",
+            self.opts.host, self.opts.port
+        ));
+        self.drop_link(&error);
+        if !self.gave_up && Instant::now() >= self.next_attempt {
+            self.start_attempt();
+        }
+        if !self.opts.buffer_on_disconnect && matches!(self.link, Link::Down) {
+            self.drop_backlog();
+        }
+    }
+
+    /// Closes the connection after releasing what it delivered; unacknowledged data is aborted so
+    /// the old connection cannot deliver what will be sent again.
+    fn drop_link(&mut self, _why: &str) {
+        self.release_acknowledged();
+        if let Link::Up(stream) = std::mem::replace(&mut self.link, Link::Down)
+            && self.in_flight > 0
+        {
+            abort_on_close(&stream);
+        }
+        self.in_flight = 0;
+    }
+
+    // ---- backlog ----
+
+    fn drop_backlog(&mut self) {
+        let records = count_lines(self.memory.bytes());
+        let bytes = self.memory.len() as u64;
+        self.count_loss(records, bytes);
+        self.memory.clear();
+        if let Some(spool) = &mut self.spool {
+            let (records, bytes) = (spool.lines, spool.held());
+            if let Err(e) = spool.reset() {
+                self.last_error = Some(format!("spool {}: {e}", spool.path.display()));
+            }
+            self.count_loss(records, bytes);
+        }
+        self.in_flight = 0;
+    }
+
+    /// Opens the spool file (retried at most every second after a failure).
+    fn open_spool(&mut self) {
+        if self.spool_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let path = self.opts.spool_path();
+        let opened = match Spool::open(&path, self.opts.spool_max_size) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Another sink has this collector's spool: use one of our own.
+                let name =
+                    spool_file_name(&self.opts.host, self.opts.port, Some(std::process::id()));
+                Spool::open(&self.opts.spool_dir.join(name), self.opts.spool_max_size)
+            }
+            other => other,
+        };
+        match opened {
+            Ok(spool) => {
+                self.spool = Some(spool);
+                self.spool_retry_at = None;
+            }
+            Err(e) => {
+                self.note(format!("spool {}: {e}", path.display()));
+                self.spool_retry_at = Some(Instant::now() + SPOOL_RETRY_INTERVAL);
+            }
+        }
+    }
+
+    /// The spool to append to, opened on first need; an empty spool whose settings changed is
+    /// replaced.
+    fn spool_for_append(&mut self) -> Option<&mut Spool> {
+        if !self.opts.spool_enabled() {
+            return None;
+        }
+        let wanted = self.opts.spool_path();
+        let stale = self.spool.as_ref().is_some_and(|s| {
+            s.held() == 0
+                && (s.capacity != self.opts.spool_max_size
+                    || (s.path != wanted && s.path.parent() != wanted.parent()))
+        });
+        if stale && let Some(old) = self.spool.take() {
+            let _ = std::fs::remove_file(&old.path);
+        }
+        if self.spool.is_none() {
+            self.open_spool();
+        }
+        self.spool.as_mut()
+    }
+
+    /// Takes new lines into the backlog: memory, then spool, then the rest is dropped and counted.
+    fn enqueue(&mut self, mut data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if !self.opts.buffer_on_disconnect && matches!(self.link, Link::Down) {
+            return self.count_loss(count_lines(data), data.len() as u64);
+        }
+        if self.spooled_bytes() == 0 {
+            let room = self.opts.memory_limit.saturating_sub(self.memory_unsent());
+            let take = whole_lines_within(data, room);
+            self.memory.push(&data[..take]);
+            data = &data[take..];
+        }
+        if !data.is_empty()
+            && let Some(spool) = self.spool_for_append()
+        {
+            let take = whole_lines_within(data, spool.room());
+            if take > 0 {
+                match spool.append(&data[..take]) {
+                    Ok(()) => data = &data[take..],
+                    Err(e) => {
+                        // The lines stay unwritten (the header was not updated): they are dropped below.
+                        self.last_error = Some(format!("spool {}: {e}", spool.path.display()));
+                    }
+                }
+            }
+        }
+        if !data.is_empty() {
+            self.count_loss(count_lines(data), data.len() as u64);
+        }
+    }
+
+    /// Writes backlog bytes to the collector, up to `budget`, and releases what it acknowledged.
+    fn pump(&mut self, budget: usize) {
+        let mut remaining = budget;
+        while remaining > 0 {
+            let Link::Up(stream) = &mut self.link else {
+                break;
+            };
+            let memory_len = self.memory.len() as u64;
+            let chunk: &[u8] = if self.in_flight < memory_len {
+                &self.memory.bytes()[self.in_flight as usize..]
+            } else {
+                let Some(spool) = self.spool.as_mut() else {
+                    break;
+                };
+                let sent = self.in_flight - memory_len;
+                if sent >= spool.held() {
+                    break;
+                }
+                if let Err(e) = spool.fill_cache(sent + 1) {
+                    self.last_error = Some(format!("spool {}: {e}", spool.path.display()));
+                    break;
+                }
+                &spool.cache.bytes()[sent as usize..]
+            };
+            let n = chunk.len().min(remaining);
+            match stream.write(&chunk[..n]) {
+                Ok(0) => {
+                    self.link_failed("the connection accepts no more data".to_string());
+                    break;
+                }
+                Ok(written) => {
+                    self.in_flight += written as u64;
+                    remaining -= written;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.link_failed(e.to_string());
+                    break;
+                }
+            }
+        }
+        self.release_acknowledged();
+    }
+
+    /// Releases the whole lines at the front of the backlog that the collector acknowledged.
+    fn release_acknowledged(&mut self) {
+        let Link::Up(stream) = &self.link else {
+            return;
+        };
+        if self.in_flight == 0 {
+            return;
+        }
+        let Ok(unacknowledged) = unacknowledged_bytes(stream) else {
+            return;
+        };
+        let acknowledged = self.in_flight - unacknowledged.min(self.in_flight);
+        if acknowledged == 0 {
+            return;
+        }
+        let memory_len = self.memory.len() as u64;
+        let mut released = 0u64;
+        if acknowledged >= memory_len {
+            // Memory holds whole lines only, so all of it is released.
+            self.memory.clear();
+            released = memory_len;
+            let in_spool = acknowledged - memory_len;
+            if in_spool > 0
+                && let Some(spool) = self.spool.as_mut()
+            {
+                let result = spool.fill_cache(in_spool).and_then(|()| {
+                    let acked = &spool.cache.bytes()[..in_spool as usize];
+                    match acked.iter().rposition(|&b| b == b'\n') {
+                        Some(i) => spool.release(i + 1).map(|()| i as u64 + 1),
+                        None => Ok(0),
+                    }
+                });
+                match result {
+                    Ok(n) => released += n,
+                    Err(e) => {
+                        self.last_error = Some(format!("spool {}: {e}", spool.path.display()))
+                    }
+                }
+            }
+        } else {
+            let acked = &self.memory.bytes()[..acknowledged as usize];
+            if let Some(i) = acked.iter().rposition(|&b| b == b'\n') {
+                self.memory.release(i + 1);
+                released = i as u64 + 1;
+            }
+        }
+        self.in_flight -= released;
+    }
+
+    /// Shutdown: moves what memory holds to the front of the spool, newest lines first as far as
+    /// they fit (memory is older than the spool, so order is kept). Returns the bytes left in memory.
+    fn park_memory_in_spool(&mut self) -> u64 {
+        if self.memory.is_empty() {
+            return 0;
+        }
+        if self.spool_for_append().is_none() {
+            return self.memory.len() as u64;
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            return self.memory.len() as u64;
+        };
+        let bytes = self.memory.bytes();
+        let room = spool.room() as usize;
+        // First line start at or after len - room: the newest whole lines that fit.
+        let split = if bytes.len() <= room {
+            0
+        } else {
+            let from = bytes.len() - room;
+            match bytes[from - 1..].iter().position(|&b| b == b'\n') {
+                Some(i) => from + i,
+                None => bytes.len(),
+            }
+        };
+        if split < bytes.len() {
+            match spool.prepend(&bytes[split..]) {
+                Ok(()) => self.memory.truncate(split),
+                Err(e) => self.last_error = Some(format!("spool {}: {e}", spool.path.display())),
+            }
+        }
+        self.memory.len() as u64
+    }
+
+    /// Waits a little for the connection to make progress (used only by `flush(true)`).
+    fn wait_for_progress(&self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let step = left.min(Duration::from_millis(10));
+        match &self.link {
+            Link::Up(stream) if self.has_unsent() => {
+                let _ = poll_fd(stream.as_raw_fd(), libc::POLLOUT, step.as_millis() as i32);
+            }
+            Link::Connecting(attempt) => {
+                let _ = poll_fd(
+                    attempt.stream.as_raw_fd(),
+                    libc::POLLOUT,
+                    step.as_millis() as i32,
+                );
+            }
+            // Waiting for acknowledgements, or for the next attempt.
+            Link::Up(_) => std::thread::sleep(step.min(Duration::from_millis(2))),
+            Link::Down => {
+                let until_attempt = self.next_attempt.saturating_duration_since(Instant::now());
+                std::thread::sleep(step.min(until_attempt.max(Duration::from_millis(1))));
+            }
+        }
+    }
+}
+
+impl Sink for TcpSink {
+    /// Never waits for the collector and never fails: lines are sent, or kept, or dropped and
+    /// counted.
+    fn write_batch(&mut self, lines: &[u8], _line_count: usize) -> Result<(), SinkError> {
+        self.drive_link();
+        self.pump(PUMP_BUDGET);
+        // Nothing older waits: write straight from the batch, and keep it until acknowledged.
+        let mut direct = 0;
+        let nothing_waits = self.memory_unsent() == 0 && self.spooled_bytes() == 0;
+        if nothing_waits && let Link::Up(stream) = &mut self.link {
+            let written = loop {
+                match stream.write(lines) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            match written {
+                Ok(n) => direct = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => self.link_failed(e.to_string()),
+            }
+        }
+        if direct > 0 {
+            // The written part and the rest of a line cut by the write stay in memory whatever
+            // the limit: they are in flight.
+            let cut = match lines[..direct].last() {
+                Some(b'\n') => direct,
+                _ => lines[direct..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(lines.len(), |i| direct + i + 1),
+            };
+            self.memory.push(&lines[..cut]);
+            self.in_flight += direct as u64;
+            self.enqueue(&lines[cut..]);
+            self.release_acknowledged();
+        } else {
+            self.enqueue(lines);
+            self.pump(PUMP_BUDGET);
+        }
+        Ok(())
+    }
+
+    /// `force` (shutdown): tries for up to `tcp_timeout_ms` to deliver the whole backlog and have it
+    /// acknowledged; what is left moves to the spool, and the error says what remains.
+    fn flush(&mut self, force: bool) -> Result<(), SinkError> {
+        self.drive_link();
+        self.pump(PUMP_BUDGET);
+        if !force {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.opts.timeout();
+        while !self.backlog_is_empty() && Instant::now() < deadline && !self.gave_up {
+            self.wait_for_progress(deadline);
+            self.drive_link();
+            self.pump(usize::MAX);
+        }
+        if self.backlog_is_empty() {
+            return Ok(());
+        }
+        let in_memory = self.park_memory_in_spool();
+        let spooled = self.spooled_bytes();
+        let mut message = format!(
+            "tcp {}:{}: backlog not delivered within {} ms",
+            self.opts.host, self.opts.port, self.opts.timeout_ms
+        );
+        if spooled > 0 {
+            let path = self
+                .spool
+                .as_ref()
+                .map(|s| s.path.display().to_string())
+                .unwrap_or_default();
+            message.push_str(&format!("; {spooled} bytes kept in {path}"));
+        }
+        if in_memory > 0 {
+            message.push_str(&format!("; {in_memory} bytes only in memory"));
+        }
+        Err(SinkError {
+            message,
+            retryable: true,
+        })
+    }
+
+    fn tick(&mut self) -> Result<(), SinkError> {
+        self.drive_link();
+        self.pump(PUMP_BUDGET);
+        Ok(())
+    }
+
+    /// Ends a give-up and tries to connect now if not connected; a working connection is kept.
+    fn reopen(&mut self) -> Result<(), SinkError> {
+        self.gave_up = false;
+        self.failures = 0;
+        if matches!(self.link, Link::Down) {
+            self.next_attempt = Instant::now();
+        }
+        self.drive_link();
+        Ok(())
+    }
+
+    fn status(&self) -> SinkStatus {
+        match self.link {
+            Link::Up(_) => SinkStatus::Connected,
+            _ if self.gave_up => SinkStatus::Error,
+            _ => SinkStatus::Disconnected,
+        }
+    }
+
+    fn take_loss(&mut self) -> SinkLoss {
+        std::mem::take(&mut self.loss)
+    }
+
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+// ---- sockets (libc: std has no non-blocking connect, SIOCOUTQ, TCP_USER_TIMEOUT or SO_LINGER) ----
+
+/// Starts a non-blocking connect; `true` if it completed at once.
+fn start_connect(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
+    let (domain, storage, len) = socket_address(addr);
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
+    if rc == 0 {
+        return Ok((stream, true));
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EINPROGRESS) | Some(libc::EINTR) => Ok((stream, false)),
+        _ => Err(error),
+    }
+}
+
+fn socket_address(addr: SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            (libc::AF_INET, storage, len)
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_flowinfo = v6.flowinfo();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: v6.ip().octets(),
+            };
+            sin6.sin6_scope_id = v6.scope_id();
+            let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            (libc::AF_INET6, storage, len)
+        }
+    }
+}
+
+/// poll(2) on one descriptor; the returned events (0 on timeout).
+fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc::c_short> {
+    let mut entry = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut entry, 1, timeout_ms) };
+        if rc >= 0 {
+            return Ok(if rc == 0 { 0 } else { entry.revents });
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// Bytes written to the socket that the peer has not acknowledged yet (`SIOCOUTQ`).
+fn unacknowledged_bytes(stream: &TcpStream) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ for sockets) writes one int.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut value) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value.max(0) as u64)
+}
+
+/// Unacknowledged data older than this fails the connection: a vanished collector host is noticed.
+fn set_user_timeout(stream: &TcpStream, timeout_ms: u64) -> io::Result<()> {
+    let value = timeout_ms.min(u32::MAX as u64) as libc::c_uint;
+    setsockopt(stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &value)
+}
+
+/// Closing then resets the connection instead of delivering what is still queued.
+fn abort_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = setsockopt(stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+}
+
+fn setsockopt<T>(
+    stream: &TcpStream,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` points to a live T of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

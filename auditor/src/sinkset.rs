@@ -1,0 +1,215 @@
+//! Builds the sink the settings ask for (`audit.protocol` and the delivery settings) and follows
+//! changes: options of the same kind of sink are applied in place (a TCP backlog survives), a change
+//! of kind replaces the sink.
+
+use std::sync::Arc;
+
+use crate::delivery::SinkProvider;
+use crate::format::Format;
+use crate::settings::{Protocol, Settings, SharedSettings};
+use crate::sink::file::{FileOptions, FileSink};
+use crate::sink::syslog::{SyslogOptions, SyslogSink, parse_facility};
+use crate::sink::tcp::{TcpOptions, TcpSink};
+use crate::sink::{Sink, SinkError};
+
+pub enum ActiveSink {
+    File(FileSink),
+    Syslog(SyslogSink),
+    Tcp(TcpSink),
+}
+
+impl ActiveSink {
+    fn as_sink(&mut self) -> &mut dyn Sink {
+        match self {
+            ActiveSink::File(s) => s,
+            ActiveSink::Syslog(s) => s,
+            ActiveSink::Tcp(s) => s,
+        }
+    }
+}
+
+fn bad(message: String) -> SinkError {
+    SinkError {
+        message,
+        retryable: false,
+    }
+}
+
+pub fn file_options(s: &Settings, path: &std::path::Path) -> Result<FileOptions, SinkError> {
+    let d = &s.delivery;
+    Ok(FileOptions {
+        path: path.to_path_buf(),
+        roll_cycle: d.roll_cycle.parse().map_err(|e| bad(format!("{e}")))?,
+        max_file_size: d.max_file_size,
+        max_log_size: d.max_log_size,
+        archive_command: if d.archive_command.is_empty() {
+            None
+        } else {
+            Some(d.archive_command.clone())
+        },
+        max_archive_retries: d.max_archive_retries.min(u32::MAX as u64) as u32,
+        fsync: d.fsync.parse().map_err(|e| bad(format!("{e}")))?,
+    })
+}
+
+fn syslog_options(s: &Settings, facility: &str) -> Result<SyslogOptions, SinkError> {
+    Ok(SyslogOptions {
+        facility: parse_facility(facility).map_err(bad)?,
+        facility_name: facility.to_string(),
+        format: s
+            .delivery
+            .syslog_format
+            .parse()
+            .map_err(|_| bad("bad syslog format".into()))?,
+        target: s
+            .delivery
+            .syslog_target
+            .parse()
+            .map_err(|_| bad("bad syslog target".into()))?,
+        ident: "valkey-audit".into(),
+        local_socket: None,
+    })
+}
+
+fn tcp_options(s: &Settings) -> TcpOptions {
+    TcpOptions {
+        host: s.tcp.host.clone(),
+        port: s.tcp.port,
+        timeout_ms: s.tcp.timeout_ms,
+        retry_interval_ms: s.tcp.retry_interval_ms,
+        max_retries: s.tcp.max_retries,
+        reconnect_on_failure: s.tcp.reconnect_on_failure,
+        buffer_on_disconnect: s.tcp.buffer_on_disconnect,
+        spool_dir: s.delivery.spool_dir.clone(),
+        spool_max_size: s.delivery.spool_max_size,
+        memory_limit: s.delivery.max_queue_size,
+    }
+}
+
+/// Open the sink for `s` (used at start, so an unusable destination stops the daemon with a clear
+/// error, and by CONFIG SET to refuse one).
+pub fn open_sink(s: &Settings) -> Result<ActiveSink, SinkError> {
+    Ok(match &s.protocol {
+        Protocol::File(path) => ActiveSink::File(FileSink::open(file_options(s, path)?)?),
+        Protocol::Syslog(f) => ActiveSink::Syslog(SyslogSink::open(syslog_options(s, f)?)?),
+        Protocol::Tcp => ActiveSink::Tcp(TcpSink::open(tcp_options(s))),
+    })
+}
+
+/// Check that `s` names a usable destination without keeping it open (CONFIG SET validation).
+pub fn validate(s: &Settings) -> Result<(), String> {
+    match &s.protocol {
+        Protocol::File(path) => {
+            file_options(s, path).map_err(|e| e.message)?;
+            if let Some(dir) = path.parent()
+                && !dir.as_os_str().is_empty()
+                && !dir.is_dir()
+            {
+                return Err(format!(
+                    "audit log directory {} does not exist",
+                    dir.display()
+                ));
+            }
+            Ok(())
+        }
+        Protocol::Syslog(f) => syslog_options(s, f).map(|_| ()).map_err(|e| e.message),
+        Protocol::Tcp => Ok(()),
+    }
+}
+
+/// The sink thread's view of the settings.
+pub struct SettingsSinks {
+    shared: Arc<SharedSettings>,
+    version: u64,
+    current: Arc<Settings>,
+    active: ActiveSink,
+    hostname: String,
+    wall_offset_ns: i64,
+}
+
+impl SettingsSinks {
+    pub fn new(
+        shared: Arc<SharedSettings>,
+        active: ActiveSink,
+        hostname: String,
+        wall_offset_ns: i64,
+    ) -> Self {
+        let version = shared.version();
+        let current = shared.get();
+        SettingsSinks {
+            shared,
+            version,
+            current,
+            active,
+            hostname,
+            wall_offset_ns,
+        }
+    }
+
+    fn apply(&mut self, next: Arc<Settings>) {
+        let same_kind = matches!(
+            (&self.active, &next.protocol),
+            (ActiveSink::File(_), Protocol::File(_)) | (ActiveSink::Tcp(_), Protocol::Tcp)
+        );
+        let result = match (&mut self.active, &next.protocol) {
+            (ActiveSink::File(f), Protocol::File(path)) if same_kind => {
+                file_options(&next, path).and_then(|o| f.reconfigure(o))
+            }
+            (ActiveSink::Tcp(t), Protocol::Tcp) if same_kind => {
+                t.reconfigure(tcp_options(&next));
+                Ok(())
+            }
+            _ if next.protocol == self.current.protocol
+                && next.delivery == self.current.delivery =>
+            {
+                Ok(())
+            }
+            _ => open_sink(&next).map(|s| {
+                // Push what the old sink buffered before switching (best effort, bounded).
+                let _ = self.active.as_sink().flush(true);
+                self.active = s;
+            }),
+        };
+        if let Err(e) = result {
+            eprintln!("auditor: switching audit.protocol: {e}");
+        }
+        self.current = next;
+    }
+}
+
+impl SinkProvider for SettingsSinks {
+    fn sink(&mut self) -> &mut dyn Sink {
+        self.active.as_sink()
+    }
+
+    fn refresh(&mut self, format: &mut Format) {
+        let v = self.shared.version();
+        if v != self.version {
+            self.version = v;
+            let next = self.shared.get();
+            *format = next.format;
+            if next.protocol != self.current.protocol
+                || next.delivery != self.current.delivery
+                || next.tcp != self.current.tcp
+            {
+                self.apply(next);
+            } else {
+                self.current = next;
+            }
+        }
+    }
+
+    fn hostname(&self) -> String {
+        self.hostname.clone()
+    }
+
+    fn now_us(&self) -> i64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        (ts.tv_sec * 1_000_000_000 + ts.tv_nsec + self.wall_offset_ns) / 1000
+    }
+}

@@ -1,0 +1,332 @@
+"""Control port and audit.* settings: real redis-cli against the auditor's control port, real
+valkey-server traffic, assertions on the records written."""
+import socket
+import subprocess
+
+import pytest
+
+from conftest import REDIS_CLI, commands_of, wait_until
+from test_capture import Raw, resp
+
+SETTINGS = [
+    "audit.enabled", "audit.always_audit_config", "audit.protocol", "audit.format", "audit.events",
+    "audit.payload_disable", "audit.payload_maxsize", "audit.excluderules", "audit.exclude_commands",
+    "audit.prefix_filter", "audit.custom_category", "audit.ignore_internal_clients",
+    "audit.command_result_mode", "audit.auth_result_check_delay_ms", "audit.tcp_host", "audit.tcp_port",
+    "audit.tcp_timeout_ms", "audit.tcp_retry_interval_ms", "audit.tcp_max_retries",
+    "audit.tcp_reconnect_on_failure", "audit.tcp_buffer_on_disconnect", "audit.control_requirepass",
+    "audit.roll_cycle", "audit.max_file_size", "audit.max_log_size", "audit.archive_command",
+    "audit.max_archive_retries", "audit.fsync", "audit.syslog_format", "audit.syslog_target",
+    "audit.spool_dir", "audit.spool_max_size", "audit.max_queue_size", "audit.overflow",
+]
+
+
+def cli(auditor, *args, password=None):
+    cmd = [REDIS_CLI, "-p", str(auditor.control)]
+    if password:
+        cmd += ["--no-auth-warning", "-a", password]
+    out = subprocess.run(cmd + [str(a) for a in args], capture_output=True, timeout=10)
+    return out.stdout.decode()
+
+
+def config_get(auditor, name, password=None):
+    lines = cli(auditor, "CONFIG", "GET", name, password=password).splitlines()
+    return dict(zip(lines[::2], lines[1::2]))
+
+
+def marker(valkey, text):
+    """A command whose record tells that everything before it on other connections is written."""
+    c = Raw(valkey.port)
+    c.call("ECHO", text)
+    c.close()
+
+
+def test_config_get_lists_every_setting(audited):
+    valkey, auditor = audited
+    got = config_get(auditor, "audit.*")
+    assert sorted(got) == sorted(SETTINGS)
+    assert got["audit.format"] == "json"
+    assert got["audit.command_result_mode"] == "all"
+    assert got["audit.events"] == "all"
+    assert cli(auditor, "PING").strip() == "PONG"
+
+
+VALID = [
+    ("audit.enabled", "no", "no"), ("audit.always_audit_config", "yes", "yes"),
+    ("audit.format", "CSV", "csv"), ("audit.events", "auth,config", "auth,config"),
+    ("audit.payload_disable", "yes", "yes"), ("audit.payload_maxsize", "77", "77"),
+    ("audit.excluderules", "bob,@10.0.0.0/8,carol@::1", "bob,@10.0.0.0/8,carol@::1"),
+    ("audit.exclude_commands", "PING,INFO", "ping,info"), ("audit.prefix_filter", "!FT*", "!ft*"),
+    ("audit.ignore_internal_clients", "no", "no"), ("audit.command_result_mode", "failures", "failures"),
+    ("audit.auth_result_check_delay_ms", "20", "20"), ("audit.tcp_host", "10.1.2.3", "10.1.2.3"),
+    ("audit.tcp_port", "1514", "1514"), ("audit.tcp_timeout_ms", "100", "100"),
+    ("audit.tcp_retry_interval_ms", "300000", "300000"), ("audit.tcp_max_retries", "0", "0"),
+    ("audit.tcp_reconnect_on_failure", "no", "no"), ("audit.tcp_buffer_on_disconnect", "no", "no"),
+]
+
+
+@pytest.mark.parametrize("name,value,shown", VALID)
+def test_setting_round_trip(audited, name, value, shown):
+    valkey, auditor = audited
+    assert cli(auditor, "CONFIG", "SET", name, value).strip() == "OK"
+    got = config_get(auditor, name)[name]
+    assert got.lower() == shown.lower()
+
+
+INVALID = [
+    ("audit.format", "xml", "argument(s) must be one of the following: text, json, csv"),
+    ("audit.enabled", "maybe", "argument must be 'yes' or 'no'"),
+    ("audit.tcp_port", "0", "argument must be between 1 and 65535 inclusive"),
+    ("audit.tcp_timeout_ms", "99", "argument must be between 100 and 60000 inclusive"),
+    ("audit.tcp_max_retries", "101", "argument must be between 0 and 100 inclusive"),
+    ("audit.auth_result_check_delay_ms", "0", "argument must be between 1 and 1000 inclusive"),
+    ("audit.payload_maxsize", "abc", "argument couldn't be parsed into an integer"),
+    ("audit.command_result_mode", "some", "argument(s) must be one of the following: failures, all"),
+    ("audit.excluderules", "@999.1.1.1", ""),
+    ("audit.events", "keys,!!", ""),
+    ("audit.protocol", "carrier-pigeon x", ""),
+]
+
+
+@pytest.mark.parametrize("name,value,message", INVALID)
+def test_invalid_value_refused_and_nothing_changes(audited, name, value, message):
+    valkey, auditor = audited
+    before = config_get(auditor, "audit.*")
+    out = cli(auditor, "CONFIG", "SET", name, value)
+    assert out.startswith(f"ERR CONFIG SET failed (possibly related to argument '{name}') - "), out
+    assert message in out
+    assert config_get(auditor, "audit.*") == before
+
+
+def test_config_set_is_all_or_nothing(audited):
+    valkey, auditor = audited
+    out = cli(auditor, "CONFIG", "SET", "audit.format", "csv", "audit.tcp_port", "99999")
+    assert out.startswith("ERR CONFIG SET failed (possibly related to argument 'audit.tcp_port')")
+    assert config_get(auditor, "audit.format")["audit.format"] == "json"
+    assert cli(auditor, "CONFIG", "SET", "audit.format", "text", "audit.tcp_port", "1234").strip() == "OK"
+    assert config_get(auditor, "audit.format")["audit.format"] == "text"
+    assert cli(auditor, "CONFIG", "SET", "audit.nosuch", "1").startswith(
+        "ERR Unknown option or number of arguments for CONFIG SET - 'audit.nosuch'")
+    assert cli(auditor, "NOSUCHCMD").startswith("ERR unknown command 'NOSUCHCMD'")
+
+
+def test_config_set_writes_config_record_and_applies_to_next_command(audited):
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    assert cli(auditor, "CONFIG", "SET", "audit.exclude_commands", "ping").strip() == "OK"
+    c.call("PING")
+    assert cli(auditor, "CONFIG", "SET", "audit.exclude_commands", "time").strip() == "OK"
+    c.call("PING")  # the module's stale cache drops this one: we must not
+    c.call("TIME")
+    assert cli(auditor, "CONFIG", "SET", "audit.events", "none").strip() == "OK"
+    c.call("PING")
+    assert cli(auditor, "CONFIG", "SET", "audit.events", "all").strip() == "OK"
+    c.call("ECHO", "end")
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "echo" for r in rs))
+    mine = [r["command"] for r in commands_of(recs, c.port)]
+    assert mine == ["ping", "echo"]
+    cfg = [r for r in recs if r["category"] == "CONFIG" and r["command"] == "config|set"]
+    assert [r["command_args"] for r in cfg] == [
+        "param=audit.exclude_commands", "param=audit.exclude_commands", "param=audit.events",
+        "param=audit.events"]
+    assert all(r["result"] == "SUCCESS" and r["client_ip"] == "127.0.0.1" for r in cfg)
+    c.close()
+
+
+def test_change_format_at_runtime(audited):
+    valkey, auditor = audited
+    marker(valkey, "json-line")
+    wait_until(lambda: any(b"json-line" in l for l in auditor.lines()))
+    assert cli(auditor, "CONFIG", "SET", "audit.format", "csv").strip() == "OK"
+    marker(valkey, "csv-line")
+    wait_until(lambda: any(b"csv-line" in l for l in auditor.lines()))
+    line = [l for l in auditor.lines() if b"csv-line" in l][0]
+    assert b",OTHER,echo,arg1=csv-line,SUCCESS," in line
+
+
+def test_config_rewrite_then_restart_keeps_settings(valkey, start_auditor, tmp_path):
+    conf = tmp_path / "auditor.conf"
+    conf.write_text("# my audit settings\nport 6379\naudit.format text\n# trailing comment\n")
+    a = start_auditor(valkey.pid, extra=("--config", str(conf)))
+    assert cli(a, "CONFIG", "SET", "audit.events", "keys,auth", "audit.payload_maxsize", "99",
+               "audit.format", "csv").strip() == "OK"
+    assert cli(a, "CONFIG", "REWRITE").strip() == "OK"
+    text = conf.read_text()
+    assert text.startswith("# my audit settings\nport 6379\naudit.format csv\n# trailing comment\n")
+    before = config_get(a, "audit.*")
+    assert a.stop() == 0
+    # the log path is given on the command line again: compare everything else
+    b = start_auditor(valkey.pid, fmt="csv", extra=("--config", str(conf)))
+    after = config_get(b, "audit.*")
+    before.pop("audit.protocol"), after.pop("audit.protocol")
+    assert after == before
+    assert after["audit.events"] == "auth,keys" or after["audit.events"] == "keys,auth"
+
+
+def test_info_audit_counts_match_log(audited):
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    for i in range(25):
+        c.call("SET", f"i{i}", i)
+    c.call("AUTH", "nobody", "x")
+    c.call("CONFIG", "GET", "maxmemory")
+    c.call("PING")
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == c.port
+                                               for r in rs))
+
+    def fields():
+        info = cli(auditor, "INFO", "audit")
+        return dict(l.split(":", 1) for l in info.splitlines() if ":" in l)
+
+    def matches():
+        f = fields()
+        recs = auditor.records()
+        counts = {cat: sum(r["category"] == cat for r in recs) for cat in
+                  ("CONNECTION", "AUTH", "CONFIG", "KEY_OP", "OTHER")}
+        return (int(f["audit_events_connection"]) == counts["CONNECTION"]
+                and int(f["audit_events_auth"]) == counts["AUTH"]
+                and int(f["audit_events_config"]) == counts["CONFIG"]
+                and int(f["audit_events_key_op"]) == counts["KEY_OP"]
+                and int(f["audit_events_other"]) == counts["OTHER"]
+                and int(f["audit_total_events"]) == len(recs)) and f
+    f = wait_until(matches, what="INFO audit counts equal to the log")
+    assert f["audit_file_status"] == "connected"
+    assert f["audit_attached_pids"] == str(valkey.pid)
+    assert int(f["audit_events_key_op"]) >= 25
+    assert cli(auditor, "CONFIG", "RESETSTAT").strip() == "OK"
+    assert int(fields()["audit_total_events"]) <= 1
+
+
+def test_control_password(valkey, start_auditor):
+    a = start_auditor(valkey.pid, extra=("--control-password", "ctl-secret-pw"))
+    assert cli(a, "CONFIG", "GET", "audit.format").startswith("NOAUTH")
+    assert cli(a, "PING").strip() in ("PONG", "NOAUTH Authentication required.")
+    assert config_get(a, "audit.control_requirepass", password="ctl-secret-pw") == {
+        "audit.control_requirepass": ""}
+    assert cli(a, "AUTH", "wrong").startswith("WRONGPASS")
+    assert cli(a, "CONFIG", "SET", "audit.format", "csv", password="ctl-secret-pw").strip() == "OK"
+    assert cli(a, "CONFIG", "SET", "audit.control_requirepass", "new-ctl-pw", password="ctl-secret-pw").strip() == "OK"
+    assert cli(a, "CONFIG", "GET", "audit.format", password="ctl-secret-pw").startswith("NOAUTH") or \
+        cli(a, "CONFIG", "GET", "audit.format", password="ctl-secret-pw").startswith("WRONGPASS")
+    assert "csv" in cli(a, "CONFIG", "GET", "audit.format", password="new-ctl-pw")
+    marker(valkey, "pw-done")
+    wait_until(lambda: any(b"pw-done" in l for l in a.lines()))
+    text = a.log.read_bytes()
+    assert b"ctl-secret-pw" not in text and b"new-ctl-pw" not in text
+    assert b"param=audit.control_requirepass" in text
+
+
+# ---- filters: table-driven, each checked against what real traffic leaves in the log -------------
+
+def run_traffic(valkey):
+    """alice (127.0.0.1), bob (via ::1 when available), default: a fixed mix of commands."""
+    admin = Raw(valkey.port)
+    admin.call("ACL", "SETUSER", "alice", "on", ">a", "~*", "+@all")
+    admin.call("ACL", "SETUSER", "bob", "on", ">b", "~*", "+@all")
+    admin.close()
+    a = Raw(valkey.port)
+    a.call("AUTH", "alice", "a")
+    a.call("SET", "ka", "1")
+    a.call("PING")
+    a.call("CONFIG", "GET", "maxmemory")
+    a.call("FLUSHDB")
+    a.close()
+    try:
+        s6 = socket.create_connection(("::1", valkey.port), timeout=2)
+        s6.sendall(resp("AUTH", "bob", "b") + resp("GET", "kb") + resp("INCR", "kb"))
+        buf = b""
+        while buf.count(b"\r\n") < 3:
+            buf += s6.recv(4096)
+        s6.close()
+    except OSError:
+        pass
+    d = Raw(valkey.port)
+    d.call("SET", "kd", "1")
+    d.call("LPUSH", "kd", "x")  # WRONGTYPE: a failure
+    d.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    d.call("FLUSHDB")
+    d.close()
+
+
+FILTER_CASES = [
+    # (settings, a (command, username) that must be in the log, one that must not be)
+    ({"audit.excluderules": "alice"}, ("get", "bob"), ("set", "alice")),
+    ({"audit.excluderules": "ALICE"}, ("set", "default"), ("set", "alice")),
+    ({"audit.excluderules": "@127.0.0.1"}, ("get", "bob"), ("set", "default")),
+    ({"audit.excluderules": "@127.0.0.0/8"}, ("get", "bob"), ("set", "alice")),
+    ({"audit.excluderules": "@::1"}, ("set", "alice"), ("get", "bob")),
+    ({"audit.excluderules": "@::/0"}, ("set", "alice"), ("get", "bob")),
+    ({"audit.excluderules": "alice@127.0.0.1"}, ("set", "default"), ("set", "alice")),
+    ({"audit.excluderules": "alice@10.0.0.0/8"}, ("set", "alice"), None),
+    ({"audit.exclude_commands": "SET,flushdb"}, ("ping", "alice"), ("set", "alice")),
+    ({"audit.exclude_commands": "config"}, ("set", "default"), ("config|get", "alice")),
+    ({"audit.prefix_filter": "!FLUSH*"}, ("set", "alice"), ("flushdb", "alice")),
+    ({"audit.custom_category": "flushes:FLUSHDB"}, ("set", "alice"), ("flushdb", "alice")),
+    ({"audit.custom_category": "flushes:FLUSHDB", "audit.events": "flushes"}, ("flushdb", "alice"), ("set", "alice")),
+    ({"audit.events": "keys"}, ("set", "alice"), ("ping", "alice")),
+    ({"audit.events": "config,auth"}, ("config|get", "alice"), ("set", "alice")),
+    ({"audit.excluderules": "alice", "audit.always_audit_config": "yes"}, ("config|get", "alice"), ("set", "alice")),
+    ({"audit.excluderules": "alice", "audit.always_audit_config": "no"}, ("set", "default"), ("config|get", "alice")),
+    ({"audit.command_result_mode": "failures"}, ("lpush", "default"), ("set", "default")),
+    ({"audit.command_result_mode": "failures"}, ("config|set", "default"), ("ping", "alice")),
+]
+
+
+def marker_command(settings):
+    """A command the settings let through, so its record proves everything before it is written."""
+    if settings.get("audit.command_result_mode") == "failures":
+        return ("ECHO",)  # wrong arity: a failure, always written
+    events = settings.get("audit.events", "all")
+    if events == "keys":
+        return ("GET", "marker")
+    if events == "config,auth":
+        return ("CONFIG", "GET", "marker")
+    if events == "flushes":
+        return ("FLUSHDB",)
+    return ("ECHO", "marker")
+
+
+@pytest.mark.parametrize("settings,present,absent", FILTER_CASES)
+def test_filter_rules(valkey, start_auditor, settings, present, absent):
+    flat = [x for kv in settings.items() for x in kv]
+    a = start_auditor(valkey.pid, settings=flat)
+    try:
+        socket.create_connection(("::1", valkey.port), timeout=1).close()
+        has_v6 = True
+    except OSError:
+        has_v6 = False
+    run_traffic(valkey)
+    # Everything above finished before this connection opened, and records are written in the order
+    # the kernel saw the syscalls: once a record of this connection is in, the traffic's are too.
+    m = Raw(valkey.port)
+    m.call(*marker_command(settings))
+    recs = a.wait_records(lambda rs: any(r["client_port"] == m.port for r in rs), what="marker record")
+    m.close()
+    pairs = {(r["command"], r["username"]) for r in recs if r["client_port"] != m.port}
+    skip_v6 = lambda p: p is not None and p[1] == "bob" and not has_v6  # noqa: E731
+    if not skip_v6(present):
+        assert present in pairs, (present, sorted(pairs))
+    if absent is not None and not skip_v6(absent):
+        assert absent not in pairs, (absent, sorted(pairs))
+
+
+def test_ignore_internal_clients_with_real_replica(start_valkey, start_auditor):
+    primary = start_valkey()
+    a = start_auditor(primary.pid)
+    b = start_auditor(primary.pid, settings=("audit.ignore_internal_clients", "no"))
+    replica = start_valkey("--replicaof", "127.0.0.1", str(primary.port))
+    wait_until(lambda: b"master_link_status:up" in subprocess.run(
+        [REDIS_CLI, "-p", str(replica.port), "INFO", "replication"], capture_output=True).stdout,
+        timeout=30, what="replication link up")
+    c = Raw(primary.port)
+    c.call("SET", "replicated", "1")
+    c.close()
+    wait_until(lambda: subprocess.run([REDIS_CLI, "-p", str(replica.port), "GET", "replicated"],
+                                      capture_output=True).stdout.strip() == b"1", what="replica has the key")
+    marker(primary, "repl-done")
+    ra = a.wait_records(lambda rs: any("repl-done" in r["command_args"] for r in rs))
+    rb = b.wait_records(lambda rs: any("repl-done" in r["command_args"] for r in rs))
+    assert not any(r["command"] in ("psync", "sync", "replconf") for r in ra)
+    assert any(r["command"] == "psync" for r in rb)
+    assert [r["keys"] for r in ra if r["command"] == "set"] == [["replicated"]]
