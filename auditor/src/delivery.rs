@@ -291,22 +291,8 @@ fn shutdown_deadline_passed(_queue: &Queue) -> bool {
 }
 
 fn loss_record(hostname: &str, now_us: i64, cause: &str, count: u64, bytes: u64) -> Record {
-    Record {
-        time_unix_us: now_us,
-        category: Category::AuditLoss,
-        command: b"loss".to_vec(),
-        command_args: format!("cause={cause} count={count} bytes={bytes}").into_bytes(),
-        result: Outcome::Failure,
-        duration_us: 0,
-        keys_modified: 0,
-        client_id: 0,
-        username: Vec::new(),
-        client_ip: String::new(),
-        client_port: 0,
-        server_hostname: hostname.to_string(),
-        error: Vec::new(),
-        seq: 0,
-        keys: Vec::new(),
-        pid: 0,
-    }
+    let mut rec = Record::event(Category::AuditLoss, b"loss", now_us, hostname);
+    rec.command_args = format!("cause={cause} count={count} bytes={bytes}").into_bytes();
+    rec.result = Outcome::Failure;
+    rec
 }

@@ -283,24 +283,10 @@ fn start_args(s: &Settings, pid: u32) -> Vec<u8> {
 
 fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> Record {
     let now = clock_ns(libc::CLOCK_MONOTONIC);
-    Record {
-        time_unix_us: (now + wall_offset) / 1000,
-        category: Category::Audit,
-        command: command.to_vec(),
-        command_args: args,
-        result: Outcome::Success,
-        duration_us: 0,
-        keys_modified: 0,
-        client_id: 0,
-        username: Vec::new(),
-        client_ip: String::new(),
-        client_port: 0,
-        server_hostname: host.to_string(),
-        error: Vec::new(),
-        seq: 0,
-        keys: Vec::new(),
-        pid: std::process::id(),
-    }
+    let mut rec = Record::event(Category::Audit, command, (now + wall_offset) / 1000, host);
+    rec.command_args = args;
+    rec.pid = std::process::id();
+    rec
 }
 
 /// With operator credentials, ask the server which user each open connection has (by fd). The
@@ -433,34 +419,29 @@ impl ControlBackend for Backend {
     ) {
         // Setting names only: a value never reaches a record, and secret settings are named only.
         let now = clock_ns(libc::CLOCK_MONOTONIC);
-        let rec = Record {
-            time_unix_us: (now + self.wall_offset) / 1000,
-            category: Category::Config,
-            command: command.as_bytes().to_vec(),
-            command_args: args.as_bytes().to_vec(),
-            result: if success {
-                Outcome::Success
-            } else {
-                Outcome::Failure
-            },
-            duration_us: 0,
-            keys_modified: 0,
-            client_id: 0,
-            username: user.as_bytes().to_vec(),
-            client_ip: match client.ip() {
-                std::net::IpAddr::V6(v6) => v6
-                    .to_ipv4_mapped()
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| v6.to_string()),
-                ip => ip.to_string(),
-            },
-            client_port: client.port(),
-            server_hostname: self.hostname.clone(),
-            error: error.as_bytes().to_vec(),
-            seq: 0,
-            keys: Vec::new(),
-            pid: std::process::id(),
+        let mut rec = Record::event(
+            Category::Config,
+            command.as_bytes(),
+            (now + self.wall_offset) / 1000,
+            &self.hostname,
+        );
+        rec.command_args = args.as_bytes().to_vec();
+        rec.result = if success {
+            Outcome::Success
+        } else {
+            Outcome::Failure
         };
+        rec.username = user.as_bytes().to_vec();
+        rec.client_ip = match client.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| v6.to_string()),
+            ip => ip.to_string(),
+        };
+        rec.client_port = client.port();
+        rec.error = error.as_bytes().to_vec();
+        rec.pid = std::process::id();
         self.queue.push_all(&mut vec![rec], &self.stop);
     }
 }

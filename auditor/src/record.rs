@@ -84,3 +84,28 @@ pub struct Record {
     /// The audited server's pid.
     pub pid: u32,
 }
+
+impl Record {
+    /// A record that is not about a client command (connection events, the auditor's own AUDIT and
+    /// AUDIT_LOSS records): empty client fields, result SUCCESS, to be filled in by the caller.
+    pub fn event(category: Category, command: &[u8], time_unix_us: i64, hostname: &str) -> Record {
+        Record {
+            time_unix_us,
+            category,
+            command: command.to_vec(),
+            command_args: Vec::new(),
+            result: Outcome::Success,
+            duration_us: 0,
+            keys_modified: 0,
+            client_id: 0,
+            username: Vec::new(),
+            client_ip: String::new(),
+            client_port: 0,
+            server_hostname: hostname.to_string(),
+            error: Vec::new(),
+            seq: 0,
+            keys: Vec::new(),
+            pid: 0,
+        }
+    }
+}

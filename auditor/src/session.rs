@@ -885,24 +885,7 @@ impl Session {
     }
 
     fn bare_record(&self, category: Category, command: &[u8], ts_ns: u64) -> Record {
-        Record {
-            time_unix_us: self.wall_us(ts_ns),
-            category,
-            command: command.to_vec(),
-            command_args: Vec::new(),
-            result: Outcome::Success,
-            duration_us: 0,
-            keys_modified: 0,
-            client_id: 0,
-            username: Vec::new(),
-            client_ip: String::new(),
-            client_port: 0,
-            server_hostname: self.hostname.clone(),
-            error: Vec::new(),
-            seq: 0,
-            keys: Vec::new(),
-            pid: 0,
-        }
+        Record::event(category, command, self.wall_us(ts_ns), &self.hostname)
     }
 
     fn connection_record(&self, conn: &Conn, command: &[u8], args: &[u8], ts_ns: u64) -> Record {
