@@ -56,6 +56,10 @@ struct Cli {
     /// File holding the password for --server-user (first line).
     #[arg(long)]
     server_password_file: Option<PathBuf>,
+    /// Also write every ring-buffer record, as delivered, to this file (for the offline pipeline
+    /// benchmark: `u32` little-endian length, then the record's bytes).
+    #[arg(long)]
+    dump_events: Option<PathBuf>,
     /// Accept a process whose name is not valkey-server (or redis-server).
     #[arg(long)]
     any_process: bool,
@@ -81,6 +85,18 @@ fn check_target(pid: u32, any_process: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// False once the process has exited (a zombie waiting for its parent counts as exited).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 fn hostname() -> String {
@@ -202,6 +218,13 @@ fn run() -> Result<()> {
     let listener = rt.block_on(control::bind(cli.control))?;
 
     let pid = cli.pid;
+    let dump = match &cli.dump_events {
+        Some(p) => Some(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
     let worker = {
         let stop = stop.clone();
         let shared = shared.clone();
@@ -218,6 +241,7 @@ fn run() -> Result<()> {
                     shared,
                     metrics,
                     stop,
+                    dump,
                 }
                 .run(initial)
             })?
@@ -456,6 +480,7 @@ struct CaptureLoop {
     shared: Arc<SharedSettings>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
+    dump: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl CaptureLoop {
@@ -476,6 +501,11 @@ impl CaptureLoop {
                 if self.shared.version() != seen_version {
                     seen_version = self.shared.version();
                     self.session.set_timeline(self.shared.history());
+                }
+                if let Some(dump) = &mut self.dump {
+                    use std::io::Write as _;
+                    let _ = dump.write_all(&(item.len() as u32).to_le_bytes());
+                    let _ = dump.write_all(&item);
                 }
                 if let Some(ev) = capture::decode(&item, &unix_path) {
                     self.session.handle(ev, &mut records);
@@ -508,7 +538,7 @@ impl CaptureLoop {
                     reported_drops = drops;
                     self.write_all(&mut records);
                 }
-                if !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+                if !process_alive(self.pid) {
                     // Drain what the kernel still holds, then close the target's connections.
                     while let Some(item) = self.stream.ring.next() {
                         if let Some(ev) = capture::decode(&item, &unix_path) {
@@ -538,6 +568,10 @@ impl CaptureLoop {
         let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
         self.session.flush_all(now, &mut records);
         self.write_all(&mut records);
+        if let Some(dump) = &mut self.dump {
+            use std::io::Write as _;
+            dump.flush()?;
+        }
         Ok(())
     }
 

@@ -111,7 +111,7 @@ impl Default for Settings {
                 syslog_target: "local".into(),
                 spool_dir: PathBuf::from("/var/spool/auditor"),
                 spool_max_size: 1024 * 1024 * 1024,
-                max_queue_size: 64 * 1024 * 1024,
+                max_queue_size: 16 * 1024 * 1024,
                 overflow: Overflow::Block,
             },
         }

@@ -18,6 +18,22 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+    /// redis-benchmark against a real valkey-server without and with the auditor attached
+    /// (interleaved A B A B ...), then the offline pipeline benchmark. Not part of the tests.
+    Bench {
+        /// A/B rounds per case (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Target seconds per redis-benchmark test.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Only these pipeline depths (default 1 and 16).
+        #[arg(long, value_delimiter = ',')]
+        pipeline: Option<Vec<u32>>,
+        /// Only these value sizes (default 3 and 1024).
+        #[arg(long, value_delimiter = ',')]
+        data_size: Option<Vec<u32>>,
+    },
 }
 
 fn workspace_root() -> std::path::PathBuf {
@@ -76,5 +92,19 @@ fn build_ebpf(debug: bool) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { debug } => build_ebpf(debug),
+        Task::Bench {
+            rounds,
+            seconds,
+            pipeline,
+            data_size,
+        } => bench::run(&bench::Options {
+            rounds,
+            seconds,
+            pipelines: pipeline.unwrap_or_else(|| vec![1, 16]),
+            data_sizes: data_size.unwrap_or_else(|| vec![3, 1024]),
+            root: workspace_root(),
+        }),
     }
 }
+
+mod bench;

@@ -38,6 +38,7 @@
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -282,6 +283,7 @@ pub struct SyslogSink {
     delivered_prefix: Vec<u8>,
     last_connect_attempt: Option<Instant>,
     send_timeout: Duration,
+    reconnect_interval: Duration,
     /// Reused message buffer: header, record, terminator.
     message: Vec<u8>,
     last_error: Option<String>,
@@ -301,6 +303,7 @@ impl SyslogSink {
             delivered_prefix: Vec::new(),
             last_connect_attempt: None,
             send_timeout: SEND_TIMEOUT,
+            reconnect_interval: RECONNECT_INTERVAL,
             message: Vec::with_capacity(4096),
             last_error: None,
             messages_sent: 0,
@@ -339,14 +342,22 @@ impl SyslogSink {
         }
     }
 
-    /// Reconnects if the last try is old enough; otherwise fails at once.
+    /// Reconnects if the last try is old enough; otherwise fails at once. A TCP connection the
+    /// server closed (a restarted rsyslog) is replaced first: a message written into it would be
+    /// lost without an error.
     fn ensure_connected(&mut self) -> Result<(), SinkError> {
+        if let Some(Transport::Tcp(stream)) = &self.transport
+            && server_closed(stream)
+        {
+            self.transport = None;
+            return self.connect();
+        }
         if self.transport.is_some() {
             return Ok(());
         }
         let due = self
             .last_connect_attempt
-            .is_none_or(|at| at.elapsed() >= RECONNECT_INTERVAL);
+            .is_none_or(|at| at.elapsed() >= self.reconnect_interval);
         if due {
             self.connect()
         } else {
@@ -470,6 +481,21 @@ fn open_local(path: &Path, send_timeout: Duration) -> io::Result<Transport> {
     }
 }
 
+/// Whether the server closed the connection (it never sends anything, so end of stream).
+fn server_closed(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv into one valid byte; MSG_PEEK leaves any data in place.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+}
+
 fn resolve(addr: &str) -> io::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
     if addrs.is_empty() {
@@ -567,7 +593,7 @@ impl Sink for SyslogSink {
         if self.transport.is_none()
             && self
                 .last_connect_attempt
-                .is_none_or(|at| at.elapsed() >= RECONNECT_INTERVAL)
+                .is_none_or(|at| at.elapsed() >= self.reconnect_interval)
         {
             // Failing here changes nothing the next batch would not report.
             let _ = self.connect();
@@ -591,5 +617,473 @@ impl Sink for SyslogSink {
 
     fn kind(&self) -> &'static str {
         "syslog"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead as _, BufReader, Read as _};
+    use std::net::TcpListener;
+    use std::os::unix::net::UnixListener;
+    use std::process::{Child, Command, Stdio};
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("syslog-sink-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn options(facility: &str, format: SyslogFormat, target: SyslogTarget) -> SyslogOptions {
+        SyslogOptions {
+            format,
+            target,
+            ..SyslogOptions::new(facility).unwrap()
+        }
+    }
+
+    fn local_options(facility: &str, socket: &Path) -> SyslogOptions {
+        SyslogOptions {
+            local_socket: Some(socket.to_path_buf()),
+            ..options(facility, SyslogFormat::Rfc3164, SyslogTarget::Local)
+        }
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// `Mmm dd hh:mm:ss`, day padded with a space.
+    fn assert_rfc3164_timestamp(stamp: &str) {
+        assert_eq!(stamp.len(), 15, "{stamp:?}");
+        let parsed =
+            chrono::NaiveDateTime::parse_from_str(&format!("2024 {stamp}"), "%Y %b %e %H:%M:%S");
+        assert!(parsed.is_ok(), "{stamp:?}");
+    }
+
+    #[test]
+    fn local_messages_are_what_syslog3_sends() {
+        let dir = temp_dir("local");
+        let path = dir.join("log.sock");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        let mut sink = SyslogSink::open(local_options("local0", &path)).unwrap();
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        assert_eq!(sink.kind(), "syslog");
+        sink.write_batch(b"first record\nsecond \xc3\xa9 record\n", 2)
+            .unwrap();
+        let pid = std::process::id();
+        let mut buf = [0u8; 1024];
+        for record in ["first record", "second é record"] {
+            let n = receiver.recv(&mut buf).unwrap();
+            let message = text(&buf[..n]);
+            // local0 (16) * 8 + notice (5) = 133
+            assert!(message.starts_with("<133>"), "{message}");
+            assert_rfc3164_timestamp(&message[5..20]);
+            assert_eq!(&message[20..], format!(" valkey-audit[{pid}]: {record}"));
+        }
+        assert_eq!(sink.messages_sent(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_local_stream_socket_gets_nul_terminated_messages() {
+        let dir = temp_dir("stream");
+        let path = dir.join("log.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut all = Vec::new();
+            stream.read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut sink = SyslogSink::open(local_options("user", &path)).unwrap();
+        sink.write_batch(b"a\nb\n", 2).unwrap();
+        drop(sink);
+        let all = reader.join().unwrap();
+        let messages: Vec<String> = all.split(|&b| b == 0).map(text).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(
+            messages[0].starts_with("<13>") && messages[0].ends_with("]: a"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].ends_with("]: b") && messages[2].is_empty(),
+            "{messages:?}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn remote_udp_in_both_formats() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let target = SyslogTarget::Udp(receiver.local_addr().unwrap().to_string());
+        let hostname = read_hostname();
+        let pid = std::process::id();
+        let mut buf = [0u8; 2048];
+
+        let mut sink =
+            SyslogSink::open(options("daemon", SyslogFormat::Rfc3164, target.clone())).unwrap();
+        sink.write_batch(b"udp one\n", 1).unwrap();
+        let n = receiver.recv(&mut buf).unwrap();
+        let message = text(&buf[..n]);
+        // daemon (3) * 8 + notice (5) = 29
+        assert!(message.starts_with("<29>"), "{message}");
+        assert_rfc3164_timestamp(&message[4..19]);
+        assert_eq!(
+            &message[19..],
+            format!(" {hostname} valkey-audit[{pid}]: udp one")
+        );
+
+        let mut sink = SyslogSink::open(options("LOCAL7", SyslogFormat::Rfc5424, target)).unwrap();
+        sink.write_batch(b"udp two\n", 1).unwrap();
+        let n = receiver.recv(&mut buf).unwrap();
+        let message = text(&buf[..n]);
+        let fields: Vec<&str> = message.splitn(8, ' ').collect();
+        // local7 (23) * 8 + notice (5) = 189
+        assert_eq!(fields[0], "<189>1", "{message}");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(fields[1]).is_ok(),
+            "{message}"
+        );
+        assert_eq!(
+            fields[2..],
+            [
+                hostname.as_str(),
+                "valkey-audit",
+                &pid.to_string(),
+                "-",
+                "-",
+                "udp two"
+            ]
+        );
+    }
+
+    #[test]
+    fn remote_tcp_messages_are_newline_framed() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = SyslogTarget::Tcp(listener.local_addr().unwrap().to_string());
+        let reader = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            BufReader::new(stream)
+                .lines()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+        });
+        let mut sink = SyslogSink::open(options("local1", SyslogFormat::Rfc5424, target)).unwrap();
+        let batch: Vec<u8> = (0..500)
+            .flat_map(|i| format!("tcp record {i}\n").into_bytes())
+            .collect();
+        sink.write_batch(&batch, 500).unwrap();
+        drop(sink);
+        let lines = reader.join().unwrap();
+        assert_eq!(lines.len(), 500);
+        for (i, line) in lines.iter().enumerate() {
+            assert!(line.starts_with("<141>1 "), "{line}");
+            assert!(line.ends_with(&format!(" - - tcp record {i}")), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_tcp_server_that_closed_the_connection_is_reconnected_before_sending() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = SyslogTarget::Tcp(listener.local_addr().unwrap().to_string());
+        let mut sink = SyslogSink::open(options("local0", SyslogFormat::Rfc3164, target)).unwrap();
+        // The server accepts and closes (a restart); the next batch goes to the new connection.
+        drop(listener.accept().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+        sink.write_batch(b"after restart\n", 1).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        assert!(line.ends_with("]: after restart\n"), "{line}");
+    }
+
+    #[test]
+    fn a_batch_that_fails_midway_resumes_without_duplicates() {
+        let dir = temp_dir("resume");
+        let path = dir.join("log.sock");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        receiver.set_nonblocking(true).unwrap();
+        let mut sink = SyslogSink::open(local_options("local0", &path)).unwrap();
+        sink.send_timeout = Duration::from_millis(5);
+        sink.reconnect_interval = Duration::ZERO;
+        sink.reopen().unwrap();
+
+        // The receiver does not read, so its queue fills and sends time out midway.
+        let batch: Vec<u8> = (0..600)
+            .flat_map(|i| format!("record {i}\n").into_bytes())
+            .collect();
+        let mut received = Vec::new();
+        let mut failures = 0;
+        let mut buf = [0u8; 256];
+        loop {
+            let result = sink.write_batch(&batch, 600);
+            loop {
+                match receiver.recv(&mut buf) {
+                    Ok(n) => received.push(text(&buf[..n])),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(e.retryable);
+                    assert_eq!(sink.status(), SinkStatus::Error);
+                    failures += 1;
+                    assert!(failures < 1000);
+                }
+            }
+        }
+        assert!(failures > 0, "the receiver's queue never filled");
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        let records: Vec<&str> = received
+            .iter()
+            .map(|m| m.split_once("]: ").unwrap().1)
+            .collect();
+        let expected: Vec<String> = (0..600).map(|i| format!("record {i}")).collect();
+        assert_eq!(records, expected);
+
+        // A failure, then a different batch: it starts from its own beginning.
+        sink.delivered_prefix = b"record 0\n".to_vec();
+        sink.write_batch(b"other 0\nother 1\n", 2).unwrap();
+        let n = receiver.recv(&mut buf).unwrap();
+        assert!(text(&buf[..n]).ends_with("]: other 0"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn opening_without_a_syslog_socket_fails_retryably() {
+        let dir = temp_dir("missing");
+        let err = SyslogSink::open(local_options("local0", &dir.join("none.sock")))
+            .err()
+            .unwrap();
+        assert!(err.retryable);
+        assert!(err.message.contains("none.sock"), "{}", err.message);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn long_records_are_cut_to_one_datagram_at_a_character_boundary() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let target = SyslogTarget::Udp(receiver.local_addr().unwrap().to_string());
+        let mut sink = SyslogSink::open(options("user", SyslogFormat::Rfc3164, target)).unwrap();
+        let mut record = "é".repeat(40_000).into_bytes();
+        record.push(b'\n');
+        sink.write_batch(&record, 1).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert!(n <= MAX_DATAGRAM_MESSAGE && n > MAX_DATAGRAM_MESSAGE - 2);
+        assert!(std::str::from_utf8(&buf[..n]).is_ok());
+    }
+
+    #[test]
+    fn settings_parse_and_render() {
+        assert_eq!("RFC5424".parse::<SyslogFormat>(), Ok(SyslogFormat::Rfc5424));
+        assert_eq!(
+            " rfc3164 ".parse::<SyslogFormat>().unwrap().as_str(),
+            "rfc3164"
+        );
+        assert!("json".parse::<SyslogFormat>().is_err());
+
+        assert_eq!("".parse::<SyslogTarget>(), Ok(SyslogTarget::Local));
+        assert_eq!("LOCAL".parse::<SyslogTarget>(), Ok(SyslogTarget::Local));
+        let udp = "udp://logs.example:514".parse::<SyslogTarget>().unwrap();
+        assert_eq!(udp, SyslogTarget::Udp("logs.example:514".to_string()));
+        assert_eq!(udp.render(), "udp://logs.example:514");
+        let tcp = "TCP://[::1]:6514".parse::<SyslogTarget>().unwrap();
+        assert_eq!(tcp, SyslogTarget::Tcp("[::1]:6514".to_string()));
+        assert_eq!(tcp.to_string(), "tcp://[::1]:6514");
+        for bad in [
+            "udp://host",
+            "tcp://:514",
+            "tcp://h:0",
+            "tcp://h:70000",
+            "http://h:1",
+            "h:514",
+            "tcp://::1:514",
+        ] {
+            assert!(bad.parse::<SyslogTarget>().is_err(), "{bad}");
+        }
+
+        assert!(matches!(parse_facility("local0"), Ok(Facility::LOG_LOCAL0)));
+        assert!(matches!(parse_facility("LOCAL7"), Ok(Facility::LOG_LOCAL7)));
+        assert!(matches!(parse_facility("user"), Ok(Facility::LOG_USER)));
+        assert!(matches!(parse_facility("Daemon"), Ok(Facility::LOG_DAEMON)));
+        assert!(matches!(
+            parse_facility("authpriv"),
+            Ok(Facility::LOG_AUTHPRIV)
+        ));
+        assert!(parse_facility("kern").unwrap_err().contains("kernel"));
+        assert!(
+            parse_facility("local8")
+                .unwrap_err()
+                .contains("unknown syslog facility")
+        );
+        let opts = SyslogOptions::new(" Local3 ").unwrap();
+        assert_eq!(
+            (opts.facility_name.as_str(), opts.ident.as_str()),
+            ("Local3", "valkey-audit")
+        );
+        assert_eq!(
+            (opts.format, &opts.target),
+            (SyslogFormat::Rfc3164, &SyslogTarget::Local)
+        );
+    }
+
+    /// rsyslogd with a local socket, UDP and TCP inputs, writing facility, severity, tag, pid and
+    /// message of everything it receives to one file.
+    struct Rsyslog {
+        child: Child,
+        dir: PathBuf,
+        socket: PathBuf,
+        udp_port: u16,
+        tcp_port: u16,
+    }
+
+    impl Rsyslog {
+        fn start(dir: &Path) -> Option<Rsyslog> {
+            let binary = ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())?;
+            let free_port = || {
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            };
+            let (udp_port, tcp_port) = (free_port(), free_port());
+            let socket = dir.join("log.sock");
+            let config = format!(
+                r#"global(workDirectory="{dir}")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{socket}" RateLimit.Interval="0")
+module(load="imudp")
+input(type="imudp" address="127.0.0.1" port="{udp_port}")
+module(load="imtcp")
+input(type="imtcp" address="127.0.0.1" port="{tcp_port}")
+template(name="fields" type="string" string="%syslogfacility-text% %syslogseverity-text% %programname% %procid% %msg%\n")
+*.* action(type="omfile" file="{dir}/out.log" template="fields")
+"#,
+                dir = dir.display(),
+                socket = socket.display(),
+            );
+            std::fs::write(dir.join("rsyslog.conf"), config).unwrap();
+            let child = Command::new(binary)
+                .arg("-n")
+                .arg("-f")
+                .arg(dir.join("rsyslog.conf"))
+                .arg("-i")
+                .arg(dir.join("rsyslog.pid"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let rsyslog = Rsyslog {
+                child,
+                dir: dir.to_path_buf(),
+                socket,
+                udp_port,
+                tcp_port,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !(rsyslog.socket.exists() && TcpStream::connect(("127.0.0.1", tcp_port)).is_ok())
+            {
+                assert!(Instant::now() < deadline, "rsyslogd did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Some(rsyslog)
+        }
+
+        /// The received (facility, severity, tag, pid, message) lines, once `count` have arrived.
+        fn wait_for(&self, count: usize) -> Vec<Vec<String>> {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let out = std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default();
+                let lines: Vec<Vec<String>> = out
+                    .lines()
+                    .map(|l| l.splitn(5, ' ').map(|f| f.trim().to_string()).collect())
+                    .collect();
+                if lines.len() >= count || Instant::now() > deadline {
+                    return lines;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    impl Drop for Rsyslog {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn a_real_rsyslog_receives_every_record_in_order() {
+        let dir = temp_dir("rsyslog");
+        let Some(rsyslog) = Rsyslog::start(&dir) else {
+            eprintln!("rsyslogd not installed: skipped");
+            return;
+        };
+        let sinks = [
+            local_options("local0", &rsyslog.socket),
+            options(
+                "local1",
+                SyslogFormat::Rfc5424,
+                SyslogTarget::Udp(format!("127.0.0.1:{}", rsyslog.udp_port)),
+            ),
+            options(
+                "local2",
+                SyslogFormat::Rfc3164,
+                SyslogTarget::Tcp(format!("127.0.0.1:{}", rsyslog.tcp_port)),
+            ),
+            options(
+                "local3",
+                SyslogFormat::Rfc5424,
+                SyslogTarget::Tcp(format!("127.0.0.1:{}", rsyslog.tcp_port)),
+            ),
+        ];
+        let per_sink = 2000;
+        for opts in sinks {
+            let mut sink = SyslogSink::open(opts).unwrap();
+            for batch in 0..per_sink / 50 {
+                let lines: Vec<u8> = (batch * 50..batch * 50 + 50)
+                    .flat_map(|i| format!("{{\"seq\":{i},\"command\":\"SET k v\"}}\n").into_bytes())
+                    .collect();
+                sink.write_batch(&lines, 50).unwrap();
+                // UDP has no flow control: give rsyslog time to read.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let lines = rsyslog.wait_for(4 * per_sink);
+        let pid = std::process::id().to_string();
+        for facility in ["local0", "local1", "local2", "local3"] {
+            let messages: Vec<&Vec<String>> = lines.iter().filter(|l| l[0] == facility).collect();
+            assert_eq!(messages.len(), per_sink, "{facility}");
+            for (i, fields) in messages.iter().enumerate() {
+                assert_eq!(
+                    fields[1..4],
+                    ["notice", "valkey-audit", pid.as_str()],
+                    "{facility}"
+                );
+                assert_eq!(
+                    fields[4],
+                    format!("{{\"seq\":{i},\"command\":\"SET k v\"}}"),
+                    "{facility}"
+                );
+            }
+        }
+        drop(rsyslog);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

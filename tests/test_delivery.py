@@ -1,0 +1,842 @@
+"""Delivery: the file sink (rolling, retention, archiving, reopen, full disk), syslog to a real
+rsyslogd, the TCP sink against a real collector that goes away, backpressure and loss accounting.
+
+Every test uses real components (valkey-server, the auditor binary, rsyslogd, a TCP collector in a
+thread, a real tmpfs) and asserts on what a user sees: the records that were written or received.
+Waits are on conditions with deadlines; the only fixed waits are the ones the scenario itself asks for
+(a collector that stays away for 10 s, a minute boundary for `roll_cycle minutely`).
+"""
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from conftest import AUDITOR, free_port, wait_until
+from test_capture import Raw, resp
+from test_control import cli, config_get
+
+RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def info(auditor):
+    out = cli(auditor, "INFO", "audit")
+    return dict(l.split(":", 1) for l in out.splitlines() if ":" in l)
+
+
+def parse_lines(data):
+    """Records of a byte stream of whole lines; a torn (unterminated) tail is returned separately."""
+    *whole, tail = data.split(b"\n")
+    return [json.loads(l) for l in whole], tail
+
+
+def read_records(path):
+    recs, tail = parse_lines(Path(path).read_bytes())
+    assert tail == b"", f"{path} ends with a torn line: {tail[:80]!r}"
+    return recs
+
+
+def send_sets(sock, keys, value=b"v"):
+    """Pipeline one SET per key on `sock` and wait for every +OK."""
+    sock.sendall(b"".join(resp("SET", k, value) for k in keys))
+    want = 5 * len(keys)
+    got = bytearray()
+    sock.settimeout(60)
+    while len(got) < want:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("valkey closed the connection")
+        got += chunk
+    assert bytes(got) == b"+OK\r\n" * len(keys)
+
+
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def sets_of(records):
+    return [r["keys"][0] for r in records if r["command"] == "set"]
+
+
+def loss_counts(records, cause):
+    out = []
+    for r in records:
+        if r["category"] == "AUDIT_LOSS" and f"cause={cause} " in r["command_args"] + " ":
+            m = re.search(r"\bcount=(\d+)", r["command_args"])
+            assert m, r["command_args"]
+            out.append(int(m.group(1)))
+    return out
+
+
+def assert_gapless(records, first=1):
+    seqs = [r["seq"] for r in records]
+    assert seqs == list(range(first, first + len(seqs))), f"seq not gapless: {seqs[:5]}..{seqs[-5:]}"
+
+
+ROLLED_RE = r"{stem}-(\d{{8}})-(\d{{6}})(?:-(\d+))?\.log"
+
+
+def rolled_files(directory, stem="audit"):
+    """Rolled files of <stem>.log, oldest first, ordered by parsed (timestamp, N): plain name order
+    is wrong within one second (audit-…-143000-1.log < audit-…-143000.log)."""
+    pattern = re.compile(ROLLED_RE.format(stem=re.escape(stem)))
+    found = []
+    for p in Path(directory).iterdir():
+        m = pattern.fullmatch(p.name)
+        if m:
+            found.append(((m.group(1), m.group(2), int(m.group(3) or 0)), p))
+    return [p for _, p in sorted(found)]
+
+
+def stamp_of(path):
+    m = re.search(r"-(\d{8})-(\d{6})(?:-\d+)?\.log$", path.name)
+    return datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S")
+
+
+def record_time(rec):
+    return datetime.strptime(rec["timestamp"], "%Y-%m-%d %H:%M:%S")
+
+
+def file_auditor(start_auditor, valkey, path, *settings, **kw):
+    """An auditor writing json to `path` (the fixture's own log path is replaced)."""
+    a = start_auditor(valkey.pid, settings=("audit.protocol", f"file {path}", *settings), **kw)
+    a.log = Path(path)
+    return a
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size="256k"):
+    path.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                         capture_output=True, timeout=10)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def fill_disk(path):
+    """Write a filler file until the file system is full (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            chunk = b"\0" * size
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    break
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# start and stop records
+
+
+def test_start_and_stop_records_and_clean_stop_flushes(valkey, start_auditor):
+    a = start_auditor(valkey.pid)
+    first = a.wait_records(lambda rs: len(rs) >= 1, what="start record")[0]
+    assert (first["category"], first["command"], first["seq"]) == ("AUDIT", "start", 1)
+    args = first["command_args"]
+    assert re.search(r"\bversion=\d+\.\d+\.\d+", args), args
+    assert f"pid={valkey.pid}" in args.split()
+    assert f"protocol=file {a.log}" in args
+    for setting in ("format=json", "fsync=everysec", "roll_cycle=never", "overflow=block",
+                    "max_queue_size=67108864"):
+        assert setting in args.split(), (setting, args)
+    assert first["pid"] == a.proc.pid
+
+    # SIGTERM right after the last reply: every record still in flight is written, then `stop`.
+    s = connect(valkey.port)
+    keys = [f"flush:{i}" for i in range(5000)]
+    send_sets(s, keys)
+    assert a.stop() == 0
+    recs = read_records(a.log)
+    assert_gapless(recs)
+    assert sets_of(recs) == keys
+    last = recs[-1]
+    assert (last["category"], last["command"]) == ("AUDIT", "stop")
+    assert re.search(r"\bversion=\d+\.\d+\.\d+", last["command_args"])
+    assert f"pid={valkey.pid}" in last["command_args"].split()
+    s.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# file sink
+
+
+def test_file_mode_0640_and_missing_directory_is_a_clear_error(valkey, start_auditor, tmp_path):
+    missing = tmp_path / "no-such-dir" / "audit.log"
+    out = subprocess.run([str(AUDITOR), "--pid", str(valkey.pid), "--control", f"127.0.0.1:{free_port()}",
+                          "audit.protocol", f"file {missing}"], capture_output=True, timeout=30)
+    assert out.returncode == 1
+    err = out.stderr.decode().strip()
+    assert len(err.splitlines()) == 1, err
+    assert "does not exist" in err and str(missing.parent) in err, err
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "audit.log"
+    a = file_auditor(start_auditor, valkey, live)
+    a.wait_records(lambda rs: rs, what="start record")
+    assert stat.S_IMODE(live.stat().st_mode) == 0o640
+
+    # The same at run time: refused with the reason, the running file stays in use.
+    reply = cli(a, "CONFIG", "SET", "audit.protocol", f"file {missing}")
+    assert reply.startswith("ERR") and "does not exist" in reply, reply
+    assert config_get(a, "audit.protocol")["audit.protocol"] == f"file {live}"
+    Raw(valkey.port).call("SET", "still", "here")
+    recs = a.wait_records(lambda rs: "still" in sets_of(rs), what="record after the refused CONFIG SET")
+    assert not missing.parent.exists()
+    assert_gapless(recs)
+
+
+def test_roll_by_size_then_retention_by_total_size(valkey, start_auditor, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "audit.log"
+    max_file = 16 * 1024
+    a = file_auditor(start_auditor, valkey, live, "audit.max_file_size", str(max_file))
+    # One record at a time (each is written before the next command runs), so that every batch is
+    # one line and the roll points are exact: a file is rolled when the next line would not fit.
+    c = Raw(valkey.port)
+    keys = [f"size:{i:03d}" for i in range(120)]
+    for k in keys:
+        c.call("SET", k, "x" * 1000)
+        wait_until(lambda: f'"keys":["{k}"]'.encode() in live.read_bytes(), interval=0.002,
+                   what=f"the record of {k} in the live file")
+    c.close()
+
+    def all_written():
+        try:
+            files = rolled_files(logs) + [live]
+            recs = [r for f in files for r in read_records(f)]
+        except (OSError, AssertionError):
+            return None  # a roll or a write in progress: look again
+        return (files, recs) if sets_of(recs)[-1:] == [keys[-1]] else None
+    files, recs = wait_until(all_written, timeout=30, what="every record across rolled files")
+    rolled = files[:-1]
+    assert len(rolled) >= 5, [f.name for f in rolled]
+    # In (timestamp, N) order the files hold the records in order, none lost or doubled.
+    assert_gapless(recs)
+    assert sets_of(recs) == keys
+    for i, f in enumerate(rolled):
+        size = f.stat().st_size
+        assert size <= max_file, (f.name, size)
+        first_next = files[i + 1].read_bytes().split(b"\n", 1)[0]
+        assert size + len(first_next) + 1 > max_file, f"{f.name} rolled early ({size} bytes)"
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640
+    # Timestamps in names never decrease and name the start of the file's content.
+    assert [stamp_of(f) for f in rolled] == sorted(stamp_of(f) for f in rolled)
+    for f in rolled:
+        assert stamp_of(f) <= record_time(read_records(f)[0])
+
+    # Retention: lowering audit.max_log_size applies at once, oldest deleted first.
+    sizes = {f: f.stat().st_size for f in rolled}
+    limit = 4 * max_file
+    assert sum(sizes.values()) > limit
+    assert cli(a, "CONFIG", "SET", "audit.max_log_size", str(limit)).strip() == "OK"
+    kept = wait_until(lambda: (lambda r: r if sum(f.stat().st_size for f in r) <= limit else None)(
+        rolled_files(logs)), timeout=10, what="retention to delete rolled files")
+    deleted = [f for f in rolled if f not in kept]
+    assert deleted and deleted == rolled[:len(deleted)], "the oldest must go first"
+    assert kept == rolled[len(deleted):]
+    # It stopped as soon as the total fit: keeping the last deleted file would have been too much.
+    assert sum(sizes[f] for f in kept) + sizes[deleted[-1]] > limit
+    # What is kept is the newest records, contiguous up to the live file.
+    remaining = [r for f in kept + [live] for r in read_records(f)]
+    assert_gapless(remaining, first=remaining[0]["seq"])
+    assert remaining[-1]["seq"] >= recs[-1]["seq"]  # (+ the CONFIG record of the CONFIG SET)
+    assert sets_of(remaining) == keys[-len(sets_of(remaining)):]
+
+
+def test_roll_by_time_minutely(valkey, start_auditor, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "audit.log"
+    # Keep the "before" traffic well away from a minute boundary.
+    if datetime.now().second >= 55:
+        wait_until(lambda: datetime.now().second < 55, timeout=6, interval=0.1, what="a new minute")
+    a = file_auditor(start_auditor, valkey, live, "audit.roll_cycle", "minutely")
+    c = Raw(valkey.port)
+    before = [f"before:{i}" for i in range(20)]
+    for k in before:
+        c.call("SET", k, "1")
+    a.wait_records(lambda rs: sets_of(rs) == before, what="records before the minute boundary")
+    assert rolled_files(logs) == []
+    left = 60 - datetime.now().second
+    rolled = wait_until(lambda: rolled_files(logs), timeout=left + 5, interval=0.1,
+                        what="the minutely roll at the minute boundary")
+    after = [f"after:{i}" for i in range(20)]
+    for k in after:
+        c.call("SET", k, "1")
+    c.close()
+    a.wait_records(lambda rs: sets_of(rs) == after, what="records after the boundary in the live file")
+    assert len(rolled) == 1
+    old = read_records(rolled[0])
+    new = read_records(live)
+    assert sets_of(old) == before
+    assert_gapless(old + new)
+    stamp = stamp_of(rolled[0])
+    # Named after the start of its content, in the minute its records belong to.
+    assert stamp <= record_time(old[0])
+    assert all(record_time(r).replace(second=0) == stamp.replace(second=0) for r in old)
+    assert all(record_time(r).replace(second=0) > stamp.replace(second=0)
+               for r in new if r["command"] == "set")
+
+
+def test_archive_command_failing_once_succeeds_on_retry(valkey, start_auditor, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    calls = tmp_path / "calls.txt"
+    marker = tmp_path / "failed-once"
+    script = tmp_path / "archive.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s|%s|%s\\n' \"$#\" \"$1\" \"$2\" >> '{calls}'\n"
+        f"if [ ! -e '{marker}' ]; then touch '{marker}'; echo busy >&2; exit 1; fi\n"
+        f"exec cp \"$1\" '{archive}/'\n")
+    script.chmod(0o755)
+    live = logs / "audit.log"
+    # max_log_size is tiny, but while archive_command is set nothing is deleted.
+    a = file_auditor(start_auditor, valkey, live, "audit.max_file_size", "4000", "audit.max_log_size", "1",
+                     "audit.max_archive_retries", "3")
+    # Shell metacharacters reach the script as they are: no shell runs the command.
+    literal = "a;b $HOME `x`"
+    assert cli(a, "CONFIG", "SET", "audit.archive_command", f'{script} %path "{literal}"').strip() == "OK"
+    c = Raw(valkey.port)
+    keys = [f"arch:{i}" for i in range(40)]
+    for k in keys:
+        c.call("SET", k, "y" * 50)
+    c.close()
+    rolled = wait_until(lambda: (lambda r: r if len(r) >= 3 else None)(rolled_files(logs)),
+                        timeout=10, what="three rolled files")
+
+    def archived():
+        copies = {p.name for p in archive.iterdir()}
+        return all(f.name in copies for f in rolled)
+    wait_until(archived, timeout=20, what="every rolled file archived")
+    for f in rolled:
+        assert (archive / f.name).read_bytes() == f.read_bytes()
+        assert f.exists(), "archived files are not deleted by retention"
+    lines = calls.read_text().splitlines()
+    # The first call failed and the same file was given again; every argument as written.
+    assert lines[0] == lines[1] == f"2|{rolled[0]}|{literal}", lines
+    assert marker.exists()
+    by_path = [l.split("|")[1] for l in lines[1:]]
+    assert sorted(set(by_path)) == sorted(by_path), "each file archived once after the retry"
+    all_recs = [r for f in rolled_files(logs) + [live] for r in read_records(f)]
+    assert_gapless(all_recs)
+
+
+def test_sighup_and_config_set_reopen_after_mv(valkey, start_auditor, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "audit.log"
+    a = file_auditor(start_auditor, valkey, live, "audit.fsync", "always")
+    assert config_get(a, "audit.fsync")["audit.fsync"] == "always"
+    c = Raw(valkey.port)
+    one = [f"one:{i}" for i in range(100)]
+    for k in one:
+        c.call("SET", k, "1")
+    a.wait_records(lambda rs: sets_of(rs) == one, what="first records")
+
+    # logrotate: mv, then SIGHUP (postrotate).
+    os.rename(live, logs / "audit.log.1")
+    a.proc.send_signal(signal.SIGHUP)
+    wait_until(live.exists, what="a new file at the original path")
+    assert a.proc.poll() is None, "SIGHUP must not stop the auditor"
+    two = [f"two:{i}" for i in range(100)]
+    for k in two:
+        c.call("SET", k, "2")
+    a.wait_records(lambda rs: sets_of(rs) == two, what="records in the reopened file")
+    assert stat.S_IMODE(live.stat().st_mode) == 0o640
+
+    # Same with CONFIG SET audit.protocol to the same path instead of SIGHUP.
+    os.rename(live, logs / "audit.log.2")
+    assert cli(a, "CONFIG", "SET", "audit.protocol", f"file {live}").strip() == "OK"
+    wait_until(live.exists, what="a new file after CONFIG SET audit.protocol")
+    three = [f"three:{i}" for i in range(100)]
+    for k in three:
+        c.call("SET", k, "3")
+    c.close()
+    a.wait_records(lambda rs: sets_of(rs) == three, what="records after CONFIG SET")
+    assert a.stop() == 0
+    first = read_records(logs / "audit.log.1")
+    second = read_records(logs / "audit.log.2")
+    third = read_records(live)
+    assert sets_of(first) == one and sets_of(second) == two and sets_of(third) == three
+    assert_gapless(first + second + third)
+    assert third[-1]["command"] == "stop"
+
+
+def test_full_disk_keeps_records_and_resumes_without_torn_line_or_gap(valkey, start_auditor, tmp_path):
+    with small_tmpfs(tmp_path / "disk") as disk:
+        live = disk / "audit.log"
+        a = file_auditor(start_auditor, valkey, live)
+        s = connect(valkey.port)
+        early = [f"early:{i}" for i in range(10)]
+        send_sets(s, early)
+        a.wait_records(lambda rs: sets_of(rs) == early, what="records before the disk fills")
+        filler = disk / "filler"
+        fill_disk(filler)
+        full = [f"full:{i:04d}" for i in range(400)]
+        send_sets(s, full, b"z" * 200)  # ~300 KB of records: more than the whole disk
+
+        f = wait_until(lambda: (lambda f: f if int(f["audit_total_errors"]) > 0
+                                and f["audit_file_status"] == "error" else None)(info(a)),
+                       timeout=15, what="INFO audit to show the write error")
+        assert int(f["audit_queue_bytes"]) > 0, "records are kept in memory meanwhile"
+        # Whatever reached the disk is whole lines only.
+        data = live.read_bytes()
+        assert data.endswith(b"\n")
+        parse_lines(data)
+
+        filler.unlink()
+        recs = a.wait_records(lambda rs: sets_of(rs)[-1:] == [full[-1]], timeout=20,
+                              what="writing to resume when space returns")
+        s.close()
+        assert sets_of(recs) == early + full
+        assert_gapless(recs)
+        f = wait_until(lambda: (lambda f: f if f["audit_file_status"] == "connected" else None)(info(a)),
+                       what="file status back to connected")
+        assert int(f["audit_total_errors"]) > 0
+        assert int(f["audit_lost_queue_overflow"]) == 0 and int(f["audit_lost_ring_buffer_events"]) == 0
+        assert a.stop() == 0
+        recs = read_records(live)
+        assert_gapless(recs)
+        assert recs[-1]["command"] == "stop"
+
+
+def test_full_disk_with_overflow_drop_counts_every_dropped_record(valkey, start_auditor, tmp_path):
+    with small_tmpfs(tmp_path / "disk") as disk:
+        live = disk / "audit.log"
+        a = file_auditor(start_auditor, valkey, live, "audit.overflow", "drop", "audit.max_queue_size", "65536")
+        s = connect(valkey.port)
+        send_sets(s, ["warm"])
+        a.wait_records(lambda rs: sets_of(rs) == ["warm"], what="first record")
+        filler = disk / "filler"
+        fill_disk(filler)
+        keys = [f"drop:{i:05d}" for i in range(3000)]
+        send_sets(s, keys, b"q" * 100)
+        wait_until(lambda: int(info(a)["audit_lost_queue_overflow"]) > 0, timeout=15,
+                   what="the queue to overflow")
+        filler.unlink()
+        recs = a.wait_records(lambda rs: loss_counts(rs, "queue_overflow"), timeout=20,
+                              what="an AUDIT_LOSS record for the queue overflow")
+        f = wait_until(lambda: (lambda f: f if int(f["audit_queue_bytes"]) == 0 else None)(info(a)),
+                       what="the queue to drain")
+        s.close()
+        assert a.stop() == 0
+        recs = read_records(live)
+        assert_gapless(recs)  # seq is gapless over what was written
+        written = sets_of(recs)
+        assert written == ["warm"] + [k for k in keys if k in set(written)], "order kept"
+        missing = len(keys) - (len(written) - 1)
+        counts = loss_counts(recs, "queue_overflow")
+        assert missing > 0
+        assert sum(counts) == missing == int(f["audit_lost_queue_overflow"])
+        loss = [r for r in recs if r["category"] == "AUDIT_LOSS"]
+        assert all(r["command"] == "loss" for r in loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# syslog: a real rsyslogd
+
+
+def _listening(proto, port):
+    """Whether a socket of /proc/net/<proto> is bound to 127.0.0.1:port (and listening, for tcp)."""
+    want = f"0100007F:{port:04X}"
+    try:
+        lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if fields[1] == want and (proto != "tcp" or fields[3] == "0A"):
+            return True
+    return False
+
+
+def free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Rsyslog:
+    """rsyslogd in the foreground with its own config: imudp and imtcp on free loopback ports, and
+    imuxsock creating /dev/log when `local`. Each input writes to its own file with a template that
+    shows facility, severity, tag, pid and message."""
+
+    TEMPLATE = "%syslogfacility-text%.%syslogseverity-text% %programname%[%procid%] %msg%\\n"
+
+    def __init__(self, directory, local):
+        self.dir = directory
+        self.dir.mkdir()
+        self.local = local
+        self.udp = free_udp_port()
+        self.tcp = free_port()
+        conf = self.dir / "rsyslog.conf"
+        local_part = ""
+        if local:
+            local_part = (
+                'module(load="imuxsock" SysSock.Name="/dev/log" SysSock.RateLimit.Interval="0")\n'
+                f'if $inputname == "imuxsock" then {{ action(type="omfile" file="{self.dir}/local.log" '
+                'template="t") }\n')
+        conf.write_text(
+            f'global(workDirectory="{self.dir}")\n'
+            'module(load="imudp")\n'
+            'module(load="imtcp")\n'
+            f'template(name="t" type="string" string="{self.TEMPLATE}")\n'
+            f'ruleset(name="r_udp") {{ action(type="omfile" file="{self.dir}/udp.log" template="t") }}\n'
+            f'ruleset(name="r_tcp") {{ action(type="omfile" file="{self.dir}/tcp.log" template="t") }}\n'
+            f'input(type="imudp" address="127.0.0.1" port="{self.udp}" ruleset="r_udp" rcvbufSize="4m")\n'
+            f'input(type="imtcp" address="127.0.0.1" port="{self.tcp}" ruleset="r_tcp")\n'
+            + local_part)
+        self.log = open(self.dir / "rsyslogd.out", "wb")
+        self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self._ready, timeout=15, what="rsyslogd to listen")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"rsyslogd exited: {(self.dir / 'rsyslogd.out').read_text()}")
+        return (_listening("udp", self.udp) and _listening("tcp", self.tcp)
+                and (not self.local or os.path.exists("/dev/log")))
+
+    def messages(self, name, pid):
+        """(facility.severity, record) of the auditor's messages in <name>.log."""
+        path = self.dir / f"{name}.log"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_bytes().split(b"\n")[:-1]:
+            head, _, msg = line.decode().partition(" ")
+            tag, _, msg = msg.partition(" ")
+            if tag != f"valkey-audit[{pid}]":
+                continue
+            out.append((head, json.loads(msg.strip())))
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        if self.local and os.path.exists("/dev/log"):
+            os.unlink("/dev/log")
+
+
+def test_rsyslog_receives_every_record_in_order_with_facility(valkey, start_auditor, tmp_path):
+    # /dev/log is created by our rsyslogd when nothing provides it; if another daemon owns it, only
+    # the remote targets are tested (its messages would not reach our files).
+    local = not os.path.exists("/dev/log")
+    rs = Rsyslog(tmp_path / "rsyslog", local)
+    try:
+        phases = [
+            ("udp", "syslog local4", f"udp://127.0.0.1:{rs.udp}", "rfc3164", "local4"),
+            ("tcp", "syslog local5", f"tcp://127.0.0.1:{rs.tcp}", "rfc5424", "local5"),
+        ]
+        if local:
+            phases.insert(0, ("local", "syslog local3", "local", "rfc3164", "local3"))
+        name, protocol, target, fmt, _ = phases[0]
+        a = start_auditor(valkey.pid, settings=("audit.protocol", protocol, "audit.syslog_target", target,
+                                                "audit.syslog_format", fmt))
+        for i, (name, protocol, target, fmt, facility) in enumerate(phases):
+            if i:
+                assert cli(a, "CONFIG", "SET", "audit.protocol", protocol, "audit.syslog_target", target,
+                           "audit.syslog_format", fmt).strip() == "OK"
+            s = connect(valkey.port)
+            keys = [f"{name}:{j:03d}" for j in range(300)]
+            send_sets(s, keys)
+            s.close()
+            msgs = wait_until(lambda: (lambda m: m if sets_of([r for _, r in m]) == keys else None)(
+                rs.messages(name, a.proc.pid)), timeout=15, what=f"rsyslog to receive the {name} records")
+            assert info(a)["audit_syslog_status"] == "connected"
+        assert a.stop() == 0
+        wait_until(lambda: any(r["command"] == "stop" for _, r in rs.messages(phases[-1][0], a.proc.pid)),
+                   timeout=15, what="the stop record")
+        union = []
+        for name, _, _, _, facility in phases:
+            msgs = rs.messages(name, a.proc.pid)
+            assert msgs, name
+            assert {h for h, _ in msgs} == {f"{facility}.notice"}, name
+            seqs = [r["seq"] for _, r in msgs]
+            assert seqs == sorted(set(seqs)), f"{name}: out of order or duplicated"
+            union += [r for _, r in msgs]
+        union.sort(key=lambda r: r["seq"])
+        assert_gapless(union)
+        assert union[0]["command"] == "start" and union[-1]["command"] == "stop"
+    finally:
+        rs.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# TCP collector
+
+
+class Collector:
+    """A TCP collector: accepts connections and keeps the bytes each one received. `kill()` makes it
+    go away (listener closed, connections closed after reading what its kernel already took in),
+    `start()` listens again on the same port."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.lock = threading.Lock()
+        self.buffers = []
+        self.listener = None
+        self.accepting = None
+        self.threads = []
+        self.socks = []
+
+    def start(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self.listener = listener
+        self.accepting = threading.Event()
+        self.accepting.set()
+        t = threading.Thread(target=self._accept, args=(listener, self.accepting), daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self, listener, accepting):
+        while accepting.is_set():
+            try:
+                s, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            s.settimeout(None)
+            buf = bytearray()
+            with self.lock:
+                self.buffers.append(buf)
+                self.socks.append(s)
+            t = threading.Thread(target=self._read, args=(s, buf), daemon=True)
+            t.start()
+            self.threads.append(t)
+        listener.close()
+
+    def _read(self, s, buf):
+        while True:
+            try:
+                chunk = s.recv(1 << 20)
+            except OSError:
+                break
+            if not chunk:
+                break
+            with self.lock:
+                buf.extend(chunk)
+        s.close()
+
+    def kill(self):
+        self.accepting.clear()
+        for t in self.threads[:1]:
+            t.join(5)
+        self.threads = self.threads[1:]
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+        # The readers end when the auditor closes its side; what reached this host is read.
+        for t in self.threads:
+            t.join(10)
+        self.threads = []
+
+    def records(self):
+        """Records of every connection, in accept order; a line cut by a closed connection (no
+        newline) is not a record."""
+        with self.lock:
+            chunks = [bytes(b) for b in self.buffers]
+        out = []
+        for data in chunks:
+            out += parse_lines(data)[0]
+        return out
+
+    def close(self):
+        if self.accepting is not None:
+            self.accepting.clear()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def test_tcp_collector_killed_for_10s_gets_every_record_once_in_order(valkey, start_auditor, tmp_path):
+    col = Collector()
+    col.start()
+    try:
+        a = start_auditor(valkey.pid, settings=(
+            "audit.protocol", f"tcp 127.0.0.1:{col.port}", "audit.tcp_retry_interval_ms", "200",
+            "audit.tcp_timeout_ms", "2000", "audit.spool_dir", str(tmp_path)))
+        wait_until(lambda: any(r["command"] == "start" for r in col.records()), what="start record")
+
+        n_batches, per_batch = 100, 500
+        conns = [connect(valkey.port), connect(valkey.port)]
+        keys = [[f"tcp:{b:03d}:{i:03d}" for i in range(per_batch)] for b in range(n_batches)]
+        done = []
+        failure = []
+
+        def traffic():
+            try:
+                t0 = time.monotonic()
+                for b in range(n_batches):
+                    # Paced over ~15 s, so that commands run all through the outage.
+                    delay = t0 + b * 0.15 - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    send_sets(conns[b % 2], keys[b])
+                    done.append(time.monotonic())
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
+                failure.append(e)
+        t = threading.Thread(target=traffic, daemon=True)
+        t.start()
+        wait_until(lambda: len(done) >= 12 or failure, timeout=30, what="traffic to start")
+        col.kill()
+        killed_at, during_before = time.monotonic(), len(done)
+        time.sleep(10)  # the collector stays away for 10 s while commands go on
+        during = len(done) - during_before
+        assert a.proc.poll() is None
+        assert info(a)["audit_tcp_status"] != "connected"
+        col.start()
+        restarted_at = time.monotonic()
+        t.join(60)
+        assert not failure, failure
+        assert len(done) == n_batches
+        assert during >= 50, f"only {during} batches ran while the collector was away"
+        assert restarted_at - killed_at >= 10
+        for c in conns:
+            c.close()
+        expected = [k for batch in keys for k in batch]
+        wait_until(lambda: len(sets_of(col.records())) >= len(expected), timeout=90,
+                   what="the collector to receive every SET record")
+        assert a.stop() == 0
+        recs = wait_until(lambda: (lambda r: r if r and r[-1]["command"] == "stop" else None)(col.records()),
+                          timeout=15, what="the stop record")
+    finally:
+        col.close()
+    seqs = [r["seq"] for r in recs]
+    assert len(seqs) == len(set(seqs)), f"{len(seqs) - len(set(seqs))} records received twice"
+    assert_gapless(recs)
+    got = sets_of(recs)
+    assert sorted(got) == sorted(expected)
+    # Per connection, in the order the commands ran.
+    for parity in (0, 1):
+        mine = [k for k in got if int(k.split(":")[1]) % 2 == parity]
+        assert mine == [k for b in range(parity, n_batches, 2) for k in keys[b]]
+    assert not [r for r in recs if r["category"] == "AUDIT_LOSS"]
+
+
+def test_tcp_spool_overflow_loss_count_is_exact(valkey, start_auditor, tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    col = Collector()  # not listening yet: the collector is away from the start
+    spool_max = 200000
+    a = start_auditor(valkey.pid, settings=(
+        "audit.protocol", f"tcp 127.0.0.1:{col.port}", "audit.tcp_retry_interval_ms", "200",
+        "audit.tcp_timeout_ms", "2000", "audit.spool_dir", str(spool), "audit.spool_max_size", str(spool_max),
+        "audit.max_queue_size", "65536"))
+    try:
+        s = connect(valkey.port)
+        keys = [f"spool:{i:05d}" for i in range(4000)]
+        send_sets(s, keys, b"s" * 100)  # ~2 MB of records: far more than memory + spool
+        # Every SET record has reached the sink (it counts what it took, kept or not).
+        wait_until(lambda: int(info(a)["audit_events_key_op"]) >= len(keys), timeout=30,
+                   what="the sink to take every record")
+        f = wait_until(lambda: (lambda f: f if int(f["audit_lost_sink"]) > 0 else None)(info(a)),
+                       what="sink losses to be counted")
+        spooled = list(spool.iterdir())
+        assert len(spooled) == 1 and 0 < spooled[0].stat().st_size <= spool_max + 256, spooled
+        assert f["audit_tcp_status"] != "connected"
+
+        col.start()
+        s.sendall(resp("ECHO", "back"))
+        wait_until(lambda: any(r["command"] == "echo" for r in col.records()), timeout=30,
+                   what="the backlog and new records to reach the collector")
+        wait_until(lambda: loss_counts(col.records(), "sink_overflow"), timeout=10,
+                   what="an AUDIT_LOSS sink_overflow record at the collector")
+        lost_sink = int(info(a)["audit_lost_sink"])
+        s.close()
+        assert a.stop() == 0
+        recs = wait_until(lambda: (lambda r: r if r and r[-1]["command"] == "stop" else None)(col.records()),
+                          timeout=15, what="the stop record")
+    finally:
+        col.close()
+    seqs = [r["seq"] for r in recs]
+    assert seqs == sorted(set(seqs)), "in order, no duplicates"
+    missing = set(range(1, seqs[-1] + 1)) - set(seqs)
+    counts = loss_counts(recs, "sink_overflow")
+    assert missing, "the spool was supposed to overflow"
+    assert sum(counts) == len(missing) == lost_sink, (counts, len(missing), lost_sink)
+    got = sets_of(recs)
+    # Drop newest: what was kept is the oldest records, memory then spool, with nothing missing among
+    # them; the spool really held records (more than memory alone could).
+    assert got == keys[:len(got)]
+    kept_bytes = sum(len(json.dumps(r, separators=(",", ":"))) + 1 for r in recs if r["command"] == "set")
+    assert kept_bytes > 65536 + spool_max // 2, kept_bytes
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel ring buffer overflow
+
+
+def test_ring_buffer_overflow_loss_record_has_the_kernel_count(valkey, start_auditor):
+    a = start_auditor(valkey.pid, extra=("--ring-bytes", "65536"))
+    value = b"r" * 60000
+    conns = [connect(valkey.port) for _ in range(2)]
+    threads = [threading.Thread(target=send_sets, args=(c, [f"ring:{j}:{i}" for i in range(150)], value))
+               for j, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in conns:
+        c.close()
+
+    def settled():
+        kernel = int(info(a)["audit_lost_ring_buffer_events"])
+        counts = loss_counts(a.records(), "ring_buffer_full")
+        return (kernel, counts) if kernel > 0 and sum(counts) == kernel else None
+    kernel, counts = wait_until(settled, timeout=20, what="AUDIT_LOSS records matching the kernel count")
+    # Nothing more trickles in: a later command finds the same totals.
+    Raw(valkey.port).call("ECHO", "after")
+    recs = a.wait_records(lambda rs: any(r["command"] == "echo" for r in rs), what="a later record")
+    assert int(info(a)["audit_lost_ring_buffer_events"]) == kernel
+    assert sum(loss_counts(recs, "ring_buffer_full")) == kernel
+    loss = [r for r in recs if "cause=ring_buffer_full" in r["command_args"]]
+    assert all(r["category"] == "AUDIT_LOSS" and r["command"] == "loss" for r in loss)
+    assert all(re.search(r"\bbytes=\d+", r["command_args"]) for r in loss)
+    assert_gapless(recs)
