@@ -330,3 +330,31 @@ def test_ignore_internal_clients_with_real_replica(start_valkey, start_auditor):
     assert not any(r["command"] in ("psync", "sync", "replconf") for r in ra)
     assert any(r["command"] == "psync" for r in rb)
     assert [r["keys"] for r in ra if r["command"] == "set"] == [["replicated"]]
+
+
+def test_garbage_control_client_is_disconnected_capture_unaffected(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", auditor.control))
+    s.settimeout(10)
+    closed = False
+    try:
+        s.sendall(b"*2\r\n$999999999\r\n" + b"x" * (2 << 20))
+    except OSError:
+        closed = True
+    if not closed:
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        assert data.startswith(b"-ERR Protocol error")
+    s.close()
+    assert cli(auditor, "PING").strip() == "PONG"
+    c = Raw(valkey.port)
+    c.call("SET", "after-garbage", "1")
+    c.close()
+    auditor.wait_records(lambda rs: any(r["keys"] == ["after-garbage"] for r in rs))

@@ -299,8 +299,113 @@ fn push_hex_byte(out: &mut Vec<u8>, b: u8) {
     ]);
 }
 
-/// Text/CSV escaping (see the module doc). Copies runs of plain bytes in one go.
+/// Per-byte classes of the escapers' fast path. A byte is copied as it is when `CLASS[b] & mask` is
+/// 0, with `mask` chosen by the escaper and its options.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        let mut c = 0u8;
+        if b < 0x20 || b == 0x7f || b == b'\\' as usize {
+            c |= C_SPECIAL;
+        }
+        if b >= 0x80 {
+            c |= C_SPECIAL | C_NON_ASCII;
+        }
+        if b == b'"' as usize {
+            c |= C_QUOTE;
+        }
+        if b == b',' as usize {
+            c |= C_COMMA;
+        }
+        t[b] = c;
+        b += 1;
+    }
+    t
+};
+/// Escaped by every escaper: ASCII controls, DEL, backslash, and non-ASCII (handled by the UTF-8 path).
+const C_SPECIAL: u8 = 1;
+/// Not ASCII: the rest of the string goes through the UTF-8 path.
+const C_NON_ASCII: u8 = 2;
+/// `"`: escaped in JSON, doubled in quoted CSV fields.
+const C_QUOTE: u8 = 4;
+/// `,`: escaped in key lists.
+const C_COMMA: u8 = 8;
+
+/// Length of the leading run of `s` that `mask` lets through unescaped.
+#[inline(always)]
+fn plain_run(s: &[u8], mask: u8) -> usize {
+    s.iter()
+        .position(|&b| CLASS[usize::from(b)] & mask != 0)
+        .unwrap_or(s.len())
+}
+
+/// Text/CSV escaping (see the module doc). Runs of plain ASCII are copied in one go; from the first
+/// non-ASCII byte on, `escape_plain_utf8` takes over.
 fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
+    let mask = C_SPECIAL
+        | if opts.comma { C_COMMA } else { 0 }
+        | if opts.double_quote { C_QUOTE } else { 0 };
+    out.reserve(s.len());
+    let mut rest = s;
+    loop {
+        let run = plain_run(rest, mask);
+        let (plain, tail) = rest.split_at(run);
+        out.extend_from_slice(plain);
+        let Some((&b, after)) = tail.split_first() else {
+            return;
+        };
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b',' => out.extend_from_slice(b"\\,"),
+            b'"' => out.extend_from_slice(b"\"\""),
+            0..=0x1f | 0x7f => push_hex_byte(out, b),
+            _ => return escape_plain_utf8(out, tail, opts),
+        }
+        rest = after;
+    }
+}
+
+/// JSON string-content escaping (see the module doc). Runs of plain ASCII are copied in one go; from
+/// the first non-ASCII byte on, `escape_json_utf8` takes over.
+fn escape_json(out: &mut Vec<u8>, s: &[u8]) {
+    out.reserve(s.len());
+    let mut rest = s;
+    loop {
+        let run = plain_run(rest, C_SPECIAL | C_QUOTE);
+        let (plain, tail) = rest.split_at(run);
+        out.extend_from_slice(plain);
+        let Some((&b, after)) = tail.split_first() else {
+            return;
+        };
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0..=0x1f | 0x7f => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+            _ => return escape_json_utf8(out, tail),
+        }
+        rest = after;
+    }
+}
+
+/// Text/CSV escaping of `s` from its first non-ASCII byte on (the general case: UTF-8 chunks, C1
+/// controls, U+2028/U+2029, invalid bytes).
+fn escape_plain_utf8(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
     for chunk in s.utf8_chunks() {
         let valid = chunk.valid().as_bytes();
         let mut run = 0;
@@ -355,8 +460,8 @@ fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
     }
 }
 
-/// JSON string-content escaping (see the module doc).
-fn escape_json(out: &mut Vec<u8>, s: &[u8]) {
+/// JSON escaping of `s` from its first non-ASCII byte on (see `escape_plain_utf8`).
+fn escape_json_utf8(out: &mut Vec<u8>, s: &[u8]) {
     for chunk in s.utf8_chunks() {
         let valid = chunk.valid().as_bytes();
         let mut run = 0;
@@ -411,16 +516,39 @@ fn escape_json(out: &mut Vec<u8>, s: &[u8]) {
     }
 }
 
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+/// "00" "01" ... "99".
+static DIGIT_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
+
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    if n < 10 {
+        out.push(b'0' + n as u8);
+        return;
+    }
     let mut buf = [0u8; 20];
     let mut i = buf.len();
-    loop {
+    let mut n = n;
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        buf[i] = b'0' + n as u8;
     }
     out.extend_from_slice(&buf[i..]);
 }
@@ -964,5 +1092,59 @@ mod tests {
         assert!(out.contains(":65535 ") && out.ends_with("pid=4294967295\n"));
         let v: serde_json::Value = serde_json::from_slice(&line(Format::Json, &r)).unwrap();
         assert_eq!(v["duration_us"], u64::MAX);
+    }
+
+    /// The ASCII fast paths of the escapers write exactly what the general UTF-8 paths write.
+    #[test]
+    fn fast_escapers_match_the_general_ones() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pieces: &[&[u8]] = &[
+            b"a", b"key:1", b" ", b"\"", b"\\", b",", b"\n", b"\r", b"\t", b"\x08", b"\x0c", b"\x00",
+            b"\x1f", b"\x7f", b"\xc2\x85", b"\xc2\xa0", b"\xe2\x80\xa8", b"\xe2\x80\xa9", b"\xe2\x80",
+            b"\xff", b"\xc3\xa9", b"\xf0\x9f\x98\x80", b"\xf0\x9f",
+        ];
+        let all_plain = [
+            Plain::TEXT,
+            Plain::TEXT_KEY,
+            Plain::CSV_QUOTED,
+            Plain::CSV_KEY_QUOTED,
+        ];
+        for _ in 0..20_000 {
+            let mut v = Vec::new();
+            for _ in 0..next() % 12 {
+                v.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            let (mut fast, mut slow) = (b"<".to_vec(), b"<".to_vec());
+            escape_json(&mut fast, &v);
+            escape_json_utf8(&mut slow, &v);
+            assert_eq!(fast, slow, "json {v:?}");
+            for opts in all_plain {
+                let (mut fast, mut slow) = (Vec::new(), Vec::new());
+                escape_plain(&mut fast, &v, opts);
+                escape_plain_utf8(&mut slow, &v, opts);
+                assert_eq!(fast, slow, "plain {v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn push_u64_is_decimal() {
+        let mut values = vec![0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, u64::MAX, u64::MAX - 1];
+        let mut p = 1u64;
+        while let Some(q) = p.checked_mul(10) {
+            values.extend([p - 1, p, p + 1, q / 2]);
+            p = q;
+        }
+        for n in values {
+            let mut out = b"x".to_vec();
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
     }
 }
