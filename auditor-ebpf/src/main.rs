@@ -343,9 +343,6 @@ fn emit_data(ctx: &TracePointContext) -> u32 {
     } else {
         (args.ptr, args.iovcnt, 0, 0)
     };
-    let Some(ctx_ptr) = COPY_CTX.get_ptr_mut(0) else {
-        return 0;
-    };
     let c = CopyCtx {
         iov,
         iovcnt,
@@ -374,6 +371,43 @@ fn emit_data(ctx: &TracePointContext) -> u32 {
     if captured == 0 {
         return 0;
     }
+    // Fast path for the common case, a plain buffer that fits one record: one copy, one output,
+    // no loop and no per-CPU loop state.
+    if iovcnt == 0 && captured <= CHUNK_SIZE as u64 {
+        let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+            return 0;
+        };
+        let mut n = captured;
+        if n > CHUNK_SIZE as u64 {
+            n = CHUNK_SIZE as u64;
+        }
+        let mut hdr = c.hdr;
+        hdr.chunk_len = n as u32;
+        // SAFETY: the scratch value holds DATA_HDR_LEN + 2 * CHUNK_SIZE bytes and n <= CHUNK_SIZE.
+        let ret = unsafe {
+            let base = (*scratch).bytes.as_mut_ptr();
+            if bpf_probe_read_user(base.add(DATA_HDR_LEN).cast(), n as u32, cur_base as *const c_void) < 0 {
+                return 0;
+            }
+            core::ptr::write_unaligned(base.cast::<DataEvent>(), hdr);
+            bpf_ringbuf_output(
+                (&raw const EVENTS).cast_mut().cast(),
+                base.cast(),
+                DATA_HDR_LEN as u64 + n,
+                c.flags,
+            )
+        };
+        if ret < 0 {
+            bump(STAT_RING_DROPS, 1);
+            bump(STAT_RING_DROP_BYTES, n);
+        } else {
+            bump(STAT_RING_WRITES, 1);
+        }
+        return 0;
+    }
+    let Some(ctx_ptr) = COPY_CTX.get_ptr_mut(0) else {
+        return 0;
+    };
     let chunks = captured / CHUNK_SIZE as u64 + 2;
     let mut loops = chunks + 2 * iovcnt;
     if loops > MAX_CHUNKS as u64 {
