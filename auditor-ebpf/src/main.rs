@@ -386,7 +386,12 @@ fn emit_data(ctx: &TracePointContext) -> u32 {
         // SAFETY: the scratch value holds DATA_HDR_LEN + 2 * CHUNK_SIZE bytes and n <= CHUNK_SIZE.
         let ret = unsafe {
             let base = (*scratch).bytes.as_mut_ptr();
-            if bpf_probe_read_user(base.add(DATA_HDR_LEN).cast(), n as u32, cur_base as *const c_void) < 0 {
+            if bpf_probe_read_user(
+                base.add(DATA_HDR_LEN).cast(),
+                n as u32,
+                cur_base as *const c_void,
+            ) < 0
+            {
                 return 0;
             }
             core::ptr::write_unaligned(base.cast::<DataEvent>(), hdr);

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde_json::Value;
 
@@ -50,6 +51,74 @@ const CUT_MARKER: &[u8] = b"...";
 /// `ACL DRYRUN user cmd args...` is checked for secrets like `cmd args...`; nesting is bounded so a
 /// crafted `ACL DRYRUN u ACL DRYRUN u ...` cannot exhaust the stack.
 const MAX_DRYRUN_DEPTH: usize = 4;
+
+/// A small, fast, non-cryptographic hasher (the multiply-rotate "Fx" hash of rustc) for maps whose
+/// keys an attacker cannot choose to collide: the fixed command table (looked up with client bytes,
+/// but never filled with them) and connections keyed by (pid, fd).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            // Assembled with shifts: a variable-length copy into a word would be a memcpy call and
+            // a store-forwarding stall on these short keys.
+            let word = rest
+                .iter()
+                .rev()
+                .fold(0u64, |word, &b| (word << 8) | u64::from(b));
+            self.add(word);
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        // The multiply leaves the best bits at the top; the table indexes with the low ones.
+        self.hash.rotate_left(26)
+    }
+}
+
+/// `HashMap` hasher state for [`FxHasher`].
+pub type FxBuildHasher = BuildHasherDefault<FxHasher>;
 
 /// The embedded command table could not be understood.
 #[derive(Debug)]
@@ -311,14 +380,14 @@ struct CommandInfo {
     secret_rule: SecretRule,
     payload: Option<PayloadRule>,
     /// Subcommands by their lower-case name after the `|` (`set` for `config|set`).
-    subcommands: HashMap<Vec<u8>, CommandInfo>,
+    subcommands: HashMap<Vec<u8>, CommandInfo, FxBuildHasher>,
 }
 
 /// The server's command table, parsed once.
 #[derive(Clone, Debug)]
 pub struct CommandTable {
     /// Top-level commands by lower-case name.
-    commands: HashMap<Vec<u8>, CommandInfo>,
+    commands: HashMap<Vec<u8>, CommandInfo, FxBuildHasher>,
 }
 
 /// What [`CommandTable::describe`] found out about one request.
@@ -344,6 +413,22 @@ pub struct Described {
     pub argc: u64,
 }
 
+impl Default for Described {
+    /// An empty description, to be filled by [`CommandTable::describe_into`].
+    fn default() -> Self {
+        Described {
+            command: Vec::new(),
+            known: false,
+            category: Category::Other,
+            keys: Vec::new(),
+            write_keys: 0,
+            payload: None,
+            secrets: Vec::new(),
+            argc: 0,
+        }
+    }
+}
+
 impl Described {
     fn is_secret(&self, index: usize) -> bool {
         self.secrets.binary_search(&index).is_ok()
@@ -363,7 +448,8 @@ impl CommandTable {
             entry: "<table>".to_string(),
             what: "not an array of commands",
         })?;
-        let mut commands = HashMap::with_capacity(entries.len());
+        let mut commands =
+            HashMap::with_capacity_and_hasher(entries.len(), FxBuildHasher::default());
         for entry in entries {
             let info = parse_entry(entry)?;
             commands.insert(info.name.as_bytes().to_vec(), info);
@@ -404,39 +490,46 @@ impl CommandTable {
     /// Classify one request: name, category, keys, payload and secrets. `argc` is the request's real
     /// argument count, which may exceed `args.len()` when the parser did not keep every argument.
     pub fn describe(&self, args: &[Arg], argc: u64) -> Described {
+        let mut d = Described::default();
+        self.describe_into(args, argc, &mut d);
+        d
+    }
+
+    /// [`describe`](Self::describe) into `d`, reusing its buffers (every field is overwritten).
+    pub fn describe_into(&self, args: &[Arg], argc: u64, d: &mut Described) {
         let argc = usize::try_from(argc).unwrap_or(usize::MAX).max(args.len());
+        d.argc = argc as u64;
+        d.command.clear();
+        d.keys.clear();
+        d.secrets.clear();
         let Some(info) = self.resolve(args) else {
-            return Described {
-                command: args.first().map(|a| a.prefix.clone()).unwrap_or_default(),
-                known: false,
-                category: Category::Other,
-                keys: Vec::new(),
-                write_keys: 0,
-                payload: None,
-                secrets: Vec::new(),
-                argc: argc as u64,
-            };
+            if let Some(a) = args.first() {
+                d.command.extend_from_slice(&a.prefix);
+            }
+            d.known = false;
+            d.category = Category::Other;
+            d.write_keys = 0;
+            d.payload = None;
+            return;
         };
 
-        let mut keys = Vec::new();
-        let write_keys = match info.keys_rule {
-            KeysRule::Specs => keys_from_specs(&info.key_specs, args, argc, &mut keys),
-            KeysRule::Sort => sort_keys(args, argc, &mut keys),
+        d.write_keys = match info.keys_rule {
+            KeysRule::Specs => keys_from_specs(&info.key_specs, args, argc, &mut d.keys),
+            KeysRule::Sort => sort_keys(args, argc, &mut d.keys),
             KeysRule::SortRo => {
                 if args.len() > 1 {
-                    keys.push(1);
+                    d.keys.push(1);
                 }
                 0
             }
-            KeysRule::Migrate => migrate_keys(args, argc, &mut keys),
+            KeysRule::Migrate => migrate_keys(args, argc, &mut d.keys),
         };
 
-        let mut secrets = Vec::new();
-        self.collect_secrets(info.secret_rule, args, 0, 0, &mut secrets);
-        secrets.sort_unstable();
-        secrets.dedup();
+        self.collect_secrets(info.secret_rule, args, 0, 0, &mut d.secrets);
+        d.secrets.sort_unstable();
+        d.secrets.dedup();
 
-        let category = if info.secret_rule == SecretRule::Auth
+        d.category = if info.secret_rule == SecretRule::Auth
             || (info.secret_rule == SecretRule::Hello && hello_auth_at(args).is_some())
         {
             Category::Auth
@@ -448,21 +541,17 @@ impl CommandTable {
             Category::Other
         };
 
-        let payload = info
+        d.payload = info
             .payload
             .and_then(|rule| payload_index(rule, args))
             .filter(|&i| i < args.len());
-
-        Described {
-            command: info.name.as_bytes().to_vec(),
-            known: true,
-            category,
-            keys,
-            write_keys,
-            payload,
-            secrets,
-            argc: argc as u64,
+        let name = info.name.as_bytes();
+        if d.command.capacity() < name.len() {
+            // The usual case: the caller took the previous name. Allocate it exactly, in one go.
+            d.command = Vec::with_capacity(name.len());
         }
+        d.command.extend_from_slice(name);
+        d.known = true;
     }
 
     /// Append to `out` the indexes (plus `offset`) of the secrets among `args`, by `rule`.
@@ -855,7 +944,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         .iter()
         .map(|ks| parse_key_spec(ks).ok_or_else(|| shape(&name, "malformed key spec")))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut subcommands = HashMap::new();
+    let mut subcommands = HashMap::default();
     for sub in fields[9]
         .as_array()
         .ok_or_else(|| shape(&name, "subcommands is not an array"))?
@@ -960,6 +1049,19 @@ pub fn command_args(
     payload_maxsize: usize,
 ) -> Vec<u8> {
     let mut out = Vec::new();
+    command_args_into(d, args, payload_disable, payload_maxsize, &mut out);
+    out
+}
+
+/// [`command_args`] appended to `out`.
+pub fn command_args_into(
+    d: &Described,
+    args: &[Arg],
+    payload_disable: bool,
+    payload_maxsize: usize,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
     match d.category {
         Category::KeyOp => {
             if let Some(&k) = d.keys.first() {
@@ -967,24 +1069,24 @@ pub fn command_args(
                 if d.is_secret(k) {
                     out.extend_from_slice(REDACTED);
                 } else {
-                    push_cut(&mut out, args.get(k), payload_maxsize, TRUNCATED_MARKER);
+                    push_cut(out, args.get(k), payload_maxsize, TRUNCATED_MARKER);
                 }
             }
             if !payload_disable
                 && let Some(p) = d.payload.filter(|&p| !d.is_secret(p))
                 && let Some(arg) = args.get(p)
             {
-                if !out.is_empty() {
+                if out.len() > start {
                     out.push(b' ');
                 }
                 out.extend_from_slice(b"payload=");
-                push_cut(&mut out, Some(arg), payload_maxsize, TRUNCATED_MARKER);
+                push_cut(out, Some(arg), payload_maxsize, TRUNCATED_MARKER);
             }
         }
         Category::Config => {
             if let Some(sub) = args.get(1) {
                 out.extend_from_slice(b"subcommand=");
-                push_cut(&mut out, Some(sub), CONFIG_FIELD_MAX, CUT_MARKER);
+                push_cut(out, Some(sub), CONFIG_FIELD_MAX, CUT_MARKER);
                 if (sub.eq_ignore_case("get") || sub.eq_ignore_case("set"))
                     && let Some(param) = args.get(2)
                 {
@@ -992,7 +1094,7 @@ pub fn command_args(
                     if d.is_secret(2) {
                         out.extend_from_slice(REDACTED);
                     } else {
-                        push_cut(&mut out, Some(param), CONFIG_FIELD_MAX, CUT_MARKER);
+                        push_cut(out, Some(param), CONFIG_FIELD_MAX, CUT_MARKER);
                     }
                 }
             }
@@ -1005,12 +1107,12 @@ pub fn command_args(
                     && let Some(protover) = args.get(1)
                 {
                     out.extend_from_slice(b"protover=");
-                    push_field(&mut out, d, 1, protover, HELLO_FIELD_MAX);
+                    push_field(out, d, 1, protover, HELLO_FIELD_MAX);
                     out.push(b' ');
                 }
                 if let Some(user) = args.get(at + 1) {
                     out.extend_from_slice(b"username=");
-                    push_field(&mut out, d, at + 1, user, HELLO_FIELD_MAX);
+                    push_field(out, d, at + 1, user, HELLO_FIELD_MAX);
                     out.push(b' ');
                 }
             }
@@ -1031,19 +1133,18 @@ pub fn command_args(
                 out.push(b'0' + i as u8);
                 out.push(b'=');
                 match args.get(i) {
-                    Some(arg) => push_field(&mut out, d, i, arg, OTHER_ARG_MAX),
+                    Some(arg) => push_field(out, d, i, arg, OTHER_ARG_MAX),
                     // Sent but not kept: nothing to show but the fact that something was cut.
                     None => out.extend_from_slice(CUT_MARKER),
                 }
             }
             if argc - 1 > OTHER_ARGS_SHOWN {
                 out.extend_from_slice(b" (and ");
-                push_decimal(&mut out, (argc - 1 - OTHER_ARGS_SHOWN) as u64);
+                push_decimal(out, (argc - 1 - OTHER_ARGS_SHOWN) as u64);
                 out.extend_from_slice(b" more args)");
             }
         }
     }
-    out
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: u64) {

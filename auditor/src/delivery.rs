@@ -43,11 +43,14 @@ struct QueueState {
 #[derive(Clone)]
 pub struct Queue {
     state: Arc<(Mutex<QueueState>, Condvar, Condvar)>,
+    /// Drops are counted here at once, so INFO shows them while the sink is stuck.
+    metrics: Arc<Metrics>,
 }
 
 impl Queue {
-    pub fn new(max_bytes: usize, overflow: Overflow) -> Self {
+    pub fn new(max_bytes: usize, overflow: Overflow, metrics: Arc<Metrics>) -> Self {
         Queue {
+            metrics,
             state: Arc::new((
                 Mutex::new(QueueState {
                     records: VecDeque::new(),
@@ -93,6 +96,7 @@ impl Queue {
                 match st.overflow {
                     Overflow::Drop => {
                         st.dropped += 1;
+                        self.metrics.lost_queue.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                     Overflow::Block => {
@@ -157,6 +161,19 @@ impl Queue {
         st.closed && st.records.is_empty()
     }
 
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Shutdown gave up on the sink: empty the queue, returning how many records it held.
+    fn discard_all(&self) -> u64 {
+        let mut st = self.lock();
+        let n = st.records.len() as u64;
+        st.records.clear();
+        st.bytes = 0;
+        n
+    }
+
     pub fn len_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -192,6 +209,8 @@ pub fn run_sink(
     let mut last_tick = Instant::now();
     let mut last_flush = Instant::now();
     let mut backoff = Duration::from_millis(10);
+    let mut sink_reported = 0u64;
+    let mut shutdown_since: Option<Instant> = None;
     loop {
         // Housekeeping: settings, SIGHUP, rolling, reconnects, sink-internal losses.
         provider.refresh(&mut format);
@@ -212,28 +231,32 @@ pub fn run_sink(
                     0,
                     loss_record(&hostname, now_us, "sink_overflow", loss.records, loss.bytes),
                 );
-                metrics.lost_sink.fetch_add(loss.records, Ordering::Relaxed);
+                sink_reported += loss.records;
             }
+            // INFO shows sink losses at once, reported or not yet.
+            metrics
+                .lost_sink
+                .store(sink_reported + sink.pending_loss(), Ordering::Relaxed);
             metrics.set_sink_status(sink.kind(), sink.status());
         }
         // Fill a batch only when the previous one was written.
         if batch.is_empty() {
             let dropped = queue.pop_batch(4096, Duration::from_millis(10), &mut pending);
             if dropped > 0 {
-                metrics.lost_queue.fetch_add(dropped, Ordering::Relaxed);
                 pending.insert(
                     0,
                     loss_record(&hostname, now_us, "queue_overflow", dropped, 0),
                 );
             }
             batch_cats.clear();
-            for mut rec in pending.drain(..) {
+            for rec in pending.iter_mut() {
                 rec.seq = next_seq;
                 next_seq += 1;
-                write_record(format, &rec, &mut batch);
+                write_record(format, rec, &mut batch);
                 batch_lines += 1;
-                batch_cats.push(rec.category);
+                batch_cats.push(std::mem::replace(&mut rec.category, Category::Other));
             }
+            pending.clear();
         }
         if !batch.is_empty() {
             match sink.write_batch(&batch, batch_lines) {
@@ -256,15 +279,17 @@ pub fn run_sink(
                     // Keep the batch; retry after a pause (the queue fills meanwhile: back-pressure).
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
-                    if queue.is_drained()
-                        && backoff >= Duration::from_secs(1)
-                        && shutdown_deadline_passed(&queue)
-                    {
-                        eprintln!(
-                            "auditor: giving up on {} unwritten records at shutdown: {e}",
-                            batch_lines
-                        );
-                        break;
+                    if queue.is_closed() {
+                        // The process must exit: a sink that stays broken gets a bounded grace period.
+                        let since = *shutdown_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= SHUTDOWN_GRACE {
+                            let lost = batch_lines as u64 + queue.discard_all();
+                            metrics.lost_sink.fetch_add(lost, Ordering::Relaxed);
+                            eprintln!(
+                                "auditor: giving up at shutdown with {lost} records unwritten: {e}"
+                            );
+                            return;
+                        }
                     }
                     continue;
                 }
@@ -284,11 +309,8 @@ pub fn run_sink(
     first_seq.store(next_seq, Ordering::Relaxed);
 }
 
-/// At shutdown a sink that keeps failing is given a bounded grace period (the process must exit).
-fn shutdown_deadline_passed(_queue: &Queue) -> bool {
-    static SINCE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    SINCE.get_or_init(Instant::now).elapsed() >= Duration::from_secs(10)
-}
+/// How long a clean stop keeps retrying a sink that refuses every batch before giving up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn loss_record(hostname: &str, now_us: i64, cause: &str, count: u64, bytes: u64) -> Record {
     let mut rec = Record::event(Category::AuditLoss, b"loss", now_us, hostname);

@@ -267,6 +267,7 @@ impl ExcludeRules {
 
     /// Whether a client is excluded. `client_ip` as the record shows it; a value that is not an IP
     /// address (a unix socket path) can only be matched by user-only rules.
+    #[inline]
     pub fn matches(&self, username: &[u8], client_ip: &str) -> bool {
         if self.users.iter().any(|u| u.eq_ignore_ascii_case(username)) {
             return true;
@@ -366,6 +367,7 @@ impl CommandSet {
         self.exact.binary_search_by(|e| cmp_ci(e, name)).is_ok()
     }
 
+    #[inline]
     pub fn matches(&self, name: &[u8]) -> bool {
         if self.tokens.is_empty() {
             return false;
@@ -459,6 +461,7 @@ impl PrefixFilter {
     }
 
     /// Whether the longest prefix matching `name` is an exclusion.
+    #[inline]
     pub fn excluded(&self, name: &[u8]) -> bool {
         if !self.any_exclude {
             return false;
@@ -604,6 +607,7 @@ impl CustomCategories {
     /// The custom category of a command (case-insensitive; the canonical name or its parent).
     /// When several match, the most specific wins: exact name, then parent, then the longest
     /// wildcard; among equals, the category defined first.
+    #[inline]
     pub fn category_of(&self, command: &[u8]) -> Option<&str> {
         let mut best: Option<(usize, &str)> = None;
         for c in &self.cats {
@@ -734,6 +738,7 @@ impl Events {
         self.custom.iter().any(|c| c.eq_ignore_ascii_case(name))
     }
 
+    #[inline]
     fn allows_eff(&self, e: Eff<'_>) -> bool {
         match e {
             Eff::Builtin(c) => self.allows(c),
@@ -742,6 +747,7 @@ impl Events {
     }
 
     /// Whether records of this category are wanted. AUDIT and AUDIT_LOSS always are.
+    #[inline]
     pub fn allows(&self, category: &Category) -> bool {
         match category {
             Category::Connection => self.mask & EV_CONNECTIONS != 0,

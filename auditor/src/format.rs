@@ -332,20 +332,91 @@ const C_QUOTE: u8 = 4;
 /// `,`: escaped in key lists.
 const C_COMMA: u8 = 8;
 
-/// Length of the leading run of `s` that `mask` lets through unescaped.
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Non-zero when some byte of `v` is zero (may also flag bytes above a zero byte; never misses).
 #[inline(always)]
-fn plain_run(s: &[u8], mask: u8) -> usize {
-    s.iter()
-        .position(|&b| CLASS[usize::from(b)] & mask != 0)
-        .unwrap_or(s.len())
+fn has_zero_byte(v: u64) -> u64 {
+    v.wrapping_sub(LOW_BITS) & !v & HIGH_BITS
 }
 
-/// Text/CSV escaping (see the module doc). Runs of plain ASCII are copied in one go; from the first
-/// non-ASCII byte on, `escape_plain_utf8` takes over.
+/// Whether any of the 8 bytes of `w` may need escaping under `mask`: non-ASCII, control, DEL,
+/// backslash, and `"` / `,` when the mask has them. False positives are allowed (the bytes are then
+/// checked one by one); false negatives are not.
+#[inline(always)]
+fn word_maybe_special(w: u64, mask: u8) -> bool {
+    // High bit: non-ASCII. For ASCII bytes, `b - 0x20` borrows into the high bit iff `b < 0x20`.
+    let mut m = (w | (w.wrapping_sub(LOW_BITS * 0x20) & !w)) & HIGH_BITS;
+    m |= has_zero_byte(w ^ (LOW_BITS * 0x7f));
+    m |= has_zero_byte(w ^ (LOW_BITS * u64::from(b'\\')));
+    if mask & C_QUOTE != 0 {
+        m |= has_zero_byte(w ^ (LOW_BITS * u64::from(b'"')));
+    }
+    if mask & C_COMMA != 0 {
+        m |= has_zero_byte(w ^ (LOW_BITS * u64::from(b',')));
+    }
+    m != 0
+}
+
+/// Length of the leading run of `s` that `mask` lets through unescaped. Eight bytes at a time.
+#[inline(always)]
+fn plain_run(s: &[u8], mask: u8) -> usize {
+    let special = |b: &u8| CLASS[usize::from(*b)] & mask != 0;
+    let mut chunks = s.chunks_exact(8);
+    let mut done = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        if word_maybe_special(u64::from_le_bytes(word), mask)
+            && let Some(i) = chunk.iter().position(special)
+        {
+            return done + i;
+        }
+        done += 8;
+    }
+    let rest = chunks.remainder();
+    done + rest.iter().position(special).unwrap_or(rest.len())
+}
+
+/// Whether no byte of `s` needs escaping under `mask`. May say false for a string that needs none
+/// (the escaping loop then copies it unchanged), never true for one that needs some.
+#[inline(always)]
+fn is_plain(s: &[u8], mask: u8) -> bool {
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        if word_maybe_special(u64::from_le_bytes(word), mask) {
+            return false;
+        }
+    }
+    // No early exit: a short tail is cheaper or'ed whole than tested byte by byte.
+    chunks
+        .remainder()
+        .iter()
+        .fold(0u8, |acc, &b| acc | CLASS[usize::from(b)])
+        & mask
+        == 0
+}
+
+/// Text/CSV escaping (see the module doc). A plain string is copied in one go.
+#[inline(always)]
 fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
     let mask = C_SPECIAL
         | if opts.comma { C_COMMA } else { 0 }
         | if opts.double_quote { C_QUOTE } else { 0 };
+    if is_plain(s, mask) {
+        out.extend_from_slice(s);
+    } else {
+        escape_plain_runs(out, s, opts, mask);
+    }
+}
+
+/// Text/CSV escaping of a string that may need it: runs of plain ASCII are copied in one go; from
+/// the first non-ASCII byte on, `escape_plain_utf8` takes over.
+#[inline(never)]
+fn escape_plain_runs(out: &mut Vec<u8>, s: &[u8], opts: Plain, mask: u8) {
     out.reserve(s.len());
     let mut rest = s;
     loop {
@@ -369,9 +440,20 @@ fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
     }
 }
 
-/// JSON string-content escaping (see the module doc). Runs of plain ASCII are copied in one go; from
-/// the first non-ASCII byte on, `escape_json_utf8` takes over.
+/// JSON string-content escaping (see the module doc). A plain string is copied in one go.
+#[inline(always)]
 fn escape_json(out: &mut Vec<u8>, s: &[u8]) {
+    if is_plain(s, C_SPECIAL | C_QUOTE) {
+        out.extend_from_slice(s);
+    } else {
+        escape_json_runs(out, s);
+    }
+}
+
+/// JSON escaping of a string that may need it: runs of plain ASCII are copied in one go; from the
+/// first non-ASCII byte on, `escape_json_utf8` takes over.
+#[inline(never)]
+fn escape_json_runs(out: &mut Vec<u8>, s: &[u8]) {
     out.reserve(s.len());
     let mut rest = s;
     loop {
@@ -533,24 +615,36 @@ fn push_u64(out: &mut Vec<u8>, n: u64) {
         out.push(b'0' + n as u8);
         return;
     }
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
+    if n < 100 {
+        let pair = n as usize * 2;
+        out.extend_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        return;
+    }
+    // Append 20 bytes (a fixed-size copy, no call), write the digits in place, then cut to size.
+    let mut digits = 3;
+    let mut bound = 1000u64;
+    while digits < 20 && n >= bound {
+        digits += 1;
+        bound = bound.wrapping_mul(10);
+    }
+    let start = out.len();
+    out.extend_from_slice(&[b'0'; 20]);
+    let dst = &mut out[start..start + digits];
+    let mut i = dst.len();
     let mut n = n;
     while n >= 100 {
         let pair = (n % 100) as usize * 2;
         n /= 100;
         i -= 2;
-        buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        dst[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
     }
     if n >= 10 {
         let pair = n as usize * 2;
-        i -= 2;
-        buf[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        dst[i - 2..i].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
     } else {
-        i -= 1;
-        buf[i] = b'0' + n as u8;
+        dst[i - 1] = b'0' + n as u8;
     }
-    out.extend_from_slice(&buf[i..]);
+    out.truncate(start + digits);
 }
 
 /// `YYYY-MM-DD HH:MM:SS` is 19 bytes.
@@ -1105,9 +1199,29 @@ mod tests {
             state
         };
         let pieces: &[&[u8]] = &[
-            b"a", b"key:1", b" ", b"\"", b"\\", b",", b"\n", b"\r", b"\t", b"\x08", b"\x0c", b"\x00",
-            b"\x1f", b"\x7f", b"\xc2\x85", b"\xc2\xa0", b"\xe2\x80\xa8", b"\xe2\x80\xa9", b"\xe2\x80",
-            b"\xff", b"\xc3\xa9", b"\xf0\x9f\x98\x80", b"\xf0\x9f",
+            b"a",
+            b"key:1",
+            b" ",
+            b"\"",
+            b"\\",
+            b",",
+            b"\n",
+            b"\r",
+            b"\t",
+            b"\x08",
+            b"\x0c",
+            b"\x00",
+            b"\x1f",
+            b"\x7f",
+            b"\xc2\x85",
+            b"\xc2\xa0",
+            b"\xe2\x80\xa8",
+            b"\xe2\x80\xa9",
+            b"\xe2\x80",
+            b"\xff",
+            b"\xc3\xa9",
+            b"\xf0\x9f\x98\x80",
+            b"\xf0\x9f",
         ];
         let all_plain = [
             Plain::TEXT,
@@ -1120,10 +1234,12 @@ mod tests {
             for _ in 0..next() % 12 {
                 v.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
             }
-            let (mut fast, mut slow) = (b"<".to_vec(), b"<".to_vec());
+            let (mut fast, mut runs, mut slow) = (b"<".to_vec(), b"<".to_vec(), b"<".to_vec());
             escape_json(&mut fast, &v);
+            escape_json_runs(&mut runs, &v);
             escape_json_utf8(&mut slow, &v);
             assert_eq!(fast, slow, "json {v:?}");
+            assert_eq!(runs, slow, "json {v:?}");
             for opts in all_plain {
                 let (mut fast, mut slow) = (Vec::new(), Vec::new());
                 escape_plain(&mut fast, &v, opts);
@@ -1133,9 +1249,60 @@ mod tests {
         }
     }
 
+    /// The 8-byte screen never lets a byte that needs escaping through, wherever it sits.
+    #[test]
+    fn word_screen_has_no_false_negatives() {
+        for mask in [
+            C_SPECIAL | C_QUOTE,
+            C_SPECIAL,
+            C_SPECIAL | C_COMMA,
+            C_SPECIAL | C_QUOTE | C_COMMA,
+        ] {
+            for filler in [b'a', b' ', b'~', b'0', b'!'] {
+                assert!(!word_maybe_special(u64::from_le_bytes([filler; 8]), mask));
+                for b in 0..=255u8 {
+                    for at in 0..8 {
+                        let mut word = [filler; 8];
+                        word[at] = b;
+                        if CLASS[usize::from(b)] & mask != 0 {
+                            assert!(word_maybe_special(u64::from_le_bytes(word), mask));
+                        }
+                        let mut long = b"0123456789abcdef".to_vec();
+                        long.extend_from_slice(&word);
+                        let expected = long
+                            .iter()
+                            .position(|&c| CLASS[usize::from(c)] & mask != 0)
+                            .unwrap_or(long.len());
+                        assert_eq!(plain_run(&long, mask), expected);
+                        for s in [&long[..], &word[..], &word[at..]] {
+                            if !is_plain(s, mask) {
+                                continue;
+                            }
+                            assert!(s.iter().all(|&c| CLASS[usize::from(c)] & mask == 0));
+                        }
+                        assert_eq!(is_plain(&[b], mask), CLASS[usize::from(b)] & mask == 0);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn push_u64_is_decimal() {
-        let mut values = vec![0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, u64::MAX, u64::MAX - 1];
+        let mut values = vec![
+            0,
+            1,
+            9,
+            10,
+            11,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            u64::MAX,
+            u64::MAX - 1,
+        ];
         let mut p = 1u64;
         while let Some(q) = p.checked_mul(10) {
             values.extend([p - 1, p, p + 1, q / 2]);

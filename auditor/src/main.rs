@@ -173,6 +173,7 @@ fn run() -> Result<()> {
     let queue = Queue::new(
         settings.delivery.max_queue_size as usize,
         settings.delivery.overflow,
+        metrics.clone(),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let start = audit_record(&host, wall_offset, b"start", start_args(&settings, cli.pid));
@@ -565,6 +566,19 @@ impl CaptureLoop {
                 unsafe { libc::poll(&mut pfd, 1, 10) };
             }
         }
+        // Drops the kernel counted since the last check still get their loss record.
+        if let Ok(drops) = self.stream.kernel_drops()
+            && drops.0 > reported_drops.0
+        {
+            let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            self.session.kernel_loss(
+                drops.0 - reported_drops.0,
+                drops.1 - reported_drops.1,
+                now,
+                &mut records,
+            );
+        }
+        self.publish_stats(&mut published);
         let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
         self.session.flush_all(now, &mut records);
         self.write_all(&mut records);

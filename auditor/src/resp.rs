@@ -20,6 +20,11 @@
 //!   the value is marked `lost`. Anywhere else the framing is unknowable: the parser drops the
 //!   partial value, reports `Desync` and resynchronises (see below).
 //! * **Never panics.** No slice indexing that can fail, no unwrap on data, saturating arithmetic.
+//! * **Fast paths.** A whole, well-formed multibulk request, or top-level `+ - : $` reply, lying in
+//!   one piece is read in one go, but only when the state machine would read it the same way;
+//!   anything else goes through the state machine. The events never depend on the path taken (the
+//!   tests compare whole-buffer with byte-by-byte feeding). With `feed_pooled`, argument and reply
+//!   buffers come from a caller's [`BufPool`] that handled requests and replies are handed back to.
 //!
 //! # Requests (client → server)
 //!
@@ -105,6 +110,91 @@ const MAX_REPLY_LEN_LINE: u64 = 64;
 const SPARE_BUFFER_MAX: usize = 4096;
 /// Desync reason for a gap that `skip` could not absorb.
 const GAP_REASON: &str = "gap in stream";
+/// Largest argument count the request fast path takes; larger requests go through the state machine.
+const FAST_MAX_ARGS: i64 = 1024;
+/// Recycled argv vectors kept in a [`BufPool`], and the largest capacity worth keeping.
+const POOL_MAX_VECS: usize = 256;
+const POOL_VEC_MAX_CAP: usize = 16;
+/// Recycled byte buffers kept in a [`BufPool`], and the largest capacity worth keeping.
+const POOL_MAX_BUFS: usize = 1024;
+/// Covers the default argument prefix (`audit.payload_maxsize` 1024, plus one byte).
+const POOL_BUF_MAX_CAP: usize = 2048;
+/// A new small buffer gets at least this capacity, so that recycled buffers fit most short
+/// arguments and replies (command names, keys, small values, `OK`) whatever they come back for.
+const POOL_BUF_MIN_CAP: usize = 32;
+
+/// Buffers of requests and replies that were handled, for the next ones to reuse: with a steady
+/// stream of commands, parsing allocates nothing. Bounded (at most 1024 buffers of at most 2 KiB
+/// and 256 argv vectors of at most 16 entries), and only what the caller hands back is kept.
+///
+/// One pool can serve every connection: pass it to [`RequestParser::feed_pooled`] and
+/// [`ReplyParser::feed_pooled`], and hand what was handled back with [`BufPool::put_args`] and
+/// [`BufPool::put_bytes`].
+#[derive(Debug, Default)]
+pub struct BufPool {
+    vecs: Vec<Vec<Arg>>,
+    bufs: Vec<Vec<u8>>,
+}
+
+impl BufPool {
+    /// Keep the buffers of a handled request's argv for reuse.
+    pub fn put_args(&mut self, mut args: Vec<Arg>) {
+        for arg in args.drain(..) {
+            self.put_bytes(arg.prefix);
+        }
+        if args.capacity() > 0
+            && args.capacity() <= POOL_VEC_MAX_CAP
+            && self.vecs.len() < POOL_MAX_VECS
+        {
+            self.vecs.push(args);
+        }
+    }
+
+    /// Keep a byte buffer (a handled reply's text) for reuse.
+    pub fn put_bytes(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() > 0
+            && buf.capacity() <= POOL_BUF_MAX_CAP
+            && self.bufs.len() < POOL_MAX_BUFS
+        {
+            buf.clear();
+            self.bufs.push(buf);
+        }
+    }
+
+    /// An empty argv vector.
+    fn args(&mut self) -> Vec<Arg> {
+        self.vecs.pop().unwrap_or_default()
+    }
+
+    /// An empty byte buffer with room for `keep` bytes.
+    fn bytes(&mut self, keep: usize) -> Vec<u8> {
+        if keep == 0 {
+            return Vec::new();
+        }
+        if keep > POOL_BUF_MAX_CAP {
+            return Vec::with_capacity(keep);
+        }
+        match self.bufs.pop() {
+            Some(mut buf) => {
+                buf.reserve(keep);
+                buf
+            }
+            None => Vec::with_capacity(keep.max(POOL_BUF_MIN_CAP)),
+        }
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.vecs.capacity() * mem::size_of::<Vec<Arg>>()
+            + self
+                .vecs
+                .iter()
+                .map(|v| v.capacity() * mem::size_of::<Arg>())
+                .sum::<usize>()
+            + self.bufs.capacity() * mem::size_of::<Vec<u8>>()
+            + self.bufs.iter().map(Vec::capacity).sum::<usize>()
+    }
+}
 
 /// A complete request (one command) parsed from the client->server stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -257,6 +347,9 @@ pub struct RequestParser {
     inline_line: Vec<u8>,
     /// `ts` of the latest `feed`, used for a request completed by a gap.
     last_ts: u64,
+    /// Buffers to build requests from: the caller's pool during `feed_pooled`, a temporary one
+    /// during `feed`, empty otherwise (so an idle parser holds no pool).
+    pool: BufPool,
 }
 
 impl RequestParser {
@@ -288,6 +381,7 @@ impl RequestParser {
             arg_retained: false,
             inline_line: Vec::new(),
             last_ts: 0,
+            pool: BufPool::default(),
         }
     }
 
@@ -296,11 +390,37 @@ impl RequestParser {
         self.keep = keep;
     }
 
+    /// Like [`feed`](Self::feed), building requests from (and leaving partial ones in) buffers of
+    /// `pool`. The events are the same; only allocations differ.
+    pub fn feed_pooled(
+        &mut self,
+        data: &[u8],
+        ts: u64,
+        out: &mut Vec<RequestEvent>,
+        pool: &mut BufPool,
+    ) {
+        mem::swap(&mut self.pool, pool);
+        self.feed_inner(data, ts, out);
+        mem::swap(&mut self.pool, pool);
+    }
+
     /// Feeds bytes and pushes completed requests and events to `out`.
     pub fn feed(&mut self, data: &[u8], ts: u64, out: &mut Vec<RequestEvent>) {
+        self.feed_pooled(data, ts, out, &mut BufPool::default());
+    }
+
+    fn feed_inner(&mut self, data: &[u8], ts: u64, out: &mut Vec<RequestEvent>) {
         self.last_ts = ts;
         let mut pos = 0usize;
         while let Some(rest) = data.get(pos..).filter(|rest| !rest.is_empty()) {
+            // Fast path: a whole, well-formed multibulk request in this piece.
+            if matches!(self.state, RequestState::Idle)
+                && rest.first() == Some(&b'*')
+                && let Some(used) = self.fast_multibulk(rest, ts, out)
+            {
+                pos = pos.saturating_add(used);
+                continue;
+            }
             let used = self.step(rest, ts, out);
             debug_assert!(
                 used > 0,
@@ -351,6 +471,8 @@ impl RequestParser {
             _ => {
                 out.push(RequestEvent::Desync { reason: GAP_REASON });
                 self.reset_request();
+                // Outside `feed` the parser keeps no pool.
+                self.pool = BufPool::default();
                 self.tentative = false;
                 self.state = RequestState::Resync(RequestScan::Seek { line_start: true });
                 false
@@ -369,6 +491,66 @@ impl RequestParser {
                 .sum::<usize>()
             + self.arg.prefix.capacity()
             + self.inline_line.capacity()
+            + self.pool.heap_bytes()
+    }
+
+    /// The fast path for a whole multibulk request at the start of `data` (which starts with `*`),
+    /// in the Idle state. It takes only requests the state machine would parse the same way:
+    /// every header a valid number followed by CRLF, every payload followed by CRLF, and all of it
+    /// in `data`. Then it pushes the request and returns the bytes used. Otherwise it changes
+    /// nothing and returns None, and the state machine parses the request byte by byte.
+    fn fast_multibulk(
+        &mut self,
+        data: &[u8],
+        ts: u64,
+        out: &mut Vec<RequestEvent>,
+    ) -> Option<usize> {
+        let (count, mut pos) = fast_number_line(data, 1)?;
+        if !(1..=FAST_MAX_ARGS).contains(&count) {
+            return None;
+        }
+        let mut args = self.pool.args();
+        let mut retained_bytes = 0usize;
+        for _ in 0..count {
+            let header = match data.get(pos) {
+                Some(b'$') => fast_number_line(data, pos + 1),
+                _ => None,
+            };
+            let Some((len, start)) =
+                header.filter(|(len, _)| (0..=PROTO_MAX_BULK_LEN).contains(len))
+            else {
+                self.pool.put_args(args);
+                return None;
+            };
+            let len = len.unsigned_abs() as usize;
+            let payload = data.get(start..start + len);
+            if payload.is_none() || data.get(start + len..start + len + 2) != Some(b"\r\n") {
+                self.pool.put_args(args);
+                return None;
+            }
+            let payload = payload.unwrap_or_default();
+            let (retained, keep) = retention(self.keep, len as u64, args.len(), retained_bytes);
+            if retained {
+                let mut prefix = self.pool.bytes(keep);
+                prefix.extend_from_slice(payload.get(..keep).unwrap_or_default());
+                retained_bytes = retained_bytes.saturating_add(prefix.len());
+                args.push(Arg {
+                    prefix,
+                    len: len as u64,
+                    lost: false,
+                });
+            }
+            pos = start + len + 2;
+        }
+        out.push(RequestEvent::Request(Request {
+            args,
+            argc: count.unsigned_abs(),
+            inline: false,
+            done_ts: ts,
+            lost: false,
+        }));
+        self.await_next_request();
+        Some(pos)
     }
 
     /// Consumes at least one byte of `rest` (non-empty) and returns how many.
@@ -551,13 +733,15 @@ impl RequestParser {
         self.argc = count;
         self.args_left = count;
         // The count is a claim, not data: reserve a little and let the Vec grow with real args.
-        self.args = Vec::with_capacity(usize::try_from(count).unwrap_or(usize::MAX).min(16));
+        self.args = self.pool.args();
+        self.args
+            .reserve(usize::try_from(count).unwrap_or(usize::MAX).min(16));
     }
 
     fn begin_arg(&mut self, len: u64) {
         let (retained, keep) = retention(self.keep, len, self.args.len(), self.retained_bytes);
         self.arg = Arg {
-            prefix: Vec::with_capacity(keep),
+            prefix: self.pool.bytes(keep),
             len,
             lost: false,
         };
@@ -653,12 +837,14 @@ impl RequestParser {
 
     /// Drops the partial request.
     fn reset_request(&mut self) {
-        self.args = Vec::new();
+        let args = mem::take(&mut self.args);
+        self.pool.put_args(args);
         self.argc = 0;
         self.args_left = 0;
         self.retained_bytes = 0;
         self.lost = false;
-        self.arg = Arg::default();
+        let arg = mem::take(&mut self.arg);
+        self.pool.put_bytes(arg.prefix);
         self.arg_keep = 0;
         self.arg_retained = false;
         self.inline_line.clear();
@@ -691,6 +877,20 @@ fn retention(keep: usize, len: u64, args_retained: usize, bytes_retained: usize)
         keep.min(len)
             .min(MAX_RETAINED_PREFIX_BYTES.saturating_sub(bytes_retained)),
     )
+}
+
+/// A header line `<number>\r\n` whose number starts at `data[start]`, when the state machine would
+/// read it the same way: the CR within `MAX_NUMBER_LEN` bytes, an LF after it, and a number
+/// `string2ll` accepts. Returns the number and the position after the LF.
+fn fast_number_line(data: &[u8], start: usize) -> Option<(i64, usize)> {
+    let rest = data.get(start..)?;
+    let window = rest.get(..=MAX_NUMBER_LEN).unwrap_or(rest);
+    let cr = window.iter().position(|&b| b == b'\r')?;
+    if rest.get(cr + 1) != Some(&b'\n') {
+        return None;
+    }
+    let n = string2ll(window.get(..cr)?)?;
+    Some((n, start + cr + 2))
 }
 
 /// C `isspace` in the "C" locale, as `sdssplitargs` uses it.
@@ -1100,6 +1300,9 @@ pub struct ReplyParser {
     value: Value,
     /// Text of the current depth-1 element, when the summary needs it.
     element_text: Vec<u8>,
+    /// Buffers for reply texts: the caller's pool during `feed_pooled`, a temporary one during
+    /// `feed`, empty otherwise.
+    pool: BufPool,
 }
 
 impl Default for ReplyParser {
@@ -1132,13 +1335,97 @@ impl ReplyParser {
             reply_started: false,
             value: Value::new(Role::Nested, ReplyKind::Null),
             element_text: Vec::new(),
+            pool: BufPool::default(),
         }
+    }
+
+    /// Like [`feed`](Self::feed), taking reply text buffers from `pool`. The events are the same;
+    /// only allocations differ.
+    pub fn feed_pooled(
+        &mut self,
+        data: &[u8],
+        ts: u64,
+        out: &mut Vec<ReplyEvent>,
+        pool: &mut BufPool,
+    ) {
+        mem::swap(&mut self.pool, pool);
+        self.feed_inner(data, ts, out);
+        mem::swap(&mut self.pool, pool);
+    }
+
+    /// The fast path for a whole top-level `+`, `-`, `:` or `$` reply at the start of `data`, in
+    /// the Idle state with nothing open. It takes only replies the state machine would read the same
+    /// way and pushes exactly the reply it would push, returning the bytes used. Otherwise it
+    /// changes nothing and returns None.
+    fn fast_reply(&mut self, data: &[u8], ts: u64, out: &mut Vec<ReplyEvent>) -> Option<usize> {
+        let (kind, len, text, used) = match *data.first()? {
+            b'+' | b'-' | b':' => {
+                let rest = data.get(1..)?;
+                let cr = rest.iter().position(|&b| b == b'\r')?;
+                if rest.get(cr + 1) != Some(&b'\n') {
+                    return None;
+                }
+                let body = rest.get(..cr)?;
+                let (kind, len) = match data.first() {
+                    Some(b'+') => (ReplyKind::Simple, i64::try_from(cr).ok()?),
+                    Some(b'-') => (ReplyKind::Error, i64::try_from(cr).ok()?),
+                    _ => {
+                        if body.len() > MAX_NUMBER_LEN {
+                            return None;
+                        }
+                        (ReplyKind::Integer, string2ll(body)?)
+                    }
+                };
+                (kind, len, body, cr + 3)
+            }
+            b'$' => {
+                let (n, start) = fast_number_line(data, 1)?;
+                if n < 0 {
+                    return None;
+                }
+                let end = start.checked_add(usize::try_from(n).ok()?)?;
+                if data.get(end..end.checked_add(2)?) != Some(b"\r\n") {
+                    return None;
+                }
+                (ReplyKind::Bulk, n, data.get(start..end)?, end + 2)
+            }
+            _ => return None,
+        };
+        let text = text.get(..REPLY_TEXT_MAX).unwrap_or(text);
+        let mut t = self.pool.bytes(text.len());
+        t.extend_from_slice(text);
+        out.push(ReplyEvent::Reply(Reply {
+            kind,
+            start_ts: ts,
+            text: t,
+            len,
+            first: None,
+            third_int: None,
+            element_errors: Vec::new(),
+            elements: 0,
+            lost: false,
+        }));
+        Some(used)
     }
 
     /// Feeds bytes and pushes completed replies and events to `out`.
     pub fn feed(&mut self, data: &[u8], ts: u64, out: &mut Vec<ReplyEvent>) {
+        self.feed_pooled(data, ts, out, &mut BufPool::default());
+    }
+
+    fn feed_inner(&mut self, data: &[u8], ts: u64, out: &mut Vec<ReplyEvent>) {
         let mut pos = 0usize;
         while let Some(rest) = data.get(pos..).filter(|rest| !rest.is_empty()) {
+            // Fast path: a whole top-level scalar reply in this piece.
+            if matches!(self.state, ReplyState::Idle)
+                && !self.tentative
+                && !self.reply_started
+                && self.stack.is_empty()
+                && let Some(used) = self.fast_reply(rest, ts, out)
+            {
+                pos = pos.saturating_add(used);
+                continue;
+            }
             let used = self.step(rest, ts, out);
             debug_assert!(
                 used > 0,
@@ -1205,6 +1492,7 @@ impl ReplyParser {
                 .map(|(_, text)| text.capacity())
                 .sum::<usize>()
             + self.element_text.capacity()
+            + self.pool.heap_bytes()
     }
 
     /// Consumes at least one byte of `rest` (non-empty) and returns how many.
@@ -1332,6 +1620,9 @@ impl ReplyParser {
                 if !self.reply_started {
                     self.reply_started = true;
                     self.reply.start_ts = ts;
+                    if self.reply.text.capacity() == 0 {
+                        self.reply.text = self.pool.bytes(1);
+                    }
                 }
                 if is_attribute {
                     Role::Nested
@@ -2266,6 +2557,54 @@ mod tests {
         }
     }
 
+    /// The whole-request fast path and the byte-by-byte state machine agree on mutated traffic
+    /// (fed whole, most requests take the fast path; fed byte by byte, none can), and parsing
+    /// through a shared, recycled pool changes nothing but allocations.
+    #[test]
+    fn fast_path_and_pool_agree_with_the_state_machine() {
+        let (valid, _) = pipeline(300);
+        let mut rng = Rng(0x00dd_ba11);
+        let mut pool = BufPool::default();
+        for round in 0..2000 {
+            let data = if round % 4 == 0 {
+                valid.clone()
+            } else {
+                fuzz_input(&mut rng, &valid)
+            };
+            let keep = *rng.pick(&[0, 1, 3, 5, 40, KEEP]);
+            let resyncing = rng.below(3) == 0;
+            let make = || {
+                if resyncing {
+                    RequestParser::new_resyncing(keep)
+                } else {
+                    RequestParser::new(keep)
+                }
+            };
+            let mut whole = Vec::new();
+            make().feed(&data, 1, &mut whole);
+            let mut bytewise = Vec::new();
+            let mut parser = make();
+            for byte in data.chunks(1) {
+                parser.feed(byte, 1, &mut bytewise);
+            }
+            assert_eq!(bytewise, whole, "round {round}: {data:?}");
+            let mut pooled = Vec::new();
+            let mut parser = make();
+            for piece in random_pieces(&mut rng, &data, 200) {
+                let mut events = Vec::new();
+                parser.feed_pooled(piece, 1, &mut events, &mut pool);
+                for ev in events {
+                    pooled.push(ev.clone());
+                    if let RequestEvent::Request(req) = ev {
+                        pool.put_args(req.args);
+                    }
+                }
+            }
+            assert_eq!(pooled, whole, "round {round}: {data:?}");
+            assert!(pool.heap_bytes() <= 3 * 1024 * 1024);
+        }
+    }
+
     // ---------------------------------------------------------------- replies
 
     fn parse_replies(data: &[u8]) -> Vec<ReplyEvent> {
@@ -2822,6 +3161,57 @@ mod tests {
                 parser.feed(piece, 1, &mut out);
             }
             assert_eq!(out, whole, "pieces up to {max_piece}");
+        }
+    }
+
+    /// The scalar fast path and the state machine agree (see the request version), and so does
+    /// parsing through a shared, recycled pool.
+    #[test]
+    fn reply_fast_path_and_pool_agree_with_the_state_machine() {
+        let mut rng = Rng(0xfa57);
+        let mut valid = Vec::new();
+        for _ in 0..300 {
+            random_reply(&mut rng, 2, &mut valid);
+        }
+        valid.extend_from_slice(
+            b"+OK\r\n-ERR x\r\n:12\r\n:-0\r\n:01\r\n$3\r\nabc\r\n$0\r\n\r\n$-1\r\n$2\r\nabc\r\n",
+        );
+        let mut pool = BufPool::default();
+        for round in 0..2000 {
+            let data = if round % 4 == 0 {
+                valid.clone()
+            } else {
+                fuzz_input(&mut rng, &valid)
+            };
+            let resyncing = rng.below(3) == 0;
+            let make = || {
+                if resyncing {
+                    ReplyParser::new_resyncing()
+                } else {
+                    ReplyParser::new()
+                }
+            };
+            let mut whole = Vec::new();
+            make().feed(&data, 1, &mut whole);
+            let mut bytewise = Vec::new();
+            let mut parser = make();
+            for byte in data.chunks(1) {
+                parser.feed(byte, 1, &mut bytewise);
+            }
+            assert_eq!(bytewise, whole, "round {round}: {data:?}");
+            let mut pooled = Vec::new();
+            let mut parser = make();
+            for piece in random_pieces(&mut rng, &data, 200) {
+                let mut events = Vec::new();
+                parser.feed_pooled(piece, 1, &mut events, &mut pool);
+                for ev in events {
+                    pooled.push(ev.clone());
+                    if let ReplyEvent::Reply(reply) = ev {
+                        pool.put_bytes(reply.text);
+                    }
+                }
+            }
+            assert_eq!(pooled, whole, "round {round}: {data:?}");
         }
     }
 

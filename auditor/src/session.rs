@@ -13,11 +13,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::argv::Arg;
-use crate::commands::{CommandTable, Described, command_args};
+use crate::commands::{CommandTable, Described, FxBuildHasher, command_args, command_args_into};
 use crate::filter;
 use crate::record::{Category, Outcome, Record};
 use crate::resp::{
-    Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
+    BufPool, Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
 };
 use crate::settings::Settings;
 
@@ -190,7 +190,8 @@ pub struct SessionStats {
 
 /// All audited connections of all targets, and the settings and tables the records need.
 pub struct Session {
-    conns: HashMap<(u32, u32), Conn>,
+    /// Boxed: a connection is taken out of the map for every data event, and a box moves cheaply.
+    conns: HashMap<(u32, u32), Box<Conn>, FxBuildHasher>,
     next_client_id: u64,
     table: CommandTable,
     /// The latest settings.
@@ -207,6 +208,12 @@ pub struct Session {
     ignored_peers: Vec<Peer>,
     scratch_req: Vec<RequestEvent>,
     scratch_rep: Vec<ReplyEvent>,
+    /// Buffers of handled requests and replies, reused by every connection's parsers.
+    pool: BufPool,
+    /// Reused for each request's classification (boxed: taken out and put back per request).
+    scratch_desc: Option<Box<Described>>,
+    /// Reused for each request's `command_args` text.
+    scratch_args: Vec<u8>,
 }
 
 impl Session {
@@ -218,7 +225,7 @@ impl Session {
         capture_cap: u64,
     ) -> Self {
         Session {
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_client_id: 1,
             table,
             settings: Arc::new(settings.clone()),
@@ -230,6 +237,9 @@ impl Session {
             ignored_peers: Vec::new(),
             scratch_req: Vec::new(),
             scratch_rep: Vec::new(),
+            pool: BufPool::default(),
+            scratch_desc: None,
+            scratch_args: Vec::new(),
         }
     }
 
@@ -327,7 +337,7 @@ impl Session {
             now_ns,
         );
         self.push(rec, now_ns, out);
-        self.conns.insert((tgid, fd), conn);
+        self.conns.insert((tgid, fd), Box::new(conn));
     }
 
     fn alloc_id(&mut self) -> u64 {
@@ -376,7 +386,7 @@ impl Session {
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
                 self.push(rec, ts_ns, out);
-                self.conns.insert((tgid, fd), conn);
+                self.conns.insert((tgid, fd), Box::new(conn));
             }
             CaptureEvent::Close { tgid, fd, ts_ns } => self.close(tgid, fd, ts_ns, out),
             CaptureEvent::Data {
@@ -429,7 +439,8 @@ impl Session {
                 self.stats.bytes_skipped += gap;
                 conn.requests.skip(gap, &mut events);
             }
-            conn.requests.feed(bytes, ts_ns, &mut events);
+            conn.requests
+                .feed_pooled(bytes, ts_ns, &mut events, &mut self.pool);
             conn.in_expected = pos.max(conn.in_expected) + bytes.len() as u64;
             if uncaptured_tail > 0 {
                 self.stats.bytes_skipped += uncaptured_tail;
@@ -438,7 +449,10 @@ impl Session {
             }
             for ev in events.drain(..) {
                 match ev {
-                    RequestEvent::Request(req) => self.on_request(&mut conn, req, out),
+                    RequestEvent::Request(req) => {
+                        self.on_request(&mut conn, &req, out);
+                        self.pool.put_args(req.args);
+                    }
                     RequestEvent::Desync { reason } => {
                         self.stats.request_resyncs += 1;
                         let rec =
@@ -458,7 +472,8 @@ impl Session {
                 self.stats.bytes_skipped += gap;
                 conn.replies.skip(gap, &mut events);
             }
-            conn.replies.feed(bytes, ts_ns, &mut events);
+            conn.replies
+                .feed_pooled(bytes, ts_ns, &mut events, &mut self.pool);
             conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64;
             if uncaptured_tail > 0 {
                 self.stats.bytes_skipped += uncaptured_tail;
@@ -467,7 +482,10 @@ impl Session {
             }
             for ev in events.drain(..) {
                 match ev {
-                    ReplyEvent::Reply(reply) => self.on_reply(&mut conn, reply, out),
+                    ReplyEvent::Reply(reply) => {
+                        self.on_reply(&mut conn, &reply, out);
+                        self.pool.put_bytes(reply.text);
+                    }
                     ReplyEvent::Desync { reason } => {
                         self.stats.reply_resyncs += 1;
                         let n = conn.pending.len() as u64;
@@ -485,10 +503,23 @@ impl Session {
         self.conns.insert((tgid, fd), conn);
     }
 
-    fn on_request(&mut self, conn: &mut Conn, req: Request, out: &mut Vec<Record>) {
+    fn on_request(&mut self, conn: &mut Conn, req: &Request, out: &mut Vec<Record>) {
+        let mut d = self.scratch_desc.take().unwrap_or_default();
+        self.table.describe_into(&req.args, req.argc, &mut d);
+        self.on_described(conn, req, &mut d, out);
+        self.scratch_desc = Some(d);
+    }
+
+    /// `on_request` with the request classified in `d` (whose buffers may be taken).
+    fn on_described(
+        &mut self,
+        conn: &mut Conn,
+        req: &Request,
+        d: &mut Described,
+        out: &mut Vec<Record>,
+    ) {
         self.stats.requests += 1;
         let settings = self.settings_at(req.done_ts);
-        let d = self.table.describe(&req.args, req.argc);
         if matches!(
             d.command.as_slice(),
             b"replconf" | b"replconf|ack" | b"sync" | b"psync"
@@ -517,7 +548,7 @@ impl Session {
             if settings.ignore_internal_clients {
                 return;
             }
-            let args_text = command_args(&d, &req.args, true, 0);
+            let args_text = command_args(d, &req.args, true, 0);
             let mut rec = self.bare_record(d.category.clone(), &d.command, req.done_ts);
             rec.command_args = args_text;
             rec.client_id = conn.client_id;
@@ -529,7 +560,7 @@ impl Session {
             self.push(rec, req.done_ts, out);
             return;
         }
-        let effect = effect_of(&d, &req.args);
+        let effect = effect_of(d, &req.args);
         let mut expects_reply = match conn.reply_mode {
             ReplyMode::On => true,
             ReplyMode::Off => false,
@@ -558,29 +589,31 @@ impl Session {
                 _ => {}
             }
         }
-        let args_text = command_args(
-            &d,
+        self.scratch_args.clear();
+        command_args_into(
+            d,
             &req.args,
             settings.payload_disable,
             settings.payload_maxsize,
+            &mut self.scratch_args,
         );
         let maxsize = settings.payload_maxsize;
-        let keys = d
-            .keys
-            .iter()
-            .filter_map(|&i| req.args.get(i))
-            .map(|a| a.prefix[..a.prefix.len().min(maxsize)].to_vec())
-            .collect();
+        let mut keys = Vec::with_capacity(d.keys.len());
+        for a in d.keys.iter().filter_map(|&i| req.args.get(i)) {
+            keys.push(a.prefix[..a.prefix.len().min(maxsize)].to_vec());
+        }
         let record = Record {
             time_unix_us: 0,
             category: d.category.clone(),
-            command: d.command.clone(),
-            command_args: args_text,
+            // The description is not needed past this point: its name buffer becomes the record's.
+            command: std::mem::take(&mut d.command),
+            command_args: self.scratch_args.as_slice().to_vec(),
             result: Outcome::Unknown,
             duration_us: 0,
             keys_modified: 0,
             client_id: conn.client_id,
-            username: conn.username.clone(),
+            // Set when the record is finished: the user the command ran as is known only then.
+            username: Vec::new(),
             client_ip: conn.peer.ip.clone(),
             client_port: conn.peer.port,
             server_hostname: self.hostname.clone(),
@@ -612,7 +645,7 @@ impl Session {
         conn.pending.push_back(pending);
     }
 
-    fn on_reply(&mut self, conn: &mut Conn, reply: Reply, out: &mut Vec<Record>) {
+    fn on_reply(&mut self, conn: &mut Conn, reply: &Reply, out: &mut Vec<Record>) {
         // Out-of-band data first: it answers no request.
         let first = reply.first.as_deref().map(|f| f.to_ascii_lowercase());
         let is_pubsub_kind = matches!(
@@ -640,7 +673,7 @@ impl Session {
                 conn.subscribed = reply.third_int.unwrap_or(1) > 0;
                 if head.confirmations >= expected.max(1) {
                     let p = conn.pending.pop_front().expect("head exists");
-                    self.finish(conn, p, &reply, out);
+                    self.finish(conn, p, reply, out);
                     self.drain_unreplied(conn, reply.start_ts, out);
                 }
             }
@@ -658,7 +691,7 @@ impl Session {
             }
             return;
         };
-        self.finish(conn, p, &reply, out);
+        self.finish(conn, p, reply, out);
         self.drain_unreplied(conn, reply.start_ts, out);
     }
 
@@ -672,7 +705,40 @@ impl Session {
         }
     }
 
+    /// The reply `reply` answers `p`: complete its record. The common case (no MULTI, no EXEC or
+    /// DISCARD) is inlined; the rest goes to `finish_general`.
+    #[inline]
     fn finish(&mut self, conn: &mut Conn, mut p: Pending, reply: &Reply, out: &mut Vec<Record>) {
+        if conn.in_multi || matches!(p.effect, Effect::Exec | Effect::Discard) {
+            self.finish_general(conn, p, reply, out);
+            return;
+        }
+        let failed = reply.is_error();
+        p.record.time_unix_us = self.wall_us(reply.start_ts);
+        p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
+        // The user the command ran as: every earlier command on the connection (a pipelined AUTH
+        // included) has completed by now, and this one's own effect is applied only below.
+        p.record.username = conn.username.clone();
+        if failed {
+            p.record.result = Outcome::Failure;
+            fill_error(&mut p.record, &reply.text);
+        } else {
+            p.record.result = Outcome::Success;
+            p.record.keys_modified = p.write_keys;
+            self.apply_effect(conn, &p.effect, reply, out);
+        }
+        self.push_with(&p.settings, p.record, out);
+    }
+
+    /// `finish` for every case, MULTI/EXEC/DISCARD included.
+    #[inline(never)]
+    fn finish_general(
+        &mut self,
+        conn: &mut Conn,
+        mut p: Pending,
+        reply: &Reply,
+        out: &mut Vec<Record>,
+    ) {
         let failed = reply.is_error();
         // Inside MULTI a +QUEUED answer only means "accepted for later".
         if conn.in_multi && !failed && reply.kind == ReplyKind::Simple && reply.text == b"QUEUED" {
@@ -743,15 +809,13 @@ impl Session {
                         b"not executed: WATCHed key changed".to_vec()
                     };
                 }
-                let qs = q.settings.clone();
-                self.push_with(&qs, q.record, out);
+                self.push_with(&q.settings, q.record, out);
             }
             if exec_ok {
                 p.record.keys_modified = total_modified;
             }
         }
-        let ps = p.settings.clone();
-        self.push_with(&ps, p.record, out);
+        self.push_with(&p.settings, p.record, out);
     }
 
     fn apply_effect(
@@ -807,8 +871,7 @@ impl Session {
         p.record.time_unix_us = self.wall_us(ts);
         p.record.result = Outcome::Unknown;
         p.record.error = why.as_bytes().to_vec();
-        let ps = p.settings.clone();
-        self.push_with(&ps, p.record, out);
+        self.push_with(&p.settings, p.record, out);
     }
 
     fn close(&mut self, tgid: u32, fd: u32, ts_ns: u64, out: &mut Vec<Record>) {
@@ -927,6 +990,7 @@ impl Session {
         self.push_with(&settings, rec, out);
     }
 
+    #[inline(always)]
     fn push_with(&mut self, settings: &Settings, mut rec: Record, out: &mut Vec<Record>) {
         if let Some(cat) = filter::decide(
             &settings.filter,

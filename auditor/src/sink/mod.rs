@@ -64,6 +64,10 @@ pub trait Sink: Send {
     fn status(&self) -> SinkStatus;
     /// Records lost inside the sink since the last call (taken: the counter resets).
     fn take_loss(&mut self) -> SinkLoss;
+    /// Records lost but not yet reported through `take_loss` (shown in INFO at once).
+    fn pending_loss(&self) -> u64 {
+        0
+    }
     /// Name of the sink kind: "file", "syslog" or "tcp" (selects the INFO status field).
     fn kind(&self) -> &'static str;
 }

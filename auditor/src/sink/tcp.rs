@@ -85,6 +85,11 @@ const SPOOL_VERSION: &str = "1";
 /// How often opening the spool file is retried after it failed.
 const SPOOL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Room the backlog must have before [`Sink::take_loss`] reports a loss: the caller writes the
+/// report as an `AUDIT_LOSS` line at the head of its next batch, and that line must not be dropped in
+/// turn (its count would be lost with it, and the next report would only say `count=1`).
+const LOSS_REPORT_ROOM: u64 = 1024;
+
 /// The TCP sink's settings: the module's `tcp_*` settings plus the spool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpOptions {
@@ -799,6 +804,23 @@ impl TcpSink {
         self.spool.as_mut()
     }
 
+    /// Bytes of new lines `enqueue` would keep now: memory while the spool is empty, else the spool.
+    fn room(&self) -> u64 {
+        if !self.opts.buffer_on_disconnect && matches!(self.link, Link::Down) {
+            return 0;
+        }
+        let memory = if self.spooled_bytes() == 0 {
+            self.opts.memory_limit.saturating_sub(self.memory_unsent())
+        } else {
+            0
+        };
+        let spool = match &self.spool {
+            Some(spool) if self.opts.spool_enabled() => spool.room(),
+            _ => 0,
+        };
+        memory.max(spool)
+    }
+
     /// Takes new lines into the backlog: memory, then spool, then the rest is dropped and counted.
     fn enqueue(&mut self, mut data: &[u8]) {
         if data.is_empty() {
@@ -1092,8 +1114,16 @@ impl Sink for TcpSink {
         }
     }
 
+    /// Held back while the backlog is full: the report would be dropped like the lines it counts.
     fn take_loss(&mut self) -> SinkLoss {
+        if self.loss.records == 0 || self.room() < LOSS_REPORT_ROOM {
+            return SinkLoss::default();
+        }
         std::mem::take(&mut self.loss)
+    }
+
+    fn pending_loss(&self) -> u64 {
+        self.loss.records
     }
 
     fn kind(&self) -> &'static str {
@@ -1475,17 +1505,18 @@ mod tests {
         write_records(&mut sink, 0, 10_000, 100);
         // 4096 / 32 = 128 lines in memory, 65536 / 32 = 2048 in the spool.
         let kept = 128 + 2048;
-        assert_eq!(
-            sink.take_loss(),
-            SinkLoss {
-                records: (10_000 - kept) as u64,
-                bytes: (10_000 - kept) as u64 * 32
-            }
-        );
-        assert_eq!(sink.take_loss(), SinkLoss::default(), "taking resets");
+        let lost = SinkLoss {
+            records: (10_000 - kept) as u64,
+            bytes: (10_000 - kept) as u64 * 32,
+        };
+        assert_eq!(sink.loss, lost);
+        // While full, a report would be dropped like the lines it counts: it waits for room.
+        assert_eq!(sink.take_loss(), SinkLoss::default());
 
         let collector = Collector::start(port);
         wait_for_bytes(&mut sink, &collector, kept * 32);
+        assert_eq!(sink.take_loss(), lost);
+        assert_eq!(sink.take_loss(), SinkLoss::default(), "taking resets");
         assert_eq!(collector.kill().concat(), records(0, kept));
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -1504,7 +1535,7 @@ mod tests {
         batch.extend_from_slice(b"short\n");
         sink.write_batch(&batch, 4).unwrap();
         assert_eq!(
-            sink.take_loss(),
+            sink.loss,
             SinkLoss {
                 records: 2,
                 bytes: 106
@@ -1522,18 +1553,19 @@ mod tests {
         opts.buffer_on_disconnect = false;
         let mut sink = TcpSink::open(opts);
         write_records(&mut sink, 0, 50, 10);
-        assert_eq!(
-            sink.take_loss(),
-            SinkLoss {
-                records: 50,
-                bytes: 50 * 32
-            }
-        );
+        let lost = SinkLoss {
+            records: 50,
+            bytes: 50 * 32,
+        };
+        assert_eq!(sink.loss, lost);
+        // No connection, no buffering: a report now would be dropped too.
+        assert_eq!(sink.take_loss(), SinkLoss::default());
         assert_eq!(sink.status(), SinkStatus::Disconnected);
         assert!(!dir.join(spool_file_name("127.0.0.1", port, None)).exists());
 
         let collector = Collector::start(port);
         tick_until(&mut sink, |s| s.status() == SinkStatus::Connected);
+        assert_eq!(sink.take_loss(), lost);
         write_records(&mut sink, 50, 60, 5);
         wait_for_bytes(&mut sink, &collector, 10 * 32);
         assert_eq!(collector.kill().concat(), records(50, 60));
