@@ -404,7 +404,7 @@ def _pipeline_payload(n, tag):
 @pytest.mark.parametrize("mode", ["one_write", "byte_per_write"])
 def test_10000_pipelined(audited, mode):
     valkey, auditor = audited
-    n = 10000 if mode == "one_write" else 2000
+    n = 10000
     payload, expect = _pipeline_payload(n, mode)
     s = socket.create_connection(("127.0.0.1", valkey.port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

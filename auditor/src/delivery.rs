@@ -286,7 +286,7 @@ pub fn run_sink(
                             let lost = batch_lines as u64 + queue.discard_all();
                             metrics.lost_sink.fetch_add(lost, Ordering::Relaxed);
                             eprintln!(
-                                "auditor: giving up at shutdown with {lost} records unwritten: {e}"
+                                "auditor: giving up at shutdown: {lost} unwritten records: {e}"
                             );
                             return;
                         }
