@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUDITOR, free_port, wait_until
+from conftest import AUDITOR, free_port, terminate, wait_until
 from test_capture import Raw, resp
 from test_control import cli, config_get
 
@@ -605,13 +605,7 @@ class Rsyslog:
         return out
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.log.close()
         if self.local and os.path.exists("/dev/log"):
             os.unlink("/dev/log")

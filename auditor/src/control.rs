@@ -530,83 +530,13 @@ fn parse_inline(src: &[u8]) -> Result<Parsed, DecodeError> {
     Ok(Parsed::Inline(newline + 1, args))
 }
 
-/// Split an inline command line like Valkey's `sdssplitargs`: whitespace separates arguments;
-/// "double quotes" take `\n \r \t \b \a \\ \" \xHH` escapes; 'single quotes' take `\'`; a closing
-/// quote must be followed by whitespace or the end. None: unbalanced quotes.
+/// Split an inline command line like Valkey's `sdssplitargs`, with the capture parser's splitter
+/// (one implementation of Valkey's quoting rules). None: unbalanced quotes.
 fn split_inline_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
-    let is_space = |b: u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t' | 0x0b | 0x0c);
-    let mut args = Vec::new();
-    let mut i = 0;
-    loop {
-        while i < line.len() && is_space(line[i]) {
-            i += 1;
-        }
-        if i >= line.len() {
-            return Some(args);
-        }
-        let mut arg = Vec::new();
-        let (mut in_double, mut in_single) = (false, false);
-        loop {
-            if in_double {
-                let &c = line.get(i)?;
-                if c == b'\\'
-                    && line.get(i + 1) == Some(&b'x')
-                    && line.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
-                    && line.get(i + 3).is_some_and(u8::is_ascii_hexdigit)
-                {
-                    let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok()?;
-                    arg.push(u8::from_str_radix(hex, 16).ok()?);
-                    i += 4;
-                } else if c == b'\\' && i + 1 < line.len() {
-                    arg.push(match line[i + 1] {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'b' => 0x08,
-                        b'a' => 0x07,
-                        other => other,
-                    });
-                    i += 2;
-                } else if c == b'"' {
-                    if line.get(i + 1).is_some_and(|&n| !is_space(n)) {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    arg.push(c);
-                    i += 1;
-                }
-            } else if in_single {
-                let &c = line.get(i)?;
-                if c == b'\\' && line.get(i + 1) == Some(&b'\'') {
-                    arg.push(b'\'');
-                    i += 2;
-                } else if c == b'\'' {
-                    if line.get(i + 1).is_some_and(|&n| !is_space(n)) {
-                        return None;
-                    }
-                    i += 1;
-                    break;
-                } else {
-                    arg.push(c);
-                    i += 1;
-                }
-            } else {
-                let Some(&c) = line.get(i) else {
-                    break;
-                };
-                i += 1;
-                match c {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
-                    b'"' => in_double = true,
-                    b'\'' => in_single = true,
-                    _ => arg.push(c),
-                }
-            }
-        }
-        args.push(arg);
-    }
+    // Control lines are at most 64 KiB, far under the splitter's retention budget, so every
+    // argument is kept whole.
+    let (args, _) = crate::resp::split_inline_args(line, usize::MAX)?;
+    Some(args.into_iter().map(|a| a.prefix).collect())
 }
 
 // ---------------------------------------------------------------------------------------------

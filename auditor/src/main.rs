@@ -484,6 +484,16 @@ struct CaptureLoop {
     dump: Option<std::io::BufWriter<std::fs::File>>,
 }
 
+/// Give the session the settings history when it changed (each command is then judged by the
+/// settings in force when it was read).
+fn refresh_timeline(shared: &SharedSettings, session: &mut Session, seen_version: &mut u64) {
+    let version = shared.version();
+    if version != *seen_version {
+        *seen_version = version;
+        session.set_timeline(shared.history());
+    }
+}
+
 impl CaptureLoop {
     fn run(mut self, initial: Vec<Record>) -> Result<()> {
         let unix_paths = procscan::unix_listeners(self.pid);
@@ -495,62 +505,17 @@ impl CaptureLoop {
         let mut published = [0u64; 6];
         let mut last_check = Instant::now();
         let ring_fd = self.stream.ring.as_raw_fd();
+        let mut target_gone = false;
         loop {
-            let mut drained = 0usize;
-            while let Some(item) = self.stream.ring.next() {
-                // A CONFIG SET applies from the very next command: one atomic load per event.
-                if self.shared.version() != seen_version {
-                    seen_version = self.shared.version();
-                    self.session.set_timeline(self.shared.history());
-                }
-                if let Some(dump) = &mut self.dump {
-                    use std::io::Write as _;
-                    let _ = dump.write_all(&(item.len() as u32).to_le_bytes());
-                    let _ = dump.write_all(&item);
-                }
-                if let Some(ev) = capture::decode(&item, &unix_path) {
-                    self.session.handle(ev, &mut records);
-                }
-                drop(item);
-                self.queue.push_all(&mut records, &self.stop);
-                drained += 1;
-                if drained >= 65536 {
-                    break;
-                }
-            }
-            if self.shared.version() != seen_version {
-                seen_version = self.shared.version();
-                self.apply_settings();
-            }
-            self.write_all(&mut records);
+            let drained = self.drain_ring(&unix_path, &mut seen_version, &mut records, 65536);
+            refresh_timeline(&self.shared, &mut self.session, &mut seen_version);
             if last_check.elapsed() >= Duration::from_millis(100) {
                 last_check = Instant::now();
                 self.publish_stats(&mut published);
-                if let Ok(drops) = self.stream.kernel_drops()
-                    && drops.0 > reported_drops.0
-                {
-                    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-                    self.session.kernel_loss(
-                        drops.0 - reported_drops.0,
-                        drops.1 - reported_drops.1,
-                        now,
-                        &mut records,
-                    );
-                    reported_drops = drops;
-                    self.write_all(&mut records);
-                }
+                self.report_kernel_drops(&mut reported_drops, &mut records);
                 if !process_alive(self.pid) {
-                    // Drain what the kernel still holds, then close the target's connections.
-                    while let Some(item) = self.stream.ring.next() {
-                        if let Some(ev) = capture::decode(&item, &unix_path) {
-                            self.session.handle(ev, &mut records);
-                        }
-                    }
-                    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-                    self.session.close_all(self.pid, now, &mut records);
-                    self.write_all(&mut records);
-                    eprintln!("auditor: pid {} exited; stopping", self.pid);
-                    return Ok(());
+                    target_gone = true;
+                    break;
                 }
             }
             if drained == 0 {
@@ -566,20 +531,16 @@ impl CaptureLoop {
                 unsafe { libc::poll(&mut pfd, 1, 10) };
             }
         }
-        // Drops the kernel counted since the last check still get their loss record.
-        if let Ok(drops) = self.stream.kernel_drops()
-            && drops.0 > reported_drops.0
-        {
-            let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-            self.session.kernel_loss(
-                drops.0 - reported_drops.0,
-                drops.1 - reported_drops.1,
-                now,
-                &mut records,
-            );
-        }
-        self.publish_stats(&mut published);
         let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        if target_gone {
+            // Everything the kernel still holds, then the connections that closed with the process.
+            self.drain_ring(&unix_path, &mut seen_version, &mut records, usize::MAX);
+            self.session.close_all(self.pid, now, &mut records);
+            eprintln!("auditor: pid {} exited; stopping", self.pid);
+        }
+        // Drops the kernel counted since the last check still get their loss record.
+        self.report_kernel_drops(&mut reported_drops, &mut records);
+        self.publish_stats(&mut published);
         self.session.flush_all(now, &mut records);
         self.write_all(&mut records);
         if let Some(dump) = &mut self.dump {
@@ -589,8 +550,46 @@ impl CaptureLoop {
         Ok(())
     }
 
-    fn apply_settings(&mut self) {
-        self.session.set_timeline(self.shared.history());
+    /// Process up to `max` ring records; returns how many there were.
+    fn drain_ring(
+        &mut self,
+        unix_path: &dyn Fn(u32, u32) -> Option<String>,
+        seen_version: &mut u64,
+        records: &mut Vec<Record>,
+        max: usize,
+    ) -> usize {
+        let mut drained = 0usize;
+        while drained < max
+            && let Some(item) = self.stream.ring.next()
+        {
+            // A CONFIG SET applies from the very next command: one atomic load per event.
+            refresh_timeline(&self.shared, &mut self.session, seen_version);
+            if let Some(dump) = &mut self.dump {
+                use std::io::Write as _;
+                let _ = dump.write_all(&(item.len() as u32).to_le_bytes());
+                let _ = dump.write_all(&item);
+            }
+            if let Some(ev) = capture::decode(&item, unix_path) {
+                self.session.handle(ev, records);
+            }
+            drop(item);
+            self.queue.push_all(records, &self.stop);
+            drained += 1;
+        }
+        drained
+    }
+
+    /// Turn drops the kernel counted since the last report into an AUDIT_LOSS record.
+    fn report_kernel_drops(&mut self, reported: &mut (u64, u64), records: &mut Vec<Record>) {
+        if let Ok(drops) = self.stream.kernel_drops()
+            && drops.0 > reported.0
+        {
+            let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            self.session
+                .kernel_loss(drops.0 - reported.0, drops.1 - reported.1, now, records);
+            *reported = drops;
+            self.write_all(records);
+        }
     }
 
     /// Hand records to the delivery queue (blocks in `overflow block` mode while it is full, which

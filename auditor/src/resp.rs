@@ -911,7 +911,7 @@ fn hex_value(b: u8) -> Option<u8> {
 /// count, or None for unbalanced quotes or a closing quote not followed by a space. The C code
 /// works on a NUL-terminated string, so a NUL ends the line. `at` returns 0 past the end to
 /// reproduce the C look-ahead exactly.
-fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
+pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
     let line = match line.iter().position(|&b| b == 0) {
         Some(nul) => line.get(..nul).unwrap_or_default(),
         None => line,

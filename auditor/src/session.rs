@@ -713,13 +713,19 @@ impl Session {
             self.finish_general(conn, p, reply, out);
             return;
         }
-        let failed = reply.is_error();
+        self.complete(conn, &mut p, reply, out);
+        self.push_with(&p.settings, p.record, out);
+    }
+
+    /// Fill in what the reply tells about `p`'s command and apply its effect on the connection.
+    #[inline]
+    fn complete(&mut self, conn: &mut Conn, p: &mut Pending, reply: &Reply, out: &mut Vec<Record>) {
         p.record.time_unix_us = self.wall_us(reply.start_ts);
         p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
         // The user the command ran as: every earlier command on the connection (a pipelined AUTH
         // included) has completed by now, and this one's own effect is applied only below.
         p.record.username = conn.username.clone();
-        if failed {
+        if reply.is_error() {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text);
         } else {
@@ -727,7 +733,6 @@ impl Session {
             p.record.keys_modified = p.write_keys;
             self.apply_effect(conn, &p.effect, reply, out);
         }
-        self.push_with(&p.settings, p.record, out);
     }
 
     /// `finish` for every case, MULTI/EXEC/DISCARD included.
@@ -747,19 +752,7 @@ impl Session {
             conn.queued.push(p);
             return;
         }
-        p.record.time_unix_us = self.wall_us(reply.start_ts);
-        p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
-        // The user the command ran as: every earlier command on the connection (a pipelined AUTH
-        // included) has completed by now, and this one's own effect is applied only below.
-        p.record.username = conn.username.clone();
-        if failed {
-            p.record.result = Outcome::Failure;
-            fill_error(&mut p.record, &reply.text);
-        } else {
-            p.record.result = Outcome::Success;
-            p.record.keys_modified = p.write_keys;
-            self.apply_effect(conn, &p.effect, reply, out);
-        }
+        self.complete(conn, &mut p, reply, out);
         if matches!(p.effect, Effect::Exec | Effect::Discard) {
             let queued = std::mem::take(&mut conn.queued);
             conn.in_multi = false;
