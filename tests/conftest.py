@@ -48,9 +48,19 @@ class Valkey:
             "--dir", str(self.dir), "--protected-mode", "no", "--enable-debug-command", "yes",
             *extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.args = args
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
         wait_until(self._ping, what="valkey-server to answer PING")
+
+    def kill_and_restart(self):
+        """SIGKILL the server and start it again with the same command line (a crash and restart)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.start()
 
     def _ping(self):
         try:
@@ -82,7 +92,8 @@ class Auditor:
         self.control = free_port()
         self.log = tmp_path / f"audit-{self.control}.log"
         self.stderr_path = tmp_path / f"auditor-{self.control}.stderr"
-        args = [str(AUDITOR), "--pid", str(pid), "--control", f"127.0.0.1:{self.control}", *extra,
+        target = ["--pid", str(pid)] if pid is not None else []
+        args = [str(AUDITOR), *target, "--control", f"127.0.0.1:{self.control}", *extra,
                 "audit.protocol", f"file {self.log}", "audit.format", fmt, *settings]
         self.stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.stderr,

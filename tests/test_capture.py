@@ -55,7 +55,7 @@ def test_connect_disconnect_peer_and_basic_command(audited):
     keys = list(json.loads(line).keys())
     assert keys == ["timestamp", "category", "command", "command_args", "result", "duration_us",
                     "keys_modified", "client_id", "username", "client_ip", "client_port",
-                    "server_hostname", "error", "seq", "keys", "pid"]
+                    "server_hostname", "error", "seq", "keys", "pid", "server_port"]
     seqs = [r["seq"] for r in auditor.records()]
     assert seqs == list(range(1, len(seqs) + 1))
 

@@ -32,6 +32,12 @@ pub enum EventKind {
     Data = 1,
     Accept = 2,
     Close = 3,
+    /// A process whose command name is in `COMMS` called exec (it is already in `TARGETS`).
+    Exec = 4,
+    /// A target forked (a child process, or a thread: user space tells them apart).
+    Fork = 5,
+    /// The last thread of a target exited (it was removed from `TARGETS`).
+    Exit = 6,
 }
 
 /// Direction of a data event, seen from the server.
@@ -100,6 +106,22 @@ pub struct CloseEvent {
     pub ts_ns: u64,
 }
 
+/// A process lifecycle event of a target (`Exec`, `Fork`, `Exit`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// The process (the parent, for `Fork`).
+    pub tgid: u32,
+    /// `Fork`: the child's pid (a thread id when the fork created a thread).
+    pub child: u32,
+    pub _pad2: u32,
+    pub ts_ns: u64,
+    /// Command name after exec (`Exec`), else the process's.
+    pub comm: [u8; 16],
+}
+
 /// Per-socket state kept in the kernel's `SOCKETS` map, keyed by `(tgid << 32) | fd`. Only fds in this
 /// map are captured, which is how non-socket fds (Valkey's `/proc/self/stat` reads) are ignored.
 #[repr(C)]
@@ -111,6 +133,21 @@ pub struct SocketState {
     pub out_pos: u64,
 }
 
+/// Key of the `COMMS` map: a command name as the kernel stores it (`TASK_COMM_LEN`, NUL-padded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    /// The kernel keeps the first 15 bytes of a name.
+    pub fn from_name(name: &[u8]) -> Comm {
+        let mut c = [0u8; 16];
+        let n = name.len().min(15);
+        c[..n].copy_from_slice(&name[..n]);
+        Comm(c)
+    }
+}
+
 pub const fn socket_key(tgid: u32, fd: u32) -> u64 {
     ((tgid as u64) << 32) | fd as u64
 }
@@ -119,4 +156,6 @@ pub const fn socket_key(tgid: u32, fd: u32) -> u64 {
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid.
     unsafe impl aya::Pod for super::SocketState {}
+    // SAFETY: a NUL-padded command name, every bit pattern valid.
+    unsafe impl aya::Pod for super::Comm {}
 }

@@ -11,13 +11,13 @@ use core::ffi::c_void;
 
 use auditor_common::{
     AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_WAKEUP_BYTES, CHUNK_SIZE,
-    CloseEvent, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS, STAT_LEN,
-    STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_WRITES, SocketState, socket_key,
+    CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS, ProcEvent,
+    STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_WRITES, SocketState, socket_key,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
     },
     macros::{map, tracepoint},
@@ -28,6 +28,11 @@ use aya_ebpf::{
 /// Processes to audit, by TGID. Value unused.
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// Command names whose processes become targets the moment they exec (`--comm`, `--all`,
+/// `--follow-restarts`): added here in the kernel, so not even the first connection is missed.
+#[map]
+static COMMS: HashMap<Comm, u32> = HashMap::with_max_entries(64, 0);
 
 /// Sockets of the targets that are captured, keyed by `socket_key(tgid, fd)`.
 #[map]
@@ -331,12 +336,19 @@ fn emit_data(ctx: &TracePointContext) -> u32 {
     let cap = config(CFG_CAPTURE_CAP);
     let captured = if ret < cap { ret } else { cap };
     let wakeup = config(CFG_WAKEUP_BYTES);
+    // Wake the consumer only when this record makes the unread data cross the threshold: one
+    // wake-up per batch, not one per record while the consumer is still busy with the last batch
+    // (each wake-up costs the server an irq_work). The consumer also polls every 10 ms, so a
+    // missed crossing delays records by at most that.
     let flags = if wakeup == 0 {
         0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup {
-        BPF_RB_FORCE_WAKEUP as u64
     } else {
-        BPF_RB_NO_WAKEUP as u64
+        let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        if avail < wakeup && avail + DATA_HDR_LEN as u64 + captured >= wakeup {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
     };
     let (iov, iovcnt, cur_base, cur_len) = if args.iovcnt == 0 {
         (0, 0, args.ptr, ret)
@@ -582,6 +594,75 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     } else {
         bump(STAT_RING_WRITES, 1);
     }
+    0
+}
+
+#[inline(always)]
+fn emit_proc(kind: EventKind, tgid: u32, child: u32, comm: [u8; 16]) {
+    let ev = ProcEvent {
+        kind: kind as u8,
+        _pad: [0; 3],
+        tgid,
+        child,
+        _pad2: 0,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm,
+    };
+    if EVENTS.output::<ProcEvent>(&ev, 0).is_err() {
+        bump(STAT_RING_DROPS, 1);
+    } else {
+        bump(STAT_RING_WRITES, 1);
+    }
+}
+
+// sched tracepoint field offsets (from /sys/kernel/tracing/events/sched/*/format).
+const FORK_CHILD_PID: usize = 20;
+const EXIT_GROUP_DEAD: usize = 32;
+
+/// A process exec'd: if its new command name is watched, it is a target from now on.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    // SAFETY: read-only lookup.
+    if unsafe { COMMS.get(&Comm(comm)) }.is_none() {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = TARGETS.insert(&tgid, &1, 0);
+    emit_proc(EventKind::Exec, tgid, 0, comm);
+    0
+}
+
+/// A target forked: user space decides whether the child is a server (a daemonizing valkey-server
+/// forks and its parent exits) or a thread or a snapshot child.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    let child: i32 = unsafe { ctx.read_at(FORK_CHILD_PID) }.unwrap_or(0);
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    emit_proc(EventKind::Fork, tgid, child as u32, comm);
+    0
+}
+
+/// The last thread of a target exited: its connections are gone without close() calls.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let group_dead: u8 = unsafe { ctx.read_at(EXIT_GROUP_DEAD) }.unwrap_or(0);
+    if group_dead == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    let _ = TARGETS.remove(&tgid);
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    emit_proc(EventKind::Exit, tgid, 0, comm);
     0
 }
 

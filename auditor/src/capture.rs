@@ -3,9 +3,9 @@
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use auditor_common::{
-    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_WAKEUP_BYTES, CloseEvent,
-    DATA_HDR_LEN, DIR_IN, DataEvent, EventKind, STAT_RING_DROP_BYTES, STAT_RING_DROPS, SocketState,
-    socket_key,
+    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_WAKEUP_BYTES, CloseEvent, Comm,
+    DATA_HDR_LEN, DIR_IN, DataEvent, EventKind, ProcEvent, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
+    SocketState, socket_key,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -13,7 +13,9 @@ use aya::{
     programs::TracePoint,
 };
 
-use crate::session::{CaptureEvent, Peer};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+
+use crate::session::{CaptureEvent, Peer, ProcessEvent};
 
 /// The eBPF object built by `auditor/build.rs` (aya-build), embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor"));
@@ -28,6 +30,7 @@ pub struct Capture {
     ebpf: Ebpf,
     sockets: HashMap<MapData, u64, SocketState>,
     targets: HashMap<MapData, u32, u32>,
+    comms: HashMap<MapData, Comm, u32>,
 }
 
 /// Capture options fixed at load.
@@ -41,6 +44,31 @@ pub struct CaptureConfig {
 pub struct CaptureStream {
     pub ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
+    /// Epoll instance watching the ring edge-triggered (see `wait`).
+    wake: OwnedFd,
+}
+
+/// An epoll instance with the ring buffer registered edge-triggered. A plain poll() on the ring
+/// returns at once whenever any byte is unread, which would have the consumer chase every record
+/// one at a time; edge-triggered, it sleeps until the kernel program actually wakes it (once per
+/// `wakeup_bytes` of data) or the timeout passes.
+fn edge_triggered_epoll(ring_fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: plain syscalls; the returned descriptor is owned from here on.
+    unsafe {
+        let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        if ep < 0 {
+            return Err(std::io::Error::last_os_error()).context("epoll_create1");
+        }
+        let ep = OwnedFd::from_raw_fd(ep);
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        if libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, ring_fd, &mut ev) < 0 {
+            return Err(std::io::Error::last_os_error()).context("epoll_ctl on the ring buffer");
+        }
+        Ok(ep)
+    }
 }
 
 impl Capture {
@@ -68,13 +96,16 @@ impl Capture {
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
         let sockets = HashMap::try_from(ebpf.take_map("SOCKETS").context("SOCKETS map")?)?;
         let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
+        let comms = HashMap::try_from(ebpf.take_map("COMMS").context("COMMS map")?)?;
+        let wake = edge_triggered_epoll(ring.as_raw_fd())?;
         Ok((
             Capture {
                 ebpf,
                 sockets,
                 targets,
+                comms,
             },
-            CaptureStream { ring, stats },
+            CaptureStream { ring, stats, wake },
         ))
     }
 
@@ -82,6 +113,28 @@ impl Capture {
         self.targets
             .insert(tgid, 1, 0)
             .context("adding the target pid to the TARGETS map")?;
+        Ok(())
+    }
+
+    /// Stop auditing a process (it exited, or is not a server after all) and forget its sockets.
+    pub fn remove_target(&mut self, tgid: u32) {
+        let _ = self.targets.remove(&tgid);
+        let stale: Vec<u64> = self
+            .sockets
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| (k >> 32) as u32 == tgid)
+            .collect();
+        for key in stale {
+            let _ = self.sockets.remove(&key);
+        }
+    }
+
+    /// Processes that exec with this command name become targets in the kernel at once.
+    pub fn watch_comm(&mut self, name: &str) -> Result<()> {
+        self.comms
+            .insert(Comm::from_name(name.as_bytes()), 1, 0)
+            .with_context(|| format!("adding command name {name:?} to the COMMS map"))?;
         Ok(())
     }
 
@@ -98,7 +151,16 @@ impl Capture {
             names.push(format!("sys_enter_{s}"));
             names.push(format!("sys_exit_{s}"));
         }
-        for name in &names {
+        let mut programs: Vec<(&str, String)> =
+            names.into_iter().map(|n| ("syscalls", n)).collect();
+        for name in [
+            "sched_process_exec",
+            "sched_process_fork",
+            "sched_process_exit",
+        ] {
+            programs.push(("sched", name.into()));
+        }
+        for (category, name) in &programs {
             let prog: &mut TracePoint = self
                 .ebpf
                 .program_mut(name)
@@ -107,9 +169,9 @@ impl Capture {
             prog.load()
                 .map_err(|e| privilege_hint(anyhow!(e)))
                 .with_context(|| format!("loading {name} (verifier)"))?;
-            prog.attach("syscalls", name)
+            prog.attach(category, name)
                 .map_err(|e| privilege_hint(anyhow!(e)))
-                .with_context(|| format!("attaching tracepoint syscalls:{name} (is tracefs mounted at /sys/kernel/tracing?)"))?;
+                .with_context(|| format!("attaching tracepoint {category}:{name} (is tracefs mounted at /sys/kernel/tracing?)"))?;
         }
         Ok(())
     }
@@ -149,6 +211,13 @@ fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
 }
 
 impl CaptureStream {
+    /// Sleep until the kernel wakes the consumer (a batch is ready) or `timeout_ms` passes.
+    pub fn wait(&self, timeout_ms: i32) {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one valid epoll_event buffer.
+        unsafe { libc::epoll_wait(self.wake.as_raw_fd(), &mut ev, 1, timeout_ms) };
+    }
+
     /// Failed ring-buffer writes summed over CPUs: (records, bytes).
     pub fn kernel_drops(&self) -> Result<(u64, u64)> {
         let events: u64 = self.stats.get(&STAT_RING_DROPS, 0)?.iter().sum();
@@ -198,8 +267,32 @@ pub fn decode<'a>(
         Some(CaptureEvent::Accept {
             tgid: a.tgid,
             fd: a.fd,
+            listen_fd: a.listen_fd,
             ts_ns: a.ts_ns,
             peer,
+        })
+    } else if kind == EventKind::Exec as u8
+        || kind == EventKind::Fork as u8
+        || kind == EventKind::Exit as u8
+    {
+        if bytes.len() < std::mem::size_of::<ProcEvent>() {
+            return None;
+        }
+        // SAFETY: as above.
+        let p: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind = if kind == EventKind::Exec as u8 {
+            ProcessEvent::Exec
+        } else if kind == EventKind::Fork as u8 {
+            ProcessEvent::Fork
+        } else {
+            ProcessEvent::Exit
+        };
+        Some(CaptureEvent::Process {
+            kind,
+            tgid: p.tgid,
+            child: p.child,
+            ts_ns: p.ts_ns,
+            comm: p.comm,
         })
     } else if kind == EventKind::Close as u8 {
         if bytes.len() < std::mem::size_of::<CloseEvent>() {

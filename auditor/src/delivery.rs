@@ -37,6 +37,10 @@ struct QueueState {
     /// Records dropped by `overflow drop` since the last loss record.
     dropped: u64,
     closed: bool,
+    /// The sink thread waits for records / producers wait for room: notify only then, since a
+    /// condvar notification is a futex syscall even when nobody waits.
+    consumer_waiting: bool,
+    producers_waiting: usize,
 }
 
 /// The bounded queue. Cloned handles share it.
@@ -59,6 +63,8 @@ impl Queue {
                     overflow,
                     dropped: 0,
                     closed: false,
+                    consumer_waiting: false,
+                    producers_waiting: 0,
                 }),
                 Condvar::new(), // not empty
                 Condvar::new(), // not full
@@ -107,17 +113,21 @@ impl Queue {
                             break;
                         }
                         self.state.1.notify_one();
+                        st.producers_waiting += 1;
                         st = self
                             .state
                             .2
                             .wait_timeout(st, Duration::from_millis(50))
                             .unwrap_or_else(|p| p.into_inner())
                             .0;
+                        st.producers_waiting -= 1;
                     }
                 }
             }
         }
-        self.state.1.notify_one();
+        if st.consumer_waiting {
+            self.state.1.notify_one();
+        }
     }
 
     /// True when the queue has no room for more (the capture thread stops reading the ring).
@@ -130,12 +140,14 @@ impl Queue {
     fn pop_batch(&self, max: usize, wait: Duration, out: &mut Vec<Record>) -> u64 {
         let mut st = self.lock();
         if st.records.is_empty() && !st.closed {
+            st.consumer_waiting = true;
             st = self
                 .state
                 .1
                 .wait_timeout(st, wait)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            st.consumer_waiting = false;
         }
         let n = st.records.len().min(max);
         for _ in 0..n {
@@ -145,7 +157,9 @@ impl Queue {
             }
         }
         let dropped = std::mem::take(&mut st.dropped);
-        self.state.2.notify_all();
+        if st.producers_waiting > 0 {
+            self.state.2.notify_all();
+        }
         dropped
     }
 
@@ -190,6 +204,12 @@ pub trait SinkProvider: Send {
     fn hostname(&self) -> String;
     /// Wall-clock microseconds now.
     fn now_us(&self) -> i64;
+    /// One destination per server (`%port%` in the file path): batches hold one server's
+    /// records, and `select` names the server before each.
+    fn per_server(&self) -> bool {
+        false
+    }
+    fn select(&mut self, _port: u16) {}
 }
 
 /// The sink thread's loop: runs until the queue is closed and drained.
@@ -203,9 +223,13 @@ pub fn run_sink(
 ) {
     let mut next_seq = first_seq.load(Ordering::Relaxed).max(1);
     let mut pending: Vec<Record> = Vec::with_capacity(4096);
+    let mut carry: Vec<Record> = Vec::new();
+    let mut batch_port = 0u16;
     let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut batch_lines = 0usize;
     let mut batch_cats: Vec<Category> = Vec::new();
+    // `Record::pid` of each line, parallel to `batch_cats`, for the per-target counters.
+    let mut batch_pids: Vec<u32> = Vec::new();
     let mut last_tick = Instant::now();
     let mut last_flush = Instant::now();
     let mut backoff = Duration::from_millis(10);
@@ -214,6 +238,7 @@ pub fn run_sink(
     loop {
         // Housekeeping: settings, SIGHUP, rolling, reconnects, sink-internal losses.
         provider.refresh(&mut format);
+        let per_server = provider.per_server();
         let hostname = provider.hostname();
         let now_us = provider.now_us();
         let sink = provider.sink();
@@ -241,29 +266,42 @@ pub fn run_sink(
         }
         // Fill a batch only when the previous one was written.
         if batch.is_empty() {
-            let dropped = queue.pop_batch(4096, Duration::from_millis(10), &mut pending);
-            if dropped > 0 {
-                pending.insert(
-                    0,
-                    loss_record(&hostname, now_us, "queue_overflow", dropped, 0),
-                );
+            if pending.is_empty() {
+                let dropped = queue.pop_batch(4096, Duration::from_millis(10), &mut pending);
+                if dropped > 0 {
+                    pending.insert(
+                        0,
+                        loss_record(&hostname, now_us, "queue_overflow", dropped, 0),
+                    );
+                }
             }
             batch_cats.clear();
-            for rec in pending.iter_mut() {
+            batch_pids.clear();
+            // One file per server: a batch holds the records of one server (the first pending
+            // one's); the others wait, in order, for the next batches.
+            batch_port = pending.first().map(|r| r.server.port).unwrap_or(0);
+            for mut rec in pending.drain(..) {
+                if per_server && rec.server.port != batch_port {
+                    carry.push(rec);
+                    continue;
+                }
+                batch_pids.push(rec.pid);
                 rec.seq = next_seq;
                 next_seq += 1;
-                write_record(format, rec, &mut batch);
+                write_record(format, &rec, &mut batch);
                 batch_lines += 1;
                 batch_cats.push(std::mem::replace(&mut rec.category, Category::Other));
             }
-            pending.clear();
+            std::mem::swap(&mut pending, &mut carry);
         }
+        provider.select(batch_port);
+        let sink = provider.sink();
         if !batch.is_empty() {
             match sink.write_batch(&batch, batch_lines) {
                 Ok(()) => {
                     let per = batch.len() as u64 / batch_lines.max(1) as u64;
-                    for c in &batch_cats {
-                        metrics.record_written(c, per);
+                    for (c, &pid) in batch_cats.iter().zip(&batch_pids) {
+                        metrics.record_written(c, pid, per);
                     }
                     batch.clear();
                     batch_lines = 0;

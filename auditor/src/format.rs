@@ -32,7 +32,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Local, Timelike};
 
-use crate::record::Record;
+use crate::record::{Record, ServerInfo};
 
 /// The output format (`audit.format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,7 +123,7 @@ fn write_text(r: &Record, out: &mut Vec<u8>) {
     out.push(b':');
     push_u64(out, u64::from(r.client_port));
     out.extend_from_slice(b" server_hostname=");
-    escape_plain(out, r.server_hostname.as_bytes(), plain);
+    escape_plain(out, r.server.hostname.as_bytes(), plain);
     if !r.command_args.is_empty() {
         out.push(b' ');
         escape_plain(out, &r.command_args, plain);
@@ -138,7 +138,34 @@ fn write_text(r: &Record, out: &mut Vec<u8>) {
     push_key_list(out, &r.keys, Plain::TEXT_KEY);
     out.extend_from_slice(b" pid=");
     push_u64(out, u64::from(r.pid));
+    let srv = &*r.server;
+    if srv.port != 0 {
+        out.extend_from_slice(b" server_port=");
+        push_u64(out, u64::from(srv.port));
+    }
+    if srv.ns_pid != 0 {
+        out.extend_from_slice(b" container_pid=");
+        push_u64(out, u64::from(srv.ns_pid));
+    }
+    for (name, value) in container_fields(srv) {
+        if !value.is_empty() {
+            out.push(b' ');
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
+            escape_plain(out, value.as_bytes(), plain);
+        }
+    }
     out.push(b'\n');
+}
+
+/// The container identity fields, in output order (written only where they apply, except in CSV).
+fn container_fields(srv: &ServerInfo) -> [(&'static str, &str); 4] {
+    [
+        ("container_id", &srv.container_id),
+        ("pod_name", &srv.pod_name),
+        ("pod_namespace", &srv.pod_namespace),
+        ("node_name", &srv.node_name),
+    ]
 }
 
 fn write_json(r: &Record, out: &mut Vec<u8>) {
@@ -165,7 +192,7 @@ fn write_json(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\",\"client_port\":");
     push_u64(out, u64::from(r.client_port));
     out.extend_from_slice(b",\"server_hostname\":\"");
-    escape_json(out, r.server_hostname.as_bytes());
+    escape_json(out, r.server.hostname.as_bytes());
     out.extend_from_slice(b"\",\"error\":\"");
     escape_json(out, &r.error);
     out.extend_from_slice(b"\",\"seq\":");
@@ -181,6 +208,22 @@ fn write_json(r: &Record, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(b"],\"pid\":");
     push_u64(out, u64::from(r.pid));
+    let srv = &*r.server;
+    out.extend_from_slice(b",\"server_port\":");
+    push_u64(out, u64::from(srv.port));
+    if srv.ns_pid != 0 {
+        out.extend_from_slice(b",\"container_pid\":");
+        push_u64(out, u64::from(srv.ns_pid));
+    }
+    for (name, value) in container_fields(srv) {
+        if !value.is_empty() {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":\"");
+            escape_json(out, value.as_bytes());
+            out.push(b'"');
+        }
+    }
     out.extend_from_slice(b"}\n");
 }
 
@@ -207,7 +250,7 @@ fn write_csv(r: &Record, out: &mut Vec<u8>) {
     out.push(b',');
     push_u64(out, u64::from(r.client_port));
     out.push(b',');
-    csv_field(out, r.server_hostname.as_bytes());
+    csv_field(out, r.server.hostname.as_bytes());
     out.push(b',');
     csv_field(out, &r.error);
     out.push(b',');
@@ -231,6 +274,18 @@ fn write_csv(r: &Record, out: &mut Vec<u8>) {
     }
     out.push(b',');
     push_u64(out, u64::from(r.pid));
+    // CSV columns are positional: every server column is always there, empty where it does not apply.
+    let srv = &*r.server;
+    out.push(b',');
+    push_u64(out, u64::from(srv.port));
+    out.push(b',');
+    if srv.ns_pid != 0 {
+        push_u64(out, u64::from(srv.ns_pid));
+    }
+    for (_, value) in container_fields(srv) {
+        out.push(b',');
+        csv_field(out, value.as_bytes());
+    }
     out.push(b'\n');
 }
 
@@ -729,7 +784,7 @@ mod tests {
             username: b"alice".to_vec(),
             client_ip: "127.0.0.1".to_string(),
             client_port: 42696,
-            server_hostname: "vm".to_string(),
+            server: ServerInfo::host("vm"),
             error: Vec::new(),
             seq: 42,
             keys: vec![b"user:1001".to_vec()],
@@ -824,7 +879,8 @@ mod tests {
         let got = String::from_utf8(line(Format::Json, &r)).unwrap();
         assert_eq!(
             got,
-            format!(r#"{expected},"seq":42,"keys":["user:1001"],"pid":4242}}"#) + "\n"
+            format!(r#"{expected},"seq":42,"keys":["user:1001"],"pid":4242,"server_port":0}}"#)
+                + "\n"
         );
         let v: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert_eq!(v["keys"][0], "user:1001");
@@ -840,7 +896,7 @@ mod tests {
         let got = String::from_utf8(line(Format::Json, &r)).unwrap();
         assert_eq!(
             got,
-            format!(r#"{expected},"seq":42,"keys":[],"pid":4242}}"#) + "\n"
+            format!(r#"{expected},"seq":42,"keys":[],"pid":4242,"server_port":0}}"#) + "\n"
         );
     }
 
@@ -855,7 +911,7 @@ mod tests {
             assert_eq!(sample, expected);
         }
         let got = String::from_utf8(line(Format::Csv, &r)).unwrap();
-        assert_eq!(got, format!("{expected},42,user:1001,4242\n"));
+        assert_eq!(got, format!("{expected},42,user:1001,4242,0,,,,,\n"));
 
         // Connection-style record with an empty field in the middle.
         let r = Record {
@@ -881,7 +937,7 @@ mod tests {
         }
         assert_eq!(
             String::from_utf8(line(Format::Csv, &r)).unwrap(),
-            format!("{expected},42,,4242\n")
+            format!("{expected},42,,4242,0,,,,,\n")
         );
     }
 
@@ -911,7 +967,12 @@ mod tests {
             username: v.to_vec(),
             error: v.to_vec(),
             client_ip: String::from_utf8_lossy(v).into_owned(),
-            server_hostname: String::from_utf8_lossy(v).into_owned(),
+            server: std::sync::Arc::new(ServerInfo {
+                hostname: String::from_utf8_lossy(v).into_owned(),
+                container_id: String::from_utf8_lossy(v).into_owned(),
+                pod_name: String::from_utf8_lossy(v).into_owned(),
+                ..ServerInfo::default()
+            }),
             keys: vec![v.to_vec(), b"k,2".to_vec(), v.to_vec()],
             ..sample_set()
         }
@@ -1080,7 +1141,7 @@ mod tests {
             assert_one_line(&out);
             let text = std::str::from_utf8(&out[..out.len() - 1]).unwrap();
             let fields = read_csv_line(text);
-            assert_eq!(fields.len(), 16, "{text}");
+            assert_eq!(fields.len(), 22, "{text}");
             assert_eq!(unescape(&fields[1]), r.category.as_str().as_bytes());
             assert_eq!(unescape(&fields[2]), v, "{text}");
             assert_eq!(unescape(&fields[3]), v);
@@ -1096,7 +1157,7 @@ mod tests {
             ..sample_set()
         };
         let out = String::from_utf8(line(Format::Csv, &r)).unwrap();
-        assert!(out.ends_with(",42,\"a\\,b,c\",4242\n"), "{out}");
+        assert!(out.ends_with(",42,\"a\\,b,c\",4242,0,,,,,\n"), "{out}");
         let r = Record {
             command_args: b"say \"hi\", ok".to_vec(),
             ..sample_set()

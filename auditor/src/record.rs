@@ -2,7 +2,40 @@
 //!
 //! Field order follows the Valkey Audit Module (timestamp, category, command, command_args, result,
 //! duration_us, keys_modified, client_id, username, client_ip, client_port, server_hostname, error),
-//! then the auditor's own fields (seq, keys, pid).
+//! then the auditor's own fields (seq, keys, pid, and the server's port and container identity).
+
+use std::sync::Arc;
+
+/// The audited server a record came from. Shared by every record of that server (one `Arc` clone
+/// per record, no copies): it changes only when the server is (re)discovered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// `server_hostname`: the host's name (the module's field).
+    pub hostname: String,
+    /// The server's pid as the host sees it (0 for the auditor's own records).
+    pub pid: u32,
+    /// The server's pid inside its own pid namespace (a container), when that differs; else 0.
+    pub ns_pid: u32,
+    /// The server's TCP listening port (the first one; 0 when it has none or it is not known yet).
+    pub port: u16,
+    /// Container id from the server's cgroup path (docker, containerd, CRI-O, podman), or empty.
+    pub container_id: String,
+    /// Kubernetes pod name and namespace, when the server runs in a pod.
+    pub pod_name: String,
+    pub pod_namespace: String,
+    /// Kubernetes node name (`NODE_NAME` of the auditor), when the server runs in a pod.
+    pub node_name: String,
+}
+
+impl ServerInfo {
+    /// A server known only by the host name (the auditor's own records, tests).
+    pub fn host(hostname: &str) -> Arc<ServerInfo> {
+        Arc::new(ServerInfo {
+            hostname: hostname.to_string(),
+            ..ServerInfo::default()
+        })
+    }
+}
 
 /// Record category. The names are the module's (`CONNECTION`, `AUTH`, ...), plus `AUDIT` and
 /// `AUDIT_LOSS` for the auditor's own records.
@@ -74,7 +107,8 @@ pub struct Record {
     pub username: Vec<u8>,
     pub client_ip: String,
     pub client_port: u16,
-    pub server_hostname: String,
+    /// The server: `server_hostname`, its port, pids and container identity.
+    pub server: Arc<ServerInfo>,
     /// Empty, `rejected=<msg>`, `acl_deny_reason=<r> acl_object=<o>`, or the error reply's text.
     pub error: Vec<u8>,
     /// Gapless sequence number over every record written in this run (set by the writer).
@@ -89,6 +123,16 @@ impl Record {
     /// A record that is not about a client command (connection events, the auditor's own AUDIT and
     /// AUDIT_LOSS records): empty client fields, result SUCCESS, to be filled in by the caller.
     pub fn event(category: Category, command: &[u8], time_unix_us: i64, hostname: &str) -> Record {
+        Record::for_server(category, command, time_unix_us, ServerInfo::host(hostname))
+    }
+
+    /// As `event`, for a known server.
+    pub fn for_server(
+        category: Category,
+        command: &[u8],
+        time_unix_us: i64,
+        server: Arc<ServerInfo>,
+    ) -> Record {
         Record {
             time_unix_us,
             category,
@@ -101,7 +145,7 @@ impl Record {
             username: Vec::new(),
             client_ip: String::new(),
             client_port: 0,
-            server_hostname: hostname.to_string(),
+            server,
             error: Vec::new(),
             seq: 0,
             keys: Vec::new(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::argv::Arg;
 use crate::commands::{CommandTable, Described, FxBuildHasher, command_args, command_args_into};
 use crate::filter;
-use crate::record::{Category, Outcome, Record};
+use crate::record::{Category, Outcome, Record, ServerInfo};
 use crate::resp::{
     BufPool, Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
 };
@@ -33,6 +33,8 @@ pub enum CaptureEvent<'a> {
     Accept {
         tgid: u32,
         fd: u32,
+        /// The listening socket it came from (names unix-socket peers).
+        listen_fd: u32,
         ts_ns: u64,
         peer: Peer,
     },
@@ -52,6 +54,23 @@ pub enum CaptureEvent<'a> {
         fd: u32,
         ts_ns: u64,
     },
+    /// A target's lifecycle (exec of a watched name, fork, exit). The daemon manages targets on
+    /// these; the session only closes an exited target's connections.
+    Process {
+        kind: ProcessEvent,
+        tgid: u32,
+        /// The child's pid for `Fork`.
+        child: u32,
+        ts_ns: u64,
+        comm: [u8; 16],
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessEvent {
+    Exec,
+    Fork,
+    Exit,
 }
 
 /// The client side of a connection.
@@ -152,6 +171,8 @@ struct Pending {
 struct Conn {
     client_id: u64,
     tgid: u32,
+    /// The server this connection belongs to (shared by its records).
+    server: Arc<ServerInfo>,
     peer: Peer,
     username: Vec<u8>,
     in_expected: u64,
@@ -199,7 +220,10 @@ pub struct Session {
     /// Settings changes with the kernel-clock time each took effect, oldest first: a command uses
     /// the settings in force when it was read, however late the pipeline processes it.
     timeline: Vec<(u64, Arc<Settings>)>,
-    hostname: String,
+    /// For records of no known server (the auditor's own loss records) and unknown targets.
+    default_server: Arc<ServerInfo>,
+    /// What is known of each target (by TGID): port, pids, container identity.
+    servers: HashMap<u32, Arc<ServerInfo>, FxBuildHasher>,
     /// Wall clock minus the kernel's monotonic clock, in ns: converts event stamps to wall time.
     wall_offset_ns: i64,
     capture_cap: u64,
@@ -230,7 +254,8 @@ impl Session {
             table,
             settings: Arc::new(settings.clone()),
             timeline: vec![(0, Arc::new(settings))],
-            hostname,
+            default_server: ServerInfo::host(&hostname),
+            servers: HashMap::default(),
             wall_offset_ns,
             capture_cap,
             stats: SessionStats::default(),
@@ -285,6 +310,26 @@ impl Session {
             .max(MIN_KEEP)
     }
 
+    /// Describe a target: its later records (and those of its open connections) carry `info`.
+    pub fn set_server(&mut self, tgid: u32, info: Arc<ServerInfo>) {
+        for (_, conn) in self.conns.iter_mut().filter(|((t, _), _)| *t == tgid) {
+            conn.server = info.clone();
+        }
+        self.servers.insert(tgid, info);
+    }
+
+    /// Forget a target that exited (after `close_all`).
+    pub fn remove_server(&mut self, tgid: u32) {
+        self.servers.remove(&tgid);
+    }
+
+    fn server_of(&self, tgid: u32) -> Arc<ServerInfo> {
+        self.servers
+            .get(&tgid)
+            .cloned()
+            .unwrap_or_else(|| self.default_server.clone())
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
@@ -312,6 +357,7 @@ impl Session {
         let conn = Conn {
             client_id: self.alloc_id(),
             tgid,
+            server: self.server_of(tgid),
             peer,
             username: username.unwrap_or_else(|| b"unknown".to_vec()),
             in_expected: 0,
@@ -354,6 +400,7 @@ impl Session {
                 fd,
                 ts_ns,
                 peer,
+                ..
             } => {
                 // An fd number reused without us seeing the close: finish the old connection first.
                 if self.conns.contains_key(&(tgid, fd)) {
@@ -366,6 +413,7 @@ impl Session {
                 let conn = Conn {
                     client_id: self.alloc_id(),
                     tgid,
+                    server: self.server_of(tgid),
                     peer,
                     username: b"default".to_vec(),
                     in_expected: 0,
@@ -389,6 +437,16 @@ impl Session {
                 self.conns.insert((tgid, fd), Box::new(conn));
             }
             CaptureEvent::Close { tgid, fd, ts_ns } => self.close(tgid, fd, ts_ns, out),
+            CaptureEvent::Process {
+                kind: ProcessEvent::Exit,
+                tgid,
+                ts_ns,
+                ..
+            } => {
+                self.close_all(tgid, ts_ns, out);
+                self.remove_server(tgid);
+            }
+            CaptureEvent::Process { .. } => {}
             CaptureEvent::Data {
                 tgid,
                 fd,
@@ -616,7 +674,7 @@ impl Session {
             username: Vec::new(),
             client_ip: conn.peer.ip.clone(),
             client_port: conn.peer.port,
-            server_hostname: self.hostname.clone(),
+            server: conn.server.clone(),
             error: Vec::new(),
             seq: 0,
             keys,
@@ -941,7 +999,12 @@ impl Session {
     }
 
     fn bare_record(&self, category: Category, command: &[u8], ts_ns: u64) -> Record {
-        Record::event(category, command, self.wall_us(ts_ns), &self.hostname)
+        Record::for_server(
+            category,
+            command,
+            self.wall_us(ts_ns),
+            self.default_server.clone(),
+        )
     }
 
     fn connection_record(&self, conn: &Conn, command: &[u8], args: &[u8], ts_ns: u64) -> Record {
@@ -952,6 +1015,7 @@ impl Session {
         rec.client_ip = conn.peer.ip.clone();
         rec.client_port = conn.peer.port;
         rec.pid = conn.tgid;
+        rec.server = conn.server.clone();
         rec
     }
 

@@ -2,6 +2,8 @@
 //! changes: options of the same kind of sink are applied in place (a TCP backlog survives), a change
 //! of kind replaces the sink.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::delivery::SinkProvider;
@@ -14,6 +16,8 @@ use crate::sink::{Sink, SinkError};
 
 pub enum ActiveSink {
     File(FileSink),
+    /// `file` with `%port%` in the path: one file per audited server.
+    PerServer(Box<PerServerFiles>),
     Syslog(SyslogSink),
     Tcp(TcpSink),
 }
@@ -22,6 +26,7 @@ impl ActiveSink {
     fn as_sink(&mut self) -> &mut dyn Sink {
         match self {
             ActiveSink::File(s) => s,
+            ActiveSink::PerServer(s) => s.as_mut(),
             ActiveSink::Syslog(s) => s,
             ActiveSink::Tcp(s) => s,
         }
@@ -90,6 +95,15 @@ fn tcp_options(s: &Settings) -> TcpOptions {
 /// error, and by CONFIG SET to refuse one).
 pub fn open_sink(s: &Settings) -> Result<ActiveSink, SinkError> {
     Ok(match &s.protocol {
+        Protocol::File(path) if is_per_server(path) => {
+            file_options(s, path)?;
+            ActiveSink::PerServer(Box::new(PerServerFiles {
+                settings: s.clone(),
+                template: path.clone(),
+                files: BTreeMap::new(),
+                selected: 0,
+            }))
+        }
         Protocol::File(path) => ActiveSink::File(FileSink::open(file_options(s, path)?)?),
         Protocol::Syslog(f) => ActiveSink::Syslog(SyslogSink::open(syslog_options(s, f)?)?),
         Protocol::Tcp => ActiveSink::Tcp(TcpSink::open(tcp_options(s))),
@@ -150,7 +164,7 @@ impl SettingsSinks {
         let same_kind = matches!(
             (&self.active, &next.protocol),
             (ActiveSink::File(_), Protocol::File(_)) | (ActiveSink::Tcp(_), Protocol::Tcp)
-        );
+        ) && !matches!(&next.protocol, Protocol::File(p) if is_per_server(p));
         let result = match (&mut self.active, &next.protocol) {
             (ActiveSink::File(f), Protocol::File(path)) if same_kind => {
                 file_options(&next, path).and_then(|o| f.reconfigure(o))
@@ -182,6 +196,16 @@ impl SinkProvider for SettingsSinks {
         self.active.as_sink()
     }
 
+    fn per_server(&self) -> bool {
+        matches!(self.active, ActiveSink::PerServer(_))
+    }
+
+    fn select(&mut self, port: u16) {
+        if let ActiveSink::PerServer(p) = &mut self.active {
+            p.selected = port;
+        }
+    }
+
     fn refresh(&mut self, format: &mut Format) {
         let v = self.shared.version();
         if v != self.version {
@@ -211,5 +235,126 @@ impl SinkProvider for SettingsSinks {
         // SAFETY: valid pointer to a timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         (ts.tv_sec * 1_000_000_000 + ts.tv_nsec + self.wall_offset_ns) / 1000
+    }
+}
+
+/// The placeholder that makes a file path per server.
+pub const PORT_PLACEHOLDER: &str = "%port%";
+
+fn is_per_server(path: &Path) -> bool {
+    path.to_string_lossy().contains(PORT_PLACEHOLDER)
+}
+
+/// The file of one server: `%port%` replaced by its port, or by `auditor` for the daemon's own
+/// records (start/stop, CONFIG changes, losses not tied to a server).
+pub fn per_server_path(template: &Path, port: u16) -> PathBuf {
+    let key = if port == 0 {
+        "auditor".to_string()
+    } else {
+        port.to_string()
+    };
+    PathBuf::from(template.to_string_lossy().replace(PORT_PLACEHOLDER, &key))
+}
+
+/// One file sink per server port, opened at the first record for it; each rolls and is retained on
+/// its own. The sink thread selects the server before each batch (`SinkProvider::select`).
+pub struct PerServerFiles {
+    settings: Settings,
+    template: PathBuf,
+    files: BTreeMap<u16, FileSink>,
+    selected: u16,
+}
+
+impl PerServerFiles {
+    fn file(&mut self, port: u16) -> Result<&mut FileSink, SinkError> {
+        if !self.files.contains_key(&port) {
+            let path = per_server_path(&self.template, port);
+            let sink = FileSink::open(file_options(&self.settings, &path)?)?;
+            self.files.insert(port, sink);
+        }
+        self.files
+            .get_mut(&port)
+            .ok_or_else(|| bad("no file".into()))
+    }
+
+    fn each(
+        &mut self,
+        mut f: impl FnMut(&mut FileSink) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError> {
+        let mut first = Ok(());
+        for sink in self.files.values_mut() {
+            if let Err(e) = f(sink)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+}
+
+impl Sink for PerServerFiles {
+    fn write_batch(&mut self, lines: &[u8], line_count: usize) -> Result<(), SinkError> {
+        let port = self.selected;
+        self.file(port)?.write_batch(lines, line_count)
+    }
+
+    fn flush(&mut self, force: bool) -> Result<(), SinkError> {
+        self.each(|s| s.flush(force))
+    }
+
+    fn tick(&mut self) -> Result<(), SinkError> {
+        self.each(|s| s.tick())
+    }
+
+    fn reopen(&mut self) -> Result<(), SinkError> {
+        self.each(|s| s.reopen())
+    }
+
+    fn status(&self) -> crate::sink::SinkStatus {
+        use crate::sink::SinkStatus;
+        if self.files.values().any(|s| s.status() == SinkStatus::Error) {
+            SinkStatus::Error
+        } else {
+            SinkStatus::Connected
+        }
+    }
+
+    fn take_loss(&mut self) -> crate::sink::SinkLoss {
+        let mut total = crate::sink::SinkLoss::default();
+        for s in self.files.values_mut() {
+            let l = s.take_loss();
+            total.records += l.records;
+            total.bytes += l.bytes;
+        }
+        total
+    }
+
+    fn pending_loss(&self) -> u64 {
+        self.files.values().map(|s| s.pending_loss()).sum()
+    }
+
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_server_paths() {
+        let t = Path::new("/var/log/valkey/audit-%port%.log");
+        assert!(is_per_server(t));
+        assert_eq!(
+            per_server_path(t, 6379),
+            PathBuf::from("/var/log/valkey/audit-6379.log")
+        );
+        assert_eq!(
+            per_server_path(t, 0),
+            PathBuf::from("/var/log/valkey/audit-auditor.log")
+        );
+        assert!(!is_per_server(Path::new("/var/log/audit.log")));
     }
 }

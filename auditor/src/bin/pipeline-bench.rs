@@ -11,7 +11,7 @@
 //!
 //! Usage: `pipeline-bench <capture-file> [--format text|json|csv] [--out <file>] [--iterations N]`
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::fs::File;
 use std::io::Write;
 use std::process::ExitCode;
@@ -24,8 +24,10 @@ use auditor::format::{Format, write_record};
 use auditor::record::Record;
 use auditor::session::Session;
 use auditor::settings::Settings;
+use mimalloc::MiMalloc;
 
-/// `System`, counting every allocation (realloc counts as one, with its new size).
+/// `MiMalloc` (the daemon's allocator), counting every allocation (realloc counts as one, with its
+/// new size).
 ///
 /// The counters are bumped with a plain load and store rather than a locked read-modify-write: the
 /// pipeline runs on this one thread, and a `lock xadd` per allocation would itself cost more than a
@@ -41,29 +43,29 @@ fn count(bytes: usize) {
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: every call is forwarded unchanged to `System`; the counters have no effect on memory.
+// SAFETY: every call is forwarded unchanged to `MiMalloc`; the counters have no effect on memory.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size());
         // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
+        unsafe { MiMalloc.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size());
         // SAFETY: same contract as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { MiMalloc.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { MiMalloc.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size);
         // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
     }
 }
 

@@ -1,0 +1,81 @@
+//! Least privilege: the capabilities the daemon needs, checked before anything is loaded, and
+//! dropped once the programs are attached.
+//!
+//! * `CAP_BPF`: load the programs and create the maps.
+//! * `CAP_PERFMON`: attach tracing programs to tracepoints.
+//! * `CAP_SYS_PTRACE`: read `/proc/<pid>/fd`, `environ` and `root` of servers run by other users
+//!   (existing connections, pod identity); kept for the daemon's lifetime, since new servers are
+//!   described as they start.
+//!
+//! After attach, only `CAP_SYS_PTRACE` stays: map updates and ring-buffer reads go through file
+//! descriptors the daemon already holds and need no capability.
+
+use anyhow::{Result, bail};
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// The minimum set, with what each one is for (documented in README, deploy/).
+pub const REQUIRED: [(Capability, &str); 3] = [
+    (
+        Capability::CAP_BPF,
+        "to load the eBPF programs and create their maps",
+    ),
+    (
+        Capability::CAP_PERFMON,
+        "to attach the programs to syscall and sched tracepoints",
+    ),
+    (
+        Capability::CAP_SYS_PTRACE,
+        "to read /proc/<pid>/fd, environ and root of servers run by other users",
+    ),
+];
+
+/// What the daemon keeps after attaching.
+pub const KEPT: [Capability; 1] = [Capability::CAP_SYS_PTRACE];
+
+/// Fail with a message naming every missing capability.
+pub fn check_required() -> Result<()> {
+    let effective = caps::read(None, CapSet::Effective)
+        .map_err(|e| anyhow::anyhow!("reading this process's capabilities: {e}"))?;
+    let missing: Vec<String> = REQUIRED
+        .iter()
+        .filter(|(cap, _)| !effective.contains(cap))
+        .map(|(cap, why)| format!("missing capability {cap} ({why})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing privileges (run as root, or grant exactly {}): {}",
+            REQUIRED
+                .iter()
+                .map(|(c, _)| c.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            missing.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Keep only `KEPT`, in the effective and permitted sets; nothing is inheritable or ambient.
+pub fn drop_after_attach() -> Result<()> {
+    let keep: CapsHashSet = KEPT.into_iter().collect();
+    let err = |set: &str, e: caps::errors::CapsError| {
+        anyhow::anyhow!("dropping capabilities ({set} set): {e}")
+    };
+    caps::clear(None, CapSet::Ambient).map_err(|e| err("ambient", e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable", e))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(|e| err("effective", e))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("permitted", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_is_a_subset_of_required() {
+        for k in KEPT {
+            assert!(REQUIRED.iter().any(|(c, _)| *c == k));
+        }
+    }
+}

@@ -1,0 +1,208 @@
+"""Many servers per host: --comm / --all / --pid targets, servers started later, restarts, a server
+in its own pid and network namespace, and the capabilities the daemon runs with."""
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import redis
+
+from conftest import AUDITOR, VALKEY_SERVER, Valkey, free_port, terminate, wait_until
+
+REQUIRED_CAPS = ["cap_bpf", "cap_perfmon", "cap_sys_ptrace"]
+
+
+def set_and_wait(auditor, server, key):
+    with server.client() as c:
+        assert c.set(key, "v")
+    recs = auditor.wait_records(
+        lambda rs: any(r["command"] == "set" and r["keys"] == [key] for r in rs),
+        what=f"SET {key} of server {server.port}")
+    rec = next(r for r in recs if r["command"] == "set" and r["keys"] == [key])
+    return rec
+
+
+def test_comm_three_servers_a_fourth_later_and_a_restart(start_valkey, start_auditor):
+    servers = [start_valkey() for _ in range(3)]
+    auditor = start_auditor(None, extra=("--comm", "valkey-server"))
+    for s in servers:
+        rec = set_and_wait(auditor, s, f"key-{s.port}")
+        assert rec["pid"] == s.pid and rec["server_port"] == s.port, rec
+
+    # A fourth, started after the auditor: audited from its very first connection (the
+    # fixture's own PING while it waits for the server to come up).
+    fourth = start_valkey()
+    recs = auditor.wait_records(
+        lambda rs: any(r["pid"] == fourth.pid and r["command"] == "ping" for r in rs),
+        what="the fourth server's first PING")
+    mine = [r for r in recs if r["pid"] == fourth.pid]
+    assert mine[0]["category"] == "CONNECTION" and mine[0]["command"] == "connection", mine[:3]
+    assert all(r["server_port"] == fourth.port for r in mine if r["category"] != "AUDIT"), mine
+    rec = set_and_wait(auditor, fourth, "key-fourth")
+    assert rec["server_port"] == fourth.port
+
+    # One killed and restarted: its open connection is closed in the log, the new process is
+    # audited again under its new pid and the same port.
+    victim = servers[1]
+    held = victim.client()
+    held.ping()
+    old_pid = victim.pid
+    victim.kill_and_restart()
+    assert victim.pid != old_pid
+    auditor.wait_records(
+        lambda rs: any(r["pid"] == old_pid and r["command"] == "disconnection" for r in rs),
+        what="the killed server's connections to be closed")
+    rec = set_and_wait(auditor, victim, "key-after-restart")
+    assert rec["pid"] == victim.pid and rec["server_port"] == victim.port
+    held.close()
+    # The others were never disturbed.
+    for s in (servers[0], servers[2]):
+        rec = set_and_wait(auditor, s, f"again-{s.port}")
+        assert rec["pid"] == s.pid
+
+
+def test_pid_target_exit_ends_the_auditor(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid)
+    set_and_wait(auditor, valkey, "k")
+    valkey.proc.kill()
+    valkey.proc.wait()
+    assert auditor.proc.wait(15) == 0
+    assert "exited; stopping" in auditor.stderr_path.read_text()
+
+
+def test_follow_restarts_audits_the_successor(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid, extra=("--follow-restarts",))
+    set_and_wait(auditor, valkey, "before")
+    old = valkey.pid
+    valkey.kill_and_restart()
+    rec = set_and_wait(auditor, valkey, "after")
+    assert rec["pid"] == valkey.pid != old and rec["server_port"] == valkey.port
+    assert auditor.proc.poll() is None
+
+
+def test_all_finds_servers_running_before_start(valkey, start_auditor):
+    auditor = start_auditor(None, extra=("--all",))
+    rec = set_and_wait(auditor, valkey, "all-key")
+    assert rec["pid"] == valkey.pid and rec["server_port"] == valkey.port
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_server_in_its_own_pid_and_network_namespace(tmp_path, start_auditor):
+    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+    assert unshare and nsenter, "util-linux (unshare, nsenter) missing: scripts/setup.sh installs it"
+    auditor = start_auditor(None, extra=("--comm", "valkey-server"))
+    port = free_port()
+    (tmp_path / "ns").mkdir()
+    cmd = (f"ip link set lo up && exec {VALKEY_SERVER} --port {port} --bind 127.0.0.1 --save '' "
+           f"--appendonly no --dir {tmp_path / 'ns'}")
+    outer = subprocess.Popen([unshare, "--pid", "--net", "--mount", "--fork", "--mount-proc",
+                              "sh", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        host_pid = wait_until(
+            lambda: next((c for c in children(outer.pid) if comm(c) == "valkey-server"), None),
+            what="the namespaced valkey-server")
+
+        def cli(*args):
+            return subprocess.run([nsenter, f"--net=/proc/{host_pid}/ns/net", "redis-cli", "-p",
+                                   str(port), *args], capture_output=True, text=True, timeout=10)
+        wait_until(lambda: cli("PING").stdout.strip() == "PONG", what="PING inside the namespace")
+        assert cli("SET", "ns-key", "v").stdout.strip() == "OK"
+        recs = auditor.wait_records(
+            lambda rs: any(r["command"] == "set" and r["keys"] == ["ns-key"] for r in rs),
+            what="the namespaced SET")
+        rec = next(r for r in recs if r["command"] == "set" and r["keys"] == ["ns-key"])
+        assert rec["pid"] == host_pid
+        assert rec["container_pid"] == 1, rec
+        assert rec["server_port"] == port
+        assert rec["client_ip"] == "127.0.0.1"
+    finally:
+        terminate(outer)
+
+
+def all_caps():
+    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    out = subprocess.run(["capsh", f"--decode={(1 << (last + 1)) - 1:x}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split("=", 1)[1].strip().split(",")
+
+
+def run_with_caps(keep, args, **kw):
+    drop = [c for c in all_caps() if c not in keep]
+    capsh = shutil.which("capsh")
+    assert capsh, "capsh missing: scripts/setup.sh installs libcap2-bin"
+    quoted = " ".join(f"'{a}'" for a in args)
+    return subprocess.Popen([capsh, f"--drop={','.join(drop)}", "--", "-c", f"exec {quoted}"], **kw)
+
+
+def cap_eff(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return None
+
+
+def test_runs_with_exactly_the_documented_capabilities(valkey, tmp_path):
+    log = tmp_path / "caps.log"
+    control = free_port()
+    args = [str(AUDITOR), "--comm", "valkey-server", "--control", f"127.0.0.1:{control}",
+            "audit.protocol", f"file {log}", "audit.format", "json"]
+    proc = run_with_caps(REQUIRED_CAPS, args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def records():
+            if not log.exists():
+                return []
+            import json
+            return [json.loads(l) for l in log.read_bytes().split(b"\n")[:-1]]
+
+        def ready():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                with redis.Redis(port=control, socket_timeout=0.5) as c:
+                    return c.ping()
+            except redis.RedisError:
+                return False
+        wait_until(ready, timeout=30, what="auditor with the minimal capabilities")
+        # After attach only CAP_SYS_PTRACE (bit 19) is left.
+        assert cap_eff(proc.pid) == 1 << 19
+        with valkey.client() as c:
+            c.set("caps-key", "v")
+        wait_until(lambda: any(r["command"] == "set" and r["keys"] == ["caps-key"]
+                               for r in records()), what="a record with minimal capabilities")
+        # A server started after the drop is still picked up (map updates need no capability).
+        later = Valkey(tmp_path)
+        try:
+            with later.client() as c:
+                c.set("caps-later", "v")
+            wait_until(lambda: any(r["keys"] == ["caps-later"] and r["pid"] == later.pid
+                                   for r in records()), what="the later server's record")
+        finally:
+            later.stop()
+    finally:
+        terminate(proc)
+
+
+@pytest.mark.parametrize("missing", REQUIRED_CAPS)
+def test_one_capability_fewer_fails_naming_it(missing):
+    keep = [c for c in REQUIRED_CAPS if c != missing]
+    proc = run_with_caps(keep, [str(AUDITOR), "--all", "--control", f"127.0.0.1:{free_port()}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rc = proc.wait(20)
+    err = proc.stderr.read().decode()
+    assert rc != 0
+    assert f"missing capability {missing.upper()}" in err, err
