@@ -56,6 +56,8 @@ def test_metrics_match_info_audit(valkey, start_auditor):
     key_ops = sum(1 for r in auditor.records() if r["category"] == "KEY_OP")
     assert m[("auditor_records_total", (("category", "key_op"),))] == key_ops == 21
     assert m[("auditor_sink_up", (("sink", "file"),))] == 1
+    assert m[("auditor_ring_buffer_size_bytes", ())] == \
+        info["audit_ring_buffer_size_bytes"] == 16 * 1024 * 1024
 
 
 def test_metrics_endpoint_rejects_other_paths(valkey, start_auditor):

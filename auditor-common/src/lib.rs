@@ -24,6 +24,9 @@ pub const STAT_RING_DROPS: u32 = 0;
 pub const STAT_RING_DROP_BYTES: u32 = 1;
 /// Index in the per-CPU `STATS` array: records written.
 pub const STAT_RING_WRITES: u32 = 2;
+/// Index in the per-CPU `STATS` array: the most unread bytes a data event saw in the ring since user
+/// space last reset it (ring-buffer use, reported as a gauge).
+pub const STAT_RING_PEAK: u32 = 3;
 pub const STAT_LEN: u32 = 4;
 
 #[repr(u8)]

@@ -12,7 +12,8 @@ use core::ffi::c_void;
 use auditor_common::{
     AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_WAKEUP_BYTES, CHUNK_SIZE,
     CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS, ProcEvent,
-    STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_WRITES, SocketState, socket_key,
+    STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_PEAK, STAT_RING_WRITES, SocketState,
+    socket_key,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -344,6 +345,14 @@ fn emit_data(ctx: &TracePointContext) -> u32 {
         0
     } else {
         let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        if let Some(p) = STATS.get_ptr_mut(STAT_RING_PEAK) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe {
+                if avail > *p {
+                    *p = avail;
+                }
+            }
+        }
         if avail < wakeup && avail + DATA_HDR_LEN as u64 + captured >= wakeup {
             BPF_RB_FORCE_WAKEUP as u64
         } else {

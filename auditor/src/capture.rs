@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use auditor_common::{
     AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_WAKEUP_BYTES, CloseEvent, Comm,
     DATA_HDR_LEN, DIR_IN, DataEvent, EventKind, ProcEvent, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
-    SocketState, socket_key,
+    STAT_RING_PEAK, SocketState, socket_key,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -219,6 +219,18 @@ impl CaptureStream {
     }
 
     /// Failed ring-buffer writes summed over CPUs: (records, bytes).
+    /// The most unread bytes the ring held since the last call (max over CPUs); resets it.
+    pub fn take_ring_peak(&mut self) -> u64 {
+        let Ok(values) = self.stats.get(&STAT_RING_PEAK, 0) else {
+            return 0;
+        };
+        let peak = values.iter().copied().max().unwrap_or(0);
+        if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; values.len()]) {
+            let _ = self.stats.set(STAT_RING_PEAK, zeros, 0);
+        }
+        peak
+    }
+
     pub fn kernel_drops(&self) -> Result<(u64, u64)> {
         let events: u64 = self.stats.get(&STAT_RING_DROPS, 0)?.iter().sum();
         let bytes: u64 = self.stats.get(&STAT_RING_DROP_BYTES, 0)?.iter().sum();

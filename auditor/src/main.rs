@@ -311,6 +311,7 @@ fn run() -> Result<()> {
         None => None,
     };
 
+    let ring_bytes = cli.ring_bytes;
     let pids_text = registry
         .pids()
         .iter()
@@ -334,6 +335,7 @@ fn run() -> Result<()> {
             .spawn(move || {
                 CaptureLoop {
                     capture,
+                    ring_bytes: u64::from(ring_bytes),
                     registry,
                     stream,
                     session,
@@ -597,6 +599,7 @@ impl ControlBackend for Backend {
 struct CaptureLoop {
     /// The loaded programs and maps; dropping it (when the loop ends) detaches everything.
     capture: Capture,
+    ring_bytes: u64,
     registry: Registry,
     stream: CaptureStream,
     session: Session,
@@ -620,6 +623,7 @@ fn refresh_timeline(shared: &SharedSettings, session: &mut Session, seen_version
 impl CaptureLoop {
     fn run(mut self, initial: Vec<Record>) -> Result<()> {
         let mut records = initial;
+        self.metrics.set_ring_usage(0, self.ring_bytes);
         self.write_all(&mut records);
         let mut seen_version = self.shared.version();
         let mut reported_drops = (0u64, 0u64);
@@ -786,6 +790,7 @@ impl CaptureLoop {
         }
         m.connections
             .store(self.session.connection_count() as u64, Relaxed);
+        m.set_ring_usage(self.stream.take_ring_peak(), self.ring_bytes);
     }
 }
 

@@ -203,7 +203,7 @@ pub fn render_snapshot(s: &Snapshot, protocol: &str, format: &str, queue_bytes: 
     p.single(
         "auditor_ring_buffer_used_bytes",
         "gauge",
-        "Bytes waiting in the kernel ring buffer (audit_ring_buffer_used_bytes).",
+        "Most unread bytes the kernel ring buffer held in the last 100 ms (audit_ring_buffer_used_bytes).",
         s.ring_used_bytes,
     );
     p.single(
