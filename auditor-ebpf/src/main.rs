@@ -19,11 +19,11 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
+        generated::{bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_ringbuf_output},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 /// Processes to audit, by TGID. Value unused.
@@ -52,7 +52,7 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
-/// Arguments of an in-flight data syscall, saved at enter and consumed at exit.
+/// Where a data syscall's bytes are (read from its arguments at exit).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct DataArgs {
@@ -65,9 +65,6 @@ struct DataArgs {
     iovcnt: u64,
 }
 
-#[map]
-static DATA_ARGS: HashMap<u64, DataArgs> = HashMap::with_max_entries(8192, 0);
-
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AcceptArgs {
@@ -75,9 +72,6 @@ struct AcceptArgs {
     _pad: u32,
     sockaddr: u64,
 }
-
-#[map]
-static ACCEPT_ARGS: HashMap<u64, AcceptArgs> = HashMap::with_max_entries(1024, 0);
 
 /// Staging area for one ring record: header, then up to two chunks' worth of room so the verifier can
 /// prove `fill + n` in bounds without relating the two registers (each is bounded by `CHUNK_SIZE`).
@@ -99,9 +93,6 @@ static COPY_CTX: PerCpuArray<CopyCtx> = PerCpuArray::with_max_entries(1, 0);
 
 // Tracepoint field offsets (from /sys/kernel/tracing/events/syscalls/*/format).
 const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const RET: usize = 16;
 
 #[inline(always)]
 fn is_target(tgid: u32) -> bool {
@@ -122,28 +113,16 @@ fn config(index: u32) -> u64 {
     CONFIG.get(index).copied().unwrap_or(0)
 }
 
-/// Save the arguments of a data syscall if it is on a captured socket of a target.
+/// The buffer of a data syscall on a captured socket of a target, from its arguments (`fd`, buffer
+/// or iovec or msghdr pointer, count), or `None` when it is not one.
 #[inline(always)]
-fn save_data_args(ctx: &TracePointContext, dir: u8, kind: ArgKind) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if !is_target(tgid) {
-        return 0;
-    }
-    // SAFETY: offsets come from the tracepoint format.
-    let fd: u64 = match unsafe { ctx.read_at(ARG0) } {
-        Ok(v) => v,
-        Err(_) => return 0,
-    };
+fn data_args(tgid: u32, dir: u8, kind: ArgKind, fd: u64, arg1: u64, arg2: u64) -> Option<DataArgs> {
     let fd = fd as u32;
     // SAFETY: read-only lookup.
-    if unsafe { SOCKETS.get(&socket_key(tgid, fd)) }.is_none() {
-        return 0;
-    }
-    let arg1: u64 = unsafe { ctx.read_at(ARG1) }.unwrap_or(0);
+    unsafe { SOCKETS.get(&socket_key(tgid, fd)) }?;
     let (ptr, iovcnt) = match kind {
         ArgKind::Plain => (arg1, 0),
-        ArgKind::Iovec => (arg1, unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0)),
+        ArgKind::Iovec => (arg1, arg2),
         ArgKind::Msghdr => {
             // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
             let mut iov: u64 = 0;
@@ -157,17 +136,15 @@ fn save_data_args(ctx: &TracePointContext, dir: u8, kind: ArgKind) -> u32 {
         }
     };
     if ptr == 0 {
-        return 0;
+        return None;
     }
-    let args = DataArgs {
+    Some(DataArgs {
         fd,
         dir,
         _pad: [0; 3],
         ptr,
         iovcnt,
-    };
-    let _ = DATA_ARGS.insert(&pid_tgid, &args, 0);
-    0
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -303,15 +280,7 @@ extern "C" fn copy_step(_index: u64, _unused: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn emit_data(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: read-only lookup; the value is copied out before removal.
-    let args = match unsafe { DATA_ARGS.get(&pid_tgid) } {
-        Some(a) => *a,
-        None => return 0,
-    };
-    let _ = DATA_ARGS.remove(&pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(0);
+fn emit_data(pid_tgid: u64, args: DataArgs, ret: i64) -> u32 {
     if ret <= 0 {
         return 0;
     }
@@ -453,68 +422,16 @@ fn emit_data(ctx: &TracePointContext) -> u32 {
     0
 }
 
-macro_rules! data_probes {
-    ($enter:ident, $exit:ident, $dir:expr, $kind:expr) => {
-        #[tracepoint]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            save_data_args(&ctx, $dir, $kind)
-        }
-        #[tracepoint]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
-            emit_data(&ctx)
-        }
-    };
-}
-
-data_probes!(sys_enter_read, sys_exit_read, DIR_IN, ArgKind::Plain);
-data_probes!(
-    sys_enter_recvfrom,
-    sys_exit_recvfrom,
-    DIR_IN,
-    ArgKind::Plain
-);
-data_probes!(sys_enter_readv, sys_exit_readv, DIR_IN, ArgKind::Iovec);
-data_probes!(sys_enter_recvmsg, sys_exit_recvmsg, DIR_IN, ArgKind::Msghdr);
-data_probes!(sys_enter_write, sys_exit_write, DIR_OUT, ArgKind::Plain);
-data_probes!(sys_enter_sendto, sys_exit_sendto, DIR_OUT, ArgKind::Plain);
-data_probes!(sys_enter_writev, sys_exit_writev, DIR_OUT, ArgKind::Iovec);
-data_probes!(
-    sys_enter_sendmsg,
-    sys_exit_sendmsg,
-    DIR_OUT,
-    ArgKind::Msghdr
-);
-
 #[inline(always)]
-fn save_accept_args(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_target((pid_tgid >> 32) as u32) {
-        return 0;
+fn emit_accept(pid_tgid: u64, listen_fd: u64, sockaddr: u64, ret: i64) -> u32 {
+    if ret < 0 {
+        return 0; // EAGAIN ends every accept loop of Valkey
     }
-    let listen_fd: u64 = unsafe { ctx.read_at(ARG0) }.unwrap_or(0);
-    let sockaddr: u64 = unsafe { ctx.read_at(ARG1) }.unwrap_or(0);
     let args = AcceptArgs {
         listen_fd: listen_fd as u32,
         _pad: 0,
         sockaddr,
     };
-    let _ = ACCEPT_ARGS.insert(&pid_tgid, &args, 0);
-    0
-}
-
-#[inline(always)]
-fn emit_accept(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: value copied out before removal.
-    let args = match unsafe { ACCEPT_ARGS.get(&pid_tgid) } {
-        Some(a) => *a,
-        None => return 0,
-    };
-    let _ = ACCEPT_ARGS.remove(&pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(-1);
-    if ret < 0 {
-        return 0; // EAGAIN ends every accept loop of Valkey
-    }
     let tgid = (pid_tgid >> 32) as u32;
     let fd = ret as u32;
     // A new socket starts both streams at 0, replacing whatever an earlier fd of that number had.
@@ -558,21 +475,67 @@ fn emit_accept(ctx: &TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    save_accept_args(&ctx)
-}
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    emit_accept(&ctx)
-}
-#[tracepoint]
-pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
-    save_accept_args(&ctx)
-}
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    emit_accept(&ctx)
+// x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+const NR_READ: u64 = 0;
+const NR_WRITE: u64 = 1;
+const NR_READV: u64 = 19;
+const NR_WRITEV: u64 = 20;
+const NR_ACCEPT: u64 = 43;
+const NR_SENDTO: u64 = 44;
+const NR_RECVFROM: u64 = 45;
+const NR_SENDMSG: u64 = 46;
+const NR_RECVMSG: u64 = 47;
+const NR_ACCEPT4: u64 = 288;
+
+/// `struct pt_regs` (x86_64): dx, si, di and orig_ax are contiguous from offset 96.
+const PT_REGS_DX: usize = 96;
+
+/// Every syscall exit, one raw tracepoint: the arguments are still in the saved user registers, so
+/// no per-syscall state is kept between enter and exit (no hash-map insert and delete on the
+/// server's hot path), and one cheap program replaces eleven perf-event tracepoint pairs.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    // [dx, si, di, orig_ax]
+    let mut r = [0u64; 4];
+    // SAFETY: fault-tolerant read of the kernel's saved registers of the current task.
+    if unsafe {
+        bpf_probe_read_kernel(
+            r.as_mut_ptr().cast(),
+            32,
+            (regs as usize + PT_REGS_DX) as *const c_void,
+        )
+    } < 0
+    {
+        return 0;
+    }
+    let [dx, si, di, nr] = r;
+    let (dir, kind) = match nr {
+        NR_READ | NR_RECVFROM => (DIR_IN, ArgKind::Plain),
+        NR_READV => (DIR_IN, ArgKind::Iovec),
+        NR_RECVMSG => (DIR_IN, ArgKind::Msghdr),
+        NR_WRITE | NR_SENDTO => (DIR_OUT, ArgKind::Plain),
+        NR_WRITEV => (DIR_OUT, ArgKind::Iovec),
+        NR_SENDMSG => (DIR_OUT, ArgKind::Msghdr),
+        NR_ACCEPT | NR_ACCEPT4 => {
+            emit_accept(pid_tgid, di, si, ret);
+            return 0;
+        }
+        _ => return 0,
+    };
+    if ret <= 0 {
+        return 0;
+    }
+    if let Some(args) = data_args(tgid, dir, kind, di, si, dx) {
+        emit_data(pid_tgid, args, ret);
+    }
+    0
 }
 
 #[tracepoint]

@@ -10,7 +10,7 @@ use auditor_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -19,11 +19,6 @@ use crate::session::{CaptureEvent, Peer, ProcessEvent};
 
 /// The eBPF object built by `auditor/build.rs` (aya-build), embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor"));
-
-/// Syscalls whose enter and exit tracepoints the daemon attaches.
-const DATA_SYSCALLS: [&str; 8] = [
-    "read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
-];
 
 /// Loaded and attached kernel programs. Dropping it detaches everything.
 pub struct Capture {
@@ -130,6 +125,11 @@ impl Capture {
         }
     }
 
+    /// Stop auditing a process that has no captured sockets.
+    pub fn forget_target(&mut self, tgid: u32) {
+        let _ = self.targets.remove(&tgid);
+    }
+
     /// Processes that exec with this command name become targets in the kernel at once.
     pub fn watch_comm(&mut self, name: &str) -> Result<()> {
         self.comms
@@ -138,29 +138,16 @@ impl Capture {
         Ok(())
     }
 
-    /// Attach every tracepoint. Accepts and closes first so no connection is half-known.
+    /// Attach every program: the close and sched tracepoints first, then the syscall-exit raw
+    /// tracepoint that sees accepts and data, so no connection is half-known.
     pub fn attach(&mut self) -> Result<()> {
-        let mut names: Vec<String> = vec![
-            "sys_enter_accept".into(),
-            "sys_exit_accept".into(),
-            "sys_enter_accept4".into(),
-            "sys_exit_accept4".into(),
-            "sys_enter_close".into(),
+        let programs = [
+            ("syscalls", "sys_enter_close"),
+            ("sched", "sched_process_exec"),
+            ("sched", "sched_process_fork"),
+            ("sched", "sched_process_exit"),
         ];
-        for s in DATA_SYSCALLS {
-            names.push(format!("sys_enter_{s}"));
-            names.push(format!("sys_exit_{s}"));
-        }
-        let mut programs: Vec<(&str, String)> =
-            names.into_iter().map(|n| ("syscalls", n)).collect();
-        for name in [
-            "sched_process_exec",
-            "sched_process_fork",
-            "sched_process_exit",
-        ] {
-            programs.push(("sched", name.into()));
-        }
-        for (category, name) in &programs {
+        for (category, name) in programs {
             let prog: &mut TracePoint = self
                 .ebpf
                 .program_mut(name)
@@ -173,6 +160,17 @@ impl Capture {
                 .map_err(|e| privilege_hint(anyhow!(e)))
                 .with_context(|| format!("attaching tracepoint {category}:{name} (is tracefs mounted at /sys/kernel/tracing?)"))?;
         }
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut("sys_exit")
+            .context("program sys_exit missing from the eBPF object")?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| privilege_hint(anyhow!(e)))
+            .context("loading sys_exit (verifier)")?;
+        prog.attach("sys_exit")
+            .map_err(|e| privilege_hint(anyhow!(e)))
+            .context("attaching raw tracepoint sys_exit")?;
         Ok(())
     }
 

@@ -887,8 +887,13 @@ impl Registry {
 
     /// Stop auditing `pid` (it exited): its sockets leave the kernel map, its counters stay.
     fn unregister(&mut self, pid: u32, capture: &mut Capture, metrics: &Metrics) {
-        capture.remove_target(pid);
         self.last_describe.remove(&pid);
+        if !self.targets.contains_key(&pid) {
+            // A forked child that never accepted (a snapshot child): it has no sockets to forget.
+            capture.forget_target(pid);
+            return;
+        }
+        capture.remove_target(pid);
         if let Some(t) = self.targets.remove(&pid) {
             metrics.target_removed(pid);
             if t.explicit && self.spec.follow_restarts {
