@@ -1169,6 +1169,51 @@ mod tests {
         );
     }
 
+    /// A server in a Kubernetes pod: port, pid in its namespace and pod identity, in each format.
+    #[test]
+    fn server_and_container_fields() {
+        let r = Record {
+            server: std::sync::Arc::new(ServerInfo {
+                hostname: "node-1".into(),
+                pid: 4242,
+                ns_pid: 1,
+                port: 6379,
+                container_id: "c0ffee".into(),
+                pod_name: "valkey-0".into(),
+                pod_namespace: "prod".into(),
+                node_name: "node-1".into(),
+            }),
+            ..sample_set()
+        };
+        let text = String::from_utf8(line(Format::Text, &r)).unwrap();
+        assert!(
+            text.ends_with(" pid=4242 server_port=6379 container_pid=1 container_id=c0ffee pod_name=valkey-0 pod_namespace=prod node_name=node-1\n"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&line(Format::Json, &r)).expect("valid JSON");
+        assert_eq!(json["server_port"], 6379);
+        assert_eq!(json["container_pid"], 1);
+        assert_eq!(json["container_id"], "c0ffee");
+        assert_eq!(json["pod_name"], "valkey-0");
+        assert_eq!(json["pod_namespace"], "prod");
+        assert_eq!(json["node_name"], "node-1");
+        let csv = String::from_utf8(line(Format::Csv, &r)).unwrap();
+        assert!(
+            csv.ends_with(",4242,6379,1,c0ffee,valkey-0,prod,node-1\n"),
+            "{csv}"
+        );
+        // Not in a container: text and JSON leave the fields out, CSV keeps empty columns.
+        let plain = sample_set();
+        let text = String::from_utf8(line(Format::Text, &plain)).unwrap();
+        assert!(
+            !text.contains("container_") && !text.contains("pod_"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&line(Format::Json, &plain)).unwrap();
+        assert!(json.get("container_pid").is_none() && json.get("pod_name").is_none());
+    }
+
     #[test]
     fn text_one_line_and_escapes() {
         for v in nasty() {
