@@ -13,6 +13,18 @@ from conftest import AUDITOR, VALKEY_SERVER, Valkey, free_port, terminate, wait_
 REQUIRED_CAPS = ["cap_bpf", "cap_perfmon", "cap_sys_ptrace"]
 
 
+def wait_control(proc, control, what):
+    """Wait until an auditor started by hand answers PING on its control port."""
+    def ready():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            with redis.Redis(port=control, socket_timeout=0.5) as c:
+                return c.ping()
+        except redis.RedisError:
+            return False
+    wait_until(ready, timeout=30, what=what)
+
+
 def set_and_wait(auditor, server, key):
     with server.client() as c:
         assert c.set(key, "v")
@@ -170,14 +182,7 @@ def test_runs_with_exactly_the_documented_capabilities(valkey, tmp_path):
             import json
             return [json.loads(l) for l in log.read_bytes().split(b"\n")[:-1]]
 
-        def ready():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            try:
-                with redis.Redis(port=control, socket_timeout=0.5) as c:
-                    return c.ping()
-            except redis.RedisError:
-                return False
-        wait_until(ready, timeout=30, what="auditor with the minimal capabilities")
+        wait_control(proc, control, "auditor with the minimal capabilities")
         # After attach only CAP_SYS_PTRACE (bit 19) is left.
         assert cap_eff(proc.pid) == 1 << 19
         with valkey.client() as c:
@@ -206,3 +211,35 @@ def test_one_capability_fewer_fails_naming_it(missing):
     err = proc.stderr.read().decode()
     assert rc != 0
     assert f"missing capability {missing.upper()}" in err, err
+
+
+def test_one_file_per_server_with_port_placeholder(start_valkey, tmp_path):
+    import json
+    a, b = start_valkey(), start_valkey()
+    control = free_port()
+    template = tmp_path / "logs" / "audit-%port%.log"
+    template.parent.mkdir()
+    proc = subprocess.Popen([str(AUDITOR), "--comm", "valkey-server", "--control",
+                             f"127.0.0.1:{control}", "audit.protocol", f"file {template}",
+                             "audit.format", "json"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_control(proc, control, "auditor")
+        for s in (a, b):
+            with s.client() as c:
+                c.set(f"file-of-{s.port}", "v")
+
+        def records(port):
+            path = tmp_path / "logs" / f"audit-{port}.log"
+            if not path.exists():
+                return []
+            return [json.loads(l) for l in path.read_bytes().split(b"\n")[:-1]]
+        for s in (a, b):
+            recs = wait_until(lambda: (r := records(s.port)) and any(
+                x["keys"] == [f"file-of-{s.port}"] for x in r) and r,
+                what=f"records in audit-{s.port}.log")
+            assert all(r["server_port"] == s.port and r["pid"] == s.pid for r in recs), recs
+        own = wait_until(lambda: records("auditor"), what="the auditor's own records")
+        assert own[0]["category"] == "AUDIT" and own[0]["command"] == "start"
+    finally:
+        terminate(proc)

@@ -78,7 +78,7 @@ struct Cli {
     #[arg(long, default_value_t = auditor_common::DEFAULT_CAPTURE_CAP)]
     capture_cap: u64,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
     ring_bytes: u32,
     /// User the auditor authenticates as to ask the server (`CLIENT LIST`) which user each connection
     /// open before attach has. The password comes from AUDITOR_SERVER_PASSWORD or
