@@ -2,6 +2,7 @@
 in its own pid and network namespace, and the capabilities the daemon runs with."""
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -125,6 +126,7 @@ def test_server_in_its_own_pid_and_network_namespace(tmp_path, start_auditor):
            f"--appendonly no --dir {tmp_path / 'ns'}")
     outer = subprocess.Popen([unshare, "--pid", "--net", "--mount", "--fork", "--mount-proc",
                               "sh", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    host_pid = None
     try:
         host_pid = wait_until(
             lambda: next((c for c in children(outer.pid) if comm(c) == "valkey-server"), None),
@@ -144,6 +146,10 @@ def test_server_in_its_own_pid_and_network_namespace(tmp_path, start_auditor):
         assert rec["server_port"] == port
         assert rec["client_ip"] == "127.0.0.1"
     finally:
+        # The server is pid 1 of its namespace: unshare does not pass SIGTERM on, so stop it first.
+        if host_pid is not None:
+            os.kill(host_pid, signal.SIGTERM)
+            wait_until(lambda: outer.poll() is not None, what="the namespaced server to exit")
         terminate(outer)
 
 
