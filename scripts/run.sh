@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up, build and run the auditor.
 #   sudo scripts/run.sh --pid <valkey pid> [more auditor args]   audit a running valkey-server
+#   sudo scripts/run.sh --all [more auditor args]                audit every valkey-server, now and later
+#   sudo scripts/run.sh --comm <name> [more auditor args]        audit every process of that name
 #   sudo scripts/run.sh                                          start a demo valkey-server and audit it
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,7 +11,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 (cd "$ROOT" && cargo build --release --quiet)
 AUDITOR="$ROOT/target/release/auditor"
 
-if [[ " $* " == *" --pid "* ]]; then
+if [[ " $* " == *" --pid "* || " $* " == *" --all "* || " $* " == *" --comm "* ]]; then
   exec "$AUDITOR" "$@"
 fi
 

@@ -30,7 +30,9 @@ pub fn record_cost(r: &Record) -> usize {
 }
 
 struct QueueState {
-    records: VecDeque<Record>,
+    /// Batches as the producers handed them over, each with its cost: whole `Vec`s move between
+    /// the threads, not single records (a record is ~240 bytes to copy).
+    batches: VecDeque<(Vec<Record>, usize)>,
     bytes: usize,
     max_bytes: usize,
     overflow: Overflow,
@@ -57,7 +59,7 @@ impl Queue {
             metrics,
             state: Arc::new((
                 Mutex::new(QueueState {
-                    records: VecDeque::new(),
+                    batches: VecDeque::new(),
                     bytes: 0,
                     max_bytes,
                     overflow,
@@ -83,47 +85,65 @@ impl Queue {
         self.state.2.notify_all();
     }
 
-    /// Add records. In block mode this waits while the queue is full (unless `stop` is set); in drop
-    /// mode the records that do not fit are dropped and counted. A single record larger than the
-    /// whole bound is still accepted into an empty queue, so nothing is refused forever.
+    /// Add records (the vector is emptied). In block mode this waits while the queue has no room
+    /// for them (unless `stop` is set); in drop mode the newest records that do not fit are dropped
+    /// and counted. Records larger than the whole bound are still accepted into an empty queue, so
+    /// nothing is refused forever.
     pub fn push_all(&self, records: &mut Vec<Record>, stop: &AtomicBool) {
         if records.is_empty() {
             return;
         }
+        let cost: usize = records.iter().map(record_cost).sum();
         let mut st = self.lock();
-        for rec in records.drain(..) {
-            let cost = record_cost(&rec);
-            loop {
-                if st.bytes + cost <= st.max_bytes || st.records.is_empty() || st.closed {
-                    st.bytes += cost;
-                    st.records.push_back(rec);
+        loop {
+            if st.bytes + cost <= st.max_bytes || st.batches.is_empty() || st.closed {
+                break;
+            }
+            match st.overflow {
+                Overflow::Drop => {
+                    // Keep the oldest records that fit; drop the rest.
+                    let room = st.max_bytes.saturating_sub(st.bytes);
+                    let mut kept = 0usize;
+                    let n = records
+                        .iter()
+                        .take_while(|r| {
+                            kept += record_cost(r);
+                            kept <= room
+                        })
+                        .count();
+                    let dropped = (records.len() - n) as u64;
+                    records.truncate(n);
+                    st.dropped += dropped;
+                    self.metrics
+                        .lost_queue
+                        .fetch_add(dropped, Ordering::Relaxed);
                     break;
                 }
-                match st.overflow {
-                    Overflow::Drop => {
-                        st.dropped += 1;
-                        self.metrics.lost_queue.fetch_add(1, Ordering::Relaxed);
+                Overflow::Block => {
+                    if stop.load(Ordering::Relaxed) {
+                        // Shutting down: keep the records anyway, the sink drains everything.
                         break;
                     }
-                    Overflow::Block => {
-                        if stop.load(Ordering::Relaxed) {
-                            // Shutting down: keep the record anyway, the sink drains everything.
-                            st.bytes += cost;
-                            st.records.push_back(rec);
-                            break;
-                        }
-                        self.state.1.notify_one();
-                        st.producers_waiting += 1;
-                        st = self
-                            .state
-                            .2
-                            .wait_timeout(st, Duration::from_millis(50))
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                        st.producers_waiting -= 1;
-                    }
+                    self.state.1.notify_one();
+                    st.producers_waiting += 1;
+                    st = self
+                        .state
+                        .2
+                        .wait_timeout(st, Duration::from_millis(50))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    st.producers_waiting -= 1;
                 }
             }
+        }
+        if !records.is_empty() {
+            let cost: usize = if st.overflow == Overflow::Drop {
+                records.iter().map(record_cost).sum()
+            } else {
+                cost
+            };
+            st.bytes += cost;
+            st.batches.push_back((std::mem::take(records), cost));
         }
         if st.consumer_waiting {
             self.state.1.notify_one();
@@ -136,10 +156,11 @@ impl Queue {
         st.overflow == Overflow::Block && st.bytes >= st.max_bytes
     }
 
-    /// Take up to `max` records, waiting up to `wait` for the first. Returns the drop count too.
+    /// Take whole batches until `out` holds at least `max` records or the queue is empty, waiting
+    /// up to `wait` for the first. Returns the drop count too.
     fn pop_batch(&self, max: usize, wait: Duration, out: &mut Vec<Record>) -> u64 {
         let mut st = self.lock();
-        if st.records.is_empty() && !st.closed {
+        if st.batches.is_empty() && !st.closed {
             st.consumer_waiting = true;
             st = self
                 .state
@@ -149,11 +170,14 @@ impl Queue {
                 .0;
             st.consumer_waiting = false;
         }
-        let n = st.records.len().min(max);
-        for _ in 0..n {
-            if let Some(r) = st.records.pop_front() {
-                st.bytes = st.bytes.saturating_sub(record_cost(&r));
-                out.push(r);
+        while out.len() < max
+            && let Some((mut batch, cost)) = st.batches.pop_front()
+        {
+            st.bytes = st.bytes.saturating_sub(cost);
+            if out.is_empty() {
+                std::mem::swap(out, &mut batch);
+            } else {
+                out.append(&mut batch);
             }
         }
         let dropped = std::mem::take(&mut st.dropped);
@@ -172,7 +196,7 @@ impl Queue {
 
     fn is_drained(&self) -> bool {
         let st = self.lock();
-        st.closed && st.records.is_empty()
+        st.closed && st.batches.is_empty()
     }
 
     fn is_closed(&self) -> bool {
@@ -182,8 +206,8 @@ impl Queue {
     /// Shutdown gave up on the sink: empty the queue, returning how many records it held.
     fn discard_all(&self) -> u64 {
         let mut st = self.lock();
-        let n = st.records.len() as u64;
-        st.records.clear();
+        let n = st.batches.iter().map(|(b, _)| b.len() as u64).sum();
+        st.batches.clear();
         st.bytes = 0;
         n
     }
@@ -355,4 +379,60 @@ fn loss_record(hostname: &str, now_us: i64, cause: &str, count: u64, bytes: u64)
     rec.command_args = format!("cause={cause} count={count} bytes={bytes}").into_bytes();
     rec.result = Outcome::Failure;
     rec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> Record {
+        Record::event(Category::Other, b"x", 0, "h")
+    }
+
+    fn queue(records: usize, overflow: Overflow) -> (Queue, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new(Vec::new()));
+        let q = Queue::new(records * record_cost(&rec()), overflow, metrics.clone());
+        (q, metrics)
+    }
+
+    #[test]
+    fn drop_mode_keeps_the_oldest_that_fit_and_counts_the_rest() {
+        let (q, metrics) = queue(3, Overflow::Drop);
+        let stop = AtomicBool::new(false);
+        q.push_all(&mut vec![rec(), rec()], &stop);
+        q.push_all(&mut vec![rec(), rec()], &stop);
+        let mut out = Vec::new();
+        let dropped = q.pop_batch(100, Duration::ZERO, &mut out);
+        assert_eq!((out.len(), dropped), (3, 1));
+        assert_eq!(metrics.lost_queue.load(Ordering::Relaxed), 1);
+        assert_eq!(q.len_bytes(), 0);
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_bound_enters_an_empty_queue() {
+        let (q, _) = queue(1, Overflow::Block);
+        let stop = AtomicBool::new(false);
+        q.push_all(&mut vec![rec(), rec(), rec()], &stop);
+        let mut out = Vec::new();
+        assert_eq!(q.pop_batch(2, Duration::ZERO, &mut out), 0);
+        assert_eq!(out.len(), 3, "batches are taken whole");
+    }
+
+    #[test]
+    fn block_mode_waits_for_room_and_loses_nothing() {
+        let (q, _) = queue(2, Overflow::Block);
+        let stop = Arc::new(AtomicBool::new(false));
+        q.push_all(&mut vec![rec(), rec()], &stop);
+        let producer = {
+            let (q, stop) = (q.clone(), stop.clone());
+            std::thread::spawn(move || q.push_all(&mut vec![rec(), rec()], &stop))
+        };
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.len() < 4 && Instant::now() < deadline {
+            q.pop_batch(100, Duration::from_millis(10), &mut out);
+        }
+        producer.join().unwrap();
+        assert_eq!(out.len(), 4);
+    }
 }

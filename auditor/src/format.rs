@@ -781,8 +781,8 @@ mod tests {
             duration_us: 8,
             keys_modified: 1,
             client_id: 6,
-            username: b"alice".to_vec(),
-            client_ip: "127.0.0.1".to_string(),
+            username: b"alice"[..].into(),
+            client_ip: "127.0.0.1".into(),
             client_port: 42696,
             server: ServerInfo::host("vm"),
             error: Vec::new(),
@@ -921,7 +921,7 @@ mod tests {
             duration_us: 0,
             keys_modified: 0,
             client_id: 4,
-            username: b"default".to_vec(),
+            username: b"default"[..].into(),
             client_port: 52172,
             keys: Vec::new(),
             time_unix_us: local_us(2026, 11, 22, 14, 13, 14),
@@ -964,9 +964,9 @@ mod tests {
             category: Category::Custom(String::from_utf8_lossy(v).into_owned()),
             command: v.to_vec(),
             command_args: v.to_vec(),
-            username: v.to_vec(),
+            username: v.into(),
             error: v.to_vec(),
-            client_ip: String::from_utf8_lossy(v).into_owned(),
+            client_ip: String::from_utf8_lossy(v).into(),
             server: std::sync::Arc::new(ServerInfo {
                 hostname: String::from_utf8_lossy(v).into_owned(),
                 container_id: String::from_utf8_lossy(v).into_owned(),
@@ -1223,7 +1223,7 @@ mod tests {
         let r = Record {
             command_args: b"key=k,comma payload=va\"l,ue\\x\nline2 sp".to_vec(),
             keys: vec![b"k,comma".to_vec(), b"x\\y".to_vec()],
-            username: vec![0xff, b'a', 0x00],
+            username: [0xff, b'a', 0x00][..].into(),
             ..sample_set()
         };
         let out = String::from_utf8(line(Format::Text, &r)).unwrap();

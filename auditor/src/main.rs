@@ -429,6 +429,17 @@ fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> 
     rec
 }
 
+/// An address as records show it: IPv4 clients of a dual-stack socket as IPv4.
+fn display_ip(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| v6.to_string()),
+        ip => ip.to_string(),
+    }
+}
+
 /// The password for --server-user: --server-password-file, else AUDITOR_SERVER_PASSWORD.
 fn server_password(cli: &Cli) -> Result<Option<String>> {
     Ok(
@@ -464,13 +475,7 @@ fn existing_users(
         .with_context(|| format!("server {pid} has no TCP listener to ask CLIENT LIST on"))?;
     let mut conn = serverquery::ServerConn::connect(addr, user, password)?;
     session.ignore_peer(Peer {
-        ip: match conn.local.ip() {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| v6.to_string()),
-            ip => ip.to_string(),
-        },
+        ip: display_ip(conn.local.ip()),
         port: conn.local.port(),
     });
     conn.users_by_fd()
@@ -579,14 +584,8 @@ impl ControlBackend for Backend {
         } else {
             Outcome::Failure
         };
-        rec.username = user.as_bytes().to_vec();
-        rec.client_ip = match client.ip() {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| v6.to_string()),
-            ip => ip.to_string(),
-        };
+        rec.username = user.as_bytes().into();
+        rec.client_ip = display_ip(client.ip()).into();
         rec.client_port = client.port();
         rec.error = error.as_bytes().to_vec();
         rec.pid = std::process::id();

@@ -104,8 +104,9 @@ pub struct Record {
     pub duration_us: u64,
     pub keys_modified: u64,
     pub client_id: u64,
-    pub username: Vec<u8>,
-    pub client_ip: String,
+    /// Shared with the connection (one reference count per record, no copy).
+    pub username: Arc<[u8]>,
+    pub client_ip: Arc<str>,
     pub client_port: u16,
     /// The server: `server_hostname`, its port, pids and container identity.
     pub server: Arc<ServerInfo>,
@@ -142,8 +143,8 @@ impl Record {
             duration_us: 0,
             keys_modified: 0,
             client_id: 0,
-            username: Vec::new(),
-            client_ip: String::new(),
+            username: Arc::from(&b""[..]),
+            client_ip: Arc::from(""),
             client_port: 0,
             server,
             error: Vec::new(),

@@ -171,10 +171,12 @@ struct Pending {
 struct Conn {
     client_id: u64,
     tgid: u32,
+    /// `peer.ip`, shared by the connection's records.
+    ip: Arc<str>,
     /// The server this connection belongs to (shared by its records).
     server: Arc<ServerInfo>,
     peer: Peer,
-    username: Vec<u8>,
+    username: Arc<[u8]>,
     in_expected: u64,
     out_expected: u64,
     requests: RequestParser,
@@ -358,8 +360,9 @@ impl Session {
             client_id: self.alloc_id(),
             tgid,
             server: self.server_of(tgid),
+            ip: Arc::from(peer.ip.as_str()),
             peer,
-            username: username.unwrap_or_else(|| b"unknown".to_vec()),
+            username: Arc::from(username.as_deref().unwrap_or(b"unknown")),
             in_expected: 0,
             out_expected: 0,
             requests: RequestParser::new_resyncing(keep),
@@ -414,8 +417,9 @@ impl Session {
                     client_id: self.alloc_id(),
                     tgid,
                     server: self.server_of(tgid),
+                    ip: Arc::from(peer.ip.as_str()),
                     peer,
-                    username: b"default".to_vec(),
+                    username: Arc::from(&b"default"[..]),
                     in_expected: 0,
                     out_expected: 0,
                     requests: RequestParser::new(keep),
@@ -611,7 +615,7 @@ impl Session {
             rec.command_args = args_text;
             rec.client_id = conn.client_id;
             rec.username = conn.username.clone();
-            rec.client_ip = conn.peer.ip.clone();
+            rec.client_ip = conn.ip.clone();
             rec.client_port = conn.peer.port;
             rec.pid = conn.tgid;
             rec.result = Outcome::Unknown;
@@ -671,8 +675,8 @@ impl Session {
             keys_modified: 0,
             client_id: conn.client_id,
             // Set when the record is finished: the user the command ran as is known only then.
-            username: Vec::new(),
-            client_ip: conn.peer.ip.clone(),
+            username: Arc::from(&b""[..]),
+            client_ip: conn.ip.clone(),
             client_port: conn.peer.port,
             server: conn.server.clone(),
             error: Vec::new(),
@@ -878,7 +882,7 @@ impl Session {
     ) {
         match effect {
             Effect::None | Effect::Exec | Effect::Discard => {}
-            Effect::Auth(user) => conn.username = user.clone(),
+            Effect::Auth(user) => conn.username = Arc::from(user.as_slice()),
             Effect::Hello(v) => {
                 if let Some(v) = v {
                     conn.resp3 = *v == 3;
@@ -888,7 +892,7 @@ impl Session {
                 if let Some(v) = v {
                     conn.resp3 = *v == 3;
                 }
-                conn.username = user.clone();
+                conn.username = Arc::from(user.as_slice());
             }
             Effect::Multi => {
                 conn.in_multi = true;
@@ -899,7 +903,7 @@ impl Session {
             }
             Effect::Monitor => conn.monitor = true,
             Effect::Reset => {
-                conn.username = b"default".to_vec();
+                conn.username = Arc::from(&b"default"[..]);
                 conn.resp3 = false;
                 conn.subscribed = false;
                 conn.monitor = false;
@@ -1012,7 +1016,7 @@ impl Session {
         rec.command_args = args.to_vec();
         rec.client_id = conn.client_id;
         rec.username = conn.username.clone();
-        rec.client_ip = conn.peer.ip.clone();
+        rec.client_ip = conn.ip.clone();
         rec.client_port = conn.peer.port;
         rec.pid = conn.tgid;
         rec.server = conn.server.clone();
