@@ -278,6 +278,7 @@ fn run() -> Result<()> {
         std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || {
+                batch_scheduling();
                 run_sink(
                     queue,
                     format,
@@ -333,6 +334,7 @@ fn run() -> Result<()> {
         std::thread::Builder::new()
             .name("capture".into())
             .spawn(move || {
+                batch_scheduling();
                 CaptureLoop {
                     capture,
                     ring_bytes: u64::from(ring_bytes),
@@ -427,6 +429,15 @@ fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> 
     rec.command_args = args;
     rec.pid = std::process::id();
     rec
+}
+
+/// Run the calling thread under SCHED_BATCH: the same CPU share as before, but its wake-ups do not
+/// preempt the server's threads (the pipeline only needs to keep up on average; the ring buffer
+/// absorbs the delay). Best effort.
+fn batch_scheduling() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the scheduling policy of the calling thread (0) with a valid parameter.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
 
 /// An address as records show it: IPv4 clients of a dual-stack socket as IPv4.
