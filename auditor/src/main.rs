@@ -278,7 +278,6 @@ fn run() -> Result<()> {
         std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || {
-                set_scheduling(true);
                 run_sink(
                     queue,
                     format,
@@ -334,10 +333,7 @@ fn run() -> Result<()> {
         std::thread::Builder::new()
             .name("capture".into())
             .spawn(move || {
-                set_scheduling(true);
                 CaptureLoop {
-                    batch_policy: true,
-                    drained_bytes: 0,
                     capture,
                     ring_bytes: u64::from(ring_bytes),
                     registry,
@@ -431,20 +427,6 @@ fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> 
     rec.command_args = args;
     rec.pid = std::process::id();
     rec
-}
-
-/// Run the calling thread under SCHED_BATCH (or back under SCHED_OTHER): the same CPU share, but
-/// its wake-ups do not preempt the server's threads (the pipeline only needs to keep up on average;
-/// the ring buffer absorbs the delay). Best effort.
-fn set_scheduling(batch: bool) {
-    let param = libc::sched_param { sched_priority: 0 };
-    let policy = if batch {
-        libc::SCHED_BATCH
-    } else {
-        libc::SCHED_OTHER
-    };
-    // SAFETY: sets the scheduling policy of the calling thread (0) with a valid parameter.
-    unsafe { libc::sched_setscheduler(0, policy, &param) };
 }
 
 /// An address as records show it: IPv4 clients of a dual-stack socket as IPv4.
@@ -617,10 +599,6 @@ struct CaptureLoop {
     /// The loaded programs and maps; dropping it (when the loop ends) detaches everything.
     capture: Capture,
     ring_bytes: u64,
-    /// The thread runs under SCHED_BATCH now (see `adapt_scheduling`).
-    batch_policy: bool,
-    /// Ring bytes handled by the last `drain_ring` pass.
-    drained_bytes: u64,
     registry: Registry,
     stream: CaptureStream,
     session: Session,
@@ -652,9 +630,7 @@ impl CaptureLoop {
         let mut last_check = Instant::now();
         let mut target_gone = false;
         loop {
-            self.drained_bytes = 0;
             let drained = self.drain_ring(&mut seen_version, &mut records, 65536);
-            self.adapt_scheduling();
             refresh_timeline(&self.shared, &mut self.session, &mut seen_version);
             if last_check.elapsed() >= Duration::from_millis(100) {
                 last_check = Instant::now();
@@ -713,8 +689,7 @@ impl CaptureLoop {
         Ok(())
     }
 
-    /// Process up to `max` ring records; returns how many there were. Adds their bytes to
-    /// `self.drained_bytes`.
+    /// Process up to `max` ring records; returns how many there were.
     fn drain_ring(
         &mut self,
         seen_version: &mut u64,
@@ -755,7 +730,6 @@ impl CaptureLoop {
                         .unregister(tgid, &mut self.capture, &self.metrics);
                 }
             }
-            self.drained_bytes += item.len() as u64;
             drop(item);
             // Hand records over in batches: one lock and at most one wake-up per batch.
             if records.len() >= 256 {
@@ -765,21 +739,6 @@ impl CaptureLoop {
         }
         self.queue.push_all(records, &self.stop);
         drained
-    }
-
-    /// SCHED_BATCH while the capture thread keeps up (its wake-ups then never preempt the server);
-    /// the normal policy as soon as one pass found a quarter of the ring unread, until the ring is
-    /// nearly empty again, so a backlog is drained before the ring overflows.
-    fn adapt_scheduling(&mut self) {
-        let behind = self.drained_bytes >= self.ring_bytes / 4;
-        let caught_up = self.drained_bytes < self.ring_bytes / 64;
-        if self.batch_policy && behind {
-            set_scheduling(false);
-            self.batch_policy = false;
-        } else if !self.batch_policy && caught_up {
-            set_scheduling(true);
-            self.batch_policy = true;
-        }
     }
 
     /// Turn drops the kernel counted since the last report into an AUDIT_LOSS record.
