@@ -93,7 +93,7 @@ impl Queue {
         if records.is_empty() {
             return;
         }
-        let cost: usize = records.iter().map(record_cost).sum();
+        let mut cost: usize = records.iter().map(record_cost).sum();
         let mut st = self.lock();
         loop {
             if st.bytes + cost <= st.max_bytes || st.batches.is_empty() || st.closed {
@@ -103,14 +103,16 @@ impl Queue {
                 Overflow::Drop => {
                     // Keep the oldest records that fit; drop the rest.
                     let room = st.max_bytes.saturating_sub(st.bytes);
-                    let mut kept = 0usize;
-                    let n = records
-                        .iter()
-                        .take_while(|r| {
-                            kept += record_cost(r);
-                            kept <= room
-                        })
-                        .count();
+                    let mut n = 0;
+                    cost = 0;
+                    for r in records.iter() {
+                        let c = record_cost(r);
+                        if cost + c > room {
+                            break;
+                        }
+                        cost += c;
+                        n += 1;
+                    }
                     let dropped = (records.len() - n) as u64;
                     records.truncate(n);
                     st.dropped += dropped;
@@ -137,11 +139,6 @@ impl Queue {
             }
         }
         if !records.is_empty() {
-            let cost: usize = if st.overflow == Overflow::Drop {
-                records.iter().map(record_cost).sum()
-            } else {
-                cost
-            };
             st.bytes += cost;
             st.batches.push_back((std::mem::take(records), cost));
         }

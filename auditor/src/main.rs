@@ -432,10 +432,7 @@ fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> 
 /// An address as records show it: IPv4 clients of a dual-stack socket as IPv4.
 fn display_ip(ip: std::net::IpAddr) -> String {
     match ip {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| v6.to_string()),
+        std::net::IpAddr::V6(v6) => Peer::from_v6(v6.octets(), 0).ip,
         ip => ip.to_string(),
     }
 }
