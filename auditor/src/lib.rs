@@ -20,6 +20,7 @@ pub mod procscan;
 pub mod prometheus;
 pub mod record;
 pub mod resp;
+pub mod scheduling;
 pub mod serverquery;
 pub mod session;
 pub mod settings;

@@ -20,6 +20,7 @@ use auditor::control::{self, ControlBackend};
 use auditor::delivery::{Queue, run_sink};
 use auditor::metrics::{Metrics, TargetInfo};
 use auditor::record::{Category, Outcome, Record};
+use auditor::scheduling::{self, RateGovernor};
 use auditor::session::{CaptureEvent, Peer, ProcessEvent, Session};
 use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
 use auditor::sinkset::{SettingsSinks, open_sink, validate};
@@ -284,7 +285,10 @@ fn run() -> Result<()> {
 
     // SIGHUP reopens the log file (logrotate), like Valkey's own log.
     let reopen = Arc::new(AtomicBool::new(false));
+    // The sink thread's id, so the capture thread can set its scheduling policy too.
+    let sink_tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let sink_thread = {
+        let sink_tid = sink_tid.clone();
         let provider = SettingsSinks::new(shared.clone(), sink, host.clone(), wall_offset);
         let queue = queue.clone();
         let metrics = metrics.clone();
@@ -292,6 +296,7 @@ fn run() -> Result<()> {
         std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || {
+                sink_tid.store(scheduling::current_tid(), Ordering::SeqCst);
                 run_sink(
                     queue,
                     format,
@@ -348,6 +353,11 @@ fn run() -> Result<()> {
             .name("capture".into())
             .spawn(move || {
                 CaptureLoop {
+                    governor: RateGovernor::new(
+                        u64::from(ring_bytes),
+                        clock_ns(libc::CLOCK_MONOTONIC) as u64,
+                    ),
+                    sink_tid,
                     capture,
                     ring_bytes: u64::from(ring_bytes),
                     registry,
@@ -610,6 +620,9 @@ struct CaptureLoop {
     /// The loaded programs and maps; dropping it (when the loop ends) detaches everything.
     capture: Capture,
     ring_bytes: u64,
+    /// SCHED_BATCH for this thread and the sink thread while the data rate is low.
+    governor: RateGovernor,
+    sink_tid: Arc<std::sync::atomic::AtomicI32>,
     registry: Registry,
     stream: CaptureStream,
     session: Session,
@@ -641,7 +654,15 @@ impl CaptureLoop {
         let mut last_check = Instant::now();
         let mut target_gone = false;
         loop {
-            let drained = self.drain_ring(&mut seen_version, &mut records, 65536);
+            let (drained, drained_bytes) = self.drain_ring(&mut seen_version, &mut records, 65536);
+            let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            if let Some(batch) = self.governor.after_pass(drained_bytes, now) {
+                scheduling::set_policy(0, batch);
+                let sink = self.sink_tid.load(Ordering::SeqCst);
+                if sink != 0 {
+                    scheduling::set_policy(sink, batch);
+                }
+            }
             refresh_timeline(&self.shared, &mut self.session, &mut seen_version);
             if last_check.elapsed() >= Duration::from_millis(100) {
                 last_check = Instant::now();
@@ -700,14 +721,15 @@ impl CaptureLoop {
         Ok(())
     }
 
-    /// Process up to `max` ring records; returns how many there were.
+    /// Process up to `max` ring records; returns how many there were and their bytes.
     fn drain_ring(
         &mut self,
         seen_version: &mut u64,
         records: &mut Vec<Record>,
         max: usize,
-    ) -> usize {
+    ) -> (usize, u64) {
         let mut drained = 0usize;
+        let mut bytes = 0u64;
         while drained < max
             && let Some(item) = self.stream.ring.next()
         {
@@ -741,6 +763,7 @@ impl CaptureLoop {
                         .unregister(tgid, &mut self.capture, &self.metrics);
                 }
             }
+            bytes += item.len() as u64;
             drop(item);
             // Hand records over in batches: one lock and at most one wake-up per batch.
             if records.len() >= 256 {
@@ -749,7 +772,7 @@ impl CaptureLoop {
             drained += 1;
         }
         self.queue.push_all(records, &self.stop);
-        drained
+        (drained, bytes)
     }
 
     /// Turn drops the kernel counted since the last report into an AUDIT_LOSS record.
