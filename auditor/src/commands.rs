@@ -24,7 +24,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use serde_json::Value;
 
 use crate::argv::Arg;
-use crate::record::Category;
+use crate::record::{Category, CommandName};
 
 /// `COMMAND` of valkey-server 9.1.2, as JSON.
 const COMMAND_TABLE_JSON: &str = include_str!("command-table.json");
@@ -371,8 +371,8 @@ const SECRET_CONFIG_PARAMS: &[&str] = &[
 /// One command (or subcommand) of the table.
 #[derive(Clone, Debug)]
 struct CommandInfo {
-    /// Canonical name: `set`, `config|set`.
-    name: String,
+    /// Canonical name: `set`, `config|set`. Interned, so records borrow it instead of copying.
+    name: &'static str,
     key_specs: Vec<KeySpec>,
     /// Has at least one real key spec (not `not_key`): the command is a KEY_OP command.
     has_keys: bool,
@@ -395,7 +395,7 @@ pub struct CommandTable {
 pub struct Described {
     /// Canonical lower-case name (`set`, `config|set`); the parent's name for an unknown subcommand;
     /// the client's spelling for an unknown command.
-    pub command: Vec<u8>,
+    pub command: CommandName,
     /// The command (or at least its parent) is in the table.
     pub known: bool,
     /// AUTH (AUTH, HELLO with AUTH), CONFIG (config and its subcommands), KEY_OP (the resolved command
@@ -417,7 +417,7 @@ impl Default for Described {
     /// An empty description, to be filled by [`CommandTable::describe_into`].
     fn default() -> Self {
         Described {
-            command: Vec::new(),
+            command: CommandName::Borrowed(b""),
             known: false,
             category: Category::Other,
             keys: Vec::new(),
@@ -499,13 +499,13 @@ impl CommandTable {
     pub fn describe_into(&self, args: &[Arg], argc: u64, d: &mut Described) {
         let argc = usize::try_from(argc).unwrap_or(usize::MAX).max(args.len());
         d.argc = argc as u64;
-        d.command.clear();
         d.keys.clear();
         d.secrets.clear();
         let Some(info) = self.resolve(args) else {
-            if let Some(a) = args.first() {
-                d.command.extend_from_slice(&a.prefix);
-            }
+            d.command = match args.first() {
+                Some(a) => CommandName::Owned(a.prefix.to_vec()),
+                None => CommandName::Borrowed(b""),
+            };
             d.known = false;
             d.category = Category::Other;
             d.write_keys = 0;
@@ -545,12 +545,7 @@ impl CommandTable {
             .payload
             .and_then(|rule| payload_index(rule, args))
             .filter(|&i| i < args.len());
-        let name = info.name.as_bytes();
-        if d.command.capacity() < name.len() {
-            // The usual case: the caller took the previous name. Allocate it exactly, in one go.
-            d.command = Vec::with_capacity(name.len());
-        }
-        d.command.extend_from_slice(name);
+        d.command = CommandName::Borrowed(info.name.as_bytes());
         d.known = true;
     }
 
@@ -922,6 +917,19 @@ fn payload_index(rule: PayloadRule, args: &[Arg]) -> Option<usize> {
     }
 }
 
+/// The one `'static` copy of a command name: every record of a known command borrows its name from
+/// here (no allocation per record). Bounded by the number of distinct names ever loaded.
+fn intern(name: String) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&known) = names.iter().find(|&&n| n == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
 fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
     let shape = |entry: &str, what: &'static str| CommandTableError::Shape {
         entry: entry.to_string(),
@@ -952,7 +960,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         let info = parse_entry(sub)?;
         let short = match info.name.split_once('|') {
             Some((parent, short)) if parent == name => short.as_bytes().to_vec(),
-            _ => return Err(shape(&info.name, "subcommand not named parent|sub")),
+            _ => return Err(shape(info.name, "subcommand not named parent|sub")),
         };
         subcommands.insert(short, info);
     }
@@ -977,7 +985,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         .find(|(n, _)| *n == name)
         .map(|(_, rule)| *rule);
     Ok(CommandInfo {
-        name,
+        name: intern(name),
         key_specs,
         has_keys,
         keys_rule,
@@ -1100,7 +1108,7 @@ pub fn command_args_into(
             }
         }
         Category::Auth => {
-            if d.command == b"hello"
+            if *d.command == *b"hello"
                 && let Some(at) = hello_auth_at(args)
             {
                 if at > 1
@@ -1276,24 +1284,27 @@ mod tests {
     #[test]
     fn names_and_subcommands() {
         let d = describe(&["SET", "k", "v"]);
-        assert_eq!(d.command, b"set");
+        assert_eq!(&*d.command, b"set");
         assert!(d.known);
         assert_eq!(
-            describe(&["Config", "sEt", "maxmemory", "1"]).command,
+            &*describe(&["Config", "sEt", "maxmemory", "1"]).command,
             b"config|set"
         );
-        assert_eq!(describe(&["acl", "SETUSER", "bob"]).command, b"acl|setuser");
-        assert_eq!(describe(&["CLIENT", "LIST"]).command, b"client|list");
+        assert_eq!(
+            &*describe(&["acl", "SETUSER", "bob"]).command,
+            b"acl|setuser"
+        );
+        assert_eq!(&*describe(&["CLIENT", "LIST"]).command, b"client|list");
         let d = describe(&["CLIENT", "nosuchsub"]);
-        assert_eq!(d.command, b"client");
+        assert_eq!(&*d.command, b"client");
         assert!(d.known);
         let d = describe(&["CONFIG"]);
         assert_eq!(
-            (d.command.as_slice(), d.category.clone()),
+            (&*d.command, d.category.clone()),
             (b"config".as_slice(), Category::Config)
         );
         let d = describe(&["NoSuchCommand", "arg"]);
-        assert_eq!(d.command, b"NoSuchCommand");
+        assert_eq!(&*d.command, b"NoSuchCommand");
         assert!(!d.known);
         assert_eq!(d.category, Category::Other);
         assert!(d.keys.is_empty());
@@ -1482,8 +1493,8 @@ mod tests {
             .commands
             .values()
             .flat_map(|c| {
-                std::iter::once(c.name.clone())
-                    .chain(c.subcommands.values().map(|s| s.name.clone()))
+                std::iter::once(c.name.to_string())
+                    .chain(c.subcommands.values().map(|s| s.name.to_string()))
             })
             .collect();
         let fillers = [

@@ -26,7 +26,8 @@ pub fn record_cost(r: &Record) -> usize {
         + r.username.len()
         + r.client_ip.len()
         + r.error.len()
-        + r.keys.iter().map(|k| k.len() + 24).sum::<usize>()
+        + r.keys.total_bytes()
+        + 4 * r.keys.len()
 }
 
 struct QueueState {
@@ -293,7 +294,8 @@ pub fn run_sink(
         // Fill a batch only when the previous one was written.
         if batch.is_empty() {
             if pending.is_empty() {
-                let dropped = queue.pop_batch(SINK_BATCH_RECORDS, Duration::from_millis(10), &mut pending);
+                let dropped =
+                    queue.pop_batch(SINK_BATCH_RECORDS, Duration::from_millis(10), &mut pending);
                 if dropped > 0 {
                     pending.insert(
                         0,

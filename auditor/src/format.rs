@@ -32,7 +32,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, Local, Timelike};
 
-use crate::record::{Record, ServerInfo};
+use crate::record::{KeyList, Record, ServerInfo};
 
 /// The output format (`audit.format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,7 +256,7 @@ fn write_csv(r: &Record, out: &mut Vec<u8>) {
     out.push(b',');
     push_u64(out, r.seq);
     out.push(b',');
-    let quote = r.keys.len() > 1 || r.keys.iter().any(|k| needs_csv_quotes(k));
+    let quote = r.keys.len() > 1 || r.keys.iter().any(needs_csv_quotes);
     if quote {
         out.push(b'"');
     }
@@ -290,7 +290,7 @@ fn write_csv(r: &Record, out: &mut Vec<u8>) {
 }
 
 /// Keys joined with `,`, each escaped with `plain` (which escapes `,`).
-fn push_key_list(out: &mut Vec<u8>, keys: &[Vec<u8>], plain: Plain) {
+fn push_key_list(out: &mut Vec<u8>, keys: &KeyList, plain: Plain) {
     for (i, key) in keys.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -775,7 +775,7 @@ mod tests {
         Record {
             time_unix_us: local_us(2026, 11, 22, 14, 12, 51),
             category: Category::KeyOp,
-            command: b"set".to_vec(),
+            command: b"set".to_vec().into(),
             command_args: b"key=user:1001 payload=hello".to_vec(),
             result: Outcome::Success,
             duration_us: 8,
@@ -787,7 +787,7 @@ mod tests {
             server: ServerInfo::host("vm"),
             error: Vec::new(),
             seq: 42,
-            keys: vec![b"user:1001".to_vec()],
+            keys: [b"user:1001".to_vec()].iter().collect(),
             pid: 4242,
         }
     }
@@ -796,14 +796,14 @@ mod tests {
     fn sample_unknown() -> Record {
         Record {
             category: Category::Other,
-            command: b"NOSUCHCOMMAND".to_vec(),
+            command: b"NOSUCHCOMMAND".to_vec().into(),
             command_args: b"arg1=arg".to_vec(),
             result: Outcome::Failure,
             duration_us: 0,
             keys_modified: 0,
             error: b"rejected=unknown command 'NOSUCHCOMMAND', with args beginning with: 'arg' "
                 .to_vec(),
-            keys: Vec::new(),
+            keys: KeyList::new(),
             ..sample_set()
         }
     }
@@ -916,14 +916,14 @@ mod tests {
         // Connection-style record with an empty field in the middle.
         let r = Record {
             category: Category::Connection,
-            command: b"connection".to_vec(),
+            command: b"connection".to_vec().into(),
             command_args: b"type=normal".to_vec(),
             duration_us: 0,
             keys_modified: 0,
             client_id: 4,
             username: b"default"[..].into(),
             client_port: 52172,
-            keys: Vec::new(),
+            keys: KeyList::new(),
             time_unix_us: local_us(2026, 11, 22, 14, 13, 14),
             ..sample_set()
         };
@@ -962,7 +962,7 @@ mod tests {
     fn nasty_record(v: &[u8]) -> Record {
         Record {
             category: Category::Custom(String::from_utf8_lossy(v).into_owned()),
-            command: v.to_vec(),
+            command: v.to_vec().into(),
             command_args: v.to_vec(),
             username: v.into(),
             error: v.to_vec(),
@@ -973,7 +973,7 @@ mod tests {
                 pod_name: String::from_utf8_lossy(v).into_owned(),
                 ..ServerInfo::default()
             }),
-            keys: vec![v.to_vec(), b"k,2".to_vec(), v.to_vec()],
+            keys: [v.to_vec(), b"k,2".to_vec(), v.to_vec()].iter().collect(),
             ..sample_set()
         }
     }
@@ -1149,11 +1149,15 @@ mod tests {
             assert_eq!(unescape(&fields[8]), v);
             assert_eq!(unescape(&fields[12]), v);
             assert_eq!(fields[13], "42");
-            assert_eq!(split_keys(&fields[14]), r.keys, "{text}");
+            assert_eq!(
+                split_keys(&fields[14]),
+                r.keys.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(),
+                "{text}"
+            );
             assert_eq!(fields[15], "4242");
         }
         let r = Record {
-            keys: vec![b"a,b".to_vec(), b"c".to_vec()],
+            keys: [b"a,b".to_vec(), b"c".to_vec()].iter().collect(),
             ..sample_set()
         };
         let out = String::from_utf8(line(Format::Csv, &r)).unwrap();
@@ -1222,7 +1226,7 @@ mod tests {
         }
         let r = Record {
             command_args: b"key=k,comma payload=va\"l,ue\\x\nline2 sp".to_vec(),
-            keys: vec![b"k,comma".to_vec(), b"x\\y".to_vec()],
+            keys: [b"k,comma".to_vec(), b"x\\y".to_vec()].iter().collect(),
             username: [0xff, b'a', 0x00][..].into(),
             ..sample_set()
         };

@@ -4,7 +4,78 @@
 //! duration_us, keys_modified, client_id, username, client_ip, client_port, server_hostname, error),
 //! then the auditor's own fields (seq, keys, pid, and the server's port and container identity).
 
+use std::borrow::Cow;
 use std::sync::Arc;
+
+/// A command name: the command table's own (no copy, no allocation) or the client's spelling of a
+/// command the table does not know.
+pub type CommandName = Cow<'static, [u8]>;
+
+/// The keys of one command, in one allocation: their bytes back to back, and the end of every key
+/// but the last (a one-key command, the common case, needs no second allocation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyList {
+    bytes: Vec<u8>,
+    /// `ends[i]`: end of key `i` in `bytes`, for every key but the last.
+    ends: Vec<u32>,
+    len: u32,
+}
+
+impl KeyList {
+    pub fn new() -> KeyList {
+        KeyList::default()
+    }
+
+    /// Room for `bytes` bytes of keys in all.
+    pub fn with_capacity(bytes: usize) -> KeyList {
+        KeyList {
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub fn push(&mut self, key: &[u8]) {
+        if self.len > 0 {
+            self.ends.push(self.bytes.len() as u32);
+        }
+        self.bytes.extend_from_slice(key);
+        self.len += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of all keys together.
+    pub fn total_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let bytes = &self.bytes;
+        let ends = &self.ends;
+        (0..self.len as usize).map(move |i| {
+            let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+            let end = ends.get(i).map_or(bytes.len(), |&e| e as usize);
+            &bytes[start..end]
+        })
+    }
+}
+
+impl<K: AsRef<[u8]>> FromIterator<K> for KeyList {
+    fn from_iter<I: IntoIterator<Item = K>>(iter: I) -> KeyList {
+        let mut keys = KeyList::new();
+        for k in iter {
+            keys.push(k.as_ref());
+        }
+        keys
+    }
+}
 
 /// The audited server a record came from. Shared by every record of that server (one `Arc` clone
 /// per record, no copies): it changes only when the server is (re)discovered.
@@ -97,7 +168,7 @@ pub struct Record {
     pub category: Category,
     /// Canonical lower-case name (`set`, `config|set`), the client's spelling for unknown commands,
     /// or `connection` / `disconnection`.
-    pub command: Vec<u8>,
+    pub command: CommandName,
     /// What the record shows of the arguments (`key=... payload=...`, `arg1=...`), secrets redacted.
     pub command_args: Vec<u8>,
     pub result: Outcome,
@@ -115,7 +186,7 @@ pub struct Record {
     /// Gapless sequence number over every record written in this run (set by the writer).
     pub seq: u64,
     /// Every key of the command, each cut to `audit.payload_maxsize`.
-    pub keys: Vec<Vec<u8>>,
+    pub keys: KeyList,
     /// The audited server's pid.
     pub pid: u32,
 }
@@ -137,7 +208,7 @@ impl Record {
         Record {
             time_unix_us,
             category,
-            command: command.to_vec(),
+            command: Cow::Owned(command.to_vec()),
             command_args: Vec::new(),
             result: Outcome::Success,
             duration_us: 0,
@@ -149,8 +220,35 @@ impl Record {
             server,
             error: Vec::new(),
             seq: 0,
-            keys: Vec::new(),
+            keys: KeyList::new(),
             pid: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_list_keeps_every_key_and_its_bounds() {
+        let cases: [&[&[u8]]; 4] = [&[], &[b"k"], &[b"", b"a", b""], &[b"one", b"two", b"three"]];
+        for keys in cases {
+            let list: KeyList = keys.iter().collect();
+            assert_eq!(list.len(), keys.len());
+            assert_eq!(list.is_empty(), keys.is_empty());
+            assert_eq!(list.iter().collect::<Vec<_>>(), keys.to_vec());
+            assert_eq!(
+                list.total_bytes(),
+                keys.iter().map(|k| k.len()).sum::<usize>()
+            );
+        }
+    }
+
+    #[test]
+    fn one_key_is_one_allocation() {
+        let mut list = KeyList::with_capacity(3);
+        list.push(b"abc");
+        assert_eq!(list.ends.capacity(), 0);
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::argv::Arg;
 use crate::commands::{CommandTable, Described, FxBuildHasher, command_args, command_args_into};
 use crate::filter;
-use crate::record::{Category, Outcome, Record, ServerInfo};
+use crate::record::{Category, CommandName, KeyList, Outcome, Record, ServerInfo};
 use crate::resp::{
     BufPool, Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
 };
@@ -583,7 +583,7 @@ impl Session {
         self.stats.requests += 1;
         let settings = self.settings_at(req.done_ts);
         if matches!(
-            d.command.as_slice(),
+            &*d.command,
             b"replconf" | b"replconf|ack" | b"sync" | b"psync"
         ) || d.command.starts_with(b"replconf")
         {
@@ -591,7 +591,7 @@ impl Session {
             conn.internal = true;
         }
         if conn.internal && settings.ignore_internal_clients {
-            if matches!(d.command.as_slice(), b"sync" | b"psync") {
+            if matches!(&*d.command, b"sync" | b"psync") {
                 conn.replica = true;
                 for p in std::mem::take(&mut conn.pending) {
                     let ts = p.done_ts;
@@ -600,7 +600,7 @@ impl Session {
             }
             return;
         }
-        if matches!(d.command.as_slice(), b"sync" | b"psync") {
+        if matches!(&*d.command, b"sync" | b"psync") {
             // From here on the server streams the dataset and its writes to this connection.
             conn.replica = true;
             for p in std::mem::take(&mut conn.pending) {
@@ -632,7 +632,7 @@ impl Session {
             }
         };
         // CLIENT REPLY changes what the server answers from this very command on.
-        if d.command == b"client|reply" {
+        if *d.command == *b"client|reply" {
             match req.args.get(2).map(|a| a.lower()).as_deref() {
                 Some("on") => {
                     conn.reply_mode = ReplyMode::On;
@@ -660,22 +660,31 @@ impl Session {
             &mut self.scratch_args,
         );
         let maxsize = settings.payload_maxsize;
-        let mut keys = Vec::with_capacity(d.keys.len());
+        fn key_of(a: &crate::argv::Arg, maxsize: usize) -> &[u8] {
+            &a.prefix[..a.prefix.len().min(maxsize)]
+        }
+        let mut keys = KeyList::with_capacity(
+            d.keys
+                .iter()
+                .filter_map(|&i| req.args.get(i))
+                .map(|a| key_of(a, maxsize).len())
+                .sum(),
+        );
         for a in d.keys.iter().filter_map(|&i| req.args.get(i)) {
-            keys.push(a.prefix[..a.prefix.len().min(maxsize)].to_vec());
+            keys.push(key_of(a, maxsize));
         }
         let record = Record {
             time_unix_us: 0,
             category: d.category.clone(),
             // The description is not needed past this point: its name buffer becomes the record's.
-            command: std::mem::take(&mut d.command),
+            command: std::mem::replace(&mut d.command, CommandName::Borrowed(b"")),
             command_args: self.scratch_args.as_slice().to_vec(),
             result: Outcome::Unknown,
             duration_us: 0,
             keys_modified: 0,
             client_id: conn.client_id,
-            // Set when the record is finished: the user the command ran as is known only then.
-            username: Arc::from(&b""[..]),
+            // Replaced when the record is finished if the command changed the user.
+            username: conn.username.clone(),
             client_ip: conn.ip.clone(),
             client_port: conn.peer.port,
             server: conn.server.clone(),
@@ -786,7 +795,7 @@ impl Session {
         p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
         // The user the command ran as: every earlier command on the connection (a pipelined AUTH
         // included) has completed by now, and this one's own effect is applied only below.
-        p.record.username = conn.username.clone();
+        set_user(&mut p.record, &conn.username);
         if reply.is_error() {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text);
@@ -825,7 +834,7 @@ impl Session {
                 && reply.len >= 0
                 && reply.elements as usize == queued.len();
             for (i, mut q) in queued.into_iter().enumerate() {
-                q.record.username = conn.username.clone();
+                set_user(&mut q.record, &conn.username);
                 if exec_ok {
                     q.record.time_unix_us = p.record.time_unix_us;
                     if let Some((_, text)) = reply
@@ -922,7 +931,7 @@ impl Session {
         ts: u64,
         out: &mut Vec<Record>,
     ) {
-        p.record.username = _conn.username.clone();
+        set_user(&mut p.record, &_conn.username);
         p.record.time_unix_us = self.wall_us(ts);
         p.record.result = Outcome::Unknown;
         p.record.error = why.as_bytes().to_vec();
@@ -1138,7 +1147,7 @@ fn quoted(s: &str) -> Option<String> {
 
 fn effect_of(d: &Described, args: &[Arg]) -> Effect {
     let arg_lower = |i: usize| args.get(i).map(|a| a.lower()).unwrap_or_default();
-    match d.command.as_slice() {
+    match &*d.command {
         b"auth" => match args.len() {
             2 => Effect::Auth(b"default".to_vec()),
             n if n >= 3 => Effect::Auth(args[1].prefix.clone()),
@@ -1171,7 +1180,7 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
         b"monitor" => Effect::Monitor,
         b"reset" => Effect::Reset,
         b"subscribe" | b"psubscribe" | b"ssubscribe" => {
-            let kind = match d.command.as_slice() {
+            let kind = match &*d.command {
                 b"subscribe" => "subscribe",
                 b"psubscribe" => "psubscribe",
                 _ => "ssubscribe",
@@ -1179,7 +1188,7 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
             Effect::Subscribe(kind, args.len().saturating_sub(1) as u64)
         }
         b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" => {
-            let kind = match d.command.as_slice() {
+            let kind = match &*d.command {
                 b"unsubscribe" => "unsubscribe",
                 b"punsubscribe" => "punsubscribe",
                 _ => "sunsubscribe",
@@ -1192,5 +1201,13 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
             let _ = arg_lower;
             Effect::None
         }
+    }
+}
+
+/// The user a finished command ran as. The record was made with the connection's user at the time
+/// of the request, so usually this is the same `Arc` and nothing changes hands.
+fn set_user(record: &mut Record, user: &Arc<[u8]>) {
+    if !Arc::ptr_eq(&record.username, user) {
+        record.username = user.clone();
     }
 }
