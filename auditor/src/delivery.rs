@@ -213,6 +213,12 @@ impl Queue {
     pub fn len_bytes(&self) -> usize {
         self.lock().bytes
     }
+
+    /// Bytes queued and the bound, together.
+    pub fn fill(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.bytes, st.max_bytes)
+    }
 }
 
 /// Owns the active sink and follows the running settings.

@@ -620,7 +620,8 @@ struct CaptureLoop {
     /// The loaded programs and maps; dropping it (when the loop ends) detaches everything.
     capture: Capture,
     ring_bytes: u64,
-    /// SCHED_BATCH for this thread and the sink thread while the data rate is low.
+    /// SCHED_BATCH for the sink thread while the data rate is low and the queue shallow (this
+    /// thread, which drains the ring, always keeps the normal policy).
     governor: RateGovernor,
     sink_tid: Arc<std::sync::atomic::AtomicI32>,
     registry: Registry,
@@ -656,8 +657,11 @@ impl CaptureLoop {
         loop {
             let (drained, drained_bytes) = self.drain_ring(&mut seen_version, &mut records, 65536);
             let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-            if let Some(batch) = self.governor.after_pass(drained_bytes, now) {
-                scheduling::set_policy(0, batch);
+            let (queue_bytes, queue_max) = self.queue.fill();
+            if let Some(batch) =
+                self.governor
+                    .after_pass(drained_bytes, queue_bytes as u64, queue_max as u64, now)
+            {
                 let sink = self.sink_tid.load(Ordering::SeqCst);
                 if sink != 0 {
                     scheduling::set_policy(sink, batch);

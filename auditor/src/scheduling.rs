@@ -1,12 +1,15 @@
-//! Scheduling policy of the auditor's capture and sink threads, chosen from the ring buffer's data
-//! rate.
+//! Scheduling policy of the auditor's sink thread, chosen from the data rate and the queue's depth.
 //!
-//! Under SCHED_BATCH a thread keeps its CPU share, but its wake-ups do not preempt the server: at
-//! low rates (`redis-benchmark -P 1`) that cut the server's p99 latency by about a quarter. A batch
-//! thread may wait a few milliseconds for a CPU, though, and at high rates
-//! (`-P 16 -d 1024`, ~700 MB/s) an 8 MiB ring fills in 12 ms: records were lost. So the threads
-//! run under SCHED_BATCH only while the ring would take long to fill at the current rate, and go
-//! back to the normal policy as soon as the rate rises or one pass finds a backlog.
+//! Under SCHED_BATCH a thread keeps its CPU share, but its wake-ups do not preempt the server. Only
+//! the sink thread (formatting and writing) is ever put there, and only while that is safe: it sits
+//! behind the bounded queue, which absorbs a late start. The capture thread, which drains the
+//! kernel's ring buffer, always keeps the normal policy: a batch thread may wait several
+//! milliseconds for a CPU, and at `-P 16 -d 1024` (~700 MB/s) an 8 MiB ring fills in 12 ms. (Both
+//! threads under SCHED_BATCH lost records in full bench runs, each time at the onset of a burst.)
+//!
+//! The sink runs under SCHED_BATCH while the ring would take at least 100 ms to fill at the last
+//! window's rate and the queue is shallow; it returns to the normal policy as soon as the rate
+//! rises, the capture thread finds a backlog in the ring, or the queue holds 1/8 of its bound.
 //!
 //! [`RateGovernor`] is the pure decision; [`set_policy`] applies it.
 
@@ -17,7 +20,7 @@ const BATCH_FILL_NS: u64 = 100_000_000;
 /// ... and ends once the ring would fill in less than this (hysteresis between the two).
 const NORMAL_FILL_NS: u64 = 50_000_000;
 
-/// Decides, pass by pass, whether the auditor's threads may run under SCHED_BATCH.
+/// Decides, pass by pass, whether the sink thread may run under SCHED_BATCH.
 #[derive(Debug)]
 pub struct RateGovernor {
     ring_bytes: u64,
@@ -37,16 +40,23 @@ impl RateGovernor {
         }
     }
 
-    /// Whether the threads should be under SCHED_BATCH now.
+    /// Whether the sink thread should be under SCHED_BATCH now.
     pub fn batch(&self) -> bool {
         self.batch
     }
 
-    /// Account one pass over the ring that consumed `pass_bytes`; returns the new policy when it
-    /// changes (`Some(true)`: SCHED_BATCH, `Some(false)`: normal).
-    pub fn after_pass(&mut self, pass_bytes: u64, now_ns: u64) -> Option<bool> {
+    /// Account one pass over the ring that consumed `pass_bytes`, after which the queue holds
+    /// `queue_bytes` of at most `queue_max`; returns the new policy when it changes (`Some(true)`:
+    /// SCHED_BATCH, `Some(false)`: normal).
+    pub fn after_pass(
+        &mut self,
+        pass_bytes: u64,
+        queue_bytes: u64,
+        queue_max: u64,
+        now_ns: u64,
+    ) -> Option<bool> {
         self.window_bytes += pass_bytes;
-        let backlog = pass_bytes >= self.ring_bytes / 4;
+        let backlog = pass_bytes >= self.ring_bytes / 4 || queue_bytes >= queue_max / 8;
         if self.batch && backlog {
             self.batch = false;
             return Some(false);
@@ -101,13 +111,14 @@ mod tests {
 
     const RING: u64 = 8 << 20;
     const MS: u64 = 1_000_000;
+    const QUEUE: u64 = 16 << 20;
 
     /// Feeds `rate` bytes per second in 10 ms passes for `ms` milliseconds from `start`; returns
     /// the last change.
     fn feed(g: &mut RateGovernor, start: u64, ms: u64, rate: u64) -> Option<bool> {
         let mut last = None;
         for step in 1..=ms / 10 {
-            if let Some(c) = g.after_pass(rate / 100, start + step * 10 * MS) {
+            if let Some(c) = g.after_pass(rate / 100, 0, QUEUE, start + step * 10 * MS) {
                 last = Some(c);
             }
         }
@@ -153,13 +164,24 @@ mod tests {
         feed(&mut g, 0, 200, 1_000_000);
         assert!(g.batch());
         // Mid-window: a pass that found a quarter of the ring unread.
-        assert_eq!(g.after_pass(RING / 4, 205 * MS), Some(false));
+        assert_eq!(g.after_pass(RING / 4, 0, QUEUE, 205 * MS), Some(false));
         assert!(!g.batch());
+    }
+
+    #[test]
+    fn a_filling_queue_ends_batch_at_once_and_blocks_its_return() {
+        let mut g = RateGovernor::new(RING, 0);
+        feed(&mut g, 0, 200, 1_000_000);
+        assert!(g.batch());
+        assert_eq!(g.after_pass(1000, QUEUE / 8, QUEUE, 205 * MS), Some(false));
+        // A quiet window does not bring SCHED_BATCH back while the queue is still that deep.
+        assert_eq!(g.after_pass(0, QUEUE / 4, QUEUE, 400 * MS), None);
+        assert_eq!(g.after_pass(0, 0, QUEUE, 600 * MS), Some(true));
     }
 
     #[test]
     fn idle_windows_allow_batch() {
         let mut g = RateGovernor::new(RING, 0);
-        assert_eq!(g.after_pass(0, 150 * MS), Some(true));
+        assert_eq!(g.after_pass(0, 0, QUEUE, 150 * MS), Some(true));
     }
 }

@@ -262,8 +262,20 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
+/// The bench's scratch directory (audit logs of several GB, the capture), removed however the
+/// bench ends: failed runs used to leave theirs behind until the disk filled.
+struct ScratchDir(std::path::PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn run(opts: &Options) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("auditor-bench-{}", std::process::id()));
+    let scratch =
+        ScratchDir(std::env::temp_dir().join(format!("auditor-bench-{}", std::process::id())));
+    let dir = scratch.0.clone();
     std::fs::create_dir_all(&dir)?;
     let status = Command::new("cargo")
         .args(["build", "--release", "--quiet"])
@@ -358,6 +370,8 @@ pub fn run(opts: &Options) -> Result<()> {
         );
         let status = Command::new(opts.root.join("target/release/pipeline-bench"))
             .arg(&capture)
+            .arg("--out")
+            .arg(dir.join("pipeline-bench.out"))
             .status();
         match status {
             Ok(s) if s.success() => {}
