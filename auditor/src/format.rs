@@ -414,9 +414,68 @@ fn word_maybe_special(w: u64, mask: u8) -> bool {
     m != 0
 }
 
-/// Length of the leading run of `s` that `mask` lets through unescaped. Eight bytes at a time.
+/// Length of the leading run of `s` that `mask` lets through unescaped. `mask` always holds
+/// `C_SPECIAL`. Sixteen bytes at a time with SSE2 (part of the x86_64 baseline), then eight.
 #[inline(always)]
 fn plain_run(s: &[u8], mask: u8) -> usize {
+    debug_assert!(mask & C_SPECIAL != 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let done = plain_run_sse2(s, mask);
+        if done + 16 > s.len() {
+            return done + plain_run_swar(&s[done..], mask);
+        }
+        done
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    plain_run_swar(s, mask)
+}
+
+/// The SSE2 part of [`plain_run`]: the offset of the first byte to escape, or of the last partial
+/// 16-byte block when none of the full blocks holds one. Payloads of 1 KiB made the eight-byte loop
+/// 10% of the auditor's CPU at `-P 16 -d 1024` (perf).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn plain_run_sse2(s: &[u8], mask: u8) -> usize {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let mut i = 0;
+    // SAFETY: SSE2 is always available on x86_64; every load reads 16 bytes inside `s`
+    // (i + 16 <= s.len()) and `_mm_loadu_si128` has no alignment requirement.
+    unsafe {
+        // Signed compare: bytes 0x00-0x1f and 0x80-0xff (negative as i8) are below 0x20.
+        let space = _mm_set1_epi8(0x20);
+        let del = _mm_set1_epi8(0x7f);
+        let backslash = _mm_set1_epi8(b'\\' as i8);
+        let quote = _mm_set1_epi8(b'"' as i8);
+        let comma = _mm_set1_epi8(b',' as i8);
+        while i + 16 <= s.len() {
+            let v = _mm_loadu_si128(s.as_ptr().add(i).cast::<__m128i>());
+            let mut m = _mm_or_si128(
+                _mm_cmplt_epi8(v, space),
+                _mm_or_si128(_mm_cmpeq_epi8(v, del), _mm_cmpeq_epi8(v, backslash)),
+            );
+            if mask & C_QUOTE != 0 {
+                m = _mm_or_si128(m, _mm_cmpeq_epi8(v, quote));
+            }
+            if mask & C_COMMA != 0 {
+                m = _mm_or_si128(m, _mm_cmpeq_epi8(v, comma));
+            }
+            let bits = _mm_movemask_epi8(m);
+            if bits != 0 {
+                return i + bits.trailing_zeros() as usize;
+            }
+            i += 16;
+        }
+    }
+    i
+}
+
+/// [`plain_run`] eight bytes at a time.
+#[inline(always)]
+fn plain_run_swar(s: &[u8], mask: u8) -> usize {
     let special = |b: &u8| CLASS[usize::from(*b)] & mask != 0;
     let mut chunks = s.chunks_exact(8);
     let mut done = 0;
@@ -1384,6 +1443,17 @@ mod tests {
                             .position(|&c| CLASS[usize::from(c)] & mask != 0)
                             .unwrap_or(long.len());
                         assert_eq!(plain_run(&long, mask), expected);
+                        // The byte inside a full 16-byte block, and in the second block.
+                        for lead in [0usize, 5, 16, 21] {
+                            let mut v = vec![filler; lead];
+                            v.extend_from_slice(&word);
+                            v.extend_from_slice(&[filler; 32]);
+                            let expected = v
+                                .iter()
+                                .position(|&c| CLASS[usize::from(c)] & mask != 0)
+                                .unwrap_or(v.len());
+                            assert_eq!(plain_run(&v, mask), expected);
+                        }
                         for s in [&long[..], &word[..], &word[at..]] {
                             if !is_plain(s, mask) {
                                 continue;
