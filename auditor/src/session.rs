@@ -664,6 +664,7 @@ impl Session {
             &a.prefix[..a.prefix.len().min(maxsize)]
         }
         let mut keys = KeyList::with_capacity(
+            d.keys.len(),
             d.keys
                 .iter()
                 .filter_map(|&i| req.args.get(i))
