@@ -114,12 +114,19 @@ fn config(index: u32) -> u64 {
 }
 
 /// The buffer of a data syscall on a captured socket of a target, from its arguments (`fd`, buffer
-/// or iovec or msghdr pointer, count), or `None` when it is not one.
+/// or iovec or msghdr pointer, count), with the socket's state, or `None` when it is not one. (One
+/// hash lookup per data syscall: the state pointer is handed on rather than looked up again.)
 #[inline(always)]
-fn data_args(tgid: u32, dir: u8, kind: ArgKind, fd: u64, arg1: u64, arg2: u64) -> Option<DataArgs> {
+fn data_args(
+    tgid: u32,
+    dir: u8,
+    kind: ArgKind,
+    fd: u64,
+    arg1: u64,
+    arg2: u64,
+) -> Option<(DataArgs, *mut SocketState)> {
     let fd = fd as u32;
-    // SAFETY: read-only lookup.
-    unsafe { SOCKETS.get(&socket_key(tgid, fd)) }?;
+    let state = SOCKETS.get_ptr_mut(&socket_key(tgid, fd))?;
     let (ptr, iovcnt) = match kind {
         ArgKind::Plain => (arg1, 0),
         ArgKind::Iovec => (arg1, arg2),
@@ -138,13 +145,16 @@ fn data_args(tgid: u32, dir: u8, kind: ArgKind, fd: u64, arg1: u64, arg2: u64) -
     if ptr == 0 {
         return None;
     }
-    Some(DataArgs {
-        fd,
-        dir,
-        _pad: [0; 3],
-        ptr,
-        iovcnt,
-    })
+    Some((
+        DataArgs {
+            fd,
+            dir,
+            _pad: [0; 3],
+            ptr,
+            iovcnt,
+        },
+        state,
+    ))
 }
 
 #[derive(Clone, Copy)]
@@ -280,15 +290,11 @@ extern "C" fn copy_step(_index: u64, _unused: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn emit_data(pid_tgid: u64, args: DataArgs, ret: i64) -> u32 {
+fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -> u32 {
     if ret <= 0 {
         return 0;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    let state = match SOCKETS.get_ptr_mut(&socket_key(tgid, args.fd)) {
-        Some(s) => s,
-        None => return 0,
-    };
     let ret = ret as u64;
     // SAFETY: map value pointer; one direction of one socket is only ever advanced by one thread
     // at a time, since Valkey never reads (or writes) one client from two threads at once.
@@ -532,8 +538,8 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     if ret <= 0 {
         return 0;
     }
-    if let Some(args) = data_args(tgid, dir, kind, di, si, dx) {
-        emit_data(pid_tgid, args, ret);
+    if let Some((args, state)) = data_args(tgid, dir, kind, di, si, dx) {
+        emit_data(pid_tgid, args, state, ret);
     }
     0
 }
