@@ -45,8 +45,9 @@ fn purge_freed_memory_at_once() {
 
 /// Once attached: return loading's garbage now, then keep freed pages for `PURGE_DELAY_MS` before
 /// returning them. With immediate purging, 1 KiB payloads made the capture thread fault in and
-/// zero fresh pages for every batch: at `-P 16 -d 1024` 40% of its CPU (perf: `exc_page_fault`,
-/// `clear_page_erms`, `madvise`). With 50 ms that is gone for a few MB of RSS.
+/// zero fresh pages for every batch (perf at `-P 16 -d 1024`: `exc_page_fault`, `clear_page_erms`,
+/// `madvise`, ~10% of the auditor); with 50 ms the capture thread's CPU fell by a third, for a few
+/// MB of RSS (BENCHMARKS.md).
 fn keep_freed_memory_briefly() {
     const PURGE_DELAY_MS: std::ffi::c_long = 50;
     // SAFETY: a full collection of this thread's heap, then a process-wide allocator option with

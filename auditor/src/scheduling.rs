@@ -125,6 +125,14 @@ mod tests {
         last
     }
 
+    /// A governor that went to SCHED_BATCH after 200 ms at 1 MB/s.
+    fn in_batch() -> RateGovernor {
+        let mut g = RateGovernor::new(RING, 0);
+        feed(&mut g, 0, 200, 1_000_000);
+        assert!(g.batch());
+        g
+    }
+
     #[test]
     fn quiet_traffic_switches_to_batch_after_one_window() {
         let mut g = RateGovernor::new(RING, 0);
@@ -137,9 +145,7 @@ mod tests {
 
     #[test]
     fn high_rate_returns_to_normal_and_stays() {
-        let mut g = RateGovernor::new(RING, 0);
-        feed(&mut g, 0, 200, 1_000_000);
-        assert!(g.batch());
+        let mut g = in_batch();
         // 700 MB/s (-P 16 -d 1024): the ring fills in 12 ms.
         assert_eq!(feed(&mut g, 200 * MS, 200, 700_000_000), Some(false));
         assert_eq!(feed(&mut g, 400 * MS, 500, 700_000_000), None);
@@ -152,17 +158,14 @@ mod tests {
         let mut g = RateGovernor::new(RING, 0);
         assert_eq!(feed(&mut g, 0, 500, 120_000_000), None);
         assert!(!g.batch());
-        let mut g = RateGovernor::new(RING, 0);
-        feed(&mut g, 0, 200, 1_000_000);
+        let mut g = in_batch();
         assert_eq!(feed(&mut g, 200 * MS, 500, 120_000_000), None);
         assert!(g.batch());
     }
 
     #[test]
     fn a_backlog_ends_batch_at_once() {
-        let mut g = RateGovernor::new(RING, 0);
-        feed(&mut g, 0, 200, 1_000_000);
-        assert!(g.batch());
+        let mut g = in_batch();
         // Mid-window: a pass that found a quarter of the ring unread.
         assert_eq!(g.after_pass(RING / 4, 0, QUEUE, 205 * MS), Some(false));
         assert!(!g.batch());
@@ -170,9 +173,7 @@ mod tests {
 
     #[test]
     fn a_filling_queue_ends_batch_at_once_and_blocks_its_return() {
-        let mut g = RateGovernor::new(RING, 0);
-        feed(&mut g, 0, 200, 1_000_000);
-        assert!(g.batch());
+        let mut g = in_batch();
         assert_eq!(g.after_pass(1000, QUEUE / 8, QUEUE, 205 * MS), Some(false));
         // A quiet window does not bring SCHED_BATCH back while the queue is still that deep.
         assert_eq!(g.after_pass(0, QUEUE / 4, QUEUE, 400 * MS), None);

@@ -171,11 +171,11 @@ struct Pending {
 struct Conn {
     client_id: u64,
     tgid: u32,
-    /// `peer.ip`, shared by the connection's records.
+    /// The client's address, shared by the connection's records, and its port.
     ip: Arc<str>,
+    port: u16,
     /// The server this connection belongs to (shared by its records).
     server: Arc<ServerInfo>,
-    peer: Peer,
     username: Arc<[u8]>,
     in_expected: u64,
     out_expected: u64,
@@ -361,7 +361,7 @@ impl Session {
             tgid,
             server: self.server_of(tgid),
             ip: Arc::from(peer.ip.as_str()),
-            peer,
+            port: peer.port,
             username: Arc::from(username.as_deref().unwrap_or(b"unknown")),
             in_expected: 0,
             out_expected: 0,
@@ -418,7 +418,7 @@ impl Session {
                     tgid,
                     server: self.server_of(tgid),
                     ip: Arc::from(peer.ip.as_str()),
-                    peer,
+                    port: peer.port,
                     username: Arc::from(&b"default"[..]),
                     in_expected: 0,
                     out_expected: 0,
@@ -616,7 +616,7 @@ impl Session {
             rec.client_id = conn.client_id;
             rec.username = conn.username.clone();
             rec.client_ip = conn.ip.clone();
-            rec.client_port = conn.peer.port;
+            rec.client_port = conn.port;
             rec.pid = conn.tgid;
             rec.result = Outcome::Unknown;
             self.push(rec, req.done_ts, out);
@@ -687,7 +687,7 @@ impl Session {
             // Replaced when the record is finished if the command changed the user.
             username: conn.username.clone(),
             client_ip: conn.ip.clone(),
-            client_port: conn.peer.port,
+            client_port: conn.port,
             server: conn.server.clone(),
             error: Vec::new(),
             seq: 0,
@@ -1027,7 +1027,7 @@ impl Session {
         rec.client_id = conn.client_id;
         rec.username = conn.username.clone();
         rec.client_ip = conn.ip.clone();
-        rec.client_port = conn.peer.port;
+        rec.client_port = conn.port;
         rec.pid = conn.tgid;
         rec.server = conn.server.clone();
         rec
