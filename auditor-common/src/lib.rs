@@ -151,6 +151,15 @@ impl Comm {
     }
 }
 
+/// Slots of the kernel's `TARGET_HINTS` prefilter (a power of two).
+pub const TARGET_HINT_SLOTS: u32 = 16384;
+
+/// The `TARGET_HINTS` slot of a TGID.
+#[inline(always)]
+pub const fn target_hint_slot(tgid: u32) -> u32 {
+    tgid & (TARGET_HINT_SLOTS - 1)
+}
+
 pub const fn socket_key(tgid: u32, fd: u32) -> u64 {
     ((tgid as u64) << 32) | fd as u64
 }

@@ -7,13 +7,13 @@
 #![no_std]
 #![no_main]
 
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use auditor_common::{
     AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_WAKEUP_BYTES, CHUNK_SIZE,
     CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS, ProcEvent,
     STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_PEAK, STAT_RING_WRITES, SocketState,
-    socket_key,
+    TARGET_HINT_SLOTS, socket_key, target_hint_slot,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -29,6 +29,14 @@ use aya_ebpf::{
 /// Processes to audit, by TGID. Value unused.
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// A prefilter in front of `TARGETS`, indexed by `target_hint_slot(tgid)`: non-zero when some
+/// target (now or earlier) has a TGID in that slot. Every syscall exit of every process on the host
+/// runs `sys_exit`, so rejecting the other processes costs an array load (inlined by the verifier)
+/// instead of a hash lookup. Slots are only ever set, never cleared, so a plain store is safe from
+/// both the kernel (exec) and user space; a stale slot only costs the exact lookup behind it.
+#[map]
+static TARGET_HINTS: Array<u32> = Array::with_max_entries(TARGET_HINT_SLOTS, 0);
 
 /// Command names whose processes become targets the moment they exec (`--comm`, `--all`,
 /// `--follow-restarts`): added here in the kernel, so not even the first connection is missed.
@@ -94,10 +102,19 @@ static COPY_CTX: PerCpuArray<CopyCtx> = PerCpuArray::with_max_entries(1, 0);
 // Tracepoint field offsets (from /sys/kernel/tracing/events/syscalls/*/format).
 const ARG0: usize = 16;
 
+/// Whether `tgid` may be a target: false for certain, true means "ask `TARGETS`" (or `SOCKETS`,
+/// whose key holds the TGID too).
+#[inline(always)]
+fn may_be_target(tgid: u32) -> bool {
+    TARGET_HINTS
+        .get(target_hint_slot(tgid))
+        .is_some_and(|v| *v != 0)
+}
+
 #[inline(always)]
 fn is_target(tgid: u32) -> bool {
     // SAFETY: read-only lookup of a plain value.
-    unsafe { TARGETS.get(&tgid) }.is_some()
+    may_be_target(tgid) && unsafe { TARGETS.get(&tgid) }.is_some()
 }
 
 #[inline(always)]
@@ -503,14 +520,18 @@ const PT_REGS_DX: usize = 96;
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !is_target(tgid) {
+    // Only the prefilter here: a data syscall's SOCKETS lookup (keyed by TGID and fd) already says
+    // whether it is a target's captured socket, so a target pays no TARGETS lookup for its reads
+    // and writes, and none at all for its other syscalls. Accepts ask TARGETS below.
+    if !may_be_target(tgid) {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
-    // [dx, si, di, orig_ax]
-    let mut r = [0u64; 4];
-    // SAFETY: fault-tolerant read of the kernel's saved registers of the current task.
+    // [dx, si, di, orig_ax]; uninitialised, since a zeroing `memset` would be a byte loop here.
+    let mut r = MaybeUninit::<[u64; 4]>::uninit();
+    // SAFETY: fault-tolerant read of the kernel's saved registers of the current task; the helper
+    // writes all 32 bytes (zeroes on failure) and we only read them on success.
     if unsafe {
         bpf_probe_read_kernel(
             r.as_mut_ptr().cast(),
@@ -521,7 +542,8 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     {
         return 0;
     }
-    let [dx, si, di, nr] = r;
+    // SAFETY: initialised by the successful read above.
+    let [dx, si, di, nr] = unsafe { r.assume_init() };
     let (dir, kind) = match nr {
         NR_READ | NR_RECVFROM => (DIR_IN, ArgKind::Plain),
         NR_READV => (DIR_IN, ArgKind::Iovec),
@@ -530,6 +552,10 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         NR_WRITEV => (DIR_OUT, ArgKind::Iovec),
         NR_SENDMSG => (DIR_OUT, ArgKind::Msghdr),
         NR_ACCEPT | NR_ACCEPT4 => {
+            // SAFETY: read-only lookup of a plain value.
+            if unsafe { TARGETS.get(&tgid) }.is_none() {
+                return 0;
+            }
             emit_accept(pid_tgid, di, si, ret);
             return 0;
         }
@@ -608,6 +634,11 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The hint first: a data syscall that sees the TARGETS entry must also pass the prefilter.
+    if let Some(hint) = TARGET_HINTS.get_ptr_mut(target_hint_slot(tgid)) {
+        // SAFETY: a plain aligned u32 store into an array map value; slots are only ever set to 1.
+        unsafe { core::ptr::write_volatile(hint, 1) };
+    }
     let _ = TARGETS.insert(&tgid, &1, 0);
     emit_proc(EventKind::Exec, tgid, 0, comm);
     0

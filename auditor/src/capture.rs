@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use auditor_common::{
     AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_WAKEUP_BYTES, CloseEvent, Comm,
     DATA_HDR_LEN, DIR_IN, DataEvent, EventKind, ProcEvent, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
-    STAT_RING_PEAK, SocketState, socket_key,
+    STAT_RING_PEAK, SocketState, socket_key, target_hint_slot,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -25,6 +25,8 @@ pub struct Capture {
     ebpf: Ebpf,
     sockets: HashMap<MapData, u64, SocketState>,
     targets: HashMap<MapData, u32, u32>,
+    /// The kernel's prefilter in front of `targets` (see `TARGET_HINTS` in auditor-ebpf).
+    target_hints: Array<MapData, u32>,
     comms: HashMap<MapData, Comm, u32>,
 }
 
@@ -92,12 +94,15 @@ impl Capture {
         let sockets = HashMap::try_from(ebpf.take_map("SOCKETS").context("SOCKETS map")?)?;
         let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
         let comms = HashMap::try_from(ebpf.take_map("COMMS").context("COMMS map")?)?;
+        let target_hints =
+            Array::try_from(ebpf.take_map("TARGET_HINTS").context("TARGET_HINTS map")?)?;
         let wake = edge_triggered_epoll(ring.as_raw_fd())?;
         Ok((
             Capture {
                 ebpf,
                 sockets,
                 targets,
+                target_hints,
                 comms,
             },
             CaptureStream { ring, stats, wake },
@@ -105,6 +110,10 @@ impl Capture {
     }
 
     pub fn add_target(&mut self, tgid: u32) -> Result<()> {
+        // The prefilter slot first, so the kernel never sees a TARGETS entry its prefilter hides.
+        self.target_hints
+            .set(target_hint_slot(tgid), 1, 0)
+            .context("setting the target's slot in the TARGET_HINTS map")?;
         self.targets
             .insert(tgid, 1, 0)
             .context("adding the target pid to the TARGETS map")?;
