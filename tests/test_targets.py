@@ -175,6 +175,30 @@ def cap_eff(pid):
     return None
 
 
+def thread_nice(pid):
+    """{thread name: nice value} of a process's threads."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        # Fields after the name start at field 3; nice is field 19.
+        out[name] = int(stat[stat.rindex(")") + 2:].split()[19 - 3])
+    return out
+
+
+def test_worker_threads_run_at_nice_minus_5_and_nice_is_a_flag(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid)
+    nice = thread_nice(auditor.proc.pid)
+    assert nice["capture"] == -5 and nice["sink"] == -5, nice
+    other = start_auditor(valkey.pid, extra=("--nice", "3"))
+    nice = thread_nice(other.proc.pid)
+    assert nice["capture"] == 3 and nice["sink"] == 3, nice
+
+
 def test_runs_with_exactly_the_documented_capabilities(valkey, tmp_path):
     log = tmp_path / "caps.log"
     control = free_port()
@@ -191,6 +215,8 @@ def test_runs_with_exactly_the_documented_capabilities(valkey, tmp_path):
         wait_control(proc, control, "auditor with the minimal capabilities")
         # After attach only CAP_SYS_PTRACE (bit 19) is left.
         assert cap_eff(proc.pid) == 1 << 19
+        # Without CAP_SYS_NICE the default nice -5 cannot be set: the threads keep nice 0.
+        assert set(thread_nice(proc.pid).values()) == {0}
         with valkey.client() as c:
             c.set("caps-key", "v")
         wait_until(lambda: any(r["command"] == "set" and r["keys"] == ["caps-key"]

@@ -92,6 +92,13 @@ struct Cli {
     /// Bytes copied per syscall at most; the rest is skipped using RESP lengths.
     #[arg(long, default_value_t = auditor_common::DEFAULT_CAPTURE_CAP)]
     capture_cap: u64,
+    /// Nice value of the auditor's threads, set once the programs are attached. Below 0 needs
+    /// CAP_SYS_NICE (root has it) or a unit's `Nice=`; without them the auditor warns and keeps its
+    /// nice value. -5 lets the capture thread drain the ring before it fills at `-P 16` on saturated
+    /// CPUs (BENCHMARKS.md).
+    #[arg(long, default_value_t = DEFAULT_NICE, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    nice: i32,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     ring_bytes: u32,
@@ -162,6 +169,9 @@ fn clock_ns(clock: libc::clockid_t) -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
+/// See `--nice`.
+const DEFAULT_NICE: i32 = -5;
+
 fn run() -> Result<()> {
     purge_freed_memory_at_once();
     let cli = Cli::parse();
@@ -215,6 +225,15 @@ fn run() -> Result<()> {
         capture.add_target(pid)?;
     }
     capture.attach()?;
+    // Before the capabilities are dropped (a lower nice value may need CAP_SYS_NICE); the threads
+    // started from here on inherit it.
+    if let Err(e) = scheduling::set_nice(cli.nice) {
+        eprintln!(
+            "auditor: cannot set nice {} ({e}; needs CAP_SYS_NICE or the unit's Nice=); keeping nice {}",
+            cli.nice,
+            scheduling::nice()
+        );
+    }
     privileges::drop_after_attach()?;
     keep_freed_memory_briefly();
 

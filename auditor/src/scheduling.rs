@@ -99,6 +99,22 @@ pub fn set_policy(tid: i32, batch: bool) {
     unsafe { libc::sched_setscheduler(tid, policy, &param) };
 }
 
+/// Set the calling thread's nice value (threads it starts later inherit it).
+pub fn set_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: plain syscall on the calling thread (PRIO_PROCESS with 0 is the calling thread on
+    // Linux, where nice values are per thread).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's nice value.
+pub fn nice() -> i32 {
+    // SAFETY: plain syscall on the calling thread; -1 is also a valid value, so errors are ignored.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
 /// The calling thread's id, for [`set_policy`] from another thread.
 pub fn current_tid() -> i32 {
     // SAFETY: gettid has no preconditions.
