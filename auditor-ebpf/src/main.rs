@@ -1,9 +1,10 @@
 //! Kernel side of the auditor: syscall tracepoints that copy the bytes a target valkey-server moves on
 //! its client sockets into one ring buffer, with the connection tuples and close events.
 //!
-//! Filtering happens before any copy: the calling process must be in `TARGETS` (by TGID, so Valkey's
-//! io-threads are included) and the fd must be in `SOCKETS` (filled at accept, by user space for
-//! connections that existed before attach, emptied at close). Everything else costs one map lookup.
+//! Filtering happens before any copy, by TGID (so Valkey's io-threads are included): the calling
+//! process must pass the `TARGET_HINTS` prefilter, and then the (TGID, fd) pair must be in `SOCKETS`
+//! (filled at accept of a process in `TARGETS`, by user space for connections that existed before
+//! attach, emptied at close). Every other process costs one array load.
 #![no_std]
 #![no_main]
 
@@ -552,8 +553,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         NR_WRITEV => (DIR_OUT, ArgKind::Iovec),
         NR_SENDMSG => (DIR_OUT, ArgKind::Msghdr),
         NR_ACCEPT | NR_ACCEPT4 => {
-            // SAFETY: read-only lookup of a plain value.
-            if unsafe { TARGETS.get(&tgid) }.is_none() {
+            if !is_target(tgid) {
                 return 0;
             }
             emit_accept(pid_tgid, di, si, ret);
