@@ -27,7 +27,6 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::fd::AsRawFd as _;
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
@@ -39,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Local, NaiveDateTime, Timelike};
 
+use super::drop_behind::DropBehind;
 use super::{Sink, SinkError, SinkLoss, SinkStatus};
 
 /// `audit.max_archive_retries` when not configured.
@@ -261,59 +261,8 @@ struct LiveFile {
     /// Local time the file's content began: names the file when it is rolled and places it in a
     /// roll cycle.
     content_since: NaiveDateTime,
-    /// Drop-behind (see `LiveFile::drop_behind`): writeback was started up to here...
-    writeback_from: u64,
-    /// ...and everything before this was written back and dropped from the page cache.
-    dropped_to: u64,
-}
-
-/// Bytes between drop-behind steps.
-const DROP_BEHIND_CHUNK: u64 = 8 << 20;
-
-impl LiveFile {
-    /// The audit log is written once and never read back by the auditor, so its pages are pushed
-    /// to disk and dropped from the page cache as it grows: every 8 MiB, writeback of the newest
-    /// chunk is started and the chunk before it (on disk by then) is dropped. The log then does not
-    /// evict the server's cache, and the few pages it uses are recycled instead of new memory being
-    /// faulted in for every page of log (which costs far more than the copy itself, worst in VMs).
-    /// Best effort: errors here change nothing about what was written.
-    fn drop_behind(&mut self, end: u64) {
-        if !self.regular || end < self.writeback_from + DROP_BEHIND_CHUNK {
-            if end < self.writeback_from {
-                // The file was cut back (a failed batch): start over from there.
-                self.writeback_from = end;
-                self.dropped_to = self.dropped_to.min(end);
-            }
-            return;
-        }
-        let fd = self.file.as_raw_fd();
-        // SAFETY: plain syscalls on an open descriptor; ranges are within i64.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                self.writeback_from as i64,
-                (end - self.writeback_from) as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-            if self.dropped_to < self.writeback_from {
-                let (from, len) = (
-                    self.dropped_to as i64,
-                    (self.writeback_from - self.dropped_to) as i64,
-                );
-                libc::sync_file_range(
-                    fd,
-                    from,
-                    len,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                        | libc::SYNC_FILE_RANGE_WRITE
-                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                );
-                libc::posix_fadvise(fd, from, len, libc::POSIX_FADV_DONTNEED);
-            }
-        }
-        self.dropped_to = self.writeback_from;
-        self.writeback_from = end;
-    }
+    /// Pushes written chunks to disk and out of the page cache, off the sink thread.
+    behind: DropBehind,
 }
 
 impl FileSink {
@@ -473,7 +422,7 @@ impl FileSink {
             self.unsynced = true;
         }
         if let Some(live) = self.live.as_mut() {
-            live.drop_behind(size + lines.len() as u64);
+            live.behind.advance(size + lines.len() as u64);
         }
         Ok(())
     }
@@ -830,13 +779,15 @@ fn open_live(
         _ => now,
     };
     Ok(LiveFile {
+        behind: DropBehind::new(
+            file.try_clone().ok().filter(|_| meta.file_type().is_file()),
+            meta.len(),
+        ),
         file,
         dev: meta.dev(),
         ino: meta.ino(),
         regular: meta.file_type().is_file(),
         content_since,
-        writeback_from: meta.len(),
-        dropped_to: meta.len(),
     })
 }
 

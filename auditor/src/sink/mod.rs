@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+pub mod drop_behind;
 pub mod file;
 pub mod syslog;
 pub mod tcp;
