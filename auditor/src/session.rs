@@ -238,8 +238,8 @@ pub struct Session {
     pool: BufPool,
     /// Reused for each request's classification (boxed: taken out and put back per request).
     scratch_desc: Option<Box<Described>>,
-    /// Reused for each request's `command_args` text.
-    scratch_args: Vec<u8>,
+    /// Length of the previous request's `command_args` text: the next one's initial capacity.
+    args_len_hint: usize,
 }
 
 impl Session {
@@ -266,7 +266,7 @@ impl Session {
             scratch_rep: Vec::new(),
             pool: BufPool::default(),
             scratch_desc: None,
-            scratch_args: Vec::new(),
+            args_len_hint: 0,
         }
     }
 
@@ -651,14 +651,21 @@ impl Session {
                 _ => {}
             }
         }
-        self.scratch_args.clear();
+        // Written straight into the record's buffer, sized like the previous command's: with
+        // steady traffic that is exact, and no scratch buffer has to be copied out.
+        let mut args_text = Vec::with_capacity(self.args_len_hint);
         command_args_into(
             d,
             &req.args,
             settings.payload_disable,
             settings.payload_maxsize,
-            &mut self.scratch_args,
+            &mut args_text,
         );
+        self.args_len_hint = args_text.len();
+        if args_text.capacity() > 2 * args_text.len() + 64 {
+            // A short text after a long one: the queue counts lengths, so keep slack small.
+            args_text.shrink_to_fit();
+        }
         let maxsize = settings.payload_maxsize;
         fn key_of(a: &crate::argv::Arg, maxsize: usize) -> &[u8] {
             &a.prefix[..a.prefix.len().min(maxsize)]
@@ -679,7 +686,7 @@ impl Session {
             category: d.category.clone(),
             // The description is not needed past this point: its name buffer becomes the record's.
             command: std::mem::replace(&mut d.command, CommandName::Borrowed(b"")),
-            command_args: self.scratch_args.as_slice().to_vec(),
+            command_args: args_text,
             result: Outcome::Unknown,
             duration_us: 0,
             keys_modified: 0,
