@@ -722,53 +722,8 @@ fn escape_json_utf8(out: &mut Vec<u8>, s: &[u8]) {
     }
 }
 
-/// "00" "01" ... "99".
-static DIGIT_PAIRS: [u8; 200] = {
-    let mut t = [0u8; 200];
-    let mut i = 0;
-    while i < 100 {
-        t[2 * i] = b'0' + (i / 10) as u8;
-        t[2 * i + 1] = b'0' + (i % 10) as u8;
-        i += 1;
-    }
-    t
-};
-
 fn push_u64(out: &mut Vec<u8>, n: u64) {
-    if n < 10 {
-        out.push(b'0' + n as u8);
-        return;
-    }
-    if n < 100 {
-        let pair = n as usize * 2;
-        out.extend_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-        return;
-    }
-    // Append 20 bytes (a fixed-size copy, no call), write the digits in place, then cut to size.
-    let mut digits = 3;
-    let mut bound = 1000u64;
-    while digits < 20 && n >= bound {
-        digits += 1;
-        bound = bound.wrapping_mul(10);
-    }
-    let start = out.len();
-    out.extend_from_slice(&[b'0'; 20]);
-    let dst = &mut out[start..start + digits];
-    let mut i = dst.len();
-    let mut n = n;
-    while n >= 100 {
-        let pair = (n % 100) as usize * 2;
-        n /= 100;
-        i -= 2;
-        dst[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    }
-    if n >= 10 {
-        let pair = n as usize * 2;
-        dst[i - 2..i].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-    } else {
-        dst[i - 1] = b'0' + n as u8;
-    }
-    out.truncate(start + digits);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `YYYY-MM-DD HH:MM:SS` is 19 bytes.
