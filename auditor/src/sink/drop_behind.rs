@@ -38,7 +38,7 @@ struct Step {
 
 /// Drop-behind state of one open log file.
 pub struct DropBehind {
-    /// The log file, shared with queued steps (a `try_clone` of the sink's descriptor).
+    /// The sink's log file, shared with queued steps.
     file: Option<Arc<File>>,
     /// Writeback was handed to the helper up to here...
     writeback_from: u64,
@@ -48,10 +48,10 @@ pub struct DropBehind {
 
 impl DropBehind {
     /// For a file whose first `len` bytes are already there (they are left alone). `file` is
-    /// `None` for what is not a regular file, or when its descriptor could not be duplicated.
-    pub fn new(file: Option<File>, len: u64) -> DropBehind {
+    /// `None` for what is not a regular file.
+    pub fn new(file: Option<Arc<File>>, len: u64) -> DropBehind {
         DropBehind {
-            file: file.map(Arc::new),
+            file,
             writeback_from: len,
             dropped_to: len,
         }
@@ -169,12 +169,12 @@ mod tests {
             .join(format!("auditor-dropbehind-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("log");
-        let mut file = File::create(&path).unwrap();
-        let mut behind = DropBehind::new(Some(file.try_clone().unwrap()), 0);
+        let file = Arc::new(File::create(&path).unwrap());
+        let mut behind = DropBehind::new(Some(file.clone()), 0);
         let block = vec![b'x'; 1 << 20];
         let mut end = 0u64;
         for _ in 0..(4 * CHUNK / block.len() as u64) {
-            file.write_all(&block).unwrap();
+            (&*file).write_all(&block).unwrap();
             end += block.len() as u64;
             behind.advance(end);
         }

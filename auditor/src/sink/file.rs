@@ -252,7 +252,8 @@ pub struct FileSink {
 
 /// The open live file.
 struct LiveFile {
-    file: File,
+    /// Shared with the drop-behind steps still queued for it.
+    file: Arc<File>,
     dev: u64,
     ino: u64,
     /// Rolling, cutting back and retention only make sense for a regular file, not for a device
@@ -778,11 +779,9 @@ fn open_live(
             .unwrap_or(now),
         _ => now,
     };
+    let file = Arc::new(file);
     Ok(LiveFile {
-        behind: DropBehind::new(
-            file.try_clone().ok().filter(|_| meta.file_type().is_file()),
-            meta.len(),
-        ),
+        behind: DropBehind::new(meta.file_type().is_file().then(|| file.clone()), meta.len()),
         file,
         dev: meta.dev(),
         ino: meta.ino(),
