@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,19 +16,20 @@ use clap::Parser;
 use auditor::capture::{self, Capture, CaptureConfig, CaptureStream};
 use auditor::commands::CommandTable;
 use auditor::control::{self, ControlBackend};
-use auditor::delivery::{Queue, run_sink};
+use auditor::delivery::{Origin, Queue, run_sink};
 use auditor::metrics::{Metrics, TargetInfo};
 use auditor::record::{Category, Outcome, Record};
 use auditor::scheduling::{self, RateGovernor};
 use auditor::session::{CaptureEvent, Peer, ProcessEvent, Session};
 use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
-use auditor::sinkset::{SettingsSinks, open_sink, validate};
+use auditor::sinkset::{SettingsSinks, line_format, open_sink, validate};
 use auditor::targets::{self, Target, TargetSpec};
 use auditor::{privileges, procscan, prometheus, serverquery};
 
-/// mimalloc rather than glibc malloc: records are allocated on the capture thread and freed on the
-/// sink thread, and glibc's cross-thread frees cost about a third of the daemon's CPU at high
-/// rates (perf, `-P 16`); mimalloc frees them cheaply.
+/// mimalloc rather than glibc malloc: batches of lines are allocated on the capture thread and
+/// released on the sink thread (records themselves were, until they were formatted on the capture
+/// thread), and glibc's cross-thread frees cost about a third of the daemon's CPU at high rates
+/// (perf, `-P 16`); mimalloc frees them cheaply.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -279,6 +279,11 @@ fn run() -> Result<()> {
     let queue = Queue::new(
         settings.delivery.max_queue_size as usize,
         settings.delivery.overflow,
+        line_format(&settings),
+        Origin {
+            hostname: host.clone(),
+            wall_offset_ns: wall_offset,
+        },
         metrics.clone(),
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -291,14 +296,12 @@ fn run() -> Result<()> {
     let mut first = vec![start];
     first.append(&mut initial);
     let initial = first;
-    let format = settings.format;
     let shared = Arc::new(SharedSettings::new(settings));
     let backend = Arc::new(Backend {
         settings: shared.clone(),
         metrics: metrics.clone(),
         config_path: cli.config.clone(),
         queue: queue.clone(),
-        stop: stop.clone(),
         hostname: host.clone(),
         wall_offset,
     });
@@ -309,7 +312,7 @@ fn run() -> Result<()> {
     let sink_tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let sink_thread = {
         let sink_tid = sink_tid.clone();
-        let provider = SettingsSinks::new(shared.clone(), sink, host.clone(), wall_offset);
+        let provider = SettingsSinks::new(shared.clone(), sink);
         let queue = queue.clone();
         let metrics = metrics.clone();
         let reopen = reopen.clone();
@@ -317,14 +320,7 @@ fn run() -> Result<()> {
             .name("sink".into())
             .spawn(move || {
                 sink_tid.store(scheduling::current_tid(), Ordering::SeqCst);
-                run_sink(
-                    queue,
-                    format,
-                    Box::new(provider),
-                    metrics,
-                    reopen,
-                    Arc::new(AtomicU64::new(1)),
-                )
+                run_sink(queue, Box::new(provider), metrics, reopen)
             })?
     };
 
@@ -442,7 +438,7 @@ fn run() -> Result<()> {
         b"stop",
         format!("version={} pid={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
     );
-    queue.push_all(&mut vec![stop_rec], &stop);
+    queue.push_forced(&mut vec![stop_rec]);
     queue.close();
     let _ = sink_thread.join();
     result?
@@ -527,9 +523,8 @@ struct Backend {
     settings: Arc<SharedSettings>,
     metrics: Arc<Metrics>,
     config_path: Option<PathBuf>,
-    /// CONFIG records go straight to the delivery queue (the sink thread numbers everything).
+    /// CONFIG records go straight to the delivery queue, never waiting for room (forced in).
     queue: Queue,
-    stop: Arc<AtomicBool>,
     hostname: String,
     wall_offset: i64,
 }
@@ -553,8 +548,11 @@ impl ControlBackend for Backend {
                         format!("CONFIG SET failed (possibly related to argument 'audit.protocol') - {e}")
                     })?;
                 }
-                self.queue
-                    .configure(next.delivery.max_queue_size as usize, next.delivery.overflow);
+                self.queue.configure(
+                    next.delivery.max_queue_size as usize,
+                    next.delivery.overflow,
+                    line_format(&next),
+                );
                 Ok(next)
             })
             .map(|_| ())
@@ -630,7 +628,7 @@ impl ControlBackend for Backend {
         rec.client_port = client.port();
         rec.error = error.as_bytes().to_vec();
         rec.pid = std::process::id();
-        self.queue.push_all(&mut vec![rec], &self.stop);
+        self.queue.push_forced(&mut vec![rec]);
     }
 }
 
@@ -789,13 +787,12 @@ impl CaptureLoop {
             }
             bytes += item.len() as u64;
             drop(item);
-            // Hand records over in batches: one lock and at most one wake-up per batch.
-            if records.len() >= 256 {
-                self.queue.push_all(records, &self.stop);
-            }
+            // Formatted at once, while the records are in this core's cache; the batch goes to
+            // the sink when full, or at the end of the pass.
+            self.queue.append(records, &self.stop);
             drained += 1;
         }
-        self.queue.push_all(records, &self.stop);
+        self.queue.flush();
         (drained, bytes)
     }
 

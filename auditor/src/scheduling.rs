@@ -1,7 +1,7 @@
 //! Scheduling policy of the auditor's sink thread, chosen from the data rate and the queue's depth.
 //!
 //! Under SCHED_BATCH a thread keeps its CPU share, but its wake-ups do not preempt the server. Only
-//! the sink thread (formatting and writing) is ever put there, and only while that is safe: it sits
+//! the sink thread (writing formatted batches) is ever put there, and only while that is safe: it sits
 //! behind the bounded queue, which absorbs a late start. The capture thread, which drains the
 //! kernel's ring buffer, always keeps the normal policy: a batch thread may wait several
 //! milliseconds for a CPU, and at `-P 16 -d 1024` (~700 MB/s) an 8 MiB ring fills in 12 ms. (Both

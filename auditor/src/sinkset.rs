@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::delivery::SinkProvider;
-use crate::format::Format;
+use crate::delivery::{LineFormat, SinkProvider};
 use crate::settings::{Protocol, Settings, SharedSettings};
 use crate::sink::file::{FileOptions, FileSink};
 use crate::sink::syslog::{SyslogOptions, SyslogSink, parse_facility};
@@ -137,17 +136,10 @@ pub struct SettingsSinks {
     version: u64,
     current: Arc<Settings>,
     active: ActiveSink,
-    hostname: String,
-    wall_offset_ns: i64,
 }
 
 impl SettingsSinks {
-    pub fn new(
-        shared: Arc<SharedSettings>,
-        active: ActiveSink,
-        hostname: String,
-        wall_offset_ns: i64,
-    ) -> Self {
+    pub fn new(shared: Arc<SharedSettings>, active: ActiveSink) -> Self {
         let version = shared.version();
         let current = shared.get();
         SettingsSinks {
@@ -155,8 +147,6 @@ impl SettingsSinks {
             version,
             current,
             active,
-            hostname,
-            wall_offset_ns,
         }
     }
 
@@ -196,22 +186,17 @@ impl SinkProvider for SettingsSinks {
         self.active.as_sink()
     }
 
-    fn per_server(&self) -> bool {
-        matches!(self.active, ActiveSink::PerServer(_))
-    }
-
     fn select(&mut self, port: u16) {
         if let ActiveSink::PerServer(p) = &mut self.active {
             p.selected = port;
         }
     }
 
-    fn refresh(&mut self, format: &mut Format) {
+    fn refresh(&mut self) {
         let v = self.shared.version();
         if v != self.version {
             self.version = v;
             let next = self.shared.get();
-            *format = next.format;
             if next.protocol != self.current.protocol
                 || next.delivery != self.current.delivery
                 || next.tcp != self.current.tcp
@@ -222,24 +207,18 @@ impl SinkProvider for SettingsSinks {
             }
         }
     }
-
-    fn hostname(&self) -> String {
-        self.hostname.clone()
-    }
-
-    fn now_us(&self) -> i64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        (ts.tv_sec * 1_000_000_000 + ts.tv_nsec + self.wall_offset_ns) / 1000
-    }
 }
 
 /// The placeholder that makes a file path per server.
 pub const PORT_PLACEHOLDER: &str = "%port%";
+
+/// How the settings want records written as lines: their format, and one file per server or not.
+pub fn line_format(s: &Settings) -> LineFormat {
+    LineFormat {
+        format: s.format,
+        per_server: matches!(&s.protocol, Protocol::File(p) if is_per_server(p)),
+    }
+}
 
 fn is_per_server(path: &Path) -> bool {
     path.to_string_lossy().contains(PORT_PLACEHOLDER)

@@ -3,8 +3,9 @@
 //! Replays a capture written by `auditor --dump-events <file>` (repeated `[u32 LE length][ring
 //! record]`, each record exactly what the BPF ring buffer delivered) through the same stages the
 //! daemon runs on its capture and sink threads: decode → `Session::handle` (reassembly, RESP parsing,
-//! classification, filter) → seq → `format::write_record` → large appends to a file. Everything runs
-//! on one thread, so records/s is records per second per core.
+//! classification, filter) → `delivery::Queue` (room, seq, formatting into batches of lines) → one
+//! `write()` per batch to a file. Everything runs on one thread, so records/s is records per second
+//! per core.
 //!
 //! The file is loaded and split into ring records before timing. Allocations are counted by a
 //! counting global allocator (this binary only).
@@ -15,15 +16,18 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::fs::File;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use auditor::capture;
 use auditor::commands::CommandTable;
-use auditor::format::{Format, write_record};
+use auditor::delivery::{LineFormat, Origin, Queue};
+use auditor::format::Format;
+use auditor::metrics::Metrics;
 use auditor::record::Record;
 use auditor::session::Session;
-use auditor::settings::Settings;
+use auditor::settings::{Overflow, Settings};
 use mimalloc::MiMalloc;
 
 /// `MiMalloc` (the daemon's allocator), counting every allocation (realloc counts as one, with its
@@ -71,9 +75,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// Flush the output buffer to the file once it holds this much.
-const FLUSH_AT: usize = 1 << 20;
 
 struct Options {
     capture: String,
@@ -182,8 +183,21 @@ fn run_once(
     };
     let mut session = Session::new(table.clone(), settings, "bench-host".into(), 0, 65536);
     let mut records: Vec<Record> = Vec::with_capacity(1024);
-    let mut buf: Vec<u8> = Vec::with_capacity(FLUSH_AT + 64 * 1024);
-    let mut seq = 0u64;
+    let queue = Queue::new(
+        16 << 20,
+        Overflow::Block,
+        LineFormat {
+            format: opts.format,
+            per_server: false,
+        },
+        Origin {
+            hostname: "bench-host".into(),
+            wall_offset_ns: 0,
+        },
+        Arc::new(Metrics::new(Vec::new())),
+    );
+    let stop = AtomicBool::new(false);
+    let mut lines = 0u64;
     let mut bytes_written = 0u64;
     let mut last_ts = 0u64;
     let no_unix = |_: u32, _: u32| None;
@@ -193,20 +207,14 @@ fn run_once(
     let cpu0 = thread_cpu_time();
     let wall0 = Instant::now();
 
-    let mut write_out = |records: &mut Vec<Record>, buf: &mut Vec<u8>| -> std::io::Result<()> {
-        // Formatted by reference, then dropped in place: like the daemon's sink, which formats a
-        // batch taken from the queue; moving each record out first would only add a copy.
-        for rec in records.iter_mut() {
-            seq += 1;
-            rec.seq = seq;
-            write_record(opts.format, rec, buf);
-            if buf.len() > FLUSH_AT {
-                file.write_all(buf)?;
-                bytes_written += buf.len() as u64;
-                buf.clear();
-            }
+    // The sink thread's part, on this thread: write each batch the queue has ready.
+    let mut write_ready = |file: &mut File| -> std::io::Result<()> {
+        while let Some(batch) = queue.take_ready() {
+            file.write_all(&batch.bytes)?;
+            bytes_written += batch.bytes.len() as u64;
+            lines += batch.count as u64;
+            queue.written(batch);
         }
-        records.clear();
         Ok(())
     };
     for bytes in events {
@@ -216,22 +224,22 @@ fn run_once(
             }
             session.handle(ev, &mut records);
         }
-        write_out(&mut records, &mut buf).map_err(|e| e.to_string())?;
+        // Formatted at once, as the daemon's capture thread does.
+        queue.append(&mut records, &stop);
+        write_ready(file).map_err(|e| e.to_string())?;
     }
     // Requests still waiting for a reply at the end of the capture.
     session.flush_all(last_ts, &mut records);
-    write_out(&mut records, &mut buf).map_err(|e| e.to_string())?;
-    file.write_all(&buf).map_err(|e| e.to_string())?;
-    bytes_written += buf.len() as u64;
+    queue.push_all(&mut records, &stop);
+    write_ready(file).map_err(|e| e.to_string())?;
 
     let wall = wall0.elapsed();
     let cpu = thread_cpu_time().saturating_sub(cpu0);
     let allocs = ALLOCS.load(Relaxed) - allocs0;
     let alloc_bytes = ALLOC_BYTES.load(Relaxed) - bytes0;
-    drop(buf);
     drop(session);
     Ok(Run {
-        records: seq,
+        records: lines,
         wall,
         cpu,
         bytes_written,

@@ -1,7 +1,7 @@
 //! Destinations for audit records: file (with rolling and retention), syslog, TCP collector.
 //!
-//! The sink thread formats records (assigning `seq`) and hands each batch of whole lines to a
-//! [`Sink`]. A sink either takes the whole batch or returns an error and takes none of it, so a line
+//! The capture thread formats records (assigning `seq`, see `delivery`); the sink thread hands
+//! each batch of whole lines to a [`Sink`]. A sink either takes the whole batch or returns an error and takes none of it, so a line
 //! is never torn and never written twice; the caller keeps the batch and retries.
 
 use std::fmt;
