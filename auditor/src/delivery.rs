@@ -405,12 +405,6 @@ impl Queue {
         }
     }
 
-    /// True when the queue has no room for more (the capture thread stops reading the ring).
-    pub fn is_full(&self) -> bool {
-        let st = self.lock();
-        st.overflow == Overflow::Block && st.bytes >= st.max_bytes
-    }
-
     /// The oldest batch, waiting up to `wait` for one.
     fn pop(&self, wait: Duration) -> Option<Lines> {
         let mut st = self.lock();

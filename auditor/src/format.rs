@@ -524,6 +524,43 @@ fn is_plain(s: &[u8], mask: u8) -> bool {
         == 0
 }
 
+/// Appends `s`. Most fields are a few bytes long (a port, a user, a key): for up to 16 bytes, two
+/// overlapping loads and stores replace the call to `memcpy`, whose per-call cost made it 13% of
+/// the capture thread at `-P 16 -d 3` (perf).
+#[inline(always)]
+fn push_bytes(out: &mut Vec<u8>, s: &[u8]) {
+    let n = s.len();
+    if n > 16 {
+        out.extend_from_slice(s);
+        return;
+    }
+    out.reserve(16);
+    let len = out.len();
+    let src = s.as_ptr();
+    // SAFETY: `reserve(16)` leaves room for 16 bytes after `len`, and n <= 16; every load reads
+    // inside `s` (offsets below n) and every store writes inside the reserved room; unaligned
+    // accesses are used throughout. The n bytes after `len` are initialised before `set_len`.
+    unsafe {
+        let dst = out.as_mut_ptr().add(len);
+        if n >= 8 {
+            let head = src.cast::<u64>().read_unaligned();
+            let tail = src.add(n - 8).cast::<u64>().read_unaligned();
+            dst.cast::<u64>().write_unaligned(head);
+            dst.add(n - 8).cast::<u64>().write_unaligned(tail);
+        } else if n >= 4 {
+            let head = src.cast::<u32>().read_unaligned();
+            let tail = src.add(n - 4).cast::<u32>().read_unaligned();
+            dst.cast::<u32>().write_unaligned(head);
+            dst.add(n - 4).cast::<u32>().write_unaligned(tail);
+        } else if n > 0 {
+            *dst = *src;
+            *dst.add(n / 2) = *src.add(n / 2);
+            *dst.add(n - 1) = *src.add(n - 1);
+        }
+        out.set_len(len + n);
+    }
+}
+
 /// Text/CSV escaping (see the module doc). A plain string is copied in one go.
 #[inline(always)]
 fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
@@ -531,7 +568,7 @@ fn escape_plain(out: &mut Vec<u8>, s: &[u8], opts: Plain) {
         | if opts.comma { C_COMMA } else { 0 }
         | if opts.double_quote { C_QUOTE } else { 0 };
     if is_plain(s, mask) {
-        out.extend_from_slice(s);
+        push_bytes(out, s);
     } else {
         escape_plain_runs(out, s, opts, mask);
     }
@@ -568,7 +605,7 @@ fn escape_plain_runs(out: &mut Vec<u8>, s: &[u8], opts: Plain, mask: u8) {
 #[inline(always)]
 fn escape_json(out: &mut Vec<u8>, s: &[u8]) {
     if is_plain(s, C_SPECIAL | C_QUOTE) {
-        out.extend_from_slice(s);
+        push_bytes(out, s);
     } else {
         escape_json_runs(out, s);
     }
@@ -1302,6 +1339,20 @@ mod tests {
         write_record(Format::Text, &sample_set(), &mut out);
         assert!(out.starts_with(b"prev\n{"));
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 3);
+    }
+
+    #[test]
+    fn push_bytes_copies_every_length_exactly() {
+        let src: Vec<u8> = (0u8..40).collect();
+        for n in 0..=src.len() {
+            for prefix in [0usize, 1, 7, 15] {
+                let mut out = vec![0xee; prefix];
+                push_bytes(&mut out, &src[..n]);
+                assert_eq!(out.len(), prefix + n);
+                assert!(out[..prefix].iter().all(|&b| b == 0xee), "n={n}");
+                assert_eq!(&out[prefix..], &src[..n], "n={n} prefix={prefix}");
+            }
+        }
     }
 
     #[test]
