@@ -346,9 +346,21 @@ impl Queue {
         }
         rec.seq = f.next_seq;
         f.next_seq += 1;
+        let start = f.open.bytes.len();
         write_record(f.line_format.format, rec, &mut f.open.bytes);
+        // A line longer than its record's estimate (escaped binary can take six times its bytes)
+        // is charged its length, so the queue's bound holds for the formatted lines.
+        let charged = cost.max(f.open.bytes.len() - start);
+        let extra = charged - cost;
+        if extra > 0 {
+            let from_budget = extra.min(f.budget);
+            f.budget -= from_budget;
+            if extra > from_budget {
+                self.lock().bytes += extra - from_budget;
+            }
+        }
         f.open.count += 1;
-        f.open.cost += cost;
+        f.open.cost += charged;
         f.open.pids.push(rec.pid);
         f.open
             .categories
@@ -612,6 +624,16 @@ mod tests {
         (0..n).map(|_| rec(0)).collect()
     }
 
+    /// Room for one test record: its JSON line (with a three-digit `seq`), which is longer than
+    /// its estimate.
+    fn unit() -> usize {
+        let mut r = rec(0);
+        r.seq = 999;
+        let mut line = Vec::new();
+        write_record(Format::Json, &r, &mut line);
+        line.len().max(record_cost(&r))
+    }
+
     fn json() -> LineFormat {
         LineFormat {
             format: Format::Json,
@@ -626,7 +648,7 @@ mod tests {
             wall_offset_ns: 0,
         };
         let q = Queue::new(
-            records * record_cost(&rec(0)),
+            records * unit(),
             overflow,
             line_format,
             origin,
@@ -741,6 +763,25 @@ mod tests {
     }
 
     #[test]
+    fn a_line_longer_than_its_estimate_is_charged_its_length() {
+        let (q, _) = queue(1000, Overflow::Block, json());
+        let stop = AtomicBool::new(false);
+        let mut binary = rec(0);
+        binary.command_args = vec![0x01; 1000];
+        let estimate = record_cost(&binary);
+        q.push_all(&mut vec![binary], &stop);
+        let line = q.formatter().open.bytes.len() + {
+            let st = q.lock();
+            st.batches.iter().map(|b| b.bytes.len()).sum::<usize>()
+        };
+        assert!(line > 5 * 1000, "escaped as \\u0001: {line} bytes");
+        assert!(q.len_bytes() >= line, "{} < {line}", q.len_bytes());
+        assert!(q.len_bytes() > estimate);
+        take_lines(&q);
+        assert_eq!(q.len_bytes(), 0, "charged and released alike");
+    }
+
+    #[test]
     fn forced_records_never_wait() {
         let (q, _) = queue(1, Overflow::Block, json());
         let stop = AtomicBool::new(false);
@@ -774,7 +815,7 @@ mod tests {
         let stop = AtomicBool::new(false);
         q.append(&mut recs(1), &stop);
         q.configure(
-            100 * record_cost(&rec(0)),
+            100 * unit(),
             Overflow::Block,
             LineFormat {
                 format: Format::Csv,
