@@ -8,7 +8,8 @@
 //! made on the other thread took about a third of the capture thread's time and a tenth of the sink
 //! thread's at `-P 16`.)
 //!
-//! The queue is bounded in bytes (`audit.max_queue_size`, counted as [`record_cost`]). Room is
+//! The queue is bounded in bytes (`audit.max_queue_size`: each record counts [`record_cost`], or
+//! its line's length when that is longer). Room is
 //! reserved before a record is formatted, and `seq` is assigned when it is formatted, so `seq` is
 //! gapless over the records written: when the queue is full, `audit.overflow block` makes the
 //! producer wait (the capture thread then stops reading the ring buffer, the kernel drops and
@@ -32,7 +33,8 @@ use crate::record::{Category, Outcome, Record};
 use crate::settings::Overflow;
 use crate::sink::Sink;
 
-/// Rough bytes a record takes in the queue (its variable parts plus a fixed overhead).
+/// Rough bytes a record takes in the queue (its variable parts plus a fixed overhead), known
+/// before it is formatted.
 pub fn record_cost(r: &Record) -> usize {
     200 + r.command.len()
         + r.command_args.len()
