@@ -117,6 +117,9 @@ const SEAL_BYTES: usize = 256 << 10;
 /// Room the formatting stage reserves at a time: one queue lock per ~1000 small records.
 const RESERVE_BYTES: usize = 256 << 10;
 
+/// How far the auditor's own records may go beyond the queue's bound.
+const FORCED_SLACK: usize = 1 << 20;
+
 /// Spare batches kept for the producers, and the largest buffer kept (bounds their memory).
 const SPARE_BATCHES: usize = 4;
 const SPARE_MAX_BYTES: usize = 2 * SEAL_BYTES;
@@ -288,15 +291,24 @@ impl Queue {
         self.flush();
     }
 
-    /// The auditor's own records (CONFIG changes on the control port, start and stop): never wait
-    /// and never dropped, even beyond the bound (they are few and small), so the control port
-    /// answers while the sink is stuck.
+    /// The auditor's own records (CONFIG changes on the control port, start and stop, sink
+    /// losses): they never wait, so the control port answers while the sink is stuck, and they may
+    /// go [`FORCED_SLACK`] beyond the bound; past that (a CONFIG SET loop against a full disk) they
+    /// are dropped and counted like any other record, so memory stays bounded.
     pub fn push_forced(&self, records: &mut Vec<Record>) {
         let mut f = self.formatter();
         for rec in records.drain(..) {
             let mut rec = rec;
             let cost = record_cost(&rec);
-            self.lock().bytes += cost;
+            {
+                let mut st = self.lock();
+                if st.bytes + cost > st.max_bytes + FORCED_SLACK && !st.batches.is_empty() {
+                    drop(st);
+                    self.count_drop(&mut f);
+                    continue;
+                }
+                st.bytes += cost;
+            }
             self.format_into(&mut f, &mut rec, cost);
         }
         self.seal(&mut f);
@@ -781,6 +793,23 @@ mod tests {
         assert!(q.len_bytes() > estimate);
         take_lines(&q);
         assert_eq!(q.len_bytes(), 0, "charged and released alike");
+    }
+
+    #[test]
+    fn forced_records_stay_within_a_slack_beyond_the_bound() {
+        let (q, metrics) = queue(1, Overflow::Block, json());
+        let stop = AtomicBool::new(false);
+        q.push_all(&mut recs(1), &stop);
+        let n = 2 * FORCED_SLACK / record_cost(&rec(0));
+        for _ in 0..n {
+            q.push_forced(&mut recs(1));
+        }
+        assert!(q.len_bytes() <= unit() + FORCED_SLACK + 2 * unit());
+        let dropped = metrics.lost_queue.load(Ordering::Relaxed);
+        assert!(dropped > 0 && dropped < n as u64, "{dropped} of {n}");
+        let lines = take_lines(&q);
+        assert_eq!(lines.len() as u64 + dropped, n as u64 + 1);
+        assert_eq!(seqs(&lines), (1..=lines.len() as u64).collect::<Vec<_>>());
     }
 
     #[test]
