@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::format::{Format, write_record};
 use crate::metrics::Metrics;
 use crate::record::{Category, Outcome, Record};
-use crate::settings::Overflow;
+use crate::settings::{Overflow, monotonic_ns};
 use crate::sink::Sink;
 
 /// Rough bytes a record takes in the queue (its variable parts plus a fixed overhead), known
@@ -91,13 +91,7 @@ pub struct Origin {
 
 impl Origin {
     fn now_us(&self) -> i64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        (ts.tv_sec * 1_000_000_000 + ts.tv_nsec + self.wall_offset_ns) / 1000
+        (monotonic_ns() as i64 + self.wall_offset_ns) / 1000
     }
 
     fn loss_record(&self, cause: &str, count: u64, bytes: u64) -> Record {
@@ -431,8 +425,10 @@ impl Queue {
         }
     }
 
-    /// The oldest batch, waiting up to `wait` for one.
-    fn pop(&self, wait: Duration) -> Option<Lines> {
+    /// The oldest batch, waiting up to `wait` for one (a zero `wait` does not wait: a
+    /// single-threaded pipeline, `pipeline-bench`, takes batches so). Give it back with
+    /// [`Queue::recycle`] once written.
+    pub fn pop(&self, wait: Duration) -> Option<Lines> {
         let mut st = self.lock();
         // (A zero timeout still sleeps for the timer slack, ~50 µs.)
         if st.batches.is_empty() && !st.closed && !wait.is_zero() {
@@ -455,7 +451,7 @@ impl Queue {
 
     /// Give a written batch's buffers back to the producers, unless enough are kept or they are
     /// oversized.
-    fn recycle(&self, mut batch: Lines) {
+    pub fn recycle(&self, mut batch: Lines) {
         if batch.bytes.capacity() > SPARE_MAX_BYTES || batch.categories.capacity() > 2 * SEAL_LINES
         {
             return;
@@ -502,17 +498,6 @@ impl Queue {
     pub fn fill(&self) -> (usize, usize) {
         let st = self.lock();
         (st.bytes, st.max_bytes)
-    }
-
-    /// Take the next batch without waiting, for a single-threaded pipeline (`pipeline-bench`): the
-    /// caller writes it and gives it back with [`Queue::written`].
-    pub fn take_ready(&self) -> Option<Lines> {
-        self.pop(Duration::ZERO)
-    }
-
-    /// A batch taken with [`Queue::take_ready`] was written.
-    pub fn written(&self, batch: Lines) {
-        self.recycle(batch);
     }
 }
 

@@ -219,11 +219,11 @@ fn run_once(
 
     // The sink thread's part, on this thread: write each batch the queue has ready.
     let mut write_ready = |file: &mut FileSink| -> Result<(), auditor::sink::SinkError> {
-        while let Some(batch) = queue.take_ready() {
+        while let Some(batch) = queue.pop(Duration::ZERO) {
             file.write_batch(&batch.bytes, batch.count)?;
             bytes_written += batch.bytes.len() as u64;
             lines += batch.count as u64;
-            queue.written(batch);
+            queue.recycle(batch);
         }
         Ok(())
     };

@@ -780,12 +780,13 @@ fn open_live(
         _ => now,
     };
     let file = Arc::new(file);
+    let regular = meta.file_type().is_file();
     Ok(LiveFile {
-        behind: DropBehind::new(meta.file_type().is_file().then(|| file.clone()), meta.len()),
+        behind: DropBehind::new(regular.then(|| file.clone()), meta.len()),
         file,
         dev: meta.dev(),
         ino: meta.ino(),
-        regular: meta.file_type().is_file(),
+        regular,
         content_since,
     })
 }
