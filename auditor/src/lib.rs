@@ -27,3 +27,5 @@ pub mod settings;
 pub mod sink;
 pub mod sinkset;
 pub mod targets;
+#[cfg(test)]
+mod test_support;

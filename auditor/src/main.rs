@@ -117,6 +117,11 @@ struct Cli {
     /// Accept a process whose name is not valkey-server (or redis-server).
     #[arg(long)]
     any_process: bool,
+    /// Benchmarking only (`cargo xtask bench --capture-only`): attach and drain the ring buffer
+    /// but process nothing and write no records, so the kernel side's cost can be measured apart
+    /// from the pipeline's. Never audits anything.
+    #[arg(long, hide = true)]
+    bench_capture_only: bool,
     /// Settings in the Valkey Audit Module's syntax: `audit.format json audit.protocol "file /x.log"`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     settings: Vec<String>,
@@ -210,7 +215,13 @@ fn run() -> Result<()> {
     let (mut capture, stream) = Capture::load(&CaptureConfig {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
-        wakeup_bytes: 64 * 1024,
+        // `--bench-capture-only` drains without reading: woken at every 64 KiB it would spend
+        // its time (and the server's, in wake-ups) on epoll round trips at high data rates.
+        wakeup_bytes: if cli.bench_capture_only {
+            u64::from(cli.ring_bytes) / 4
+        } else {
+            64 * 1024
+        },
     })?;
     for name in spec.watched_comms() {
         capture.watch_comm(&name)?;
@@ -384,6 +395,7 @@ fn run() -> Result<()> {
                     metrics,
                     stop,
                     dump,
+                    capture_only: cli.bench_capture_only,
                 }
                 .run(initial)
             })?
@@ -650,6 +662,8 @@ struct CaptureLoop {
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     dump: Option<std::io::BufWriter<std::fs::File>>,
+    /// `--bench-capture-only`: ring records are consumed unread.
+    capture_only: bool,
 }
 
 /// Give the session the settings history when it changed (each command is then judged by the
@@ -756,6 +770,11 @@ impl CaptureLoop {
             && let Some(item) = self.stream.ring.next()
         {
             // A CONFIG SET applies from the very next command: one atomic load per event.
+            if self.capture_only {
+                bytes += item.len() as u64;
+                drained += 1;
+                continue;
+            }
             refresh_timeline(&self.shared, &mut self.session, seen_version);
             if let Some(dump) = &mut self.dump {
                 use std::io::Write as _;
@@ -779,7 +798,12 @@ impl CaptureLoop {
                     } => Some(tgid),
                     _ => None,
                 };
-                self.session.handle(ev, records);
+                // What the registry wrote first (descriptions, closes), then the event's records,
+                // formatted at once while they are in this core's cache; the batch goes to the
+                // sink when full, or at the end of the pass.
+                self.queue.append(records, &self.stop);
+                self.session
+                    .handle(ev, &mut self.queue.appender(&self.stop));
                 if let Some(tgid) = exited {
                     self.registry
                         .unregister(tgid, &mut self.capture, &self.metrics);
@@ -787,9 +811,6 @@ impl CaptureLoop {
             }
             bytes += item.len() as u64;
             drop(item);
-            // Formatted at once, while the records are in this core's cache; the batch goes to
-            // the sink when full, or at the end of the pass.
-            self.queue.append(records, &self.stop);
             drained += 1;
         }
         self.queue.flush();

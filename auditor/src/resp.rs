@@ -1844,6 +1844,7 @@ impl ReplyParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::Rng;
 
     const KEEP: usize = 256;
 
@@ -1907,26 +1908,6 @@ mod tests {
                 RequestEvent::Request(_) => None,
             })
             .collect()
-    }
-
-    /// Deterministic xorshift64* generator, so the fuzz tests need no external crate.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            if n == 0 { 0 } else { self.next() % n }
-        }
-
-        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-            &items[self.below(items.len() as u64) as usize]
-        }
     }
 
     /// Splits `data` at random points (pieces of 0 to `max_piece` bytes).

@@ -15,6 +15,9 @@ pub struct Options {
     pub seconds: f64,
     pub pipelines: Vec<u32>,
     pub data_sizes: Vec<u32>,
+    /// Also run a third variant per round: the auditor attached with `--bench-capture-only` (the
+    /// kernel side and the ring's draining, no pipeline), to split the cost in two.
+    pub capture_only: bool,
     pub root: PathBuf,
 }
 
@@ -180,6 +183,7 @@ fn run_with_auditor(
     valkey_pid: u32,
     dir: &Path,
     dump: Option<&Path>,
+    capture_only: bool,
     work: impl FnOnce() -> Result<BTreeMap<String, Sample>>,
 ) -> Result<(BTreeMap<String, Sample>, AuditorRun)> {
     let log = dir.join("audit.log");
@@ -193,6 +197,9 @@ fn run_with_auditor(
     ]);
     if let Some(d) = dump {
         cmd.arg("--dump-events").arg(d);
+    }
+    if capture_only {
+        cmd.arg("--bench-capture-only");
     }
     cmd.arg("audit.protocol")
         .arg(format!("file {}", log.display()))
@@ -295,6 +302,7 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let mut failures = Vec::new();
     let mut rows = Vec::new();
+    let mut kernel_rows = Vec::new();
     let capture = dir.join("capture.bin");
     for &p in &opts.pipelines {
         for &d in &opts.data_sizes {
@@ -309,15 +317,19 @@ pub fn run(opts: &Options) -> Result<()> {
             let mut a: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
             let mut b: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
             let mut runs = Vec::new();
+            // `--capture-only`: the third variant's samples and auditor CPU seconds.
+            let mut c: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+            let mut c_cpu = Vec::new();
             for round in 0..opts.rounds {
                 for (k, v) in redis_benchmark("set,get", n, p, d)? {
                     a.entry(k).or_default().push(v);
                 }
                 let dump = (round == 0 && p == 16 && d == 3).then_some(capture.as_path());
                 let before = server_set_get_calls()?;
-                let (samples, mut run) = run_with_auditor(opts, valkey_pid, &dir, dump, || {
-                    redis_benchmark("set,get", n, p, d)
-                })?;
+                let (samples, mut run) =
+                    run_with_auditor(opts, valkey_pid, &dir, dump, false, || {
+                        redis_benchmark("set,get", n, p, d)
+                    })?;
                 run.expected = server_set_get_calls()? - before;
                 if run.records != run.expected || run.losses != 0 {
                     failures.push(format!(
@@ -329,6 +341,16 @@ pub fn run(opts: &Options) -> Result<()> {
                     b.entry(k).or_default().push(v);
                 }
                 runs.push(run);
+                if opts.capture_only {
+                    let (samples, run) =
+                        run_with_auditor(opts, valkey_pid, &dir, None, true, || {
+                            redis_benchmark("set,get", n, p, d)
+                        })?;
+                    for (k, v) in samples {
+                        c.entry(k).or_default().push(v);
+                    }
+                    c_cpu.push(run.cpu_s);
+                }
             }
             for test in ["SET", "GET"] {
                 let (Some(sa), Some(sb)) = (a.get(test), b.get(test)) else {
@@ -348,6 +370,18 @@ pub fn run(opts: &Options) -> Result<()> {
                     runs.iter().map(|r| r.records).sum::<u64>(),
                     runs.iter().map(|r| r.expected).sum::<u64>(),
                 ));
+                if let Some(sc) = c.get(test) {
+                    let rc = median(sc.iter().map(|s| s.rps).collect());
+                    kernel_rows.push(format!(
+                        "| {test} | {p} | {d} | {ra:.0} | {rc:.0} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:.1} |",
+                        rc / ra,
+                        median(sa.iter().map(|s| s.p50_ms).collect()),
+                        median(sa.iter().map(|s| s.p99_ms).collect()),
+                        median(sc.iter().map(|s| s.p50_ms).collect()),
+                        median(sc.iter().map(|s| s.p99_ms).collect()),
+                        median(c_cpu.clone()),
+                    ));
+                }
             }
             println!("done: P{p} d{d} ({n} requests per test)");
         }
@@ -361,6 +395,19 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{r}");
+    }
+    if !kernel_rows.is_empty() {
+        println!();
+        println!(
+            "## kernel side alone (`--capture-only`: programs attached, ring drained, no pipeline)"
+        );
+        println!(
+            "| test | -P | -d | ops/s without | ops/s capture only | ratio | p50/p99 ms without | p50/p99 ms capture only | auditor CPU s (per run) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for r in &kernel_rows {
+            println!("{r}");
+        }
     }
     if capture.exists() {
         println!();

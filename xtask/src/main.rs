@@ -33,6 +33,10 @@ enum Task {
         /// Only these value sizes (default 3 and 1024).
         #[arg(long, value_delimiter = ',')]
         data_size: Option<Vec<u32>>,
+        /// Also run each round with the auditor attached but processing nothing (ring drained
+        /// unread): the kernel side's share of the cost, printed as a second table.
+        #[arg(long)]
+        capture_only: bool,
     },
 }
 
@@ -97,11 +101,13 @@ fn main() -> anyhow::Result<()> {
             seconds,
             pipeline,
             data_size,
+            capture_only,
         } => bench::run(&bench::Options {
             rounds,
             seconds,
             pipelines: pipeline.unwrap_or_else(|| vec![1, 16]),
             data_sizes: data_size.unwrap_or_else(|| vec![3, 1024]),
+            capture_only,
             root: workspace_root(),
         }),
     }

@@ -232,10 +232,9 @@ fn run_once(
             if let auditor::session::CaptureEvent::Data { ts_ns, .. } = &ev {
                 last_ts = *ts_ns;
             }
-            session.handle(ev, &mut records);
+            // Formatted at once, as the daemon's capture thread does.
+            session.handle(ev, &mut queue.appender(&stop));
         }
-        // Formatted at once, as the daemon's capture thread does.
-        queue.append(&mut records, &stop);
         write_ready(file).map_err(|e| e.to_string())?;
     }
     // Requests still waiting for a reply at the end of the capture.

@@ -1,0 +1,2322 @@
+//! Unit tests of the session core: capture events in, records out.
+//!
+//! Each test drives one (or a few) connections through [`Wire`], which plays the kernel's part:
+//! it stamps every event with the next tick of a fake monotonic clock and with the stream position
+//! of its first byte in that direction, so a test reads like "the client sends these bytes, the
+//! server answers these bytes", and then asserts on the records a user would see.
+
+use super::*;
+
+use crate::test_support::Rng;
+
+use std::net::Ipv6Addr;
+use std::sync::{Arc, OnceLock};
+
+use crate::commands::CommandTable;
+use crate::format::{Format, write_record};
+use crate::record::{Category, Outcome, Record, ServerInfo};
+use crate::settings::Settings;
+
+const TGID: u32 = 4242;
+const FD: u32 = 7;
+/// Each event happens this long after the previous one (10 µs), unless a test waits longer.
+const STEP_NS: u64 = 10_000;
+const CLIENT_IP: &str = "10.0.0.7";
+const CLIENT_PORT: u16 = 50123;
+
+fn table() -> CommandTable {
+    static TABLE: OnceLock<CommandTable> = OnceLock::new();
+    TABLE
+        .get_or_init(|| CommandTable::builtin().expect("the embedded command table parses"))
+        .clone()
+}
+
+/// A command as a RESP multibulk request.
+fn resp(args: &[&[u8]]) -> Vec<u8> {
+    crate::serverquery::encode(args)
+}
+
+fn cmd(words: &[&str]) -> Vec<u8> {
+    let args: Vec<&[u8]> = words.iter().map(|w| w.as_bytes()).collect();
+    resp(&args)
+}
+
+/// Several commands back to back (a pipeline).
+fn pipeline(cmds: &[&[&str]]) -> Vec<u8> {
+    cmds.iter().flat_map(|c| cmd(c)).collect()
+}
+
+fn s(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn keys_of(r: &Record) -> Vec<String> {
+    r.keys.iter().map(s).collect()
+}
+
+fn names(recs: &[Record]) -> Vec<String> {
+    recs.iter().map(|r| s(&r.command)).collect()
+}
+
+fn settings(args: &[&str]) -> Settings {
+    let mut st = Settings::default();
+    let words: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    st.apply_args(&words).expect("valid settings");
+    st
+}
+
+/// Microseconds between two kernel timestamps, as the record's `duration_us` counts them.
+fn us(from: u64, to: u64) -> u64 {
+    (to - from) / 1000
+}
+
+/// One audited connection (or more, through `fd`), with the kernel's bookkeeping.
+struct Wire {
+    session: Session,
+    fd: u32,
+    /// Stream position of the next byte, per direction.
+    in_pos: u64,
+    out_pos: u64,
+    now: u64,
+    out: Vec<Record>,
+}
+
+impl Wire {
+    /// A session with no connection yet.
+    fn detached(st: Settings) -> Wire {
+        Wire {
+            session: Session::new(table(), st, "host".into(), 0, 65536),
+            fd: FD,
+            in_pos: 0,
+            out_pos: 0,
+            now: 1_000_000_000,
+            out: Vec::new(),
+        }
+    }
+
+    /// An accepted connection; its connection record is still in `out`.
+    fn open(st: Settings) -> Wire {
+        let mut w = Wire::detached(st);
+        w.accept(Peer::from_v4([10, 0, 0, 7], CLIENT_PORT));
+        w
+    }
+
+    /// An accepted connection with default settings, its connection record already taken.
+    fn new() -> Wire {
+        Wire::with(Settings::default())
+    }
+
+    fn with(st: Settings) -> Wire {
+        let mut w = Wire::open(st);
+        w.out.clear();
+        w
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.now += STEP_NS;
+        self.now
+    }
+
+    /// Let time pass without events.
+    fn wait_us(&mut self, us: u64) {
+        self.now += us * 1000;
+    }
+
+    fn accept(&mut self, peer: Peer) -> u64 {
+        let ts = self.tick();
+        self.in_pos = 0;
+        self.out_pos = 0;
+        self.session.handle(
+            CaptureEvent::Accept {
+                tgid: TGID,
+                fd: self.fd,
+                listen_fd: 3,
+                ts_ns: ts,
+                peer,
+            },
+            &mut self.out,
+        );
+        ts
+    }
+
+    fn data(
+        &mut self,
+        inbound: bool,
+        stream_pos: u64,
+        total_len: u32,
+        chunk_off: u32,
+        captured_len: u32,
+        bytes: &[u8],
+    ) -> u64 {
+        let ts = self.tick();
+        self.session.handle(
+            CaptureEvent::Data {
+                tgid: TGID,
+                fd: self.fd,
+                ts_ns: ts,
+                inbound,
+                stream_pos,
+                total_len,
+                chunk_off,
+                captured_len,
+                bytes,
+            },
+            &mut self.out,
+        );
+        ts
+    }
+
+    /// One read() of the server that captured all its bytes.
+    fn client(&mut self, bytes: &[u8]) -> u64 {
+        let pos = self.in_pos;
+        self.in_pos += bytes.len() as u64;
+        let n = bytes.len() as u32;
+        self.data(true, pos, n, 0, n, bytes)
+    }
+
+    /// One write() of the server that captured all its bytes.
+    fn server(&mut self, bytes: &[u8]) -> u64 {
+        let pos = self.out_pos;
+        self.out_pos += bytes.len() as u64;
+        let n = bytes.len() as u32;
+        self.data(false, pos, n, 0, n, bytes)
+    }
+
+    /// `n` client bytes that were never captured (the next event's position jumps).
+    fn client_gap(&mut self, n: u64) {
+        self.in_pos += n;
+    }
+
+    fn server_gap(&mut self, n: u64) {
+        self.out_pos += n;
+    }
+
+    fn close(&mut self) -> u64 {
+        let ts = self.tick();
+        self.session.handle(
+            CaptureEvent::Close {
+                tgid: TGID,
+                fd: self.fd,
+                ts_ns: ts,
+            },
+            &mut self.out,
+        );
+        ts
+    }
+
+    fn take(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Exactly one record came out since the last take: that one.
+    fn one(&mut self) -> Record {
+        let mut recs = self.take();
+        assert_eq!(recs.len(), 1, "expected one record, got {:?}", names(&recs));
+        recs.remove(0)
+    }
+
+    /// Send a command, answer it, and return its record.
+    fn roundtrip(&mut self, words: &[&str], reply: &[u8]) -> Record {
+        self.client(&cmd(words));
+        self.server(reply);
+        self.one()
+    }
+
+    fn stats(&self) -> &SessionStats {
+        &self.session.stats
+    }
+}
+
+/// The fields a client command's record is judged by, in one comparable value.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    command: String,
+    category: Category,
+    args: String,
+    result: Outcome,
+    error: String,
+    username: String,
+    keys: Vec<String>,
+    keys_modified: u64,
+}
+
+fn seen(r: &Record) -> Seen {
+    Seen {
+        command: s(&r.command),
+        category: r.category.clone(),
+        args: s(&r.command_args),
+        result: r.result,
+        error: s(&r.error),
+        username: s(&r.username),
+        keys: keys_of(r),
+        keys_modified: r.keys_modified,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expect(
+    command: &str,
+    category: Category,
+    args: &str,
+    result: Outcome,
+    error: &str,
+    username: &str,
+    keys: &[&str],
+    keys_modified: u64,
+) -> Seen {
+    Seen {
+        command: command.into(),
+        category,
+        args: args.into(),
+        result,
+        error: error.into(),
+        username: username.into(),
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        keys_modified,
+    }
+}
+
+fn assert_client_fields(r: &Record, client_id: u64) {
+    assert_eq!(&*r.client_ip, CLIENT_IP);
+    assert_eq!(r.client_port, CLIENT_PORT);
+    assert_eq!(r.client_id, client_id);
+    assert_eq!(r.pid, TGID);
+    assert_eq!(r.server.hostname, "host");
+}
+
+fn loss_records(recs: &[Record]) -> Vec<String> {
+    recs.iter()
+        .filter(|r| r.category == Category::AuditLoss)
+        .map(|r| s(&r.command_args))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. Connection lifecycle and one command
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn accept_set_reply_close() {
+    let mut w = Wire::open(Settings::default());
+    let accept_ts = w.now;
+    let c = w.one();
+    assert_eq!(c.category, Category::Connection);
+    assert_eq!(s(&c.command), "connection");
+    assert_eq!(s(&c.command_args), "type=normal");
+    assert_eq!(c.result, Outcome::Success);
+    assert_eq!(s(&c.username), "default");
+    assert!(c.error.is_empty());
+    assert!(c.keys.is_empty());
+    assert_eq!(c.time_unix_us, (accept_ts / 1000) as i64);
+    assert_client_fields(&c, 1);
+
+    let done = w.client(&cmd(&["SET", "k", "v"]));
+    assert!(w.take().is_empty(), "no record before the reply");
+    w.wait_us(250);
+    let reply = w.server(b"+OK\r\n");
+    let r = w.one();
+    assert_eq!(
+        seen(&r),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=k payload=v",
+            Outcome::Success,
+            "",
+            "default",
+            &["k"],
+            1
+        )
+    );
+    assert_eq!(r.duration_us, us(done, reply));
+    assert_eq!(r.duration_us, 260);
+    assert_eq!(r.time_unix_us, (reply / 1000) as i64);
+    assert_client_fields(&r, 1);
+
+    let close_ts = w.close();
+    let d = w.one();
+    assert_eq!(d.category, Category::Connection);
+    assert_eq!(s(&d.command), "disconnection");
+    assert_eq!(s(&d.command_args), "type=normal");
+    assert_eq!(d.result, Outcome::Success);
+    assert_eq!(s(&d.username), "default");
+    assert_eq!(d.time_unix_us, (close_ts / 1000) as i64);
+    assert_client_fields(&d, 1);
+
+    assert_eq!(w.session.connection_count(), 0);
+    let st = w.stats();
+    assert_eq!(
+        (
+            st.connections_seen,
+            st.requests,
+            st.replies_unmatched,
+            st.request_resyncs,
+            st.reply_resyncs,
+            st.bytes_skipped,
+            st.filtered
+        ),
+        (1, 1, 0, 0, 0, 0, 0)
+    );
+}
+
+#[test]
+fn reply_time_is_its_first_byte_and_duration_starts_at_the_last_request_byte() {
+    let mut w = Wire::new();
+    let req = cmd(&["GET", "k"]);
+    w.client(&req[..5]);
+    w.wait_us(1000);
+    let done = w.client(&req[5..]);
+    w.wait_us(40);
+    let start = w.server(b"$5\r\nhel");
+    assert!(w.take().is_empty(), "the reply is not complete yet");
+    w.wait_us(3000);
+    w.server(b"lo\r\n");
+    let r = w.one();
+    assert_eq!(r.result, Outcome::Success);
+    assert_eq!(r.duration_us, us(done, start));
+    assert_eq!(r.duration_us, 50);
+    assert_eq!(r.time_unix_us, (start / 1000) as i64);
+}
+
+#[test]
+fn peers_and_client_ids() {
+    let mut w = Wire::detached(Settings::default());
+    // An IPv4 client of a dual-stack listener shows as IPv4.
+    let mut v6 = [0u8; 16];
+    v6[10] = 0xff;
+    v6[11] = 0xff;
+    v6[12..].copy_from_slice(&[192, 168, 1, 20]);
+    w.accept(Peer::from_v6(v6, 6000));
+    w.fd = FD + 1;
+    w.accept(Peer::from_v6(
+        "2001:db8::5".parse::<Ipv6Addr>().unwrap().octets(),
+        6001,
+    ));
+    w.fd = FD + 2;
+    w.accept(Peer::unix(""));
+    let recs = w.take();
+    let got: Vec<(String, u16, u64)> = recs
+        .iter()
+        .map(|r| (r.client_ip.to_string(), r.client_port, r.client_id))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("192.168.1.20".to_string(), 6000, 1),
+            ("2001:db8::5".to_string(), 6001, 2),
+            ("unix".to_string(), 0, 3),
+        ]
+    );
+    assert_eq!(w.session.connection_count(), 3);
+    assert_eq!(w.stats().connections_seen, 3);
+}
+
+#[test]
+fn server_info_is_carried_by_the_records() {
+    let mut w = Wire::new();
+    let info = Arc::new(ServerInfo {
+        hostname: "host".into(),
+        pid: TGID,
+        port: 6379,
+        ..ServerInfo::default()
+    });
+    w.session.set_server(TGID, info.clone());
+    let r = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(r.server, info);
+    w.close();
+    assert_eq!(w.one().server, info);
+}
+
+#[test]
+fn data_of_an_unknown_connection_is_ignored() {
+    let mut w = Wire::detached(Settings::default());
+    w.client(&cmd(&["SET", "k", "v"]));
+    w.server(b"+OK\r\n");
+    w.close();
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().requests, 0);
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn fd_reused_without_a_close_finishes_the_old_connection_first() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["GET", "a"]));
+    let ts = w.accept(Peer::from_v4([10, 0, 0, 8], 7000));
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "disconnection", "connection"]);
+    assert_eq!(recs[0].result, Outcome::Unknown);
+    assert_eq!(s(&recs[0].error), "connection closed before reply");
+    assert_eq!(recs[0].time_unix_us, (ts / 1000) as i64);
+    assert_eq!(recs[1].client_id, 1);
+    assert_eq!(recs[2].client_id, 2);
+    assert_eq!(&*recs[2].client_ip, "10.0.0.8");
+    // The new connection starts its streams afresh.
+    let r = w.roundtrip(&["GET", "b"], b"$-1\r\n");
+    assert_eq!(
+        (s(&r.command), r.result, r.client_id),
+        ("get".into(), Outcome::Success, 2)
+    );
+}
+
+#[test]
+fn ignored_peer_is_never_audited() {
+    let mut w = Wire::detached(Settings::default());
+    let me = Peer::from_v4([127, 0, 0, 1], 40000);
+    w.session.ignore_peer(me.clone());
+    assert!(w.session.is_ignored(&me));
+    w.accept(me);
+    w.client(&cmd(&["CLIENT", "LIST"]));
+    w.server(b"$3\r\nabc\r\n");
+    w.close();
+    assert!(w.take().is_empty());
+    assert_eq!(w.session.connection_count(), 0);
+    assert_eq!(w.stats().connections_seen, 0);
+}
+
+#[test]
+fn connection_open_before_attach() {
+    let mut w = Wire::detached(Settings::default());
+    let mut out: Vec<Record> = Vec::new();
+    w.session.add_existing(
+        TGID,
+        FD,
+        Peer::from_v4([10, 0, 0, 7], CLIENT_PORT),
+        None,
+        w.now,
+        &mut out,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(s(&out[0].command), "connection");
+    assert_eq!(s(&out[0].command_args), "type=normal attached=existing");
+    assert_eq!(s(&out[0].username), "unknown");
+    // We attach mid-stream (the kernel counts positions from when it first saw the socket): a
+    // reply to a request sent before is passed over, not counted.
+    w.server(b"+OK\r\n");
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().replies_unmatched, 0);
+    let r = w.roundtrip(&["GET", "k"], b"$1\r\nv\r\n");
+    assert_eq!(
+        seen(&r),
+        expect(
+            "get",
+            Category::KeyOp,
+            "key=k",
+            Outcome::Success,
+            "",
+            "unknown",
+            &["k"],
+            0
+        )
+    );
+    w.roundtrip(&["AUTH", "alice", "pw"], b"+OK\r\n");
+    assert_eq!(s(&w.roundtrip(&["PING"], b"+PONG\r\n").username), "alice");
+}
+
+#[test]
+fn process_exit_closes_its_connections() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["GET", "a"]));
+    let ts = w.tick();
+    w.session.handle(
+        CaptureEvent::Process {
+            kind: ProcessEvent::Exit,
+            tgid: TGID,
+            child: 0,
+            ts_ns: ts,
+            comm: [0; 16],
+        },
+        &mut w.out,
+    );
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "disconnection"]);
+    assert_eq!(recs[0].result, Outcome::Unknown);
+    assert_eq!(s(&recs[0].error), "connection closed before reply");
+    assert_eq!(w.session.connection_count(), 0);
+}
+
+#[test]
+fn kernel_loss_is_an_audit_loss_record() {
+    let mut w = Wire::new();
+    let mut out: Vec<Record> = Vec::new();
+    w.session.kernel_loss(3, 300, w.now, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].category, Category::AuditLoss);
+    assert_eq!(s(&out[0].command), "loss");
+    assert_eq!(
+        s(&out[0].command_args),
+        "cause=ring_buffer_full count=3 bytes=300"
+    );
+    assert_eq!(out[0].result, Outcome::Failure);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. Pipelining
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn pipelined_requests_are_matched_to_their_own_replies() {
+    let mut w = Wire::new();
+    let done = w.client(&pipeline(&[
+        &["SET", "a", "x"],
+        &["GET", "missing"],
+        &["INCR", "a"],
+    ]));
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().requests, 3);
+    // The replies come in two writes cut mid-line, then the rest of the error line.
+    let t1 = w.server(b"+OK\r\n$-");
+    let r = w.take();
+    assert_eq!(names(&r), ["set"]);
+    let t2 = w.server(b"1\r\n-ERR value is not an int");
+    let g = w.take();
+    assert_eq!(names(&g), ["get"]);
+    w.server(b"eger or out of range\r\n");
+    let i = w.take();
+    assert_eq!(names(&i), ["incr"]);
+
+    assert_eq!(
+        seen(&r[0]),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=a payload=x",
+            Outcome::Success,
+            "",
+            "default",
+            &["a"],
+            1
+        )
+    );
+    assert_eq!(r[0].duration_us, us(done, t1));
+    assert_eq!(
+        seen(&g[0]),
+        expect(
+            "get",
+            Category::KeyOp,
+            "key=missing",
+            Outcome::Success,
+            "",
+            "default",
+            &["missing"],
+            0
+        )
+    );
+    // The null reply began in the first write.
+    assert_eq!(g[0].time_unix_us, (t1 / 1000) as i64);
+    assert_eq!(
+        seen(&i[0]),
+        expect(
+            "incr",
+            Category::KeyOp,
+            "key=a",
+            Outcome::Failure,
+            "ERR value is not an integer or out of range",
+            "default",
+            &["a"],
+            0
+        )
+    );
+    assert_eq!(i[0].time_unix_us, (t2 / 1000) as i64);
+    assert_eq!(i[0].duration_us, us(done, t2));
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn error_texts() {
+    let mut w = Wire::new();
+    let r = w.roundtrip(
+        &["NOSUCHCMD", "x"],
+        b"-ERR unknown command 'NOSUCHCMD', with args beginning with: 'x' \r\n",
+    );
+    assert_eq!(
+        seen(&r),
+        expect(
+            "NOSUCHCMD",
+            Category::Other,
+            "arg1=x",
+            Outcome::Failure,
+            "rejected=unknown command 'NOSUCHCMD', with args beginning with: 'x' ",
+            "default",
+            &[],
+            0
+        )
+    );
+    let r = w.roundtrip(
+        &["LPUSH", "k", "v"],
+        b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+    );
+    assert_eq!(r.result, Outcome::Failure);
+    assert_eq!(r.category, Category::KeyOp);
+    assert_eq!(
+        s(&r.error),
+        "WRONGTYPE Operation against a key holding the wrong kind of value"
+    );
+    assert_eq!(r.keys_modified, 0);
+    let r = w.roundtrip(
+        &["SET", "k", "v"],
+        b"-NOPERM User alice has no permissions to run the 'set' command\r\n",
+    );
+    assert_eq!(r.category, Category::Auth, "ACL denials are AUTH records");
+    assert_eq!(s(&r.error), "acl_deny_reason=command");
+    let r = w.roundtrip(&["GET", "k"], b"-NOPERM No permissions to access a key\r\n");
+    assert_eq!(s(&r.error), "acl_deny_reason=key");
+    let r = w.roundtrip(&["SET", "k", "v"], b"-NOAUTH Authentication required.\r\n");
+    assert_eq!(s(&r.error), "rejected=NOAUTH Authentication required.");
+    // RESP3 bulk errors count as errors too.
+    let r = w.roundtrip(&["GET", "k"], b"!9\r\nERR bulky\r\n");
+    assert_eq!(
+        (r.result, s(&r.error)),
+        (Outcome::Failure, "ERR bulky".into())
+    );
+}
+
+#[test]
+fn reply_without_request_is_counted() {
+    let mut w = Wire::new();
+    w.server(b"+OK\r\n");
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().replies_unmatched, 1);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. Requests split anywhere
+// ------------------------------------------------------------------------------------------------
+
+fn set_record_after(pieces: &[&[u8]]) -> (Record, u64, u64) {
+    let mut w = Wire::new();
+    let mut done = 0;
+    for p in pieces {
+        done = w.client(p);
+    }
+    assert!(w.take().is_empty(), "no record before the reply");
+    let reply = w.server(b"+OK\r\n");
+    (w.one(), done, reply)
+}
+
+#[test]
+fn a_request_split_anywhere_gives_the_same_record() {
+    let req = cmd(&["SET", "key", "val"]);
+    let want = expect(
+        "set",
+        Category::KeyOp,
+        "key=key payload=val",
+        Outcome::Success,
+        "",
+        "default",
+        &["key"],
+        1,
+    );
+    let check = |pieces: &[&[u8]]| {
+        let (r, done, reply) = set_record_after(pieces);
+        assert_eq!(seen(&r), want, "split {pieces:?}");
+        assert_eq!(r.duration_us, us(done, reply), "split {pieces:?}");
+        assert_eq!(r.time_unix_us, (reply / 1000) as i64);
+    };
+    check(&[&req]);
+    for i in 1..req.len() {
+        check(&[&req[..i], &req[i..]]);
+    }
+    for i in 1..req.len() {
+        for j in i + 1..req.len() {
+            check(&[&req[..i], &req[i..j], &req[j..]]);
+        }
+    }
+    let bytes: Vec<&[u8]> = req.chunks(1).collect();
+    check(&bytes);
+}
+
+#[test]
+fn inline_commands_are_audited_like_multibulk_ones() {
+    let mut w = Wire::new();
+    w.client(b"SET k \"two words\"\r\n");
+    w.server(b"+OK\r\n");
+    let r = w.one();
+    assert_eq!(
+        seen(&r),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=k payload=two words",
+            Outcome::Success,
+            "",
+            "default",
+            &["k"],
+            1
+        )
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. AUTH and HELLO AUTH
+// ------------------------------------------------------------------------------------------------
+
+/// No field of any record, and no formatted line of it, holds `secret`.
+fn assert_no_secret(recs: &[Record], secret: &str) {
+    for r in recs {
+        let fields: [(&str, &[u8]); 7] = [
+            ("command", &r.command[..]),
+            ("command_args", &r.command_args[..]),
+            ("error", &r.error[..]),
+            ("username", &r.username[..]),
+            ("client_ip", r.client_ip.as_bytes()),
+            ("server_hostname", r.server.hostname.as_bytes()),
+            ("category", r.category.as_str().as_bytes()),
+        ];
+        for (name, value) in fields {
+            assert!(!s(value).contains(secret), "{secret} in {name} of {r:?}");
+        }
+        for k in r.keys.iter() {
+            assert!(!s(k).contains(secret), "{secret} in keys of {r:?}");
+        }
+        for format in [Format::Text, Format::Json, Format::Csv] {
+            let mut line = Vec::new();
+            write_record(format, r, &mut line);
+            assert!(!line.is_empty());
+            assert!(
+                !s(&line).contains(secret),
+                "{secret} in {format} line {}",
+                s(&line)
+            );
+        }
+        assert!(!format!("{r:?}").contains(secret));
+    }
+}
+
+#[test]
+fn auth_success_hides_the_password_and_changes_the_next_commands_user() {
+    let mut w = Wire::new();
+    let a = w.roundtrip(&["AUTH", "alice", "s3cret-pw"], b"+OK\r\n");
+    assert_eq!(
+        seen(&a),
+        expect(
+            "auth",
+            Category::Auth,
+            "password=<REDACTED>",
+            Outcome::Success,
+            "",
+            // The user the command ran as.
+            "default",
+            &[],
+            0
+        )
+    );
+    let g = w.roundtrip(&["GET", "k"], b"$-1\r\n");
+    assert_eq!(s(&g.username), "alice");
+    w.close();
+    let d = w.one();
+    assert_eq!(s(&d.username), "alice");
+    assert_no_secret(&[a, g, d], "s3cret-pw");
+}
+
+#[test]
+fn failed_auth_keeps_the_user() {
+    let mut w = Wire::new();
+    let a = w.roundtrip(
+        &["AUTH", "alice", "wr0ng-pw"],
+        b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+    );
+    assert_eq!(
+        seen(&a),
+        expect(
+            "auth",
+            Category::Auth,
+            "password=<REDACTED>",
+            Outcome::Failure,
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "default",
+            &[],
+            0
+        )
+    );
+    let g = w.roundtrip(&["GET", "k"], b"$-1\r\n");
+    assert_eq!(s(&g.username), "default");
+    assert_no_secret(&[a, g], "wr0ng-pw");
+}
+
+#[test]
+fn hello_auth_hides_the_password_and_changes_the_user_on_success_only() {
+    let mut w = Wire::new();
+    let bad = w.roundtrip(
+        &["HELLO", "3", "AUTH", "bob", "b0b-wrong"],
+        b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+    );
+    assert_eq!(
+        seen(&bad),
+        expect(
+            "hello",
+            Category::Auth,
+            "protover=3 username=bob password=<REDACTED>",
+            Outcome::Failure,
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "default",
+            &[],
+            0
+        )
+    );
+    let g1 = w.roundtrip(&["GET", "x"], b"$-1\r\n");
+    assert_eq!(s(&g1.username), "default");
+    let good = w.roundtrip(
+        &["HELLO", "3", "AUTH", "bob", "b0b-pw"],
+        b"%2\r\n$6\r\nserver\r\n$6\r\nvalkey\r\n$5\r\nproto\r\n:3\r\n",
+    );
+    assert_eq!(
+        seen(&good),
+        expect(
+            "hello",
+            Category::Auth,
+            "protover=3 username=bob password=<REDACTED>",
+            Outcome::Success,
+            "",
+            "default",
+            &[],
+            0
+        )
+    );
+    let g2 = w.roundtrip(&["GET", "y"], b"_\r\n");
+    assert_eq!(s(&g2.username), "bob");
+    let recs = [bad, g1, good, g2];
+    assert_no_secret(&recs, "b0b-wrong");
+    assert_no_secret(&recs, "b0b-pw");
+}
+
+#[test]
+fn pipelined_auth_applies_from_the_next_command_on() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["AUTH", "alice", "pw-a"],
+        &["SET", "k", "v"],
+        &["AUTH", "bob", "pw-b"],
+        &["GET", "k"],
+    ]));
+    w.server(
+        b"+OK\r\n+OK\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n$1\r\nv\r\n",
+    );
+    let recs = w.take();
+    let got: Vec<(String, Outcome, String)> = recs
+        .iter()
+        .map(|r| (s(&r.command), r.result, s(&r.username)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("auth".into(), Outcome::Success, "default".into()),
+            ("set".into(), Outcome::Success, "alice".into()),
+            ("auth".into(), Outcome::Failure, "alice".into()),
+            ("get".into(), Outcome::Success, "alice".into()),
+        ]
+    );
+    assert_no_secret(&recs, "pw-a");
+    assert_no_secret(&recs, "pw-b");
+}
+
+#[test]
+fn auth_with_only_a_password_is_the_default_user_and_reset_returns_to_it() {
+    let mut w = Wire::new();
+    w.roundtrip(&["AUTH", "alice", "pw"], b"+OK\r\n");
+    let a = w.roundtrip(&["AUTH", "default-pw"], b"+OK\r\n");
+    assert_eq!(s(&a.username), "alice");
+    assert_eq!(s(&a.command_args), "password=<REDACTED>");
+    assert_eq!(s(&w.roundtrip(&["PING"], b"+PONG\r\n").username), "default");
+    w.roundtrip(&["AUTH", "alice", "pw"], b"+OK\r\n");
+    let r = w.roundtrip(&["RESET"], b"+RESET\r\n");
+    assert_eq!(
+        (s(&r.command), r.result, s(&r.username)),
+        ("reset".into(), Outcome::Success, "alice".into())
+    );
+    assert_eq!(s(&w.roundtrip(&["PING"], b"+PONG\r\n").username), "default");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. Transactions
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn exec_gives_each_queued_command_its_own_result() {
+    let mut w = Wire::new();
+    let m = w.roundtrip(&["MULTI"], b"+OK\r\n");
+    assert_eq!(
+        seen(&m),
+        expect(
+            "multi",
+            Category::Other,
+            "",
+            Outcome::Success,
+            "",
+            "default",
+            &[],
+            0
+        )
+    );
+    let set_done = w.client(&cmd(&["SET", "a", "x"]));
+    w.wait_us(70);
+    let set_queued = w.server(b"+QUEUED\r\n");
+    let incr_done = w.client(&cmd(&["INCR", "a"]));
+    let incr_queued = w.server(b"+QUEUED\r\n");
+    assert!(w.take().is_empty(), "queued commands wait for EXEC");
+    w.client(&cmd(&["EXEC"]));
+    let exec_reply = w.server(b"*2\r\n+OK\r\n-ERR value is not an integer or out of range\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "incr", "exec"]);
+    assert_eq!(
+        seen(&recs[0]),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=a payload=x",
+            Outcome::Success,
+            "",
+            "default",
+            &["a"],
+            1
+        )
+    );
+    assert_eq!(
+        seen(&recs[1]),
+        expect(
+            "incr",
+            Category::KeyOp,
+            "key=a",
+            Outcome::Failure,
+            "ERR value is not an integer or out of range",
+            "default",
+            &["a"],
+            0
+        )
+    );
+    assert_eq!(
+        seen(&recs[2]),
+        expect(
+            "exec",
+            Category::Other,
+            "",
+            Outcome::Success,
+            "",
+            "default",
+            &[],
+            1
+        )
+    );
+    // Queued commands: time of the EXEC reply, duration up to their QUEUED answer.
+    assert_eq!(recs[0].duration_us, us(set_done, set_queued));
+    assert_eq!(recs[0].duration_us, 80);
+    assert_eq!(recs[1].duration_us, us(incr_done, incr_queued));
+    for r in &recs {
+        assert_eq!(r.time_unix_us, (exec_reply / 1000) as i64);
+    }
+    // Out of the transaction again.
+    let g = w.roundtrip(&["SET", "b", "1"], b"+OK\r\n");
+    assert_eq!((g.result, g.keys_modified), (Outcome::Success, 1));
+}
+
+#[test]
+fn pipelined_transaction() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["MULTI"],
+        &["SET", "tx1", "1"],
+        &["INCR", "tx1"],
+        &["EXEC"],
+        &["GET", "tx1"],
+    ]));
+    w.server(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n:2\r\n$1\r\n2\r\n");
+    let recs = w.take();
+    let got: Vec<(String, Outcome, u64)> = recs
+        .iter()
+        .map(|r| (s(&r.command), r.result, r.keys_modified))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("multi".into(), Outcome::Success, 0),
+            ("set".into(), Outcome::Success, 1),
+            ("incr".into(), Outcome::Success, 1),
+            ("exec".into(), Outcome::Success, 2),
+            ("get".into(), Outcome::Success, 0),
+        ]
+    );
+}
+
+#[test]
+fn discard_fails_the_queued_commands() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["DISCARD"]));
+    w.server(b"+OK\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "discard"]);
+    assert_eq!(
+        seen(&recs[0]),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=a payload=1",
+            Outcome::Failure,
+            "discarded",
+            "default",
+            &["a"],
+            0
+        )
+    );
+    assert_eq!(
+        seen(&recs[1]),
+        expect(
+            "discard",
+            Category::Other,
+            "",
+            Outcome::Success,
+            "",
+            "default",
+            &[],
+            0
+        )
+    );
+    let r = w.roundtrip(&["SET", "b", "2"], b"+OK\r\n");
+    assert_eq!((r.result, r.keys_modified), (Outcome::Success, 1));
+}
+
+#[test]
+fn execabort_fails_the_queued_commands() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    // Refused at queueing time: written at once.
+    let bad = w.roundtrip(
+        &["NOSUCHCMD"],
+        b"-ERR unknown command 'NOSUCHCMD', with args beginning with: \r\n",
+    );
+    assert_eq!(
+        seen(&bad),
+        expect(
+            "NOSUCHCMD",
+            Category::Other,
+            "",
+            Outcome::Failure,
+            "rejected=unknown command 'NOSUCHCMD', with args beginning with: ",
+            "default",
+            &[],
+            0
+        )
+    );
+    w.client(&cmd(&["EXEC"]));
+    w.server(b"-EXECABORT Transaction discarded because of previous errors.\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "exec"]);
+    assert_eq!(recs[0].result, Outcome::Failure);
+    assert_eq!(s(&recs[0].error), "not executed: transaction aborted");
+    assert_eq!(recs[0].keys_modified, 0);
+    assert_eq!(recs[1].result, Outcome::Failure);
+    assert_eq!(
+        s(&recs[1].error),
+        "rejected=EXECABORT Transaction discarded because of previous errors."
+    );
+    assert_eq!(recs[1].keys_modified, 0);
+}
+
+#[test]
+fn exec_after_a_watched_key_changed() {
+    let mut w = Wire::new();
+    let r = w.roundtrip(&["WATCH", "a"], b"+OK\r\n");
+    assert_eq!(
+        (s(&r.command), r.category.clone()),
+        ("watch".into(), Category::KeyOp)
+    );
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["EXEC"]));
+    w.server(b"*-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "exec"]);
+    assert_eq!(recs[0].result, Outcome::Failure);
+    assert_eq!(s(&recs[0].error), "not executed: WATCHed key changed");
+    assert_eq!(recs[0].keys_modified, 0);
+    assert_eq!(recs[1].result, Outcome::Success);
+    assert_eq!(recs[1].keys_modified, 0);
+}
+
+#[test]
+fn auth_queued_in_multi_takes_effect_at_exec() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&pipeline(&[
+        &["AUTH", "alice", "pw"],
+        &["GET", "k"],
+        &["EXEC"],
+    ]));
+    w.server(b"+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n$-1\r\n");
+    let recs = w.take();
+    let got: Vec<(String, Outcome, String)> = recs
+        .iter()
+        .map(|r| (s(&r.command), r.result, s(&r.username)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("auth".into(), Outcome::Success, "default".into()),
+            ("get".into(), Outcome::Success, "alice".into()),
+            ("exec".into(), Outcome::Success, "default".into()),
+        ]
+    );
+    assert_eq!(s(&w.roundtrip(&["PING"], b"+PONG\r\n").username), "alice");
+}
+
+#[test]
+fn reset_inside_multi_still_writes_the_queued_commands() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["RESET"]));
+    w.server(b"+RESET\r\n");
+    w.close();
+    let recs = w.take();
+    // Every request the server read gets a record: the queued SET was discarded by RESET, so it
+    // was not executed (as after DISCARD).
+    assert_eq!(names(&recs), ["set", "reset", "disconnection"]);
+    assert_eq!(recs[0].result, Outcome::Failure);
+    assert!(!recs[0].error.is_empty());
+    assert_eq!(recs[0].keys_modified, 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. CLIENT REPLY
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn client_reply_off_then_on() {
+    let mut w = Wire::new();
+    let off_ts = w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    let off = w.one();
+    assert_eq!(
+        seen(&off),
+        expect(
+            "client|reply",
+            Category::Other,
+            "arg1=REPLY arg2=OFF",
+            Outcome::Unknown,
+            "",
+            "default",
+            &[],
+            0
+        )
+    );
+    assert_eq!(off.time_unix_us, (off_ts / 1000) as i64);
+    w.client(&cmd(&["SET", "a", "1"]));
+    let set = w.one();
+    assert_eq!(
+        seen(&set),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=a payload=1",
+            Outcome::Unknown,
+            "",
+            "default",
+            &["a"],
+            0
+        )
+    );
+    let on = w.roundtrip(&["CLIENT", "REPLY", "ON"], b"+OK\r\n");
+    assert_eq!(
+        (s(&on.command), on.result, s(&on.command_args)),
+        (
+            "client|reply".into(),
+            Outcome::Success,
+            "arg1=REPLY arg2=ON".into()
+        )
+    );
+    let g = w.roundtrip(&["GET", "a"], b"$1\r\n1\r\n");
+    assert_eq!(g.result, Outcome::Success);
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn client_reply_skip_in_a_pipeline_keeps_the_order() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["GET", "x"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["SET", "y", "1"],
+        &["GET", "y"],
+    ]));
+    assert!(w.take().is_empty(), "written in order, after GET x's reply");
+    let t = w.server(b"$-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "client|reply", "set"]);
+    assert_eq!(recs[0].result, Outcome::Success);
+    assert_eq!(recs[0].time_unix_us, (t / 1000) as i64);
+    assert_eq!(
+        (recs[1].result, s(&recs[1].error)),
+        (Outcome::Unknown, String::new())
+    );
+    assert_eq!(
+        (recs[2].result, recs[2].keys_modified),
+        (Outcome::Unknown, 0)
+    );
+    w.server(b"$1\r\n1\r\n");
+    let g = w.one();
+    assert_eq!(
+        (s(&g.command), keys_of(&g), g.result),
+        ("get".into(), vec!["y".to_string()], Outcome::Success)
+    );
+    // SKIP covered only one command.
+    let r = w.roundtrip(&["SET", "z", "1"], b"+OK\r\n");
+    assert_eq!(r.result, Outcome::Success);
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn client_reply_off_in_a_pipeline() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["GET", "x"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["SET", "y", "1"],
+        &["CLIENT", "REPLY", "ON"],
+        &["GET", "y"],
+    ]));
+    w.server(b"$-1\r\n+OK\r\n$1\r\n1\r\n");
+    let recs = w.take();
+    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("get".into(), Outcome::Success),
+            ("client|reply".into(), Outcome::Unknown),
+            ("set".into(), Outcome::Unknown),
+            ("client|reply".into(), Outcome::Success),
+            ("get".into(), Outcome::Success),
+        ]
+    );
+    assert_eq!(keys_of(&recs[4]), ["y"]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. Gaps in the capture
+// ------------------------------------------------------------------------------------------------
+
+fn digits(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'0' + (i % 10) as u8).collect()
+}
+
+#[test]
+fn gap_inside_a_bulk_payload_is_absorbed() {
+    let mut w = Wire::new();
+    let value = digits(100);
+    let req = resp(&[b"SET", b"k", &value]);
+    let header = req.len() - value.len() - 2;
+    w.client(&req[..header + 10]);
+    w.client_gap(50);
+    let done = w.client(&req[header + 60..]);
+    assert!(w.take().is_empty());
+    let reply = w.server(b"+OK\r\n");
+    let r = w.one();
+    assert_eq!(
+        seen(&r),
+        expect(
+            "set",
+            Category::KeyOp,
+            "key=k payload=0123456789...(truncated)",
+            Outcome::Success,
+            "",
+            "default",
+            &["k"],
+            1
+        )
+    );
+    assert_eq!(r.duration_us, us(done, reply));
+    let st = w.stats();
+    assert_eq!(
+        (st.bytes_skipped, st.request_resyncs, st.reply_resyncs),
+        (50, 0, 0)
+    );
+}
+
+#[test]
+fn gap_ending_a_request_completes_it() {
+    let mut w = Wire::new();
+    let value = digits(100);
+    let req = resp(&[b"SET", b"k", &value]);
+    let header = req.len() - value.len() - 2;
+    w.client(&req[..header + 10]);
+    // The rest of the value and its CRLF were lost; the next read starts a new command.
+    w.client_gap(92);
+    w.client(&cmd(&["GET", "k"]));
+    w.server(b"+OK\r\n$3\r\nabc\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "get"]);
+    assert_eq!(
+        s(&recs[0].command_args),
+        "key=k payload=0123456789...(truncated)"
+    );
+    assert_eq!(recs[0].result, Outcome::Success);
+    assert_eq!(recs[1].result, Outcome::Success);
+    assert!(loss_records(&recs).is_empty());
+    assert_eq!(w.stats().bytes_skipped, 92);
+    assert_eq!(w.stats().request_resyncs, 0);
+}
+
+#[test]
+fn gap_that_breaks_request_framing_is_a_loss_and_the_parser_recovers() {
+    let mut w = Wire::new();
+    let a = w.roundtrip(&["SET", "a", "1"], b"+OK\r\n");
+    assert_eq!(a.result, Outcome::Success);
+    // SET b 2: its second argument's header and payload were never captured.
+    let lost = cmd(&["SET", "b", "2"]);
+    let cut = b"*3\r\n$3\r\nSET\r\n".len();
+    w.client(&lost[..cut]);
+    w.client_gap(7);
+    w.client(&lost[cut + 7..]);
+    let recs = w.take();
+    assert_eq!(recs.len(), 1);
+    let loss = &recs[0];
+    assert_eq!(loss.category, Category::AuditLoss);
+    assert_eq!(s(&loss.command), "loss");
+    assert_eq!(
+        s(&loss.command_args),
+        "cause=parser_resync_request count=1 reason=gap in stream"
+    );
+    assert_eq!(loss.result, Outcome::Failure);
+    assert_eq!(s(&loss.username), "default");
+    assert_client_fields(loss, 1);
+    assert_eq!(w.stats().request_resyncs, 1);
+    assert_eq!(w.stats().bytes_skipped, 7);
+    // The server answered the command we lost: that reply answers nothing we know of.
+    w.server(b"+OK\r\n");
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().replies_unmatched, 1);
+    // The next command is found again.
+    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(
+        seen(&p),
+        expect(
+            "ping",
+            Category::Other,
+            "",
+            Outcome::Success,
+            "",
+            "default",
+            &[],
+            0
+        )
+    );
+    assert_eq!(w.stats().request_resyncs, 1);
+}
+
+#[test]
+fn gap_between_requests_is_a_loss() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["GET", "a"]));
+    w.client_gap(14);
+    w.client(&cmd(&["GET", "b"]));
+    let recs = w.take();
+    assert_eq!(
+        loss_records(&recs),
+        ["cause=parser_resync_request count=1 reason=gap in stream"]
+    );
+    // A gap at a command boundary may have ended anywhere: the next bytes are only trusted from a
+    // `*<n>\r\n$` at a line start, which `GET b` is.
+    w.server(b"$1\r\n1\r\n$-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "get"]);
+    assert_eq!(keys_of(&recs[0]), ["a"]);
+    assert_eq!(keys_of(&recs[1]), ["b"]);
+}
+
+#[test]
+fn reply_gap_writes_the_pending_requests_as_unknown() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["SET", "a", "1"],
+        &["GET", "a"],
+        &["GET", "b"],
+    ]));
+    w.server(b"+OK\r\n");
+    assert_eq!(names(&w.take()), ["set"]);
+    // GET a's reply ($1 1) is lost; GET b's arrives.
+    w.server_gap(7);
+    let ts = w.server(b"$-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["loss", "get", "get"]);
+    assert_eq!(
+        s(&recs[0].command_args),
+        "cause=parser_resync_reply count=2 reason=gap in stream"
+    );
+    assert_eq!(recs[0].category, Category::AuditLoss);
+    assert_eq!(recs[0].result, Outcome::Failure);
+    for (r, key) in recs[1..].iter().zip(["a", "b"]) {
+        assert_eq!(
+            seen(r),
+            expect(
+                "get",
+                Category::KeyOp,
+                &format!("key={key}"),
+                Outcome::Unknown,
+                "reply lost (capture gap)",
+                "default",
+                &[key],
+                0
+            )
+        );
+        assert_eq!(r.time_unix_us, (ts / 1000) as i64);
+    }
+    let st = w.stats();
+    assert_eq!(
+        (st.reply_resyncs, st.request_resyncs, st.bytes_skipped),
+        (1, 0, 7)
+    );
+    // What followed the gap was not taken as an answer to anything.
+    assert_eq!(st.replies_unmatched, 1);
+    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(p.result, Outcome::Success);
+}
+
+#[test]
+fn reply_gap_inside_a_bulk_payload_is_absorbed() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[&["GET", "big"], &["GET", "small"]]));
+    let value = digits(300);
+    let mut reply = format!("${}\r\n", value.len()).into_bytes();
+    reply.extend_from_slice(&value);
+    reply.extend_from_slice(b"\r\n$1\r\nx\r\n");
+    w.server(&reply[..20]);
+    w.server_gap(200);
+    w.server(&reply[220..]);
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "get"]);
+    assert!(recs.iter().all(|r| r.result == Outcome::Success));
+    assert_eq!(keys_of(&recs[1]), ["small"]);
+    assert_eq!(w.stats().reply_resyncs, 0);
+    assert_eq!(w.stats().bytes_skipped, 200);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8. The per-syscall capture cap
+// ------------------------------------------------------------------------------------------------
+
+fn letters(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A 1 MiB SET of which the kernel captured `captured` bytes, delivered in `chunk`-byte events.
+fn capped_set(w: &mut Wire, key: &str, value: &[u8], captured: usize, chunk: usize) -> u64 {
+    let req = resp(&[b"SET", key.as_bytes(), value]);
+    let total = req.len();
+    let pos = w.in_pos;
+    let mut done = 0;
+    for off in (0..captured).step_by(chunk) {
+        let end = (off + chunk).min(captured);
+        done = w.data(
+            true,
+            pos,
+            total as u32,
+            off as u32,
+            captured as u32,
+            &req[off..end],
+        );
+    }
+    w.in_pos += total as u64;
+    done
+}
+
+#[test]
+fn capture_cap_keeps_the_record_with_its_key_and_a_truncated_value() {
+    for (captured, chunk) in [(65536, 4096), (4096, 4096), (65536, 65536)] {
+        let mut w = Wire::new();
+        let value = letters(1 << 20);
+        let total = resp(&[b"SET", b"bigkey", &value]).len() as u64;
+        let done = capped_set(&mut w, "bigkey", &value, captured, chunk);
+        assert!(w.take().is_empty());
+        let reply = w.server(b"+OK\r\n");
+        let r = w.one();
+        let want_args = format!("key=bigkey payload={}...(truncated)", s(&value[..1024]));
+        assert_eq!(
+            seen(&r),
+            expect(
+                "set",
+                Category::KeyOp,
+                &want_args,
+                Outcome::Success,
+                "",
+                "default",
+                &["bigkey"],
+                1
+            ),
+            "captured {captured} in chunks of {chunk}"
+        );
+        assert_eq!(r.duration_us, us(done, reply));
+        let st = w.stats();
+        assert_eq!(st.request_resyncs, 0);
+        assert_eq!(st.bytes_skipped, total - captured as u64);
+        // The stream goes on at the right place.
+        let g = w.roundtrip(&["GET", "bigkey"], b"$3\r\nabc\r\n");
+        assert_eq!(
+            (keys_of(&g), g.result),
+            (vec!["bigkey".to_string()], Outcome::Success)
+        );
+        assert_eq!(w.stats().request_resyncs, 0);
+        assert_eq!(w.stats().replies_unmatched, 0);
+    }
+}
+
+#[test]
+fn capture_cap_on_a_reply() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[&["GET", "big"], &["GET", "small"]]));
+    let value = letters(1 << 20);
+    let mut reply = format!("${}\r\n", value.len()).into_bytes();
+    reply.extend_from_slice(&value);
+    reply.extend_from_slice(b"\r\n");
+    let total = reply.len();
+    w.data(false, 0, total as u32, 0, 65536, &reply[..65536]);
+    w.out_pos = total as u64;
+    w.server(b"$1\r\nx\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "get"]);
+    assert!(recs.iter().all(|r| r.result == Outcome::Success));
+    assert_eq!(w.stats().reply_resyncs, 0);
+}
+
+#[test]
+fn payload_maxsize_cuts_keys_and_values() {
+    let mut w = Wire::with(settings(&["audit.payload_maxsize", "16"]));
+    let key = "a-very-long-key-name-0123456789";
+    let value = letters(1 << 20);
+    capped_set(&mut w, key, &value, 65536, 65536);
+    w.server(b"+OK\r\n");
+    let r = w.one();
+    assert_eq!(
+        s(&r.command_args),
+        "key=a-very-long-key-...(truncated) payload=abcdefghijklmnop...(truncated)"
+    );
+    assert_eq!(keys_of(&r), ["a-very-long-key-"]);
+}
+
+#[test]
+fn payload_disable_and_a_larger_maxsize_apply_to_open_connections() {
+    let mut w = Wire::new();
+    w.session.set_settings(Settings {
+        payload_maxsize: 2000,
+        ..Settings::default()
+    });
+    let value = letters(1500);
+    w.client(&resp(&[b"SET", b"k", &value]));
+    w.server(b"+OK\r\n");
+    assert_eq!(
+        s(&w.one().command_args),
+        format!("key=k payload={}", s(&value))
+    );
+    w.session
+        .set_settings(settings(&["audit.payload_disable", "yes"]));
+    let r = w.roundtrip(&["SET", "k", "v"], b"+OK\r\n");
+    assert_eq!(s(&r.command_args), "key=k");
+}
+
+// ------------------------------------------------------------------------------------------------
+// 9. Closing with requests in flight
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn close_writes_pending_requests_as_unknown() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[&["GET", "a"], &["SET", "b", "1"]]));
+    let ts = w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "set", "disconnection"]);
+    for r in &recs[..2] {
+        assert_eq!(r.result, Outcome::Unknown);
+        assert_eq!(s(&r.error), "connection closed before reply");
+        assert_eq!(r.keys_modified, 0);
+        assert_eq!(r.time_unix_us, (ts / 1000) as i64);
+    }
+    assert_eq!(keys_of(&recs[1]), ["b"]);
+}
+
+#[test]
+fn close_inside_multi_writes_the_queued_commands() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["EXEC"]));
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "exec", "disconnection"]);
+    assert_eq!(s(&recs[0].error), "connection closed inside MULTI");
+    assert_eq!(recs[0].result, Outcome::Unknown);
+    assert_eq!(s(&recs[1].error), "connection closed before reply");
+    assert_eq!(recs[1].result, Outcome::Unknown);
+}
+
+#[test]
+fn flush_all_writes_pending_requests_and_keeps_the_connection() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["GET", "a"]));
+    let mut out: Vec<Record> = Vec::new();
+    w.session.flush_all(w.now, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].result, Outcome::Unknown);
+    assert_eq!(s(&out[0].error), "auditor stopped before reply");
+    assert_eq!(w.session.connection_count(), 1);
+}
+
+#[test]
+fn too_many_pending_requests_write_the_oldest() {
+    let mut w = Wire::new();
+    let n = MAX_PENDING + 1;
+    let ping = cmd(&["PING"]);
+    w.client(&ping.repeat(n));
+    let recs = w.take();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].result, Outcome::Unknown);
+    assert_eq!(s(&recs[0].error), "too many requests awaiting replies");
+    w.server(b"+PONG\r\n");
+    assert_eq!(w.one().result, Outcome::Success);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 10. The filter stage
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn events_filter_drops_categories_and_counts_them() {
+    let mut w = Wire::open(settings(&["audit.events", "auth,keys"]));
+    assert!(w.take().is_empty(), "connections are not in audit.events");
+    assert_eq!(w.stats().filtered, 1);
+    w.client(&pipeline(&[
+        &["PING"],
+        &["SET", "k", "v"],
+        &["AUTH", "alice", "pw"],
+        &["CONFIG", "GET", "maxmemory"],
+        &["GET", "k"],
+    ]));
+    w.server(b"+PONG\r\n+OK\r\n+OK\r\n*0\r\n$1\r\nv\r\n");
+    w.close();
+    let recs = w.take();
+    let got: Vec<(String, String)> = recs
+        .iter()
+        .map(|r| (s(&r.command), s(&r.username)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("set".into(), "default".into()),
+            ("auth".into(), "default".into()),
+            ("get".into(), "alice".into()),
+        ]
+    );
+    // connection, ping, config|get, disconnection
+    assert_eq!(w.stats().filtered, 4);
+    assert_eq!(w.stats().requests, 5);
+}
+
+#[test]
+fn excluded_users_lose_their_commands_but_not_their_auth_or_connection_records() {
+    let mut w = Wire::open(settings(&["audit.excluderules", "alice"]));
+    w.client(&pipeline(&[
+        &["SET", "before", "1"],
+        &["AUTH", "alice", "pw"],
+        &["SET", "k", "v"],
+        &["GET", "k"],
+    ]));
+    w.server(b"+OK\r\n+OK\r\n+OK\r\n$1\r\nv\r\n");
+    w.close();
+    let recs = w.take();
+    let got: Vec<(String, String)> = recs
+        .iter()
+        .map(|r| (s(&r.command), s(&r.username)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("connection".into(), "default".into()),
+            ("set".into(), "default".into()),
+            ("auth".into(), "default".into()),
+            ("disconnection".into(), "alice".into()),
+        ]
+    );
+    assert_eq!(w.stats().filtered, 2);
+}
+
+#[test]
+fn excluded_address_and_commands() {
+    let mut w = Wire::with(settings(&[
+        "audit.excluderules",
+        "@10.0.0.0/8",
+        "audit.exclude_commands",
+        "get",
+    ]));
+    w.roundtrip(&["AUTH", "alice", "pw"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "k", "v"]));
+    w.server(b"+OK\r\n");
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().filtered, 1);
+
+    let mut w = Wire::with(settings(&["audit.exclude_commands", "get"]));
+    w.client(&pipeline(&[&["GET", "k"], &["SET", "k", "v"]]));
+    w.server(b"$-1\r\n+OK\r\n");
+    assert_eq!(names(&w.take()), ["set"]);
+    assert_eq!(w.stats().filtered, 1);
+}
+
+#[test]
+fn failures_mode_keeps_failures_and_auth() {
+    let mut w = Wire::with(settings(&["audit.command_result_mode", "failures"]));
+    w.client(&pipeline(&[
+        &["SET", "a", "x"],
+        &["INCR", "a"],
+        &["AUTH", "alice", "pw"],
+        &["GET", "a"],
+    ]));
+    w.server(b"+OK\r\n-ERR value is not an integer or out of range\r\n+OK\r\n$1\r\nx\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["incr", "auth"]);
+    assert_eq!(w.stats().filtered, 2);
+}
+
+#[test]
+fn audit_loss_records_are_never_filtered() {
+    let mut w = Wire::with(settings(&["audit.events", "none"]));
+    w.client(b"*x\r\n");
+    assert_eq!(
+        loss_records(&w.take()),
+        ["cause=parser_resync_request count=1 reason=invalid multibulk length"]
+    );
+}
+
+#[test]
+fn a_command_uses_the_settings_in_force_when_it_was_read() {
+    let mut w = Wire::new();
+    let done = w.client(&cmd(&["SET", "a", "1"]));
+    let change = done + 1;
+    w.session.set_timeline(vec![
+        (0, Arc::new(Settings::default())),
+        (change, Arc::new(settings(&["audit.events", "none"]))),
+    ]);
+    // Read before the change: written, although its reply comes after.
+    w.server(b"+OK\r\n");
+    assert_eq!(names(&w.take()), ["set"]);
+    // Read after the change: filtered.
+    w.client(&cmd(&["SET", "b", "1"]));
+    w.server(b"+OK\r\n");
+    assert!(w.take().is_empty());
+    assert_eq!(w.stats().filtered, 1);
+    assert_eq!(w.session.settings().filter.events.render(), "none");
+}
+
+#[test]
+fn custom_category_renames_the_record() {
+    let mut w = Wire::with(settings(&[
+        "audit.custom_category",
+        "reads:get",
+        "audit.events",
+        "keys,reads",
+    ]));
+    let r = w.roundtrip(&["GET", "k"], b"$-1\r\n");
+    assert_eq!(r.category, Category::Custom("reads".into()));
+    let r = w.roundtrip(&["SET", "k", "v"], b"+OK\r\n");
+    assert_eq!(r.category, Category::KeyOp);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 11. Out-of-band replies: pub/sub, pushes, MONITOR
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn resp3_pushes_are_not_replies() {
+    let mut w = Wire::new();
+    let h = w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    assert_eq!(
+        (s(&h.command), h.category.clone(), h.result),
+        ("hello".into(), Category::Other, Outcome::Success)
+    );
+    let sub = w.roundtrip(
+        &["SUBSCRIBE", "ch"],
+        b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    );
+    assert_eq!(
+        (s(&sub.command), sub.result),
+        ("subscribe".into(), Outcome::Success)
+    );
+    let done = w.client(&cmd(&["PING"]));
+    w.server(b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+    assert!(w.take().is_empty(), "a message answers nothing");
+    let pong = w.server(b"+PONG\r\n");
+    let p = w.one();
+    assert_eq!((s(&p.command), p.result), ("ping".into(), Outcome::Success));
+    assert_eq!(p.duration_us, us(done, pong));
+    assert_eq!(p.time_unix_us, (pong / 1000) as i64);
+    // A push in the same write as the reply, before it.
+    w.client(&cmd(&["PING"]));
+    w.server(b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nyo\r\n+PONG\r\n");
+    assert_eq!(w.one().result, Outcome::Success);
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn resp3_subscribe_to_several_channels_waits_for_every_confirmation() {
+    let mut w = Wire::new();
+    w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    w.client(&pipeline(&[&["SUBSCRIBE", "a", "b"], &["PING"]]));
+    w.server(b">3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    assert!(w.take().is_empty());
+    let second = w.server(b">3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n");
+    let sub = w.one();
+    assert_eq!(
+        (s(&sub.command), sub.result),
+        ("subscribe".into(), Outcome::Success)
+    );
+    assert_eq!(sub.time_unix_us, (second / 1000) as i64);
+    w.server(b"+PONG\r\n");
+    assert_eq!(s(&w.one().command), "ping");
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn resp2_pubsub_messages_are_not_replies() {
+    let mut w = Wire::new();
+    let sub = w.roundtrip(
+        &["SUBSCRIBE", "ch"],
+        b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    );
+    assert_eq!(
+        (s(&sub.command), sub.result),
+        ("subscribe".into(), Outcome::Success)
+    );
+    w.client(&cmd(&["PING"]));
+    w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+    w.server(b"*4\r\n$8\r\npmessage\r\n$2\r\nc*\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+    assert!(w.take().is_empty());
+    w.server(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+    assert_eq!(s(&w.one().command), "ping");
+    let un = w.roundtrip(
+        &["UNSUBSCRIBE", "ch"],
+        b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n",
+    );
+    assert_eq!(
+        (s(&un.command), un.result),
+        ("unsubscribe".into(), Outcome::Success)
+    );
+    // No longer subscribed: an array that starts with "message" is an ordinary reply.
+    let l = w.roundtrip(
+        &["LRANGE", "l", "0", "-1"],
+        b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n",
+    );
+    assert_eq!(
+        (s(&l.command), l.result),
+        ("lrange".into(), Outcome::Success)
+    );
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn resp2_subscribe_to_several_channels_waits_for_every_confirmation() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[&["SUBSCRIBE", "a", "b"], &["SUBSCRIBE", "c"]]));
+    w.server(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+    let t2 = w.server(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n");
+    let t3 = w.server(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:3\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["subscribe", "subscribe"]);
+    // Each SUBSCRIBE is answered by its last confirmation, as in RESP3.
+    assert_eq!(recs[0].time_unix_us, (t2 / 1000) as i64);
+    assert_eq!(recs[1].time_unix_us, (t3 / 1000) as i64);
+}
+
+#[test]
+fn monitor_lines_are_not_replies() {
+    let mut w = Wire::new();
+    let m = w.roundtrip(&["MONITOR"], b"+OK\r\n");
+    assert_eq!(
+        (s(&m.command), m.result),
+        ("monitor".into(), Outcome::Success)
+    );
+    w.server(b"+1700000000.123456 [0 127.0.0.1:5000] \"get\" \"x\"\r\n");
+    w.server(b"+1700000000.223456 [0 127.0.0.1:5000] \"set\" \"x\" \"1\"\r\n");
+    assert!(w.take().is_empty());
+    w.client(&cmd(&["RESET"]));
+    w.server(b"+1700000000.323456 [0 127.0.0.1:5000] \"ping\"\r\n+RESET\r\n");
+    let r = w.one();
+    assert_eq!(
+        (s(&r.command), r.result),
+        ("reset".into(), Outcome::Success)
+    );
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 12. Malformed and hostile input
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn malformed_requests_are_losses_and_the_next_command_is_found() {
+    let cases: &[(&[u8], &str)] = &[
+        (b"*x\r\n", "invalid multibulk length"),
+        (b"*3000000000\r\n", "invalid multibulk length"),
+        (b"*2\r\n$3\r\nGET\r\n#1\r\nk\r\n", "expected '$'"),
+        (b"*1\r\n$536870913\r\n", "invalid bulk length"),
+        (b"*1\r\n$-5\r\n", "invalid bulk length"),
+        (b"SET \"unbalanced\r\n", "unbalanced quotes in request"),
+        (b"SET \"a\"b\r\n", "unbalanced quotes in request"),
+    ];
+    for &(input, reason) in cases {
+        let mut w = Wire::new();
+        w.client(input);
+        let recs = w.take();
+        assert_eq!(
+            loss_records(&recs),
+            [format!(
+                "cause=parser_resync_request count=1 reason={reason}"
+            )],
+            "{}",
+            s(input)
+        );
+        assert_eq!(recs.len(), 1);
+        assert_eq!(w.stats().request_resyncs, 1);
+        // The server answers the protocol error; then the client reconnects or, here, goes on.
+        w.server(b"-ERR Protocol error: invalid multibulk length\r\n");
+        let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+        assert_eq!(
+            (s(&p.command), p.result),
+            ("ping".into(), Outcome::Success),
+            "{}",
+            s(input)
+        );
+    }
+}
+
+#[test]
+fn malformed_replies_are_losses() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[&["GET", "a"], &["GET", "b"]]));
+    w.server(b"?what\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["loss", "get", "get"]);
+    assert_eq!(
+        s(&recs[0].command_args),
+        "cause=parser_resync_reply count=2 reason=unknown reply type byte"
+    );
+    assert!(recs[1..].iter().all(|r| r.result == Outcome::Unknown));
+    assert_eq!(w.stats().reply_resyncs, 1);
+}
+
+const REQUEST_TOKENS: &[&[u8]] = &[
+    b"*",
+    b"*1\r\n",
+    b"*3\r\n",
+    b"*99999999\r\n",
+    b"$",
+    b"$3\r\n",
+    b"$-1\r\n",
+    b"$9999999\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"\"",
+    b"'",
+    b" ",
+    b"\\x",
+    b"\0",
+    b"SET",
+    b"GET",
+    b"AUTH",
+    b"HELLO 3 AUTH u p\r\n",
+    b"MULTI\r\n",
+    b"EXEC\r\n",
+    b"SUBSCRIBE",
+    b"CLIENT REPLY OFF\r\n",
+    b"CLIENT REPLY ON\r\n",
+    b"k",
+    b"0",
+    b"9",
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+    b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
+];
+
+const REPLY_TOKENS: &[&[u8]] = &[
+    b"+OK\r\n",
+    b"+QUEUED\r\n",
+    b"-ERR x\r\n",
+    b":1\r\n",
+    b"$1\r\nx\r\n",
+    b"$-1\r\n",
+    b"*2\r\n",
+    b"*-1\r\n",
+    b">3\r\n",
+    b"%1\r\n",
+    b"|1\r\n",
+    b"$9999999\r\n",
+    b"\r\n",
+    b"\n",
+    b"$",
+    b"*",
+    b"_\r\n",
+    b"1",
+    b"x",
+];
+
+fn random_stream(rng: &mut Rng, tokens: &[&[u8]], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    while out.len() < len {
+        if rng.below(8) == 0 {
+            out.push(rng.next() as u8);
+        } else {
+            out.extend_from_slice(rng.pick::<&[u8]>(tokens));
+        }
+    }
+    out
+}
+
+#[test]
+fn random_garbage_never_panics_and_every_request_gets_one_record() {
+    for seed in 1..=8u64 {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+        let mut w = Wire::open(Settings::default());
+        let requests = random_stream(&mut rng, REQUEST_TOKENS, 64 * 1024);
+        let replies = random_stream(&mut rng, REPLY_TOKENS, 64 * 1024);
+        let (mut i, mut j) = (0, 0);
+        while i < requests.len() || j < replies.len() {
+            let inbound = j >= replies.len() || (i < requests.len() && rng.below(2) == 0);
+            let (data, at) = if inbound {
+                (&requests, &mut i)
+            } else {
+                (&replies, &mut j)
+            };
+            let n = (1 + rng.below(600) as usize).min(data.len() - *at);
+            let piece = data[*at..*at + n].to_vec();
+            *at += n;
+            match rng.below(20) {
+                // Lost bytes.
+                0 => {
+                    if inbound {
+                        w.client_gap(1 + rng.below(40));
+                    } else {
+                        w.server_gap(1 + rng.below(40));
+                    }
+                }
+                // A syscall longer than what was captured of it.
+                1 => {
+                    let extra = 1 + rng.below(100) as u32;
+                    let pos = if inbound { w.in_pos } else { w.out_pos };
+                    w.data(inbound, pos, n as u32 + extra, 0, n as u32, &piece);
+                    if inbound {
+                        w.in_pos += (n as u32 + extra) as u64;
+                    } else {
+                        w.out_pos += (n as u32 + extra) as u64;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if inbound {
+                w.client(&piece);
+            } else {
+                w.server(&piece);
+            }
+        }
+        w.close();
+        let recs = w.take();
+        let st = w.stats().clone();
+        let losses = recs
+            .iter()
+            .filter(|r| r.category == Category::AuditLoss)
+            .count() as u64;
+        assert!(losses >= 1, "seed {seed}: garbage went unnoticed");
+        // The garbage holds enough real commands to keep the parsers busy, not only resyncing.
+        assert!(st.requests >= 10, "seed {seed}: {st:?}");
+        assert_eq!(losses, st.request_resyncs + st.reply_resyncs, "seed {seed}");
+        let commands = recs
+            .iter()
+            .filter(|r| !matches!(r.category, Category::AuditLoss | Category::Connection))
+            .count() as u64;
+        assert_eq!(commands + st.filtered, st.requests, "seed {seed}: {st:?}");
+        assert_eq!(
+            names(&recs).last().map(String::as_str),
+            Some("disconnection")
+        );
+        for r in &recs {
+            assert!(r.command_args.len() <= 4096, "seed {seed}: {r:?}");
+            assert!(r.error.len() <= 1024, "seed {seed}: {r:?}");
+            assert!(r.command.len() <= 64 * 1024, "seed {seed}");
+            assert!(r.keys.total_bytes() <= 64 * 1024, "seed {seed}");
+            let mut line = Vec::new();
+            write_record(Format::Json, r, &mut line);
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        }
+    }
+}
+
+#[test]
+fn pure_random_bytes_as_requests() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut w = Wire::new();
+    let garbage: Vec<u8> = (0..256 * 1024).map(|_| rng.next() as u8).collect();
+    for piece in garbage.chunks(1000) {
+        w.client(piece);
+    }
+    w.close();
+    let recs = w.take();
+    assert!(!loss_records(&recs).is_empty());
+    assert_eq!(loss_records(&recs).len() as u64, w.stats().request_resyncs);
+    for r in &recs {
+        assert!(r.command_args.len() <= 4096);
+    }
+}
+
+#[test]
+fn a_request_with_200k_arguments_is_bounded() {
+    let n = 200_000;
+    let mut req = format!("*{}\r\n$3\r\nDEL\r\n", n + 1).into_bytes();
+    req.extend_from_slice(&b"$1\r\nk\r\n".repeat(n));
+    let mut w = Wire::new();
+    for piece in req.chunks(65536) {
+        w.client(piece);
+    }
+    w.server(b":1\r\n");
+    let r = w.one();
+    assert_eq!((s(&r.command), r.result), ("del".into(), Outcome::Success));
+    assert_eq!(s(&r.command_args), "key=k");
+    assert!(r.keys.len() < 100_000, "{} keys kept", r.keys.len());
+    assert!(r.keys_modified <= 100_000);
+
+    let mut req = format!("*{}\r\n$9\r\nNOSUCHCMD\r\n", n + 1).into_bytes();
+    req.extend_from_slice(&b"$1\r\na\r\n".repeat(n));
+    w.client(&req);
+    w.server(b"-ERR unknown command\r\n");
+    let r = w.one();
+    assert_eq!(
+        s(&r.command_args),
+        format!("arg1=a arg2=a arg3=a (and {} more args)", n - 3)
+    );
+    assert_eq!(w.stats().request_resyncs, 0);
+}
+
+#[test]
+fn a_10mb_bulk_argument_is_bounded() {
+    let mut w = Wire::new();
+    let value = letters(10 << 20);
+    let req = resp(&[b"SET", b"k", &value]);
+    for piece in req.chunks(1 << 20) {
+        w.client(piece);
+    }
+    w.server(b"+OK\r\n");
+    let r = w.one();
+    assert_eq!(
+        s(&r.command_args),
+        format!("key=k payload={}...(truncated)", s(&value[..1024]))
+    );
+    // Claims of huge sizes with nothing behind them cost nothing and write nothing.
+    w.client(b"*2147483647\r\n$3\r\nFOO\r\n$536870912\r\nabc");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["disconnection"]);
+    assert_eq!(w.stats().request_resyncs, 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Transaction state across losses and shutdown
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn reply_gap_that_loses_an_exec_reply_neither_drops_nor_misjudges_queued_commands() {
+    let mut w = Wire::new();
+    // Written at its reply (the transaction's start was captured).
+    let mut recs = vec![w.roundtrip(&["MULTI"], b"+OK\r\n")];
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["EXEC"]));
+    // EXEC's reply (*1 +OK) is never captured; the gap shows when PING's reply comes.
+    w.server_gap(b"*1\r\n+OK\r\n".len() as u64);
+    w.client(&cmd(&["PING"]));
+    w.server(b"+PONG\r\n");
+    recs.extend(w.take());
+    assert_eq!(
+        loss_records(&recs),
+        ["cause=parser_resync_reply count=2 reason=gap in stream"]
+    );
+    // A new transaction, fully captured.
+    w.client(&cmd(&["MULTI"]));
+    w.server(b"+OK\r\n");
+    w.client(&cmd(&["SET", "b", "2"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["EXEC"]));
+    w.server(b"*1\r\n+OK\r\n");
+    w.close();
+    recs.extend(w.take());
+    let sets: Vec<(Vec<String>, Outcome)> = recs
+        .iter()
+        .filter(|r| &*r.command == b"set")
+        .map(|r| (keys_of(r), r.result))
+        .collect();
+    // SET a's outcome was in the lost reply: unknown, but written. SET b ran and succeeded.
+    assert_eq!(
+        sets,
+        vec![
+            (vec!["a".to_string()], Outcome::Unknown),
+            (vec!["b".to_string()], Outcome::Success),
+        ]
+    );
+    let st = w.stats();
+    assert_eq!(
+        recs.iter()
+            .filter(|r| !matches!(r.category, Category::AuditLoss | Category::Connection))
+            .count() as u64
+            + st.filtered,
+        st.requests,
+        "every request gets exactly one record"
+    );
+}
+
+#[test]
+fn flush_all_also_writes_commands_queued_in_an_open_multi() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    let mut out: Vec<Record> = Vec::new();
+    w.session.flush_all(w.now, &mut out);
+    assert_eq!(names(&out), ["set"]);
+    assert_eq!(out[0].result, Outcome::Unknown);
+    assert!(!out[0].error.is_empty());
+}
+
+#[test]
+fn a_replica_link_is_hidden_but_its_connection_is_closed() {
+    // ignore_internal_clients is on by default.
+    let mut w = Wire::new();
+    w.take();
+    let ping = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(s(&ping.command), "ping");
+    w.client(&cmd(&["REPLCONF", "listening-port", "6380"]));
+    w.server(b"+OK\r\n");
+    w.client(&cmd(&["REPLCONF", "capa", "eof", "capa", "psync2"]));
+    w.server(b"+OK\r\n");
+    w.client(&cmd(&["PSYNC", "?", "-1"]));
+    w.server(b"+FULLRESYNC 8de1787ba490483314a4d30f1c628bc5025eb761 0\r\n");
+    // The replication stream is not parsed as replies.
+    w.server(&cmd(&["SET", "k", "v"]));
+    assert!(w.take().is_empty(), "REPLCONF/PSYNC are not audited");
+    assert_eq!(w.stats().replies_unmatched, 0);
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["disconnection"]);
+    assert_eq!(s(&recs[0].command_args), "type=replica");
+}
+
+#[test]
+fn a_replica_link_is_audited_when_internal_clients_are_not_ignored() {
+    let mut w = Wire::with(settings(&["audit.ignore_internal_clients", "no"]));
+    w.take();
+    w.client(&cmd(&["REPLCONF", "listening-port", "6380"]));
+    w.server(b"+OK\r\n");
+    w.client(&cmd(&["PSYNC", "?", "-1"]));
+    w.server(b"+FULLRESYNC 8de1787ba490483314a4d30f1c628bc5025eb761 0\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["replconf", "psync", "disconnection"]);
+    assert_eq!(s(&recs[2].command_args), "type=replica");
+}
