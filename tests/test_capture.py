@@ -200,6 +200,8 @@ def test_auth_and_hello_with_acl_user(audited):
     assert [a["result"] for a in auths] == ["FAILURE", "SUCCESS"]
     assert all(a["category"] == "AUTH" for a in auths)
     assert auths[0]["username"] == "default"  # the user the command ran as
+    # ... and the user it tried to become, never the password
+    assert [a["command_args"] for a in auths] == ["username=alice password=<REDACTED>"] * 2
     assert auths[0]["error"].startswith("WRONGPASS")
     after_bad = [r for r in recs if r["keys"] == ["after-bad"]][0]
     assert after_bad["username"] == "default"
@@ -289,6 +291,43 @@ def test_command_mix(audited):
     unk = [r for r in cmds if r["command"] == "NOSUCHCOMMAND"][0]
     assert unk["result"] == "FAILURE" and unk["error"].startswith("rejected=unknown command")
     assert all(r["duration_us"] >= 0 for r in cmds)
+
+
+def test_transactions_exec_discard_and_reset(audited):
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    assert c.call("SET", "txs", "notanumber") == b"+OK\r\n"
+    # EXEC: each queued command gets its own result from EXEC's reply.
+    assert c.call("MULTI") == b"+OK\r\n"
+    assert c.call("SET", "tx-a", "1") == b"+QUEUED\r\n"
+    assert c.call("INCR", "txs") == b"+QUEUED\r\n"
+    assert c.call("EXEC").startswith(b"*2\r\n+OK\r\n-ERR")
+    # DISCARD and RESET: nothing queued ran.
+    assert c.call("MULTI") == b"+OK\r\n"
+    assert c.call("SET", "tx-b", "1") == b"+QUEUED\r\n"
+    assert c.call("DISCARD") == b"+OK\r\n"
+    assert c.call("MULTI") == b"+OK\r\n"
+    assert c.call("SET", "tx-c", "1") == b"+QUEUED\r\n"
+    assert c.call("RESET") == b"+RESET\r\n"
+    assert c.call("EXISTS", "tx-b", "tx-c") == b":0\r\n"
+    c.sock.close()
+    recs = auditor.wait_records(
+        lambda rs: any(r["command"] == "disconnection" and r["client_port"] == c.port for r in rs))
+    got = [(r["command"], r["keys"], r["result"], r["error"]) for r in commands_of(recs, c.port)]
+    assert got == [
+        ("set", ["txs"], "SUCCESS", ""),
+        ("multi", [], "SUCCESS", ""),
+        ("set", ["tx-a"], "SUCCESS", ""),
+        ("incr", ["txs"], "FAILURE", "ERR value is not an integer or out of range"),
+        ("exec", [], "SUCCESS", ""),
+        ("multi", [], "SUCCESS", ""),
+        ("set", ["tx-b"], "FAILURE", "discarded"),
+        ("discard", [], "SUCCESS", ""),
+        ("multi", [], "SUCCESS", ""),
+        ("set", ["tx-c"], "FAILURE", "discarded by RESET"),
+        ("reset", [], "SUCCESS", ""),
+        ("exists", ["tx-b", "tx-c"], "SUCCESS", ""),
+    ], got
 
 
 def test_inline_command(audited):

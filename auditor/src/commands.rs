@@ -1045,7 +1045,9 @@ fn parse_key_spec(ks: &Value) -> Option<KeySpec> {
 ///   `payload_disable`, when the command has no value argument, or when that argument is a secret.
 /// * CONFIG: `subcommand=<argv[1] as typed>[ param=<argv[2]>]` (param for GET/SET only; never a
 ///   value).
-/// * AUTH: `password=<REDACTED>` for AUTH; `[protover=<n> ]username=<u> password=<REDACTED>` for HELLO.
+/// * AUTH: `[username=<u> ]password=<REDACTED>` for AUTH (the module's `password=<REDACTED>`, with
+///   the user asked for when one is given); `[protover=<n> ]username=<u> password=<REDACTED>` for
+///   HELLO.
 /// * anything else (OTHER, custom categories): `arg1=.. arg2=.. arg3=..`, each cut at 50 bytes with
 ///   `...`, then ` (and N more args)`; a secret is written `<REDACTED>`.
 ///
@@ -1108,6 +1110,16 @@ pub fn command_args_into(
             }
         }
         Category::Auth => {
+            // `AUTH <user> <password>`: the user asked for, so that a failed attempt shows whom it
+            // tried to become (the record's username is the user the command ran as).
+            if *d.command == *b"auth"
+                && args.len() >= 3
+                && let Some(user) = args.get(1)
+            {
+                out.extend_from_slice(b"username=");
+                push_field(out, d, 1, user, HELLO_FIELD_MAX);
+                out.push(b' ');
+            }
             if *d.command == *b"hello"
                 && let Some(at) = hello_auth_at(args)
             {
@@ -1813,7 +1825,10 @@ mod tests {
             args_text(&["ACL", "SETUSER", "bob", ">pw"]),
             "arg1=SETUSER arg2=bob arg3=<REDACTED>"
         );
-        assert_eq!(args_text(&["AUTH", "alice", "pw"]), "password=<REDACTED>");
+        assert_eq!(
+            args_text(&["AUTH", "alice", "pw"]),
+            "username=alice password=<REDACTED>"
+        );
         assert_eq!(args_text(&["AUTH", "pw"]), "password=<REDACTED>");
         assert_eq!(
             args_text(&["HELLO", "3", "AUTH", "alice", "alicepw", "SETNAME", "c"]),

@@ -792,7 +792,7 @@ fn auth_success_hides_the_password_and_changes_the_next_commands_user() {
         expect(
             "auth",
             Category::Auth,
-            "password=<REDACTED>",
+            "username=alice password=<REDACTED>",
             Outcome::Success,
             "",
             // The user the command ran as.
@@ -821,7 +821,7 @@ fn failed_auth_keeps_the_user() {
         expect(
             "auth",
             Category::Auth,
-            "password=<REDACTED>",
+            "username=alice password=<REDACTED>",
             Outcome::Failure,
             "WRONGPASS invalid username-password pair or user is disabled.",
             "default",
