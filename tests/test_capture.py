@@ -620,6 +620,38 @@ def test_ground_truth_20_connections(audited):
     assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
 
 
+def test_syscalls_over_64k_with_several_commands_or_arguments_lose_nothing(audited):
+    """Valkey moves more than 64 KiB per syscall for commands with several big arguments and for
+    pipelined replies: with the default capture cap every record is still exact and nothing is
+    reported lost."""
+    valkey, auditor = audited
+    c = valkey.client(single_connection_client=True)
+    assert c.execute_command("LPUSH", "big-list", *[b"q" * 70000] * 10) == 10
+    p = c.pipeline(transaction=False)
+    p.set("big-val", b"y" * 200000)
+    p.get("big-val")
+    p.strlen("big-val")
+    assert p.execute()[2] == 200000
+    c.set("not-int", "val")
+    p = c.pipeline(transaction=False)
+    for _ in range(20000):
+        p.incr("not-int")
+    assert len(p.execute(raise_on_error=False)) == 20000
+    c.close()
+    c.connection_pool.disconnect()  # the pipelines' connection
+    recs = auditor.wait_records(lambda rs: sum(r["command"] == "disconnection" for r in rs) >= 2)
+    mine = [r for r in recs if r["category"] != "CONNECTION"]
+    head = [(r["command"], r["keys"], r["result"]) for r in mine if r["command"] != "incrby"]
+    assert ("lpush", ["big-list"], "SUCCESS") in head
+    assert [h for h in head if h[1] == ["big-val"]] == [
+        ("set", ["big-val"], "SUCCESS"), ("get", ["big-val"], "SUCCESS"), ("strlen", ["big-val"], "SUCCESS")]
+    incrs = [r for r in mine if r["command"] == "incrby"]
+    assert len(incrs) == 20000
+    assert all(r["result"] == "FAILURE" and r["error"].startswith("ERR value is not an integer")
+               for r in incrs)
+    assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
+
+
 def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_auditor):
     auditor = start_auditor(valkey.pid, extra=("--capture-cap", "200"))
     c = Raw(valkey.port)

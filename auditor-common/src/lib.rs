@@ -10,7 +10,12 @@ pub const CHUNK_SIZE: usize = 16000;
 /// Upper bound of chunks per syscall; the effective bound is `CONFIG[CFG_CAPTURE_CAP] / CHUNK_SIZE`.
 pub const MAX_CHUNKS: u32 = 4096;
 /// Default capture cap per syscall (bytes). Past it the event's `total_len` says what was not copied.
-pub const DEFAULT_CAPTURE_CAP: u64 = 64 * 1024;
+/// User space skips such a tail by RESP lengths only while it lies inside one bulk payload; a tail
+/// that holds framing (the next argument's header, the next reply) costs a resync. Valkey moves
+/// more than 64 KiB in one syscall for commands with several large arguments (its reads of big
+/// bulks) and for pipelined replies (a `writev` of 64 KiB of reply blocks plus one more), so with a
+/// 64 KiB cap such commands lost their records and their neighbours' results; 1 MiB covers them.
+pub const DEFAULT_CAPTURE_CAP: u64 = 1024 * 1024;
 
 /// Index in the `CONFIG` array map: capture cap per syscall, bytes.
 pub const CFG_CAPTURE_CAP: u32 = 0;
