@@ -225,6 +225,9 @@ def test_secrets_never_logged(audited):
     for cmd in (
         ("ACL", "SETUSER", "bob", "on", ">bobsecret", "#" + "a" * 64, "~*", "+@all"),
         ("ACL", "SETUSER", "bob", "<bobsecret"),
+        # Errors that quote the rule: the secret must not come back through the error field.
+        ("ACL", "SETUSER", "bob", "<gonesecret"),
+        ("ACL", "SETUSER", "bob", "#shorthashsecret"),
         ("CONFIG", "SET", "requirepass", "reqsecret"),
         ("AUTH", "reqsecret"),
         ("CONFIG", "SET", "masterauth", "mastersecret", "maxmemory", "0"),
@@ -238,8 +241,10 @@ def test_secrets_never_logged(audited):
     recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
     text = auditor.log.read_bytes()
     for secret in (b"bobsecret", b"a" * 64, b"reqsecret", b"mastersecret", b"migsecret", b"mig2secret",
-                   b"hellosecret"):
+                   b"hellosecret", b"gonesecret", b"shorthashsecret"):
         assert secret not in text, secret
+    acl_errors = [r["error"] for r in recs if r["command"] == "acl|setuser" and r["result"] == "FAILURE"]
+    assert len(acl_errors) == 2 and all("<REDACTED>" in e for e in acl_errors), acl_errors
     cfg = [r for r in recs if r["command"] == "config|set"]
     assert len(cfg) == 3 and all(r["category"] == "CONFIG" for r in cfg)
     assert "param=requirepass" in cfg[0]["command_args"]

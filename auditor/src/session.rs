@@ -182,6 +182,10 @@ struct Pending {
     write_keys: u64,
     /// Subscribe-family confirmations seen so far.
     confirmations: u64,
+    /// The command's secret arguments (passwords), to be cut out of an error reply that quotes
+    /// them (`ACL SETUSER ... '<pw'` fails with a text naming `'<pw'`). Empty, with no allocation,
+    /// for almost every command.
+    secrets: Vec<Arg>,
 }
 
 struct Conn {
@@ -752,6 +756,11 @@ impl Session {
             effect,
             write_keys: d.write_keys as u64,
             confirmations: 0,
+            secrets: d
+                .secrets
+                .iter()
+                .filter_map(|&i| req.args.get(i).cloned())
+                .collect(),
         });
         // A command that gets no reply, with nothing before it: its record is complete now.
         if !expects_reply
@@ -880,6 +889,7 @@ impl Session {
         if reply.is_error() {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text);
+            redact_secrets(&mut p.record.error, &p.secrets);
         } else {
             p.record.result = Outcome::Success;
             p.record.keys_modified = p.write_keys;
@@ -936,6 +946,7 @@ impl Session {
                     {
                         q.record.result = Outcome::Failure;
                         fill_error(&mut q.record, text);
+                        redact_secrets(&mut q.record.error, &q.secrets);
                     } else {
                         q.record.result = Outcome::Success;
                         q.record.keys_modified = q.write_keys;
@@ -1195,6 +1206,13 @@ fn fill_error(rec: &mut Record, text: &[u8]) {
         if let Some(o) = object {
             e.extend_from_slice(b" acl_object=");
             e.extend_from_slice(o.as_bytes());
+        } else if reason == "key"
+            && rec.keys.len() == 1
+            && let Some(key) = rec.keys.iter().next()
+        {
+            // Valkey's text does not name the key; a command of one key can only mean that one.
+            e.extend_from_slice(b" acl_object=");
+            e.extend_from_slice(key);
         }
         rec.error = e;
         return;
@@ -1222,11 +1240,52 @@ fn fill_error(rec: &mut Record, text: &[u8]) {
         "CLUSTERDOWN",
         "TRYAGAIN",
     ];
-    if rejected.iter().any(|p| s.starts_with(p)) {
+    // Rejections with the command's name inside (texts of Valkey 9.1's processCommand).
+    let rejected_shape = (s.starts_with("ERR Command '")
+        && s.contains("' not allowed inside a transaction"))
+        || s.starts_with("ERR Can't execute '")
+        || (s.starts_with("ERR ") && s.contains(" command not allowed. If the "));
+    if rejected_shape || rejected.iter().any(|p| s.starts_with(p)) {
         let msg = s.strip_prefix("ERR ").unwrap_or(&s);
         rec.error = format!("rejected={msg}").into_bytes();
     } else {
         rec.error = text.to_vec();
+    }
+}
+
+/// Cut the command's secrets out of its error text: every occurrence of a secret argument, and of
+/// it without its ACL rule sign (`>pw`, `<pw`, `#hash`, `!hash`), becomes `<REDACTED>`. When only a
+/// prefix of a secret was kept, the text is cut where that prefix appears (the rest could be the
+/// secret's unseen end).
+fn redact_secrets(error: &mut Vec<u8>, secrets: &[Arg]) {
+    const REDACTED: &[u8] = b"<REDACTED>";
+    if error.is_empty() {
+        return;
+    }
+    for secret in secrets {
+        let whole = secret.prefix.as_slice();
+        let bare = match whole.split_first() {
+            Some((b'>' | b'<' | b'#' | b'!', rest)) if !rest.is_empty() => Some(rest),
+            _ => None,
+        };
+        for needle in std::iter::once(whole).chain(bare) {
+            if needle.is_empty() {
+                continue;
+            }
+            let mut out = Vec::with_capacity(error.len());
+            let mut rest = error.as_slice();
+            while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
+                out.extend_from_slice(&rest[..at]);
+                out.extend_from_slice(REDACTED);
+                if !secret.is_complete() {
+                    rest = &[];
+                    break;
+                }
+                rest = &rest[at + needle.len()..];
+            }
+            out.extend_from_slice(rest);
+            *error = out;
+        }
     }
 }
 

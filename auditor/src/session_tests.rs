@@ -660,7 +660,36 @@ fn error_texts() {
     assert_eq!(r.category, Category::Auth, "ACL denials are AUTH records");
     assert_eq!(s(&r.error), "acl_deny_reason=command");
     let r = w.roundtrip(&["GET", "k"], b"-NOPERM No permissions to access a key\r\n");
+    assert_eq!(s(&r.error), "acl_deny_reason=key acl_object=k");
+    // Of several keys, the text does not say which one was denied.
+    let r = w.roundtrip(
+        &["MGET", "k1", "k2"],
+        b"-NOPERM No permissions to access a key\r\n",
+    );
     assert_eq!(s(&r.error), "acl_deny_reason=key");
+    // Rejections whose text names the command (Valkey 9.1's processCommand).
+    for (words, text) in [
+        (
+            &["MULTI"][..],
+            "ERR Command 'multi' not allowed inside a transaction",
+        ),
+        (
+            &["DEBUG", "SLEEP", "0"][..],
+            "ERR DEBUG command not allowed. If the enable-debug-command option is set to \"local\", \
+             you can run it from a local connection",
+        ),
+        (
+            &["GET", "foo"][..],
+            "ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / \
+             RESET are allowed in this context",
+        ),
+    ] {
+        let r = w.roundtrip(words, format!("-{text}\r\n").as_bytes());
+        assert_eq!(s(&r.error), format!("rejected={}", &text[4..]));
+    }
+    // A command's own failure is not a rejection.
+    let r = w.roundtrip(&["SELECT", "99"], b"-ERR DB index is out of range\r\n");
+    assert_eq!(s(&r.error), "ERR DB index is out of range");
     let r = w.roundtrip(&["SET", "k", "v"], b"-NOAUTH Authentication required.\r\n");
     assert_eq!(s(&r.error), "rejected=NOAUTH Authentication required.");
     // RESP3 bulk errors count as errors too.
@@ -2319,4 +2348,43 @@ fn a_replica_link_is_audited_when_internal_clients_are_not_ignored() {
     let recs = w.take();
     assert_eq!(names(&recs), ["replconf", "psync", "disconnection"]);
     assert_eq!(s(&recs[2].command_args), "type=replica");
+}
+
+#[test]
+fn an_error_reply_that_quotes_a_secret_does_not_leak_it() {
+    let mut w = Wire::new();
+    let r = w.roundtrip(
+        &["ACL", "SETUSER", "dave", "on", ">DaveSecret", "<DaveGone"],
+        b"-ERR Error in ACL SETUSER modifier '<DaveGone': The password you are trying to remove \
+          from the user does not exist\r\n",
+    );
+    assert_eq!(r.result, Outcome::Failure);
+    assert_eq!(
+        s(&r.error),
+        "ERR Error in ACL SETUSER modifier '<REDACTED>': The password you are trying to remove \
+         from the user does not exist"
+    );
+    // Quoted without its rule sign, too.
+    let r = w.roundtrip(
+        &["ACL", "SETUSER", "dave", "#0123abcd"],
+        b"-ERR The password hash must be exactly 64 characters: 0123abcd\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "ERR The password hash must be exactly 64 characters: <REDACTED>"
+    );
+    assert_no_secret(&[r], "0123abcd");
+}
+
+#[test]
+fn an_error_quoting_a_secret_longer_than_what_was_kept_is_cut_there() {
+    // Arguments are kept up to 256 bytes (payload_maxsize 0 → the minimum keep).
+    let mut w = Wire::with(settings(&["audit.payload_maxsize", "0"]));
+    w.take();
+    let secret = format!("<{}", "p".repeat(600));
+    let r = w.roundtrip(
+        &["ACL", "SETUSER", "dave", &secret],
+        format!("-ERR Error in ACL SETUSER modifier '{secret}': no such password\r\n").as_bytes(),
+    );
+    assert_eq!(s(&r.error), "ERR Error in ACL SETUSER modifier '<REDACTED>");
 }
