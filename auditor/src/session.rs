@@ -1246,8 +1246,13 @@ fn fill_error(rec: &mut Record, text: &[u8]) {
         || s.starts_with("ERR Can't execute '")
         || (s.starts_with("ERR ") && s.contains(" command not allowed. If the "));
     if rejected_shape || rejected.iter().any(|p| s.starts_with(p)) {
-        let msg = s.strip_prefix("ERR ").unwrap_or(&s);
-        rec.error = format!("rejected={msg}").into_bytes();
+        // The server's own bytes (it quotes the client's, which may not be UTF-8): the formats
+        // escape them, where a lossy conversion would have turned them into U+FFFD.
+        let msg = text.strip_prefix(b"ERR ").unwrap_or(text);
+        let mut e = Vec::with_capacity(9 + msg.len());
+        e.extend_from_slice(b"rejected=");
+        e.extend_from_slice(msg);
+        rec.error = e;
     } else {
         rec.error = text.to_vec();
     }

@@ -687,6 +687,15 @@ fn error_texts() {
         let r = w.roundtrip(words, format!("-{text}\r\n").as_bytes());
         assert_eq!(s(&r.error), format!("rejected={}", &text[4..]));
     }
+    // The client's bytes quoted by the server stay bytes (escaped by the formats), not U+FFFD.
+    let r = w.roundtrip(
+        &["NO\u{ff}"],
+        b"-ERR unknown command 'NO\xff', with args beginning with: \r\n",
+    );
+    assert_eq!(
+        r.error,
+        b"rejected=unknown command 'NO\xff', with args beginning with: ".to_vec()
+    );
     // A command's own failure is not a rejection.
     let r = w.roundtrip(&["SELECT", "99"], b"-ERR DB index is out of range\r\n");
     assert_eq!(s(&r.error), "ERR DB index is out of range");
