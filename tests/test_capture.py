@@ -335,6 +335,34 @@ def test_transactions_exec_discard_and_reset(audited):
     ], got
 
 
+def test_client_garbage_is_a_protocol_error_record_not_a_loss(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("SET", "before-garbage", "1") + b"*2\r\n$-5\r\n")
+    # The server answers the SET, refuses the rest and closes the connection.
+    data = read_until(s, lambda b: b"Protocol error" in b)
+    assert data.startswith(b"+OK\r\n-ERR Protocol error"), data
+    s.close()
+    recs = auditor.wait_records(
+        lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    mine = commands_of(recs, port)
+    assert [(r["command"], r["result"]) for r in mine] == [("set", "SUCCESS"), ("protocol_error", "FAILURE")]
+    assert mine[1]["command_args"] == "reason=invalid bulk length"
+    assert mine[1]["error"] == "rejected=Protocol error: invalid bulk length"
+    assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
+
+    def info():
+        out = subprocess.run([REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return dict(l.split(":", 1) for l in out.splitlines() if ":" in l)
+
+    # The counters are published every 100 ms.
+    wait_until(lambda: info().get("audit_client_protocol_errors") == "1", timeout=10,
+               what="audit_client_protocol_errors:1")
+    assert info()["audit_lost_parser_resync_request"] == "0"
+
+
 def test_inline_command(audited):
     valkey, auditor = audited
     s = socket.create_connection(("127.0.0.1", valkey.port))

@@ -176,6 +176,13 @@ pub fn render_snapshot(s: &Snapshot, protocol: &str, format: &str, queue_bytes: 
         p.sample("auditor_lost_records_total", &[("cause", cause)], n);
     }
     p.single(
+        "auditor_client_protocol_errors_total",
+        "counter",
+        "Malformed requests from clients, written as protocol_error records; not losses \
+         (audit_client_protocol_errors).",
+        s.protocol_errors,
+    );
+    p.single(
         "auditor_lost_ring_buffer_bytes_total",
         "counter",
         "Bytes the kernel could not write to the full ring buffer (audit_lost_ring_buffer_bytes).",

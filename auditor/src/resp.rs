@@ -108,8 +108,9 @@ const MAX_REPLY_LEN_LINE: u64 = 64;
 /// A reused scratch buffer that grew beyond this is freed rather than kept for the next value, so
 /// an idle connection holds almost nothing.
 const SPARE_BUFFER_MAX: usize = 4096;
-/// Desync reason for a gap that `skip` could not absorb.
-const GAP_REASON: &str = "gap in stream";
+/// Desync reason for a gap that `skip` could not absorb. Every other reason is a protocol error in
+/// bytes that were all seen.
+pub const GAP_REASON: &str = "gap in stream";
 /// Largest argument count the request fast path takes; larger requests go through the state machine.
 const FAST_MAX_ARGS: i64 = 1024;
 /// Recycled argv vectors kept in a [`BufPool`], and the largest capacity worth keeping.

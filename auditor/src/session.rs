@@ -17,7 +17,8 @@ use crate::commands::{CommandTable, Described, FxBuildHasher, command_args, comm
 use crate::filter;
 use crate::record::{Category, CommandName, KeyList, Outcome, Record, ServerInfo};
 use crate::resp::{
-    BufPool, Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent, RequestParser,
+    BufPool, GAP_REASON, Reply, ReplyEvent, ReplyKind, ReplyParser, Request, RequestEvent,
+    RequestParser,
 };
 use crate::settings::Settings;
 
@@ -225,6 +226,9 @@ pub struct SessionStats {
     pub requests: u64,
     pub replies_unmatched: u64,
     pub request_resyncs: u64,
+    /// Malformed requests from clients (every byte seen; the server refuses them too): written as
+    /// `protocol_error` records, not as losses.
+    pub protocol_errors: u64,
     pub reply_resyncs: u64,
     pub bytes_skipped: u64,
     /// Records the filter stage did not write (exclusions, events, result mode).
@@ -535,6 +539,9 @@ impl Session {
                         self.on_request(&mut conn, &req, out);
                         self.pool.put_args(req.args);
                     }
+                    RequestEvent::Desync { reason } if reason != GAP_REASON => {
+                        self.on_protocol_error(&mut conn, reason, ts_ns, out);
+                    }
                     RequestEvent::Desync { reason } => {
                         self.stats.request_resyncs += 1;
                         let rec =
@@ -769,6 +776,41 @@ impl Session {
         {
             let ts = p.done_ts;
             self.finish_unknown(conn, p, "", ts, out);
+        }
+    }
+
+    /// The client sent bytes that are not RESP. Nothing was lost: every byte was seen, and the
+    /// server refuses them too, answering "-ERR Protocol error: ..." (then it closes the
+    /// connection). So this is a `protocol_error` request in the FIFO, completed by that reply
+    /// like any command and written in its place, not an AUDIT_LOSS record.
+    fn on_protocol_error(
+        &mut self,
+        conn: &mut Conn,
+        reason: &str,
+        ts_ns: u64,
+        out: &mut impl RecordOut,
+    ) {
+        self.stats.protocol_errors += 1;
+        let mut record = self.connection_record(conn, b"protocol_error", b"", ts_ns);
+        record.category = Category::Other;
+        record.result = Outcome::Unknown;
+        record.command_args = format!("reason={reason}").into_bytes();
+        // No reply comes while replies are off.
+        let expects_reply = conn.reply_mode == ReplyMode::On;
+        let p = Pending {
+            record,
+            settings: self.settings_at(ts_ns),
+            done_ts: ts_ns,
+            expects_reply,
+            effect: Effect::None,
+            write_keys: 0,
+            confirmations: 0,
+            secrets: Vec::new(),
+        };
+        if !expects_reply && conn.pending.is_empty() {
+            self.finish_unknown(conn, p, "", ts_ns, out);
+        } else {
+            conn.pending.push_back(p);
         }
     }
 

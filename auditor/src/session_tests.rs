@@ -1819,10 +1819,12 @@ fn failures_mode_keeps_failures_and_auth() {
 #[test]
 fn audit_loss_records_are_never_filtered() {
     let mut w = Wire::with(settings(&["audit.events", "none"]));
-    w.client(b"*x\r\n");
+    w.client(&cmd(&["SET", "k", "v"]));
+    w.client_gap(5);
+    w.client(&cmd(&["GET", "k"]));
     assert_eq!(
         loss_records(&w.take()),
-        ["cause=parser_resync_request count=1 reason=invalid multibulk length"]
+        ["cause=parser_resync_request count=1 reason=gap in stream"]
     );
 }
 
@@ -1991,7 +1993,7 @@ fn monitor_lines_are_not_replies() {
 // ------------------------------------------------------------------------------------------------
 
 #[test]
-fn malformed_requests_are_losses_and_the_next_command_is_found() {
+fn malformed_requests_are_protocol_errors_not_losses_and_the_next_command_is_found() {
     let cases: &[(&[u8], &str)] = &[
         (b"*x\r\n", "invalid multibulk length"),
         (b"*3000000000\r\n", "invalid multibulk length"),
@@ -2003,20 +2005,26 @@ fn malformed_requests_are_losses_and_the_next_command_is_found() {
     ];
     for &(input, reason) in cases {
         let mut w = Wire::new();
-        w.client(input);
+        w.take();
+        let mut sent = cmd(&["SET", "k", "v"]);
+        sent.extend_from_slice(input);
+        w.client(&sent);
+        // Every byte was seen: the client is at fault, nothing is lost. The server answers the
+        // SET, then the protocol error; the records come in that order.
+        assert!(w.take().is_empty(), "{}", s(input));
+        w.server(format!("+OK\r\n-ERR Protocol error: {reason}\r\n").as_bytes());
         let recs = w.take();
-        assert_eq!(
-            loss_records(&recs),
-            [format!(
-                "cause=parser_resync_request count=1 reason={reason}"
-            )],
-            "{}",
-            s(input)
-        );
-        assert_eq!(recs.len(), 1);
-        assert_eq!(w.stats().request_resyncs, 1);
-        // The server answers the protocol error; then the client reconnects or, here, goes on.
-        w.server(b"-ERR Protocol error: invalid multibulk length\r\n");
+        assert!(loss_records(&recs).is_empty(), "{}", s(input));
+        assert_eq!(names(&recs), ["set", "protocol_error"], "{}", s(input));
+        let e = &recs[1];
+        assert_eq!(e.category, Category::Other);
+        assert_eq!(e.result, Outcome::Failure);
+        assert_eq!(s(&e.command_args), format!("reason={reason}"));
+        assert_eq!(s(&e.error), format!("rejected=Protocol error: {reason}"));
+        assert_eq!(&*e.client_ip, CLIENT_IP);
+        assert_eq!(w.stats().protocol_errors, 1);
+        assert_eq!(w.stats().request_resyncs, 0);
+        // Then the client reconnects or, here, goes on.
         let p = w.roundtrip(&["PING"], b"+PONG\r\n");
         assert_eq!(
             (s(&p.command), p.result),
@@ -2163,14 +2171,23 @@ fn random_garbage_never_panics_and_every_request_gets_one_record() {
             .iter()
             .filter(|r| r.category == Category::AuditLoss)
             .count() as u64;
-        assert!(losses >= 1, "seed {seed}: garbage went unnoticed");
+        let protocol_errors = recs
+            .iter()
+            .filter(|r| &*r.command == b"protocol_error")
+            .count() as u64;
+        assert!(
+            losses + protocol_errors >= 1,
+            "seed {seed}: garbage went unnoticed"
+        );
+        assert_eq!(protocol_errors, st.protocol_errors, "seed {seed}");
         // The garbage holds enough real commands to keep the parsers busy, not only resyncing.
         assert!(st.requests >= 10, "seed {seed}: {st:?}");
         assert_eq!(losses, st.request_resyncs + st.reply_resyncs, "seed {seed}");
         let commands = recs
             .iter()
             .filter(|r| !matches!(r.category, Category::AuditLoss | Category::Connection))
-            .count() as u64;
+            .count() as u64
+            - protocol_errors;
         assert_eq!(commands + st.filtered, st.requests, "seed {seed}: {st:?}");
         assert_eq!(
             names(&recs).last().map(String::as_str),
@@ -2198,8 +2215,14 @@ fn pure_random_bytes_as_requests() {
     }
     w.close();
     let recs = w.take();
-    assert!(!loss_records(&recs).is_empty());
-    assert_eq!(loss_records(&recs).len() as u64, w.stats().request_resyncs);
+    // Random bytes seen whole are the client's protocol errors, not losses.
+    assert!(loss_records(&recs).is_empty());
+    let errors = recs
+        .iter()
+        .filter(|r| &*r.command == b"protocol_error")
+        .count() as u64;
+    assert!(errors >= 1);
+    assert_eq!(errors, w.stats().protocol_errors);
     for r in &recs {
         assert!(r.command_args.len() <= 4096);
     }
