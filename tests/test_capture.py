@@ -710,6 +710,8 @@ def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_
     assert any("cause=parser_resync_request" in r["command_args"] for r in loss)
     assert all(r["command_args"].startswith(("cause=parser_resync_request", "cause=parser_resync_reply"))
                for r in loss)
+    # Each says how many bytes it never saw (the part of a 16 KiB read past the 200-byte cap).
+    assert all(int(r["command_args"].split(" bytes=")[1].split()[0]) > 0 for r in loss)
     assert mine[-1]["command"] == "get" and mine[-1]["keys"] == ["after"] and mine[-1]["result"] == "SUCCESS"
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
 

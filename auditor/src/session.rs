@@ -518,11 +518,14 @@ impl Session {
         let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
             return;
         };
+        // Bytes of this stream never seen, this call: a resync's loss record says how many.
+        let mut unseen = uncaptured_tail;
         if inbound {
             let mut events = std::mem::take(&mut self.scratch_req);
             if pos > conn.in_expected {
                 let gap = pos - conn.in_expected;
                 self.stats.bytes_skipped += gap;
+                unseen += gap;
                 conn.requests.skip(gap, &mut events);
             }
             conn.requests
@@ -544,8 +547,14 @@ impl Session {
                     }
                     RequestEvent::Desync { reason } => {
                         self.stats.request_resyncs += 1;
-                        let rec =
-                            self.loss_record(&conn, LossCause::RequestResync, reason, 1, ts_ns);
+                        let rec = self.loss_record(
+                            &conn,
+                            LossCause::RequestResync,
+                            reason,
+                            1,
+                            unseen,
+                            ts_ns,
+                        );
                         self.push(rec, ts_ns, out);
                     }
                 }
@@ -559,6 +568,7 @@ impl Session {
             if pos > conn.out_expected {
                 let gap = pos - conn.out_expected;
                 self.stats.bytes_skipped += gap;
+                unseen += gap;
                 conn.replies.skip(gap, &mut events);
             }
             conn.replies
@@ -578,7 +588,14 @@ impl Session {
                     ReplyEvent::Desync { reason } => {
                         self.stats.reply_resyncs += 1;
                         let n = conn.pending.len() as u64;
-                        let rec = self.loss_record(&conn, LossCause::ReplyResync, reason, n, ts_ns);
+                        let rec = self.loss_record(
+                            &conn,
+                            LossCause::ReplyResync,
+                            reason,
+                            n,
+                            unseen,
+                            ts_ns,
+                        );
                         self.push(rec, ts_ns, out);
                         // The replies of everything in flight are gone: say so rather than guess.
                         while let Some(p) = conn.pending.pop_front() {
@@ -1182,13 +1199,17 @@ impl Session {
         cause: LossCause,
         reason: &str,
         count: u64,
+        unseen_bytes: u64,
         ts_ns: u64,
     ) -> Record {
         let mut rec = self.connection_record(conn, b"loss", b"", ts_ns);
         rec.category = Category::AuditLoss;
         rec.result = Outcome::Failure;
-        rec.command_args =
-            format!("cause={} count={count} reason={reason}", cause.as_str()).into_bytes();
+        rec.command_args = format!(
+            "cause={} count={count} bytes={unseen_bytes} reason={reason}",
+            cause.as_str()
+        )
+        .into_bytes();
         rec
     }
 

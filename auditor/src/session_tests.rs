@@ -1416,7 +1416,7 @@ fn gap_that_breaks_request_framing_is_a_loss_and_the_parser_recovers() {
     assert_eq!(s(&loss.command), "loss");
     assert_eq!(
         s(&loss.command_args),
-        "cause=parser_resync_request count=1 reason=gap in stream"
+        "cause=parser_resync_request count=1 bytes=7 reason=gap in stream"
     );
     assert_eq!(loss.result, Outcome::Failure);
     assert_eq!(s(&loss.username), "default");
@@ -1454,7 +1454,7 @@ fn gap_between_requests_is_a_loss() {
     let recs = w.take();
     assert_eq!(
         loss_records(&recs),
-        ["cause=parser_resync_request count=1 reason=gap in stream"]
+        ["cause=parser_resync_request count=1 bytes=14 reason=gap in stream"]
     );
     // A gap at a command boundary may have ended anywhere: the next bytes are only trusted from a
     // `*<n>\r\n$` at a line start, which `GET b` is.
@@ -1482,7 +1482,7 @@ fn reply_gap_writes_the_pending_requests_as_unknown() {
     assert_eq!(names(&recs), ["loss", "get", "get"]);
     assert_eq!(
         s(&recs[0].command_args),
-        "cause=parser_resync_reply count=2 reason=gap in stream"
+        "cause=parser_resync_reply count=2 bytes=7 reason=gap in stream"
     );
     assert_eq!(recs[0].category, Category::AuditLoss);
     assert_eq!(recs[0].result, Outcome::Failure);
@@ -1824,7 +1824,7 @@ fn audit_loss_records_are_never_filtered() {
     w.client(&cmd(&["GET", "k"]));
     assert_eq!(
         loss_records(&w.take()),
-        ["cause=parser_resync_request count=1 reason=gap in stream"]
+        ["cause=parser_resync_request count=1 bytes=5 reason=gap in stream"]
     );
 }
 
@@ -2044,7 +2044,7 @@ fn malformed_replies_are_losses() {
     assert_eq!(names(&recs), ["loss", "get", "get"]);
     assert_eq!(
         s(&recs[0].command_args),
-        "cause=parser_resync_reply count=2 reason=unknown reply type byte"
+        "cause=parser_resync_reply count=2 bytes=0 reason=unknown reply type byte"
     );
     assert!(recs[1..].iter().all(|r| r.result == Outcome::Unknown));
     assert_eq!(w.stats().reply_resyncs, 1);
@@ -2297,7 +2297,7 @@ fn reply_gap_that_loses_an_exec_reply_neither_drops_nor_misjudges_queued_command
     recs.extend(w.take());
     assert_eq!(
         loss_records(&recs),
-        ["cause=parser_resync_reply count=2 reason=gap in stream"]
+        ["cause=parser_resync_reply count=2 bytes=9 reason=gap in stream"]
     );
     // A new transaction, fully captured.
     w.client(&cmd(&["MULTI"]));
