@@ -243,6 +243,22 @@ def test_file_mode_0640_and_missing_directory_is_a_clear_error(valkey, start_aud
     assert not missing.parent.exists()
     assert_gapless(recs)
 
+    # Destinations the sink could not open are refused too, not accepted and then never switched to:
+    # a path that is a directory, and a syslog collector nobody listens on.
+    isdir = tmp_path / "isdir.log"
+    isdir.mkdir()
+    reply = cli(a, "CONFIG", "SET", "audit.protocol", f"file {isdir}")
+    assert reply.startswith("ERR") and "Is a directory" in reply, reply
+    reply = cli(a, "CONFIG", "SET", "audit.protocol", "syslog local2",
+                "audit.syslog_target", f"tcp://127.0.0.1:{free_port()}")
+    assert reply.startswith("ERR") and "audit.protocol" in reply, reply
+    assert config_get(a, "audit.protocol")["audit.protocol"] == f"file {live}"
+    assert config_get(a, "audit.syslog_target")["audit.syslog_target"] == "local"
+    Raw(valkey.port).call("SET", "still", "there")
+    recs = a.wait_records(lambda rs: "there" in [r["command_args"].split("payload=")[-1] for r in rs],
+                          what="record in the running file after the refused CONFIG SETs")
+    assert_gapless(recs)
+
 
 def test_roll_by_size_then_retention_by_total_size(valkey, start_auditor, tmp_path):
     logs = tmp_path / "logs"

@@ -109,23 +109,56 @@ pub fn open_sink(s: &Settings) -> Result<ActiveSink, SinkError> {
     })
 }
 
-/// Check that `s` names a usable destination without keeping it open (CONFIG SET validation).
+/// Check that `s` names a usable destination (CONFIG SET validation), so that a destination the
+/// sink thread could not open is refused with an error and the running one stays in use, rather
+/// than accepted and then silently not switched to.
 pub fn validate(s: &Settings) -> Result<(), String> {
     match &s.protocol {
         Protocol::File(path) => {
             file_options(s, path).map_err(|e| e.message)?;
-            if let Some(dir) = path.parent()
-                && !dir.as_os_str().is_empty()
-                && !dir.is_dir()
-            {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
                 return Err(format!(
                     "audit log directory {} does not exist",
                     dir.display()
                 ));
             }
+            if is_per_server(path) {
+                // Files are made per server later: the directory must take new files.
+                let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+                    .map_err(|_| format!("bad audit log directory {}", dir.display()))?;
+                // SAFETY: a valid NUL-terminated path.
+                if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK) } != 0 {
+                    return Err(format!(
+                        "audit log directory {} is not writable: {}",
+                        dir.display(),
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            } else {
+                // Opened as the sink opens it (append, created 0640): a directory, a read-only
+                // file or directory fails here.
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o640)
+                    .open(path)
+                    .map_err(|e| format!("cannot open audit log {}: {e}", path.display()))?;
+            }
             Ok(())
         }
-        Protocol::Syslog(f) => syslog_options(s, f).map(|_| ()).map_err(|e| e.message),
+        Protocol::Syslog(f) => {
+            let options = syslog_options(s, f).map_err(|e| e.message)?;
+            // The same open the switch does (a socket; for TCP a connection, closed again).
+            SyslogSink::open(options)
+                .map(drop)
+                .map_err(|e| e.message)
+        }
+        // The TCP sink never fails to open: it connects, buffers and spools in the background.
         Protocol::Tcp => Ok(()),
     }
 }
