@@ -154,9 +154,7 @@ pub fn validate(s: &Settings) -> Result<(), String> {
         Protocol::Syslog(f) => {
             let options = syslog_options(s, f).map_err(|e| e.message)?;
             // The same open the switch does (a socket; for TCP a connection, closed again).
-            SyslogSink::open(options)
-                .map(drop)
-                .map_err(|e| e.message)
+            SyslogSink::open(options).map(drop).map_err(|e| e.message)
         }
         // The TCP sink never fails to open: it connects, buffers and spools in the background.
         Protocol::Tcp => Ok(()),
