@@ -671,6 +671,58 @@ def test_rsyslog_receives_every_record_in_order_with_facility(valkey, start_audi
         rs.stop()
 
 
+def test_udp_syslog_record_longer_than_a_datagram_is_a_counted_loss_not_a_torn_message(valkey, start_auditor):
+    """An MSET of 100 keys of 1 KB makes a JSON record of ~100 KB, more than one UDP datagram carries
+    (65,507 bytes): it must not arrive cut (invalid JSON), nor vanish uncounted."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(0.1)
+    a = start_auditor(valkey.pid, settings=("audit.protocol", "syslog local3", "audit.syslog_target",
+                                            f"udp://127.0.0.1:{receiver.getsockname()[1]}"))
+    received = []
+
+    def receive(until):
+        def done():
+            while True:
+                try:
+                    message = receiver.recv(1 << 17)
+                except socket.timeout:
+                    break
+                assert message.startswith(b"<157>"), message[:40]  # local3.notice
+                head, sep, record = message.partition(b"]: ")
+                assert sep and head.endswith(f" valkey-audit[{a.proc.pid}".encode()), message[:80]
+                received.append(json.loads(record))  # a torn record fails here
+            return until(received)
+        return done
+
+    s = connect(valkey.port)
+    fits = [f"fit{i:02d}".ljust(1000, "k") for i in range(50)]  # ~52 KB: one datagram
+    too_long = [f"big{i:03d}".ljust(1000, "k") for i in range(100)]
+    for keys in (fits, too_long):
+        s.sendall(resp("MSET", *[w for k in keys for w in (k, "v")]))
+        assert s.recv(16) == b"+OK\r\n"
+    s.sendall(resp("ECHO", "after-the-long-one"))
+    assert s.recv(64) == b"$18\r\nafter-the-long-one\r\n"
+    s.close()
+    wait_until(receive(lambda rs: loss_counts(rs, "record_too_long")
+                       and any(r["command_args"] == "arg1=after-the-long-one" for r in rs)),
+               timeout=15, what="the records after the long one and the AUDIT_LOSS record")
+    receiver.close()
+
+    msets = [r for r in received if r["command"] == "mset"]
+    assert [r["keys"] for r in msets] == [fits], "the 50-key record arrives whole, the 100-key one not at all"
+    assert loss_counts(received, "record_too_long") == [1]
+    loss = next(r for r in received if r["category"] == "AUDIT_LOSS")
+    assert int(re.search(r"\bbytes=(\d+)", loss["command_args"]).group(1)) > 100_000
+    assert info(a)["audit_lost_sink"] == "1"
+    assert info(a)["audit_syslog_status"] == "connected"
+    # seq: the one record not sent is the only gap.
+    seqs = sorted(r["seq"] for r in received)
+    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+    assert len(missing) == 1 and msets[0]["seq"] < missing[0] < loss["seq"], (missing, seqs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # TCP collector
 

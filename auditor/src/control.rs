@@ -26,8 +26,8 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -40,6 +40,10 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Decoder, FramedRead};
+
+use crate::argv::Arg;
+use crate::commands::{CommandTable, command_args};
+use crate::record::Category;
 
 /// What the control port needs from the daemon. Implemented in main.rs.
 ///
@@ -66,14 +70,17 @@ pub trait ControlBackend: Send + Sync + 'static {
     fn info_audit(&self) -> Vec<(String, String)>;
     /// Control password currently in force (None = no auth required). Checked at each command.
     fn control_password(&self) -> Option<String>;
-    /// Write an audit record (CONFIG category) for a CONFIG SET / CONFIG REWRITE / CONFIG
-    /// RESETSTAT, accepted or refused, and for a control AUTH or HELLO AUTH, successful or failed.
+    /// Write an audit record for a CONFIG SET / CONFIG REWRITE / CONFIG RESETSTAT, accepted or
+    /// refused, and for a control AUTH or HELLO AUTH, successful or failed, with the category
+    /// [`control_event_category`] gives (AUTH for AUTH and HELLO, like the server's records of them).
     /// `command` is "config|set", "config|rewrite", "config|resetstat", "auth" or "hello"; `args` is
-    /// "param=<name> [param=<name>...]" for CONFIG SET (never values), "password=<REDACTED>" for
-    /// AUTH/HELLO, "" otherwise; `client` is the control client's address; `user` is the control
-    /// user ("default"), or for AUTH/HELLO the user name the client tried; `error` is the error
-    /// reply text without "ERR " ("" on success). The record must be written even when the change
-    /// just disabled auditing, so that turning the audit off is itself audited.
+    /// "param=<name> [param=<name>...]" for CONFIG SET (never values), for AUTH/HELLO what the
+    /// server's records of them show (`[username=<u> ]password=<REDACTED>`, HELLO's preceded by
+    /// `protover=<n> `), "" otherwise; `client` is the control client's address; `user` is the user
+    /// the command ran as, always the control user ("default": a failed AUTH changes nothing, and
+    /// the user an AUTH asked for is in `args`); `error` is the error reply text without "ERR " (""
+    /// on success). The record must be written even when the change just disabled auditing, so
+    /// that turning the audit off is itself audited.
     fn audit_control_event(
         &self,
         command: &str,
@@ -109,6 +116,17 @@ const AUDIT_INFO_HEADER: &str = "# audit";
 const SECRET_SETTING_SUFFIX: &str = "requirepass";
 /// What AUTH and HELLO AUTH records say instead of the password.
 const REDACTED_PASSWORD: &str = "password=<REDACTED>";
+/// The only user of the control port: every control command runs as it.
+const CONTROL_USER: &str = "default";
+
+/// The category of a control event's record: AUTH for AUTH and HELLO ... AUTH, as the server's
+/// records of those commands have, CONFIG for the CONFIG subcommands.
+pub fn control_event_category(command: &str) -> Category {
+    match command {
+        "auth" | "hello" => Category::Auth,
+        _ => Category::Config,
+    }
+}
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -1173,7 +1191,7 @@ fn credentials_valid(user: &[u8], password: &[u8], required: Option<&str>) -> bo
         None => true,
         Some(expected) => password_matches(password, expected.as_bytes()),
     };
-    password_ok && user == b"default"
+    password_ok && user == CONTROL_USER.as_bytes()
 }
 
 async fn execute(
@@ -1267,7 +1285,7 @@ async fn execute(
                     command: "config|resetstat",
                     args: String::new(),
                     client: client.peer,
-                    user: "default".into(),
+                    user: CONTROL_USER.into(),
                     error: String::new(),
                 })
                 .await;
@@ -1330,41 +1348,60 @@ async fn auth(client: &mut Client, shared: &Shared, args: &[Bytes]) -> Reply {
         if required.is_none() {
             let error = "AUTH <password> called without any password configured for the default \
                          user. Are you sure your configuration is correct?";
-            audit_auth(shared, "auth", client.peer, b"default", error).await;
+            audit_auth(shared, "auth", client.peer, args, error).await;
             return Reply::err(format!("ERR {error}"));
         }
-        (&b"default"[..], &args[1])
+        (CONTROL_USER.as_bytes(), &args[1])
     } else {
         (&args[1][..], &args[2])
     };
     if credentials_valid(user, password, required.as_deref()) {
-        audit_auth(shared, "auth", client.peer, user, "").await;
+        audit_auth(shared, "auth", client.peer, args, "").await;
         client.authenticated = true;
         Reply::ok()
     } else {
-        audit_auth(shared, "auth", client.peer, user, WRONGPASS).await;
-        Reply::err(format!("WRONGPASS {WRONGPASS}"))
+        audit_auth(shared, "auth", client.peer, args, WRONGPASS).await;
+        Reply::err(WRONGPASS)
     }
 }
 
-const WRONGPASS: &str = "invalid username-password pair or user is disabled.";
+/// The reply to a wrong user or password, and the `error` of its record (the whole reply text, as
+/// in the server's records of a failed AUTH).
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 
+/// The record of an AUTH or HELLO ... AUTH: run as the control user whatever the outcome, naming
+/// the user asked for in its arguments.
 async fn audit_auth(
     shared: &Shared,
     command: &'static str,
     peer: SocketAddr,
-    user: &[u8],
+    args: &[Bytes],
     error: &str,
 ) {
     shared
         .audit(ControlEvent {
             command,
-            args: REDACTED_PASSWORD.into(),
+            args: auth_record_args(args),
             client: peer,
-            user: truncated(user, 128),
+            user: CONTROL_USER.into(),
             error: error.into(),
         })
         .await;
+}
+
+/// `command_args` of an AUTH or HELLO record, made by the code that makes the server's records of
+/// those commands, so that both read alike and the password is redacted by the same rules.
+fn auth_record_args(args: &[Bytes]) -> String {
+    static TABLE: OnceLock<Option<CommandTable>> = OnceLock::new();
+    // The daemon refuses to start without the embedded table, so this fallback is never used;
+    // it still names no secret.
+    let Some(table) = TABLE.get_or_init(|| CommandTable::builtin().ok()) else {
+        return REDACTED_PASSWORD.into();
+    };
+    let argv: Vec<Arg> = args.iter().map(|a| Arg::new(a)).collect();
+    let described = table.describe(&argv, argv.len() as u64);
+    // The payload settings apply to KEY_OP records only.
+    String::from_utf8_lossy(&command_args(&described, &argv, true, 0)).into_owned()
 }
 
 async fn hello(client: &mut Client, shared: &Shared, args: &[Bytes]) -> Reply {
@@ -1406,10 +1443,10 @@ async fn hello(client: &mut Client, shared: &Shared, args: &[Bytes]) -> Reply {
     if let Some((user, password)) = credentials {
         let required = shared.backend.control_password();
         if !credentials_valid(user, password, required.as_deref()) {
-            audit_auth(shared, "hello", client.peer, user, WRONGPASS).await;
-            return Reply::err(format!("WRONGPASS {WRONGPASS}"));
+            audit_auth(shared, "hello", client.peer, args, WRONGPASS).await;
+            return Reply::err(WRONGPASS);
         }
-        audit_auth(shared, "hello", client.peer, user, "").await;
+        audit_auth(shared, "hello", client.peer, args, "").await;
         client.authenticated = true;
     }
     if !client.authenticated && shared.password_required() {
@@ -1680,7 +1717,7 @@ async fn config_set(client: &Client, shared: &Shared, words: &[Bytes]) -> Reply 
             command: "config|set",
             args: params,
             client: client.peer,
-            user: "default".into(),
+            user: CONTROL_USER.into(),
             error: result.clone().err().unwrap_or_default(),
         })
         .await;
@@ -1731,7 +1768,7 @@ async fn config_rewrite(client: &Client, shared: &Shared) -> Reply {
             command: "config|rewrite",
             args: String::new(),
             client: client.peer,
-            user: "default".into(),
+            user: CONTROL_USER.into(),
             error: result.clone().err().unwrap_or_default(),
         })
         .await;
@@ -2242,11 +2279,66 @@ mod tests {
             "-ERR syntax error\r\n"
         );
         let events = backend.events();
-        assert_eq!(events.len(), 3);
-        assert!(!events[0].success);
+        let summary: Vec<(&str, &str, &str, bool)> = events
+            .iter()
+            .map(|e| {
+                let (command, args, user) = (e.command.as_str(), e.args.as_str(), e.user.as_str());
+                (command, args, user, e.success)
+            })
+            .collect();
+        // The user a command ran as is the control user, whoever an AUTH asked for; the arguments
+        // name the user asked for, as the server's AUTH records do.
+        assert_eq!(
+            summary,
+            [
+                ("auth", "password=<REDACTED>", "default", false),
+                (
+                    "auth",
+                    "username=default password=<REDACTED>",
+                    "default",
+                    true
+                ),
+                ("auth", "username=bob password=<REDACTED>", "default", false),
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hello_auth_records_name_the_user_asked_for_like_the_servers() {
+        let backend = FakeBackend::new("pw");
+        let port = start(backend.clone()).await;
+        let mut c = TestClient::connect(port).await;
+        let wrongpass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+        assert_eq!(
+            c.cmd(&["HELLO", "3", "AUTH", "bob", "wrong"]).await,
+            wrongpass
+        );
+        let hello = c
+            .cmd(&["HELLO", "2", "AUTH", "default", "pw", "SETNAME", "x"])
+            .await;
+        assert!(hello.starts_with("*14\r\n"), "{hello}");
+        let events = backend.events();
+        assert_eq!(
+            events[0],
+            Event {
+                command: "hello".into(),
+                args: "protover=3 username=bob password=<REDACTED>".into(),
+                user: "default".into(),
+                success: false,
+                error: WRONGPASS.into(),
+            }
+        );
+        assert_eq!(
+            (events[1].args.as_str(), events[1].user.as_str()),
+            ("protover=2 username=default password=<REDACTED>", "default")
+        );
         assert!(events[1].success);
-        assert_eq!(events[2].user, "bob");
-        assert!(events.iter().all(|e| e.args == "password=<REDACTED>"));
+        assert!(events.iter().all(|e| !e.args.contains("wrong")));
+        assert_eq!(control_event_category("hello"), Category::Auth);
+        assert_eq!(control_event_category("auth"), Category::Auth);
+        for config in ["config|set", "config|rewrite", "config|resetstat"] {
+            assert_eq!(control_event_category(config), Category::Config);
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -2303,18 +2395,27 @@ mod tests {
         let events = backend.events();
         let summary: Vec<(&str, &str, bool)> = events
             .iter()
-            .map(|e| (e.command.as_str(), e.user.as_str(), e.success))
+            .map(|e| (e.command.as_str(), e.args.as_str(), e.success))
             .collect();
         assert_eq!(
             summary,
             [
-                ("auth", "default", false),
-                ("auth", "admin", false),
-                ("hello", "default", false),
-                ("auth", "default", true),
-                ("hello", "default", true),
+                ("auth", "password=<REDACTED>", false),
+                ("auth", "username=admin password=<REDACTED>", false),
+                (
+                    "hello",
+                    "protover=3 username=default password=<REDACTED>",
+                    false
+                ),
+                ("auth", "password=<REDACTED>", true),
+                (
+                    "hello",
+                    "protover=3 username=default password=<REDACTED>",
+                    true
+                ),
             ]
         );
+        assert!(events.iter().all(|e| e.user == "default"));
         assert!(events.iter().all(|e| !e.args.contains("s3cre")));
 
         // A second client is not logged in by the first.

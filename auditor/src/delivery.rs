@@ -561,8 +561,13 @@ pub fn run_sink(
             let _ = sink.tick();
             let loss = sink.take_loss();
             if loss.records > 0 {
-                queue.report_loss("sink_overflow", loss.records, loss.bytes);
+                queue.report_loss(sink.loss_cause(), loss.records, loss.bytes);
                 sink_reported += loss.records;
+            }
+            // Loss records among the dropped lines: what they said is said again (their causes'
+            // counters already counted it).
+            for c in &loss.carried {
+                queue.report_loss(&c.cause, c.count, c.bytes);
             }
             // INFO shows sink losses at once, reported or not yet.
             metrics

@@ -624,7 +624,7 @@ impl ControlBackend for Backend {
         // Setting names only: a value never reaches a record, and secret settings are named only.
         let now = clock_ns(libc::CLOCK_MONOTONIC);
         let mut rec = Record::event(
-            Category::Config,
+            control::control_event_category(command),
             command.as_bytes(),
             (now + self.wall_offset) / 1000,
             &self.hostname,

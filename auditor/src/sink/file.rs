@@ -10,17 +10,21 @@
 //! - The live file is created 0640 (less the umask) in a directory that must exist. It is reopened
 //!   on SIGHUP ([`Sink::reopen`]), on a new path ([`FileSink::reconfigure`]) and when `tick` finds
 //!   that the path no longer names the open file, so logrotate's move-and-create works unchanged.
-//! - Rolling renames the live file to `<stem>-YYYYMMDD-HHMMSS[-N].<ext>` beside it (no `.<ext>` when
-//!   the live file has none). The timestamp is the local time the file's content began (when it
-//!   was opened or the previous file was rolled), so timestamps never decrease; `-N` (1, 2, ...)
-//!   separates files begun in the same second and is always higher than any taken before.
-//!   [`FileSink::rolled_files`] and retention order files by (timestamp, N). A plain byte sort
-//!   agrees except within one second when the live file has an extension: `audit-…-143000-1.log`
-//!   sorts before `audit-…-143000.log` because `-` sorts before `.`.
+//!   A deleted file (`st_nlink` 0) is noticed before each batch, so no batch goes into it; when its
+//!   directory is gone too, the batch fails and is kept until the directory is back.
+//! - Rolling renames the live file to `<stem>-YYYYMMDD-HHMMSS-NNNN.<ext>` beside it (no `.<ext>`
+//!   when the live file has none). The timestamp is the local time the file's content began (when
+//!   it was opened or the previous file was rolled), so timestamps never decrease; the zero-padded
+//!   counter (`0001`, `0002`, ...) separates files begun in the same second and is always higher
+//!   than any taken before. So a plain byte sort (`ls`) is the order the files were rolled in,
+//!   which [`FileSink::rolled_files`] and retention use too: by (timestamp, counter), which also
+//!   places the `-N`-less and unpadded `-N` names of earlier versions.
+//! - A roll that fails (a read-only directory, say) leaves the live file open and growing: the sink
+//!   shows as failing in INFO until a roll works again, and stderr says so once per series.
 //! - Retention: with `archive_command` set, every rolled file is given to the command (in a
-//!   background thread, one at a time, retried with back-off) and nothing is deleted; otherwise the
-//!   oldest rolled files are deleted while their total exceeds `max_log_size`. Only files named
-//!   after the live file's pattern are ever touched.
+//!   background thread, one at a time, retried with back-off; giving up on a file is said on
+//!   stderr) and nothing is deleted; otherwise the oldest rolled files are deleted while their
+//!   total exceeds `max_log_size`. Only files named after the live file's pattern are ever touched.
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -58,6 +62,10 @@ const ARCHIVE_STDERR_TAIL: usize = 300;
 /// `YYYYMMDD-HHMMSS`, the timestamp in a rolled file's name.
 const STAMP_FORMAT: &str = "%Y%m%d-%H%M%S";
 const STAMP_LEN: usize = 15;
+/// Digits of the same-second counter in a rolled file's name (`-0001`): a fixed width keeps
+/// `-0010` after `-0009` in name order. 10,000 rolls within one second would need a batch every
+/// 100 µs, each one past `max_file_size`; beyond `-9999` the counter just grows wider.
+const COUNTER_WIDTH: usize = 4;
 
 /// `audit.roll_cycle`: start a new file when the local minute, hour or day changes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -238,6 +246,9 @@ pub struct FileSink {
     sync_failed: bool,
     write_errors: u64,
     last_error: Option<String>,
+    /// Failed attempts to roll the live file since rolling last worked; the file grows past its
+    /// limits meanwhile, so INFO shows the sink as failing and stderr says why, once.
+    failed_rolls: u64,
     /// Data written since the last sync.
     unsynced: bool,
     last_sync: Instant,
@@ -287,6 +298,7 @@ impl FileSink {
             sync_failed: false,
             write_errors: 0,
             last_error: None,
+            failed_rolls: 0,
             unsynced: false,
             last_sync: Instant::now(),
             retention_due: Some(Instant::now()),
@@ -374,17 +386,27 @@ impl FileSink {
     fn append_batch(&mut self, lines: &[u8], now: NaiveDateTime) -> Result<(), SinkError> {
         if self.live.is_none() {
             self.live = Some(open_live(&self.opts.path, now, None)?);
+        } else if self.live_unlinked() {
+            // Deleted (`rm`, or its whole directory) since the last tick: nobody could ever read
+            // this batch there. Like a moved path, but it cannot wait for the next tick. When the
+            // directory is gone too, the open fails and the caller keeps the batch.
+            self.reopen_at(now)?;
         }
         self.cut_torn_bytes()?;
         let mut size = self.live_len()?;
         if self.roll_due(now, size, lines.len() as u64) {
             match self.roll(now) {
-                Ok(()) => size = self.live_len()?,
+                Ok(()) => {
+                    self.roll_succeeded();
+                    size = self.live_len()?;
+                }
                 // Still holding the old file: an oversized file beats a stalled audit log, and the
                 // next batch tries again.
-                Err(error) if self.live.is_some() => self.count_error(&error),
+                Err(error) if self.live.is_some() => self.roll_failed(&error),
                 Err(error) => return Err(error),
             }
+        } else {
+            self.roll_not_needed();
         }
         let live = self.live.as_ref().ok_or_else(|| SinkError {
             message: format!("audit log {} is not open", self.opts.path.display()),
@@ -426,6 +448,51 @@ impl FileSink {
             live.behind.advance(size + lines.len() as u64);
         }
         Ok(())
+    }
+
+    /// Whether the open file was deleted: no name links to it any more. A device or pipe the path
+    /// points at is never replaced this way.
+    fn live_unlinked(&self) -> bool {
+        self.live.as_ref().is_some_and(|live| {
+            live.regular && live.file.metadata().is_ok_and(|meta| meta.nlink() == 0)
+        })
+    }
+
+    /// A roll failed while the live file stays open: it is written on past its limits, which
+    /// only this error explains, so the first failure of a series goes to stderr too.
+    fn roll_failed(&mut self, error: &SinkError) {
+        self.count_error(error);
+        if self.failed_rolls == 0 {
+            eprintln!(
+                "auditor: rolling audit log {} failed: {error}; writing on into it, retrying with each batch",
+                self.opts.path.display()
+            );
+        }
+        self.failed_rolls += 1;
+    }
+
+    fn roll_succeeded(&mut self) {
+        if self.failed_rolls > 0 {
+            eprintln!(
+                "auditor: rolling audit log {} works again (after {})",
+                self.opts.path.display(),
+                failed_attempts(self.failed_rolls)
+            );
+            self.failed_rolls = 0;
+        }
+    }
+
+    /// The live file is within its limits again without a roll (new options, a new file after
+    /// SIGHUP or a move): the series of failures is over.
+    fn roll_not_needed(&mut self) {
+        if self.failed_rolls > 0 && self.live.is_some() {
+            eprintln!(
+                "auditor: audit log {} no longer needs rolling (after {})",
+                self.opts.path.display(),
+                failed_attempts(self.failed_rolls)
+            );
+            self.failed_rolls = 0;
+        }
     }
 
     fn live_len(&self) -> Result<u64, SinkError> {
@@ -499,8 +566,9 @@ impl FileSink {
         self.sync_failed = false;
         let stamp = live.content_since.format(STAMP_FORMAT).to_string();
         let rolled = self.naming.unused_name(&stamp).map_err(|e| SinkError {
+            // Listing the directory or checking a candidate name (too long, say) failed.
             message: format!(
-                "cannot list audit log directory {}: {e}",
+                "cannot choose a name for the rolled audit log in {}: {e}",
                 self.naming.dir.display()
             ),
             retryable: true,
@@ -692,13 +760,18 @@ impl Sink for FileSink {
         }
         if self.torn_at.is_none() {
             match self.live_len() {
-                Ok(size) if self.roll_due(now, size, 0) => {
-                    if let Err(e) = self.roll(now) {
-                        self.count_error(&e);
+                Ok(size) if self.roll_due(now, size, 0) => match self.roll(now) {
+                    Ok(()) => self.roll_succeeded(),
+                    Err(e) => {
+                        if self.live.is_some() {
+                            self.roll_failed(&e);
+                        } else {
+                            self.count_error(&e);
+                        }
                         first_error.get_or_insert(e);
                     }
-                }
-                Ok(_) => {}
+                },
+                Ok(_) => self.roll_not_needed(),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -722,7 +795,7 @@ impl Sink for FileSink {
     }
 
     fn status(&self) -> SinkStatus {
-        if self.live.is_none() || self.write_failed || self.sync_failed {
+        if self.live.is_none() || self.write_failed || self.sync_failed || self.failed_rolls > 0 {
             SinkStatus::Error
         } else {
             SinkStatus::Connected
@@ -815,6 +888,12 @@ fn path_names(path: &Path, live: &LiveFile) -> bool {
     }
 }
 
+/// "1 failed attempt", "2 failed attempts", for stderr messages.
+fn failed_attempts(count: u64) -> String {
+    let plural = if count == 1 { "" } else { "s" };
+    format!("{count} failed attempt{plural}")
+}
+
 /// Errors that can go away by themselves (space, descriptors, memory, a flaky device).
 fn is_transient(e: &io::Error) -> bool {
     matches!(
@@ -875,7 +954,10 @@ fn append_all(
     Ok(())
 }
 
-/// Names of the rolled files of one live file: `<stem>-YYYYMMDD-HHMMSS[-N][.<ext>]` beside it.
+/// Names of the rolled files of one live file: `<stem>-YYYYMMDD-HHMMSS-NNNN[.<ext>]` beside it,
+/// so that name order is time order. Names of earlier versions,
+/// `<stem>-YYYYMMDD-HHMMSS[-N][.<ext>]` (counter 0 for none), are recognised too: retention still
+/// finds and orders them.
 #[derive(Clone, Debug)]
 struct RollNaming {
     dir: PathBuf,
@@ -923,9 +1005,7 @@ impl RollNaming {
     fn path_for(&self, stamp: &[u8], counter: u32) -> PathBuf {
         let mut name = self.prefix.clone();
         name.extend_from_slice(stamp);
-        if counter > 0 {
-            name.extend_from_slice(format!("-{counter}").as_bytes());
-        }
+        name.extend_from_slice(format!("-{counter:0COUNTER_WIDTH$}").as_bytes());
         name.extend_from_slice(&self.suffix);
         self.dir.join(OsString::from_vec(name))
     }
@@ -950,15 +1030,22 @@ impl RollNaming {
             return None;
         }
         let counter = if rest.is_empty() {
+            // Written by an earlier version for the first file of a second.
             0
         } else {
-            let digits = rest.strip_prefix(b"-")?;
-            if digits.first().is_none_or(|&b| !(b'1'..=b'9').contains(&b))
-                || !digits.iter().all(u8::is_ascii_digit)
-            {
+            let digits = std::str::from_utf8(rest.strip_prefix(b"-")?).ok()?;
+            if !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            std::str::from_utf8(digits).ok()?.parse().ok()?
+            let counter: u32 = digits.parse().ok()?;
+            // Only the spelling we write (`-0001`) or an earlier version wrote (`-1`), so that no
+            // two names of one second share a counter.
+            let ours = digits == format!("{counter:0COUNTER_WIDTH$}");
+            let earlier = digits == counter.to_string();
+            if counter == 0 || !(ours || earlier) {
+                return None;
+            }
+            counter
         };
         Some(RollKey {
             stamp: stamp.to_vec(),
@@ -992,16 +1079,17 @@ impl RollNaming {
 
     /// A free name for a file whose content began at `stamp`, ordered after every rolled file of
     /// the same second still on disk (not merely the first free one: retention may have deleted
-    /// the oldest of that second).
+    /// the oldest of that second). Counters start at 1.
     fn unused_name(&self, stamp: &str) -> io::Result<PathBuf> {
         let stamp = stamp.as_bytes();
         let mut counter = self
             .scan()?
             .iter()
             .filter(|file| file.key.stamp == stamp)
-            .map(|file| file.key.counter + 1)
+            .map(|file| file.key.counter)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            + 1;
         loop {
             let path = self.path_for(stamp, counter);
             match path.symlink_metadata() {
@@ -1266,6 +1354,15 @@ fn archive_worker(shared: &ArchiveShared) {
             }
         };
         let outcome = archive_with_retries(shared, &job);
+        if let ArchiveOutcome::Failed(message) = &outcome {
+            // INFO does not show archive failures: without this line, nothing would ever say
+            // that the file missed its archive. Printed before locking, as stderr may block.
+            eprintln!(
+                "auditor: giving up archiving {} after {} (the file is kept): {message}",
+                job.path.display(),
+                failed_attempts(u64::from(job.max_retries) + 1)
+            );
+        }
         let mut state = shared.lock();
         state.in_flight = None;
         match outcome {
@@ -1315,23 +1412,37 @@ fn run_archive_command(command: &ArchiveCommand, path: &Path) -> Result<(), Stri
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| format!("cannot run archive command {command}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot run archive command {command} on {}: {e}",
+                path.display()
+            )
+        })?;
     if output.status.success() {
         return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stderr = stderr.trim();
+    // One line, so that the message stays one line on the daemon's stderr.
+    let stderr = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ");
     let tail_start = stderr
         .char_indices()
         .rev()
         .nth(ARCHIVE_STDERR_TAIL)
         .map_or(0, |(i, _)| i);
-    Err(format!(
-        "archive command {command} failed on {} ({}): {}",
+    let mut message = format!(
+        "archive command {command} failed on {} ({})",
         path.display(),
-        output.status,
-        &stderr[tail_start..]
-    ))
+        output.status
+    );
+    if !stderr.is_empty() {
+        message.push_str(": ");
+        message.push_str(&stderr[tail_start..]);
+    }
+    Err(message)
 }
 
 #[cfg(test)]
@@ -1548,6 +1659,7 @@ mod tests {
             .map(|n| naming.parse(n.as_bytes()).expect("rolled name"))
             .collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
         assert!(names[0].starts_with("audit-") && names[0].ends_with(".log"));
         assert_eq!(sink.write_errors(), 0);
     }
@@ -1576,7 +1688,7 @@ mod tests {
         sink.tick().expect("tick");
         assert_eq!(
             file_names(&sink.rolled_files()),
-            ["audit-20261122-143000.log"]
+            ["audit-20261122-143000-0001.log"]
         );
         assert_eq!(read(&path), "");
 
@@ -1587,7 +1699,10 @@ mod tests {
         let rolled = sink.rolled_files();
         assert_eq!(
             file_names(&rolled),
-            ["audit-20261122-143000.log", "audit-20261122-143100.log"]
+            [
+                "audit-20261122-143000-0001.log",
+                "audit-20261122-143100-0001.log"
+            ]
         );
         assert_eq!(numbers(&rolled), [0, 1]);
         assert_eq!(numbers(std::slice::from_ref(&path)), [2]);
@@ -1609,36 +1724,91 @@ mod tests {
         let dir = TempDir::new("names");
         let naming = RollNaming::for_live(&dir.join("audit"));
         assert_eq!(
-            naming.path_for(b"20261122-143000", 0),
-            dir.join("audit-20261122-143000")
+            naming.path_for(b"20261122-143000", 1),
+            dir.join("audit-20261122-143000-0001")
         );
         assert_eq!(
-            naming.path_for(b"20261122-143000", 2),
-            dir.join("audit-20261122-143000-2")
+            naming.path_for(b"20261122-143000", 12),
+            dir.join("audit-20261122-143000-0012")
         );
         assert!(naming.parse(b"audit-20261122-143000.gz").is_none());
         assert!(naming.parse(b"audit-20261122-143000-0").is_none());
+        assert!(naming.parse(b"audit-20261122-143000-0000").is_none());
+        assert!(naming.parse(b"audit-20261122-143000-01").is_none());
+        assert!(naming.parse(b"audit-20261122-143000-").is_none());
         assert!(naming.parse(b"audit").is_none());
 
         let naming = RollNaming::for_live(&dir.join("audit.log"));
-        assert!(naming.parse(b"audit-20261122-143000.log.gz").is_none());
-        assert!(naming.parse(b"other-20261122-143000.log").is_none());
-        assert!(naming.parse(b"audit-2026112x-143000.log").is_none());
+        assert!(naming.parse(b"audit-20261122-143000-0001.log.gz").is_none());
+        assert!(naming.parse(b"other-20261122-143000-0001.log").is_none());
+        assert!(naming.parse(b"audit-2026112x-143000-0001.log").is_none());
         assert!(
-            naming.parse(b"audit-20261122-143000-1.log")
-                > naming.parse(b"audit-20261122-143000.log")
+            naming
+                .parse(b"audit-6379-20261122-143000-0001.log")
+                .is_none()
         );
-        // The base name of the second was deleted by retention, -1 is still there: the next file
-        // must come after -1, not take the free base name.
-        fs::write(dir.join("audit-20261122-143000-1.log"), "x").expect("seed");
+        assert!(
+            naming.parse(b"audit-20261122-143000-0002.log")
+                > naming.parse(b"audit-20261122-143000-0001.log")
+        );
+        // Names of earlier versions (none, then -1, -2, ... within a second) are still ours, in
+        // the order they were rolled, and before ours of a later second.
+        let old = |name: &[u8]| naming.parse(name).expect("earlier version's name");
+        assert!(old(b"audit-20261122-143000.log") < old(b"audit-20261122-143000-1.log"));
+        assert!(old(b"audit-20261122-143000-2.log") < old(b"audit-20261122-143000-10.log"));
+        assert!(old(b"audit-20261122-143000-10.log") < old(b"audit-20261122-143001-0001.log"));
+
+        // The first name of the second was deleted by retention, -0002 is still there: the next
+        // file must come after it, not take the free name.
+        fs::write(dir.join("audit-20261122-143000-0002.log"), "x").expect("seed");
         assert_eq!(
             naming.unused_name("20261122-143000").expect("name"),
-            dir.join("audit-20261122-143000-2.log")
+            dir.join("audit-20261122-143000-0003.log")
         );
         assert_eq!(
             naming.unused_name("20261122-143001").expect("name"),
-            dir.join("audit-20261122-143001.log")
+            dir.join("audit-20261122-143001-0001.log")
         );
+        // After a file an earlier version rolled in the same second, too.
+        fs::write(dir.join("audit-20261122-143002.log"), "x").expect("seed");
+        assert_eq!(
+            naming.unused_name("20261122-143002").expect("name"),
+            dir.join("audit-20261122-143002-0001.log")
+        );
+        fs::write(dir.join("audit-20261122-143003-7.log"), "x").expect("seed");
+        assert_eq!(
+            naming.unused_name("20261122-143003").expect("name"),
+            dir.join("audit-20261122-143003-0008.log")
+        );
+    }
+
+    #[test]
+    fn many_rolls_in_one_second_sort_by_name_in_roll_order() {
+        let dir = TempDir::new("name-order");
+        let path = dir.join("audit.log");
+        let clock = ManualClock::at(14, 30, 0);
+        let mut opts = FileOptions::new(&path);
+        opts.max_file_size = 20;
+        let mut sink = FileSink::open_with_clock(opts, clock.boxed()).expect("open");
+        // Every line fills a file: each write rolls the one before, all within 14:30:00.
+        for n in 0..13 {
+            write(&mut sink, &line(n, 20));
+        }
+        let rolled = sink.rolled_files();
+        assert_eq!(numbers(&rolled), (0..12).collect::<Vec<_>>());
+        let mut by_name = file_names(&rolled);
+        by_name.sort();
+        assert_eq!(by_name, file_names(&rolled));
+        assert_eq!(by_name[0], "audit-20261122-143000-0001.log");
+        assert_eq!(by_name[11], "audit-20261122-143000-0012.log");
+        // The live file sorts after its rolled files.
+        assert!(by_name.iter().all(|name| name.as_str() < "audit.log"));
+
+        // Retention deletes in that same order, oldest first.
+        let mut opts = sink.options().clone();
+        opts.max_log_size = 60;
+        sink.reconfigure(opts).expect("reconfigure");
+        assert_eq!(numbers(&sink.rolled_files()), [9, 10, 11]);
     }
 
     #[test]
@@ -1758,6 +1928,28 @@ mod tests {
     }
 
     #[test]
+    fn archive_command_that_cannot_run_names_the_file() {
+        let dir = TempDir::new("archive-missing");
+        let path = dir.join("audit.log");
+        let mut opts = FileOptions::new(&path);
+        opts.max_file_size = 50;
+        opts.max_archive_retries = 0;
+        opts.archive_command = Some(format!("{} %path", dir.join("no-such-program").display()));
+        let mut sink = FileSink::open(opts).expect("open");
+        write(&mut sink, &line(0, 50));
+        write(&mut sink, &line(1, 50));
+        wait_until("giving up", || sink.archive_failures() == 1);
+        let rolled = sink.rolled_files();
+        assert_eq!(rolled.len(), 1);
+        let error = sink.last_archive_error().expect("archive error");
+        assert!(
+            error.contains("cannot run archive command")
+                && error.contains(&rolled[0].display().to_string()),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn archive_command_parsing() {
         let command =
             ArchiveCommand::parse("  /usr/bin/archive %path  \"--to dir/%path.gz\" \"\" ")
@@ -1809,6 +2001,104 @@ mod tests {
         write(&mut sink, b"recreated\n");
         assert_eq!(read(&path), "recreated\n");
         assert_eq!(sink.status(), SinkStatus::Connected);
+    }
+
+    #[test]
+    fn a_deleted_file_is_replaced_before_the_next_batch() {
+        let dir = TempDir::new("unlinked");
+        let path = dir.join("audit.log");
+        let mut sink = FileSink::open(FileOptions::new(&path)).expect("open");
+        write(&mut sink, b"before\n");
+        fs::remove_file(&path).expect("rm");
+        // No tick in between: the batch itself must not go into the deleted file.
+        write(&mut sink, b"after\n");
+        assert_eq!(read(&path), "after\n");
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        assert_eq!(sink.write_errors(), 0);
+        // Replaced by someone else's new file: that one is the log now.
+        fs::remove_file(&path).expect("rm");
+        fs::write(&path, "theirs\n").expect("recreate");
+        write(&mut sink, b"again\n");
+        assert_eq!(read(&path), "theirs\nagain\n");
+    }
+
+    #[test]
+    fn a_deleted_directory_keeps_the_batch_until_it_is_back() {
+        let dir = TempDir::new("unlinked-dir");
+        let logs = dir.join("logs");
+        fs::create_dir(&logs).expect("mkdir");
+        let path = logs.join("audit.log");
+        let mut sink = FileSink::open(FileOptions::new(&path)).expect("open");
+        write(&mut sink, b"before\n");
+        fs::remove_dir_all(&logs).expect("rm -rf");
+
+        let error = sink.write_batch(b"kept\n", 1).expect_err("directory gone");
+        assert!(
+            error.message.contains("does not exist"),
+            "{}",
+            error.message
+        );
+        assert_eq!(sink.status(), SinkStatus::Error);
+        // Ticks and retries while it is gone neither write anywhere nor recreate it.
+        sink.tick().expect_err("tick");
+        sink.write_batch(b"kept\n", 1).expect_err("still gone");
+        assert!(!logs.exists());
+
+        fs::create_dir(&logs).expect("mkdir again");
+        sink.write_batch(b"kept\n", 1).expect("retry");
+        assert_eq!(read(&path), "kept\n");
+        assert_eq!(sink.status(), SinkStatus::Connected);
+    }
+
+    #[test]
+    fn a_failing_roll_shows_until_rolling_works_or_is_not_needed() {
+        let dir = TempDir::new("roll-fails");
+        let path = dir.join("audit.log");
+        let mut opts = FileOptions::new(&path);
+        opts.max_file_size = 50;
+        let mut sink = FileSink::open(opts).expect("open");
+        write(&mut sink, &line(0, 50));
+        // Rolled names pointing at a missing directory: every roll fails (as with a read-only
+        // directory, which root, running these tests, could still write).
+        let naming = std::mem::replace(
+            &mut sink.naming,
+            RollNaming::for_live(&dir.join("gone").join("audit.log")),
+        );
+        write(&mut sink, &line(1, 50));
+        assert_eq!(sink.status(), SinkStatus::Error);
+        assert!(
+            sink.last_error().is_some_and(|e| e.contains("gone")),
+            "{:?}",
+            sink.last_error()
+        );
+        write(&mut sink, &line(2, 50));
+        sink.tick().expect_err("tick rolls too");
+        assert_eq!(sink.failed_rolls, 3);
+        // Nothing lost meanwhile: the live file took every batch.
+        assert_eq!(numbers(std::slice::from_ref(&path)), [0, 1, 2]);
+
+        sink.naming = naming;
+        write(&mut sink, &line(3, 50));
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        assert_eq!(sink.failed_rolls, 0);
+        assert_eq!(numbers(&sink.rolled_files()), [0, 1, 2]);
+        assert_eq!(numbers(std::slice::from_ref(&path)), [3]);
+
+        // A live file name too long for a rolled name never rolls (ENAMETOOLONG), until the
+        // size limit is lifted.
+        let long = dir.join(&format!("{}.log", "a".repeat(240)));
+        let mut opts = FileOptions::new(&long);
+        opts.max_file_size = 50;
+        sink.reconfigure(opts).expect("reconfigure");
+        write(&mut sink, &line(4, 50));
+        write(&mut sink, &line(5, 50));
+        assert_eq!(sink.status(), SinkStatus::Error);
+        let mut opts = sink.options().clone();
+        opts.max_file_size = 0;
+        sink.reconfigure(opts).expect("no limit");
+        write(&mut sink, &line(6, 50));
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        assert_eq!(numbers(std::slice::from_ref(&long)), [4, 5, 6]);
     }
 
     #[test]
@@ -1980,6 +2270,6 @@ mod tests {
             .naive_local()
             .format(STAMP_FORMAT)
             .to_string();
-        assert_eq!(file_names(&rolled), [format!("audit-{stamp}.log")]);
+        assert_eq!(file_names(&rolled), [format!("audit-{stamp}-0001.log")]);
     }
 }

@@ -46,10 +46,85 @@ impl fmt::Display for SinkError {
 impl std::error::Error for SinkError {}
 
 /// Records dropped inside a sink (e.g. a TCP spool that overflowed), reported as AUDIT_LOSS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SinkLoss {
     pub records: u64,
     pub bytes: u64,
+    /// What the dropped lines that were themselves AUDIT_LOSS records said, by cause: reported
+    /// again, so that the losses they stood for stay counted exactly (`records` counts each such
+    /// line as one record, which is what its `seq` gap shows).
+    pub carried: Vec<CarriedLoss>,
+}
+
+/// The sum of the dropped AUDIT_LOSS lines of one cause.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CarriedLoss {
+    pub cause: String,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// Adds what the AUDIT_LOSS lines among `lines` (whole lines, any format) say to `carried`.
+///
+/// Only the auditor's own loss records are read: the category is the second field in every format
+/// and comes right after the fixed-width timestamp, before any field a client controls, and the
+/// first `cause=` after it is the record's own `command_args`.
+pub fn carry_losses(lines: &[u8], carried: &mut Vec<CarriedLoss>) {
+    const TS: usize = "2026-01-01 00:00:00".len();
+    for line in lines.split(|&b| b == b'\n') {
+        let marker: &[u8] = match line.first() {
+            Some(b'{') => b"\",\"category\":\"AUDIT_LOSS\"",
+            Some(b'[') => b"] [AUDIT_LOSS] ",
+            _ => b",AUDIT_LOSS,",
+        };
+        let start = match line.first() {
+            Some(b'{') => "{\"timestamp\":\"".len() + TS,
+            Some(b'[') => 1 + TS,
+            _ => TS,
+        };
+        if !line
+            .get(start..)
+            .is_some_and(|rest| rest.starts_with(marker))
+        {
+            continue;
+        }
+        let rest = &line[start + marker.len()..];
+        let Some(at) = find(rest, b"cause=") else {
+            continue;
+        };
+        let args = &rest[at + b"cause=".len()..];
+        let end = args
+            .iter()
+            .position(|&b| b == b' ' || b == b'"' || b == b',')
+            .unwrap_or(args.len());
+        let cause = String::from_utf8_lossy(&args[..end]).into_owned();
+        let number = |key: &[u8]| -> u64 {
+            find(args, key).map_or(0, |i| {
+                args[i + key.len()..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .fold(0u64, |n, &d| {
+                        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+                    })
+            })
+        };
+        let (count, bytes) = (number(b" count="), number(b" bytes="));
+        match carried.iter_mut().find(|c| c.cause == cause) {
+            Some(c) => {
+                c.count += count;
+                c.bytes += bytes;
+            }
+            None => carried.push(CarriedLoss {
+                cause,
+                count,
+                bytes,
+            }),
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 pub trait Sink: Send {
@@ -69,6 +144,77 @@ pub trait Sink: Send {
     fn pending_loss(&self) -> u64 {
         0
     }
+    /// The `cause=` of the AUDIT_LOSS records that report what `take_loss` returns.
+    fn loss_cause(&self) -> &'static str {
+        "sink_overflow"
+    }
     /// Name of the sink kind: "file", "syslog" or "tcp" (selects the INFO status field).
     fn kind(&self) -> &'static str;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Format, write_record};
+    use crate::record::{Category, Outcome, Record};
+
+    fn line(format: Format, category: Category, args: &str, username: &[u8]) -> Vec<u8> {
+        let mut rec = Record::event(category, b"loss", 1_700_000_000_000_000, "host");
+        rec.command_args = args.as_bytes().to_vec();
+        rec.result = Outcome::Failure;
+        rec.username = std::sync::Arc::from(username);
+        let mut out = Vec::new();
+        write_record(format, &rec, &mut out);
+        out
+    }
+
+    #[test]
+    fn dropped_loss_lines_are_carried_in_every_format_and_client_text_is_not() {
+        for format in [Format::Json, Format::Text, Format::Csv] {
+            let mut lines = Vec::new();
+            lines.extend(line(
+                format,
+                Category::AuditLoss,
+                "cause=queue_overflow count=12 bytes=0",
+                b"default",
+            ));
+            // A client's record that only looks like one.
+            lines.extend(line(
+                format,
+                Category::KeyOp,
+                "key=k payload=cause=queue_overflow count=999",
+                b"AUDIT_LOSS",
+            ));
+            lines.extend(line(
+                format,
+                Category::AuditLoss,
+                "cause=ring_buffer_full count=3 bytes=4096",
+                b"default",
+            ));
+            lines.extend(line(
+                format,
+                Category::AuditLoss,
+                "cause=queue_overflow count=5 bytes=0",
+                b"default",
+            ));
+            let mut carried = Vec::new();
+            carry_losses(&lines, &mut carried);
+            assert_eq!(
+                carried,
+                vec![
+                    CarriedLoss {
+                        cause: "queue_overflow".into(),
+                        count: 17,
+                        bytes: 0
+                    },
+                    CarriedLoss {
+                        cause: "ring_buffer_full".into(),
+                        count: 3,
+                        bytes: 4096
+                    },
+                ],
+                "{format:?}"
+            );
+        }
+    }
 }

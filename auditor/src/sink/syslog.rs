@@ -32,8 +32,14 @@
 //! its own (rsyslog does, with a warning). Messages handed to the kernel just before a TCP connection
 //! breaks can be lost without any error: plain syslog over TCP has no acknowledgements.
 //!
-//! Messages longer than a datagram can carry are cut to [`MAX_DATAGRAM_MESSAGE`] bytes (at a UTF-8
-//! character boundary); rsyslog cuts at 8 KiB by default anyway (`maxMessageSize`).
+//! **Records too long for one datagram.** A UDP datagram carries at most [`MAX_UDP_PAYLOAD_V4`]
+//! bytes ([`MAX_UDP_PAYLOAD_V6`] over IPv6), header included; a local datagram socket refuses
+//! (`EMSGSIZE`) what exceeds its send buffer. A message cut to fit would be a torn record (invalid
+//! JSON or CSV, a line no one can tell is incomplete), and failing the batch would fail it forever.
+//! So such a record is not sent: it is counted and reported through [`Sink::take_loss`] (an
+//! `AUDIT_LOSS` record and `audit_lost_sink`), and the batch goes on with the next record. Stream
+//! targets (TCP, a local stream socket) have no such limit. Receivers cut long messages on their own
+//! (rsyslog at 8 KiB by default, `maxMessageSize`).
 
 use std::fmt;
 use std::io::{self, Write as _};
@@ -58,12 +64,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failure, reconnecting is tried at most this often; between tries batches fail at once.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The largest message sent as one datagram: the most a UDP datagram over IPv4 can carry, and well
-/// below what a local datagram socket accepts by default.
-pub const MAX_DATAGRAM_MESSAGE: usize = 65_507;
+/// The most a UDP datagram over IPv4 can carry: 65,535 bytes of IP packet minus the 20-byte IP and
+/// 8-byte UDP headers.
+pub const MAX_UDP_PAYLOAD_V4: usize = 65_507;
 
-/// What a datagram is cut to when the socket still refuses it as too long (`EMSGSIZE`).
-const SMALL_DATAGRAM_MESSAGE: usize = 2048;
+/// The most a UDP datagram over IPv6 can carry (no jumbograms): the 65,535-byte payload length
+/// minus the 8-byte UDP header (the IPv6 header is not counted in it).
+pub const MAX_UDP_PAYLOAD_V6: usize = 65_527;
 
 /// The module logs with `LOG_NOTICE`.
 const SEVERITY_NOTICE: u8 = 5;
@@ -237,6 +244,16 @@ impl Transport {
         matches!(self, Transport::LocalDatagram(_) | Transport::Udp { .. })
     }
 
+    /// The longest message known to fit one datagram before sending. A local datagram socket's
+    /// limit is its send buffer, which the kernel checks (`EMSGSIZE`); streams have none.
+    fn max_message(&self) -> Option<usize> {
+        match self {
+            Transport::Udp { server, .. } if server.is_ipv4() => Some(MAX_UDP_PAYLOAD_V4),
+            Transport::Udp { .. } => Some(MAX_UDP_PAYLOAD_V6),
+            Transport::LocalDatagram(_) | Transport::LocalStream(_) | Transport::Tcp(_) => None,
+        }
+    }
+
     /// The bytes that end each message on this transport.
     fn terminator(&self) -> &'static [u8] {
         match self {
@@ -288,6 +305,8 @@ pub struct SyslogSink {
     message: Vec<u8>,
     last_error: Option<String>,
     messages_sent: u64,
+    /// Records not sent because no datagram can carry them, not yet taken by [`Sink::take_loss`].
+    loss: SinkLoss,
 }
 
 impl SyslogSink {
@@ -307,6 +326,7 @@ impl SyslogSink {
             message: Vec::with_capacity(4096),
             last_error: None,
             messages_sent: 0,
+            loss: SinkLoss::default(),
         };
         sink.connect()?;
         Ok(sink)
@@ -515,18 +535,6 @@ fn read_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// The longest prefix of `text` of at most `max` bytes that does not split a UTF-8 character.
-fn cut_at_char_boundary(text: &[u8], max: usize) -> &[u8] {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while end > 0 && (text[end] & 0xC0) == 0x80 {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 impl Sink for SyslogSink {
     fn write_batch(&mut self, lines: &[u8], _line_count: usize) -> Result<(), SinkError> {
         // A retry of the batch that failed midway resumes after what was delivered; any other batch
@@ -549,26 +557,34 @@ impl Sink for SyslogSink {
                 .position(|&b| b == b'\n')
                 .map_or(lines.len(), |i| pos + i);
             let record = &lines[pos..end];
+            let next = (end + 1).min(lines.len());
             let transport = self.transport.as_mut().expect("connected above");
-            let is_datagram = transport.is_datagram();
-            let record = if is_datagram {
-                cut_at_char_boundary(record, MAX_DATAGRAM_MESSAGE.saturating_sub(header.len()))
-            } else {
-                record
-            };
             self.message.clear();
             self.message.extend_from_slice(&header);
             self.message.extend_from_slice(record);
             self.message.extend_from_slice(transport.terminator());
-            let mut sent = transport.send(&self.message);
-            if is_datagram
+            let too_long = transport
+                .max_message()
+                .is_some_and(|max| self.message.len() > max);
+            let sent = if too_long {
+                Err(io::Error::from_raw_os_error(libc::EMSGSIZE))
+            } else {
+                transport.send(&self.message)
+            };
+            // A datagram refused as too long will be refused every time: the record is counted
+            // as lost and the batch goes on, instead of failing the batch forever.
+            if transport.is_datagram()
                 && matches!(&sent, Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE))
-                && self.message.len() > SMALL_DATAGRAM_MESSAGE
             {
-                let max = SMALL_DATAGRAM_MESSAGE.max(header.len());
-                let cut = cut_at_char_boundary(&self.message, max).len();
-                self.message.truncate(cut);
-                sent = transport.send(&self.message);
+                self.loss.records += 1;
+                self.loss.bytes += (next - pos) as u64;
+                self.last_error = Some(format!(
+                    "syslog: a record of {} bytes does not fit one datagram to {}: not sent, counted as lost",
+                    self.message.len(),
+                    self.describe_target()
+                ));
+                pos = next;
+                continue;
             }
             if let Err(e) = sent {
                 self.transport = None;
@@ -577,7 +593,7 @@ impl Sink for SyslogSink {
                 return Err(self.fail(message));
             }
             self.messages_sent += 1;
-            pos = (end + 1).min(lines.len());
+            pos = next;
         }
         self.status = SinkStatus::Connected;
         Ok(())
@@ -610,9 +626,18 @@ impl Sink for SyslogSink {
         self.status
     }
 
-    /// Nothing is dropped inside this sink: failed batches go back to the caller.
+    /// Records too long for one datagram (failed batches go back to the caller: not a loss).
+    /// Records are only ever dropped here for being too long for one datagram.
+    fn loss_cause(&self) -> &'static str {
+        "record_too_long"
+    }
+
     fn take_loss(&mut self) -> SinkLoss {
-        SinkLoss::default()
+        std::mem::take(&mut self.loss)
+    }
+
+    fn pending_loss(&self) -> u64 {
+        self.loss.records
     }
 
     fn kind(&self) -> &'static str {
@@ -871,18 +896,124 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A JSON record of exactly `len` bytes (without its newline), like the record of an MSET
+    /// with many long keys.
+    fn json_record(len: usize) -> Vec<u8> {
+        let mut record = b"{\"keys\":[\"".to_vec();
+        record.resize(len - 3, b'k');
+        record.extend_from_slice(b"\"]}");
+        record
+    }
+
+    /// Every datagram waiting on `receiver`, as the records they carry (the text after the header).
+    fn received_records(receiver: &UdpSocket) -> Vec<Vec<u8>> {
+        receiver
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = vec![0u8; 70_000];
+        let mut records = Vec::new();
+        while let Ok(n) = receiver.recv(&mut buf) {
+            let message = &buf[..n];
+            let at = message.windows(3).position(|w| w == b"]: ").unwrap() + 3;
+            records.push(message[at..].to_vec());
+        }
+        records
+    }
+
     #[test]
-    fn long_records_are_cut_to_one_datagram_at_a_character_boundary() {
-        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let target = SyslogTarget::Udp(receiver.local_addr().unwrap().to_string());
-        let mut sink = SyslogSink::open(options("user", SyslogFormat::Rfc3164, target)).unwrap();
-        let mut record = "é".repeat(40_000).into_bytes();
-        record.push(b'\n');
-        sink.write_batch(&record, 1).unwrap();
-        let mut buf = vec![0u8; 100_000];
-        let n = receiver.recv(&mut buf).unwrap();
-        assert!(n <= MAX_DATAGRAM_MESSAGE && n > MAX_DATAGRAM_MESSAGE - 2);
-        assert!(std::str::from_utf8(&buf[..n]).is_ok());
+    fn records_too_long_for_one_udp_datagram_are_counted_as_lost_not_torn() {
+        for (bind, max) in [
+            ("127.0.0.1:0", MAX_UDP_PAYLOAD_V4),
+            ("[::1]:0", MAX_UDP_PAYLOAD_V6),
+        ] {
+            let Ok(receiver) = UdpSocket::bind(bind) else {
+                eprintln!("{bind}: cannot bind, skipped");
+                continue;
+            };
+            let target = SyslogTarget::Udp(receiver.local_addr().unwrap().to_string());
+            let mut sink =
+                SyslogSink::open(options("local3", SyslogFormat::Rfc3164, target)).unwrap();
+            // The header has the same length in every batch (fixed-width timestamp).
+            let room = max - sink.header().len();
+            let fits = json_record(room);
+            let too_long = json_record(room + 1);
+            let mut batch = b"{\"seq\":1}\n".to_vec();
+            for record in [&too_long, &fits] {
+                batch.extend_from_slice(record);
+                batch.push(b'\n');
+            }
+            batch.extend_from_slice(b"{\"seq\":4}\n");
+            sink.write_batch(&batch, 4).unwrap();
+
+            let records = received_records(&receiver);
+            assert_eq!(records.len(), 3, "{bind}");
+            assert_eq!(records[0], b"{\"seq\":1}", "{bind}");
+            assert_eq!(
+                records[1], fits,
+                "{bind}: the record that fits arrives whole"
+            );
+            assert_eq!(records[2], b"{\"seq\":4}", "{bind}");
+            for record in &records {
+                serde_json::from_slice::<serde_json::Value>(record).unwrap();
+            }
+            assert_eq!(sink.pending_loss(), 1, "{bind}");
+            let lost = SinkLoss {
+                records: 1,
+                bytes: too_long.len() as u64 + 1,
+                ..SinkLoss::default()
+            };
+            assert_eq!(sink.take_loss(), lost, "{bind}");
+            assert_eq!(sink.take_loss(), SinkLoss::default(), "taking resets");
+            assert_eq!(sink.pending_loss(), 0);
+            assert_eq!(sink.status(), SinkStatus::Connected);
+            assert_eq!(sink.messages_sent(), 3);
+            assert!(sink.last_error().unwrap().contains("not sent"));
+        }
+    }
+
+    #[test]
+    fn records_a_local_datagram_socket_refuses_as_too_long_are_counted_as_lost() {
+        let dir = temp_dir("emsgsize");
+        let path = dir.join("log.sock");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        let mut sink = SyslogSink::open(local_options("local0", &path)).unwrap();
+        // A small send buffer, so that the kernel refuses a 20 KB datagram with EMSGSIZE (its limit
+        // is the send buffer, about 208 KiB by default).
+        let Some(Transport::LocalDatagram(socket)) = &sink.transport else {
+            panic!("not a datagram socket");
+        };
+        let size: libc::c_int = 4096;
+        // SAFETY: setsockopt with a valid fd and an int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw const size).cast(),
+                std::mem::size_of_val(&size) as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mut batch = b"before\n".to_vec();
+        batch.extend_from_slice(&json_record(20_000));
+        batch.extend_from_slice(b"\nafter\n");
+        // Every batch goes through: the refused record does not block the ones after it.
+        for _ in 0..2 {
+            sink.write_batch(&batch, 3).unwrap();
+            let mut buf = [0u8; 1024];
+            for record in ["before", "after"] {
+                let n = receiver.recv(&mut buf).unwrap();
+                assert!(text(&buf[..n]).ends_with(&format!("]: {record}")));
+            }
+        }
+        let lost = SinkLoss {
+            records: 2,
+            bytes: 2 * 20_001,
+            ..SinkLoss::default()
+        };
+        assert_eq!(sink.take_loss(), lost);
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -68,7 +68,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{Sink, SinkError, SinkLoss, SinkStatus};
+use super::{Sink, SinkError, SinkLoss, SinkStatus, carry_losses};
 
 /// Most backlog bytes written per call, so a long backlog does not stall the caller.
 const PUMP_BUDGET: usize = 4 * 1024 * 1024;
@@ -552,6 +552,13 @@ impl TcpSink {
         self.loss.bytes += bytes;
     }
 
+    /// Drops these whole lines: counted, and what those of them that were loss records said is
+    /// carried into the next report.
+    fn drop_lines(&mut self, lines: &[u8]) {
+        carry_losses(lines, &mut self.loss.carried);
+        self.count_loss(count_lines(lines), lines.len() as u64);
+    }
+
     // ---- connection ----
 
     /// Moves the connection along: starts an attempt when one is due, finishes one in progress, and
@@ -734,9 +741,9 @@ impl TcpSink {
     // ---- backlog ----
 
     fn drop_backlog(&mut self) {
-        let records = count_lines(self.memory.bytes());
-        let bytes = self.memory.len() as u64;
-        self.count_loss(records, bytes);
+        let memory = std::mem::take(&mut self.memory);
+        self.drop_lines(memory.bytes());
+        self.memory = memory;
         self.memory.clear();
         if let Some(spool) = &mut self.spool {
             let (records, bytes) = (spool.lines, spool.held());
@@ -827,7 +834,7 @@ impl TcpSink {
             return;
         }
         if !self.opts.buffer_on_disconnect && matches!(self.link, Link::Down) {
-            return self.count_loss(count_lines(data), data.len() as u64);
+            return self.drop_lines(data);
         }
         if self.spooled_bytes() == 0 {
             let room = self.opts.memory_limit.saturating_sub(self.memory_unsent());
@@ -850,7 +857,7 @@ impl TcpSink {
             }
         }
         if !data.is_empty() {
-            self.count_loss(count_lines(data), data.len() as u64);
+            self.drop_lines(data);
         }
     }
 
@@ -1496,6 +1503,37 @@ mod tests {
     }
 
     #[test]
+    fn dropped_loss_records_are_carried_into_the_report() {
+        let dir = temp_dir("carried");
+        let port = free_port();
+        let mut opts = options(port, &dir);
+        opts.spool_max_size = 64 * 1024;
+        let mut sink = TcpSink::open(opts);
+        // Memory and spool full (see the test below), then a batch holding a loss record.
+        write_records(&mut sink, 0, 2176, 100);
+        assert_eq!(sink.loss, SinkLoss::default());
+        let loss_line = b"{\"timestamp\":\"2026-11-23 08:00:00\",\"category\":\"AUDIT_LOSS\",\
+            \"command\":\"loss\",\"command_args\":\"cause=queue_overflow count=40 bytes=0\"}\n";
+        let mut batch = b"{\"x\":1}\n".to_vec();
+        batch.extend_from_slice(loss_line);
+        sink.write_batch(&batch, 2)
+            .expect("the TCP sink never fails");
+        assert_eq!(
+            sink.loss,
+            SinkLoss {
+                records: 2,
+                bytes: batch.len() as u64,
+                carried: vec![crate::sink::CarriedLoss {
+                    cause: "queue_overflow".into(),
+                    count: 40,
+                    bytes: 0
+                }],
+            }
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn spool_overflow_drops_the_newest_lines_and_counts_them_exactly() {
         let dir = temp_dir("overflow");
         let port = free_port();
@@ -1508,6 +1546,7 @@ mod tests {
         let lost = SinkLoss {
             records: (10_000 - kept) as u64,
             bytes: (10_000 - kept) as u64 * 32,
+            carried: Vec::new(),
         };
         assert_eq!(sink.loss, lost);
         // While full, a report would be dropped like the lines it counts: it waits for room.
@@ -1538,7 +1577,8 @@ mod tests {
             sink.loss,
             SinkLoss {
                 records: 2,
-                bytes: 106
+                bytes: 106,
+                carried: Vec::new(),
             }
         );
         assert_eq!(sink.memory_bytes(), 64);
@@ -1556,6 +1596,7 @@ mod tests {
         let lost = SinkLoss {
             records: 50,
             bytes: 50 * 32,
+            carried: Vec::new(),
         };
         assert_eq!(sink.loss, lost);
         // No connection, no buffering: a report now would be dropped too.
