@@ -547,6 +547,8 @@ pub fn run_sink(
     let mut backoff = Duration::from_millis(10);
     let mut sink_reported = 0u64;
     let mut shutdown_since: Option<Instant> = None;
+    // The last error printed: a sink that stays broken is reported once, not at every retry.
+    let mut last_error: Option<String> = None;
     loop {
         // Housekeeping: settings, SIGHUP, rolling, reconnects, sink-internal losses.
         provider.refresh();
@@ -590,14 +592,19 @@ pub fn run_sink(
                     }
                     queue.recycle(batch);
                     backoff = Duration::from_millis(10);
+                    if last_error.take().is_some() {
+                        eprintln!("auditor: the {} sink writes again", sink.kind());
+                    }
                     metrics.set_sink_status(sink.kind(), sink.status());
                 }
                 Err(e) => {
                     metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                     metrics.set_sink_status(sink.kind(), sink.status());
-                    if !e.retryable {
-                        eprintln!("auditor: {e}");
+                    let message = e.to_string();
+                    if !e.retryable && last_error.as_deref() != Some(message.as_str()) {
+                        eprintln!("auditor: {message}");
                     }
+                    last_error = Some(message);
                     // Keep the batch; retry after a pause (the queue fills meanwhile: back-pressure).
                     let count = batch.count as u64;
                     current = Some(batch);
@@ -625,6 +632,17 @@ pub fn run_sink(
             let _ = sink.flush(false);
         }
         if current.is_none() && queue.is_drained() {
+            // Losses since the last tick still get their record before the end.
+            let loss = sink.take_loss();
+            if loss.records > 0 {
+                queue.report_loss(sink.loss_cause(), loss.records, loss.bytes);
+                sink_reported += loss.records;
+                metrics.lost_sink.store(sink_reported, Ordering::Relaxed);
+                for c in &loss.carried {
+                    queue.report_loss(&c.cause, c.count, c.bytes);
+                }
+                continue;
+            }
             break;
         }
     }
@@ -658,6 +676,85 @@ mod tests {
         let mut line = Vec::new();
         write_record(Format::Json, &r, &mut line);
         line.len().max(record_cost(&r))
+    }
+
+    /// A sink that keeps what it is given and has dropped `pending` records of its own.
+    struct LossySink {
+        written: Arc<std::sync::Mutex<Vec<u8>>>,
+        pending: u64,
+    }
+
+    impl Sink for LossySink {
+        fn write_batch(
+            &mut self,
+            lines: &[u8],
+            _count: usize,
+        ) -> Result<(), crate::sink::SinkError> {
+            self.written.lock().unwrap().extend_from_slice(lines);
+            Ok(())
+        }
+        fn flush(&mut self, _force: bool) -> Result<(), crate::sink::SinkError> {
+            Ok(())
+        }
+        fn tick(&mut self) -> Result<(), crate::sink::SinkError> {
+            Ok(())
+        }
+        fn reopen(&mut self) -> Result<(), crate::sink::SinkError> {
+            Ok(())
+        }
+        fn status(&self) -> crate::sink::SinkStatus {
+            crate::sink::SinkStatus::Connected
+        }
+        fn take_loss(&mut self) -> crate::sink::SinkLoss {
+            crate::sink::SinkLoss {
+                records: std::mem::take(&mut self.pending),
+                bytes: 10,
+                carried: Vec::new(),
+            }
+        }
+        fn kind(&self) -> &'static str {
+            "file"
+        }
+    }
+
+    struct OneSink(LossySink);
+
+    impl SinkProvider for OneSink {
+        fn sink(&mut self) -> &mut dyn Sink {
+            &mut self.0
+        }
+        fn refresh(&mut self) {}
+    }
+
+    #[test]
+    fn a_sink_loss_just_before_the_end_still_gets_its_record() {
+        let (q, metrics) = queue(100, Overflow::Block, json());
+        q.push_all(&mut recs(1), &AtomicBool::new(false));
+        q.close();
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = LossySink {
+            written: written.clone(),
+            pending: 3,
+        };
+        // Ends at once (queue closed and drained): before any 100 ms tick.
+        run_sink(
+            q,
+            Box::new(OneSink(sink)),
+            metrics.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let text = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[1]["category"], "AUDIT_LOSS");
+        assert_eq!(
+            lines[1]["command_args"],
+            "cause=sink_overflow count=3 bytes=10"
+        );
+        assert_eq!(metrics.lost_sink.load(Ordering::Relaxed), 3);
     }
 
     fn json() -> LineFormat {
