@@ -404,3 +404,23 @@ def test_garbage_control_client_is_disconnected_capture_unaffected(audited):
     c.call("SET", "after-garbage", "1")
     c.close()
     auditor.wait_records(lambda rs: any(r["keys"] == ["after-garbage"] for r in rs))
+
+
+def test_config_records_are_in_time_order_with_the_commands(audited):
+    """The pipeline writes a command's record a little after it ran; a CONFIG SET's record is placed
+    among them by its time, so `seq` order is the order things happened."""
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    expected = []
+    for i in range(1, 6):
+        assert c.call("SET", f"ord{i}", "1") == b"+OK\r\n"
+        expected.append(("set", f"ord{i}"))
+        assert cli(auditor, "CONFIG", "SET", "audit.payload_maxsize", f"100{i}").strip() == "OK"
+        expected.append(("config|set", "param=audit.payload_maxsize"))
+    c.close()
+    marker(valkey, "order-done")
+    recs = auditor.wait_records(lambda rs: any("order-done" in r["command_args"] for r in rs))
+    got = [(r["command"], r["keys"][0] if r["keys"] else r["command_args"]) for r in recs
+           if r["command"] == "config|set" or (r["command"] == "set" and r["keys"][0].startswith("ord"))]
+    assert got == expected
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))

@@ -23,7 +23,7 @@
 //! own losses).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -154,7 +154,21 @@ pub struct Queue {
     state: Arc<(Mutex<QueueState>, Condvar, Condvar)>,
     /// Drops are counted here at once, so INFO shows them while the sink is stuck.
     metrics: Arc<Metrics>,
+    /// The auditor's own records that belong at a point in time ([`Queue::push_at`]), oldest
+    /// first, and the time of the oldest (`u64::MAX` when none), which the capture thread reads
+    /// once per ring event.
+    placed: Arc<Placed>,
 }
+
+/// Records waiting for their place in time, oldest first, and the time of the oldest
+/// (`u64::MAX` when none), which the capture thread reads once per ring event.
+struct Placed {
+    records: Mutex<VecDeque<(u64, Record)>>,
+    oldest: AtomicU64,
+}
+
+/// Records waiting for their place in time, at most; past it they are written at once.
+const PLACED_MAX: usize = 4096;
 
 impl Queue {
     pub fn new(
@@ -166,6 +180,10 @@ impl Queue {
     ) -> Self {
         Queue {
             metrics,
+            placed: Arc::new(Placed {
+                records: Mutex::new(VecDeque::new()),
+                oldest: AtomicU64::new(u64::MAX),
+            }),
             formatter: Arc::new(Mutex::new(Formatter {
                 line_format,
                 next_seq: 1,
@@ -288,6 +306,58 @@ impl Queue {
             self.format_into(&mut f, &mut rec, cost);
         }
         self.seal(&mut f);
+    }
+
+    /// An auditor record (a CONFIG change on the control port) that happened at `at_ns`
+    /// (CLOCK_MONOTONIC, the kernel's event clock): it is written where it belongs among the
+    /// records of the commands, once the capture thread has handled the events before it (see
+    /// [`Queue::release_placed`]), so that `seq` order is time order. It never waits for room,
+    /// like [`Queue::push_forced`]; when too many wait for their place, it goes in at once.
+    pub fn push_at(&self, at_ns: u64, rec: Record) {
+        let mut placed = self
+            .placed
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if placed.len() >= PLACED_MAX {
+            drop(placed);
+            self.push_forced(&mut vec![rec]);
+            return;
+        }
+        // Callers are the control port's tasks: times arrive almost in order; keep them sorted.
+        let at = placed.partition_point(|(t, _)| *t <= at_ns);
+        placed.insert(at, (at_ns, rec));
+        self.placed.oldest.store(placed[0].0, Ordering::Release);
+    }
+
+    /// Whether a placed record is due before an event of time `ts_ns` (one atomic load).
+    #[inline]
+    pub fn placed_due(&self, ts_ns: u64) -> bool {
+        ts_ns >= self.placed.oldest.load(Ordering::Acquire)
+    }
+
+    /// Write the placed records of time `upto_ns` or earlier. Called by the capture thread before
+    /// an event that is later than the oldest (and with the time a pass began, when the ring was
+    /// drained), by the sink thread for records left waiting 100 ms (a stalled capture thread), and
+    /// before the stop record.
+    pub fn release_placed(&self, upto_ns: u64) {
+        let due: Vec<Record> = {
+            let mut placed = self
+                .placed
+                .records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = placed.partition_point(|(t, _)| *t <= upto_ns);
+            let due = placed.drain(..n).map(|(_, r)| r).collect();
+            self.placed.oldest.store(
+                placed.front().map_or(u64::MAX, |(t, _)| *t),
+                Ordering::Release,
+            );
+            due
+        };
+        if !due.is_empty() {
+            self.push_forced(&mut { due });
+        }
     }
 
     /// Records lost inside the sink: an AUDIT_LOSS record, forced in.
@@ -447,6 +517,7 @@ impl Queue {
 
     /// No more records will come: hand over the open batch and let the sink finish.
     pub fn close(&self) {
+        self.release_placed(u64::MAX);
         self.flush();
         let mut st = self.lock();
         st.closed = true;
@@ -560,6 +631,9 @@ pub fn run_sink(
         }
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
+            // Placed records the capture thread has not reached in 100 ms (it waits for room, or
+            // no event came): their neighbours are long written.
+            queue.release_placed(monotonic_ns().saturating_sub(100_000_000));
             let _ = sink.tick();
             let loss = sink.take_loss();
             if loss.records > 0 {
@@ -755,6 +829,32 @@ mod tests {
             "cause=sink_overflow count=3 bytes=10"
         );
         assert_eq!(metrics.lost_sink.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn placed_records_are_written_at_their_time() {
+        let (q, _) = queue(100, Overflow::Block, json());
+        let named = |name: &[u8]| Record::event(Category::Config, name, 0, "h");
+        q.push_at(200, named(b"late"));
+        q.push_at(100, named(b"early"));
+        assert!(!q.placed_due(99));
+        assert!(q.placed_due(100));
+        q.release_placed(150);
+        q.flush();
+        let first: Vec<_> = take_lines(&q)
+            .iter()
+            .map(|l| l["command"].clone())
+            .collect();
+        assert_eq!(first, ["early"]);
+        assert!(!q.placed_due(199));
+        // Closing writes what still waits.
+        q.close();
+        let rest: Vec<_> = take_lines(&q)
+            .iter()
+            .map(|l| l["command"].clone())
+            .collect();
+        assert_eq!(rest, ["late"]);
+        assert!(!q.placed_due(u64::MAX - 1));
     }
 
     fn json() -> LineFormat {

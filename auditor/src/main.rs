@@ -450,6 +450,7 @@ fn run() -> Result<()> {
         b"stop",
         format!("version={} pid={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
     );
+    queue.release_placed(u64::MAX);
     queue.push_forced(&mut vec![stop_rec]);
     queue.close();
     let _ = sink_thread.join();
@@ -640,7 +641,9 @@ impl ControlBackend for Backend {
         rec.client_port = client.port();
         rec.error = error.as_bytes().to_vec();
         rec.pid = std::process::id();
-        self.queue.push_forced(&mut vec![rec]);
+        // Written in its place among the commands' records, which the pipeline writes a little
+        // later than they happen.
+        self.queue.push_at(now as u64, rec);
     }
 }
 
@@ -766,6 +769,7 @@ impl CaptureLoop {
     ) -> (usize, u64) {
         let mut drained = 0usize;
         let mut bytes = 0u64;
+        let pass_start = clock_ns(libc::CLOCK_MONOTONIC) as u64;
         while drained < max
             && let Some(item) = self.stream.ring.next()
         {
@@ -790,6 +794,16 @@ impl CaptureLoop {
                     &self.metrics,
                     records,
                 );
+                // The auditor's own records of earlier moments go first.
+                let ts = match &ev {
+                    CaptureEvent::Accept { ts_ns, .. }
+                    | CaptureEvent::Data { ts_ns, .. }
+                    | CaptureEvent::Close { ts_ns, .. }
+                    | CaptureEvent::Process { ts_ns, .. } => *ts_ns,
+                };
+                if self.queue.placed_due(ts) {
+                    self.queue.release_placed(ts);
+                }
                 let exited = match ev {
                     CaptureEvent::Process {
                         kind: ProcessEvent::Exit,
@@ -812,6 +826,10 @@ impl CaptureLoop {
             bytes += item.len() as u64;
             drop(item);
             drained += 1;
+        }
+        // The ring held everything that happened before this pass began.
+        if drained < max && self.queue.placed_due(pass_start) {
+            self.queue.release_placed(pass_start);
         }
         self.queue.flush();
         (drained, bytes)
