@@ -424,3 +424,22 @@ def test_config_records_are_in_time_order_with_the_commands(audited):
            if r["command"] == "config|set" or (r["command"] == "set" and r["keys"][0].startswith("ord"))]
     assert got == expected
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+
+
+def test_format_change_applies_from_the_next_command_however_late_the_pipeline(audited):
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    for i in range(6):
+        assert cli(auditor, "CONFIG", "SET", "audit.format", "csv").strip() == "OK"
+        assert c.call("SET", f"fmtcsv{i}", "1") == b"+OK\r\n"
+        assert cli(auditor, "CONFIG", "SET", "audit.format", "json").strip() == "OK"
+        assert c.call("SET", f"fmtjson{i}", "1") == b"+OK\r\n"
+    c.close()
+    marker(valkey, "fmt-done")
+    wait_until(lambda: b"fmt-done" in auditor.log.read_bytes(), timeout=10, what="the marker record")
+    lines = auditor.log.read_bytes().decode().splitlines()
+    for i in range(6):
+        csv_line = [l for l in lines if f",fmtcsv{i}," in l or f"key=fmtcsv{i} " in l]
+        json_line = [l for l in lines if f'"keys":["fmtjson{i}"]' in l]
+        assert len(csv_line) == 1 and not csv_line[0].startswith("{"), (i, csv_line)
+        assert len(json_line) == 1 and json_line[0].startswith("{"), (i, json_line)

@@ -163,8 +163,15 @@ pub struct Queue {
 /// Records waiting for their place in time, oldest first, and the time of the oldest
 /// (`u64::MAX` when none), which the capture thread reads once per ring event.
 struct Placed {
-    records: Mutex<VecDeque<(u64, Record)>>,
+    records: Mutex<VecDeque<(u64, Placement)>>,
     oldest: AtomicU64,
+}
+
+/// What waits for its place in time.
+enum Placement {
+    Record(Record),
+    /// A new `audit.format` (or per-server split): records after this point get it.
+    Format(LineFormat),
 }
 
 /// Records waiting for their place in time, at most; past it they are written at once.
@@ -314,6 +321,26 @@ impl Queue {
     /// [`Queue::release_placed`]), so that `seq` order is time order. It never waits for room,
     /// like [`Queue::push_forced`]; when too many wait for their place, it goes in at once.
     pub fn push_at(&self, at_ns: u64, rec: Record) {
+        self.place(at_ns, Placement::Record(rec));
+    }
+
+    /// [`Queue::configure`] for a CONFIG SET made at `at_ns`: the bound and the overflow policy
+    /// apply now, the line format from that point in time on (like [`Queue::push_at`]), so a
+    /// command that ran after the change is written in the new format however far the pipeline
+    /// lags, and one that completed before it in the old.
+    pub fn configure_at(
+        &self,
+        at_ns: u64,
+        max_bytes: usize,
+        overflow: Overflow,
+        line_format: LineFormat,
+    ) {
+        let current = self.formatter().line_format;
+        self.configure(max_bytes, overflow, current);
+        self.place(at_ns, Placement::Format(line_format));
+    }
+
+    fn place(&self, at_ns: u64, item: Placement) {
         let mut placed = self
             .placed
             .records
@@ -321,13 +348,33 @@ impl Queue {
             .unwrap_or_else(|p| p.into_inner());
         if placed.len() >= PLACED_MAX {
             drop(placed);
-            self.push_forced(&mut vec![rec]);
+            self.apply(vec![item]);
             return;
         }
         // Callers are the control port's tasks: times arrive almost in order; keep them sorted.
         let at = placed.partition_point(|(t, _)| *t <= at_ns);
-        placed.insert(at, (at_ns, rec));
+        placed.insert(at, (at_ns, item));
         self.placed.oldest.store(placed[0].0, Ordering::Release);
+    }
+
+    /// Write placed records and apply placed format changes, in their order.
+    fn apply(&self, items: Vec<Placement>) {
+        let mut records = Vec::new();
+        for item in items {
+            match item {
+                Placement::Record(rec) => records.push(rec),
+                Placement::Format(line_format) => {
+                    self.push_forced(&mut records);
+                    let mut f = self.formatter();
+                    if f.line_format != line_format {
+                        // Lines already formatted keep their format; the next record gets the new.
+                        self.seal(&mut f);
+                        f.line_format = line_format;
+                    }
+                }
+            }
+        }
+        self.push_forced(&mut records);
     }
 
     /// Whether a placed record is due before an event of time `ts_ns` (one atomic load).
@@ -341,7 +388,7 @@ impl Queue {
     /// drained), by the sink thread for records left waiting 100 ms (a stalled capture thread), and
     /// before the stop record.
     pub fn release_placed(&self, upto_ns: u64) {
-        let due: Vec<Record> = {
+        let due: Vec<Placement> = {
             let mut placed = self
                 .placed
                 .records
@@ -356,7 +403,7 @@ impl Queue {
             due
         };
         if !due.is_empty() {
-            self.push_forced(&mut { due });
+            self.apply(due);
         }
     }
 
@@ -855,6 +902,31 @@ mod tests {
             .collect();
         assert_eq!(rest, ["late"]);
         assert!(!q.placed_due(u64::MAX - 1));
+    }
+
+    #[test]
+    fn a_format_change_applies_from_its_place_in_time() {
+        let (q, _) = queue(100, Overflow::Block, json());
+        let csv = LineFormat {
+            format: Format::Csv,
+            per_server: false,
+        };
+        q.configure_at(100, 100 * unit(), Overflow::Block, csv);
+        // A record completed before the change (the pipeline reaches it later): still JSON.
+        q.push_all(&mut recs(1), &AtomicBool::new(false));
+        // The capture thread reaches the change's time, then a later record.
+        q.release_placed(100);
+        q.push_all(&mut recs(1), &AtomicBool::new(false));
+        q.close();
+        let mut text = Vec::new();
+        while let Some(batch) = q.pop(Duration::ZERO) {
+            text.extend_from_slice(&batch.bytes);
+        }
+        let text = String::from_utf8(text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with('{'), "{text}");
+        assert!(!lines[1].starts_with('{'), "{text}");
     }
 
     fn json() -> LineFormat {

@@ -561,7 +561,9 @@ impl ControlBackend for Backend {
                         format!("CONFIG SET failed (possibly related to argument 'audit.protocol') - {e}")
                     })?;
                 }
-                self.queue.configure(
+                // The format from this moment on, in the records' order (see Queue::configure_at).
+                self.queue.configure_at(
+                    clock_ns(libc::CLOCK_MONOTONIC) as u64,
                     next.delivery.max_queue_size as usize,
                     next.delivery.overflow,
                     line_format(&next),
