@@ -169,7 +169,8 @@ struct Placed {
 
 /// What waits for its place in time.
 enum Placement {
-    Record(Record),
+    /// Boxed: rare, and it keeps the queue of placements small.
+    Record(Box<Record>),
     /// A new `audit.format` (or per-server split): records after this point get it.
     Format(LineFormat),
 }
@@ -321,7 +322,7 @@ impl Queue {
     /// [`Queue::release_placed`]), so that `seq` order is time order. It never waits for room,
     /// like [`Queue::push_forced`]; when too many wait for their place, it goes in at once.
     pub fn push_at(&self, at_ns: u64, rec: Record) {
-        self.place(at_ns, Placement::Record(rec));
+        self.place(at_ns, Placement::Record(Box::new(rec)));
     }
 
     /// [`Queue::configure`] for a CONFIG SET made at `at_ns`: the bound and the overflow policy
@@ -362,7 +363,7 @@ impl Queue {
         let mut records = Vec::new();
         for item in items {
             match item {
-                Placement::Record(rec) => records.push(rec),
+                Placement::Record(rec) => records.push(*rec),
                 Placement::Format(line_format) => {
                     self.push_forced(&mut records);
                     let mut f = self.formatter();
