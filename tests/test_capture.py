@@ -807,3 +807,17 @@ def test_missing_privileges_one_clear_line(valkey, tmp_path):
     err = out.stderr.decode()
     assert "missing privileges" in err and "panick" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_server_that_cannot_be_asked_for_users_does_not_stop_auditing(valkey, start_auditor):
+    """--server-user with a wrong password for this server: a warning, then auditing as without
+    credentials (connections open before attach show `unknown` until they AUTH)."""
+    early = Raw(valkey.port)
+    assert early.call("PING") == b"+PONG\r\n"
+    auditor = start_auditor(valkey.pid, extra=("--server-user", "nosuchuser"),
+                            env={"AUDITOR_SERVER_PASSWORD": "wrong"})
+    early.call("GET", "k-early-unknown")
+    early.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early.port
+                                               for r in rs))
+    assert [r["username"] for r in recs if r["keys"] == ["k-early-unknown"]] == ["unknown"]

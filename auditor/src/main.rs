@@ -273,7 +273,17 @@ fn run() -> Result<()> {
     for pid in found {
         let explicit = spec.pids.contains(&pid);
         let users = match &password {
-            Some(pw) => existing_users(pid, cli.server_user.as_deref(), pw, &mut session)?,
+            // A server that cannot be asked (in its own network namespace, on a unix socket only,
+            // another password) must not stop the others from being audited: its connections open
+            // before attach show `unknown` until they AUTH, as without credentials.
+            Some(pw) => existing_users(pid, cli.server_user.as_deref(), pw, &mut session)
+                .unwrap_or_else(|e| {
+                    eprintln!(
+                        "auditor: pid {pid}: cannot ask the server for its connections' users \
+                         ({e:#}); they show as unknown until they AUTH"
+                    );
+                    HashMap::new()
+                }),
             None => HashMap::new(),
         };
         registry.register(
