@@ -94,6 +94,22 @@ def test_follow_restarts_audits_the_successor(valkey, start_auditor):
     assert auditor.proc.poll() is None
 
 
+def test_follow_restarts_ignores_another_server_started_while_waiting(valkey, start_valkey, start_auditor):
+    auditor = start_auditor(valkey.pid, extra=("--follow-restarts",))
+    set_and_wait(auditor, valkey, "before")
+    valkey.proc.kill()
+    valkey.proc.wait()
+    # Same executable, another port, clients at once (start() itself waits for a PING).
+    other = start_valkey()
+    with other.client() as c:
+        assert c.set("not-the-successor", "v")
+    valkey.start()
+    rec = set_and_wait(auditor, valkey, "after")
+    assert rec["pid"] == valkey.pid and rec["server_port"] == valkey.port
+    stray = [r for r in auditor.records() if r["pid"] == other.proc.pid]
+    assert not stray, (auditor.stderr_path.read_text(), stray[:2])
+
+
 def test_all_finds_servers_running_before_start(valkey, start_auditor):
     auditor = start_auditor(None, extra=("--all",))
     rec = set_and_wait(auditor, valkey, "all-key")

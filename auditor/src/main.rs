@@ -3,7 +3,7 @@
 //! Data flow: kernel (syscall tracepoints) → ring buffer → per-connection streams → RESP parsing →
 //! classification → filter → record → format → sink. See ARCHITECTURE.md.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -262,6 +262,7 @@ fn run() -> Result<()> {
         host: host.clone(),
         targets: HashMap::new(),
         awaited: Vec::new(),
+        rejected: HashSet::new(),
         last_describe: HashMap::new(),
         spec: spec.clone(),
     };
@@ -799,7 +800,7 @@ impl CaptureLoop {
             }
             let registry = &self.registry;
             if let Some(mut ev) = capture::decode(&item, &|tgid, fd| registry.unix_path(tgid, fd)) {
-                self.registry.before_event(
+                let not_audited = self.registry.before_event(
                     &mut ev,
                     &mut self.capture,
                     &mut self.session,
@@ -828,8 +829,10 @@ impl CaptureLoop {
                 // formatted at once while they are in this core's cache; the batch goes to the
                 // sink when full, or at the end of the pass.
                 self.queue.append(records, &self.stop);
-                self.session
-                    .handle(ev, &mut self.queue.appender(&self.stop));
+                if !not_audited {
+                    self.session
+                        .handle(ev, &mut self.queue.appender(&self.stop));
+                }
                 if let Some(tgid) = exited {
                     self.registry
                         .unregister(tgid, &mut self.capture, &self.metrics);
@@ -910,6 +913,10 @@ struct Registry {
     targets: HashMap<u32, Target>,
     /// Explicit targets that exited, awaiting a successor (--follow-restarts): executable, port.
     awaited: Vec<(Vec<u8>, u16)>,
+    /// Processes taken for a restarted server that turned out to be other servers: their
+    /// connections accepted before that was known are not audited either (until the pid execs
+    /// again).
+    rejected: HashSet<u32>,
     /// When each target was last described (a port is learnt at the first accept, at most once a
     /// second per target).
     last_describe: HashMap<u32, Instant>,
@@ -1018,6 +1025,8 @@ impl Registry {
     }
 
     /// Target bookkeeping before the session sees an event: new processes, late descriptions.
+    /// Returns true when the event is not to be audited: the accept of a process taken for a
+    /// restarted server that turns out to be another server.
     fn before_event(
         &mut self,
         ev: &mut CaptureEvent<'_>,
@@ -1025,7 +1034,7 @@ impl Registry {
         session: &mut Session,
         metrics: &Metrics,
         out: &mut Vec<Record>,
-    ) {
+    ) -> bool {
         match ev {
             CaptureEvent::Process {
                 kind: ProcessEvent::Exec,
@@ -1034,6 +1043,7 @@ impl Registry {
                 ..
             } => {
                 let pid = *tgid;
+                self.rejected.remove(&pid);
                 let name = String::from_utf8_lossy(comm)
                     .trim_end_matches('\0')
                     .to_string();
@@ -1047,7 +1057,7 @@ impl Registry {
                 } else if !self.spec.matches_comm(&name) {
                     // Watched only as a possible successor, and it is not one.
                     capture.remove_target(pid);
-                    return;
+                    return false;
                 }
                 if let Err(e) = self.register(
                     pid,
@@ -1063,6 +1073,9 @@ impl Registry {
                 if let Some(t) = self.targets.get_mut(&pid) {
                     t.succeeds_port = succeeds_port;
                 }
+                // Already listening when registered (this event was handled late): the port
+                // decides at once.
+                self.not_the_successor(pid, capture, metrics);
             }
             // A server that daemonizes forks and its parent exits: audit the child process.
             // Snapshot children are in the kernel map too but accept nothing.
@@ -1081,19 +1094,29 @@ impl Registry {
                 ..
             } => {
                 let pid = *tgid;
+                if self.rejected.contains(&pid) {
+                    return true;
+                }
                 let unnamed_unix = peer.ip == "unix" && peer.port == 0;
                 let stale = self
                     .targets
                     .get(&pid)
                     .is_none_or(|t| t.info.port == 0 || unnamed_unix);
-                let due = self
-                    .last_describe
+                // A process taken for a restarted server is checked at every accept until its port
+                // is known: another server of the same executable must not be audited at all.
+                let candidate = self
+                    .targets
                     .get(&pid)
-                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+                    .is_some_and(|t| t.succeeds_port != 0 && t.info.port == 0);
+                let due = candidate
+                    || self
+                        .last_describe
+                        .get(&pid)
+                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
                 if stale && due {
                     self.describe_again(pid, session, metrics);
                     if self.not_the_successor(pid, capture, metrics) {
-                        return;
+                        return true;
                     }
                 }
                 if unnamed_unix && let Some(path) = self.unix_path(pid, *listen_fd) {
@@ -1103,6 +1126,7 @@ impl Registry {
             }
             _ => {}
         }
+        false
     }
 
     /// A process taken for a restarted server listens on another port: it is another server of
@@ -1125,6 +1149,7 @@ impl Registry {
         self.last_describe.remove(&pid);
         metrics.target_removed(pid);
         self.awaited.push((exe, expected));
+        self.rejected.insert(pid);
         eprintln!("auditor: pid {pid} listens on port {port}, not {expected}: not audited");
         true
     }
