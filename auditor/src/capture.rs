@@ -167,7 +167,12 @@ impl Capture {
                 .with_context(|| format!("loading {name} (verifier)"))?;
             prog.attach(category, name)
                 .map_err(|e| privilege_hint(anyhow!(e)))
-                .with_context(|| format!("attaching tracepoint {category}:{name} (is tracefs mounted at /sys/kernel/tracing?)"))?;
+                .with_context(|| {
+                    format!(
+                        "attaching tracepoint {category}:{name} ({})",
+                        tracefs_hint()
+                    )
+                })?;
         }
         let prog: &mut RawTracePoint = self
             .ebpf
@@ -326,5 +331,22 @@ pub fn decode<'a>(
         })
     } else {
         None
+    }
+}
+
+/// Why tracepoints may not attach: tracefs missing, or there but not readable by this user (it is
+/// mode 0700 root on most systems, whatever capabilities a non-root user holds).
+fn tracefs_hint() -> String {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    let events = std::path::Path::new(TRACEFS).join("events");
+    if !std::path::Path::new(TRACEFS).exists() {
+        return format!("is tracefs mounted at {TRACEFS}?");
+    }
+    match std::fs::read_dir(&events) {
+        Ok(_) => format!("tracefs at {TRACEFS} is readable"),
+        Err(e) => format!(
+            "tracefs at {TRACEFS} is not readable by this user: {e}; run as root, or make \
+             {TRACEFS} readable for the auditor's user"
+        ),
     }
 }
