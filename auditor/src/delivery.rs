@@ -227,16 +227,24 @@ impl Queue {
 
     /// Apply CONFIG SET: the bound, the overflow policy, and the format of the next record.
     pub fn configure(&self, max_bytes: usize, overflow: Overflow, line_format: LineFormat) {
+        self.set_line_format(line_format);
+        self.set_bound(max_bytes, overflow);
+    }
+
+    fn set_bound(&self, max_bytes: usize, overflow: Overflow) {
+        let mut st = self.lock();
+        st.max_bytes = max_bytes;
+        st.overflow = overflow;
+        self.state.2.notify_all();
+    }
+
+    fn set_line_format(&self, line_format: LineFormat) {
         let mut f = self.formatter();
         if f.line_format != line_format {
             // Lines already formatted keep their format; the next record gets the new one.
             self.seal(&mut f);
             f.line_format = line_format;
         }
-        let mut st = self.lock();
-        st.max_bytes = max_bytes;
-        st.overflow = overflow;
-        self.state.2.notify_all();
     }
 
     /// A [`RecordOut`] that formats each record it is lent into the open batch, reserving room
@@ -336,8 +344,7 @@ impl Queue {
         overflow: Overflow,
         line_format: LineFormat,
     ) {
-        let current = self.formatter().line_format;
-        self.configure(max_bytes, overflow, current);
+        self.set_bound(max_bytes, overflow);
         self.place(at_ns, Placement::Format(line_format));
     }
 
@@ -366,12 +373,7 @@ impl Queue {
                 Placement::Record(rec) => records.push(*rec),
                 Placement::Format(line_format) => {
                     self.push_forced(&mut records);
-                    let mut f = self.formatter();
-                    if f.line_format != line_format {
-                        // Lines already formatted keep their format; the next record gets the new.
-                        self.seal(&mut f);
-                        f.line_format = line_format;
-                    }
+                    self.set_line_format(line_format);
                 }
             }
         }
@@ -654,6 +656,22 @@ pub trait SinkProvider: Send {
 }
 
 /// The sink thread's loop: runs until the queue is closed and drained.
+/// Turn what the sink dropped since the last call into AUDIT_LOSS records; true when there was any.
+fn report_sink_loss(queue: &Queue, sink: &mut dyn Sink, reported: &mut u64) -> bool {
+    let loss = sink.take_loss();
+    if loss.records == 0 {
+        return false;
+    }
+    queue.report_loss(sink.loss_cause(), loss.records, loss.bytes);
+    *reported += loss.records;
+    // Loss records among the dropped lines: what they said is said again (their causes' counters
+    // already counted it).
+    for c in &loss.carried {
+        queue.report_loss(&c.cause, c.count, c.bytes);
+    }
+    true
+}
+
 pub fn run_sink(
     queue: Queue,
     mut provider: Box<dyn SinkProvider>,
@@ -683,16 +701,7 @@ pub fn run_sink(
             // no event came): their neighbours are long written.
             queue.release_placed(monotonic_ns().saturating_sub(100_000_000));
             let _ = sink.tick();
-            let loss = sink.take_loss();
-            if loss.records > 0 {
-                queue.report_loss(sink.loss_cause(), loss.records, loss.bytes);
-                sink_reported += loss.records;
-            }
-            // Loss records among the dropped lines: what they said is said again (their causes'
-            // counters already counted it).
-            for c in &loss.carried {
-                queue.report_loss(&c.cause, c.count, c.bytes);
-            }
+            report_sink_loss(&queue, sink, &mut sink_reported);
             // INFO shows sink losses at once, reported or not yet.
             metrics
                 .lost_sink
@@ -755,14 +764,8 @@ pub fn run_sink(
         }
         if current.is_none() && queue.is_drained() {
             // Losses since the last tick still get their record before the end.
-            let loss = sink.take_loss();
-            if loss.records > 0 {
-                queue.report_loss(sink.loss_cause(), loss.records, loss.bytes);
-                sink_reported += loss.records;
+            if report_sink_loss(&queue, sink, &mut sink_reported) {
                 metrics.lost_sink.store(sink_reported, Ordering::Relaxed);
-                for c in &loss.carried {
-                    queue.report_loss(&c.cause, c.count, c.bytes);
-                }
                 continue;
             }
             break;

@@ -867,8 +867,7 @@ impl Session {
                 head.confirmations += 1;
                 conn.subscribed = reply.third_int.unwrap_or(1) > 0;
                 if head.confirmations >= expected.max(1) {
-                    let p = conn.pending.pop_front().expect("head exists");
-                    self.finish(conn, p, reply, out);
+                    self.finish_front(conn, reply, out);
                     self.drain_unreplied(conn, reply.start_ts, out);
                 }
             }
@@ -901,19 +900,9 @@ impl Session {
         }
     }
 
-    /// The reply `reply` answers `p`: complete its record. The common case (no MULTI, no EXEC or
-    /// DISCARD) is [`Session::finish_front`].
-    fn finish(&mut self, conn: &mut Conn, mut p: Pending, reply: &Reply, out: &mut impl RecordOut) {
-        if conn.in_multi || matches!(p.effect, Effect::Exec | Effect::Discard) {
-            self.finish_general(conn, p, reply, out);
-            return;
-        }
-        self.complete(conn, &mut p, reply);
-        self.push_with(&p.settings, &mut p.record, out);
-    }
-
-    /// `finish` for the head of a non-empty FIFO. The common case completes the record in its
-    /// slot, hands it to `out` from there and drops it in place.
+    /// The reply `reply` answers the head of the FIFO: complete its record. The common case (no
+    /// MULTI, no EXEC or DISCARD) completes the record in its slot, hands it to `out` from there
+    /// and drops it in place; the rest goes to `finish_general`.
     #[inline]
     fn finish_front(&mut self, conn: &mut Conn, reply: &Reply, out: &mut impl RecordOut) {
         let general = conn.in_multi

@@ -72,15 +72,14 @@ pub struct CarriedLoss {
 pub fn carry_losses(lines: &[u8], carried: &mut Vec<CarriedLoss>) {
     const TS: usize = "2026-01-01 00:00:00".len();
     for line in lines.split(|&b| b == b'\n') {
-        let marker: &[u8] = match line.first() {
-            Some(b'{') => b"\",\"category\":\"AUDIT_LOSS\"",
-            Some(b'[') => b"] [AUDIT_LOSS] ",
-            _ => b",AUDIT_LOSS,",
-        };
-        let start = match line.first() {
-            Some(b'{') => "{\"timestamp\":\"".len() + TS,
-            Some(b'[') => 1 + TS,
-            _ => TS,
+        // Where the category starts, and how it is written, in JSON, text and CSV.
+        let (start, marker): (usize, &[u8]) = match line.first() {
+            Some(b'{') => (
+                "{\"timestamp\":\"".len() + TS,
+                b"\",\"category\":\"AUDIT_LOSS\"",
+            ),
+            Some(b'[') => (1 + TS, b"] [AUDIT_LOSS] "),
+            _ => (TS, b",AUDIT_LOSS,"),
         };
         if !line
             .get(start..)
