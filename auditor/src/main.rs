@@ -102,6 +102,10 @@ struct Cli {
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     ring_bytes: u32,
+    /// Unread ring bytes at which the kernel wakes the capture thread (it also polls every
+    /// 10 ms, which bounds the records' delay at low rates). Default: an eighth of the ring.
+    #[arg(long)]
+    wakeup_bytes: Option<u64>,
     /// User the auditor authenticates as to ask the server (`CLIENT LIST`) which user each connection
     /// open before attach has. The password comes from AUDITOR_SERVER_PASSWORD or
     /// --server-password-file. Without credentials those connections show `unknown` until they AUTH.
@@ -215,13 +219,13 @@ fn run() -> Result<()> {
     let (mut capture, stream) = Capture::load(&CaptureConfig {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
-        // `--bench-capture-only` drains without reading: woken at every 64 KiB it would spend
-        // its time (and the server's, in wake-ups) on epoll round trips at high data rates.
-        wakeup_bytes: if cli.bench_capture_only {
-            u64::from(cli.ring_bytes) / 4
-        } else {
-            64 * 1024
-        },
+        // Few, large batches: every wake-up costs the server an irq_work in its own syscall and
+        // preempts it for the capture thread (nice -5). At 64 KiB, `-P 1 -d 1024` woke the
+        // thread ~3000 times a second; at an eighth of the ring the 10 ms poll takes most
+        // batches, and the auditor used 15-20% less CPU with a lower client p50 (BENCHMARKS.md,
+        // session 8). An eighth stays below the quarter of the ring at which `RateGovernor`
+        // reads a pass as a backlog.
+        wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 8),
     })?;
     for name in spec.watched_comms() {
         capture.watch_comm(&name)?;

@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::AsRawFd as _;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, OnceLock};
 
 /// Bytes between drop-behind steps.
@@ -90,14 +90,7 @@ impl DropBehind {
 fn helper() -> Option<&'static SyncSender<Step>> {
     static HELPER: OnceLock<Option<SyncSender<Step>>> = OnceLock::new();
     HELPER
-        .get_or_init(|| {
-            let (tx, rx) = sync_channel(QUEUED_STEPS);
-            std::thread::Builder::new()
-                .name("drop-behind".into())
-                .spawn(move || run(rx))
-                .ok()
-                .map(|_| tx)
-        })
+        .get_or_init(|| super::start_helper("drop-behind", QUEUED_STEPS, run))
         .as_ref()
 }
 

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Local, NaiveDateTime, Timelike};
 
+use super::background_sync::BackgroundSync;
 use super::drop_behind::DropBehind;
 use super::{Sink, SinkError, SinkLoss, SinkStatus};
 
@@ -252,6 +253,8 @@ pub struct FileSink {
     /// Data written since the last sync.
     unsynced: bool,
     last_sync: Instant,
+    /// `everysec` syncs run on the `log-sync` thread, so a slow disk does not stop the sink.
+    background: BackgroundSync,
     /// Retention has work to do (after a roll, a new option, a failed pass) no earlier than this.
     retention_due: Option<Instant>,
     archiver: Archiver,
@@ -301,6 +304,7 @@ impl FileSink {
             failed_rolls: 0,
             unsynced: false,
             last_sync: Instant::now(),
+            background: BackgroundSync::default(),
             retention_due: Some(Instant::now()),
             archiver: Archiver::new(),
             clock,
@@ -418,11 +422,9 @@ impl FileSink {
         #[cfg(not(test))]
         let free_space = None;
         let failure = match append_all(&live.file, lines, free_space) {
-            Ok(()) if self.opts.fsync == FsyncPolicy::Always => live
-                .file
-                .sync_data()
-                .err()
-                .map(|e| format!("cannot sync audit log {}: {e}", self.opts.path.display())),
+            Ok(()) if self.opts.fsync == FsyncPolicy::Always => {
+                sync_data(live).err().map(|e| self.sync_error(e).message)
+            }
             Ok(()) => None,
             Err((e, _)) => Some(format!(
                 "cannot write audit log {}: {e}",
@@ -603,11 +605,8 @@ impl FileSink {
         }
         if self.unsynced {
             self.unsynced = false;
-            if let Err(e) = old.file.sync_data() {
-                let error = SinkError {
-                    message: format!("cannot sync audit log {}: {e}", self.opts.path.display()),
-                    retryable: true,
-                };
+            if let Err(e) = sync_data(&old) {
+                let error = self.sync_error(e);
                 self.count_error(&error);
             }
         }
@@ -628,24 +627,71 @@ impl FileSink {
             self.unsynced = false;
             return Ok(());
         };
-        match live.file.sync_data() {
+        match sync_data(live) {
             Ok(()) => {
                 self.unsynced = false;
                 self.sync_failed = false;
                 self.last_sync = Instant::now();
                 Ok(())
             }
+            // Still unsynced: the next flush tries again.
+            Err(e) => Err(self.fail_sync(e)),
+        }
+    }
+
+    /// Start the periodic sync on the `log-sync` thread. While the last one still runs the data
+    /// stays unsynced and the next tick tries again, so syncs never pile up behind a slow disk.
+    fn sync_in_background(&mut self) -> Result<(), SinkError> {
+        let Some(live) = &self.live else {
+            self.unsynced = false;
+            return Ok(());
+        };
+        if !live.regular || self.background.busy() {
+            // (A device or pipe has nothing to sync: `sync_live` settles it at once.)
+            return if live.regular {
+                Ok(())
+            } else {
+                self.sync_live()
+            };
+        }
+        if self.background.start(live.file.clone()) {
+            self.unsynced = false;
+            self.last_sync = Instant::now();
+            Ok(())
+        } else {
+            // No helper thread: sync here, as before.
+            self.sync_live()
+        }
+    }
+
+    /// What a background sync found: a failure leaves the data unsynced (the next flush tries
+    /// again) and shows in the error count and status, like a failed sync on the sink thread.
+    fn background_sync_finished(&mut self, outcome: Result<(), String>) -> Result<(), SinkError> {
+        match outcome {
+            Ok(()) => {
+                self.sync_failed = false;
+                Ok(())
+            }
             Err(e) => {
-                // Still unsynced: the next flush tries again.
-                self.sync_failed = true;
-                let error = SinkError {
-                    message: format!("cannot sync audit log {}: {e}", self.opts.path.display()),
-                    retryable: true,
-                };
-                self.count_error(&error);
-                Err(error)
+                self.unsynced = true;
+                Err(self.fail_sync(e))
             }
         }
+    }
+
+    fn sync_error(&self, e: impl fmt::Display) -> SinkError {
+        SinkError {
+            message: format!("cannot sync audit log {}: {e}", self.opts.path.display()),
+            retryable: true,
+        }
+    }
+
+    /// A failed sync: counted, and the sink shows as failing until a sync succeeds.
+    fn fail_sync(&mut self, e: impl fmt::Display) -> SinkError {
+        self.sync_failed = true;
+        let error = self.sync_error(e);
+        self.count_error(&error);
+        error
     }
 
     /// Archive or delete rolled files when a roll, an option change or an earlier failure asks
@@ -731,6 +777,9 @@ impl Sink for FileSink {
     }
 
     fn flush(&mut self, force: bool) -> Result<(), SinkError> {
+        if let Some(outcome) = self.background.take_finished() {
+            self.background_sync_finished(outcome)?;
+        }
         if !self.unsynced {
             return Ok(());
         }
@@ -740,7 +789,13 @@ impl Sink for FileSink {
                 FsyncPolicy::Everysec => self.last_sync.elapsed() >= EVERYSEC_INTERVAL,
                 FsyncPolicy::Always => true,
             };
-        if due { self.sync_live() } else { Ok(()) }
+        if !due {
+            return Ok(());
+        }
+        if force || self.opts.fsync == FsyncPolicy::Always {
+            return self.sync_live();
+        }
+        self.sync_in_background()
     }
 
     fn tick(&mut self) -> Result<(), SinkError> {
@@ -818,6 +873,16 @@ impl Drop for FileSink {
         if self.unsynced {
             let _ = self.sync_live();
         }
+    }
+}
+
+/// `fdatasync` of the live file. A device or pipe the path points at has nothing to sync (the
+/// call would fail with EINVAL every second).
+fn sync_data(live: &LiveFile) -> io::Result<()> {
+    if live.regular {
+        live.file.sync_data()
+    } else {
+        Ok(())
     }
 }
 
@@ -2133,6 +2198,50 @@ mod tests {
         write(&mut sink, b"four\n");
         assert_eq!(read(&moved), "three\n");
         assert_eq!(read(&second), "four\n");
+    }
+
+    #[test]
+    fn everysec_syncs_on_the_helper_thread() {
+        let dir = TempDir::new("bgsync");
+        let path = dir.join("audit.log");
+        let mut opts = FileOptions::new(&path);
+        opts.fsync = FsyncPolicy::Everysec;
+        let mut sink = FileSink::open(opts).expect("open");
+        write(&mut sink, &line(1, 20));
+        sink.last_sync -= EVERYSEC_INTERVAL;
+        sink.flush(false).expect("flush");
+        // Handed over: the sink does not wait for it.
+        assert!(!sink.unsynced);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.background.busy() {
+            assert!(
+                Instant::now() < deadline,
+                "the background sync never finished"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Its outcome is taken at the next flush.
+        sink.flush(false).expect("flush");
+        assert!(!sink.sync_failed);
+        assert_eq!(sink.status(), SinkStatus::Connected);
+        assert_eq!(read(&path), String::from_utf8(line(1, 20)).unwrap());
+    }
+
+    #[test]
+    fn a_device_is_written_but_never_synced() {
+        // fdatasync on a character device fails with EINVAL; a sink pointed at /dev/null (or at
+        // a pipe, e.g. a container's stdout) must not report that as an error every second.
+        for policy in [FsyncPolicy::Everysec, FsyncPolicy::Always] {
+            let mut opts = FileOptions::new("/dev/null");
+            opts.fsync = policy;
+            let mut sink = FileSink::open(opts).expect("open /dev/null");
+            write(&mut sink, &line(1, 20));
+            sink.last_sync -= EVERYSEC_INTERVAL;
+            sink.flush(false).expect("flush");
+            sink.flush(true).expect("forced flush");
+            assert_eq!(sink.status(), SinkStatus::Connected, "{policy}");
+            assert_eq!(sink.write_errors(), 0, "{policy}");
+        }
     }
 
     #[test]

@@ -6,10 +6,27 @@
 
 use std::fmt;
 
+pub mod background_sync;
 pub mod drop_behind;
 pub mod file;
 pub mod syslog;
 pub mod tcp;
+
+/// Start a named helper thread that runs `run` over the jobs sent to the returned queue (at most
+/// `capacity` waiting); `None` when the thread cannot be started, and the caller then does the
+/// work itself.
+fn start_helper<T: Send + 'static>(
+    name: &str,
+    capacity: usize,
+    run: fn(std::sync::mpsc::Receiver<T>),
+) -> Option<std::sync::mpsc::SyncSender<T>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(rx))
+        .ok()
+        .map(|_| tx)
+}
 
 /// What `INFO audit` shows as `file_status` / `syslog_status` / `tcp_status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
