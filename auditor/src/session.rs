@@ -25,6 +25,9 @@ use crate::settings::Settings;
 /// Requests waiting for a reply on one connection, at most. Valkey answers in order, so this is only
 /// reached by a client that pipelines without reading; past it the oldest is written as UNKNOWN.
 const MAX_PENDING: usize = 100_000;
+/// The error of a command whose reply cannot be told apart from those of commands lost in a
+/// request-side capture gap before it.
+const REPLY_UNCERTAIN: &str = "reply uncertain (capture gap)";
 /// Smallest prefix kept of each argument (command names, subcommands, short keys).
 const MIN_KEEP: usize = 256;
 
@@ -187,6 +190,9 @@ struct Pending {
     /// them (`ACL SETUSER ... '<pw'` fails with a text naming `'<pw'`). Empty, with no allocation,
     /// for almost every command.
     secrets: Vec<Arg>,
+    /// Read after a request-side gap, before the client had all its replies: the reply matched
+    /// to it may belong to a command lost in the gap (see `Conn::uncertain_since`).
+    after_gap: bool,
 }
 
 struct Conn {
@@ -217,6 +223,13 @@ struct Conn {
     /// Server-internal traffic (a replica's REPLCONF/SYNC/PSYNC link): not audited while
     /// `ignore_internal_clients` is on.
     internal: bool,
+    /// Reads (inbound data events) seen on the connection.
+    reads: u64,
+    /// Set at a request-side gap to the read it happened in: the gap may have held whole
+    /// commands, whose replies come first and would be taken as the replies of the commands read
+    /// after it. Until the client has had every reply (nothing pending when a later read comes),
+    /// those commands' results are written as unknown rather than guessed.
+    uncertain_since: Option<u64>,
 }
 
 /// Counters the daemon reports (INFO audit, loss records).
@@ -401,6 +414,8 @@ impl Session {
             preexisting: true,
             replica: false,
             internal: false,
+            reads: 0,
+            uncertain_since: None,
         };
         self.stats.connections_seen += 1;
         let rec = self.connection_record(
@@ -458,6 +473,8 @@ impl Session {
                     preexisting: false,
                     replica: false,
                     internal: false,
+                    reads: 0,
+                    uncertain_since: None,
                 };
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
@@ -521,6 +538,15 @@ impl Session {
         // Bytes of this stream never seen, this call: a resync's loss record says how many.
         let mut unseen = uncaptured_tail;
         if inbound {
+            conn.reads += 1;
+            // A read after the client had every reply: whatever the gap held is answered, and
+            // replies line up with requests again.
+            if conn
+                .uncertain_since
+                .is_some_and(|read| read < conn.reads && conn.pending.is_empty())
+            {
+                conn.uncertain_since = None;
+            }
             let mut events = std::mem::take(&mut self.scratch_req);
             if pos > conn.in_expected {
                 let gap = pos - conn.in_expected;
@@ -547,6 +573,7 @@ impl Session {
                     }
                     RequestEvent::Desync { reason } => {
                         self.stats.request_resyncs += 1;
+                        conn.uncertain_since = Some(conn.reads);
                         let rec = self.loss_record(
                             &conn,
                             LossCause::RequestResync,
@@ -785,6 +812,7 @@ impl Session {
                 .iter()
                 .filter_map(|&i| req.args.get(i).cloned())
                 .collect(),
+            after_gap: conn.uncertain_since.is_some(),
         });
         // A command that gets no reply, with nothing before it: its record is complete now.
         if !expects_reply
@@ -823,6 +851,7 @@ impl Session {
             write_keys: 0,
             confirmations: 0,
             secrets: Vec::new(),
+            after_gap: conn.uncertain_since.is_some(),
         };
         if !expects_reply && conn.pending.is_empty() {
             self.finish_unknown(conn, p, "", ts_ns, out);
@@ -934,7 +963,15 @@ impl Session {
         // The user the command ran as: every earlier command on the connection (a pipelined AUTH
         // included) has completed by now, and this one's own effect is applied only below.
         set_user(&mut p.record, &conn.username);
-        if reply.is_error() {
+        if p.after_gap {
+            // The connection's state still follows the reply (the best guess there is), but the
+            // record does not claim an outcome it cannot know.
+            p.record.result = Outcome::Unknown;
+            p.record.error = REPLY_UNCERTAIN.as_bytes().to_vec();
+            if !reply.is_error() {
+                self.apply_effect(conn, &p.effect, reply);
+            }
+        } else if reply.is_error() {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text);
             redact_secrets(&mut p.record.error, &p.secrets);

@@ -1466,6 +1466,58 @@ fn gap_between_requests_is_a_loss() {
 }
 
 #[test]
+fn replies_after_a_request_gap_are_not_guessed_until_the_client_has_them_all() {
+    let mut w = Wire::new();
+    // GET a, then INCR x lost whole (ring full), then GET b: all pipelined before any reply.
+    w.client(&cmd(&["GET", "a"]));
+    w.client_gap(cmd(&["INCR", "x"]).len() as u64);
+    w.client(&cmd(&["GET", "b"]));
+    assert_eq!(
+        loss_records(&w.take()),
+        ["cause=parser_resync_request count=1 bytes=21 reason=gap in stream"]
+    );
+    // The replies: GET a's, the lost INCR's error, GET b's.
+    w.server(b"$1\r\n1\r\n-ERR value is not an integer or out of range\r\n$-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "get"]);
+    // Read before the gap: its reply comes first, so it is certain.
+    assert_eq!(recs[0].result, Outcome::Success);
+    // INCR's error would have been taken as GET b's: it is written as unknown instead.
+    assert_eq!(recs[1].result, Outcome::Unknown);
+    assert_eq!(s(&recs[1].error), "reply uncertain (capture gap)");
+    assert_eq!(w.stats().replies_unmatched, 1);
+    // The client had every reply before it sent on: replies line up again.
+    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(p.result, Outcome::Success);
+    assert_eq!(s(&p.error), "");
+}
+
+#[test]
+fn a_request_gap_keeps_replies_uncertain_while_the_client_sends_on_with_replies_pending() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["GET", "a"]));
+    w.client_gap(cmd(&["INCR", "x"]).len() as u64);
+    w.client(&cmd(&["GET", "b"]));
+    w.client(&cmd(&["GET", "c"]));
+    w.take();
+    w.server(b"$1\r\n1\r\n");
+    assert_eq!(w.take()[0].result, Outcome::Success);
+    // Sent with GET b and GET c still unanswered: still behind the gap.
+    w.client(&cmd(&["GET", "d"]));
+    w.server(b"-ERR value is not an integer or out of range\r\n$-1\r\n$-1\r\n$-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "get", "get"]);
+    assert!(
+        recs.iter().all(|r| r.result == Outcome::Unknown
+            && s(&r.error) == "reply uncertain (capture gap)"),
+        "{recs:?}"
+    );
+    assert_eq!(w.stats().replies_unmatched, 1);
+    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(p.result, Outcome::Success);
+}
+
+#[test]
 fn reply_gap_writes_the_pending_requests_as_unknown() {
     let mut w = Wire::new();
     w.client(&pipeline(&[
