@@ -103,7 +103,7 @@ struct Cli {
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     ring_bytes: u32,
     /// Unread ring bytes at which the kernel wakes the capture thread (it also polls every
-    /// 10 ms, which bounds the records' delay at low rates). Default: an eighth of the ring.
+    /// 10 ms, which bounds the records' delay at low rates). Default: 1/32 of the ring (256 KiB).
     #[arg(long)]
     wakeup_bytes: Option<u64>,
     /// User the auditor authenticates as to ask the server (`CLIENT LIST`) which user each connection
@@ -219,13 +219,13 @@ fn run() -> Result<()> {
     let (mut capture, stream) = Capture::load(&CaptureConfig {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
-        // Few, large batches: every wake-up costs the server an irq_work in its own syscall and
-        // preempts it for the capture thread (nice -5). At 64 KiB, `-P 1 -d 1024` woke the
-        // thread ~3000 times a second; at an eighth of the ring the 10 ms poll takes most
-        // batches, and the auditor used 15-20% less CPU with a lower client p50 (BENCHMARKS.md,
-        // session 8). An eighth stays below the quarter of the ring at which `RateGovernor`
-        // reads a pass as a backlog.
-        wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 8),
+        // Fewer, larger batches: every wake-up costs the server an irq_work in its own syscall
+        // and preempts it for the capture thread (nice -5). At 64 KiB, `-P 1 -d 1024` woke the
+        // thread ~3000 times a second. Larger batches cost less CPU but each one preempts the
+        // server for longer: at an eighth of the ring (1 MiB) the auditor used 15-20% less CPU
+        // but the `-P 1` p99 grew; 256 KiB kept most of the saving with the lowest p99 of the
+        // three (BENCHMARKS.md, session 8).
+        wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 32),
     })?;
     for name in spec.watched_comms() {
         capture.watch_comm(&name)?;
