@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# A/B runs of auditor variants on one valkey-server, interleaved, for experiments that `cargo xtask
+# bench` (the reference figures) is too coarse or too slow for. Prints, per run: ops/s, p50 and p99
+# of SET and GET, valkey-server's CPU ticks during the run, the auditor's CPU ticks, AUDIT_LOSS
+# records and log lines.
+#
+#   scripts/ab-bench.sh P D N ROUNDS variant...
+#
+# A variant is `none` (no auditor) or extra auditor arguments joined by '+', e.g.
+# `--wakeup-bytes+65536` or `--bench-capture-only+--capture-cap+64`. Needs root, a release build
+# (`cargo build --release`) and scripts/setup.sh's valkey-server. Ports: AB_PORT (default 7390) for
+# the server, AB_PORT+1 for the control port. The server is left running for the next call; stop it
+# with `redis-cli -p 7390 shutdown`.
+set -u
+P=$1 D=$2 N=$3 R=$4
+shift 4
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VPORT=${AB_PORT:-7390}
+CPORT=$((VPORT + 1))
+DIR=$ROOT/target/tmp/ab-bench-$VPORT
+mkdir -p "$DIR"
+if ! redis-cli -p "$VPORT" ping >/dev/null 2>&1; then
+  "$ROOT/.venv/bin/valkey-server" --port "$VPORT" --save '' --appendonly no --dir "$DIR" \
+    --daemonize yes --pidfile "$DIR/valkey.pid" >/dev/null
+  for _ in $(seq 50); do redis-cli -p "$VPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+VPID=$(cat "$DIR/valkey.pid")
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+for r in $(seq "$R"); do
+  for v in "$@"; do
+    APID=""
+    if [ "$v" != none ]; then
+      rm -f "$DIR/audit.log"
+      # shellcheck disable=SC2086 # the variant's words are meant to split
+      "$ROOT/target/release/auditor" --pid "$VPID" --control "127.0.0.1:$CPORT" ${v//+/ } \
+        audit.protocol "file $DIR/audit.log" audit.format json audit.events all \
+        audit.command_result_mode all >/dev/null 2>"$DIR/auditor.err" &
+      APID=$!
+      for _ in $(seq 300); do
+        redis-cli -p "$CPORT" ping 2>/dev/null | grep -q PONG && break
+        sleep 0.1
+      done
+    fi
+    t0=$(ticks "$VPID")
+    out=$(redis-benchmark -p "$VPORT" -t set,get -P "$P" -d "$D" -n "$N" -c 50 -r 100000 --csv \
+      2>/dev/null | grep -E '^"(SET|GET)' |
+      awk -F, '{gsub(/"/, ""); printf "%s %d p50=%s p99=%s  ", $1, $2, $5, $7}')
+    t1=$(ticks "$VPID")
+    at=- loss=- lines=-
+    if [ -n "$APID" ]; then
+      at=$(ticks "$APID")
+      kill "$APID"
+      wait "$APID"
+      loss=$(grep -c AUDIT_LOSS "$DIR/audit.log")
+      lines=$(wc -l <"$DIR/audit.log")
+    fi
+    echo "r$r $v | $out| valkey_ticks=$((t1 - t0)) auditor_ticks=$at loss=$loss lines=$lines"
+  done
+done
