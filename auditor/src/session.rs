@@ -157,6 +157,26 @@ enum ReplyMode {
     SkipNext,
 }
 
+/// What RESET does to a connection's state.
+fn reset_connection(conn: &mut Conn) {
+    conn.username = Arc::from(&b"default"[..]);
+    conn.resp3 = false;
+    conn.subscribed = false;
+    conn.monitor = false;
+    conn.in_multi = false;
+    conn.queued.clear();
+    conn.reply_mode = ReplyMode::On;
+}
+
+/// Whether an error reply to CLIENT REPLY OFF/SKIP is that command's refusal: an ACL denial or
+/// a MULTI / subscribed-context rejection names it; NOAUTH and LOADING refuse every command.
+/// (Anything else is the reply of a later command, which OFF/SKIP did not silence.)
+fn is_client_reply_refusal(text: &[u8]) -> bool {
+    text.starts_with(b"NOAUTH")
+        || text.starts_with(b"LOADING")
+        || text.windows(14).any(|w| w == b"'client|reply'")
+}
+
 /// What a request does to the connection's state once its reply says it succeeded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Effect {
@@ -193,6 +213,14 @@ struct Pending {
     /// Read after a request-side gap, before the client had all its replies: the reply matched
     /// to it may belong to a command lost in the gap (see `Conn::uncertain_since`).
     after_gap: bool,
+    /// CLIENT REPLY OFF/SKIP sent while replies were on: silent when it succeeds, so its only
+    /// possible reply is a refusal (ACL, MULTI, NOAUTH). Until that is settled it holds the FIFO.
+    /// The mode it set (`Off` or `SkipNext`) is undone if the server refused it.
+    refusable: Option<ReplyMode>,
+    /// CLIENT REPLY or RESET: sets the reply mode of the commands after it.
+    changes_mode: bool,
+    /// `Conn::reads` when it was read.
+    read: u64,
 }
 
 struct Conn {
@@ -547,6 +575,15 @@ impl Session {
             {
                 conn.uncertain_since = None;
             }
+            // Valkey answers everything it read before it reads the client again: a CLIENT
+            // REPLY OFF/SKIP read earlier and still unanswered was not refused.
+            if conn
+                .pending
+                .front()
+                .is_some_and(|p| p.refusable.is_some() && p.read < conn.reads)
+            {
+                self.settle_refusable(&mut conn, None, ts_ns, out);
+            }
             let mut events = std::mem::take(&mut self.scratch_req);
             if pos > conn.in_expected {
                 let gap = pos - conn.in_expected;
@@ -714,6 +751,11 @@ impl Session {
             return;
         }
         let effect = effect_of(d, &req.args);
+        let mut refusable = None;
+        let mut changes_mode = false;
+        let mode_before = conn.reply_mode;
+        // (A refusal is a reply too: only with replies on can one come.)
+        let replies_on = mode_before == ReplyMode::On;
         let mut expects_reply = match conn.reply_mode {
             ReplyMode::On => true,
             ReplyMode::Off => false,
@@ -728,19 +770,30 @@ impl Session {
                 Some("on") => {
                     conn.reply_mode = ReplyMode::On;
                     expects_reply = true;
+                    changes_mode = true;
                 }
                 Some("off") => {
+                    refusable = replies_on.then_some(ReplyMode::Off);
                     conn.reply_mode = ReplyMode::Off;
                     expects_reply = false;
+                    changes_mode = true;
                 }
                 Some("skip") => {
+                    refusable = replies_on.then_some(ReplyMode::SkipNext);
                     if conn.reply_mode == ReplyMode::On {
                         conn.reply_mode = ReplyMode::SkipNext;
                     }
                     expects_reply = false;
+                    changes_mode = true;
                 }
                 _ => {}
             }
+        } else if effect == Effect::Reset {
+            // RESET turns replies back on. After OFF it answers; as the command a SKIP covers it
+            // does not (Valkey 9.1.2, checked).
+            conn.reply_mode = ReplyMode::On;
+            expects_reply = mode_before != ReplyMode::SkipNext;
+            changes_mode = true;
         }
         // Written straight into the record's buffer, sized like the previous command's: with
         // steady traffic that is exact, and no scratch buffer has to be copied out.
@@ -813,14 +866,14 @@ impl Session {
                 .filter_map(|&i| req.args.get(i).cloned())
                 .collect(),
             after_gap: conn.uncertain_since.is_some(),
+            refusable,
+            changes_mode,
+            read: conn.reads,
         });
-        // A command that gets no reply, with nothing before it: its record is complete now.
-        if !expects_reply
-            && conn.pending.len() == 1
-            && let Some(p) = conn.pending.pop_front()
-        {
-            let ts = p.done_ts;
-            self.finish_unknown(conn, p, "", ts, out);
+        // A command that gets no reply, with nothing before it: its record is complete now
+        // (unless the server may still refuse it).
+        if !expects_reply && conn.pending.len() == 1 {
+            self.drain_unreplied(conn, req.done_ts, out);
         }
     }
 
@@ -852,6 +905,9 @@ impl Session {
             confirmations: 0,
             secrets: Vec::new(),
             after_gap: conn.uncertain_since.is_some(),
+            refusable: None,
+            changes_mode: false,
+            read: conn.reads,
         };
         if !expects_reply && conn.pending.is_empty() {
             self.finish_unknown(conn, p, "", ts_ns, out);
@@ -884,8 +940,11 @@ impl Session {
         let confirms_head = conn.pending.front().is_some_and(|h| {
             matches!(h.effect, Effect::Subscribe(kind, _) if first.as_deref() == Some(kind.as_bytes()))
         });
+        // In RESP3 every pub/sub frame is a push: an array there is some command's reply (an
+        // LRANGE of a list that begins with "message" is not a message).
         let pubsub_frame = reply.kind == ReplyKind::Push
             || (reply.kind == ReplyKind::Array
+                && !conn.resp3
                 && is_pubsub_kind
                 && (conn.subscribed || confirms_head));
         if pubsub_frame {
@@ -908,6 +967,29 @@ impl Session {
         {
             return;
         }
+        if self.settle_refusable(conn, Some(reply), reply.start_ts, out) {
+            return;
+        }
+        if conn.pending.is_empty()
+            && conn.reads == 0
+            && !conn.preexisting
+            && reply.is_error()
+            && reply.text.starts_with(b"ERR max number of clients reached")
+        {
+            // The server turned the connection away at `maxclients` (it writes this and closes
+            // without reading): the accepted connection's record said SUCCESS, so this says it
+            // was refused.
+            let mut rec = self.connection_record(
+                conn,
+                b"connection",
+                b"type=normal refused=maxclients",
+                reply.start_ts,
+            );
+            rec.result = Outcome::Failure;
+            rec.error = reply.text.to_vec();
+            self.push(rec, reply.start_ts, out);
+            return;
+        }
         if conn.pending.is_empty() {
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if !conn.preexisting && !conn.internal {
@@ -919,13 +1001,69 @@ impl Session {
         self.drain_unreplied(conn, reply.start_ts, out);
     }
 
+    /// Settle the CLIENT REPLY OFF/SKIP commands at the head of the FIFO, given the next reply
+    /// (`None`: the client was read again first, so nothing refused them). A refusal is that
+    /// command's reply: it is written with it, and the commands after it, which it would have
+    /// silenced, expect their replies again. Anything else means it took effect: it is written
+    /// without a reply and the reply goes on to the next command. Returns whether `reply` was
+    /// taken.
+    fn settle_refusable(
+        &mut self,
+        conn: &mut Conn,
+        reply: Option<&Reply>,
+        ts: u64,
+        out: &mut impl RecordOut,
+    ) -> bool {
+        while let Some(head) = conn.pending.front() {
+            let Some(set) = head.refusable else {
+                return false;
+            };
+            if let Some(reply) = reply
+                && reply.is_error()
+                && is_client_reply_refusal(&reply.text)
+            {
+                // Undo what it did to the commands after it: OFF silenced all of them up to the
+                // next mode change, SKIP the next one.
+                for p in conn.pending.iter_mut().skip(1) {
+                    if p.changes_mode {
+                        break;
+                    }
+                    p.expects_reply = true;
+                    if set == ReplyMode::SkipNext {
+                        break;
+                    }
+                }
+                if !conn.pending.iter().skip(1).any(|p| p.changes_mode) {
+                    conn.reply_mode = ReplyMode::On;
+                }
+                self.finish_front(conn, reply, out);
+                self.drain_unreplied(conn, reply.start_ts, out);
+                return true;
+            }
+            let p = conn.pending.pop_front().expect("front exists");
+            let done = p.done_ts;
+            self.finish_unknown(conn, p, "", done, out);
+            self.drain_unreplied(conn, ts, out);
+        }
+        false
+    }
+
     /// Requests that get no reply (CLIENT REPLY OFF/SKIP) are written once everything before them is.
     fn drain_unreplied(&mut self, conn: &mut Conn, ts: u64, out: &mut impl RecordOut) {
-        while conn.pending.front().is_some_and(|p| !p.expects_reply) {
+        while conn
+            .pending
+            .front()
+            .is_some_and(|p| !p.expects_reply && p.refusable.is_none())
+        {
             let p = conn.pending.pop_front().expect("front exists");
             let _ = ts;
             let done = p.done_ts;
+            let reset = p.effect == Effect::Reset;
             self.finish_unknown(conn, p, "", done, out);
+            if reset {
+                // A RESET a SKIP silenced still ran: it cannot fail.
+                reset_connection(conn);
+            }
         }
     }
 
@@ -1095,15 +1233,7 @@ impl Session {
                 conn.subscribed = reply.third_int.unwrap_or(1) > 0;
             }
             Effect::Monitor => conn.monitor = true,
-            Effect::Reset => {
-                conn.username = Arc::from(&b"default"[..]);
-                conn.resp3 = false;
-                conn.subscribed = false;
-                conn.monitor = false;
-                conn.in_multi = false;
-                conn.queued.clear();
-                conn.reply_mode = ReplyMode::On;
-            }
+            Effect::Reset => reset_connection(conn),
         }
     }
 
@@ -1314,7 +1444,8 @@ fn fill_error(rec: &mut Record, text: &[u8]) {
         "NOAUTH",
         "OOM",
         "READONLY",
-        "BUSY",
+        // (Not BUSYGROUP or BUSYKEY: those are the command's own failures.)
+        "BUSY ",
         "LOADING",
         "MASTERDOWN",
         "MISCONF",

@@ -699,6 +699,16 @@ fn error_texts() {
     // A command's own failure is not a rejection.
     let r = w.roundtrip(&["SELECT", "99"], b"-ERR DB index is out of range\r\n");
     assert_eq!(s(&r.error), "ERR DB index is out of range");
+    let r = w.roundtrip(
+        &["XGROUP", "CREATE", "s", "g", "$"],
+        b"-BUSYGROUP Consumer Group name already exists\r\n",
+    );
+    assert_eq!(s(&r.error), "BUSYGROUP Consumer Group name already exists");
+    let r = w.roundtrip(
+        &["EVAL", "while true do end", "0"],
+        b"-BUSY Valkey is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.\r\n",
+    );
+    assert!(s(&r.error).starts_with("rejected=BUSY Valkey is busy"));
     let r = w.roundtrip(&["SET", "k", "v"], b"-NOAUTH Authentication required.\r\n");
     assert_eq!(s(&r.error), "rejected=NOAUTH Authentication required.");
     // RESP3 bulk errors count as errors too.
@@ -707,6 +717,31 @@ fn error_texts() {
         (r.result, s(&r.error)),
         (Outcome::Failure, "ERR bulky".into())
     );
+}
+
+#[test]
+fn a_connection_refused_at_maxclients_gets_a_failure_record() {
+    let mut w = Wire::new();
+    let t = w.server(b"-ERR max number of clients reached\r\n");
+    let r = w.one();
+    assert_eq!(
+        (
+            s(&r.command),
+            r.category.clone(),
+            r.result,
+            s(&r.command_args),
+            s(&r.error)
+        ),
+        (
+            "connection".into(),
+            Category::Connection,
+            Outcome::Failure,
+            "type=normal refused=maxclients".into(),
+            "ERR max number of clients reached".into()
+        )
+    );
+    assert_eq!(r.time_unix_us, (t / 1000) as i64);
+    assert_eq!(w.stats().replies_unmatched, 0);
 }
 
 #[test]
@@ -1228,7 +1263,14 @@ fn reset_inside_multi_still_writes_the_queued_commands() {
 fn client_reply_off_then_on() {
     let mut w = Wire::new();
     let off_ts = w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
-    let off = w.one();
+    // Held until the server shows it was not refused: it reads the client again without having
+    // answered.
+    assert!(w.take().is_empty());
+    w.client(&cmd(&["SET", "a", "1"]));
+    let mut recs = w.take();
+    assert_eq!(names(&recs), ["client|reply", "set"]);
+    let set = recs.pop().unwrap();
+    let off = recs.pop().unwrap();
     assert_eq!(
         seen(&off),
         expect(
@@ -1243,8 +1285,6 @@ fn client_reply_off_then_on() {
         )
     );
     assert_eq!(off.time_unix_us, (off_ts / 1000) as i64);
-    w.client(&cmd(&["SET", "a", "1"]));
-    let set = w.one();
     assert_eq!(
         seen(&set),
         expect(
@@ -1284,19 +1324,22 @@ fn client_reply_skip_in_a_pipeline_keeps_the_order() {
     assert!(w.take().is_empty(), "written in order, after GET x's reply");
     let t = w.server(b"$-1\r\n");
     let recs = w.take();
-    assert_eq!(names(&recs), ["get", "client|reply", "set"]);
+    // SKIP waits: a refusal would be the next reply.
+    assert_eq!(names(&recs), ["get"]);
     assert_eq!(recs[0].result, Outcome::Success);
     assert_eq!(recs[0].time_unix_us, (t / 1000) as i64);
+    w.server(b"$1\r\n1\r\n");
+    let mut recs = w.take();
+    assert_eq!(names(&recs), ["client|reply", "set", "get"]);
     assert_eq!(
-        (recs[1].result, s(&recs[1].error)),
+        (recs[0].result, s(&recs[0].error)),
         (Outcome::Unknown, String::new())
     );
     assert_eq!(
-        (recs[2].result, recs[2].keys_modified),
+        (recs[1].result, recs[1].keys_modified),
         (Outcome::Unknown, 0)
     );
-    w.server(b"$1\r\n1\r\n");
-    let g = w.one();
+    let g = recs.pop().unwrap();
     assert_eq!(
         (s(&g.command), keys_of(&g), g.result),
         ("get".into(), vec!["y".to_string()], Outcome::Success)
@@ -1304,6 +1347,142 @@ fn client_reply_skip_in_a_pipeline_keeps_the_order() {
     // SKIP covered only one command.
     let r = w.roundtrip(&["SET", "z", "1"], b"+OK\r\n");
     assert_eq!(r.result, Outcome::Success);
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn a_refused_client_reply_off_silences_nothing() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    w.server(b"-NOPERM User nocl has no permissions to run the 'client|reply' command\r\n");
+    let off = w.one();
+    assert_eq!(
+        (
+            s(&off.command),
+            off.result,
+            off.category.clone(),
+            s(&off.error)
+        ),
+        (
+            "client|reply".into(),
+            Outcome::Failure,
+            Category::Auth,
+            "acl_deny_reason=command".into()
+        )
+    );
+    // Replies stay on: the next commands get theirs.
+    let auth = w.roundtrip(&["AUTH", "bob", "pw"], b"+OK\r\n");
+    assert_eq!(auth.result, Outcome::Success);
+    let set = w.roundtrip(&["SET", "evil", "1"], b"+OK\r\n");
+    assert_eq!(
+        (set.result, s(&set.username)),
+        (Outcome::Success, "bob".into())
+    );
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn a_refused_client_reply_skip_in_a_pipeline_keeps_replies_on_their_commands() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["INCR", "str"],
+        &["GET", "str"],
+        &["ECHO", "after"],
+    ]));
+    w.server(
+        b"-NOPERM User nocl has no permissions to run the 'client|reply' command\r\n\
+          -ERR value is not an integer or out of range\r\n$3\r\nabc\r\n$5\r\nafter\r\n",
+    );
+    let recs = w.take();
+    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("client|reply".into(), Outcome::Failure),
+            ("incr".into(), Outcome::Failure),
+            ("get".into(), Outcome::Success),
+            ("echo".into(), Outcome::Success),
+        ]
+    );
+    assert_eq!(
+        s(&recs[1].error),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn client_reply_skip_whose_next_reply_is_an_error_of_a_later_command_took_effect() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["SET", "a", "1"],
+        &["INCR", "str"],
+    ]));
+    w.server(b"-ERR value is not an integer or out of range\r\n");
+    let recs = w.take();
+    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("client|reply".into(), Outcome::Unknown),
+            ("set".into(), Outcome::Unknown),
+            ("incr".into(), Outcome::Failure),
+        ]
+    );
+}
+
+#[test]
+fn reset_turns_replies_back_on_after_client_reply_off() {
+    let mut w = Wire::new();
+    w.roundtrip(&["AUTH", "bob", "pw"], b"+OK\r\n");
+    w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    w.client(&cmd(&["RESET"]));
+    let recs = w.take();
+    assert_eq!(names(&recs), ["client|reply"]);
+    w.server(b"+RESET\r\n");
+    let reset = w.one();
+    assert_eq!(
+        (s(&reset.command), reset.result),
+        ("reset".into(), Outcome::Success)
+    );
+    let set = w.roundtrip(&["SET", "byuser", "x"], b"+OK\r\n");
+    assert_eq!(
+        (set.result, s(&set.username)),
+        (Outcome::Success, "default".into())
+    );
+    // RESET covered by a SKIP gets no reply of its own.
+    w.roundtrip(&["AUTH", "bob", "pw"], b"+OK\r\n");
+    w.client(&cmd(&["CLIENT", "REPLY", "SKIP"]));
+    w.client(&cmd(&["RESET"]));
+    w.client(&cmd(&["ACL", "WHOAMI"]));
+    w.server(b"$7\r\ndefault\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["client|reply", "reset", "acl|whoami"]);
+    assert_eq!(
+        (recs[2].result, s(&recs[2].username)),
+        (Outcome::Success, "default".into())
+    );
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
+fn client_reply_off_refused_inside_multi() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    w.server(b"-ERR Command 'client|reply' not allowed inside a transaction\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.client(&cmd(&["EXEC"]));
+    w.server(b"-EXECABORT Transaction discarded because of previous errors.\r\n");
+    let recs = w.take();
+    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(got[0], ("client|reply".into(), Outcome::Failure));
+    assert!(got.iter().all(|(_, r)| *r != Outcome::Unknown), "{got:?}");
+    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(p.result, Outcome::Success);
     assert_eq!(w.stats().replies_unmatched, 0);
 }
 
@@ -1917,6 +2096,30 @@ fn custom_category_renames_the_record() {
 // ------------------------------------------------------------------------------------------------
 // 11. Out-of-band replies: pub/sub, pushes, MONITOR
 // ------------------------------------------------------------------------------------------------
+
+#[test]
+fn resp3_array_replies_of_a_subscribed_client_are_replies_even_when_they_look_like_messages() {
+    let mut w = Wire::new();
+    w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    w.client(&cmd(&["SUBSCRIBE", "zz"]));
+    w.server(b">3\r\n$9\r\nsubscribe\r\n$2\r\nzz\r\n:1\r\n");
+    assert_eq!(names(&w.take()), ["subscribe"]);
+    // A list that begins with "message": in RESP3 a real message is a push, never an array.
+    let l = w.roundtrip(
+        &["LRANGE", "ml", "0", "-1"],
+        b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n",
+    );
+    assert_eq!(
+        (s(&l.command), l.result),
+        ("lrange".into(), Outcome::Success)
+    );
+    let i = w.roundtrip(
+        &["INCR", "sl"],
+        b"-ERR value is not an integer or out of range\r\n",
+    );
+    assert_eq!((s(&i.command), i.result), ("incr".into(), Outcome::Failure));
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
 
 #[test]
 fn resp3_pushes_are_not_replies() {
