@@ -428,6 +428,61 @@ def test_client_reply_off_skip(audited):
     assert [r["result"] for r in mine] == ["UNKNOWN", "UNKNOWN", "SUCCESS", "UNKNOWN", "UNKNOWN", "SUCCESS"]
 
 
+def test_refused_client_reply_hides_nothing(audited):
+    """A user denied CLIENT REPLY: the refusal is its reply; later results and the user stay right."""
+    valkey, auditor = audited
+    admin = valkey.client()
+    admin.execute_command("ACL", "SETUSER", "nocl", "on", ">pw", "~*", "+@all", "-client")
+    admin.execute_command("ACL", "SETUSER", "bob", "on", ">pw", "~*", "+@all")
+    admin.set("str", "abc")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"AUTH nocl pw\r\n")
+    read_until(s, lambda b: b == b"+OK\r\n")
+    s.sendall(b"CLIENT REPLY OFF\r\n")
+    read_until(s, lambda b: b.startswith(b"-NOPERM") and b.endswith(b"\r\n"))
+    # A refused SKIP in a pipeline: every reply still belongs to its own command.
+    s.sendall(b"CLIENT REPLY SKIP\r\nINCR str\r\nGET str\r\nAUTH bob pw\r\nSET evil 1\r\n")
+    read_until(s, lambda b: b.endswith(b"$3\r\nabc\r\n+OK\r\n+OK\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    mine = [(r["command"], r["result"], r["username"]) for r in commands_of(recs, port)]
+    assert mine == [
+        ("auth", "SUCCESS", "default"),
+        ("client|reply", "FAILURE", "nocl"),
+        ("client|reply", "FAILURE", "nocl"),
+        ("incr", "FAILURE", "nocl"),
+        ("get", "SUCCESS", "nocl"),
+        ("auth", "SUCCESS", "nocl"),
+        ("set", "SUCCESS", "bob"),
+    ]
+    denied = [r for r in commands_of(recs, port) if r["command"] == "client|reply"]
+    assert all(r["category"] == "AUTH" and r["error"] == "acl_deny_reason=command" for r in denied)
+
+
+def test_resp3_array_reply_of_a_subscribed_client_is_not_a_message(audited):
+    valkey, auditor = audited
+    admin = valkey.client()
+    admin.rpush("ml", "message", "ch", "hello")
+    admin.set("sl", "notint")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"HELLO 3\r\n")
+    read_until(s, lambda b: b"modules" in b and b.endswith(b"*0\r\n"))
+    s.sendall(b"SUBSCRIBE zz\r\nLRANGE ml 0 -1\r\nINCR sl\r\nECHO e1\r\n")
+    read_until(s, lambda b: b.endswith(b"$2\r\ne1\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    mine = [(r["command"], r["result"]) for r in commands_of(recs, port)]
+    assert mine == [
+        ("hello", "SUCCESS"),
+        ("subscribe", "SUCCESS"),
+        ("lrange", "SUCCESS"),
+        ("incr", "FAILURE"),
+        ("echo", "SUCCESS"),
+    ]
+
+
 def test_blocking_command_reply_later(audited):
     valkey, auditor = audited
     s = socket.create_connection(("127.0.0.1", valkey.port))
