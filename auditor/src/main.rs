@@ -735,6 +735,11 @@ impl CaptureLoop {
                             .unregister(pid, &mut self.capture, &self.metrics);
                     }
                 }
+                if drained < 65536 {
+                    // The ring was emptied: every event up to about now has been seen.
+                    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                    self.session.settle_quiet(now, &mut records);
+                }
                 self.write_all(&mut records);
             }
             if self.registry.all_explicit_gone() {
@@ -1022,7 +1027,8 @@ impl Registry {
                     t.succeeds_port
                 };
                 self.awaited.push((t.exe, port));
-            } else {
+            } else if !self.all_explicit_gone() {
+                // (The last one is reported by the capture loop, which stops then.)
                 eprintln!("auditor: pid {pid} exited");
             }
         }

@@ -25,6 +25,9 @@ use crate::settings::Settings;
 /// Requests waiting for a reply on one connection, at most. Valkey answers in order, so this is only
 /// reached by a client that pipelines without reading; past it the oldest is written as UNKNOWN.
 const MAX_PENDING: usize = 100_000;
+/// How long an unanswered CLIENT REPLY OFF/SKIP waits before it is taken as having worked (see
+/// `Session::settle_quiet`): Valkey answers a refusal in the same event-loop pass.
+pub const QUIET_NS: u64 = 100_000_000;
 /// The error of a command whose reply cannot be told apart from those of commands lost in a
 /// request-side capture gap before it.
 const REPLY_UNCERTAIN: &str = "reply uncertain (capture gap)";
@@ -1290,6 +1293,28 @@ impl Session {
         fds.sort_unstable();
         for fd in fds {
             self.close(tgid, fd, now_ns, out);
+        }
+    }
+
+    /// Settle CLIENT REPLY OFF/SKIP commands left unanswered for `QUIET_NS`: a refusal would have
+    /// come at once, so they took effect, and the records held behind them (a fire-and-forget
+    /// client that went quiet) are written. The caller has processed every event up to `now_ns`.
+    pub fn settle_quiet(&mut self, now_ns: u64, out: &mut impl RecordOut) {
+        let quiet: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.pending.front().is_some_and(|p| {
+                    p.refusable.is_some() && now_ns.saturating_sub(p.done_ts) >= QUIET_NS
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in quiet {
+            if let Some(mut conn) = self.conns.remove(&key) {
+                self.settle_refusable(&mut conn, None, now_ns, out);
+                self.conns.insert(key, conn);
+            }
         }
     }
 

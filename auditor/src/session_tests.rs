@@ -1351,6 +1351,25 @@ fn client_reply_skip_in_a_pipeline_keeps_the_order() {
 }
 
 #[test]
+fn a_quiet_client_after_client_reply_off_has_its_records_written() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SET", "a", "1"],
+    ]));
+    assert!(w.take().is_empty());
+    // Not yet: a refusal could still be on its way.
+    let now = w.now;
+    w.session.settle_quiet(now + 1_000_000, &mut w.out);
+    assert!(w.take().is_empty());
+    w.session
+        .settle_quiet(now + crate::session::QUIET_NS, &mut w.out);
+    let recs = w.take();
+    assert_eq!(names(&recs), ["client|reply", "set"]);
+    assert!(recs.iter().all(|r| r.result == Outcome::Unknown));
+}
+
+#[test]
 fn a_refused_client_reply_off_silences_nothing() {
     let mut w = Wire::new();
     w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));

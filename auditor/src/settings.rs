@@ -539,6 +539,17 @@ impl Settings {
             if j == i + 1 {
                 return Err(err(name, "missing value"));
             }
+            // An option after the settings would otherwise become part of a value, and fail with
+            // the setting's own error, which does not say why.
+            if let Some(option) = words[i + 1..j]
+                .iter()
+                .find(|w| w.starts_with("--") && w.len() > 2)
+            {
+                return Err(err(
+                    name,
+                    format!("option {option} must come before the audit.* settings"),
+                ));
+            }
             self.apply(name, &words[i + 1..j].join(" "))?;
             i = j;
         }
@@ -735,6 +746,25 @@ mod tests {
 
     fn words(w: &[&str]) -> Vec<String> {
         w.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_option_after_the_settings_is_named() {
+        let mut s = Settings::default();
+        let words: Vec<String> = [
+            "audit.command_result_mode",
+            "all",
+            "--capture-cap",
+            "8388608",
+        ]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+        let e = s.apply_args(&words).unwrap_err().to_string();
+        assert!(
+            e.contains("option --capture-cap must come before the audit.* settings"),
+            "{e}"
+        );
     }
 
     #[test]
