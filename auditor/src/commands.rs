@@ -374,6 +374,9 @@ struct CommandInfo {
     /// Canonical name: `set`, `config|set`. Interned, so records borrow it instead of copying.
     name: &'static str,
     key_specs: Vec<KeySpec>,
+    /// Valkey's arity: the exact argument count (command name included) when positive, the
+    /// minimum when negative.
+    arity: i64,
     /// Has at least one real key spec (not `not_key`): the command is a KEY_OP command.
     has_keys: bool,
     keys_rule: KeysRule,
@@ -411,6 +414,9 @@ pub struct Described {
     pub secrets: Vec<usize>,
     /// The request's real argument count (at least `args.len()`), for OTHER's `(and N more args)`.
     pub argc: u64,
+    /// The argument count passes the command's arity, so the server did not refuse it for that:
+    /// a "wrong number of arguments" error then came from the command itself (`HSET h f v f2`).
+    pub arity_ok: bool,
 }
 
 impl Default for Described {
@@ -425,6 +431,7 @@ impl Default for Described {
             payload: None,
             secrets: Vec::new(),
             argc: 0,
+            arity_ok: true,
         }
     }
 }
@@ -501,6 +508,7 @@ impl CommandTable {
         d.argc = argc as u64;
         d.keys.clear();
         d.secrets.clear();
+        d.arity_ok = true;
         let Some(info) = self.resolve(args) else {
             d.command = match args.first() {
                 Some(a) => CommandName::Owned(a.prefix.to_vec()),
@@ -547,6 +555,12 @@ impl CommandTable {
             .filter(|&i| i < args.len());
         d.command = CommandName::Borrowed(info.name.as_bytes());
         d.known = true;
+        let n = i64::try_from(argc).unwrap_or(i64::MAX);
+        d.arity_ok = if info.arity >= 0 {
+            n == info.arity
+        } else {
+            n >= -info.arity
+        };
     }
 
     /// Append to `out` the indexes (plus `offset`) of the secrets among `args`, by `rule`.
@@ -984,9 +998,13 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, rule)| *rule);
+    let arity = fields[1]
+        .as_i64()
+        .ok_or_else(|| shape(&name, "arity is not an integer"))?;
     Ok(CommandInfo {
         name: intern(name),
         key_specs,
+        arity,
         has_keys,
         keys_rule,
         secret_rule,

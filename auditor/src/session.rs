@@ -224,6 +224,8 @@ struct Pending {
     changes_mode: bool,
     /// `Conn::reads` when it was read.
     read: u64,
+    /// Its argument count passed the command's arity (see `Described::arity_ok`).
+    arity_ok: bool,
 }
 
 struct Conn {
@@ -872,6 +874,7 @@ impl Session {
             refusable,
             changes_mode,
             read: conn.reads,
+            arity_ok: d.arity_ok,
         });
         // A command that gets no reply, with nothing before it: its record is complete now
         // (unless the server may still refuse it).
@@ -911,6 +914,7 @@ impl Session {
             refusable: None,
             changes_mode: false,
             read: conn.reads,
+            arity_ok: true,
         };
         if !expects_reply && conn.pending.is_empty() {
             self.finish_unknown(conn, p, "", ts_ns, out);
@@ -1114,7 +1118,7 @@ impl Session {
             }
         } else if reply.is_error() {
             p.record.result = Outcome::Failure;
-            fill_error(&mut p.record, &reply.text);
+            fill_error(&mut p.record, &reply.text, p.arity_ok);
             redact_secrets(&mut p.record.error, &p.secrets);
         } else {
             p.record.result = Outcome::Success;
@@ -1171,7 +1175,8 @@ impl Session {
                         .find(|(idx, _)| *idx as usize == i)
                     {
                         q.record.result = Outcome::Failure;
-                        fill_error(&mut q.record, text);
+                        // (Queued, so it passed the arity check.)
+                        fill_error(&mut q.record, text, true);
                         redact_secrets(&mut q.record.error, &q.secrets);
                     } else {
                         q.record.result = Outcome::Success;
@@ -1430,7 +1435,7 @@ impl Session {
 
 /// The error field: the module's `rejected=` for commands the server refused before running them,
 /// `acl_deny_reason=` for ACL denials (category AUTH, as the module does), else the error text.
-fn fill_error(rec: &mut Record, text: &[u8]) {
+fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
     let s = String::from_utf8_lossy(text);
     if let Some(rest) = s.strip_prefix("NOPERM") {
         rec.category = Category::Auth;
@@ -1490,7 +1495,8 @@ fn fill_error(rec: &mut Record, text: &[u8]) {
         && s.contains("' not allowed inside a transaction"))
         || s.starts_with("ERR Can't execute '")
         || (s.starts_with("ERR ") && s.contains(" command not allowed. If the "));
-    if rejected_shape || rejected.iter().any(|p| s.starts_with(p)) {
+    let own_arity_error = arity_ok && s.starts_with("ERR wrong number of arguments");
+    if !own_arity_error && (rejected_shape || rejected.iter().any(|p| s.starts_with(p))) {
         // The server's own bytes (it quotes the client's, which may not be UTF-8): the formats
         // escape them, where a lossy conversion would have turned them into U+FFFD.
         let msg = text.strip_prefix(b"ERR ").unwrap_or(text);

@@ -699,6 +699,24 @@ fn error_texts() {
     // A command's own failure is not a rejection.
     let r = w.roundtrip(&["SELECT", "99"], b"-ERR DB index is out of range\r\n");
     assert_eq!(s(&r.error), "ERR DB index is out of range");
+    // Arity: refused by the server when the count fails the command's arity, the command's own
+    // failure when it passes (HSET checks for pairs itself).
+    let r = w.roundtrip(
+        &["GET", "a", "b"],
+        b"-ERR wrong number of arguments for 'get' command\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "rejected=wrong number of arguments for 'get' command"
+    );
+    let r = w.roundtrip(
+        &["HSET", "h", "f", "v", "f2"],
+        b"-ERR wrong number of arguments for 'hset' command\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "ERR wrong number of arguments for 'hset' command"
+    );
     let r = w.roundtrip(
         &["XGROUP", "CREATE", "s", "g", "$"],
         b"-BUSYGROUP Consumer Group name already exists\r\n",
