@@ -664,6 +664,10 @@ impl ControlBackend for Backend {
     }
 }
 
+/// Ring records one pass of the capture loop takes at most; a pass that took fewer emptied the
+/// ring.
+const PASS_RECORDS: usize = 65536;
+
 /// The capture thread: drain the ring, run the pipeline, write records. Wakes at least every 10 ms so
 /// records reach the file within tens of milliseconds even when the kernel batches wake-ups.
 struct CaptureLoop {
@@ -707,7 +711,8 @@ impl CaptureLoop {
         let mut last_check = Instant::now();
         let mut target_gone = false;
         loop {
-            let (drained, drained_bytes) = self.drain_ring(&mut seen_version, &mut records, 65536);
+            let (drained, drained_bytes) =
+                self.drain_ring(&mut seen_version, &mut records, PASS_RECORDS);
             let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
             let (queue_bytes, queue_max) = self.queue.fill();
             if let Some(batch) =
@@ -735,7 +740,7 @@ impl CaptureLoop {
                             .unregister(pid, &mut self.capture, &self.metrics);
                     }
                 }
-                if drained < 65536 {
+                if drained < PASS_RECORDS {
                     // The ring was emptied: every event up to about now has been seen.
                     let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
                     self.session.settle_quiet(now, &mut records);

@@ -587,7 +587,7 @@ impl Session {
                 .front()
                 .is_some_and(|p| p.refusable.is_some() && p.read < conn.reads)
             {
-                self.settle_refusable(&mut conn, None, ts_ns, out);
+                self.settle_refusable(&mut conn, None, out);
             }
             let mut events = std::mem::take(&mut self.scratch_req);
             if pos > conn.in_expected {
@@ -879,7 +879,7 @@ impl Session {
         // A command that gets no reply, with nothing before it: its record is complete now
         // (unless the server may still refuse it).
         if !expects_reply && conn.pending.len() == 1 {
-            self.drain_unreplied(conn, req.done_ts, out);
+            self.drain_unreplied(conn, out);
         }
     }
 
@@ -963,7 +963,7 @@ impl Session {
                 conn.subscribed = reply.third_int.unwrap_or(1) > 0;
                 if head.confirmations >= expected.max(1) {
                     self.finish_front(conn, reply, out);
-                    self.drain_unreplied(conn, reply.start_ts, out);
+                    self.drain_unreplied(conn, out);
                 }
             }
             return;
@@ -974,30 +974,31 @@ impl Session {
         {
             return;
         }
-        if self.settle_refusable(conn, Some(reply), reply.start_ts, out) {
-            return;
-        }
-        if conn.pending.is_empty()
-            && conn.reads == 0
-            && !conn.preexisting
-            && reply.is_error()
-            && reply.text.starts_with(b"ERR max number of clients reached")
+        if conn.pending.front().is_some_and(|p| p.refusable.is_some())
+            && self.settle_refusable(conn, Some(reply), out)
         {
-            // The server turned the connection away at `maxclients` (it writes this and closes
-            // without reading): the accepted connection's record said SUCCESS, so this says it
-            // was refused.
-            let mut rec = self.connection_record(
-                conn,
-                b"connection",
-                b"type=normal refused=maxclients",
-                reply.start_ts,
-            );
-            rec.result = Outcome::Failure;
-            rec.error = reply.text.to_vec();
-            self.push(rec, reply.start_ts, out);
             return;
         }
         if conn.pending.is_empty() {
+            if conn.reads == 0
+                && !conn.preexisting
+                && reply.is_error()
+                && reply.text.starts_with(b"ERR max number of clients reached")
+            {
+                // The server turned the connection away at `maxclients` (it writes this and
+                // closes without reading): the accepted connection's record said SUCCESS, so
+                // this says it was refused.
+                let mut rec = self.connection_record(
+                    conn,
+                    b"connection",
+                    b"type=normal refused=maxclients",
+                    reply.start_ts,
+                );
+                rec.result = Outcome::Failure;
+                rec.error = reply.text.to_vec();
+                self.push(rec, reply.start_ts, out);
+                return;
+            }
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if !conn.preexisting && !conn.internal {
                 self.stats.replies_unmatched += 1;
@@ -1005,7 +1006,7 @@ impl Session {
             return;
         }
         self.finish_front(conn, reply, out);
-        self.drain_unreplied(conn, reply.start_ts, out);
+        self.drain_unreplied(conn, out);
     }
 
     /// Settle the CLIENT REPLY OFF/SKIP commands at the head of the FIFO, given the next reply
@@ -1018,10 +1019,9 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         reply: Option<&Reply>,
-        ts: u64,
         out: &mut impl RecordOut,
     ) -> bool {
-        while let Some(head) = conn.pending.front() {
+        while let Some(head) = conn.pending.front_mut() {
             let Some(set) = head.refusable else {
                 return false;
             };
@@ -1044,26 +1044,24 @@ impl Session {
                     conn.reply_mode = ReplyMode::On;
                 }
                 self.finish_front(conn, reply, out);
-                self.drain_unreplied(conn, reply.start_ts, out);
+                self.drain_unreplied(conn, out);
                 return true;
             }
-            let p = conn.pending.pop_front().expect("front exists");
-            let done = p.done_ts;
-            self.finish_unknown(conn, p, "", done, out);
-            self.drain_unreplied(conn, ts, out);
+            // It took effect: an unanswered command like those it silenced.
+            head.refusable = None;
+            self.drain_unreplied(conn, out);
         }
         false
     }
 
     /// Requests that get no reply (CLIENT REPLY OFF/SKIP) are written once everything before them is.
-    fn drain_unreplied(&mut self, conn: &mut Conn, ts: u64, out: &mut impl RecordOut) {
+    fn drain_unreplied(&mut self, conn: &mut Conn, out: &mut impl RecordOut) {
         while conn
             .pending
             .front()
             .is_some_and(|p| !p.expects_reply && p.refusable.is_none())
         {
             let p = conn.pending.pop_front().expect("front exists");
-            let _ = ts;
             let done = p.done_ts;
             let reset = p.effect == Effect::Reset;
             self.finish_unknown(conn, p, "", done, out);
@@ -1108,22 +1106,21 @@ impl Session {
         // The user the command ran as: every earlier command on the connection (a pipelined AUTH
         // included) has completed by now, and this one's own effect is applied only below.
         set_user(&mut p.record, &conn.username);
-        if p.after_gap {
-            // The connection's state still follows the reply (the best guess there is), but the
-            // record does not claim an outcome it cannot know.
-            p.record.result = Outcome::Unknown;
-            p.record.error = REPLY_UNCERTAIN.as_bytes().to_vec();
-            if !reply.is_error() {
-                self.apply_effect(conn, &p.effect, reply);
-            }
-        } else if reply.is_error() {
-            p.record.result = Outcome::Failure;
-            fill_error(&mut p.record, &reply.text, p.arity_ok);
-            redact_secrets(&mut p.record.error, &p.secrets);
-        } else {
+        if !reply.is_error() {
             p.record.result = Outcome::Success;
             p.record.keys_modified = p.write_keys;
             self.apply_effect(conn, &p.effect, reply);
+        } else if !p.after_gap {
+            p.record.result = Outcome::Failure;
+            fill_error(&mut p.record, &reply.text, p.arity_ok);
+            redact_secrets(&mut p.record.error, &p.secrets);
+        }
+        if p.after_gap {
+            // The connection's state follows the reply (the best guess there is), but the record
+            // claims no outcome it cannot know.
+            p.record.result = Outcome::Unknown;
+            p.record.error = REPLY_UNCERTAIN.as_bytes().to_vec();
+            p.record.keys_modified = 0;
         }
     }
 
@@ -1317,7 +1314,7 @@ impl Session {
             .collect();
         for key in quiet {
             if let Some(mut conn) = self.conns.remove(&key) {
-                self.settle_refusable(&mut conn, None, now_ns, out);
+                self.settle_refusable(&mut conn, None, out);
                 self.conns.insert(key, conn);
             }
         }

@@ -646,13 +646,12 @@ impl FileSink {
             self.unsynced = false;
             return Ok(());
         };
-        if !live.regular || self.background.busy() {
-            // (A device or pipe has nothing to sync: `sync_live` settles it at once.)
-            return if live.regular {
-                Ok(())
-            } else {
-                self.sync_live()
-            };
+        if !live.regular {
+            // A device or pipe has nothing to sync: `sync_live` settles it at once.
+            return self.sync_live();
+        }
+        if self.background.busy() {
+            return Ok(());
         }
         if self.background.start(live.file.clone()) {
             self.unsynced = false;
