@@ -740,6 +740,34 @@ def test_syscalls_over_64k_with_several_commands_or_arguments_lose_nothing(audit
     assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
 
 
+def test_pipelined_replies_far_over_the_capture_cap_keep_their_results(audited):
+    """The kernel walks the replies and leaves out bulk payloads past their first bytes, so a write
+    of many large replies (20 x 200 KB = 4 MB, four times the capture cap) still gives every command
+    its own result, and the replies after it line up."""
+    valkey, auditor = audited
+    c = valkey.client(single_connection_client=True)
+    c.set("huge", b"h" * 200_000)
+    c.rpush("biglist", *[b"e" * 3000] * 400)
+    p = c.pipeline(transaction=False)
+    for _ in range(20):
+        p.get("huge")
+    p.lrange("biglist", 0, -1)
+    p.incr("huge")
+    p.strlen("huge")
+    p.get("missing")
+    res = p.execute(raise_on_error=False)
+    assert len(res[0]) == 200_000 and len(res[20]) == 400 and res[23] is None
+    c.close()
+    c.connection_pool.disconnect()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    mine = [(r["command"], r["result"]) for r in recs if r["category"] != "CONNECTION"]
+    assert mine[-24:] == [("get", "SUCCESS")] * 20 + [
+        ("lrange", "SUCCESS"), ("incrby", "FAILURE"), ("strlen", "SUCCESS"), ("get", "SUCCESS")]
+    incr = [r for r in recs if r["command"] == "incrby"][0]
+    assert incr["error"].startswith("ERR value is not an integer")
+    assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
+
+
 def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_auditor):
     auditor = start_auditor(valkey.pid, extra=("--capture-cap", "200"))
     c = Raw(valkey.port)

@@ -21,7 +21,55 @@ pub const DEFAULT_CAPTURE_CAP: u64 = 1024 * 1024;
 pub const CFG_CAPTURE_CAP: u32 = 0;
 /// Index in the `CONFIG` array map: ring-buffer wake-up threshold in bytes (0: wake on every record).
 pub const CFG_WAKEUP_BYTES: u32 = 1;
+/// Index in the `CONFIG` array map: non-zero to scan the reply streams of sockets accepted from now
+/// on and leave the tails of large bulk payloads out of the ring (see [`SCAN_TOKEN`]).
+pub const CFG_REPLY_SCAN: u32 = 2;
 pub const CFG_LEN: u32 = 4;
+
+/// `DataEvent::flags`: the payload is a list of segments, each a [`SegmentHdr`] and its bytes, at
+/// increasing offsets of the syscall; the bytes between segments lie inside bulk payloads the kernel
+/// chose not to copy (see [`SCAN_TOKEN`]).
+pub const DATA_FLAG_SEGMENTS: u8 = 1;
+/// `DataEvent::flags`: the syscall's bytes from `captured_len` on were not looked at (the scan's
+/// step budget ran out, or the user buffer faulted); user space treats them like an uncaptured tail.
+pub const DATA_FLAG_TAIL: u8 = 2;
+
+/// One segment of a [`DATA_FLAG_SEGMENTS`] record: `len` bytes of the syscall from offset `off`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentHdr {
+    pub off: u32,
+    pub len: u32,
+}
+pub const SEGMENT_HDR_LEN: usize = core::mem::size_of::<SegmentHdr>();
+
+/// Reply-stream scanner modes (`SocketState::out_mode`). The kernel walks the RESP tokens of what
+/// the server writes (every reply is a sequence of lines, some followed by a bulk payload) and
+/// leaves out of the ring the part of a bulk payload past its first [`ELIDE_PREFIX`] bytes when it
+/// is longer than [`ELIDE_MIN`]: records never need reply payloads, only headers, error texts and
+/// the first element of pub/sub frames. `SCAN_RAW` (0, what user space registers pre-existing
+/// sockets with, whose stream position inside a reply is unknown) copies every byte, as does a
+/// socket whose stream stopped looking like RESP.
+pub const SCAN_RAW: u32 = 0;
+/// At the first byte of a token (a type byte).
+pub const SCAN_TOKEN: u32 = 1;
+/// Inside a line that is not a bulk length (`+`, `-`, `:`, aggregate headers, ...): up to its LF.
+pub const SCAN_LINE: u32 = 2;
+/// Inside a bulk length line (`$`, `=`, `!`): digits accumulate in `out_acc`.
+pub const SCAN_HEADER: u32 = 3;
+/// Copying `out_keep` more bytes (a short payload and its CRLF, or a payload's CRLF), then a token.
+pub const SCAN_KEEP: u32 = 4;
+/// Copying the first `out_keep` bytes of a long payload, then skipping `out_skip`.
+pub const SCAN_PREFIX: u32 = 5;
+/// Skipping `out_skip` payload bytes, then keeping the payload's CRLF.
+pub const SCAN_SKIP: u32 = 6;
+/// Bulk payloads longer than this are elided past their prefix.
+pub const ELIDE_MIN: u64 = 256;
+/// Bytes of an elided payload that are still copied (user space keeps 64 of an aggregate's first
+/// element: pub/sub frame names).
+pub const ELIDE_PREFIX: u64 = 64;
+/// `SocketState::out_hdr` bit: the bulk length line had a minus sign (a null).
+pub const SCAN_HDR_NEG: u32 = 0x100;
 
 /// Index in the per-CPU `STATS` array: ring-buffer records that could not be written.
 pub const STAT_RING_DROPS: u32 = 0;
@@ -63,7 +111,9 @@ pub const AF_INET6: u16 = 10;
 pub struct DataEvent {
     pub kind: u8,
     pub dir: u8,
-    pub _pad: [u8; 2],
+    /// `DATA_FLAG_*`.
+    pub flags: u8,
+    pub _pad: u8,
     pub fd: u32,
     pub tgid: u32,
     pub tid: u32,
@@ -139,6 +189,16 @@ pub struct SocketState {
     pub in_pos: u64,
     /// Bytes written so far.
     pub out_pos: u64,
+    /// Reply-stream scanner state (`SCAN_*`), kept by the kernel between writes.
+    pub out_mode: u32,
+    /// Type byte of the bulk length line being read, with `SCAN_HDR_NEG`.
+    pub out_hdr: u32,
+    /// Bulk length read so far (`SCAN_HEADER`).
+    pub out_acc: u64,
+    /// Bytes still to copy (`SCAN_KEEP`, `SCAN_PREFIX`).
+    pub out_keep: u64,
+    /// Bytes still to skip (`SCAN_PREFIX` after its keep, `SCAN_SKIP`).
+    pub out_skip: u64,
 }
 
 /// Key of the `COMMS` map: a command name as the kernel stores it (`TASK_COMM_LEN`, NUL-padded).

@@ -8,13 +8,15 @@
 #![no_std]
 #![no_main]
 
+mod reply_scan;
+
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use auditor_common::{
-    AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_WAKEUP_BYTES, CHUNK_SIZE,
-    CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS, ProcEvent,
-    STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_PEAK, STAT_RING_WRITES, SocketState,
-    TARGET_HINT_SLOTS, socket_key, target_hint_slot,
+    AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_REPLY_SCAN, CFG_WAKEUP_BYTES,
+    CHUNK_SIZE, CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS,
+    ProcEvent, SCAN_RAW, SCAN_TOKEN, STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
+    STAT_RING_PEAK, STAT_RING_WRITES, SocketState, TARGET_HINT_SLOTS, socket_key, target_hint_slot,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -210,6 +212,45 @@ struct CopyCtx {
     hdr: DataEvent,
 }
 
+/// Write `hdr` in front of the `len` payload bytes staged in the scratch and send them as one ring
+/// record; a full ring is counted (`dropped` payload bytes lost). Returns false when it was full.
+#[inline(always)]
+fn output_staged(scratch: *mut u8, hdr: DataEvent, len: u64, flags: u64, dropped: u64) -> bool {
+    // SAFETY: the scratch holds DATA_HDR_LEN + 2 * CHUNK_SIZE bytes and callers bound len by
+    // CHUNK_SIZE.
+    let ret = unsafe {
+        core::ptr::write_unaligned(scratch.cast::<DataEvent>(), hdr);
+        bpf_ringbuf_output(
+            (&raw const EVENTS).cast_mut().cast(),
+            scratch.cast(),
+            DATA_HDR_LEN as u64 + len,
+            flags,
+        )
+    };
+    if ret < 0 {
+        bump(STAT_RING_DROPS, 1);
+        bump(STAT_RING_DROP_BYTES, dropped);
+        return false;
+    }
+    bump(STAT_RING_WRITES, 1);
+    true
+}
+
+/// Entry `idx` of a user `struct iovec` array: (base, length), or `None` if it cannot be read.
+#[inline(always)]
+fn read_iovec(iov: u64, idx: u64) -> Option<(u64, u64)> {
+    let mut pair = [0u64; 2];
+    // SAFETY: reading one user `struct iovec` through the fault-tolerant helper.
+    let r = unsafe {
+        bpf_probe_read_user(
+            pair.as_mut_ptr().cast(),
+            16,
+            (iov + idx * 16) as *const c_void,
+        )
+    };
+    (r >= 0).then_some((pair[0], pair[1]))
+}
+
 /// Send the staged bytes as one ring record. Returns false when the ring is full.
 #[inline(always)]
 fn flush(c: &mut CopyCtx, scratch: *mut u8) -> bool {
@@ -222,22 +263,9 @@ fn flush(c: &mut CopyCtx, scratch: *mut u8) -> bool {
     }
     c.hdr.chunk_off = c.off as u32;
     c.hdr.chunk_len = fill as u32;
-    // SAFETY: the scratch buffer is at least DATA_HDR_LEN + CHUNK_SIZE bytes.
-    let ret = unsafe {
-        core::ptr::write_unaligned(scratch.cast::<DataEvent>(), c.hdr);
-        bpf_ringbuf_output(
-            (&raw const EVENTS).cast_mut().cast(),
-            scratch.cast(),
-            DATA_HDR_LEN as u64 + fill,
-            c.flags,
-        )
-    };
-    if ret < 0 {
-        bump(STAT_RING_DROPS, 1);
-        bump(STAT_RING_DROP_BYTES, c.left + fill);
+    if !output_staged(scratch, c.hdr, fill, c.flags, c.left + fill) {
         return false;
     }
-    bump(STAT_RING_WRITES, 1);
     c.off += fill;
     c.fill = 0;
     true
@@ -300,22 +328,14 @@ extern "C" fn copy_step(_index: u64, _unused: *mut c_void) -> i64 {
             let _ = flush(c, scratch);
             return 1;
         }
-        let mut pair = [0u64; 2];
-        // SAFETY: reading one user `struct iovec` through the fault-tolerant helper.
-        let r = unsafe {
-            bpf_probe_read_user(
-                pair.as_mut_ptr().cast(),
-                16,
-                (c.iov + c.iov_idx * 16) as *const c_void,
-            )
-        };
+        let iovec = read_iovec(c.iov, c.iov_idx);
         c.iov_idx += 1;
-        if r < 0 {
+        let Some((base, len)) = iovec else {
             let _ = flush(c, scratch);
             return 1;
-        }
-        c.cur_base = pair[0];
-        c.cur_len = pair[1];
+        };
+        c.cur_base = base;
+        c.cur_len = len;
         return 0;
     }
     if c.fill == 0 && c.cur_len >= CHUNK_SIZE as u64 && c.left >= CHUNK_SIZE as u64 {
@@ -419,7 +439,8 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
         hdr: DataEvent {
             kind: EventKind::Data as u8,
             dir: args.dir,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             fd: args.fd,
             tgid,
             tid: pid_tgid as u32,
@@ -432,6 +453,11 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
         },
     };
     if captured == 0 {
+        return 0;
+    }
+    // SAFETY: live map value (see above).
+    if args.dir == DIR_OUT && unsafe { (*state).out_mode } != SCAN_RAW {
+        reply_scan::emit_scanned(state, c.hdr, args.ptr, args.iovcnt, ret, captured, c.flags);
         return 0;
     }
     // Fast path for the common case, a plain buffer that fits one record: one copy, one output,
@@ -447,7 +473,7 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
         let mut hdr = c.hdr;
         hdr.chunk_len = n as u32;
         // SAFETY: the scratch value holds DATA_HDR_LEN + 2 * CHUNK_SIZE bytes and n <= CHUNK_SIZE.
-        let ret = unsafe {
+        unsafe {
             let base = (*scratch).bytes.as_mut_ptr();
             if bpf_probe_read_user(
                 base.add(DATA_HDR_LEN).cast(),
@@ -457,19 +483,7 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
             {
                 return 0;
             }
-            core::ptr::write_unaligned(base.cast::<DataEvent>(), hdr);
-            bpf_ringbuf_output(
-                (&raw const EVENTS).cast_mut().cast(),
-                base.cast(),
-                DATA_HDR_LEN as u64 + n,
-                c.flags,
-            )
-        };
-        if ret < 0 {
-            bump(STAT_RING_DROPS, 1);
-            bump(STAT_RING_DROP_BYTES, n);
-        } else {
-            bump(STAT_RING_WRITES, 1);
+            output_staged(base, hdr, n, c.flags, n);
         }
         return 0;
     }
@@ -507,8 +521,17 @@ fn emit_accept(pid_tgid: u64, listen_fd: u64, sockaddr: u64, ret: i64) -> u32 {
     };
     let tgid = (pid_tgid >> 32) as u32;
     let fd = ret as u32;
-    // A new socket starts both streams at 0, replacing whatever an earlier fd of that number had.
-    let _ = SOCKETS.insert(&socket_key(tgid, fd), &SocketState::default(), 0);
+    // A new socket starts both streams at 0, replacing whatever an earlier fd of that number had;
+    // its reply stream starts at a token, so it can be scanned (see `reply_scan`).
+    let state = SocketState {
+        out_mode: if config(CFG_REPLY_SCAN) != 0 {
+            SCAN_TOKEN
+        } else {
+            SCAN_RAW
+        },
+        ..SocketState::default()
+    };
+    let _ = SOCKETS.insert(&socket_key(tgid, fd), &state, 0);
     let mut raw = [0u8; 28];
     if args.sockaddr != 0 {
         // SAFETY: fault-tolerant read of the sockaddr the caller passed (sockaddr_in6 is 28 bytes).

@@ -3,9 +3,10 @@
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use auditor_common::{
-    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_WAKEUP_BYTES, CloseEvent, Comm,
-    DATA_HDR_LEN, DIR_IN, DataEvent, EventKind, ProcEvent, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
-    STAT_RING_PEAK, SocketState, socket_key, target_hint_slot,
+    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_REPLY_SCAN, CFG_WAKEUP_BYTES,
+    CloseEvent, Comm, DATA_FLAG_SEGMENTS, DATA_FLAG_TAIL, DATA_HDR_LEN, DIR_IN, DataEvent,
+    EventKind, ProcEvent, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_PEAK, SocketState,
+    socket_key, target_hint_slot,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -35,6 +36,8 @@ pub struct CaptureConfig {
     pub ring_bytes: u32,
     pub capture_cap: u64,
     pub wakeup_bytes: u64,
+    /// Scan the reply streams of new connections and leave large bulk payloads out of the ring.
+    pub reply_scan: bool,
 }
 
 /// Ring buffer and kernel counters, owned by the capture thread.
@@ -88,6 +91,7 @@ impl Capture {
                 Array::try_from(ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
             config.set(CFG_CAPTURE_CAP, cfg.capture_cap, 0)?;
             config.set(CFG_WAKEUP_BYTES, cfg.wakeup_bytes, 0)?;
+            config.set(CFG_REPLY_SCAN, u64::from(cfg.reply_scan), 0)?;
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
@@ -265,6 +269,18 @@ pub fn decode<'a>(
         let end = DATA_HDR_LEN
             .checked_add(h.chunk_len as usize)?
             .min(bytes.len());
+        if h.flags & DATA_FLAG_SEGMENTS != 0 {
+            return Some(CaptureEvent::Segments {
+                tgid: h.tgid,
+                fd: h.fd,
+                ts_ns: h.ts_ns,
+                stream_pos: h.stream_pos,
+                total_len: h.total_len,
+                captured_len: h.captured_len,
+                tail: h.flags & DATA_FLAG_TAIL != 0,
+                body: &bytes[DATA_HDR_LEN..end],
+            });
+        }
         Some(CaptureEvent::Data {
             tgid: h.tgid,
             fd: h.fd,

@@ -92,6 +92,11 @@ struct Cli {
     /// Bytes copied per syscall at most; the rest is skipped using RESP lengths.
     #[arg(long, default_value_t = auditor_common::DEFAULT_CAPTURE_CAP)]
     capture_cap: u64,
+    /// Copy every reply byte into the ring. By default the kernel walks the replies of
+    /// connections accepted after attach and leaves out bulk payloads past their first 64 bytes
+    /// (records never show reply payloads): less kernel time in the server and less to read.
+    #[arg(long)]
+    no_reply_scan: bool,
     /// Nice value of the auditor's threads, set once the programs are attached. Below 0 needs
     /// CAP_SYS_NICE (root has it) or a unit's `Nice=`; without them the auditor warns and keeps its
     /// nice value. -5 lets the capture thread drain the ring before it fills at `-P 16` on saturated
@@ -219,6 +224,7 @@ fn run() -> Result<()> {
     let (mut capture, stream) = Capture::load(&CaptureConfig {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
+        reply_scan: !cli.no_reply_scan,
         // Fewer, larger batches: every wake-up costs the server an irq_work in its own syscall
         // and preempts it for the capture thread (nice -5). At 64 KiB, `-P 1 -d 1024` woke the
         // thread ~3000 times a second. Larger batches cost less CPU but each one preempts the
@@ -825,6 +831,7 @@ impl CaptureLoop {
                 let ts = match &ev {
                     CaptureEvent::Accept { ts_ns, .. }
                     | CaptureEvent::Data { ts_ns, .. }
+                    | CaptureEvent::Segments { ts_ns, .. }
                     | CaptureEvent::Close { ts_ns, .. }
                     | CaptureEvent::Process { ts_ns, .. } => *ts_ns,
                 };

@@ -12,6 +12,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
+use auditor_common::SEGMENT_HDR_LEN;
+
 use crate::argv::Arg;
 use crate::commands::{CommandTable, Described, FxBuildHasher, command_args, command_args_into};
 use crate::filter;
@@ -55,6 +57,20 @@ pub enum CaptureEvent<'a> {
         chunk_off: u32,
         captured_len: u32,
         bytes: &'a [u8],
+    },
+    /// Part of a server write whose reply stream the kernel scanned: `body` is a list of segments
+    /// (`SegmentHdr` + bytes, at offsets of the syscall); what lies between them is inside bulk
+    /// payloads the kernel left out. `tail`: the syscall's bytes from `captured_len` on were not
+    /// looked at.
+    Segments {
+        tgid: u32,
+        fd: u32,
+        ts_ns: u64,
+        stream_pos: u64,
+        total_len: u32,
+        captured_len: u32,
+        tail: bool,
+        body: &'a [u8],
     },
     Close {
         tgid: u32,
@@ -277,6 +293,8 @@ pub struct SessionStats {
     pub protocol_errors: u64,
     pub reply_resyncs: u64,
     pub bytes_skipped: u64,
+    /// Reply payload bytes the kernel left out on purpose (see `reply_scan` in auditor-ebpf).
+    pub bytes_elided: u64,
     /// Records the filter stage did not write (exclusions, events, result mode).
     pub filtered: u64,
 }
@@ -548,8 +566,53 @@ impl Session {
                 } else {
                     0
                 },
+                false,
                 out,
             ),
+            CaptureEvent::Segments {
+                tgid,
+                fd,
+                ts_ns,
+                stream_pos,
+                total_len,
+                captured_len,
+                tail,
+                body,
+            } => {
+                let mut rest = body;
+                while let Some((hdr, after)) = rest.split_first_chunk::<SEGMENT_HDR_LEN>() {
+                    let off = u32::from_ne_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+                    let len = u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
+                    let Some((bytes, next)) = after.split_at_checked(len) else {
+                        break;
+                    };
+                    self.data(
+                        tgid,
+                        fd,
+                        ts_ns,
+                        false,
+                        stream_pos + u64::from(off),
+                        bytes,
+                        0,
+                        true,
+                        out,
+                    );
+                    rest = next;
+                }
+                if tail {
+                    self.data(
+                        tgid,
+                        fd,
+                        ts_ns,
+                        false,
+                        stream_pos + u64::from(captured_len),
+                        &[],
+                        u64::from(total_len.saturating_sub(captured_len)),
+                        true,
+                        out,
+                    );
+                }
+            }
         }
     }
 
@@ -563,6 +626,8 @@ impl Session {
         pos: u64,
         bytes: &[u8],
         uncaptured_tail: u64,
+        // A jump in position is a reply payload the kernel left out, not bytes lost.
+        elided_gap: bool,
         out: &mut impl RecordOut,
     ) {
         let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
@@ -636,8 +701,12 @@ impl Session {
             let mut events = std::mem::take(&mut self.scratch_rep);
             if pos > conn.out_expected {
                 let gap = pos - conn.out_expected;
-                self.stats.bytes_skipped += gap;
-                unseen += gap;
+                if elided_gap {
+                    self.stats.bytes_elided += gap;
+                } else {
+                    self.stats.bytes_skipped += gap;
+                    unseen += gap;
+                }
                 conn.replies.skip(gap, &mut events);
             }
             conn.replies

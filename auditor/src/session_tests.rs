@@ -182,6 +182,47 @@ impl Wire {
         self.data(false, pos, n, 0, n, bytes)
     }
 
+    /// One write() of a server whose reply stream the kernel scans: the bytes outside `elided`
+    /// (ranges of this write) go as segments; from `tail_from` on nothing was looked at.
+    fn server_scanned(
+        &mut self,
+        bytes: &[u8],
+        elided: &[(usize, usize)],
+        tail_from: Option<usize>,
+    ) {
+        let pos = self.out_pos;
+        self.out_pos += bytes.len() as u64;
+        let end = tail_from.unwrap_or(bytes.len());
+        let mut body = Vec::new();
+        let mut at = 0;
+        let push = |from: usize, to: usize, body: &mut Vec<u8>| {
+            if from < to {
+                body.extend_from_slice(&(from as u32).to_ne_bytes());
+                body.extend_from_slice(&((to - from) as u32).to_ne_bytes());
+                body.extend_from_slice(&bytes[from..to]);
+            }
+        };
+        for &(from, to) in elided {
+            push(at, from.min(end), &mut body);
+            at = to;
+        }
+        push(at.min(end), end, &mut body);
+        let ts = self.tick();
+        self.session.handle(
+            CaptureEvent::Segments {
+                tgid: TGID,
+                fd: self.fd,
+                ts_ns: ts,
+                stream_pos: pos,
+                total_len: bytes.len() as u32,
+                captured_len: end as u32,
+                tail: tail_from.is_some(),
+                body: &body,
+            },
+            &mut self.out,
+        );
+    }
+
     /// `n` client bytes that were never captured (the next event's position jumps).
     fn client_gap(&mut self, n: u64) {
         self.in_pos += n;
@@ -2713,4 +2754,122 @@ fn an_error_quoting_a_secret_longer_than_what_was_kept_is_cut_there() {
         format!("-ERR Error in ACL SETUSER modifier '{secret}': no such password\r\n").as_bytes(),
     );
     assert_eq!(s(&r.error), "ERR Error in ACL SETUSER modifier '<REDACTED>");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reply streams scanned by the kernel (auditor-ebpf `reply_scan`): payload tails left out
+// ------------------------------------------------------------------------------------------------
+
+/// The ranges of a reply stream the kernel leaves out, by its rule: of a `$`/`=` bulk payload
+/// longer than `ELIDE_MIN`, everything past the first `ELIDE_PREFIX` bytes (not the CRLF).
+fn kernel_elisions(stream: &[u8]) -> Vec<(usize, usize)> {
+    use auditor_common::{ELIDE_MIN, ELIDE_PREFIX};
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < stream.len() {
+        let lf = i + stream[i..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("whole lines");
+        let (kind, line) = (stream[i], &stream[i + 1..lf - 1]);
+        i = lf + 1;
+        if matches!(kind, b'$' | b'=' | b'!') && line.first() != Some(&b'-') {
+            let len: usize = s(line).parse().expect("a length");
+            if kind != b'!' && len as u64 > ELIDE_MIN {
+                out.push((i + ELIDE_PREFIX as usize, i + len));
+            }
+            i += len + 2;
+        }
+    }
+    out
+}
+
+fn bulk(payload: &[u8]) -> Vec<u8> {
+    let mut v = format!("${}\r\n", payload.len()).into_bytes();
+    v.extend_from_slice(payload);
+    v.extend_from_slice(b"\r\n");
+    v
+}
+
+#[test]
+fn elided_reply_payloads_are_not_losses() {
+    let mut w = Wire::new();
+    let big = vec![b'x'; 5000];
+    let mut replies = bulk(&big);
+    replies.extend_from_slice(
+        b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+    );
+    replies.extend_from_slice(b"*2\r\n");
+    replies.extend(bulk(&big));
+    replies.extend(bulk(b"short"));
+    replies.extend_from_slice(b"$-1\r\n");
+    let elided = kernel_elisions(&replies);
+    assert_eq!(elided.len(), 2);
+    w.client(&pipeline(&[
+        &["GET", "big"],
+        &["GET", "list"],
+        &["MGET", "big", "short"],
+        &["GET", "missing"],
+    ]));
+    w.server_scanned(&replies, &elided, None);
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "get", "mget", "get"]);
+    let results: Vec<Outcome> = recs.iter().map(|r| r.result).collect();
+    use Outcome::{Failure, Success};
+    assert_eq!(results, [Success, Failure, Success, Success]);
+    assert!(s(&recs[1].error).starts_with("WRONGTYPE"));
+    assert!(loss_records(&recs).is_empty());
+    assert_eq!(w.stats().bytes_skipped, 0);
+    assert_eq!(w.stats().bytes_elided, 2 * (5000 - 64));
+    assert_eq!(w.stats().reply_resyncs, 0);
+}
+
+#[test]
+fn an_elided_payload_may_span_writes() {
+    let mut w = Wire::new();
+    let big = vec![b'y'; 300_000];
+    let mut replies = bulk(&big);
+    replies.extend_from_slice(b"+OK\r\n");
+    let elided = kernel_elisions(&replies);
+    w.client(&pipeline(&[&["GET", "big"], &["SET", "k", "v"]]));
+    // Three writes cut inside the prefix, inside the elided part and inside the CRLF.
+    let cuts = [0, 30, 200_000, 300_007, replies.len()];
+    for pair in cuts.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        let local: Vec<(usize, usize)> = elided
+            .iter()
+            .filter_map(|&(a, b)| {
+                let (a, b) = (a.max(from), b.min(to));
+                (a < b).then(|| (a - from, b - from))
+            })
+            .collect();
+        w.server_scanned(&replies[from..to], &local, None);
+    }
+    let recs = w.take();
+    assert_eq!(names(&recs), ["get", "set"]);
+    assert!(recs.iter().all(|r| r.result == Outcome::Success));
+    assert_eq!(w.stats().bytes_skipped, 0);
+    assert_eq!(w.stats().reply_resyncs, 0);
+}
+
+#[test]
+fn a_scan_that_stopped_early_is_an_uncaptured_tail() {
+    let mut w = Wire::new();
+    let mut replies = Vec::new();
+    for _ in 0..10 {
+        replies.extend(bulk(b"value"));
+    }
+    let get: &[&str] = &["GET", "a"];
+    w.client(&pipeline(&[get; 10]));
+    // The kernel looked at the first three replies only.
+    w.server_scanned(&replies, &[], Some(3 * 11 + 4));
+    let recs = w.take();
+    let ok = recs
+        .iter()
+        .filter(|r| r.category != Category::AuditLoss && r.result == Outcome::Success)
+        .count();
+    assert_eq!(ok, 3);
+    assert_eq!(loss_records(&recs).len(), 1, "{:?}", names(&recs));
+    assert!(loss_records(&recs)[0].starts_with("cause=parser_resync_reply"));
+    assert_eq!(w.stats().bytes_skipped, (replies.len() - 37) as u64);
 }

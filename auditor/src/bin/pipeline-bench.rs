@@ -229,7 +229,9 @@ fn run_once(
     };
     for bytes in events {
         if let Some(ev) = capture::decode(bytes, &no_unix) {
-            if let auditor::session::CaptureEvent::Data { ts_ns, .. } = &ev {
+            if let auditor::session::CaptureEvent::Data { ts_ns, .. }
+            | auditor::session::CaptureEvent::Segments { ts_ns, .. } = &ev
+            {
                 last_ts = *ts_ns;
             }
             // Formatted at once, as the daemon's capture thread does.
