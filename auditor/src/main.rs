@@ -713,7 +713,7 @@ impl CaptureLoop {
         self.write_all(&mut records);
         let mut seen_version = self.shared.version();
         let mut reported_drops = (0u64, 0u64);
-        let mut published = [0u64; 7];
+        let mut published = [0u64; 8];
         let mut last_check = Instant::now();
         let mut target_gone = false;
         loop {
@@ -892,7 +892,7 @@ impl CaptureLoop {
 
     /// Add what happened since the last call to the shared counters (deltas, so CONFIG RESETSTAT
     /// can zero them at any time).
-    fn publish_stats(&mut self, last: &mut [u64; 7]) {
+    fn publish_stats(&mut self, last: &mut [u64; 8]) {
         use std::sync::atomic::Ordering::Relaxed;
         let st = &self.session.stats;
         let (ring_events, ring_bytes) = self.stream.kernel_drops().unwrap_or((last[4], last[5]));
@@ -904,6 +904,7 @@ impl CaptureLoop {
             ring_events,
             ring_bytes,
             st.protocol_errors,
+            st.bytes_elided,
         ];
         let m = &self.metrics;
         let targets = [
@@ -914,6 +915,7 @@ impl CaptureLoop {
             &m.lost_ring_events,
             &m.lost_ring_bytes,
             &m.protocol_errors,
+            &m.bytes_elided,
         ];
         for ((t, n), l) in targets.iter().zip(now).zip(last.iter_mut()) {
             t.fetch_add(n.saturating_sub(*l), Relaxed);

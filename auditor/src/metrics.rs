@@ -116,6 +116,7 @@ pub struct Snapshot {
     pub reply_resyncs: u64,
     pub protocol_errors: u64,
     pub bytes_skipped: u64,
+    pub bytes_elided: u64,
     pub connections: u64,
     pub lost_queue: u64,
     pub lost_sink: u64,
@@ -224,6 +225,10 @@ impl Snapshot {
             self.ring_size_bytes.to_string(),
         ));
         f.push(("audit_targets".into(), self.attached_targets().to_string()));
+        f.push((
+            "audit_reply_bytes_elided".into(),
+            self.bytes_elided.to_string(),
+        ));
         for t in self.info_targets() {
             f.push((
                 format!("audit_target_{}", t.info.pid),
@@ -323,6 +328,8 @@ pub struct Metrics {
     /// Malformed client requests (not losses: every byte was seen).
     pub protocol_errors: AtomicU64,
     pub bytes_skipped: AtomicU64,
+    /// Reply payload bytes the kernel's reply scanner left out on purpose (not a loss).
+    pub bytes_elided: AtomicU64,
     pub connections: AtomicU64,
     /// Records dropped because the queue was full (`audit.overflow drop`).
     pub lost_queue: AtomicU64,
@@ -359,6 +366,7 @@ impl Metrics {
             reply_resyncs: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             bytes_skipped: AtomicU64::new(0),
+            bytes_elided: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             lost_queue: AtomicU64::new(0),
             lost_sink: AtomicU64::new(0),
@@ -549,6 +557,7 @@ impl Metrics {
             &self.reply_resyncs,
             &self.protocol_errors,
             &self.bytes_skipped,
+            &self.bytes_elided,
             &self.lost_queue,
             &self.lost_sink,
         ] {
@@ -587,6 +596,7 @@ impl Metrics {
             reply_resyncs: self.reply_resyncs.load(Relaxed),
             protocol_errors: self.protocol_errors.load(Relaxed),
             bytes_skipped: self.bytes_skipped.load(Relaxed),
+            bytes_elided: self.bytes_elided.load(Relaxed),
             connections: self.connections.load(Relaxed),
             lost_queue: self.lost_queue.load(Relaxed),
             lost_sink: self.lost_sink.load(Relaxed),

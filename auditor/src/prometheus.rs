@@ -194,6 +194,12 @@ pub fn render_snapshot(s: &Snapshot, protocol: &str, format: &str, queue_bytes: 
         "Bytes of client traffic not captured (audit_bytes_not_captured).",
         s.bytes_skipped,
     );
+    p.single(
+        "auditor_reply_bytes_elided_total",
+        "counter",
+        "Reply payload bytes the kernel left out on purpose (audit_reply_bytes_elided).",
+        s.bytes_elided,
+    );
 
     p.single(
         "auditor_connections",
@@ -708,6 +714,7 @@ mod tests {
             (&m.request_resyncs, 6),
             (&m.reply_resyncs, 7),
             (&m.bytes_skipped, 8),
+            (&m.bytes_elided, 12),
             (&m.connections, 9),
             (&m.lost_queue, 10),
             (&m.lost_sink, 11),
@@ -757,6 +764,10 @@ mod tests {
             (
                 "auditor_bytes_not_captured_total",
                 "audit_bytes_not_captured",
+            ),
+            (
+                "auditor_reply_bytes_elided_total",
+                "audit_reply_bytes_elided",
             ),
             ("auditor_connections", "audit_connections"),
             ("auditor_queue_bytes", "audit_queue_bytes"),
