@@ -740,11 +740,11 @@ def test_syscalls_over_64k_with_several_commands_or_arguments_lose_nothing(audit
     assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
 
 
-def test_pipelined_replies_far_over_the_capture_cap_keep_their_results(audited):
-    """The kernel walks the replies and leaves out bulk payloads past their first bytes, so a write
-    of many large replies (20 x 200 KB = 4 MB, four times the capture cap) still gives every command
-    its own result, and the replies after it line up."""
-    valkey, auditor = audited
+def test_reply_scan_keeps_results_of_pipelined_replies_far_over_the_capture_cap(valkey, start_auditor):
+    """With --reply-scan the kernel walks the replies and leaves out bulk payloads past their first
+    bytes, so a write of many large replies (20 x 200 KB = 4 MB, four times the capture cap) still
+    gives every command its own result, and the replies after it line up."""
+    auditor = start_auditor(valkey.pid, extra=("--reply-scan",))
     c = valkey.client(single_connection_client=True)
     c.set("huge", b"h" * 200_000)
     c.rpush("biglist", *[b"e" * 3000] * 400)

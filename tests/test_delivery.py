@@ -978,7 +978,7 @@ def kernel_ring_drops(auditor_pid):
         except OSError:
             continue
         shape = tuple(fields.get(k, "").strip() for k in ("map_type", "key_size", "value_size", "max_entries"))
-        if shape == ("6", "4", "8", "4"):  # PERCPU_ARRAY<u32, u64>[STAT_LEN]
+        if shape == ("6", "4", "8", "5"):  # PERCPU_ARRAY<u32, u64>[STAT_LEN]
             ids.append(int(fields["map_id"]))
     assert len(set(ids)) == 1, f"STATS map not found unambiguously: {ids}"
     fd = _bpf(_BPF_MAP_GET_FD_BY_ID, struct.pack("<III", ids[0], 0, 0))

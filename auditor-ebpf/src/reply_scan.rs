@@ -18,7 +18,7 @@ use core::ffi::c_void;
 use auditor_common::{
     CHUNK_SIZE, DATA_FLAG_SEGMENTS, DATA_FLAG_TAIL, DATA_HDR_LEN, DataEvent, ELIDE_MIN,
     ELIDE_PREFIX, SCAN_HDR_NEG, SCAN_HEADER, SCAN_KEEP, SCAN_LINE, SCAN_PREFIX, SCAN_RAW,
-    SCAN_SKIP, SCAN_TOKEN, SEGMENT_HDR_LEN, SegmentHdr, SocketState,
+    SCAN_SKIP, SCAN_TOKEN, SEGMENT_HDR_LEN, STAT_WAKE_ELIDED, SegmentHdr, SocketState,
 };
 use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_probe_read_user},
@@ -26,7 +26,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 
-use crate::{SCRATCH, output_staged, read_iovec};
+use crate::{SCRATCH, STATS, output_staged, read_iovec};
 
 /// Bytes read ahead from user memory while looking for token boundaries.
 const WINDOW: u64 = 96;
@@ -60,6 +60,8 @@ pub struct ScanCtx {
     ring_flags: u64,
     /// 1: every byte of the syscall was handled; 2: stopped early (fault).
     done: u64,
+    /// Payload bytes skipped in this syscall.
+    elided: u64,
     event: DataEvent,
 }
 
@@ -377,6 +379,7 @@ fn step(c: &mut ScanCtx, s: *mut u8) -> i64 {
     if mode == SCAN_SKIP {
         let n = min(c.skip, c.cur_len);
         advance(c, n);
+        c.elided += n;
         c.skip -= n;
         c.win = 0;
         close_segment(c, s);
@@ -534,6 +537,7 @@ pub fn emit_scanned(
                 skip: (*state).out_skip,
                 ring_flags,
                 done: 0,
+                elided: 0,
                 event,
             },
         );
@@ -575,6 +579,9 @@ pub fn emit_scanned(
             c.mode = SCAN_RAW as u64;
         }
         flush(c, s, tail);
+        if let Some(p) = STATS.get_ptr_mut(STAT_WAKE_ELIDED) {
+            *p += c.elided;
+        }
         (*state).out_mode = c.mode as u32;
         (*state).out_hdr = c.hdr as u32;
         (*state).out_acc = c.acc;

@@ -92,11 +92,12 @@ struct Cli {
     /// Bytes copied per syscall at most; the rest is skipped using RESP lengths.
     #[arg(long, default_value_t = auditor_common::DEFAULT_CAPTURE_CAP)]
     capture_cap: u64,
-    /// Copy every reply byte into the ring. By default the kernel walks the replies of
-    /// connections accepted after attach and leaves out bulk payloads past their first 64 bytes
-    /// (records never show reply payloads): less kernel time in the server and less to read.
+    /// Scan the replies of connections accepted after attach in the kernel and copy only the
+    /// first 64 bytes of a bulk payload longer than 256 (records never show reply payloads): a
+    /// write of several large replies is then covered whole, however far past --capture-cap.
+    /// Off by default: it costs the server a little CPU per reply (BENCHMARKS.md, session 9).
     #[arg(long)]
-    no_reply_scan: bool,
+    reply_scan: bool,
     /// Nice value of the auditor's threads, set once the programs are attached. Below 0 needs
     /// CAP_SYS_NICE (root has it) or a unit's `Nice=`; without them the auditor warns and keeps its
     /// nice value. -5 lets the capture thread drain the ring before it fills at `-P 16` on saturated
@@ -224,7 +225,7 @@ fn run() -> Result<()> {
     let (mut capture, stream) = Capture::load(&CaptureConfig {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
-        reply_scan: !cli.no_reply_scan,
+        reply_scan: cli.reply_scan,
         // Fewer, larger batches: every wake-up costs the server an irq_work in its own syscall
         // and preempts it for the capture thread (nice -5). At 64 KiB, `-P 1 -d 1024` woke the
         // thread ~3000 times a second. Larger batches cost less CPU but each one preempts the

@@ -281,6 +281,58 @@ struct Conn {
     uncertain_since: Option<u64>,
 }
 
+/// The bytes of one ring record at their stream positions: one run of a syscall, or the segments
+/// of a scanned server write (`SegmentHdr` + bytes each), then, if the scan stopped early, an empty
+/// piece where it stopped (the uncaptured tail follows it).
+struct Pieces<'a> {
+    /// The next single run, if any.
+    one: Option<(u64, &'a [u8])>,
+    stream_pos: u64,
+    segments: &'a [u8],
+    tail_at: Option<u64>,
+}
+
+impl<'a> Pieces<'a> {
+    fn one(pos: u64, bytes: &'a [u8]) -> Self {
+        Pieces {
+            one: Some((pos, bytes)),
+            stream_pos: 0,
+            segments: &[],
+            tail_at: None,
+        }
+    }
+
+    fn segments(stream_pos: u64, body: &'a [u8], tail_at: Option<u64>) -> Self {
+        Pieces {
+            one: None,
+            stream_pos,
+            segments: body,
+            tail_at,
+        }
+    }
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = (u64, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(one) = self.one.take() {
+            return Some(one);
+        }
+        if let Some((hdr, after)) = self.segments.split_first_chunk::<SEGMENT_HDR_LEN>() {
+            let off = u32::from_ne_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+            let len = u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
+            if let Some((bytes, next)) = after.split_at_checked(len) {
+                self.segments = next;
+                return Some((self.stream_pos + u64::from(off), bytes));
+            }
+            // A cut record: what is left cannot be placed.
+            self.segments = &[];
+        }
+        self.tail_at.take().map(|at| (at, &[][..]))
+    }
+}
+
 /// Counters the daemon reports (INFO audit, loss records).
 #[derive(Clone, Debug, Default)]
 pub struct SessionStats {
@@ -558,8 +610,7 @@ impl Session {
                 fd,
                 ts_ns,
                 inbound,
-                stream_pos + chunk_off as u64,
-                bytes,
+                Pieces::one(stream_pos + chunk_off as u64, bytes),
                 // Bytes of this syscall past the capture cap: known once its last captured chunk is in.
                 if chunk_off as u64 + bytes.len() as u64 >= captured_len as u64 {
                     (total_len as u64).saturating_sub(captured_len as u64)
@@ -578,41 +629,24 @@ impl Session {
                 captured_len,
                 tail,
                 body,
-            } => {
-                let mut rest = body;
-                while let Some((hdr, after)) = rest.split_first_chunk::<SEGMENT_HDR_LEN>() {
-                    let off = u32::from_ne_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-                    let len = u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
-                    let Some((bytes, next)) = after.split_at_checked(len) else {
-                        break;
-                    };
-                    self.data(
-                        tgid,
-                        fd,
-                        ts_ns,
-                        false,
-                        stream_pos + u64::from(off),
-                        bytes,
-                        0,
-                        true,
-                        out,
-                    );
-                    rest = next;
-                }
+            } => self.data(
+                tgid,
+                fd,
+                ts_ns,
+                false,
+                Pieces::segments(
+                    stream_pos,
+                    body,
+                    tail.then_some(stream_pos + u64::from(captured_len)),
+                ),
                 if tail {
-                    self.data(
-                        tgid,
-                        fd,
-                        ts_ns,
-                        false,
-                        stream_pos + u64::from(captured_len),
-                        &[],
-                        u64::from(total_len.saturating_sub(captured_len)),
-                        true,
-                        out,
-                    );
-                }
-            }
+                    u64::from(total_len.saturating_sub(captured_len))
+                } else {
+                    0
+                },
+                true,
+                out,
+            ),
         }
     }
 
@@ -623,8 +657,7 @@ impl Session {
         fd: u32,
         ts_ns: u64,
         inbound: bool,
-        pos: u64,
-        bytes: &[u8],
+        pieces: Pieces,
         uncaptured_tail: u64,
         // A jump in position is a reply payload the kernel left out, not bytes lost.
         elided_gap: bool,
@@ -655,15 +688,17 @@ impl Session {
                 self.settle_refusable(&mut conn, None, out);
             }
             let mut events = std::mem::take(&mut self.scratch_req);
-            if pos > conn.in_expected {
-                let gap = pos - conn.in_expected;
-                self.stats.bytes_skipped += gap;
-                unseen += gap;
-                conn.requests.skip(gap, &mut events);
+            for (pos, bytes) in pieces {
+                if pos > conn.in_expected {
+                    let gap = pos - conn.in_expected;
+                    self.stats.bytes_skipped += gap;
+                    unseen += gap;
+                    conn.requests.skip(gap, &mut events);
+                }
+                conn.requests
+                    .feed_pooled(bytes, ts_ns, &mut events, &mut self.pool);
+                conn.in_expected = pos.max(conn.in_expected) + bytes.len() as u64;
             }
-            conn.requests
-                .feed_pooled(bytes, ts_ns, &mut events, &mut self.pool);
-            conn.in_expected = pos.max(conn.in_expected) + bytes.len() as u64;
             if uncaptured_tail > 0 {
                 self.stats.bytes_skipped += uncaptured_tail;
                 conn.requests.skip(uncaptured_tail, &mut events);
@@ -696,22 +731,29 @@ impl Session {
             self.scratch_req = events;
         } else if conn.replica {
             // The replication stream: positions advance, nothing is parsed.
-            conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64 + uncaptured_tail;
-        } else {
-            let mut events = std::mem::take(&mut self.scratch_rep);
-            if pos > conn.out_expected {
-                let gap = pos - conn.out_expected;
-                if elided_gap {
-                    self.stats.bytes_elided += gap;
-                } else {
-                    self.stats.bytes_skipped += gap;
-                    unseen += gap;
-                }
-                conn.replies.skip(gap, &mut events);
+            for (pos, bytes) in pieces {
+                conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64;
             }
-            conn.replies
-                .feed_pooled(bytes, ts_ns, &mut events, &mut self.pool);
-            conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64;
+            conn.out_expected += uncaptured_tail;
+        } else {
+            // All pieces of the record are fed before any reply is acted on, as for one raw
+            // write: the scanned writes of `-P 16` replies carry two segments per elided value.
+            let mut events = std::mem::take(&mut self.scratch_rep);
+            for (pos, bytes) in pieces {
+                if pos > conn.out_expected {
+                    let gap = pos - conn.out_expected;
+                    if elided_gap {
+                        self.stats.bytes_elided += gap;
+                    } else {
+                        self.stats.bytes_skipped += gap;
+                        unseen += gap;
+                    }
+                    conn.replies.skip(gap, &mut events);
+                }
+                conn.replies
+                    .feed_pooled(bytes, ts_ns, &mut events, &mut self.pool);
+                conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64;
+            }
             if uncaptured_tail > 0 {
                 self.stats.bytes_skipped += uncaptured_tail;
                 conn.replies.skip(uncaptured_tail, &mut events);
