@@ -2873,3 +2873,61 @@ fn a_scan_that_stopped_early_is_an_uncaptured_tail() {
     assert!(loss_records(&recs)[0].starts_with("cause=parser_resync_reply"));
     assert_eq!(w.stats().bytes_skipped, (replies.len() - 37) as u64);
 }
+
+#[test]
+fn a_cut_segment_list_is_not_a_panic_and_what_is_placed_is_used() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["GET", "a"]));
+    let reply = b"$5\r\nvalue\r\n";
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend_from_slice(&(reply.len() as u32).to_ne_bytes());
+    body.extend_from_slice(reply);
+    // A second segment header that claims more bytes than the record holds.
+    body.extend_from_slice(&(reply.len() as u32).to_ne_bytes());
+    body.extend_from_slice(&1000u32.to_ne_bytes());
+    body.extend_from_slice(b"+OK");
+    // And a few stray bytes shorter than a header.
+    body.extend_from_slice(&[1, 2, 3]);
+    let ts = w.tick();
+    w.session.handle(
+        CaptureEvent::Segments {
+            tgid: TGID,
+            fd: FD,
+            ts_ns: ts,
+            stream_pos: 0,
+            total_len: reply.len() as u32,
+            captured_len: reply.len() as u32,
+            tail: false,
+            body: &body,
+        },
+        &mut w.out,
+    );
+    let r = w.one();
+    assert_eq!(s(&r.command), "get");
+    assert_eq!(r.result, Outcome::Success);
+}
+
+#[test]
+fn pieces_yield_segments_in_order_then_the_tail_mark() {
+    let mut body = Vec::new();
+    for (off, bytes) in [(0u32, &b"ab"[..]), (10, b""), (20, b"xyz")] {
+        body.extend_from_slice(&off.to_ne_bytes());
+        body.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
+        body.extend_from_slice(bytes);
+    }
+    let got: Vec<(u64, Vec<u8>)> = Pieces::segments(100, &body, Some(140))
+        .map(|(pos, b)| (pos, b.to_vec()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (100, b"ab".to_vec()),
+            (110, Vec::new()),
+            (120, b"xyz".to_vec()),
+            (140, Vec::new())
+        ]
+    );
+    let one: Vec<(u64, &[u8])> = Pieces::one(7, b"q").collect();
+    assert_eq!(one, [(7, &b"q"[..])]);
+}
