@@ -11,8 +11,10 @@
 //! `SocketState` between writes. Anything that does not look like RESP turns the socket to
 //! `SCAN_RAW` for good: every byte is copied again, as for sockets that existed before attach.
 //!
-//! Payload bytes past the prefix are never read from user memory, and the scan reads header bytes
-//! `WINDOW` at a time, so a small reply costs a few loads per byte of its header.
+//! Payload bytes past the prefix are never read from user memory. The scan reads `WINDOW` bytes
+//! ahead at a time; a line of up to 16 bytes whole in it is taken in one step (two per step), longer
+//! lines a byte per step. Used only with `--reply-scan`: one helper read per reply costs about what
+//! copying a 1 KiB reply does, so it pays only for large payloads (BENCHMARKS.md, session 9).
 use core::ffi::c_void;
 
 use auditor_common::{
@@ -28,7 +30,8 @@ use aya_ebpf::{
 
 use crate::{SCRATCH, STATS, output_staged, read_iovec};
 
-/// Bytes read ahead from user memory while looking for token boundaries.
+/// Bytes read ahead from user memory while looking for token boundaries: a payload's CRLF, the next
+/// bulk header and its 64-byte prefix fit in one read.
 const WINDOW: u64 = 96;
 /// `bpf_loop`'s own limit is 1 << 23.
 const MAX_STEPS: u64 = 1 << 22;
