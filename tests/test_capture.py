@@ -28,6 +28,13 @@ def read_until(s, predicate, timeout=10.0):
     return buf
 
 
+def info_audit(auditor):
+    """The auditor's `INFO audit` fields, read with redis-cli from its control port."""
+    out = subprocess.run([REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return dict(l.split(":", 1) for l in out.splitlines() if ":" in l)
+
+
 def test_connect_disconnect_peer_and_basic_command(audited):
     valkey, auditor = audited
     c = valkey.client()
@@ -352,15 +359,10 @@ def test_client_garbage_is_a_protocol_error_record_not_a_loss(audited):
     assert mine[1]["error"] == "rejected=Protocol error: invalid bulk length"
     assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
 
-    def info():
-        out = subprocess.run([REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"],
-                             capture_output=True, text=True, timeout=10).stdout
-        return dict(l.split(":", 1) for l in out.splitlines() if ":" in l)
-
     # The counters are published every 100 ms.
-    wait_until(lambda: info().get("audit_client_protocol_errors") == "1", timeout=10,
+    wait_until(lambda: info_audit(auditor).get("audit_client_protocol_errors") == "1", timeout=10,
                what="audit_client_protocol_errors:1")
-    assert info()["audit_lost_parser_resync_request"] == "0"
+    assert info_audit(auditor)["audit_lost_parser_resync_request"] == "0"
 
 
 def test_inline_command(audited):
@@ -767,17 +769,12 @@ def test_reply_scan_keeps_results_of_pipelined_replies_far_over_the_capture_cap(
     assert incr["error"].startswith("ERR value is not an integer")
     assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
 
-    def info():
-        out = subprocess.run([REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"],
-                             capture_output=True, text=True, timeout=10).stdout
-        return dict(l.split(":", 1) for l in out.splitlines() if ":" in l)
-
     # What the kernel left out is counted apart from bytes not captured (counters every 100 ms):
     # at least the 20 x 200 KB payloads and the list's 400 x 3000 bytes past their prefixes.
     least = 20 * (200_000 - 64) + 400 * (3000 - 64)
-    wait_until(lambda: int(info().get("audit_reply_bytes_elided", 0)) >= least, timeout=10,
-               what="audit_reply_bytes_elided")
-    assert info()["audit_bytes_not_captured"] == "0"
+    wait_until(lambda: int(info_audit(auditor).get("audit_reply_bytes_elided", 0)) >= least,
+               timeout=10, what="audit_reply_bytes_elided")
+    assert info_audit(auditor)["audit_bytes_not_captured"] == "0"
 
 
 def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_auditor):

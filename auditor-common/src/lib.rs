@@ -80,9 +80,9 @@ pub const STAT_RING_WRITES: u32 = 2;
 /// Index in the per-CPU `STATS` array: the most unread bytes a data event saw in the ring since user
 /// space last reset it (ring-buffer use, reported as a gauge).
 pub const STAT_RING_PEAK: u32 = 3;
-/// Index in the per-CPU `STATS` array: reply bytes the scanner left out since this CPU last forced
-/// a wake-up. They count toward the wake-up threshold as if they had been copied, so elision does
-/// not stretch the consumer's batches (kernel-internal).
+/// Index in the per-CPU `STATS` array: reply bytes the scanner left out since a scanned write on
+/// this CPU last forced a wake-up. They count toward the wake-up threshold as if they had been
+/// copied, so elision does not stretch the consumer's batches (kernel-internal).
 pub const STAT_WAKE_ELIDED: u32 = 4;
 pub const STAT_LEN: u32 = 5;
 

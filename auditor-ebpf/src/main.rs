@@ -16,8 +16,7 @@ use auditor_common::{
     AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_REPLY_SCAN, CFG_WAKEUP_BYTES,
     CHUNK_SIZE, CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS,
     ProcEvent, SCAN_RAW, SCAN_TOKEN, STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
-    STAT_RING_PEAK, STAT_RING_WRITES, STAT_WAKE_ELIDED, SocketState, TARGET_HINT_SLOTS, socket_key,
-    target_hint_slot,
+    STAT_RING_PEAK, STAT_RING_WRITES, SocketState, TARGET_HINT_SLOTS, socket_key, target_hint_slot,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -96,6 +95,14 @@ struct Scratch {
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch bytes (a fresh map pointer the verifier can bound).
+#[inline(always)]
+fn scratch_bytes() -> Option<*mut u8> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: pointer into the per-CPU scratch value.
+    Some(unsafe { (*scratch).bytes.as_mut_ptr() })
+}
 
 /// A ring record holding a whole chunk, reserved in the ring and filled straight from the user
 /// buffer: one copy instead of two (user → scratch → ring). `bpf_ringbuf_reserve` needs a
@@ -315,11 +322,9 @@ extern "C" fn copy_step(_index: u64, _unused: *mut c_void) -> i64 {
     };
     // SAFETY: per-CPU map value; the program runs to completion on this CPU.
     let c = unsafe { &mut *c };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = scratch_bytes() else {
         return 1;
     };
-    // SAFETY: pointer to the per-CPU scratch value (a fresh map pointer the verifier can bound).
-    let scratch = unsafe { (*scratch).bytes.as_mut_ptr() };
     if c.left == 0 {
         let _ = flush(c, scratch);
         return 1;
@@ -416,22 +421,7 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
                 }
             }
         }
-        // Reply bytes the scanner left out since the last forced wake-up (on this CPU) force one
-        // too once they reach the threshold, as if they had been copied: the consumer's work per
-        // wake-up follows the traffic, not the ring bytes. (With 10x fewer ring bytes per `GET` of
-        // 1 KiB and wake-ups by ring bytes alone, the consumer woke 70 times a second instead of
-        // 1400, each batch preempted the server for longer, and GET throughput at `-P 16 -d 1024`
-        // fell by a fifth.)
-        let elided = STATS.get_ptr_mut(STAT_WAKE_ELIDED);
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        let elided_since = elided.map_or(0, |p| unsafe { *p });
-        if (avail < wakeup && avail + DATA_HDR_LEN as u64 + captured >= wakeup)
-            || elided_since >= wakeup
-        {
-            if let Some(p) = elided {
-                // SAFETY: as above.
-                unsafe { *p = 0 };
-            }
+        if avail < wakeup && avail + DATA_HDR_LEN as u64 + captured >= wakeup {
             BPF_RB_FORCE_WAKEUP as u64
         } else {
             BPF_RB_NO_WAKEUP as u64
@@ -473,13 +463,14 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
     }
     // SAFETY: live map value (see above).
     if args.dir == DIR_OUT && unsafe { (*state).out_mode } != SCAN_RAW {
-        reply_scan::emit_scanned(state, c.hdr, args.ptr, args.iovcnt, ret, captured, c.flags);
+        let flags = reply_scan::wake_for_elided(c.flags, wakeup);
+        reply_scan::emit_scanned(state, c.hdr, args.ptr, args.iovcnt, ret, captured, flags);
         return 0;
     }
     // Fast path for the common case, a plain buffer that fits one record: one copy, one output,
     // no loop and no per-CPU loop state.
     if iovcnt == 0 && captured <= CHUNK_SIZE as u64 {
-        let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        let Some(base) = scratch_bytes() else {
             return 0;
         };
         let mut n = captured;
@@ -490,7 +481,6 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
         hdr.chunk_len = n as u32;
         // SAFETY: the scratch value holds DATA_HDR_LEN + 2 * CHUNK_SIZE bytes and n <= CHUNK_SIZE.
         unsafe {
-            let base = (*scratch).bytes.as_mut_ptr();
             if bpf_probe_read_user(
                 base.add(DATA_HDR_LEN).cast(),
                 n as u32,

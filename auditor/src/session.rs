@@ -287,6 +287,9 @@ struct Conn {
 struct Pieces<'a> {
     /// The next single run, if any.
     one: Option<(u64, &'a [u8])>,
+    /// Segments of a scanned write: a jump in position between them is a reply payload the kernel
+    /// left out, not bytes lost.
+    elided_gaps: bool,
     stream_pos: u64,
     segments: &'a [u8],
     tail_at: Option<u64>,
@@ -296,6 +299,7 @@ impl<'a> Pieces<'a> {
     fn one(pos: u64, bytes: &'a [u8]) -> Self {
         Pieces {
             one: Some((pos, bytes)),
+            elided_gaps: false,
             stream_pos: 0,
             segments: &[],
             tail_at: None,
@@ -305,6 +309,7 @@ impl<'a> Pieces<'a> {
     fn segments(stream_pos: u64, body: &'a [u8], tail_at: Option<u64>) -> Self {
         Pieces {
             one: None,
+            elided_gaps: true,
             stream_pos,
             segments: body,
             tail_at,
@@ -617,7 +622,6 @@ impl Session {
                 } else {
                     0
                 },
-                false,
                 out,
             ),
             CaptureEvent::Segments {
@@ -644,7 +648,6 @@ impl Session {
                 } else {
                     0
                 },
-                true,
                 out,
             ),
         }
@@ -659,8 +662,6 @@ impl Session {
         inbound: bool,
         pieces: Pieces,
         uncaptured_tail: u64,
-        // A jump in position is a reply payload the kernel left out, not bytes lost.
-        elided_gap: bool,
         out: &mut impl RecordOut,
     ) {
         let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
@@ -739,10 +740,11 @@ impl Session {
             // All pieces of the record are fed before any reply is acted on, as for one raw
             // write: the scanned writes of `-P 16` replies carry two segments per elided value.
             let mut events = std::mem::take(&mut self.scratch_rep);
+            let elided_gaps = pieces.elided_gaps;
             for (pos, bytes) in pieces {
                 if pos > conn.out_expected {
                     let gap = pos - conn.out_expected;
-                    if elided_gap {
+                    if elided_gaps {
                         self.stats.bytes_elided += gap;
                     } else {
                         self.stats.bytes_skipped += gap;

@@ -70,6 +70,13 @@ fn us(from: u64, to: u64) -> u64 {
     (to - from) / 1000
 }
 
+/// Append one segment of a scanned write's record (a `SegmentHdr`, then its bytes).
+fn push_segment(body: &mut Vec<u8>, off: u32, bytes: &[u8]) {
+    body.extend_from_slice(&off.to_ne_bytes());
+    body.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
+    body.extend_from_slice(bytes);
+}
+
 /// One audited connection (or more, through `fd`), with the kernel's bookkeeping.
 struct Wire {
     session: Session,
@@ -197,9 +204,7 @@ impl Wire {
         let mut at = 0;
         let push = |from: usize, to: usize, body: &mut Vec<u8>| {
             if from < to {
-                body.extend_from_slice(&(from as u32).to_ne_bytes());
-                body.extend_from_slice(&((to - from) as u32).to_ne_bytes());
-                body.extend_from_slice(&bytes[from..to]);
+                push_segment(body, from as u32, &bytes[from..to]);
             }
         };
         for &(from, to) in elided {
@@ -2880,9 +2885,7 @@ fn a_cut_segment_list_is_not_a_panic_and_what_is_placed_is_used() {
     w.client(&cmd(&["GET", "a"]));
     let reply = b"$5\r\nvalue\r\n";
     let mut body = Vec::new();
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    body.extend_from_slice(&(reply.len() as u32).to_ne_bytes());
-    body.extend_from_slice(reply);
+    push_segment(&mut body, 0, reply);
     // A second segment header that claims more bytes than the record holds.
     body.extend_from_slice(&(reply.len() as u32).to_ne_bytes());
     body.extend_from_slice(&1000u32.to_ne_bytes());
@@ -2912,9 +2915,7 @@ fn a_cut_segment_list_is_not_a_panic_and_what_is_placed_is_used() {
 fn pieces_yield_segments_in_order_then_the_tail_mark() {
     let mut body = Vec::new();
     for (off, bytes) in [(0u32, &b"ab"[..]), (10, b""), (20, b"xyz")] {
-        body.extend_from_slice(&off.to_ne_bytes());
-        body.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
-        body.extend_from_slice(bytes);
+        push_segment(&mut body, off, bytes);
     }
     let got: Vec<(u64, Vec<u8>)> = Pieces::segments(100, &body, Some(140))
         .map(|(pos, b)| (pos, b.to_vec()))
