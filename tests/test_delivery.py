@@ -1022,19 +1022,24 @@ def test_ring_buffer_overflow_loss_record_has_the_kernel_count(valkey, start_aud
     # Nothing runs on the server any more, so the kernel's count no longer moves; the auditor reports
     # it every 100 ms. Wait until the loss records, INFO and the kernel agree, and stay so.
     agreed = []
+    last = {}
 
     def agree():
         kernel = kernel_ring_drops(a.proc.pid)
         recs = a.records()
         logged = sum(loss_counts(recs, "ring_buffer_full"))
         shown = int(info(a)["audit_lost_ring_buffer_events"])
+        last.update(kernel=kernel, logged=logged, shown=shown)
         if not (kernel > 0 and logged == shown == kernel):
             agreed.clear()
             return None
         agreed.append(time.monotonic())
         return recs if agreed[-1] - agreed[0] >= 0.3 else None  # unchanged over 3 report periods
-    recs = wait_until(agree, timeout=20, interval=0.05,
-                      what="AUDIT_LOSS records and INFO to match the kernel's drop count")
+    try:
+        recs = wait_until(agree, timeout=20, interval=0.05,
+                          what="AUDIT_LOSS records and INFO to match the kernel's drop count")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last seen: {last}") from None
     kernel = kernel_ring_drops(a.proc.pid)
     assert sum(loss_counts(recs, "ring_buffer_full")) == kernel > 0
     loss = [r for r in recs if "cause=ring_buffer_full" in r["command_args"]]

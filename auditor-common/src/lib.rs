@@ -24,7 +24,24 @@ pub const CFG_WAKEUP_BYTES: u32 = 1;
 /// Index in the `CONFIG` array map: non-zero to scan the reply streams of sockets accepted from now
 /// on and leave the tails of large bulk payloads out of the ring (see [`SCAN_TOKEN`]).
 pub const CFG_REPLY_SCAN: u32 = 2;
-pub const CFG_LEN: u32 = 4;
+/// Index in the `CONFIG` array map (`--capture sockets`): offset in `struct sock` of `sk_ino`, or of
+/// `sk_socket` when [`CFG_SK_INO_DEREF`] is non-zero (kernels before 6.18 have no `sk_ino`). The
+/// socket's inode number tells a new socket from an old one whose memory and fd it reuses.
+pub const CFG_SK_INO: u32 = 3;
+/// Index in the `CONFIG` array map: 0 when [`CFG_SK_INO`] is `sk_ino`; else the offset of the
+/// inode number from the `struct socket` that `sk_socket` points to (through `socket_alloc`).
+pub const CFG_SK_INO_DEREF: u32 = 4;
+/// Index in the `CONFIG` array map: offset in `struct sock` of `skc_family` (u16).
+pub const CFG_SKC_FAMILY: u32 = 5;
+/// Index in the `CONFIG` array map: offset in `struct sock` of `skc_daddr` (IPv4 peer).
+pub const CFG_SKC_DADDR: u32 = 6;
+/// Index in the `CONFIG` array map: offset in `struct sock` of `skc_dport` (peer port, network order).
+pub const CFG_SKC_DPORT: u32 = 7;
+/// Index in the `CONFIG` array map: offset in `struct sock` of `skc_num` (local port, host order).
+pub const CFG_SKC_NUM: u32 = 8;
+/// Index in the `CONFIG` array map: offset in `struct sock` of `skc_v6_daddr` (IPv6 peer).
+pub const CFG_SKC_V6_DADDR: u32 = 9;
+pub const CFG_LEN: u32 = 16;
 
 /// `DataEvent::flags`: the payload is a list of segments, each a [`SegmentHdr`] and its bytes, at
 /// increasing offsets of the syscall; the bytes between segments lie inside bulk payloads the kernel
@@ -138,7 +155,12 @@ pub struct DataEvent {
 
 pub const DATA_HDR_LEN: usize = core::mem::size_of::<DataEvent>();
 
-/// A connection accepted by the target (accept/accept4 exit).
+/// `AcceptEvent::listen_fd` of a socket first seen at its first read or write (`--capture
+/// sockets`): which listening socket accepted it is not known.
+pub const LISTEN_FD_UNKNOWN: u32 = u32::MAX;
+
+/// A connection accepted by the target (accept/accept4 exit), or, with `--capture sockets`, a
+/// socket of the target seen for the first time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AcceptEvent {
@@ -151,9 +173,14 @@ pub struct AcceptEvent {
     pub ts_ns: u64,
     /// Peer port in host byte order (0 for unix sockets).
     pub port: u16,
-    pub _pad2: [u8; 6],
+    /// Local port (TCP, `--capture sockets`; 0 otherwise): tells accepted sockets from the
+    /// server's own outgoing links, since `listen_fd` is unknown there.
+    pub local_port: u16,
+    pub _pad2: [u8; 4],
     /// IPv4 in the first 4 bytes, or IPv6.
     pub addr: [u8; 16],
+    /// The socket's inode number (`--capture sockets`; 0 otherwise).
+    pub ino: u64,
 }
 
 /// A socket fd closed by the target.
@@ -203,7 +230,19 @@ pub struct SocketState {
     pub out_keep: u64,
     /// Bytes still to skip (`SCAN_PREFIX` after its keep, `SCAN_SKIP`).
     pub out_skip: u64,
+    /// Inode number of the socket (`--capture sockets`; 0 until known): an fd whose socket has
+    /// another inode was closed and reused unseen.
+    pub ino: u64,
+    /// `SOCK_*` flags.
+    pub flags: u64,
 }
+
+/// `SocketState::flags`: the connection was reported closed (end of stream or an I/O error); the
+/// entry stays so that late calls on the same socket are not taken for a new connection.
+pub const SOCK_CLOSED: u64 = 1;
+/// `SocketState::flags`: not a client connection (the server's own link to a primary, the cluster
+/// bus): nothing is captured.
+pub const SOCK_IGNORED: u64 = 2;
 
 /// Key of the `COMMS` map: a command name as the kernel stores it (`TASK_COMM_LEN`, NUL-padded).
 #[repr(C)]

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod reply_scan;
+mod sock_capture;
 
 use core::{ffi::c_void, mem::MaybeUninit};
 
@@ -165,6 +166,12 @@ fn data_args(
 ) -> Option<(DataArgs, *mut SocketState)> {
     let fd = fd as u32;
     let state = SOCKETS.get_ptr_mut(&socket_key(tgid, fd))?;
+    Some((buffer_args(dir, kind, fd, arg1, arg2)?, state))
+}
+
+/// Where a data syscall's bytes are, from its arguments after the fd.
+#[inline(always)]
+fn buffer_args(dir: u8, kind: ArgKind, fd: u32, arg1: u64, arg2: u64) -> Option<DataArgs> {
     let (ptr, iovcnt) = match kind {
         ArgKind::Plain => (arg1, 0),
         ArgKind::Iovec => (arg1, arg2),
@@ -183,16 +190,49 @@ fn data_args(
     if ptr == 0 {
         return None;
     }
-    Some((
-        DataArgs {
-            fd,
-            dir,
-            _pad: [0; 3],
-            ptr,
-            iovcnt,
-        },
-        state,
-    ))
+    Some(DataArgs {
+        fd,
+        dir,
+        _pad: [0; 3],
+        ptr,
+        iovcnt,
+    })
+}
+
+/// The direction and argument layout of a data syscall, by number; `None` for any other syscall.
+#[inline(always)]
+fn data_syscall(nr: u64) -> Option<(u8, ArgKind)> {
+    Some(match nr {
+        NR_READ | NR_RECVFROM => (DIR_IN, ArgKind::Plain),
+        NR_READV => (DIR_IN, ArgKind::Iovec),
+        NR_RECVMSG => (DIR_IN, ArgKind::Msghdr),
+        NR_WRITE | NR_SENDTO => (DIR_OUT, ArgKind::Plain),
+        NR_WRITEV => (DIR_OUT, ArgKind::Iovec),
+        NR_SENDMSG => (DIR_OUT, ArgKind::Msghdr),
+        _ => return None,
+    })
+}
+
+/// The current syscall's `[dx, si, di, orig_ax]` from the saved user registers at `regs`
+/// (`struct pt_regs *`).
+#[inline(always)]
+fn syscall_regs(regs: u64) -> Option<[u64; 4]> {
+    // Uninitialised, since a zeroing `memset` would be a byte loop here.
+    let mut r = MaybeUninit::<[u64; 4]>::uninit();
+    // SAFETY: fault-tolerant read of the kernel's saved registers of the current task; the helper
+    // writes all 32 bytes (zeroes on failure) and we only read them on success.
+    if unsafe {
+        bpf_probe_read_kernel(
+            r.as_mut_ptr().cast(),
+            32,
+            (regs as usize + PT_REGS_DX) as *const c_void,
+        )
+    } < 0
+    {
+        return None;
+    }
+    // SAFETY: initialised by the successful read above.
+    Some(unsafe { r.assume_init() })
 }
 
 #[derive(Clone, Copy)]
@@ -566,15 +606,22 @@ fn emit_accept(pid_tgid: u64, listen_fd: u64, sockaddr: u64, ret: i64) -> u32 {
         } else {
             0
         },
-        _pad2: [0; 6],
+        local_port: 0,
+        _pad2: [0; 4],
         addr,
+        ino: 0,
     };
-    if EVENTS.output::<AcceptEvent>(&ev, 0).is_err() {
+    output_accept(&ev);
+    0
+}
+
+#[inline(always)]
+fn output_accept(ev: &AcceptEvent) {
+    if EVENTS.output::<AcceptEvent>(ev, 0).is_err() {
         bump(STAT_RING_DROPS, 1);
     } else {
         bump(STAT_RING_WRITES, 1);
     }
-    0
 }
 
 // x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
@@ -607,37 +654,17 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     }
     let regs: u64 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
-    // [dx, si, di, orig_ax]; uninitialised, since a zeroing `memset` would be a byte loop here.
-    let mut r = MaybeUninit::<[u64; 4]>::uninit();
-    // SAFETY: fault-tolerant read of the kernel's saved registers of the current task; the helper
-    // writes all 32 bytes (zeroes on failure) and we only read them on success.
-    if unsafe {
-        bpf_probe_read_kernel(
-            r.as_mut_ptr().cast(),
-            32,
-            (regs as usize + PT_REGS_DX) as *const c_void,
-        )
-    } < 0
-    {
+    let Some([dx, si, di, nr]) = syscall_regs(regs) else {
+        return 0;
+    };
+    if nr == NR_ACCEPT || nr == NR_ACCEPT4 {
+        if is_target(tgid) {
+            emit_accept(pid_tgid, di, si, ret);
+        }
         return 0;
     }
-    // SAFETY: initialised by the successful read above.
-    let [dx, si, di, nr] = unsafe { r.assume_init() };
-    let (dir, kind) = match nr {
-        NR_READ | NR_RECVFROM => (DIR_IN, ArgKind::Plain),
-        NR_READV => (DIR_IN, ArgKind::Iovec),
-        NR_RECVMSG => (DIR_IN, ArgKind::Msghdr),
-        NR_WRITE | NR_SENDTO => (DIR_OUT, ArgKind::Plain),
-        NR_WRITEV => (DIR_OUT, ArgKind::Iovec),
-        NR_SENDMSG => (DIR_OUT, ArgKind::Msghdr),
-        NR_ACCEPT | NR_ACCEPT4 => {
-            if !is_target(tgid) {
-                return 0;
-            }
-            emit_accept(pid_tgid, di, si, ret);
-            return 0;
-        }
-        _ => return 0,
+    let Some((dir, kind)) = data_syscall(nr) else {
+        return 0;
     };
     if ret <= 0 {
         return 0;
@@ -663,6 +690,13 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = SOCKETS.remove(&key);
+    emit_close(tgid, fd);
+    0
+}
+
+/// Tell user space that the target's socket `fd` is closed.
+#[inline(always)]
+fn emit_close(tgid: u32, fd: u32) {
     let ev = CloseEvent {
         kind: EventKind::Close as u8,
         _pad: [0; 3],
@@ -676,7 +710,6 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     } else {
         bump(STAT_RING_WRITES, 1);
     }
-    0
 }
 
 #[inline(always)]

@@ -3,15 +3,16 @@
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use auditor_common::{
-    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_REPLY_SCAN, CFG_WAKEUP_BYTES,
-    CloseEvent, Comm, DATA_FLAG_SEGMENTS, DATA_FLAG_TAIL, DATA_HDR_LEN, DIR_IN, DataEvent,
-    EventKind, ProcEvent, STAT_RING_DROP_BYTES, STAT_RING_DROPS, STAT_RING_PEAK, SocketState,
-    socket_key, target_hint_slot,
+    AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_REPLY_SCAN, CFG_SK_INO,
+    CFG_SK_INO_DEREF, CFG_SKC_DADDR, CFG_SKC_DPORT, CFG_SKC_FAMILY, CFG_SKC_NUM, CFG_SKC_V6_DADDR,
+    CFG_WAKEUP_BYTES, CloseEvent, Comm, DATA_FLAG_SEGMENTS, DATA_FLAG_TAIL, DATA_HDR_LEN, DIR_IN,
+    DataEvent, EventKind, ProcEvent, SOCK_IGNORED, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
+    STAT_RING_PEAK, SocketState, socket_key, target_hint_slot,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{Program, ProgramError, RawTracePoint, TracePoint},
 };
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -29,6 +30,19 @@ pub struct Capture {
     /// The kernel's prefilter in front of `targets` (see `TARGET_HINTS` in auditor-ebpf).
     target_hints: Array<MapData, u32>,
     comms: HashMap<MapData, Comm, u32>,
+    mode: CaptureMode,
+}
+
+/// Where the kernel sees the server's client I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureMode {
+    /// Syscall exits (accept, read/write family) and close(): every connection from its accept,
+    /// but while attached every task on the host takes the slow syscall path.
+    Syscalls,
+    /// The socket tracepoints: only socket I/O pays. A connection is registered at its first read
+    /// or write, so one that never sends is seen only when it ends (auditor-ebpf's
+    /// `sock_capture`).
+    Sockets,
 }
 
 /// Capture options fixed at load.
@@ -38,6 +52,7 @@ pub struct CaptureConfig {
     pub wakeup_bytes: u64,
     /// Scan the reply streams of new connections and leave large bulk payloads out of the ring.
     pub reply_scan: bool,
+    pub mode: CaptureMode,
 }
 
 /// Ring buffer and kernel counters, owned by the capture thread.
@@ -92,6 +107,11 @@ impl Capture {
             config.set(CFG_CAPTURE_CAP, cfg.capture_cap, 0)?;
             config.set(CFG_WAKEUP_BYTES, cfg.wakeup_bytes, 0)?;
             config.set(CFG_REPLY_SCAN, u64::from(cfg.reply_scan), 0)?;
+            if cfg.mode == CaptureMode::Sockets {
+                for (index, value) in sock_offsets()? {
+                    config.set(index, value, 0)?;
+                }
+            }
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
@@ -108,9 +128,14 @@ impl Capture {
                 targets,
                 target_hints,
                 comms,
+                mode: cfg.mode,
             },
             CaptureStream { ring, stats, wake },
         ))
+    }
+
+    pub fn mode(&self) -> CaptureMode {
+        self.mode
     }
 
     pub fn add_target(&mut self, tgid: u32) -> Result<()> {
@@ -151,54 +176,68 @@ impl Capture {
         Ok(())
     }
 
-    /// Attach every program: the close and sched tracepoints first, then the syscall-exit raw
-    /// tracepoint that sees accepts and data, so no connection is half-known.
+    /// Attach every program: the close and sched tracepoints first, then the ones that see
+    /// accepts and data, so no connection is half-known.
     pub fn attach(&mut self) -> Result<()> {
-        let programs = [
-            ("syscalls", "sys_enter_close"),
+        let mut programs = vec![
             ("sched", "sched_process_exec"),
             ("sched", "sched_process_fork"),
             ("sched", "sched_process_exit"),
         ];
-        for (category, name) in programs {
-            let prog: &mut TracePoint = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            prog.load()
-                .map_err(|e| privilege_hint(anyhow!(e)))
-                .with_context(|| format!("loading {name} (verifier)"))?;
-            prog.attach(category, name)
-                .map_err(|e| privilege_hint(anyhow!(e)))
-                .with_context(|| {
-                    format!(
-                        "attaching tracepoint {category}:{name} ({})",
-                        tracefs_hint()
-                    )
-                })?;
+        if self.mode == CaptureMode::Syscalls {
+            programs.insert(0, ("syscalls", "sys_enter_close"));
         }
-        let prog: &mut RawTracePoint = self
-            .ebpf
-            .program_mut("sys_exit")
-            .context("program sys_exit missing from the eBPF object")?
-            .try_into()?;
-        prog.load()
-            .map_err(|e| privilege_hint(anyhow!(e)))
-            .context("loading sys_exit (verifier)")?;
-        prog.attach("sys_exit")
-            .map_err(|e| privilege_hint(anyhow!(e)))
-            .context("attaching raw tracepoint sys_exit")?;
+        for (category, name) in programs {
+            let prog: &mut TracePoint = loaded(&mut self.ebpf, name, TracePoint::load)?;
+            attached(prog.attach(category, name), || {
+                format!(
+                    "attaching tracepoint {category}:{name} ({})",
+                    tracefs_hint()
+                )
+            })?;
+        }
+        let (raw, needs): (&[&str], &str) = match self.mode {
+            CaptureMode::Syscalls => (&["sys_exit"], ""),
+            CaptureMode::Sockets => (
+                &[
+                    "inet_sock_set_state",
+                    "sock_recv_length",
+                    "sock_send_length",
+                ],
+                " (--capture sockets needs Linux 6.3 or later)",
+            ),
+        };
+        for &name in raw {
+            let prog: &mut RawTracePoint = loaded(&mut self.ebpf, name, RawTracePoint::load)?;
+            attached(prog.attach(name), || {
+                format!("attaching raw tracepoint {name}{needs}")
+            })?;
+        }
         Ok(())
+    }
+
+    /// Stop capturing a socket that is not a client connection (the server's own link to its
+    /// primary, the cluster bus): `--capture sockets` registers every socket the target uses.
+    pub fn ignore_socket(&mut self, tgid: u32, fd: u32) {
+        let key = socket_key(tgid, fd);
+        if let Ok(mut state) = self.sockets.get(&key, 0) {
+            state.flags |= SOCK_IGNORED;
+            let _ = self.sockets.insert(key, state, 0);
+        }
     }
 
     /// Register a socket that was open before attach. Returns false when the kernel already knows it
     /// (accepted after attach), in which case its accept event is on its way.
-    pub fn register_existing_socket(&mut self, tgid: u32, fd: u32) -> Result<bool> {
+    /// `ino` is its inode number (0 if unknown).
+    pub fn register_existing_socket(&mut self, tgid: u32, fd: u32, ino: u64) -> Result<bool> {
         const BPF_NOEXIST: u64 = 1;
+        let state = SocketState {
+            ino,
+            ..SocketState::default()
+        };
         match self
             .sockets
-            .insert(socket_key(tgid, fd), SocketState::default(), BPF_NOEXIST)
+            .insert(socket_key(tgid, fd), state, BPF_NOEXIST)
         {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::SyscallError(e))
@@ -209,6 +248,65 @@ impl Capture {
             Err(e) => Err(e).context("registering an existing socket"),
         }
     }
+}
+
+/// Program `name` of the object, loaded into the kernel (checked by the verifier).
+fn loaded<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load: impl FnOnce(&mut T) -> Result<(), ProgramError>,
+) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let prog: &mut T = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    load(prog)
+        .map_err(|e| privilege_hint(anyhow!(e)))
+        .with_context(|| format!("loading {name} (verifier)"))?;
+    Ok(prog)
+}
+
+/// An attach result, with the operator's hint on failure.
+fn attached<L>(result: Result<L, ProgramError>, what: impl FnOnce() -> String) -> Result<()> {
+    result
+        .map(drop)
+        .map_err(|e| privilege_hint(anyhow!(e)))
+        .with_context(what)
+}
+
+/// The `struct sock` offsets the socket tracepoints read (`CFG_SK*`), from the kernel's BTF.
+fn sock_offsets() -> Result<Vec<(u32, u64)>> {
+    let btf = crate::btf::Btf::from_kernel().context("--capture sockets needs the kernel's BTF")?;
+    let common = |field: &str| {
+        btf.offset("sock", &["__sk_common", field])
+            .with_context(|| format!("the kernel's struct sock has no {field}"))
+    };
+    let mut out = vec![
+        (CFG_SKC_FAMILY, common("skc_family")?),
+        (CFG_SKC_DADDR, common("skc_daddr")?),
+        (CFG_SKC_DPORT, common("skc_dport")?),
+        (CFG_SKC_NUM, common("skc_num")?),
+        (CFG_SKC_V6_DADDR, common("skc_v6_daddr")?),
+    ];
+    // Linux 6.18 caches the inode number in the sock; before, it is the socket's inode's.
+    if let Some(off) = btf.offset("sock", &["sk_ino"]) {
+        out.extend([(CFG_SK_INO, off), (CFG_SK_INO_DEREF, 0)]);
+    } else {
+        let socket = btf.offset("sock", &["sk_socket"]);
+        let inode = btf.offset("socket_alloc", &["vfs_inode"]);
+        let ino = btf.offset("inode", &["i_ino"]);
+        let (Some(socket), Some(inode), Some(ino)) = (socket, inode, ino) else {
+            bail!(
+                "the kernel's BTF has neither sock.sk_ino nor sock.sk_socket and socket_alloc.vfs_inode"
+            );
+        };
+        // socket_alloc starts with the struct socket that sk_socket points to.
+        out.extend([(CFG_SK_INO, socket), (CFG_SK_INO_DEREF, inode + ino)]);
+    }
+    Ok(out)
 }
 
 /// Turn permission failures into the one line an operator needs.
@@ -308,6 +406,8 @@ pub fn decode<'a>(
             tgid: a.tgid,
             fd: a.fd,
             listen_fd: a.listen_fd,
+            local_port: a.local_port,
+            ino: a.ino,
             ts_ns: a.ts_ns,
             peer,
         })

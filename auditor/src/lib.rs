@@ -8,6 +8,7 @@
 //! `procscan`, `serverquery`, `control`, `delivery` and `sink`.
 
 pub mod argv;
+pub mod btf;
 pub mod capture;
 pub mod commands;
 pub mod control;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
-use auditor::capture::{self, Capture, CaptureConfig, CaptureStream};
+use auditor::capture::{self, Capture, CaptureConfig, CaptureMode, CaptureStream};
 use auditor::commands::CommandTable;
 use auditor::control::{self, ControlBackend};
 use auditor::delivery::{Origin, Queue, run_sink};
@@ -25,6 +25,7 @@ use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
 use auditor::sinkset::{SettingsSinks, line_format, open_sink, validate};
 use auditor::targets::{self, Target, TargetSpec};
 use auditor::{privileges, procscan, prometheus, serverquery};
+use auditor_common::LISTEN_FD_UNKNOWN;
 
 /// mimalloc rather than glibc malloc: batches of lines are allocated on the capture thread and
 /// released on the sink thread (records themselves were, until they were formatted on the capture
@@ -105,6 +106,13 @@ struct Cli {
     #[arg(long, default_value_t = DEFAULT_NICE, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-20..=19))]
     nice: i32,
+    /// Where the kernel sees client I/O. `syscalls`: the syscall exits (every connection from its
+    /// accept; every task on the host takes the slow syscall path while attached). `sockets`: the
+    /// socket tracepoints (Linux 6.3+ with BTF; only socket I/O pays, about half the auditor's
+    /// cost to the server at `-P 1`), but a connection is seen at its first read or write, so
+    /// one that never sends shows only when it ends. Also from AUDITOR_CAPTURE.
+    #[arg(long, value_enum, env = "AUDITOR_CAPTURE", default_value_t = CaptureMode::Syscalls)]
+    capture: CaptureMode,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     ring_bytes: u32,
@@ -226,6 +234,7 @@ fn run() -> Result<()> {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
         reply_scan: cli.reply_scan,
+        mode: cli.capture,
         // Fewer, larger batches: every wake-up costs the server an irq_work in its own syscall
         // and preempts it for the capture thread (nice -5). At 64 KiB, `-P 1 -d 1024` woke the
         // thread ~3000 times a second. Larger batches cost less CPU but each one preempts the
@@ -553,6 +562,26 @@ fn existing_users(
     conn.users_by_fd()
 }
 
+/// Register the client connections `pid` has open now with the kernel; those it did not know
+/// already go to `open`.
+fn register_open(
+    pid: u32,
+    capture: &mut Capture,
+    session: &Session,
+    open: &mut Vec<procscan::ExistingConn>,
+) -> Result<()> {
+    // A process that exited meanwhile has nothing to scan: it is dropped by the exit check.
+    for conn in procscan::existing_connections(pid).unwrap_or_default() {
+        if session.is_ignored(&conn.peer) {
+            continue;
+        }
+        if capture.register_existing_socket(pid, conn.fd, conn.ino)? {
+            open.push(conn);
+        }
+    }
+    Ok(())
+}
+
 /// The daemon's side of the control port.
 struct Backend {
     settings: Arc<SharedSettings>,
@@ -708,6 +737,27 @@ fn refresh_timeline(shared: &SharedSettings, session: &mut Session, seen_version
 }
 
 impl CaptureLoop {
+    /// `--capture sockets` sees no close() of a unix socket, nor of a TCP socket that another
+    /// process (a snapshot child) still holds: a connection whose fd no longer holds its socket
+    /// has ended. Checked once a second, so its disconnection record is at most that late.
+    fn close_ended(&mut self, seen_version: &mut u64, records: &mut Vec<Record>) {
+        let ended: Vec<(u32, u32, u64)> = self
+            .session
+            .open_sockets()
+            .into_iter()
+            .filter(|&(tgid, fd, ino)| !procscan::fd_holds_socket(tgid, fd, ino))
+            .collect();
+        if ended.is_empty() {
+            return;
+        }
+        // What the ring still holds of these connections (their last replies) goes first.
+        self.drain_ring(seen_version, records, usize::MAX);
+        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        for (tgid, fd, ino) in ended {
+            self.session.close_ended(tgid, fd, ino, now, records);
+        }
+    }
+
     fn run(mut self, initial: Vec<Record>) -> Result<()> {
         let mut records = initial;
         self.metrics.set_ring_usage(0, self.ring_bytes);
@@ -716,6 +766,7 @@ impl CaptureLoop {
         let mut reported_drops = (0u64, 0u64);
         let mut published = [0u64; 8];
         let mut last_check = Instant::now();
+        let mut last_sweep = Instant::now();
         let mut target_gone = false;
         loop {
             let (drained, drained_bytes) =
@@ -746,6 +797,12 @@ impl CaptureLoop {
                         self.registry
                             .unregister(pid, &mut self.capture, &self.metrics);
                     }
+                }
+                if self.capture.mode() == CaptureMode::Sockets
+                    && last_sweep.elapsed() >= Duration::from_secs(1)
+                {
+                    last_sweep = Instant::now();
+                    self.close_ended(&mut seen_version, &mut records);
                 }
                 if drained < PASS_RECORDS {
                     // The ring was emptied: every event up to about now has been seen.
@@ -954,7 +1011,28 @@ impl Registry {
     }
 
     fn unix_path(&self, tgid: u32, listen_fd: u32) -> Option<String> {
-        self.targets.get(&tgid)?.unix_paths.get(&listen_fd).cloned()
+        let paths = &self.targets.get(&tgid)?.unix_paths;
+        if listen_fd == LISTEN_FD_UNKNOWN {
+            // Seen first at a read or write: Valkey has one unix listener.
+            return paths
+                .iter()
+                .min_by_key(|(fd, _)| **fd)
+                .map(|(_, p)| p.clone());
+        }
+        paths.get(&listen_fd).cloned()
+    }
+
+    /// Whether a TCP socket of `pid` first seen at a read or write was accepted from one of its
+    /// listeners (its local port is one they listen on), rather than opened by the server itself.
+    fn accepted_on(&mut self, pid: u32, local_port: u16) -> bool {
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return false;
+        };
+        if !t.listen_ports.contains(&local_port) {
+            // A listener opened since (CONFIG SET port).
+            t.listen_ports = procscan::tcp_listen_ports(pid);
+        }
+        t.listen_ports.contains(&local_port)
     }
 
     /// Only --pid targets were asked for, none follows restarts, and none is left.
@@ -977,7 +1055,19 @@ impl Registry {
         if self.targets.contains_key(&pid) {
             return Ok(());
         }
+        // With socket tracepoints the kernel registers a target's socket at its first read or
+        // write and takes it for a new connection: the connections open now are registered
+        // first. With syscall tracepoints it registers sockets at accept: the pid becomes a
+        // target first, so that none accepted meanwhile is missed.
+        let sockets_mode = capture.mode() == CaptureMode::Sockets;
+        let mut open_conns = Vec::new();
+        if sockets_mode {
+            register_open(pid, capture, session, &mut open_conns)?;
+        }
         capture.add_target(pid)?;
+        if !sockets_mode {
+            register_open(pid, capture, session, &mut open_conns)?;
+        }
         let target = Target {
             explicit,
             exe: targets::exe_of(pid),
@@ -988,6 +1078,7 @@ impl Registry {
                 self.node_name.as_deref(),
             )),
             unix_paths: procscan::unix_listeners(pid),
+            listen_ports: procscan::tcp_listen_ports(pid),
         };
         self.announce(pid, &target, session, metrics);
         if target.info.port != 0 {
@@ -996,15 +1087,9 @@ impl Registry {
         }
         self.targets.insert(pid, target);
         let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
-        // A process that exited meanwhile has nothing to scan: it is dropped by the exit check.
-        for conn in procscan::existing_connections(pid).unwrap_or_default() {
-            if session.is_ignored(&conn.peer) {
-                continue;
-            }
-            if capture.register_existing_socket(pid, conn.fd)? {
-                let user = users.get(&conn.fd).cloned();
-                session.add_existing(pid, conn.fd, conn.peer, user, now, out);
-            }
+        for conn in open_conns {
+            let user = users.get(&conn.fd).cloned();
+            session.add_existing(pid, conn.fd, conn.ino, conn.peer, user, now, out);
         }
         Ok(())
     }
@@ -1114,12 +1199,25 @@ impl Registry {
             }
             CaptureEvent::Accept {
                 tgid,
+                fd,
                 listen_fd,
+                local_port,
                 peer,
                 ..
             } => {
                 let pid = *tgid;
                 if self.rejected.contains(&pid) {
+                    return true;
+                }
+                // Seen first at a read or write (`--capture sockets`): a TCP socket the server
+                // opened itself (to its primary, the cluster bus) is not a client connection,
+                // and neither is a socket a snapshot child writes to (a diskless sync's RDB).
+                if *listen_fd == LISTEN_FD_UNKNOWN
+                    && ((!self.targets.contains_key(&pid)
+                        && self.targets.contains_key(&targets::parent_of(pid)))
+                        || (*local_port != 0 && !self.accepted_on(pid, *local_port)))
+                {
+                    capture.ignore_socket(pid, *fd);
                     return true;
                 }
                 let unnamed_unix = peer.ip == "unix" && peer.port == 0;
@@ -1194,9 +1292,11 @@ impl Registry {
             succeeds_port: 0,
             info: info.clone(),
             unix_paths: HashMap::new(),
+            listen_ports: Vec::new(),
         });
         target.info = info;
         target.unix_paths = procscan::unix_listeners(pid);
+        target.listen_ports = procscan::tcp_listen_ports(pid);
         let target = target.clone();
         self.announce(pid, &target, session, metrics);
     }

@@ -13,7 +13,16 @@ use crate::session::Peer;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExistingConn {
     pub fd: u32,
+    /// The socket's inode number.
+    pub ino: u64,
     pub peer: Peer,
+}
+
+/// Whether `pid`'s `fd` still holds socket `ino` (false once it is closed or holds another file).
+pub fn fd_holds_socket(pid: u32, fd: u32, ino: u64) -> bool {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|target| {
+        target.as_os_str().as_encoded_bytes() == format!("socket:[{ino}]").as_bytes()
+    })
 }
 
 /// Map of socket inode → fd for every socket the process holds.
@@ -120,7 +129,11 @@ pub fn existing_connections(pid: u32) -> Result<Vec<ExistingConn>> {
             && listen_ports.contains(&lport)
             && let Some(&fd) = fds.get(&inode)
         {
-            out.push(ExistingConn { fd, peer });
+            out.push(ExistingConn {
+                fd,
+                ino: inode,
+                peer,
+            });
         }
     }
     if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/unix")) {
@@ -150,6 +163,7 @@ pub fn existing_connections(pid: u32) -> Result<Vec<ExistingConn>> {
                 };
                 out.push(ExistingConn {
                     fd,
+                    ino: inode,
                     peer: Peer::unix(&shown),
                 });
             }
@@ -188,6 +202,27 @@ pub fn unix_listeners(pid: u32) -> HashMap<u32, String> {
         return HashMap::new();
     };
     unix_listeners_from(&text, &fds)
+}
+
+/// TCP ports `pid` listens on.
+pub fn tcp_listen_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = socket_fds(pid) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            out.extend(
+                tcp_table(&text)
+                    .into_iter()
+                    .filter(|(inode, _, _, st)| *st == TCP_LISTEN && fds.contains_key(inode))
+                    .map(|(_, port, _, _)| port),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// TCP addresses `pid` listens on, for the auditor's own connection to the server (CLIENT LIST).

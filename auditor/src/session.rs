@@ -42,8 +42,13 @@ pub enum CaptureEvent<'a> {
     Accept {
         tgid: u32,
         fd: u32,
-        /// The listening socket it came from (names unix-socket peers).
+        /// The listening socket it came from (names unix-socket peers), or
+        /// `LISTEN_FD_UNKNOWN` when the socket was first seen at a read or write.
         listen_fd: u32,
+        /// The socket's local TCP port when first seen at a read or write, else 0.
+        local_port: u16,
+        /// The socket's inode number, 0 if unknown.
+        ino: u64,
         ts_ns: u64,
         peer: Peer,
     },
@@ -247,6 +252,9 @@ struct Pending {
 struct Conn {
     client_id: u64,
     tgid: u32,
+    /// The socket's inode number (0: unknown): whether its fd still holds it tells a close
+    /// the kernel did not see (`--capture sockets`).
+    ino: u64,
     /// The client's address, shared by the connection's records, and its port.
     ip: Arc<str>,
     port: u16,
@@ -491,10 +499,12 @@ impl Session {
     }
 
     /// A connection that was open before the auditor attached. Its user is unknown unless given.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_existing(
         &mut self,
         tgid: u32,
         fd: u32,
+        ino: u64,
         peer: Peer,
         username: Option<Vec<u8>>,
         now_ns: u64,
@@ -504,6 +514,7 @@ impl Session {
         let conn = Conn {
             client_id: self.alloc_id(),
             tgid,
+            ino,
             server: self.server_of(tgid),
             ip: Arc::from(peer.ip.as_str()),
             port: peer.port,
@@ -550,6 +561,7 @@ impl Session {
                 fd,
                 ts_ns,
                 peer,
+                ino,
                 ..
             } => {
                 // An fd number reused without us seeing the close: finish the old connection first.
@@ -563,6 +575,7 @@ impl Session {
                 let conn = Conn {
                     client_id: self.alloc_id(),
                     tgid,
+                    ino,
                     server: self.server_of(tgid),
                     ip: Arc::from(peer.ip.as_str()),
                     port: peer.port,
@@ -1395,6 +1408,30 @@ impl Session {
         };
         let rec = self.connection_record(&conn, b"disconnection", kind, ts_ns);
         self.push(rec, ts_ns, out);
+    }
+
+    /// Open connections whose socket inode is known: `(tgid, fd, inode)`.
+    pub fn open_sockets(&self) -> Vec<(u32, u32, u64)> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.ino != 0)
+            .map(|(&(tgid, fd), c)| (tgid, fd, c.ino))
+            .collect()
+    }
+
+    /// The connection at `fd` ended unseen (its fd no longer holds socket `ino`): close it, unless
+    /// that fd is another connection's by now.
+    pub fn close_ended(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        ino: u64,
+        now_ns: u64,
+        out: &mut impl RecordOut,
+    ) {
+        if self.conns.get(&(tgid, fd)).is_some_and(|c| c.ino == ino) {
+            self.close(tgid, fd, now_ns, out);
+        }
     }
 
     /// The target process is gone: its connections closed with it (no close syscalls were made).

@@ -138,6 +138,8 @@ impl Wire {
                 tgid: TGID,
                 fd: self.fd,
                 listen_fd: 3,
+                local_port: 0,
+                ino: 0,
                 ts_ns: ts,
                 peer,
             },
@@ -527,6 +529,7 @@ fn connection_open_before_attach() {
     w.session.add_existing(
         TGID,
         FD,
+        0,
         Peer::from_v4([10, 0, 0, 7], CLIENT_PORT),
         None,
         w.now,
@@ -2931,4 +2934,37 @@ fn pieces_yield_segments_in_order_then_the_tail_mark() {
     );
     let one: Vec<(u64, &[u8])> = Pieces::one(7, b"q").collect();
     assert_eq!(one, [(7, &b"q"[..])]);
+}
+
+#[test]
+fn a_connection_whose_fd_no_longer_holds_its_socket_is_closed_by_the_sweep() {
+    let mut w = Wire::detached(Settings::default());
+    let ts = w.tick();
+    w.session.handle(
+        CaptureEvent::Accept {
+            tgid: TGID,
+            fd: FD,
+            listen_fd: auditor_common::LISTEN_FD_UNKNOWN,
+            local_port: 0,
+            ino: 77,
+            ts_ns: ts,
+            peer: Peer::unix("/tmp/v.sock"),
+        },
+        &mut w.out,
+    );
+    assert_eq!(names(&w.take()), ["connection"]);
+    assert_eq!(w.session.open_sockets(), [(TGID, FD, 77)]);
+    // The fd holds another socket by now, already accepted: that connection stays open.
+    let now = w.tick();
+    w.session.close_ended(TGID, FD, 76, now, &mut w.out);
+    assert!(w.take().is_empty());
+    w.session.close_ended(TGID, FD, 77, now, &mut w.out);
+    let d = w.one();
+    assert_eq!(s(&d.command), "disconnection");
+    assert_eq!(&*d.client_ip, "/tmp/v.sock");
+    assert!(w.session.open_sockets().is_empty());
+    // Once closed, a second sweep (or the kernel's late close) writes nothing.
+    w.session.close_ended(TGID, FD, 77, now, &mut w.out);
+    w.close();
+    assert!(w.take().is_empty());
 }

@@ -83,6 +83,18 @@ pub fn exe_of(pid: u32) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The parent of `pid` (0 if unknown), from `/proc/<pid>/stat`.
+pub fn parent_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The command name in parentheses may hold spaces: fields count from its end.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// True for a process (thread group leader), false for a thread or a pid that is gone.
 pub fn is_process(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -213,6 +225,8 @@ pub struct Target {
     pub info: Arc<ServerInfo>,
     /// Unix socket paths of its listeners, by listening fd.
     pub unix_paths: HashMap<u32, String>,
+    /// TCP ports it listens on (`--capture sockets` tells accepted sockets by them).
+    pub listen_ports: Vec<u16>,
 }
 
 #[cfg(test)]

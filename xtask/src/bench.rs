@@ -18,6 +18,8 @@ pub struct Options {
     /// Also run a third variant per round: the auditor attached with `--bench-capture-only` (the
     /// kernel side and the ring's draining, no pipeline), to split the cost in two.
     pub capture_only: bool,
+    /// The auditor's `--capture` mode.
+    pub capture: String,
     pub root: PathBuf,
 }
 
@@ -194,6 +196,8 @@ fn run_with_auditor(
         &valkey_pid.to_string(),
         "--control",
         &format!("127.0.0.1:{CONTROL_PORT}"),
+        "--capture",
+        &opts.capture,
     ]);
     if let Some(d) = dump {
         cmd.arg("--dump-events").arg(d);
@@ -297,8 +301,8 @@ pub fn run(opts: &Options) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(0);
     println!(
-        "# auditor bench: valkey-server 9.1.2 (pid {valkey_pid}), redis-benchmark -c 50 -r 100000, {cpus} cpus, {} rounds, ~{}s per test",
-        opts.rounds, opts.seconds
+        "# auditor bench (--capture {}): valkey-server 9.1.2 (pid {valkey_pid}), redis-benchmark -c 50 -r 100000, {cpus} cpus, {} rounds, ~{}s per test",
+        opts.capture, opts.rounds, opts.seconds
     );
     let mut failures = Vec::new();
     let mut rows = Vec::new();

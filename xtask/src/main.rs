@@ -37,6 +37,9 @@ enum Task {
         /// unread): the kernel side's share of the cost, printed as a second table.
         #[arg(long)]
         capture_only: bool,
+        /// The auditor's `--capture` mode (`syscalls`, its default, or `sockets`).
+        #[arg(long, default_value = "syscalls")]
+        capture: String,
     },
 }
 
@@ -102,12 +105,14 @@ fn main() -> anyhow::Result<()> {
             pipeline,
             data_size,
             capture_only,
+            capture,
         } => bench::run(&bench::Options {
             rounds,
             seconds,
             pipelines: pipeline.unwrap_or_else(|| vec![1, 16]),
             data_sizes: data_size.unwrap_or_else(|| vec![3, 1024]),
             capture_only,
+            capture,
             root: workspace_root(),
         }),
     }

@@ -1,0 +1,140 @@
+"""`--capture sockets`: capture from the socket tracepoints, where the kernel sees neither accept()
+nor close(). These tests cover what that mode has to recover on its own: who a connection is at its
+first read or write, connections that never send, closes it only infers (end of stream, the server's
+close of a TCP socket, an fd that holds another socket), the server's own outgoing links, and
+connections open before attach. The rest of the suite runs in this mode too with
+AUDITOR_CAPTURE=sockets (scripts/test.sh runs test_capture.py that way).
+"""
+import socket
+import subprocess
+
+from conftest import REDIS_CLI, wait_until
+from test_capture import Raw, read_until, resp
+
+SOCKETS = ("--capture", "sockets")
+
+
+def unix_client(valkey):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(valkey.sock)
+    return s
+
+
+def call(s, *args):
+    s.sendall(resp(*args))
+    return read_until(s, lambda b: b.endswith(b"\r\n"))
+
+
+def of_client(records, command, **fields):
+    return [r for r in records if r["command"] == command
+            and all(r[k] == v for k, v in fields.items())]
+
+
+def test_tcp_and_unix_clients_are_named_by_their_peer(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    tcp = Raw(valkey.port)
+    assert tcp.call("SET", "k", "tcp") == b"+OK\r\n"
+    u = unix_client(valkey)
+    assert call(u, "SET", "k", "unix") == b"+OK\r\n"
+    recs = auditor.wait_records(lambda rs: len(of_client(rs, "set")) == 2)
+    by_payload = {r["command_args"]: r for r in of_client(recs, "set")}
+    t = by_payload["key=k payload=tcp"]
+    assert (t["client_ip"], t["client_port"], t["result"]) == ("127.0.0.1", tcp.port, "SUCCESS")
+    x = by_payload["key=k payload=unix"]
+    assert (x["client_ip"], x["client_port"], x["result"]) == (valkey.sock, 0, "SUCCESS")
+    assert len(of_client(recs, "connection", client_port=tcp.port)) == 1
+    tcp.close()
+    u.close()
+    recs = auditor.wait_records(lambda rs: len(of_client(rs, "disconnection")) == 2)
+    assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
+
+
+def test_a_client_that_never_sends_is_recorded_when_it_leaves(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    silent = socket.create_connection(("127.0.0.1", valkey.port))
+    port = silent.getsockname()[1]
+    # Valkey has accepted it once another client's command is answered after it connected.
+    assert Raw(valkey.port).call("PING") == b"+PONG\r\n"
+    silent.close()
+    recs = auditor.wait_records(lambda rs: of_client(rs, "disconnection", client_port=port))
+    seen = [r["command"] for r in recs if r["client_port"] == port]
+    assert seen == ["connection", "disconnection"]
+    u = unix_client(valkey)
+    u.close()
+    auditor.wait_records(lambda rs: len(of_client(rs, "disconnection", client_ip=valkey.sock)) == 1)
+
+
+def test_quit_over_unix_then_a_new_client_on_the_same_fd(valkey, start_auditor):
+    """The server closes the first socket, and the next client gets its fd (and often its memory):
+    the inode number tells them apart, so the second client's commands are not the first one's."""
+    subprocess.run([REDIS_CLI, "-p", str(valkey.port), "ACL", "SETUSER", "alice", "on", ">pw",
+                    "~*", "+@all"], check=True, capture_output=True)
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    first = unix_client(valkey)
+    assert call(first, "AUTH", "alice", "pw") == b"+OK\r\n"
+    assert call(first, "SET", "q1", "v") == b"+OK\r\n"
+    assert call(first, "QUIT") == b"+OK\r\n"
+    first.close()
+    second = unix_client(valkey)
+    assert call(second, "SET", "q2", "v") == b"+OK\r\n"
+    recs = auditor.wait_records(lambda rs: of_client(rs, "set", command_args="key=q2 payload=v"))
+    q1 = of_client(recs, "set", command_args="key=q1 payload=v")[0]
+    q2 = of_client(recs, "set", command_args="key=q2 payload=v")[0]
+    assert q1["username"] == "alice"
+    assert q2["username"] == "default"
+    assert q1["client_id"] != q2["client_id"]
+    ended = of_client(recs, "disconnection", client_id=q1["client_id"])
+    assert ended and ended[0]["seq"] < q2["seq"]
+    second.close()
+
+
+def test_a_unix_client_the_server_kills_is_closed_without_fd_reuse(valkey, start_auditor):
+    """No event marks the server's close() of a unix socket: the auditor sees its fd empty."""
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    victim = unix_client(valkey)
+    assert call(victim, "CLIENT", "SETNAME", "victim") == b"+OK\r\n"
+    killer = Raw(valkey.port)
+    assert killer.call("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal") == b":1\r\n"
+    recs = auditor.wait_records(lambda rs: of_client(rs, "client|setname"))
+    vid = of_client(recs, "client|setname")[0]["client_id"]
+    auditor.wait_records(lambda rs: of_client(rs, "disconnection", client_id=vid), timeout=5,
+                         what="the killed unix client's disconnection")
+    killer.close()
+    victim.close()
+
+
+def test_a_replicas_link_to_its_primary_is_not_a_client(start_valkey, start_auditor):
+    primary = start_valkey()
+    replica = start_valkey()
+    auditor = start_auditor(replica.pid, extra=SOCKETS)
+    subprocess.run([REDIS_CLI, "-p", str(replica.port), "REPLICAOF", "127.0.0.1", str(primary.port)],
+                   check=True, capture_output=True)
+    wait_until(lambda: b"master_link_status:up" in subprocess.run(
+        [REDIS_CLI, "-p", str(replica.port), "INFO", "replication"], capture_output=True).stdout,
+        timeout=30, what="replication link up")
+    p = Raw(primary.port)
+    assert p.call("SET", "replicated", "1") == b"+OK\r\n"
+    wait_until(lambda: subprocess.run([REDIS_CLI, "-p", str(replica.port), "GET", "replicated"],
+                                      capture_output=True).stdout.strip() == b"1", what="replica has the key")
+    # The replica's own client, after the replicated write: every record before its ECHO is in.
+    r = Raw(replica.port)
+    assert r.call("ECHO", "after") == b"$5\r\nafter\r\n"
+    recs = auditor.wait_records(lambda rs: of_client(rs, "echo"))
+    assert not of_client(recs, "set"), "the replication stream was audited as a client's"
+    assert not any(r["client_port"] == primary.port for r in recs)
+    p.close()
+    r.close()
+
+
+def test_a_client_open_before_attach_keeps_its_unknown_user(valkey, start_auditor):
+    early = socket.create_connection(("127.0.0.1", valkey.port))
+    early_port = early.getsockname()[1]
+    assert call(early, "SET", "before", "1") == b"+OK\r\n"
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    assert call(early, "GET", "before") == b"$1\r\n1\r\n"
+    recs = auditor.wait_records(lambda rs: of_client(rs, "get", client_port=early_port))
+    conn = of_client(recs, "connection", client_port=early_port)
+    assert len(conn) == 1 and "attached=existing" in conn[0]["command_args"]
+    assert of_client(recs, "get", client_port=early_port)[0]["username"] == "unknown"
+    early.close()
+    auditor.wait_records(lambda rs: of_client(rs, "disconnection", client_port=early_port))
