@@ -43,7 +43,7 @@ for r in $(seq "$R"); do
   for v in "$@"; do
     APID=""
     if [ "$v" != none ]; then
-      rm -f "$DIR/audit.log"
+      rm -f "${AB_LOG:-$DIR/audit.log}"
       bin=$ROOT/target/release/auditor
       args=$v
       if [[ $v == @* ]]; then
@@ -53,7 +53,7 @@ for r in $(seq "$R"); do
       fi
       # shellcheck disable=SC2086 # the variant's words are meant to split
       "$bin" --pid "$VPID" --control "127.0.0.1:$CPORT" ${args//+/ } \
-        audit.protocol "file $DIR/audit.log" audit.format json audit.events all \
+        audit.protocol "file ${AB_LOG:-$DIR/audit.log}" audit.format json audit.events all \
         audit.command_result_mode all >/dev/null 2>"$DIR/auditor.err" &
       APID=$!
       for _ in $(seq 300); do
@@ -81,8 +81,8 @@ for r in $(seq "$R"); do
       at=$(ticks "$APID")
       kill "$APID"
       wait "$APID"
-      loss=$(grep -c AUDIT_LOSS "$DIR/audit.log")
-      lines=$(wc -l <"$DIR/audit.log")
+      loss=$(grep -c AUDIT_LOSS "${AB_LOG:-$DIR/audit.log}")
+      lines=$(wc -l <"${AB_LOG:-$DIR/audit.log}")
     fi
     echo "r$r $v | $out| valkey_ticks=$((t1 - t0)) auditor_ticks=$at sys_exit=$prog loss=$loss lines=$lines"
   done

@@ -56,6 +56,13 @@ fn wait_port(port: u16, deadline: Duration) -> Result<()> {
 }
 
 fn start_valkey(root: &Path, dir: &Path) -> Result<Child> {
+    // Another server on the port (one scripts/ab-bench.sh leaves running) would answer for ours,
+    // which then fails to bind and exits: the runs would measure that server, unaudited.
+    if TcpStream::connect(("127.0.0.1", VALKEY_PORT)).is_ok() {
+        bail!(
+            "port {VALKEY_PORT} is already in use (a server left by scripts/ab-bench.sh? `redis-cli -p {VALKEY_PORT} shutdown nosave`)"
+        );
+    }
     let bin = root.join(".venv/bin/valkey-server");
     let child = Command::new(&bin)
         .args([
