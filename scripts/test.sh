@@ -12,5 +12,5 @@ echo "== cargo build --release"; cargo build --release
 echo "== cargo test"; cargo test --release
 echo "== integration tests"
 "$ROOT/.venv/bin/python" -m pytest -v -p no:cacheprovider tests "$@"
-echo "== capture tests again with --capture sockets (AUDITOR_CAPTURE)"
-AUDITOR_CAPTURE=sockets "$ROOT/.venv/bin/python" -m pytest -v -p no:cacheprovider tests/test_capture.py "$@"
+echo "== capture tests again with --capture syscalls (AUDITOR_CAPTURE)"
+AUDITOR_CAPTURE=syscalls "$ROOT/.venv/bin/python" -m pytest -v -p no:cacheprovider tests/test_capture.py "$@"

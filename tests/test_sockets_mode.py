@@ -1,15 +1,16 @@
-"""`--capture sockets`: capture from the socket tracepoints, where the kernel sees neither accept()
-nor close(). These tests cover what that mode has to recover on its own: who a connection is at its
-first read or write, connections that never send, closes it only infers (end of stream, the server's
-close of a TCP socket, an fd that holds another socket), the server's own outgoing links, and
-connections open before attach. The rest of the suite runs in this mode too with
-AUDITOR_CAPTURE=sockets (scripts/test.sh runs test_capture.py that way).
+"""`--capture sockets`: capture from the socket tracepoints, with no syscall tracepoint. Accepts come
+from uprobes on the server's libc, closes are inferred (end of stream, the server's close() of a TCP
+socket, an fd that holds another socket, a once-a-second check of the fd). These tests cover what
+that mode has to recover on its own: connections that never send, those closes, the server's own
+outgoing links, and connections open before attach. It is the default mode (`auto`) on this kernel, so
+the rest of the suite runs in it too; scripts/test.sh runs test_capture.py again with
+AUDITOR_CAPTURE=syscalls.
 """
 import socket
 import subprocess
 
 from conftest import REDIS_CLI, wait_until
-from test_capture import Raw, read_until, resp
+from test_capture import Raw, info_audit, read_until, resp
 
 SOCKETS = ("--capture", "sockets")
 
@@ -47,19 +48,38 @@ def test_tcp_and_unix_clients_are_named_by_their_peer(valkey, start_auditor):
     u.close()
     recs = auditor.wait_records(lambda rs: len(of_client(rs, "disconnection")) == 2)
     assert not any(r["category"] == "AUDIT_LOSS" for r in recs)
+    assert info_audit(auditor)["audit_capture_mode"] == "sockets"
 
 
-def test_a_client_that_never_sends_is_recorded_when_it_leaves(valkey, start_auditor):
+def test_auto_mode_chooses_the_socket_tracepoints_on_this_kernel(valkey, start_auditor):
+    """Linux 6.3+ with BTF, as here: `auto` (the default) captures at the socket tracepoints;
+    `--capture syscalls` still chooses the syscall exits."""
+    auto = start_auditor(valkey.pid, extra=("--capture", "auto"))
+    syscalls = start_auditor(valkey.pid, extra=("--capture", "syscalls"))
+    assert info_audit(auto)["audit_capture_mode"] == "sockets"
+    assert info_audit(syscalls)["audit_capture_mode"] == "syscalls"
+    c = Raw(valkey.port)
+    assert c.call("SET", "both", "1") == b"+OK\r\n"
+    for a in (auto, syscalls):
+        recs = a.wait_records(lambda rs: of_client(rs, "set", client_port=c.port))
+        assert of_client(recs, "set", client_port=c.port)[0]["result"] == "SUCCESS"
+    c.close()
+
+
+def test_a_client_that_never_sends_is_recorded_from_its_accept(valkey, start_auditor):
+    """The accept uprobe reports the connection while the client is still silent."""
     auditor = start_auditor(valkey.pid, extra=SOCKETS)
     silent = socket.create_connection(("127.0.0.1", valkey.port))
     port = silent.getsockname()[1]
-    # Valkey has accepted it once another client's command is answered after it connected.
-    assert Raw(valkey.port).call("PING") == b"+PONG\r\n"
+    auditor.wait_records(lambda rs: of_client(rs, "connection", client_port=port),
+                         what="the silent client's connection record")
     silent.close()
     recs = auditor.wait_records(lambda rs: of_client(rs, "disconnection", client_port=port))
     seen = [r["command"] for r in recs if r["client_port"] == port]
     assert seen == ["connection", "disconnection"]
     u = unix_client(valkey)
+    auditor.wait_records(lambda rs: of_client(rs, "connection", client_ip=valkey.sock),
+                         what="the silent unix client's connection record")
     u.close()
     auditor.wait_records(lambda rs: len(of_client(rs, "disconnection", client_ip=valkey.sock)) == 1)
 

@@ -7,9 +7,11 @@
 //! the syscall's arguments (fd, buffer) are still in the task's saved user registers.
 //!
 //! What it costs in knowledge, and how each piece is recovered:
-//! - There is no accept: a target's socket is registered at its first read or write (its peer
-//!   and local port read from `struct sock`), so a client that connects and never sends is only
-//!   seen when it disconnects.
+//! - There is no accept syscall exit: uprobes on the server's libc `accept4` and `accept` (attached
+//!   per target process, so no other process pays) report accepts as `sys_exit` does. Where they
+//!   cannot be attached (no libc), a target's socket is registered at its first read or write, its
+//!   peer and local port read from `struct sock`, so a client that never sends is seen when it
+//!   leaves.
 //! - There is no close(): a read that returns end-of-stream or an error closes the connection
 //!   (Valkey frees such a client at once), and a TCP socket the server closes is seen in
 //!   `inet_sock_set_state` while the server is in `close()`. Otherwise an fd whose socket has
@@ -21,7 +23,11 @@ use auditor_common::{
     CFG_SK_INO, CFG_SK_INO_DEREF, CFG_SKC_DADDR, CFG_SKC_DPORT, CFG_SKC_FAMILY, CFG_SKC_NUM,
     CFG_SKC_V6_DADDR, LISTEN_FD_UNKNOWN, SOCK_CLOSED, SOCK_IGNORED,
 };
-use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
 
 const NR_CLOSE: u64 = 3;
 // TCP states (include/net/tcp_states.h) a socket enters when the server closes it.
@@ -207,6 +213,50 @@ fn sock_io(sk: u64, ret: i32, dir: u8) {
         unsafe { (*state).flags |= SOCK_CLOSED };
         emit_close(tgid, fd);
     }
+}
+
+/// Accepts in flight, by thread: the listening fd and sockaddr pointer of an `accept4` call,
+/// from its entry to its return.
+#[map]
+static ACCEPTS: HashMap<u64, AcceptArgs> = HashMap::with_max_entries(4096, 0);
+
+/// Entry of libc's `accept4`/`accept` in a target: keep its arguments for the return.
+#[uprobe]
+pub fn accept_enter(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_target((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let (Some(listen_fd), Some(sockaddr)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let args = AcceptArgs {
+        listen_fd: listen_fd as u32,
+        _pad: 0,
+        sockaddr,
+    };
+    let _ = ACCEPTS.insert(&pid_tgid, &args, 0);
+    0
+}
+
+/// Return of libc's `accept4`/`accept`: the new fd is a connection, reported as at `sys_exit`
+/// (its inode is taken at its first read or write).
+#[uretprobe]
+pub fn accept_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: read-only lookup; the value is copied out before the entry is removed.
+    let Some(args) = (unsafe { ACCEPTS.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = ACCEPTS.remove(&pid_tgid);
+    let ret: i32 = ctx.ret();
+    emit_accept(
+        pid_tgid,
+        u64::from(args.listen_fd),
+        args.sockaddr,
+        i64::from(ret),
+    );
+    0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]

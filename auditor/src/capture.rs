@@ -12,7 +12,7 @@ use auditor_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{Program, ProgramError, RawTracePoint, TracePoint},
+    programs::{Program, ProgramError, RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope},
 };
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -31,18 +31,54 @@ pub struct Capture {
     target_hints: Array<MapData, u32>,
     comms: HashMap<MapData, Comm, u32>,
     mode: CaptureMode,
+    /// `--capture sockets`: the C libraries (device, inode) whose `accept4`/`accept` are watched.
+    accept_libcs: Vec<(u64, u64)>,
 }
 
 /// Where the kernel sees the server's client I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CaptureMode {
+    /// `sockets` where the kernel has the socket tracepoints and BTF (Linux 6.3+), else `syscalls`.
+    Auto,
     /// Syscall exits (accept, read/write family) and close(): every connection from its accept,
     /// but while attached every task on the host takes the slow syscall path.
     Syscalls,
-    /// The socket tracepoints: only socket I/O pays. A connection is registered at its first read
-    /// or write, so one that never sends is seen only when it ends (auditor-ebpf's
-    /// `sock_capture`).
+    /// The socket tracepoints: only socket I/O pays. Accepts come from uprobes on the servers'
+    /// C library, closes are inferred (auditor-ebpf's `sock_capture`).
     Sockets,
+}
+
+impl CaptureMode {
+    /// The name operators see (`INFO audit`'s `audit_capture_mode`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CaptureMode::Auto => "auto",
+            CaptureMode::Syscalls => "syscalls",
+            CaptureMode::Sockets => "sockets",
+        }
+    }
+
+    /// `Auto` decided for this kernel.
+    fn resolve(self) -> CaptureMode {
+        if self != CaptureMode::Auto {
+            return self;
+        }
+        let has_tracepoint = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .any(|t| {
+                std::path::Path::new(t)
+                    .join("events/sock/sock_recv_length")
+                    .exists()
+            });
+        if has_tracepoint && sock_offsets().is_ok() {
+            CaptureMode::Sockets
+        } else {
+            eprintln!(
+                "auditor: no socket tracepoints or BTF offsets on this kernel: capturing at syscalls"
+            );
+            CaptureMode::Syscalls
+        }
+    }
 }
 
 /// Capture options fixed at load.
@@ -96,6 +132,7 @@ impl Capture {
                 "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); the auditor needs CONFIG_DEBUG_INFO_BTF=y"
             );
         }
+        let mode = cfg.mode.resolve();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", cfg.ring_bytes)
             .load(EBPF_OBJECT)
@@ -107,7 +144,7 @@ impl Capture {
             config.set(CFG_CAPTURE_CAP, cfg.capture_cap, 0)?;
             config.set(CFG_WAKEUP_BYTES, cfg.wakeup_bytes, 0)?;
             config.set(CFG_REPLY_SCAN, u64::from(cfg.reply_scan), 0)?;
-            if cfg.mode == CaptureMode::Sockets {
+            if mode == CaptureMode::Sockets {
                 for (index, value) in sock_offsets()? {
                     config.set(index, value, 0)?;
                 }
@@ -128,7 +165,8 @@ impl Capture {
                 targets,
                 target_hints,
                 comms,
-                mode: cfg.mode,
+                mode,
+                accept_libcs: Vec::new(),
             },
             CaptureStream { ring, stats, wake },
         ))
@@ -197,7 +235,7 @@ impl Capture {
             })?;
         }
         let (raw, needs): (&[&str], &str) = match self.mode {
-            CaptureMode::Syscalls => (&["sys_exit"], ""),
+            CaptureMode::Syscalls | CaptureMode::Auto => (&["sys_exit"], ""),
             CaptureMode::Sockets => (
                 &[
                     "inet_sock_set_state",
@@ -213,6 +251,42 @@ impl Capture {
                 format!("attaching raw tracepoint {name}{needs}")
             })?;
         }
+        if self.mode == CaptureMode::Sockets {
+            // Attached per target (`watch_accepts`).
+            for name in ["accept_enter", "accept_return"] {
+                let _: &mut UProbe = loaded(&mut self.ebpf, name, UProbe::load)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `--capture sockets`: see accepts through uprobes on `accept4` and `accept` of the C library
+    /// at `libc`, in every process that uses it (the programs keep only targets' calls), so a
+    /// connection is known from its accept, with the listening socket that took it. A server whose
+    /// C library is not watched has its sockets registered at their first read or write. Needs
+    /// the privileges dropped after attach.
+    pub fn watch_accepts(&mut self, libc: &std::path::Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(libc).with_context(|| format!("{}", libc.display()))?;
+        let id = (meta.dev(), meta.ino());
+        if self.mode != CaptureMode::Sockets || self.accept_libcs.contains(&id) {
+            return Ok(());
+        }
+        for (prog_name, symbol) in [
+            ("accept_enter", "accept4"),
+            ("accept_return", "accept4"),
+            ("accept_enter", "accept"),
+            ("accept_return", "accept"),
+        ] {
+            let prog: &mut UProbe = self
+                .ebpf
+                .program_mut(prog_name)
+                .with_context(|| format!("program {prog_name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.attach(symbol, libc, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching a uprobe to {symbol} in {}", libc.display()))?;
+        }
+        self.accept_libcs.push(id);
         Ok(())
     }
 

@@ -106,12 +106,11 @@ struct Cli {
     #[arg(long, default_value_t = DEFAULT_NICE, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-20..=19))]
     nice: i32,
-    /// Where the kernel sees client I/O. `syscalls`: the syscall exits (every connection from its
-    /// accept; every task on the host takes the slow syscall path while attached). `sockets`: the
-    /// socket tracepoints (Linux 6.3+ with BTF; only socket I/O pays, about half the auditor's
-    /// cost to the server at `-P 1`), but a connection is seen at its first read or write, so
-    /// one that never sends shows only when it ends. Also from AUDITOR_CAPTURE.
-    #[arg(long, value_enum, env = "AUDITOR_CAPTURE", default_value_t = CaptureMode::Syscalls)]
+    /// Where the kernel sees client I/O (also AUDITOR_CAPTURE). `sockets`: the socket tracepoints
+    /// (Linux 6.3+ with BTF), so only socket I/O pays; accepts come from uprobes on the servers' C
+    /// library. `syscalls`: the syscall exits, but while attached every task on the host takes the
+    /// slow syscall path. `auto` (default): `sockets` where the kernel has them, else `syscalls`.
+    #[arg(long, value_enum, env = "AUDITOR_CAPTURE", default_value_t = CaptureMode::Auto)]
     capture: CaptureMode,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
@@ -264,6 +263,28 @@ fn run() -> Result<()> {
             cli.nice,
             scheduling::nice()
         );
+    }
+    let _ = metrics.capture_mode.set(capture.mode().name());
+    if capture.mode() == CaptureMode::Sockets {
+        // Attaching a uprobe needs privileges that are dropped next: the C libraries of the
+        // servers known now and the host's own are watched from the start, for every process
+        // that uses them (other processes pay a trap per accept call; most never accept).
+        let mut libcs: Vec<PathBuf> = spec
+            .pids
+            .iter()
+            .chain(&targets::scan_matching(&spec))
+            .filter_map(|&pid| {
+                procscan::mapped_libc(pid).map(|p| format!("/proc/{pid}/root{p}").into())
+            })
+            .collect();
+        libcs.extend(procscan::mapped_libc(std::process::id()).map(PathBuf::from));
+        for libc in libcs {
+            if let Err(e) = capture.watch_accepts(&libc) {
+                eprintln!(
+                    "auditor: {e:#}; connections of servers using it are seen from their first read or write"
+                );
+            }
+        }
     }
     privileges::drop_after_attach()?;
     keep_freed_memory_briefly();
@@ -1203,9 +1224,15 @@ impl Registry {
                 listen_fd,
                 local_port,
                 peer,
+                ino,
                 ..
             } => {
                 let pid = *tgid;
+                if *ino == 0 && capture.mode() == CaptureMode::Sockets {
+                    // Accepted through the uprobe, which cannot see the socket: its inode lets
+                    // the once-a-second check find its end if the kernel does not.
+                    *ino = procscan::socket_inode(pid, *fd).unwrap_or(0);
+                }
                 if self.rejected.contains(&pid) {
                     return true;
                 }

@@ -117,6 +117,8 @@ pub struct Snapshot {
     pub protocol_errors: u64,
     pub bytes_skipped: u64,
     pub bytes_elided: u64,
+    /// `sockets` or `syscalls` (`audit_capture_mode`).
+    pub capture_mode: &'static str,
     pub connections: u64,
     pub lost_queue: u64,
     pub lost_sink: u64,
@@ -229,6 +231,7 @@ impl Snapshot {
             "audit_reply_bytes_elided".into(),
             self.bytes_elided.to_string(),
         ));
+        f.push(("audit_capture_mode".into(), self.capture_mode.into()));
         for t in self.info_targets() {
             f.push((
                 format!("audit_target_{}", t.info.pid),
@@ -343,6 +346,8 @@ pub struct Metrics {
     targets: Mutex<Registry>,
     /// Set to a fresh [`next_generation`] whenever the entry a pid counts in may have changed.
     targets_generation: AtomicU64,
+    /// Where the kernel captures (`sockets` or `syscalls`), set once attached.
+    pub capture_mode: std::sync::OnceLock<&'static str>,
 }
 
 impl Default for Metrics {
@@ -367,6 +372,7 @@ impl Metrics {
             protocol_errors: AtomicU64::new(0),
             bytes_skipped: AtomicU64::new(0),
             bytes_elided: AtomicU64::new(0),
+            capture_mode: std::sync::OnceLock::new(),
             connections: AtomicU64::new(0),
             lost_queue: AtomicU64::new(0),
             lost_sink: AtomicU64::new(0),
@@ -597,6 +603,7 @@ impl Metrics {
             protocol_errors: self.protocol_errors.load(Relaxed),
             bytes_skipped: self.bytes_skipped.load(Relaxed),
             bytes_elided: self.bytes_elided.load(Relaxed),
+            capture_mode: self.capture_mode.get().copied().unwrap_or(""),
             connections: self.connections.load(Relaxed),
             lost_queue: self.lost_queue.load(Relaxed),
             lost_sink: self.lost_sink.load(Relaxed),

@@ -18,11 +18,36 @@ pub struct ExistingConn {
     pub peer: Peer,
 }
 
+/// The path (in its own mount namespace) of the C library `pid` has mapped, if any.
+pub fn mapped_libc(pid: u32) -> Option<String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    libc_in_maps(&maps)
+}
+
+fn libc_in_maps(maps: &str) -> Option<String> {
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            let name = path.rsplit('/').next().unwrap_or("");
+            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+        })
+        .map(str::to_string)
+}
+
+/// The inode number of the socket `pid` holds at `fd`, if it holds one.
+pub fn socket_inode(pid: u32, fd: u32) -> Option<u64> {
+    let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 /// Whether `pid`'s `fd` still holds socket `ino` (false once it is closed or holds another file).
 pub fn fd_holds_socket(pid: u32, fd: u32, ino: u64) -> bool {
-    fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|target| {
-        target.as_os_str().as_encoded_bytes() == format!("socket:[{ino}]").as_bytes()
-    })
+    socket_inode(pid, fd) == Some(ino)
 }
 
 /// Map of socket inode → fd for every socket the process holds.
@@ -281,6 +306,30 @@ pub fn tcp_listen_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn finds_the_c_library_among_the_mappings() {
+        let maps = "\
+00400000-00401000 r-xp 00000000 fd:01 123 /usr/bin/valkey-server
+7f00-7f01 r--p 00000000 fd:01 456 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f01-7f02 r-xp 00000000 fd:01 789 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f02-7f03 rw-p 00000000 00:00 0
+7ffd-7ffe rw-p 00000000 00:00 0 [stack]
+";
+        assert_eq!(
+            libc_in_maps(maps).as_deref(),
+            Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        assert_eq!(
+            libc_in_maps("7f00-7f01 r-xp 0 fd:01 1 /lib/libc-2.31.so\n").as_deref(),
+            Some("/lib/libc-2.31.so")
+        );
+        assert_eq!(
+            libc_in_maps("00400000-00401000 r-xp 0 fd:01 1 /bin/static\n"),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

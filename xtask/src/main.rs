@@ -37,8 +37,8 @@ enum Task {
         /// unread): the kernel side's share of the cost, printed as a second table.
         #[arg(long)]
         capture_only: bool,
-        /// The auditor's `--capture` mode (`syscalls`, its default, or `sockets`).
-        #[arg(long, default_value = "syscalls")]
+        /// The auditor's `--capture` mode (`auto`, its default, `sockets` or `syscalls`).
+        #[arg(long, default_value = "auto")]
         capture: String,
     },
 }
