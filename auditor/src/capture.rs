@@ -272,6 +272,8 @@ impl Capture {
         if self.mode != CaptureMode::Sockets || self.accept_libcs.contains(&id) {
             return Ok(());
         }
+        // Tried once per library, whether it works or not (one warning per library).
+        self.accept_libcs.push(id);
         for (prog_name, symbol) in [
             ("accept_enter", "accept4"),
             ("accept_return", "accept4"),
@@ -284,9 +286,18 @@ impl Capture {
                 .with_context(|| format!("program {prog_name} missing from the eBPF object"))?
                 .try_into()?;
             prog.attach(symbol, libc, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching a uprobe to {symbol} in {}", libc.display()))?;
+                .with_context(|| format!("attaching a uprobe to {symbol} in {}", libc.display()))
+                .map_err(|e| {
+                    // perf_event_open of a uprobe needs CAP_SYS_ADMIN on Linux 6.18.
+                    if format!("{e:#}").contains("Permission denied") {
+                        e.context(
+                            "uprobes need CAP_SYS_ADMIN at start (it is dropped after attach)",
+                        )
+                    } else {
+                        e
+                    }
+                })?;
         }
-        self.accept_libcs.push(id);
         Ok(())
     }
 
