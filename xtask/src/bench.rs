@@ -177,12 +177,22 @@ fn count_records(log: &Path) -> Result<(u64, u64)> {
         std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
     let mut cmds = 0;
     let mut losses = 0;
+    let mut causes: BTreeMap<&str, u64> = BTreeMap::new();
     for line in text.lines() {
         if line.contains(r#""category":"AUDIT_LOSS""#) {
             losses += 1;
+            let cause = line
+                .split("cause=")
+                .nth(1)
+                .and_then(|rest| rest.split([' ', '"']).next())
+                .unwrap_or("?");
+            *causes.entry(cause).or_default() += 1;
         } else if line.contains(r#""command":"set""#) || line.contains(r#""command":"get""#) {
             cmds += 1;
         }
+    }
+    if !causes.is_empty() {
+        eprintln!("loss records by cause: {causes:?}");
     }
     Ok((cmds, losses))
 }
