@@ -176,7 +176,8 @@ fn sock_io(sk: u64, ret: i32, dir: u8) {
         // SAFETY: live map value; one socket is only ever served by one thread at a time.
         let (known, flags) = unsafe { ((*s).ino, (*s).flags) };
         if known == 0 {
-            // Registered by user space without its inode (it was open before attach).
+            // Registered at accept (the uprobe cannot see the socket) or by user space without
+            // its inode: this is its first read or write.
             unsafe { (*s).ino = ino };
         } else if known != ino {
             // The fd holds another socket: the one we knew was closed, unseen.

@@ -58,25 +58,30 @@ impl CaptureMode {
         }
     }
 
-    /// `Auto` decided for this kernel.
-    fn resolve(self) -> CaptureMode {
-        if self != CaptureMode::Auto {
-            return self;
-        }
-        let has_tracepoint = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-            .iter()
-            .any(|t| {
-                std::path::Path::new(t)
-                    .join("events/sock/sock_recv_length")
-                    .exists()
-            });
-        if has_tracepoint && sock_offsets().is_ok() {
-            CaptureMode::Sockets
-        } else {
-            eprintln!(
-                "auditor: no socket tracepoints or BTF offsets on this kernel: capturing at syscalls"
-            );
-            CaptureMode::Syscalls
+    /// `Auto` decided for this kernel, with the `struct sock` offsets socket capture needs (read
+    /// from the BTF once).
+    fn resolve(self) -> Result<(CaptureMode, Vec<(u32, u64)>)> {
+        match self {
+            CaptureMode::Syscalls => Ok((self, Vec::new())),
+            CaptureMode::Sockets => Ok((self, sock_offsets()?)),
+            CaptureMode::Auto => {
+                let has_tracepoint = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+                    .iter()
+                    .any(|t| {
+                        std::path::Path::new(t)
+                            .join("events/sock/sock_recv_length")
+                            .exists()
+                    });
+                match sock_offsets() {
+                    Ok(offsets) if has_tracepoint => Ok((CaptureMode::Sockets, offsets)),
+                    _ => {
+                        eprintln!(
+                            "auditor: no socket tracepoints or BTF offsets on this kernel: capturing at syscalls"
+                        );
+                        Ok((CaptureMode::Syscalls, Vec::new()))
+                    }
+                }
+            }
         }
     }
 }
@@ -132,7 +137,7 @@ impl Capture {
                 "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); the auditor needs CONFIG_DEBUG_INFO_BTF=y"
             );
         }
-        let mode = cfg.mode.resolve();
+        let (mode, offsets) = cfg.mode.resolve()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", cfg.ring_bytes)
             .load(EBPF_OBJECT)
@@ -144,10 +149,8 @@ impl Capture {
             config.set(CFG_CAPTURE_CAP, cfg.capture_cap, 0)?;
             config.set(CFG_WAKEUP_BYTES, cfg.wakeup_bytes, 0)?;
             config.set(CFG_REPLY_SCAN, u64::from(cfg.reply_scan), 0)?;
-            if mode == CaptureMode::Sockets {
-                for (index, value) in sock_offsets()? {
-                    config.set(index, value, 0)?;
-                }
+            for (index, value) in offsets {
+                config.set(index, value, 0)?;
             }
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
@@ -235,6 +238,7 @@ impl Capture {
             })?;
         }
         let (raw, needs): (&[&str], &str) = match self.mode {
+            // (`Auto` was resolved at load.)
             CaptureMode::Syscalls | CaptureMode::Auto => (&["sys_exit"], ""),
             CaptureMode::Sockets => (
                 &[

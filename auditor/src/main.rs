@@ -265,14 +265,15 @@ fn run() -> Result<()> {
         );
     }
     let _ = metrics.capture_mode.set(capture.mode().name());
+    // Scanned after attach: a server started meanwhile is caught by both, and registered once.
+    let mut found = spec.pids.clone();
+    found.extend(targets::scan_matching(&spec));
     if capture.mode() == CaptureMode::Sockets {
         // Attaching a uprobe needs privileges that are dropped next: the C libraries of the
         // servers known now and the host's own are watched from the start, for every process
         // that uses them (other processes pay a trap per accept call; most never accept).
-        let mut libcs: Vec<PathBuf> = spec
-            .pids
+        let mut libcs: Vec<PathBuf> = found
             .iter()
-            .chain(&targets::scan_matching(&spec))
             .filter_map(|&pid| {
                 procscan::mapped_libc(pid).map(|p| format!("/proc/{pid}/root{p}").into())
             })
@@ -309,9 +310,6 @@ fn run() -> Result<()> {
     };
     let mut initial = Vec::new();
     let password = server_password(&cli)?;
-    // Scanned after attach: a server started meanwhile is caught by both, and registered once.
-    let mut found = spec.pids.clone();
-    found.extend(targets::scan_matching(&spec));
     for pid in found {
         let explicit = spec.pids.contains(&pid);
         let users = match &password {

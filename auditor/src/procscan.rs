@@ -137,17 +137,8 @@ const TCP_LISTEN: u8 = 0x0a;
 /// unix sockets accepted from one of its listening unix sockets.
 pub fn existing_connections(pid: u32) -> Result<Vec<ExistingConn>> {
     let fds = socket_fds(pid)?;
-    let mut tcp = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-            tcp.extend(tcp_table(&text));
-        }
-    }
-    let listen_ports: Vec<u16> = tcp
-        .iter()
-        .filter(|(inode, _, _, st)| *st == TCP_LISTEN && fds.contains_key(inode))
-        .map(|(_, p, _, _)| *p)
-        .collect();
+    let tcp = tcp_rows(pid);
+    let listen_ports = listening_ports(&tcp, &fds);
     let mut out = Vec::new();
     for (inode, lport, peer, state) in tcp {
         if state == TCP_ESTABLISHED
@@ -229,25 +220,34 @@ pub fn unix_listeners(pid: u32) -> HashMap<u32, String> {
     unix_listeners_from(&text, &fds)
 }
 
-/// TCP ports `pid` listens on.
-pub fn tcp_listen_ports(pid: u32) -> Vec<u16> {
-    let Ok(fds) = socket_fds(pid) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
+/// The TCP sockets of `pid`'s network namespace (`/proc/<pid>/net/tcp{,6}`).
+fn tcp_rows(pid: u32) -> Vec<(u64, u16, Peer, u8)> {
+    let mut rows = Vec::new();
     for table in ["tcp", "tcp6"] {
         if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-            out.extend(
-                tcp_table(&text)
-                    .into_iter()
-                    .filter(|(inode, _, _, st)| *st == TCP_LISTEN && fds.contains_key(inode))
-                    .map(|(_, port, _, _)| port),
-            );
+            rows.extend(tcp_table(&text));
         }
     }
-    out.sort_unstable();
-    out.dedup();
-    out
+    rows
+}
+
+/// Local ports of the listening sockets among `rows` that the process holds (`fds`).
+fn listening_ports(rows: &[(u64, u16, Peer, u8)], fds: &HashMap<u64, u32>) -> Vec<u16> {
+    let mut ports: Vec<u16> = rows
+        .iter()
+        .filter(|(inode, _, _, st)| *st == TCP_LISTEN && fds.contains_key(inode))
+        .map(|(_, port, _, _)| *port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// TCP ports `pid` listens on.
+pub fn tcp_listen_ports(pid: u32) -> Vec<u16> {
+    socket_fds(pid)
+        .map(|fds| listening_ports(&tcp_rows(pid), &fds))
+        .unwrap_or_default()
 }
 
 /// TCP addresses `pid` listens on, for the auditor's own connection to the server (CLIENT LIST).
