@@ -2,7 +2,7 @@
 # A/B runs of auditor variants on one valkey-server, interleaved, for experiments that `cargo xtask
 # bench` (the reference figures) is too coarse or too slow for. Prints, per run: ops/s, p50 and p99
 # of SET and GET, valkey-server's CPU ticks during the run, the auditor's CPU ticks, AUDIT_LOSS
-# records and log lines.
+# records, log lines and the auditor's peak RSS.
 #
 #   scripts/ab-bench.sh P D N ROUNDS variant...
 #
@@ -76,14 +76,15 @@ for r in $(seq "$R"); do
       sysctl -q kernel.bpf_stats_enabled=0
       prog="$(((${p1% *} - ${p0% *}) / 1000000))ms/$((${p1#* } - ${p0#* }))runs"
     fi
-    at=- loss=- lines=-
+    at=- loss=- lines=- hwm=-
     if [ -n "$APID" ]; then
       at=$(ticks "$APID")
+      hwm=$(awk '/^VmHWM/ {print int($2 / 1024) "MB"}' "/proc/$APID/status")
       kill "$APID"
       wait "$APID"
       loss=$(grep -c AUDIT_LOSS "${AB_LOG:-$DIR/audit.log}")
       lines=$(wc -l <"${AB_LOG:-$DIR/audit.log}")
     fi
-    echo "r$r $v | $out| valkey_ticks=$((t1 - t0)) auditor_ticks=$at sys_exit=$prog loss=$loss lines=$lines"
+    echo "r$r $v | $out| valkey_ticks=$((t1 - t0)) auditor_ticks=$at sys_exit=$prog loss=$loss lines=$lines peak_rss=$hwm"
   done
 done
