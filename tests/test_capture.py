@@ -462,6 +462,29 @@ def test_refused_client_reply_hides_nothing(audited):
     assert all(r["category"] == "AUTH" and r["error"] == "acl_deny_reason=command" for r in denied)
 
 
+def test_a_script_cannot_pass_its_errors_off_as_rejections_or_acl_denials(audited):
+    """What a script returns is its own failure; the server refusing EVAL itself is still a denial."""
+    valkey, auditor = audited
+    valkey.client().execute_command("ACL", "SETUSER", "noeval", "on", ">pw", "~*", "+@all", "-eval")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(
+        resp("EVAL", "return redis.error_reply('NOPERM fake')", "0")
+        + resp("EVAL", "return redis.error_reply('ERR unknown command hi')", "0")
+        + resp("AUTH", "noeval", "pw")
+        + resp("EVAL", "return 1", "0")
+    )
+    read_until(s, lambda b: b.endswith(b"'eval' command\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    evals = [(r["category"], r["result"], r["error"]) for r in commands_of(recs, port) if r["command"] == "eval"]
+    assert evals[:2] == [
+        ("KEY_OP", "FAILURE", "NOPERM fake"),
+        ("KEY_OP", "FAILURE", "ERR unknown command hi"),
+    ]
+    assert evals[2] == ("AUTH", "FAILURE", "acl_deny_reason=command")
+
+
 def test_resp3_array_reply_of_a_subscribed_client_is_not_a_message(audited):
     valkey, auditor = audited
     admin = valkey.client()

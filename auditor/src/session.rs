@@ -1584,6 +1584,13 @@ impl Session {
 /// `acl_deny_reason=` for ACL denials (category AUTH, as the module does), else the error text.
 fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
     let s = String::from_utf8_lossy(text);
+    if runs_a_script(&rec.command) && !script_refused(&rec.command, &s) {
+        // The script ran and failed: its `error_reply` may say anything ("NOPERM ...", "ERR
+        // unknown command ..."), and a `redis.call` error ends in " script: ...". Neither is the
+        // server refusing the script command, so neither becomes an ACL denial or a rejection.
+        rec.error = text.to_vec();
+        return;
+    }
     if let Some(rest) = s.strip_prefix("NOPERM") {
         rec.category = Category::Auth;
         let rest = rest.trim_start();
@@ -1654,6 +1661,52 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
     } else {
         rec.error = text.to_vec();
     }
+}
+
+/// Commands whose error reply may come from the script or function they run.
+fn runs_a_script(command: &[u8]) -> bool {
+    matches!(
+        command,
+        b"eval" | b"evalsha" | b"eval_ro" | b"evalsha_ro" | b"fcall" | b"fcall_ro"
+    )
+}
+
+/// Whether the error of a script command is the server refusing the command itself, before the
+/// script ran: texts that name the command (ACL, arity, unknown command, transaction and context
+/// refusals), the key-permission denial, or one of the server's fixed refusal texts in full (a
+/// script can still forge those word for word; it can no longer pass off any `NOPERM ...` or
+/// `ERR unknown command ...` as one). Errors raised inside the script end in " script: ...".
+fn script_refused(command: &[u8], s: &str) -> bool {
+    const FIXED: [&str; 12] = [
+        "NOPERM No permissions to access a key",
+        "NOPERM No permissions to access a channel",
+        "NOAUTH Authentication required.",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "BUSY Valkey is busy running a script. You can only call ",
+        "LOADING Valkey is loading the dataset in memory",
+        "READONLY You can't write against a read only replica.",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "NOREPLICAS Not enough good replicas to write.",
+        "CROSSSLOT Keys in request don't hash to the same slot",
+        "CLUSTERDOWN ",
+        "TRYAGAIN ",
+    ];
+    if s.contains(" script: ") {
+        return false;
+    }
+    // The server quotes the name as the client typed it, or in lower case.
+    let quoted_name = format!("'{}'", String::from_utf8_lossy(command));
+    let lower = s.to_ascii_lowercase();
+    let named = |shape: &str| s.starts_with(shape) && lower.contains(&quoted_name);
+    FIXED.iter().any(|f| s.starts_with(f))
+        || s.starts_with("MOVED ")
+        || s.starts_with("ASK ")
+        || (s.starts_with("NOPERM User ")
+            && lower.ends_with(&format!("run the {quoted_name} command")))
+        || named("ERR unknown command ")
+        || named("ERR wrong number of arguments for ")
+        || named("ERR Command ")
+        || named("ERR Can't execute ")
 }
 
 /// Cut the command's secrets out of its error text: every occurrence of a secret argument, and of

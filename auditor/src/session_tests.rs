@@ -771,8 +771,8 @@ fn error_texts() {
         ),
         (
             &["EVAL", "while true do end", "0"][..],
-            "BUSY Valkey is busy running a script.",
-            "rejected=BUSY Valkey is busy running a script.",
+            "BUSY Valkey is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+            "rejected=BUSY Valkey is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
         ),
     ] {
         let r = w.roundtrip(words, format!("-{text}\r\n").as_bytes());
@@ -786,6 +786,96 @@ fn error_texts() {
         (r.result, s(&r.error)),
         (Outcome::Failure, "ERR bulky".into())
     );
+}
+
+#[test]
+fn a_script_error_is_neither_a_rejection_nor_an_acl_denial() {
+    let mut w = Wire::new();
+    // What the script returned or raised (texts from Valkey 9.1.2): the script command ran.
+    for (words, text) in [
+        (
+            &["EVAL", "return redis.error_reply('NOPERM fake')", "0"][..],
+            "NOPERM fake",
+        ),
+        (
+            &[
+                "EVAL",
+                "return redis.error_reply('ERR unknown command hi')",
+                "0",
+            ][..],
+            "ERR unknown command hi",
+        ),
+        (
+            &["EVAL", "return redis.call('set','k','v')", "0"][..],
+            "OOM command not allowed when used memory > 'maxmemory'. script: on @user_script:1.",
+        ),
+        (
+            &["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"][..],
+            "NOPERM User qa has no permissions to run the 'set' command",
+        ),
+        (
+            &["FCALL", "f", "0"][..],
+            "ERR wrong number of arguments for 'get' command script: f, on @user_function.",
+        ),
+        (
+            &["EVAL", "return redis.error_reply('BUSY x')", "0"][..],
+            "BUSY x",
+        ),
+    ] {
+        let r = w.roundtrip(words, format!("-{text}\r\n").as_bytes());
+        assert_ne!(r.category, Category::Auth, "{words:?}");
+        assert_eq!(
+            (r.result, s(&r.error)),
+            (Outcome::Failure, text.to_string()),
+            "{words:?}"
+        );
+    }
+    // The server refusing the script command itself, before the script ran.
+    for (words, text, error, category) in [
+        (
+            &["EVAL", "return 1", "0"][..],
+            "NOPERM User qa has no permissions to run the 'eval' command",
+            "acl_deny_reason=command",
+            Category::Auth,
+        ),
+        (
+            &["FCALL", "f", "0"][..],
+            "NOPERM User qa has no permissions to run the 'fcall' command",
+            "acl_deny_reason=command",
+            Category::Auth,
+        ),
+        (
+            &["EVAL", "return 1", "1", "bar"][..],
+            "NOPERM No permissions to access a key",
+            "acl_deny_reason=key acl_object=bar",
+            Category::Auth,
+        ),
+        (
+            &["EVAL", "return 1"][..],
+            "ERR wrong number of arguments for 'eval' command",
+            "rejected=wrong number of arguments for 'eval' command",
+            Category::KeyOp,
+        ),
+        (
+            &["EVAL", "return 1", "0"][..],
+            "NOAUTH Authentication required.",
+            "rejected=NOAUTH Authentication required.",
+            Category::KeyOp,
+        ),
+        (
+            &["EVAL", "return 1", "0"][..],
+            "BUSY Valkey is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+            "rejected=BUSY Valkey is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+            Category::KeyOp,
+        ),
+    ] {
+        let r = w.roundtrip(words, format!("-{text}\r\n").as_bytes());
+        assert_eq!(
+            (r.category, s(&r.error)),
+            (category, error.to_string()),
+            "{words:?}"
+        );
+    }
 }
 
 #[test]
