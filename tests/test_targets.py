@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from conftest import AUDITOR, VALKEY_SERVER, Valkey, free_port, terminate, wait_until
+from test_capture import info_audit
 
 REQUIRED_CAPS = ["cap_bpf", "cap_perfmon", "cap_sys_ptrace"]
 
@@ -291,3 +292,17 @@ def test_one_file_per_server_with_port_placeholder(start_valkey, tmp_path):
         assert own[0]["category"] == "AUDIT" and own[0]["command"] == "start"
     finally:
         terminate(proc)
+
+
+def test_server_port_follows_config_set_port(valkey, start_auditor):
+    """After CONFIG SET port, records carry the port the server now listens on, and INFO says so."""
+    auditor = start_auditor(valkey.pid)
+    old = valkey.port
+    set_and_wait(auditor, valkey, "before-move")
+    new = free_port()
+    with valkey.client() as c:
+        assert c.config_set("port", new)
+    valkey.port = new  # the fixture's client and stop follow the server
+    rec = set_and_wait(auditor, valkey, "after-move")
+    assert (rec["server_port"], rec["pid"]) == (new, valkey.pid) != (old, valkey.pid), rec
+    assert f"port={new}," in info_audit(auditor)[f"audit_target_{valkey.pid}"]

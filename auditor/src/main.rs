@@ -930,6 +930,12 @@ impl CaptureLoop {
                 if !not_audited {
                     self.session
                         .handle(ev, &mut self.queue.appender(&self.stop));
+                    // CONFIG SET port succeeded: the records of the events after it carry the new
+                    // `server_port`.
+                    for pid in self.session.take_listener_changes() {
+                        self.registry
+                            .describe_again(pid, &mut self.session, &self.metrics);
+                    }
                 }
                 if let Some(tgid) = exited {
                     self.registry

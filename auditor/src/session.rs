@@ -217,6 +217,9 @@ enum Effect {
     Subscribe(&'static str, u64),
     Monitor,
     Reset,
+    /// CONFIG SET of `port`, `tls-port` or `bind`: the server listens elsewhere once it succeeds,
+    /// so what is known of it (its port, `server_port` in records) must be read again.
+    ListenersChanged,
 }
 
 #[derive(Debug)]
@@ -393,6 +396,8 @@ pub struct Session {
     scratch_desc: Option<Box<Described>>,
     /// Length of the previous request's `command_args` text: the next one's initial capacity.
     args_len_hint: usize,
+    /// Targets whose listeners a successful CONFIG SET changed, for the caller to describe again.
+    listeners_changed: Vec<u32>,
 }
 
 impl Session {
@@ -420,6 +425,7 @@ impl Session {
             pool: BufPool::default(),
             scratch_desc: None,
             args_len_hint: 0,
+            listeners_changed: Vec::new(),
         }
     }
 
@@ -471,6 +477,11 @@ impl Session {
             conn.server = info.clone();
         }
         self.servers.insert(tgid, info);
+    }
+
+    /// Targets (TGIDs) whose listening ports a successful CONFIG SET changed since the last call.
+    pub fn take_listener_changes(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.listeners_changed)
     }
 
     /// Forget a target that exited (after `close_all`).
@@ -1365,6 +1376,11 @@ impl Session {
             }
             Effect::Monitor => conn.monitor = true,
             Effect::Reset => reset_connection(conn),
+            Effect::ListenersChanged => {
+                if !self.listeners_changed.contains(&conn.tgid) {
+                    self.listeners_changed.push(conn.tgid);
+                }
+            }
         }
     }
 
@@ -1785,6 +1801,13 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
         b"discard" => Effect::Discard,
         b"monitor" => Effect::Monitor,
         b"reset" => Effect::Reset,
+        b"config|set"
+            if args.iter().skip(2).step_by(2).any(|a| {
+                a.eq_ignore_case("port") || a.eq_ignore_case("tls-port") || a.eq_ignore_case("bind")
+            }) =>
+        {
+            Effect::ListenersChanged
+        }
         b"subscribe" | b"psubscribe" | b"ssubscribe" => {
             let kind = match &*d.command {
                 b"subscribe" => "subscribe",

@@ -3058,3 +3058,25 @@ fn a_connection_whose_fd_no_longer_holds_its_socket_is_closed_by_the_sweep() {
     w.close();
     assert!(w.take().is_empty());
 }
+
+#[test]
+fn a_successful_config_set_of_the_port_asks_for_the_server_to_be_described_again() {
+    let mut w = Wire::new();
+    w.roundtrip(&["CONFIG", "SET", "maxmemory", "1mb"], b"+OK\r\n");
+    w.roundtrip(
+        &["CONFIG", "SET", "port", "7400"],
+        b"-ERR CONFIG SET failed\r\n",
+    );
+    assert!(w.session.take_listener_changes().is_empty());
+    w.roundtrip(
+        &["CONFIG", "SET", "maxmemory", "2mb", "PORT", "7400"],
+        b"+OK\r\n",
+    );
+    assert_eq!(w.session.take_listener_changes(), vec![TGID]);
+    assert!(
+        w.session.take_listener_changes().is_empty(),
+        "reported once"
+    );
+    w.roundtrip(&["CONFIG", "SET", "bind", "127.0.0.1"], b"+OK\r\n");
+    assert_eq!(w.session.take_listener_changes(), vec![TGID]);
+}
