@@ -485,6 +485,29 @@ def test_a_script_cannot_pass_its_errors_off_as_rejections_or_acl_denials(audite
     assert evals[2] == ("AUTH", "FAILURE", "acl_deny_reason=command")
 
 
+def test_keys_modified_counts_what_the_reply_says_changed(audited):
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(
+        resp("SET", "km:a", "1")  # 1
+        + resp("SET", "km:a", "2", "NX")  # refused: 0
+        + resp("DEL", "km:a", "km:missing")  # one deleted: 1
+        + resp("BLPOP", "km:list", "0.01")  # timed out: 0
+        + resp("SET", "km:b", "1")
+        + resp("SET", "km:c", "1")
+        + resp("COPY", "km:b", "km:c")  # destination exists: 0
+        + resp("DEL", "km:b", "km:c")  # 2
+        + resp("PING")
+    )
+    read_until(s, lambda b: b.endswith(b"+PONG\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    got = [(r["command"], r["keys_modified"]) for r in commands_of(recs, port)]
+    assert got == [("set", 1), ("set", 0), ("del", 1), ("blpop", 0), ("set", 1), ("set", 1),
+                   ("copy", 0), ("del", 2), ("ping", 0)], got
+
+
 def test_resp3_array_reply_of_a_subscribed_client_is_not_a_message(audited):
     valkey, auditor = audited
     admin = valkey.client()

@@ -231,6 +231,8 @@ struct Pending {
     expects_reply: bool,
     effect: Effect,
     write_keys: u64,
+    /// What a success reply says about how many of `write_keys` changed.
+    change_reply: ChangeReply,
     /// Subscribe-family confirmations seen so far.
     confirmations: u64,
     /// The command's secret arguments (passwords), to be cut out of an error reply that quotes
@@ -973,6 +975,8 @@ impl Session {
             let ts = old.done_ts;
             self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
         }
+        // Before the description's name moves into the record.
+        let change_reply = change_reply(&d.command, &req.args);
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
         conn.pending.push_back(Pending {
             record: Record {
@@ -1001,6 +1005,7 @@ impl Session {
             expects_reply,
             effect,
             write_keys: d.write_keys as u64,
+            change_reply,
             confirmations: 0,
             secrets: d
                 .secrets
@@ -1045,6 +1050,7 @@ impl Session {
             expects_reply,
             effect: Effect::None,
             write_keys: 0,
+            change_reply: ChangeReply::Unknown,
             confirmations: 0,
             secrets: Vec::new(),
             after_gap: conn.uncertain_since.is_some(),
@@ -1245,7 +1251,7 @@ impl Session {
         set_user(&mut p.record, &conn.username);
         if !reply.is_error() {
             p.record.result = Outcome::Success;
-            p.record.keys_modified = p.write_keys;
+            p.record.keys_modified = keys_changed(p.write_keys, p.change_reply, reply);
             self.apply_effect(conn, &p.effect, reply);
         } else if !p.after_gap {
             p.record.result = Outcome::Failure;
@@ -1765,6 +1771,48 @@ fn quoted(s: &str) -> Option<String> {
     let start = s.find('\'')? + 1;
     let end = s[start..].find('\'')? + start;
     Some(s[start..end].to_string())
+}
+
+/// What a write command's success reply says about the keys it changed (the module counts the
+/// server's dirty counter, which the auditor cannot see; the reply is the next best witness).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChangeReply {
+    /// Nothing: every write key counts (SET ... GET and GETSET answer nil after writing, and a
+    /// script may answer anything).
+    Unknown,
+    /// A nil reply means nothing changed (SET NX refused, a timed-out BLPOP, LPOP of no key).
+    NoneIfNil,
+    /// Nil, or an integer 0, means nothing changed (COPY, SETNX, EXPIRE, SADD, HDEL, ...).
+    NoneIfNilOrZero,
+    /// The integer is the number of keys changed (DEL, UNLINK).
+    Count,
+}
+
+fn change_reply(command: &[u8], args: &[Arg]) -> ChangeReply {
+    match command {
+        b"del" | b"unlink" => ChangeReply::Count,
+        b"copy" | b"setnx" | b"msetnx" | b"hsetnx" | b"renamenx" | b"expire" | b"pexpire"
+        | b"expireat" | b"pexpireat" | b"persist" | b"move" | b"smove" | b"sadd" | b"srem"
+        | b"hdel" | b"zrem" | b"lrem" | b"xdel" | b"pfadd" | b"lpushx" | b"rpushx"
+        | b"zremrangebyscore" | b"zremrangebyrank" | b"zremrangebylex" => {
+            ChangeReply::NoneIfNilOrZero
+        }
+        b"getset" | b"eval" | b"evalsha" | b"fcall" => ChangeReply::Unknown,
+        b"set" if args.iter().skip(3).any(|a| a.eq_ignore_case("get")) => ChangeReply::Unknown,
+        _ => ChangeReply::NoneIfNil,
+    }
+}
+
+/// `keys_modified` of a command that succeeded.
+fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
+    match (rule, reply.kind) {
+        (_, _) if write_keys == 0 => 0,
+        (ChangeReply::Unknown, _) => write_keys,
+        (_, ReplyKind::Null) => 0,
+        (ChangeReply::Count, ReplyKind::Integer) => reply.len.max(0) as u64,
+        (ChangeReply::NoneIfNilOrZero, ReplyKind::Integer) if reply.len == 0 => 0,
+        _ => write_keys,
+    }
 }
 
 fn effect_of(d: &Described, args: &[Arg]) -> Effect {

@@ -3080,3 +3080,28 @@ fn a_successful_config_set_of_the_port_asks_for_the_server_to_be_described_again
     w.roundtrip(&["CONFIG", "SET", "bind", "127.0.0.1"], b"+OK\r\n");
     assert_eq!(w.session.take_listener_changes(), vec![TGID]);
 }
+
+#[test]
+fn keys_modified_follows_what_the_reply_says_changed() {
+    let mut w = Wire::new();
+    for (words, reply, modified) in [
+        (&["SET", "k", "v"][..], &b"+OK\r\n"[..], 1),
+        (&["SET", "k", "v", "NX"][..], b"$-1\r\n", 0),
+        (&["SET", "k", "v", "GET"][..], b"$-1\r\n", 1),
+        (&["GETSET", "k", "v"][..], b"$-1\r\n", 1),
+        (&["BLPOP", "l", "0.01"][..], b"*-1\r\n", 0),
+        (&["LPOP", "l"][..], b"_\r\n", 0),
+        (&["COPY", "a", "b"][..], b":0\r\n", 0),
+        (&["COPY", "a", "b"][..], b":1\r\n", 1),
+        (&["EXPIRE", "a", "10"][..], b":0\r\n", 0),
+        (&["DEL", "a", "b", "c"][..], b":2\r\n", 2),
+        (&["UNLINK", "a", "b"][..], b":0\r\n", 0),
+        (&["HSET", "h", "f", "v"][..], b":0\r\n", 1),
+        (&["INCR", "n"][..], b":0\r\n", 1),
+        (&["GET", "k"][..], b"$1\r\nv\r\n", 0),
+    ] {
+        let r = w.roundtrip(words, reply);
+        assert_eq!(r.result, Outcome::Success, "{words:?}");
+        assert_eq!(r.keys_modified, modified, "{words:?}");
+    }
+}
