@@ -123,6 +123,27 @@ def test_a_unix_client_the_server_kills_is_closed_without_fd_reuse(valkey, start
     victim.close()
 
 
+def test_unix_clients_killed_before_their_accept_is_handled_are_closed(valkey, start_auditor):
+    """Connected, used and killed within a few milliseconds, before the auditor reads their accept:
+    their fds are already gone then, and each still gets its disconnection record."""
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    killer = Raw(valkey.port)
+    killer.call("ACL", "SETUSER", "bob", "on", ">pw", "~*", "+@all")
+    for _ in range(3):
+        victims = [unix_client(valkey) for _ in range(2)]
+        for v in victims:
+            assert call(v, "AUTH", "bob", "pw") == b"+OK\r\n"
+        assert killer.call("CLIENT", "KILL", "USER", "bob") == b":2\r\n"
+        for v in victims:
+            v.close()
+    auth = lambda rs: [r["client_id"] for r in of_client(rs, "auth", client_ip=valkey.sock)]  # noqa: E731
+    recs = auditor.wait_records(lambda rs: len(auth(rs)) == 6, what="six AUTH records")
+    auditor.wait_records(
+        lambda rs: all(of_client(rs, "disconnection", client_id=c) for c in auth(recs)), timeout=5,
+        what="a disconnection record for each killed unix client")
+    killer.close()
+
+
 def test_a_replicas_link_to_its_primary_is_not_a_client(start_valkey, start_auditor):
     primary = start_valkey()
     replica = start_valkey()

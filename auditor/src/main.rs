@@ -20,7 +20,7 @@ use auditor::delivery::{Origin, Queue, run_sink};
 use auditor::metrics::{Metrics, TargetInfo};
 use auditor::record::{Category, Outcome, Record};
 use auditor::scheduling::{self, RateGovernor};
-use auditor::session::{CaptureEvent, Peer, ProcessEvent, Session};
+use auditor::session::{self, CaptureEvent, Peer, ProcessEvent, Session};
 use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
 use auditor::sinkset::{SettingsSinks, line_format, open_sink, validate};
 use auditor::targets::{self, Target, TargetSpec};
@@ -1234,8 +1234,13 @@ impl Registry {
                 let pid = *tgid;
                 if *ino == 0 && capture.mode() == CaptureMode::Sockets {
                     // Accepted through the uprobe, which cannot see the socket: its inode lets
-                    // the once-a-second check find its end if the kernel does not.
-                    *ino = procscan::socket_inode(pid, *fd).unwrap_or(0);
+                    // the once-a-second check find its end if the kernel does not (a unix
+                    // socket the server closes). Already closed: that check ends it too.
+                    *ino = match procscan::socket_at(pid, *fd) {
+                        Ok(Some(ino)) => ino,
+                        Ok(None) => session::GONE_WHEN_SEEN,
+                        Err(_) => 0,
+                    };
                 }
                 if self.rejected.contains(&pid) {
                     return true;

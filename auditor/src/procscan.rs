@@ -34,15 +34,28 @@ fn libc_in_maps(maps: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The inode number of the socket `pid` holds at `fd`: `Ok(None)` when the fd is closed or holds
+/// something else, an error when `/proc` could not tell (no such process, no permission).
+pub fn socket_at(pid: u32, fd: u32) -> std::io::Result<Option<u64>> {
+    let target = match fs::read_link(format!("/proc/{pid}/fd/{fd}")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && process_exists(pid) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(target
+        .to_str()
+        .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()))
+}
+
+fn process_exists(pid: u32) -> bool {
+    fs::metadata(format!("/proc/{pid}/fd")).is_ok()
+}
+
 /// The inode number of the socket `pid` holds at `fd`, if it holds one.
 pub fn socket_inode(pid: u32, fd: u32) -> Option<u64> {
-    let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    target
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    socket_at(pid, fd).ok().flatten()
 }
 
 /// Whether `pid`'s `fd` still holds socket `ino` (false once it is closed or holds another file).
@@ -306,6 +319,20 @@ pub fn tcp_listen_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd as _;
+
+    #[test]
+    fn socket_at_tells_a_closed_fd_from_an_unreadable_process() {
+        let me = std::process::id();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = listener.as_raw_fd() as u32;
+        let ino = super::socket_at(me, fd).unwrap().expect("a socket");
+        assert!(super::fd_holds_socket(me, fd, ino));
+        drop(listener);
+        // (Another test's thread may have reused the number since, never for this socket.)
+        assert_ne!(super::socket_at(me, fd).unwrap(), Some(ino), "closed");
+        assert!(super::socket_at(u32::MAX, 3).is_err(), "no such process");
+    }
 
     #[test]
     fn finds_the_c_library_among_the_mappings() {

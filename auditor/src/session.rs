@@ -201,6 +201,11 @@ fn is_client_reply_refusal(text: &[u8]) -> bool {
         || text.windows(14).any(|w| w == b"'client|reply'")
 }
 
+/// The inode of a connection whose socket was already closed when its accept was handled (a client
+/// killed within the same few milliseconds): no fd holds it, so the next check of open sockets
+/// ends the connection, after the ring's events of it.
+pub const GONE_WHEN_SEEN: u64 = u64::MAX;
+
 /// What a request does to the connection's state once its reply says it succeeded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Effect {
@@ -1432,7 +1437,8 @@ impl Session {
         self.push(rec, ts_ns, out);
     }
 
-    /// Open connections whose socket inode is known: `(tgid, fd, inode)`.
+    /// Open connections whose socket inode is known: `(tgid, fd, inode)` (`GONE_WHEN_SEEN` for a
+    /// socket that was closed before its accept was handled).
     pub fn open_sockets(&self) -> Vec<(u32, u32, u64)> {
         self.conns
             .iter()
