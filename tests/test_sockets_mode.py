@@ -7,6 +7,8 @@ the rest of the suite runs in it too; scripts/test.sh runs test_capture.py again
 AUDITOR_CAPTURE=syscalls.
 """
 import socket
+import threading
+import time
 import subprocess
 
 from conftest import REDIS_CLI, wait_until
@@ -179,3 +181,38 @@ def test_a_client_open_before_attach_keeps_its_unknown_user(valkey, start_audito
     assert of_client(recs, "get", client_port=early_port)[0]["username"] == "unknown"
     early.close()
     auditor.wait_records(lambda rs: of_client(rs, "disconnection", client_port=early_port))
+
+
+def test_a_client_sending_while_the_auditor_attaches_keeps_every_result(valkey, start_auditor):
+    """Registered as open at attach before the server becomes a target: taken at its first read in
+    mid-conversation instead, its replies were matched to older requests for good."""
+    busy = Raw(valkey.port)
+    assert busy.call("SET", "str", "x") == b"+OK\r\n"
+    stop = threading.Event()
+    seen = []
+
+    def traffic():
+        while not stop.is_set():
+            seen.append(busy.call("INCR", "n"))
+            seen.append(busy.call("LPUSH", "str", "v"))
+            time.sleep(0.001)
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        time.sleep(0.2)
+        auditor = start_auditor(valkey.pid, extra=SOCKETS)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(10)
+    assert all(r.startswith(b":") for r in seen[0::2]) and all(r.startswith(b"-WRONGTYPE") for r in seen[1::2])
+    assert busy.call("ECHO", "end") == b"$3\r\nend\r\n"
+    recs = auditor.wait_records(lambda rs: of_client(rs, "echo", client_port=busy.port))
+    mine = [r for r in recs if r["client_port"] == busy.port]
+    assert [r["command_args"] for r in mine if r["command"] == "connection"] == ["type=normal attached=existing"]
+    wrong = [(r["command"], r["result"], r["duration_us"]) for r in mine
+             if (r["command"], r["result"]) not in {("incr", "SUCCESS"), ("lpush", "FAILURE"), ("echo", "SUCCESS")}
+             and r["category"] != "CONNECTION"]
+    assert not wrong, wrong[:5]
+    assert sum(r["command"] == "incr" for r in mine) > 50
+    busy.sock.close()

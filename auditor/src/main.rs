@@ -251,8 +251,14 @@ fn run() -> Result<()> {
             capture.watch_comm(&targets::comm_of(pid))?;
         }
     }
-    for &pid in &spec.pids {
-        capture.add_target(pid)?;
+    if capture.mode() == CaptureMode::Syscalls {
+        // Targets before attach: none of their accepts is missed. Socket tracepoints register a
+        // target's socket at its first read or write, so there the connections open now must be
+        // registered first (`Registry::register` adds the target after them): a client sending
+        // meanwhile would be taken for a new connection in mid-conversation.
+        for &pid in &spec.pids {
+            capture.add_target(pid)?;
+        }
     }
     capture.attach()?;
     // Before the capabilities are dropped (a lower nice value may need CAP_SYS_NICE); the threads
