@@ -380,6 +380,7 @@ struct CommandInfo {
     /// Has at least one real key spec (not `not_key`): the command is a KEY_OP command.
     has_keys: bool,
     keys_rule: KeysRule,
+    change_reply: ChangeReply,
     secret_rule: SecretRule,
     payload: Option<PayloadRule>,
     /// Subcommands by their lower-case name after the `|` (`set` for `config|set`).
@@ -391,6 +392,37 @@ struct CommandInfo {
 pub struct CommandTable {
     /// Top-level commands by lower-case name.
     commands: HashMap<Vec<u8>, CommandInfo, FxBuildHasher>,
+}
+
+/// What a write command's success reply says about the keys it changed (the module counts the
+/// server's dirty counter, which the auditor cannot see; the reply is the next best witness).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeReply {
+    /// Nothing: every write key counts (SET ... GET and GETSET answer nil after writing, and a
+    /// script may answer anything).
+    Unknown,
+    /// A nil reply means nothing changed (SET NX refused, a timed-out BLPOP, LPOP of no key).
+    NoneIfNil,
+    /// Nil, or an integer 0, means nothing changed (COPY, SETNX, EXPIRE, SADD, HDEL, ...).
+    NoneIfNilOrZero,
+    /// The integer is the number of keys changed (DEL, UNLINK).
+    Count,
+}
+
+impl ChangeReply {
+    fn of(name: &str) -> ChangeReply {
+        match name {
+            "del" | "unlink" => ChangeReply::Count,
+            "copy" | "setnx" | "msetnx" | "hsetnx" | "renamenx" | "expire" | "pexpire"
+            | "expireat" | "pexpireat" | "persist" | "move" | "smove" | "sadd" | "srem"
+            | "hdel" | "zrem" | "lrem" | "xdel" | "pfadd" | "lpushx" | "rpushx"
+            | "zremrangebyscore" | "zremrangebyrank" | "zremrangebylex" => {
+                ChangeReply::NoneIfNilOrZero
+            }
+            "getset" | "eval" | "evalsha" | "fcall" => ChangeReply::Unknown,
+            _ => ChangeReply::NoneIfNil,
+        }
+    }
 }
 
 /// What [`CommandTable::describe`] found out about one request.
@@ -408,6 +440,8 @@ pub struct Described {
     pub keys: Vec<usize>,
     /// How many of `keys` come from key specs that write (OW, RM, or insert/update/delete).
     pub write_keys: usize,
+    /// What a success reply says about how many of `write_keys` changed.
+    pub change_reply: ChangeReply,
     /// Index of the value argument (see `PAYLOAD_RULES`), when the command has one and argv holds it.
     pub payload: Option<usize>,
     /// Indexes of arguments that are secrets and must never be written anywhere. Sorted, no duplicates.
@@ -428,6 +462,7 @@ impl Default for Described {
             category: Category::Other,
             keys: Vec::new(),
             write_keys: 0,
+            change_reply: ChangeReply::Unknown,
             payload: None,
             secrets: Vec::new(),
             argc: 0,
@@ -517,9 +552,16 @@ impl CommandTable {
             d.known = false;
             d.category = Category::Other;
             d.write_keys = 0;
+            d.change_reply = ChangeReply::Unknown;
             d.payload = None;
             return;
         };
+        d.change_reply =
+            if info.name == "set" && args.iter().skip(3).any(|a| a.eq_ignore_case("get")) {
+                ChangeReply::Unknown
+            } else {
+                info.change_reply
+            };
 
         d.write_keys = match info.keys_rule {
             KeysRule::Specs => keys_from_specs(&info.key_specs, args, argc, &mut d.keys),
@@ -994,6 +1036,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         "config|set" => SecretRule::ConfigSet,
         _ => SecretRule::None,
     };
+    let change_reply = ChangeReply::of(&name);
     let payload = PAYLOAD_RULES
         .iter()
         .find(|(n, _)| *n == name)
@@ -1007,6 +1050,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         arity,
         has_keys,
         keys_rule,
+        change_reply,
         secret_rule,
         payload,
         subcommands,

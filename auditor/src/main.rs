@@ -938,7 +938,7 @@ impl CaptureLoop {
                         .handle(ev, &mut self.queue.appender(&self.stop));
                     // CONFIG SET port succeeded: the records of the events after it carry the new
                     // `server_port`.
-                    for pid in self.session.take_listener_changes() {
+                    for pid in self.session.take_listener_changes().into_iter().flatten() {
                         self.registry
                             .describe_again(pid, &mut self.session, &self.metrics);
                     }

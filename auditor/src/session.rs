@@ -15,7 +15,9 @@ use std::sync::Arc;
 use auditor_common::SEGMENT_HDR_LEN;
 
 use crate::argv::Arg;
-use crate::commands::{CommandTable, Described, FxBuildHasher, command_args, command_args_into};
+use crate::commands::{
+    ChangeReply, CommandTable, Described, FxBuildHasher, command_args, command_args_into,
+};
 use crate::filter;
 use crate::record::{Category, CommandName, KeyList, Outcome, Record, ServerInfo};
 use crate::resp::{
@@ -486,9 +488,11 @@ impl Session {
         self.servers.insert(tgid, info);
     }
 
-    /// Targets (TGIDs) whose listening ports a successful CONFIG SET changed since the last call.
-    pub fn take_listener_changes(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.listeners_changed)
+    /// Targets (TGIDs) whose listening ports a successful CONFIG SET changed since the last call,
+    /// if any (asked after every event: nothing is moved when none changed).
+    #[inline]
+    pub fn take_listener_changes(&mut self) -> Option<Vec<u32>> {
+        (!self.listeners_changed.is_empty()).then(|| std::mem::take(&mut self.listeners_changed))
     }
 
     /// Forget a target that exited (after `close_all`).
@@ -980,8 +984,6 @@ impl Session {
             let ts = old.done_ts;
             self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
         }
-        // Before the description's name moves into the record.
-        let change_reply = change_reply(&d.command, &req.args);
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
         conn.pending.push_back(Pending {
             record: Record {
@@ -1010,7 +1012,7 @@ impl Session {
             expects_reply,
             effect,
             write_keys: d.write_keys as u64,
-            change_reply,
+            change_reply: d.change_reply,
             confirmations: 0,
             secrets: d
                 .secrets
@@ -1779,40 +1781,9 @@ fn quoted(s: &str) -> Option<String> {
     Some(s[start..end].to_string())
 }
 
-/// What a write command's success reply says about the keys it changed (the module counts the
-/// server's dirty counter, which the auditor cannot see; the reply is the next best witness).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChangeReply {
-    /// Nothing: every write key counts (SET ... GET and GETSET answer nil after writing, and a
-    /// script may answer anything).
-    Unknown,
-    /// A nil reply means nothing changed (SET NX refused, a timed-out BLPOP, LPOP of no key).
-    NoneIfNil,
-    /// Nil, or an integer 0, means nothing changed (COPY, SETNX, EXPIRE, SADD, HDEL, ...).
-    NoneIfNilOrZero,
-    /// The integer is the number of keys changed (DEL, UNLINK).
-    Count,
-}
-
-fn change_reply(command: &[u8], args: &[Arg]) -> ChangeReply {
-    match command {
-        b"del" | b"unlink" => ChangeReply::Count,
-        b"copy" | b"setnx" | b"msetnx" | b"hsetnx" | b"renamenx" | b"expire" | b"pexpire"
-        | b"expireat" | b"pexpireat" | b"persist" | b"move" | b"smove" | b"sadd" | b"srem"
-        | b"hdel" | b"zrem" | b"lrem" | b"xdel" | b"pfadd" | b"lpushx" | b"rpushx"
-        | b"zremrangebyscore" | b"zremrangebyrank" | b"zremrangebylex" => {
-            ChangeReply::NoneIfNilOrZero
-        }
-        b"getset" | b"eval" | b"evalsha" | b"fcall" => ChangeReply::Unknown,
-        b"set" if args.iter().skip(3).any(|a| a.eq_ignore_case("get")) => ChangeReply::Unknown,
-        _ => ChangeReply::NoneIfNil,
-    }
-}
-
 /// `keys_modified` of a command that succeeded.
 fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
     match (rule, reply.kind) {
-        (_, _) if write_keys == 0 => 0,
         (ChangeReply::Unknown, _) => write_keys,
         (_, ReplyKind::Null) => 0,
         (ChangeReply::Count, ReplyKind::Integer) => reply.len.max(0) as u64,
