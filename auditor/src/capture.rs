@@ -220,16 +220,47 @@ impl Capture {
     /// Attach every program: the close and sched tracepoints first, then the ones that see
     /// accepts and data, so no connection is half-known.
     pub fn attach(&mut self) -> Result<()> {
-        let mut programs = vec![
+        let mut tracepoints = vec![
             ("sched", "sched_process_exec"),
             ("sched", "sched_process_fork"),
             ("sched", "sched_process_exit"),
         ];
         if self.mode == CaptureMode::Syscalls {
-            programs.insert(0, ("syscalls", "sys_enter_close"));
+            tracepoints.insert(0, ("syscalls", "sys_enter_close"));
         }
-        for (category, name) in programs {
-            let prog: &mut TracePoint = loaded(&mut self.ebpf, name, TracePoint::load)?;
+        let (raw, needs): (&[&str], &str) = match self.mode {
+            // (`Auto` was resolved at load.)
+            CaptureMode::Syscalls | CaptureMode::Auto => (&["sys_exit"], ""),
+            // Replies before requests: a socket seen between the two attaches then shows an
+            // unmatched reply (counted, harmless), never a request whose reply goes unseen, which
+            // would shift every later reply onto the wrong request.
+            CaptureMode::Sockets => (
+                &[
+                    "inet_sock_set_state",
+                    "sock_send_length",
+                    "sock_recv_length",
+                ],
+                " (--capture sockets needs Linux 6.3 or later)",
+            ),
+        };
+        // Every program through the verifier before the first is attached: loading one takes up
+        // to ~0.6 s here (`sock_send_length`), and a target's reads captured that long before its
+        // writes (a `--follow-restarts` or `--comm` server exec'd meanwhile becomes a target in
+        // the kernel) had their replies matched to requests ~0.6 s older for good.
+        for &(_, name) in &tracepoints {
+            loaded(&mut self.ebpf, name, TracePoint::load)?;
+        }
+        for &name in raw {
+            loaded(&mut self.ebpf, name, RawTracePoint::load)?;
+        }
+        if self.mode == CaptureMode::Sockets {
+            // Attached per target (`watch_accepts`).
+            for name in ["accept_enter", "accept_return"] {
+                let _: &mut UProbe = loaded(&mut self.ebpf, name, UProbe::load)?;
+            }
+        }
+        for (category, name) in tracepoints {
+            let prog: &mut TracePoint = program(&mut self.ebpf, name)?;
             attached(prog.attach(category, name), || {
                 format!(
                     "attaching tracepoint {category}:{name} ({})",
@@ -237,29 +268,11 @@ impl Capture {
                 )
             })?;
         }
-        let (raw, needs): (&[&str], &str) = match self.mode {
-            // (`Auto` was resolved at load.)
-            CaptureMode::Syscalls | CaptureMode::Auto => (&["sys_exit"], ""),
-            CaptureMode::Sockets => (
-                &[
-                    "inet_sock_set_state",
-                    "sock_recv_length",
-                    "sock_send_length",
-                ],
-                " (--capture sockets needs Linux 6.3 or later)",
-            ),
-        };
         for &name in raw {
-            let prog: &mut RawTracePoint = loaded(&mut self.ebpf, name, RawTracePoint::load)?;
+            let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
             attached(prog.attach(name), || {
                 format!("attaching raw tracepoint {name}{needs}")
             })?;
-        }
-        if self.mode == CaptureMode::Sockets {
-            // Attached per target (`watch_accepts`).
-            for name in ["accept_enter", "accept_return"] {
-                let _: &mut UProbe = loaded(&mut self.ebpf, name, UProbe::load)?;
-            }
         }
         Ok(())
     }
@@ -284,11 +297,7 @@ impl Capture {
             ("accept_enter", "accept"),
             ("accept_return", "accept"),
         ] {
-            let prog: &mut UProbe = self
-                .ebpf
-                .program_mut(prog_name)
-                .with_context(|| format!("program {prog_name} missing from the eBPF object"))?
-                .try_into()?;
+            let prog: &mut UProbe = program(&mut self.ebpf, prog_name)?;
             prog.attach(symbol, libc, UProbeScope::AllProcesses)
                 .with_context(|| format!("attaching a uprobe to {symbol} in {}", libc.display()))
                 .map_err(|e| {
@@ -348,14 +357,22 @@ fn loaded<'a, T>(
 where
     &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
 {
-    let prog: &mut T = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} missing from the eBPF object"))?
-        .try_into()?;
+    let prog: &mut T = program(ebpf, name)?;
     load(prog)
         .map_err(|e| privilege_hint(anyhow!(e)))
         .with_context(|| format!("loading {name} (verifier)"))?;
     Ok(prog)
+}
+
+/// Program `name` of the object, as type `T`.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()?)
 }
 
 /// An attach result, with the operator's hint on failure.
