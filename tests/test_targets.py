@@ -294,6 +294,52 @@ def test_one_file_per_server_with_port_placeholder(start_valkey, tmp_path):
         terminate(proc)
 
 
+
+def test_a_unix_only_server_has_its_own_file_with_port_placeholder(tmp_path):
+    """A server with `port 0` has no port for `%port%`: its file is named by its unix socket, and
+    the auditor's own records stay apart."""
+    import json
+    sock = tmp_path / "only.sock"
+    server = subprocess.Popen([str(VALKEY_SERVER), "--port", "0", "--unixsocket", str(sock),
+                               "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    control = free_port()
+    template = tmp_path / "logs" / "audit-%port%.log"
+    template.parent.mkdir()
+    proc = None
+    try:
+        def ping():
+            try:
+                with redis.Redis(unix_socket_path=str(sock), socket_timeout=0.5) as r:
+                    return r.ping()
+            except Exception:
+                return False
+        wait_until(ping, what="the unix-only server to answer PING")
+        proc = subprocess.Popen([str(AUDITOR), "--pid", str(server.pid), "--control",
+                                 f"127.0.0.1:{control}", "audit.protocol", f"file {template}",
+                                 "audit.format", "json"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        wait_control(proc, control, "auditor")
+        with redis.Redis(unix_socket_path=str(sock)) as c:
+            c.set("unix-only-key", "v")
+        name = "unix-" + str(sock).lstrip("/").replace("/", "-")
+
+        def records(key):
+            path = tmp_path / "logs" / f"audit-{key}.log"
+            if not path.exists():
+                return []
+            return [json.loads(l) for l in path.read_bytes().split(b"\n")[:-1]]
+        recs = wait_until(lambda: (r := records(name)) and any(
+            x["keys"] == ["unix-only-key"] for x in r) and r, what=f"records in audit-{name}.log")
+        assert all(r["pid"] == server.pid and r["server_port"] == 0 for r in recs), recs
+        assert {r["command"] for r in recs} >= {"connection", "set"}, recs
+        own = wait_until(lambda: records("auditor"), what="the auditor's own records")
+        assert all(r["category"].startswith("AUDIT") for r in own), own
+    finally:
+        if proc is not None:
+            terminate(proc)
+        terminate(server)
+
 def test_server_port_follows_config_set_port(valkey, start_auditor):
     """After CONFIG SET port, records carry the port the server now listens on, and INFO says so."""
     auditor = start_auditor(valkey.pid)

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::format::{Format, write_record};
 use crate::metrics::Metrics;
-use crate::record::{Category, Outcome, Record};
+use crate::record::{Category, Outcome, Record, ServerFile};
 use crate::session::RecordOut;
 use crate::settings::{Overflow, monotonic_ns};
 use crate::sink::Sink;
@@ -56,9 +56,9 @@ pub struct Lines {
     /// Each line's category and `Record::pid`, for the counters once the lines are written.
     categories: Vec<Category>,
     pids: Vec<u32>,
-    /// The server (port) all these lines belong to, when the sink keeps a file per server;
+    /// The server file all these lines belong to, when the sink keeps a file per server;
     /// `None` when lines of all servers go together.
-    pub port: Option<u16>,
+    pub file: Option<ServerFile>,
     /// Their cost in the queue (what their records reserved).
     cost: usize,
 }
@@ -69,7 +69,7 @@ impl Lines {
         self.count = 0;
         self.categories.clear();
         self.pids.clear();
-        self.port = None;
+        self.file = None;
         self.cost = 0;
     }
 }
@@ -447,12 +447,12 @@ impl Queue {
     }
 
     fn write_line(&self, f: &mut Formatter, rec: &mut Record, cost: usize) {
-        let port = rec.server.port;
         if f.line_format.per_server {
-            if f.open.count > 0 && f.open.port != Some(port) {
+            let file = rec.server.file();
+            if f.open.count > 0 && f.open.file.as_ref() != Some(&file) {
                 self.seal(f);
             }
-            f.open.port = Some(port);
+            f.open.file = Some(file);
         }
         rec.seq = f.next_seq;
         f.next_seq += 1;
@@ -652,7 +652,7 @@ pub trait SinkProvider: Send {
     fn refresh(&mut self);
     /// One destination per server (`%port%` in the file path): names the server of the next
     /// batch.
-    fn select(&mut self, _port: u16) {}
+    fn select(&mut self, _file: &ServerFile) {}
 }
 
 /// The sink thread's loop: runs until the queue is closed and drained.
@@ -713,7 +713,7 @@ pub fn run_sink(
             current = queue.pop(Duration::from_millis(10));
         }
         if let Some(batch) = current.take() {
-            provider.select(batch.port.unwrap_or(0));
+            provider.select(batch.file.as_ref().unwrap_or(&ServerFile::Auditor));
             let sink = provider.sink();
             match sink.write_batch(&batch.bytes, batch.count) {
                 Ok(()) => {
@@ -1120,9 +1120,10 @@ mod tests {
         q.push_all(&mut vec![rec(1), rec(1), rec(2), rec(1)], &stop);
         let mut batches = Vec::new();
         while let Some(b) = q.pop(Duration::ZERO) {
-            batches.push((b.port, b.count));
+            batches.push((b.file, b.count));
         }
-        assert_eq!(batches, [(Some(1), 2), (Some(2), 1), (Some(1), 1)]);
+        let port = |p| Some(ServerFile::Port(p));
+        assert_eq!(batches, [(port(1), 2), (port(2), 1), (port(1), 1)]);
     }
 
     #[test]

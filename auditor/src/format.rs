@@ -1247,6 +1247,7 @@ mod tests {
                 pod_name: "valkey-0".into(),
                 pod_namespace: "prod".into(),
                 node_name: "node-1".into(),
+                ..ServerInfo::default()
             }),
             ..sample_set()
         };

@@ -87,6 +87,8 @@ pub struct ServerInfo {
     pub ns_pid: u32,
     /// The server's TCP listening port (the first one; 0 when it has none or it is not known yet).
     pub port: u16,
+    /// The path of its unix listening socket (the first one), when it has no TCP port; else empty.
+    pub unix_socket: Arc<str>,
     /// Container id from the server's cgroup path (docker, containerd, CRI-O, podman), or empty.
     pub container_id: String,
     /// Kubernetes pod name and namespace, when the server runs in a pod.
@@ -97,6 +99,17 @@ pub struct ServerInfo {
 }
 
 impl ServerInfo {
+    /// The per-server file (`%port%`) of its records.
+    pub fn file(&self) -> ServerFile {
+        if self.port != 0 {
+            ServerFile::Port(self.port)
+        } else if !self.unix_socket.is_empty() {
+            ServerFile::Unix(self.unix_socket.clone())
+        } else {
+            ServerFile::Auditor
+        }
+    }
+
     /// A server known only by the host name (the auditor's own records, tests).
     pub fn host(hostname: &str) -> Arc<ServerInfo> {
         Arc::new(ServerInfo {
@@ -104,6 +117,18 @@ impl ServerInfo {
             ..ServerInfo::default()
         })
     }
+}
+
+/// Which file of a per-server file sink (`%port%` in the path) a record goes to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServerFile {
+    /// The auditor's own records (start/stop, CONFIG, losses not tied to a server), and those of
+    /// a server whose listeners are not known yet.
+    Auditor,
+    /// A server by its TCP port.
+    Port(u16),
+    /// A server with no TCP port, by the path of its unix socket.
+    Unix(Arc<str>),
 }
 
 /// Record category. The names are the module's (`CONNECTION`, `AUTH`, ...), plus `AUDIT` and

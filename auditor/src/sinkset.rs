@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::delivery::{LineFormat, SinkProvider};
+use crate::record::ServerFile;
 use crate::settings::{Protocol, Settings, SharedSettings};
 use crate::sink::file::{FileOptions, FileSink};
 use crate::sink::syslog::{SyslogOptions, SyslogSink, parse_facility};
@@ -100,7 +101,7 @@ pub fn open_sink(s: &Settings) -> Result<ActiveSink, SinkError> {
                 settings: s.clone(),
                 template: path.clone(),
                 files: BTreeMap::new(),
-                selected: 0,
+                selected: ServerFile::Auditor,
             }))
         }
         Protocol::File(path) => ActiveSink::File(FileSink::open(file_options(s, path)?)?),
@@ -217,9 +218,11 @@ impl SinkProvider for SettingsSinks {
         self.active.as_sink()
     }
 
-    fn select(&mut self, port: u16) {
-        if let ActiveSink::PerServer(p) = &mut self.active {
-            p.selected = port;
+    fn select(&mut self, file: &ServerFile) {
+        if let ActiveSink::PerServer(p) = &mut self.active
+            && p.selected != *file
+        {
+            p.selected = file.clone();
         }
     }
 
@@ -255,13 +258,18 @@ fn is_per_server(path: &Path) -> bool {
     path.to_string_lossy().contains(PORT_PLACEHOLDER)
 }
 
-/// The file of one server: `%port%` replaced by its port, or by `auditor` for the daemon's own
-/// records (start/stop, CONFIG changes, losses not tied to a server).
-pub fn per_server_path(template: &Path, port: u16) -> PathBuf {
-    let key = if port == 0 {
-        "auditor".to_string()
-    } else {
-        port.to_string()
+/// The file of one server: `%port%` replaced by its port; for a server with no TCP port, by
+/// `unix` and the path of its socket with `/` as `-` (`/run/valkey.sock`: `unix-run-valkey.sock`);
+/// by `auditor` for the daemon's own records (start/stop, CONFIG changes, losses not tied to a
+/// server).
+pub fn per_server_path(template: &Path, file: &ServerFile) -> PathBuf {
+    let key = match file {
+        ServerFile::Auditor => "auditor".to_string(),
+        ServerFile::Port(port) => port.to_string(),
+        ServerFile::Unix(path) => {
+            let name = path.trim_start_matches('/').replace('/', "-");
+            format!("unix-{name}")
+        }
     };
     PathBuf::from(template.to_string_lossy().replace(PORT_PLACEHOLDER, &key))
 }
@@ -271,19 +279,19 @@ pub fn per_server_path(template: &Path, port: u16) -> PathBuf {
 pub struct PerServerFiles {
     settings: Settings,
     template: PathBuf,
-    files: BTreeMap<u16, FileSink>,
-    selected: u16,
+    files: BTreeMap<ServerFile, FileSink>,
+    selected: ServerFile,
 }
 
 impl PerServerFiles {
-    fn file(&mut self, port: u16) -> Result<&mut FileSink, SinkError> {
-        if !self.files.contains_key(&port) {
-            let path = per_server_path(&self.template, port);
+    fn selected_file(&mut self) -> Result<&mut FileSink, SinkError> {
+        if !self.files.contains_key(&self.selected) {
+            let path = per_server_path(&self.template, &self.selected);
             let sink = FileSink::open(file_options(&self.settings, &path)?)?;
-            self.files.insert(port, sink);
+            self.files.insert(self.selected.clone(), sink);
         }
         self.files
-            .get_mut(&port)
+            .get_mut(&self.selected)
             .ok_or_else(|| bad("no file".into()))
     }
 
@@ -305,8 +313,7 @@ impl PerServerFiles {
 
 impl Sink for PerServerFiles {
     fn write_batch(&mut self, lines: &[u8], line_count: usize) -> Result<(), SinkError> {
-        let port = self.selected;
-        self.file(port)?.write_batch(lines, line_count)
+        self.selected_file()?.write_batch(lines, line_count)
     }
 
     fn flush(&mut self, force: bool) -> Result<(), SinkError> {
@@ -358,12 +365,16 @@ mod tests {
         let t = Path::new("/var/log/valkey/audit-%port%.log");
         assert!(is_per_server(t));
         assert_eq!(
-            per_server_path(t, 6379),
+            per_server_path(t, &ServerFile::Port(6379)),
             PathBuf::from("/var/log/valkey/audit-6379.log")
         );
         assert_eq!(
-            per_server_path(t, 0),
+            per_server_path(t, &ServerFile::Auditor),
             PathBuf::from("/var/log/valkey/audit-auditor.log")
+        );
+        assert_eq!(
+            per_server_path(t, &ServerFile::Unix(Arc::from("/run/valkey/valkey.sock"))),
+            PathBuf::from("/var/log/valkey/audit-unix-run-valkey-valkey.sock.log")
         );
         assert!(!is_per_server(Path::new("/var/log/audit.log")));
     }

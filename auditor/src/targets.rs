@@ -176,11 +176,21 @@ pub fn describe(pid: u32, hostname: &str, node_name: Option<&str>) -> ServerInfo
         .first()
         .map(|a| a.port())
         .unwrap_or(0);
+    // A server without TCP is named by its unix socket (its `%port%` file); the first one opened.
+    let unix_socket = if port == 0 {
+        procscan::unix_listeners(pid)
+            .into_iter()
+            .min()
+            .map(|(_, path)| Arc::from(path.as_str()))
+    } else {
+        None
+    };
     let mut info = ServerInfo {
         hostname: hostname.to_string(),
         pid,
         ns_pid: parse_ns_pid(&status, pid),
         port,
+        unix_socket: unix_socket.unwrap_or_default(),
         container_id,
         ..ServerInfo::default()
     };
