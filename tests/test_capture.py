@@ -258,6 +258,40 @@ def test_secrets_never_logged(audited):
     assert len([r for r in recs if r["command"] == "migrate"]) == 2
 
 
+
+def test_secrets_valkey_changes_before_quoting_them_or_typed_with_a_space_never_logged(audited):
+    """Valkey quotes a failing ACL rule after making CR/LF spaces and cutting it at a NUL or at 512
+    bytes; a password typed with a space leaves its second word as a syntax error Valkey quotes;
+    COMMAND GETKEYS names a whole command. None of it may show a password, and fixed texts that
+    happen to contain the password (`username-password`) must not be redacted (that told it)."""
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    long_secret = "<LongSecret" + "x" * 600
+    replies = [c.call(*cmd) for cmd in (
+        ("ACL", "SETUSER", "dave", "<CrSecret\r\nCrPart"),
+        ("ACL", "SETUSER", "dave", "<NulSecret\0NulPart"),
+        ("ACL", "SETUSER", "dave", long_secret),
+        ("ACL", "SETUSER", "dave", "on", ">SpPass3", "SpWord3"),
+        ("ACL", "SETUSER", "dave", "(>SelSecret4)"),
+        ("ACL", "SETUSER", "dave", "on >OneArgSecret5"),
+        ("HELLO", "3", "AUTH", "default", "SpPass2", "SpWord2"),
+        ("COMMAND", "GETKEYS", "AUTH", "GkSecret1"),
+        ("COMMAND", "GETKEYSANDFLAGS", "CONFIG", "SET", "requirepass", "GkSecret2"),
+        ("AUTH", "alice", "password"),
+    )]
+    assert all(r.startswith(b"-") for r in replies), replies
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    text = auditor.log.read_bytes()
+    for secret in (b"CrSecret", b"CrPart", b"NulSecret", b"NulPart", b"LongSecret", b"SpPass3",
+                   b"SpWord3", b"SelSecret4", b"OneArgSecret5", b"SpPass2", b"SpWord2",
+                   b"GkSecret1", b"GkSecret2"):
+        assert secret not in text, secret
+    acl = [r["error"] for r in recs if r["command"] == "acl|setuser"]
+    assert len(acl) == 6 and all("modifier '<REDACTED>" in e for e in acl), acl
+    auth = [r for r in recs if r["command"] == "auth"][0]
+    assert auth["error"] == "WRONGPASS invalid username-password pair or user is disabled.", auth
+
 def test_command_mix(audited):
     valkey, auditor = audited
     c = valkey.client(single_connection_client=True)

@@ -221,6 +221,8 @@ enum SecretRule {
     AclSetuser,
     /// `ACL DRYRUN user cmd args...`: the secrets of `cmd args...`.
     AclDryrun,
+    /// `COMMAND GETKEYS|GETKEYSANDFLAGS cmd args...`: the secrets of `cmd args...`.
+    CommandGetkeys,
     /// `MIGRATE ... AUTH pw` / `AUTH2 user pw`.
     Migrate,
     /// `CONFIG SET param value ...` with a password parameter.
@@ -446,6 +448,9 @@ pub struct Described {
     pub payload: Option<usize>,
     /// Indexes of arguments that are secrets and must never be written anywhere. Sorted, no duplicates.
     pub secrets: Vec<usize>,
+    /// A command that can carry secrets (AUTH, HELLO, ACL SETUSER, CONFIG SET, ...): its error
+    /// replies may quote one, so they are redacted (`session::redact_quoted`).
+    pub may_quote_secrets: bool,
     /// The request's real argument count (at least `args.len()`), for OTHER's `(and N more args)`.
     pub argc: u64,
     /// The argument count passes the command's arity, so the server did not refuse it for that:
@@ -465,6 +470,7 @@ impl Default for Described {
             change_reply: ChangeReply::Unknown,
             payload: None,
             secrets: Vec::new(),
+            may_quote_secrets: false,
             argc: 0,
             arity_ok: true,
         }
@@ -550,6 +556,7 @@ impl CommandTable {
                 None => CommandName::Borrowed(b""),
             };
             d.known = false;
+            d.may_quote_secrets = false;
             d.category = Category::Other;
             d.write_keys = 0;
             d.change_reply = ChangeReply::Unknown;
@@ -578,6 +585,7 @@ impl CommandTable {
         self.collect_secrets(info.secret_rule, args, 0, 0, &mut d.secrets);
         d.secrets.sort_unstable();
         d.secrets.dedup();
+        d.may_quote_secrets = info.secret_rule != SecretRule::None;
 
         d.category = if info.secret_rule == SecretRule::Auth
             || (info.secret_rule == SecretRule::Hello && hello_auth_at(args).is_some())
@@ -624,34 +632,52 @@ impl CommandTable {
                 n => out.extend((1..n).map(|i| offset + i)),
             },
             SecretRule::Hello => {
-                if let Some(at) = hello_auth_at(args) {
-                    if args.len() > at + 2 {
-                        out.push(offset + at + 2);
-                    } else if args.len() == at + 2 {
-                        // `HELLO 3 AUTH x`: a syntax error; x may well be the password.
-                        out.push(offset + at + 1);
+                // `HELLO [protover [AUTH user pw] [SETNAME name]]` (an `AUTH` in argv[1] is still
+                // taken as the option). A word that is no option makes a syntax error, and may be
+                // the rest of a password typed with a space in it (`... AUTH u pass word`): hidden.
+                let mut i = if hello_auth_at(args) == Some(1) { 1 } else { 2 };
+                while i < args.len() {
+                    let a = &args[i];
+                    if a.eq_ignore_case("auth") {
+                        if i + 2 < args.len() {
+                            out.push(offset + i + 2);
+                        } else if i + 1 < args.len() {
+                            // `HELLO 3 AUTH x`: a syntax error; x may well be the password.
+                            out.push(offset + i + 1);
+                        }
+                        i += 3;
+                    } else if a.eq_ignore_case("setname") {
+                        i += 2;
+                    } else {
+                        out.push(offset + i);
+                        i += 1;
                     }
                 }
             }
             SecretRule::AclSetuser => {
                 // Rules start after the username, but a forgotten username would make the first
-                // rule argv[2]: check from 2 on. Usernames cannot start with these characters
-                // anyway (`ACL SETUSER >x` makes a user named ">x", which is no secret to hide
-                // from its own audit log, but hiding it is the safe mistake).
+                // rule argv[2]: signed rules count from 2 on. Usernames cannot start with these
+                // characters anyway (`ACL SETUSER >x` makes a user named ">x", which is no secret
+                // to hide from its own audit log, but hiding it is the safe mistake). From argv[3]
+                // on, anything that is not a rule Valkey knows without a password in it (`(>pw)`,
+                // `"on >pw"`, the second half of `>pass word`) may hold one: hidden too.
                 for (i, a) in args.iter().enumerate().skip(2) {
-                    if matches!(a.prefix.first(), Some(b'>' | b'<' | b'#' | b'!')) {
+                    let signed = matches!(a.prefix.first(), Some(b'>' | b'<' | b'#' | b'!'));
+                    if signed || (i >= 3 && !is_plain_acl_rule(&a.prefix)) {
                         out.push(offset + i);
                     }
                 }
             }
-            SecretRule::AclDryrun => {
-                let inner = args.get(3..).unwrap_or_default();
+            SecretRule::AclDryrun | SecretRule::CommandGetkeys => {
+                // `ACL DRYRUN user cmd ...`, `COMMAND GETKEYS cmd ...`.
+                let at = if rule == SecretRule::AclDryrun { 3 } else { 2 };
+                let inner = args.get(at..).unwrap_or_default();
                 if depth < MAX_DRYRUN_DEPTH
                     && let Some(info) = self.resolve(inner)
                 {
-                    self.collect_secrets(info.secret_rule, inner, offset + 3, depth + 1, out);
+                    self.collect_secrets(info.secret_rule, inner, offset + at, depth + 1, out);
                 } else if depth >= MAX_DRYRUN_DEPTH {
-                    out.extend((3..args.len()).map(|i| offset + i));
+                    out.extend((at..args.len()).map(|i| offset + i));
                 }
             }
             SecretRule::Migrate => {
@@ -688,6 +714,37 @@ impl CommandTable {
                 }
             }
         }
+    }
+}
+
+/// An `ACL SETUSER` rule that sets no password and holds none: a flag or reset word, a key,
+/// channel or command rule, or a selector `(...)` of such rules.
+fn is_plain_acl_rule(rule: &[u8]) -> bool {
+    const WORDS: [&str; 14] = [
+        "on",
+        "off",
+        "nopass",
+        "resetpass",
+        "reset",
+        "allkeys",
+        "resetkeys",
+        "allchannels",
+        "resetchannels",
+        "allcommands",
+        "nocommands",
+        "clearselectors",
+        "sanitize-payload",
+        "skip-sanitize-payload",
+    ];
+    match rule {
+        [b'~' | b'%' | b'&' | b'+' | b'-', ..] => true,
+        [b'(', inner @ .., b')'] => inner
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+            .all(|w| w.first() != Some(&b'(') && is_plain_acl_rule(w)),
+        _ => WORDS
+            .iter()
+            .any(|w| rule.eq_ignore_ascii_case(w.as_bytes())),
     }
 }
 
@@ -1032,6 +1089,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         "hello" => SecretRule::Hello,
         "acl|setuser" => SecretRule::AclSetuser,
         "acl|dryrun" => SecretRule::AclDryrun,
+        "command|getkeys" | "command|getkeysandflags" => SecretRule::CommandGetkeys,
         "migrate" => SecretRule::Migrate,
         "config|set" => SecretRule::ConfigSet,
         _ => SecretRule::None,
@@ -1289,6 +1347,57 @@ mod tests {
     fn describe(words: &[&str]) -> Described {
         let a = argv(words);
         table().describe(&a, a.len() as u64)
+    }
+
+    #[test]
+    fn acl_setuser_hides_every_word_that_is_not_a_plain_rule() {
+        let d = describe(&[
+            "ACL",
+            "SETUSER",
+            "bob",
+            "on",
+            "(~k +get)",
+            "+@read",
+            "-del",
+            "&ch",
+            "%R~x",
+            "nopass",
+            "ResetKeys",
+            "allkeys",
+            ">pw",
+            "<pw",
+            "#h",
+            "!h",
+            "pw2",
+            "(>pw)",
+            "on >pw",
+            "(~k",
+        ]);
+        assert_eq!(d.secrets, [12, 13, 14, 15, 16, 17, 18, 19]);
+        assert!(d.may_quote_secrets);
+        // The user name (argv[2]) is shown unless it looks like a password rule.
+        assert_eq!(describe(&["ACL", "SETUSER", ">pw"]).secrets, [2]);
+        assert!(!describe(&["GET", "k"]).may_quote_secrets);
+    }
+
+    #[test]
+    fn hello_hides_its_password_and_every_word_that_is_no_option() {
+        let secrets = |w: &[&str]| describe(w).secrets;
+        assert_eq!(
+            secrets(&["HELLO", "3", "AUTH", "u", "pw", "SETNAME", "n"]),
+            [4]
+        );
+        assert_eq!(
+            secrets(&["HELLO", "3", "SETNAME", "n", "AUTH", "u", "pw"]),
+            [6]
+        );
+        assert_eq!(
+            secrets(&["HELLO", "3", "AUTH", "u", "pass", "word"]),
+            [4, 5]
+        );
+        assert_eq!(secrets(&["HELLO", "3", "AUTH", "x"]), [3]);
+        assert_eq!(secrets(&["HELLO", "AUTH", "u", "pw"]), [3]);
+        assert!(secrets(&["HELLO", "3"]).is_empty());
     }
 
     fn key_names(words: &[&str]) -> Vec<String> {

@@ -242,10 +242,11 @@ struct Pending {
     change_reply: ChangeReply,
     /// Subscribe-family confirmations seen so far.
     confirmations: u64,
-    /// The command's secret arguments (passwords), to be cut out of an error reply that quotes
-    /// them (`ACL SETUSER ... '<pw'` fails with a text naming `'<pw'`). Empty, with no allocation,
-    /// for almost every command.
-    secrets: Vec<Arg>,
+    /// For a command that can carry secrets (`Described::may_quote_secrets`): its arguments that
+    /// are not secrets, the only words its error reply may quote unredacted (`ACL SETUSER ...
+    /// '<pw'` fails with a text quoting `'<pw'`, cut and with CR/LF made spaces). `None`, with no
+    /// allocation, for almost every command.
+    quotable: Option<Vec<Arg>>,
     /// Read after a request-side gap, before the client had all its replies: the reply matched
     /// to it may belong to a command lost in the gap (see `Conn::uncertain_since`).
     after_gap: bool,
@@ -1014,11 +1015,9 @@ impl Session {
             write_keys: d.write_keys as u64,
             change_reply: d.change_reply,
             confirmations: 0,
-            secrets: d
-                .secrets
-                .iter()
-                .filter_map(|&i| req.args.get(i).cloned())
-                .collect(),
+            quotable: d
+                .may_quote_secrets
+                .then(|| quotable_args(&req.args, &d.secrets)),
             after_gap: conn.uncertain_since.is_some(),
             refusable,
             changes_mode,
@@ -1059,7 +1058,7 @@ impl Session {
             write_keys: 0,
             change_reply: ChangeReply::Unknown,
             confirmations: 0,
-            secrets: Vec::new(),
+            quotable: None,
             after_gap: conn.uncertain_since.is_some(),
             refusable: None,
             changes_mode: false,
@@ -1263,7 +1262,9 @@ impl Session {
         } else if !p.after_gap {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text, p.arity_ok);
-            redact_secrets(&mut p.record.error, &p.secrets);
+            if let Some(quotable) = &p.quotable {
+                redact_quoted(&mut p.record.error, quotable);
+            }
         }
         if p.after_gap {
             // The connection's state follows the reply (the best guess there is), but the record
@@ -1324,7 +1325,9 @@ impl Session {
                         q.record.result = Outcome::Failure;
                         // (Queued, so it passed the arity check.)
                         fill_error(&mut q.record, text, true);
-                        redact_secrets(&mut q.record.error, &q.secrets);
+                        if let Some(quotable) = &q.quotable {
+                            redact_quoted(&mut q.record.error, quotable);
+                        }
                     } else {
                         q.record.result = Outcome::Success;
                         q.record.keys_modified = q.write_keys;
@@ -1739,39 +1742,67 @@ fn script_refused(command: &[u8], s: &str) -> bool {
         || named("ERR Can't execute ")
 }
 
-/// Cut the command's secrets out of its error text: every occurrence of a secret argument, and of
-/// it without its ACL rule sign (`>pw`, `<pw`, `#hash`, `!hash`), becomes `<REDACTED>`. When only a
-/// prefix of a secret was kept, the text is cut where that prefix appears (the rest could be the
-/// secret's unseen end).
-fn redact_secrets(error: &mut Vec<u8>, secrets: &[Arg]) {
+/// The arguments an error reply may quote unredacted: those that are not secrets (`secrets`, sorted
+/// indexes), and equal none (`HELLO 3 AUTH bob bob x`: a quoted `bob` could be the password).
+fn quotable_args(args: &[Arg], secrets: &[usize]) -> Vec<Arg> {
+    let is_secret = |i: &usize| secrets.binary_search(i).is_ok();
+    let secret_words: Vec<&[u8]> = (0..args.len())
+        .filter(is_secret)
+        .map(|i| args[i].prefix.as_slice())
+        .collect();
+    (0..args.len())
+        .filter(|i| !is_secret(i))
+        .map(|i| &args[i])
+        .filter(|a| {
+            !secret_words
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(&a.prefix))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Redact what the error reply of a command that can carry secrets quotes. Valkey quotes the
+/// words it complains about (`modifier '<pw': ...`, `HELLO option 'x'`), after changing them (CR/LF
+/// made spaces, cut at a NUL or at 512 bytes), so a secret cannot be found in the text by its bytes;
+/// instead every quoted word that is not one of the command's other arguments (`quotable`) becomes
+/// `<REDACTED>`, from its opening quote to the text's last quote (a secret may hold quotes itself)
+/// or to its end (cut off). The unquoted text is Valkey's own wording and is left alone: replacing
+/// a secret's bytes wherever they occur turned `WRONGPASS invalid username-password pair` into
+/// `username-<REDACTED>` for the password `password`, telling it.
+fn redact_quoted(error: &mut Vec<u8>, quotable: &[Arg]) {
     const REDACTED: &[u8] = b"<REDACTED>";
-    if error.is_empty() {
-        return;
-    }
-    for secret in secrets {
-        let whole = secret.prefix.as_slice();
-        let bare = match whole.split_first() {
-            Some((b'>' | b'<' | b'#' | b'!', rest)) if !rest.is_empty() => Some(rest),
-            _ => None,
-        };
-        for needle in std::iter::once(whole).chain(bare) {
-            if needle.is_empty() {
-                continue;
-            }
-            let mut out = Vec::with_capacity(error.len());
-            let mut rest = error.as_slice();
-            while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
-                out.extend_from_slice(&rest[..at]);
-                out.extend_from_slice(REDACTED);
-                if !secret.is_complete() {
-                    rest = &[];
-                    break;
-                }
-                rest = &rest[at + needle.len()..];
-            }
-            out.extend_from_slice(rest);
-            *error = out;
+    // Valkey's own words in ACL SETUSER's pattern errors (`... (or the 'allkeys' flag) ...`).
+    const OWN_WORDS: [&[u8]; 4] = [b"allkeys", b"resetkeys", b"allchannels", b"resetchannels"];
+    let allowed = |word: &[u8]| {
+        word.is_empty()
+            || OWN_WORDS.contains(&word)
+            || quotable
+                .iter()
+                .any(|a| a.is_complete() && a.prefix.eq_ignore_ascii_case(word))
+    };
+    let mut from = 0;
+    while let Some(open) = error[from..]
+        .iter()
+        .position(|&b| b == b'\'')
+        .map(|i| from + i)
+    {
+        let close = error[open + 1..]
+            .iter()
+            .position(|&b| b == b'\'')
+            .map(|i| open + 1 + i);
+        if let Some(close) = close
+            && allowed(&error[open + 1..close])
+        {
+            from = close + 1;
+            continue;
         }
+        let end = match error.iter().rposition(|&b| b == b'\'') {
+            Some(last) if last > open => last,
+            _ => error.len(),
+        };
+        error.splice(open + 1..end, REDACTED.iter().copied());
+        return;
     }
 }
 

@@ -2829,16 +2829,141 @@ fn an_error_reply_that_quotes_a_secret_does_not_leak_it() {
         "ERR Error in ACL SETUSER modifier '<REDACTED>': The password you are trying to remove \
          from the user does not exist"
     );
-    // Quoted without its rule sign, too.
+    // Valkey 9.1.2's texts, as the real server wrote them.
     let r = w.roundtrip(
         &["ACL", "SETUSER", "dave", "#0123abcd"],
-        b"-ERR The password hash must be exactly 64 characters: 0123abcd\r\n",
+        b"-ERR Error in ACL SETUSER modifier '#0123abcd': The password hash must be exactly 64 \
+          characters and contain only lowercase hexadecimal characters\r\n",
     );
     assert_eq!(
         s(&r.error),
-        "ERR The password hash must be exactly 64 characters: <REDACTED>"
+        "ERR Error in ACL SETUSER modifier '<REDACTED>': The password hash must be exactly 64 \
+         characters and contain only lowercase hexadecimal characters"
     );
     assert_no_secret(&[r], "0123abcd");
+}
+
+#[test]
+fn a_secret_that_valkey_changed_before_quoting_it_is_still_redacted() {
+    let mut w = Wire::new();
+    // CR/LF made spaces, cut at a NUL, a quote inside: the quoted word is not the argument's bytes.
+    for (secret, quoted) in [
+        ("<Secret1\r\nPart2", "<Secret1  Part2"),
+        ("<Secret3\0Part4", "<Secret3"),
+        ("<it's'x", "<it's'x"),
+    ] {
+        let reply = format!(
+            "-ERR Error in ACL SETUSER modifier '{quoted}': The password you are trying to remove \
+             from the user does not exist\r\n"
+        );
+        let r = w.roundtrip(&["ACL", "SETUSER", "dave", secret], reply.as_bytes());
+        assert_eq!(
+            s(&r.error),
+            "ERR Error in ACL SETUSER modifier '<REDACTED>': The password you are trying to \
+             remove from the user does not exist"
+        );
+        assert!(!s(&r.command_args).contains("Secret") && !s(&r.command_args).contains("it's"));
+    }
+    // Cut at 512 bytes by the server: redacted to the end.
+    let long = format!("<{}", "q".repeat(600));
+    let reply = format!("-ERR Error in ACL SETUSER modifier '{}\r\n", &long[..480]);
+    let r = w.roundtrip(&["ACL", "SETUSER", "dave", &long], reply.as_bytes());
+    assert_eq!(s(&r.error), "ERR Error in ACL SETUSER modifier '<REDACTED>");
+}
+
+#[test]
+fn errors_quoting_other_arguments_or_valkeys_own_words_are_kept() {
+    let mut w = Wire::new();
+    let r = w.roundtrip(
+        &["ACL", "SETUSER", "dave", ">pw", "~k", "allkeys", "~k2"],
+        b"-ERR Error in ACL SETUSER modifier '~k2': Adding a pattern after the * pattern (or the \
+          'allkeys' flag) is not valid and does not have any effect. Try 'resetkeys' to start \
+          with an empty list of patterns\r\n",
+    );
+    assert!(s(&r.error).starts_with("ERR Error in ACL SETUSER modifier '~k2': Adding"));
+    assert!(s(&r.error).ends_with("Try 'resetkeys' to start with an empty list of patterns"));
+    let r = w.roundtrip(
+        &["CONFIG", "SET", "requirepass", "pw", "maxmemory", "bad"],
+        b"-ERR CONFIG SET failed (possibly related to argument 'maxmemory') - argument must be a \
+          memory value\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "ERR CONFIG SET failed (possibly related to argument 'maxmemory') - argument must be a \
+         memory value"
+    );
+}
+
+#[test]
+fn valkeys_fixed_error_texts_are_not_redacted_where_they_contain_the_password() {
+    // Replacing the password's bytes anywhere told it: `username-<REDACTED>` for "password".
+    let mut w = Wire::new();
+    for pw in ["password", "pass", "s", "invalid"] {
+        let r = w.roundtrip(
+            &["AUTH", "alice", pw],
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        );
+        assert_eq!(
+            s(&r.error),
+            "WRONGPASS invalid username-password pair or user is disabled."
+        );
+    }
+    let r = w.roundtrip(
+        &["AUTH", "password"],
+        b"-ERR AUTH <password> called without any password configured for the default user. \
+          Are you sure your configuration is correct?\r\n",
+    );
+    assert!(s(&r.error).starts_with("ERR AUTH <password> called without any password"));
+}
+
+#[test]
+fn words_that_may_be_the_rest_of_a_password_are_hidden() {
+    let mut w = Wire::new();
+    // A password typed with a space: the second word is a syntax error Valkey quotes.
+    let r = w.roundtrip(
+        &["HELLO", "3", "AUTH", "alice", "SpPass2", "SpWord2"],
+        b"-ERR Syntax error in HELLO option 'SpWord2'\r\n",
+    );
+    assert_eq!(s(&r.error), "ERR Syntax error in HELLO option '<REDACTED>'");
+    assert_no_secret(&[r], "SpWord2");
+    let r = w.roundtrip(
+        &["ACL", "SETUSER", "bob", "on", ">SpPass3", "SpWord3"],
+        b"-ERR Error in ACL SETUSER modifier 'SpWord3': Syntax error\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "ERR Error in ACL SETUSER modifier '<REDACTED>': Syntax error"
+    );
+    assert_no_secret(&[r], "SpWord3");
+    // Rules that are not rules: a selector with a password, several rules in one argument.
+    for rule in ["(>SelSecret4)", "(~k >SelSecret4)", "on >SelSecret4"] {
+        let reply = format!("-ERR Error in ACL SETUSER modifier '{rule}': Syntax error\r\n");
+        let r = w.roundtrip(&["ACL", "SETUSER", "bob", rule], reply.as_bytes());
+        assert_no_secret(&[r], "SelSecret4");
+    }
+    // The password equal to the user name: the quoted word could be either.
+    let r = w.roundtrip(
+        &["HELLO", "3", "AUTH", "bob", "bob", "bob"],
+        b"-ERR Syntax error in HELLO option 'bob'\r\n",
+    );
+    assert_eq!(s(&r.error), "ERR Syntax error in HELLO option '<REDACTED>'");
+}
+
+#[test]
+fn command_getkeys_hides_the_secrets_of_the_command_it_names() {
+    let mut w = Wire::new();
+    for sub in ["GETKEYS", "GETKEYSANDFLAGS"] {
+        let r = w.roundtrip(
+            &["COMMAND", sub, "AUTH", "GkSecret1"],
+            b"-ERR The command has no key arguments\r\n",
+        );
+        assert_no_secret(&[r], "GkSecret1");
+        let r = w.roundtrip(
+            &["COMMAND", sub, "CONFIG", "SET", "requirepass", "GkSecret2"],
+            b"-ERR The command has no key arguments\r\n",
+        );
+        assert_no_secret(&[r], "GkSecret2");
+    }
 }
 
 #[test]
