@@ -127,8 +127,8 @@ def test_config_set_writes_config_record_and_applies_to_next_command(audited):
     assert mine == ["ping", "echo"]
     cfg = [r for r in recs if r["category"] == "CONFIG" and r["command"] == "config|set"]
     assert [r["command_args"] for r in cfg] == [
-        "param=audit.exclude_commands", "param=audit.exclude_commands", "param=audit.events",
-        "param=audit.events"]
+        "subcommand=SET param=audit.exclude_commands", "subcommand=SET param=audit.exclude_commands",
+        "subcommand=SET param=audit.events", "subcommand=SET param=audit.events"]
     assert all(r["result"] == "SUCCESS" and r["client_ip"] == "127.0.0.1" for r in cfg)
     c.close()
 
@@ -169,6 +169,24 @@ def test_config_rewrite_then_restart_keeps_settings(valkey, start_auditor, tmp_p
     assert after == before
     assert after["audit.events"] == "auth,keys" or after["audit.events"] == "keys,auth"
 
+
+
+def test_config_rewrite_keeps_a_value_with_a_newline_on_its_line(valkey, start_auditor, tmp_path):
+    """A newline in a CONFIG SET value must not become a second setting line in the file."""
+    conf = tmp_path / "auditor.conf"
+    conf.write_text("audit.format text\n")
+    a = start_auditor(valkey.pid, extra=("--config", str(conf)))
+    value = "/bin/true %path\naudit.enabled no"
+    assert Raw(a.control).call("CONFIG", "SET", "audit.archive_command", value) == b"+OK\r\n"
+    assert cli(a, "CONFIG", "REWRITE").strip() == "OK"
+    lines = [l for l in conf.read_text().splitlines() if l.startswith("audit.")]
+    assert not any(l.startswith("audit.enabled") for l in lines), lines
+    assert 'audit.archive_command "/bin/true %path\\naudit.enabled no"' in lines, lines
+    assert a.stop() == 0
+    b = start_auditor(valkey.pid, extra=("--config", str(conf)))
+    assert config_get(b, "audit.enabled") == {"audit.enabled": "yes"}
+    got = Raw(b.control).call("CONFIG", "GET", "audit.archive_command")
+    assert got.endswith(b"$%d\r\n%s\r\n" % (len(value), value.encode())), got
 
 def test_info_audit_counts_match_log(audited):
     valkey, auditor = audited
@@ -222,6 +240,24 @@ def test_control_password(valkey, start_auditor):
     text = a.log.read_bytes()
     assert b"ctl-secret-pw" not in text and b"new-ctl-pw" not in text
     assert b"param=audit.control_requirepass" in text
+
+
+def test_config_changes_refused_for_want_of_auth_are_recorded(valkey, start_auditor):
+    """An unauthenticated try to switch auditing off is refused, and the log says so."""
+    a = start_auditor(valkey.pid, extra=("--control-password", "ctl-secret-pw"))
+    control = Raw(a.control)
+    for args in (("CONFIG", "SET", "audit.enabled", "no"), ("CONFIG", "REWRITE"),
+                 ("CONFIG", "RESETSTAT")):
+        assert control.call(*args).startswith(b"-NOAUTH")
+    control.close()
+    assert config_get(a, "audit.enabled", password="ctl-secret-pw") == {"audit.enabled": "yes"}
+    recs = wait_until(lambda: (r := [x for x in a.records() if x["category"] == "CONFIG"])
+                      and len(r) >= 3 and r, what="three refused CONFIG records")
+    assert [(r["command"], r["command_args"], r["result"], r["error"]) for r in recs] == [
+        ("config|set", "subcommand=SET param=audit.enabled", "FAILURE", "NOAUTH Authentication required."),
+        ("config|rewrite", "subcommand=REWRITE", "FAILURE", "NOAUTH Authentication required."),
+        ("config|resetstat", "subcommand=RESETSTAT", "FAILURE", "NOAUTH Authentication required."),
+    ]
 
 
 def test_control_auth_records_read_like_the_servers(valkey, start_auditor):
@@ -416,7 +452,7 @@ def test_config_records_are_in_time_order_with_the_commands(audited):
         assert c.call("SET", f"ord{i}", "1") == b"+OK\r\n"
         expected.append(("set", f"ord{i}"))
         assert cli(auditor, "CONFIG", "SET", "audit.payload_maxsize", f"100{i}").strip() == "OK"
-        expected.append(("config|set", "param=audit.payload_maxsize"))
+        expected.append(("config|set", "subcommand=SET param=audit.payload_maxsize"))
     c.close()
     marker(valkey, "order-done")
     recs = auditor.wait_records(lambda rs: any("order-done" in r["command_args"] for r in rs))

@@ -74,7 +74,8 @@ pub trait ControlBackend: Send + Sync + 'static {
     /// refused, and for a control AUTH or HELLO AUTH, successful or failed, with the category
     /// [`control_event_category`] gives (AUTH for AUTH and HELLO, like the server's records of them).
     /// `command` is "config|set", "config|rewrite", "config|resetstat", "auth" or "hello"; `args` is
-    /// "param=<name> [param=<name>...]" for CONFIG SET (never values), for AUTH/HELLO what the
+    /// the server's CONFIG records' "subcommand=<as typed>", and for CONFIG SET "param=<name>" for
+    /// each setting after it (never values), for AUTH/HELLO what the
     /// server's records of them show (`[username=<u> ]password=<REDACTED>`, HELLO's preceded by
     /// `protover=<n> `), "" otherwise; `client` is the control client's address; `user` is the user
     /// the command ran as, always the control user ("default": a failed AUTH changes nothing, and
@@ -1226,7 +1227,21 @@ async fn execute(
         return Outcome::Reply(arity_error(spec.name));
     }
     if !client.authenticated && !spec.has_flag("no_auth") && shared.password_required() {
-        return Outcome::Reply(Reply::err("NOAUTH Authentication required."));
+        const NOAUTH: &str = "NOAUTH Authentication required.";
+        if let Some(command) = CONFIG_CHANGES.iter().find(|c| **c == spec.name) {
+            // An attempt to change the auditor's settings (to switch auditing off, say) is what
+            // the log must show, refused or not.
+            shared
+                .audit(ControlEvent {
+                    command,
+                    args: config_record_args(args),
+                    client: client.peer,
+                    user: CONTROL_USER.into(),
+                    error: NOAUTH.into(),
+                })
+                .await;
+        }
+        return Outcome::Reply(Reply::err(NOAUTH));
     }
     client.last_command = spec.name;
     let reply = match spec.name {
@@ -1275,15 +1290,15 @@ async fn execute(
         "command|docs" => command_docs_reply(&args[2..]),
         "command|help" => help_reply(&args[0], COMMAND_HELP),
         "config|get" => config_get(shared, &args[2..]),
-        "config|set" => config_set(client, shared, &args[2..]).await,
-        "config|rewrite" => config_rewrite(client, shared).await,
+        "config|set" => config_set(client, shared, args).await,
+        "config|rewrite" => config_rewrite(client, shared, args).await,
         "config|resetstat" => {
             shared.stats.reset();
             let _ = shared.blocking(|b| b.reset_stats()).await;
             shared
                 .audit(ControlEvent {
                     command: "config|resetstat",
-                    args: String::new(),
+                    args: config_record_args(args),
                     client: client.peer,
                     user: CONTROL_USER.into(),
                     error: String::new(),
@@ -1341,6 +1356,8 @@ const CONFIG_HELP: &[&str] = &[
 
 async fn auth(client: &mut Client, shared: &Shared, args: &[Bytes]) -> Reply {
     if args.len() > 3 {
+        // Still an attempt to log in: recorded like the others (every argument hidden).
+        audit_auth(shared, "auth", client.peer, args, "ERR syntax error").await;
         return Reply::err("ERR syntax error");
     }
     let required = shared.backend.control_password();
@@ -1688,9 +1705,11 @@ fn config_get(shared: &Shared, patterns: &[Bytes]) -> Reply {
     Reply::Map(pairs)
 }
 
-async fn config_set(client: &Client, shared: &Shared, words: &[Bytes]) -> Reply {
+async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Reply {
+    let words = &full_args[2..];
     if !words.len().is_multiple_of(2) {
-        return arity_error("config|set");
+        // (Fewer than one pair was refused by the arity check, as Valkey does.)
+        return Reply::err("ERR syntax error");
     }
     let known = shared.backend.setting_names();
     let mut pairs = Vec::with_capacity(words.len() / 2);
@@ -1706,16 +1725,11 @@ async fn config_set(client: &Client, shared: &Shared, words: &[Bytes]) -> Reply 
         };
         pairs.push((name, pair[1].clone()));
     }
-    let params = pairs
-        .iter()
-        .map(|(name, _)| format!("param={name}"))
-        .collect::<Vec<_>>()
-        .join(" ");
     let result = config_set_checked(shared, pairs, all_known).await;
     shared
         .audit(ControlEvent {
             command: "config|set",
-            args: params,
+            args: config_record_args(full_args),
             client: client.peer,
             user: CONTROL_USER.into(),
             error: result.clone().err().unwrap_or_default(),
@@ -1758,7 +1772,30 @@ async fn config_set_checked(
         .unwrap_or_else(|| Err("CONFIG SET failed - internal error".into()))
 }
 
-async fn config_rewrite(client: &Client, shared: &Shared) -> Reply {
+/// The CONFIG commands that change something, recorded even when refused.
+const CONFIG_CHANGES: [&str; 3] = ["config|set", "config|rewrite", "config|resetstat"];
+
+/// `command_args` of a CONFIG record: the server's CONFIG records' `subcommand=<as typed>
+/// param=<name in lower case>`, with every further parameter's `param=<name>` after it (one CONFIG SET may
+/// change several settings, `audit.enabled` among them); values are never shown.
+fn config_record_args(args: &[Bytes]) -> String {
+    let mut out = match args.get(1) {
+        Some(sub) => format!("subcommand={}", truncated(sub, 64)),
+        None => String::new(),
+    };
+    if args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(b"set")) {
+        for name in args.iter().skip(2).step_by(2) {
+            // (Names are case-insensitive: written as CONFIG GET shows them.)
+            out.push_str(&format!(
+                " param={}",
+                truncated(name, 64).to_ascii_lowercase()
+            ));
+        }
+    }
+    out
+}
+
+async fn config_rewrite(client: &Client, shared: &Shared, args: &[Bytes]) -> Reply {
     let result = shared
         .blocking(|b| b.rewrite_config())
         .await
@@ -1766,7 +1803,7 @@ async fn config_rewrite(client: &Client, shared: &Shared) -> Reply {
     shared
         .audit(ControlEvent {
             command: "config|rewrite",
-            args: String::new(),
+            args: config_record_args(args),
             client: client.peer,
             user: CONTROL_USER.into(),
             error: result.clone().err().unwrap_or_default(),
@@ -2299,6 +2336,12 @@ mod tests {
                     true
                 ),
                 ("auth", "username=bob password=<REDACTED>", "default", false),
+                (
+                    "auth",
+                    "username=<REDACTED> password=<REDACTED>",
+                    "default",
+                    false
+                ),
             ]
         );
     }
@@ -2453,7 +2496,7 @@ mod tests {
             format!("*2\r\n{}$0\r\n\r\n", bulk("audit.control_requirepass"))
         );
         let event = backend.events().pop().unwrap();
-        assert_eq!(event.args, "param=audit.control_requirepass");
+        assert_eq!(event.args, "subcommand=SET param=audit.control_requirepass");
         assert!(event.success);
     }
 
@@ -2556,7 +2599,7 @@ mod tests {
         assert_eq!(
             c.cmd(&["CONFIG", "SET", "audit.format", "csv", "audit.events"])
                 .await,
-            "-ERR wrong number of arguments for 'config|set' command\r\n"
+            "-ERR syntax error\r\n"
         );
         assert_eq!(
             c.cmd(&["CONFIG", "SET", "audit.format"]).await,
@@ -2572,30 +2615,34 @@ mod tests {
 
         let events = backend.events();
         let expected = [
-            ("config|set", "param=audit.format param=audit.events", ""),
             (
                 "config|set",
-                "param=audit.events param=audit.format",
+                "subcommand=SET param=audit.format param=audit.events",
+                "",
+            ),
+            (
+                "config|set",
+                "subcommand=SET param=audit.events param=audit.format",
                 "CONFIG SET failed (possibly related to argument 'audit.format') - argument(s) \
                  must be one of the following: text, json, csv",
             ),
             (
                 "config|set",
-                "param=audit.format param=audit.format",
+                "subcommand=SET param=audit.format param=audit.format",
                 "CONFIG SET failed (possibly related to argument 'audit.format') - duplicate \
                  parameter",
             ),
             (
                 "config|set",
-                "param=audit.nosuch param=audit.nosuch",
+                "subcommand=SET param=audit.nosuch param=audit.nosuch",
                 "Unknown option or number of arguments for CONFIG SET - 'audit.nosuch'",
             ),
             (
                 "config|rewrite",
-                "",
+                "subcommand=REWRITE",
                 "The server is running without a config file",
             ),
-            ("config|resetstat", "", ""),
+            ("config|resetstat", "subcommand=RESETSTAT", ""),
         ];
         assert_eq!(events.len(), expected.len(), "{events:?}");
         for (event, (command, args, error)) in events.iter().zip(expected) {

@@ -220,10 +220,11 @@ fn yes_no(b: bool) -> String {
 }
 
 fn parse_range(name: &str, v: &str, min: u64, max: u64) -> Result<u64, SettingError> {
-    let n: i128 = v
-        .trim()
-        .parse()
-        .map_err(|_| err(name, "argument couldn't be parsed into an integer"))?;
+    // As Valkey's `string2ll`: no blanks, no `+`.
+    let n: i128 = Some(v)
+        .filter(|v| !v.starts_with('+'))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| err(name, "argument couldn't be parsed into an integer"))?;
     if n < min as i128 || n > max as i128 {
         return Err(err(
             name,
@@ -234,10 +235,16 @@ fn parse_range(name: &str, v: &str, min: u64, max: u64) -> Result<u64, SettingEr
 }
 
 impl Settings {
-    /// Apply one setting. `name` may omit the `audit.` prefix; case-insensitive like Valkey.
+    /// Apply one setting written in a config file or on the command line: `name` may omit the
+    /// `audit.` prefix (case-insensitive like Valkey), and the value is trimmed and may be quoted.
     pub fn apply(&mut self, name: &str, value: &str) -> Result<(), SettingError> {
-        let full = full_name(name);
-        let value = unquote(value.trim());
+        self.set(&full_name(name), unquote(value.trim()))
+    }
+
+    /// Set one setting to `value` as it is (CONFIG SET: Valkey keeps values verbatim). `full` is
+    /// the lower-case `audit.<name>`.
+    fn set(&mut self, full: &str, value: String) -> Result<(), SettingError> {
+        let full = full.to_string();
         let ferr = |e: crate::filter::FilterError| err(&full, e.0);
         match full.as_str() {
             "audit.enabled" => self.filter.enabled = parse_bool(&full, &value)?,
@@ -326,6 +333,10 @@ impl Settings {
                 if !value.is_empty() && !value.contains("%path") {
                     return Err(err(&full, "argument must contain %path (the rolled file)"));
                 }
+                // (Double quotes group words: the file sink could not run it.)
+                if value.matches('"').count() % 2 == 1 {
+                    return Err(err(&full, "argument has an unclosed double quote"));
+                }
                 self.delivery.archive_command = value
             }
             "audit.max_archive_retries" => {
@@ -397,7 +408,7 @@ impl Settings {
             }
             _ => {
                 return Err(SettingError {
-                    name: name.to_string(),
+                    name: full,
                     message: "unknown setting".into(),
                     unknown: true,
                 });
@@ -460,11 +471,20 @@ impl Settings {
         }
     }
 
-    /// Apply several settings all or nothing (CONFIG SET with several pairs).
+    /// Apply several settings all or nothing (CONFIG SET with several pairs): names in full
+    /// (`audit.format`, any case), values as they are.
     pub fn apply_all(&self, pairs: &[(String, String)]) -> Result<Settings, SettingError> {
         let mut next = self.clone();
         for (name, value) in pairs {
-            next.apply(name, value)?;
+            let full = name.to_ascii_lowercase();
+            if !full.starts_with("audit.") {
+                return Err(SettingError {
+                    name: name.clone(),
+                    message: "unknown setting".into(),
+                    unknown: true,
+                });
+            }
+            next.set(&full, value.clone())?;
         }
         Ok(next)
     }
@@ -639,28 +659,78 @@ fn setting_line(line: &str) -> Option<(&str, &str)> {
     Some(line.split_once(char::is_whitespace).unwrap_or((line, "")))
 }
 
+/// A config-file value: in double quotes, Valkey's escapes (`\\ \" \n \r \t \a \b \xHH`) are
+/// decoded, as `CONFIG REWRITE` writes them; in single quotes, nothing is.
 fn unquote(v: &str) -> String {
     let b = v.as_bytes();
-    if b.len() >= 2
-        && ((b[0] == b'"' && b[b.len() - 1] == b'"') || (b[0] == b'\'' && b[b.len() - 1] == b'\''))
-    {
-        let inner = &v[1..v.len() - 1];
-        if b[0] == b'"' {
-            inner.replace("\\\"", "\"").replace("\\\\", "\\")
-        } else {
-            inner.to_string()
-        }
-    } else {
-        v.to_string()
+    if b.len() >= 2 && b[0] == b'\'' && b[b.len() - 1] == b'\'' {
+        return v[1..v.len() - 1].to_string();
     }
+    if !(b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"') {
+        return v.to_string();
+    }
+    let inner = &b[1..b.len() - 1];
+    let mut out = Vec::with_capacity(inner.len());
+    let mut i = 0;
+    while i < inner.len() {
+        let c = inner[i];
+        let next = inner.get(i + 1).copied();
+        let hex = |at: usize| {
+            inner
+                .get(at..at + 2)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        };
+        match (c, next) {
+            (b'\\', Some(b'x')) if hex(i + 2).is_some() => {
+                out.extend(hex(i + 2));
+                i += 4;
+                continue;
+            }
+            (b'\\', Some(e @ (b'\\' | b'"' | b'n' | b'r' | b't' | b'a' | b'b'))) => {
+                out.push(match e {
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'a' => 7,
+                    b'b' => 8,
+                    e => e,
+                })
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Quote a value for the config file when it is empty or has spaces or quotes.
+/// Control characters are escaped as Valkey's `sdscatrepr` does, so a value never spans lines (a
+/// newline in a CONFIG SET value wrote a second, forged setting line into the file).
 fn quote(v: &str) -> String {
-    if !v.is_empty() && !v.contains([' ', '"', '\'', '\\', '\t']) {
+    let plain = |c: char| !(c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\'));
+    if !v.is_empty() && v.chars().all(plain) {
         return v.to_string();
     }
-    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The running settings, shared by the control port (writer) and the capture thread (reader).
@@ -881,6 +951,55 @@ mod tests {
         for name in SETTING_NAMES {
             assert_eq!(back.get(name), s.get(name), "{name}");
         }
+    }
+
+    #[test]
+    fn a_value_with_control_characters_stays_on_its_line_when_rewritten() {
+        // A newline in a CONFIG SET value wrote a second, forged setting line into the file.
+        let pairs = [(
+            "audit.archive_command".to_string(),
+            "/bin/true %path\naudit.enabled\x0cno \"q\" \\ \t".to_string(),
+        )];
+        let s = Settings::default().apply_all(&pairs).unwrap();
+        let text = s.rewrite_config_text("");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("audit.")).count(),
+            1,
+            "{text}"
+        );
+        let mut back = Settings::default();
+        back.apply_config_text(&text).unwrap();
+        assert_eq!(
+            back.get("audit.archive_command"),
+            s.get("audit.archive_command")
+        );
+        assert_eq!(back.get("audit.enabled").as_deref(), Some("yes"));
+    }
+
+    #[test]
+    fn config_set_values_are_kept_as_they_are() {
+        let set = |name: &str, value: &str| {
+            Settings::default().apply_all(&[(name.to_string(), value.to_string())])
+        };
+        let s = set("audit.control_requirepass", "'quoted pw'").unwrap();
+        assert_eq!(s.control_requirepass, "'quoted pw'");
+        // Numbers as Valkey parses them: no blanks.
+        assert!(set("audit.payload_maxsize", " 12").is_err());
+        // Only full names, as the module registers them.
+        let e = set("enabled", "yes").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Unknown option or number of arguments for CONFIG SET - 'enabled'"
+        );
+        assert!(set("AUDIT.Enabled", "no").is_ok());
+        // An archive command the file sink could not split.
+        let e = set("audit.archive_command", "/bin/echo \"%path").unwrap_err();
+        assert!(e.to_string().contains("unclosed double quote"), "{e}");
+        // Config files still take quoted values.
+        let mut f = Settings::default();
+        f.apply_config_text("audit.control_requirepass \"a b\"\n")
+            .unwrap();
+        assert_eq!(f.control_requirepass, "a b");
     }
 
     #[test]
