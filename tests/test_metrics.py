@@ -68,3 +68,25 @@ def test_metrics_endpoint_rejects_other_paths(valkey, start_auditor):
         raise AssertionError("expected 404")
     except urllib.error.HTTPError as e:
         assert e.code == 404
+
+
+def test_info_audit_has_the_modules_filter_counters(valkey, start_auditor):
+    """`audit_prefix_filter_*` and `audit_custom_category*`, as the module names them."""
+    from test_capture import info_audit
+    auditor = start_auditor(valkey.pid, settings=(
+        "audit.prefix_filter", "!ft*,get", "audit.custom_category", "reads:get,mget",
+        "audit.events", "all,reads"))
+    with valkey.client() as c:
+        for i in range(3):
+            c.get(f"p{i}")
+        c.set("p-set", "v")
+    auditor.wait_records(lambda rs: any(r["command"] == "set" for r in rs))
+    fields = wait_until(lambda: (f := info_audit(auditor))
+                        and f.get("audit_custom_category_matches") == "3" and f,
+                        what="INFO audit to count the three GETs")
+    assert fields["audit_prefix_filters_count"] == "2"
+    assert fields["audit_custom_categories_count"] == "1"
+    # Every command is checked (the client's HELLO/CLIENT SETINFO too); the GETs match.
+    checks = int(fields["audit_prefix_filter_checks"])
+    assert checks >= 4 and fields["audit_prefix_filter_matches"] == "3", fields
+    assert fields["audit_prefix_filter_hit_rate_percent"] == f"{300 / checks:.2f}"

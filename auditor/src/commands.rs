@@ -1310,11 +1310,9 @@ fn push_field(out: &mut Vec<u8>, d: &Described, index: usize, arg: &Arg, max: us
     }
 }
 
-/// Append at most `max` bytes of the argument, then `marker` when any of it is not shown. The cut is
-/// moved back to a UTF-8 character boundary (at most 3 bytes) so text stays text.
-fn push_cut(out: &mut Vec<u8>, arg: Option<&Arg>, max: usize, marker: &[u8]) {
-    let Some(arg) = arg else { return };
-    let bytes = arg.prefix.as_slice();
+/// Where to cut `bytes` to at most `max` bytes: moved back to a UTF-8 character boundary (at most
+/// 3 bytes) so text stays text; a plain byte cut where it is not UTF-8.
+pub fn utf8_cut(bytes: &[u8], max: usize) -> usize {
     let mut cut = bytes.len().min(max);
     if cut < bytes.len() {
         let floor = cut.saturating_sub(3);
@@ -1322,10 +1320,18 @@ fn push_cut(out: &mut Vec<u8>, arg: Option<&Arg>, max: usize, marker: &[u8]) {
             cut -= 1;
         }
         if bytes.get(cut).is_some_and(|b| b & 0xC0 == 0x80) {
-            // Not UTF-8 around here: a plain byte cut.
             cut = bytes.len().min(max);
         }
     }
+    cut
+}
+
+/// Append at most `max` bytes of the argument, then `marker` when any of it is not shown. The cut is
+/// moved back to a UTF-8 character boundary (at most 3 bytes) so text stays text.
+fn push_cut(out: &mut Vec<u8>, arg: Option<&Arg>, max: usize, marker: &[u8]) {
+    let Some(arg) = arg else { return };
+    let bytes = arg.prefix.as_slice();
+    let cut = utf8_cut(bytes, max);
     out.extend_from_slice(&bytes[..cut]);
     if (cut as u64) < arg.len || arg.lost {
         out.extend_from_slice(marker);

@@ -472,6 +472,16 @@ impl PrefixFilter {
             .is_some_and(|(_, ex)| *ex)
     }
 
+    /// Whether any prefix matches `name` (`INFO audit`'s `audit_prefix_filter_matches`).
+    pub fn matches(&self, name: &[u8]) -> bool {
+        self.by_len.iter().any(|(p, _)| starts_with_ci(name, p))
+    }
+
+    /// Number of prefixes (`audit_prefix_filters_count`).
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
     /// `!ft*,ft.info*` (lower case, each with its `*`, in the order given).
     pub fn render(&self) -> String {
         let v: Vec<String> = self

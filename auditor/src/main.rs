@@ -17,7 +17,7 @@ use auditor::capture::{self, Capture, CaptureConfig, CaptureMode, CaptureStream}
 use auditor::commands::CommandTable;
 use auditor::control::{self, ControlBackend};
 use auditor::delivery::{Origin, Queue, run_sink};
-use auditor::metrics::{Metrics, TargetInfo};
+use auditor::metrics::{self, Metrics, TargetInfo};
 use auditor::record::{Category, Outcome, Record};
 use auditor::scheduling::{self, RateGovernor};
 use auditor::session::{self, CaptureEvent, Peer, ProcessEvent, Session};
@@ -683,6 +683,10 @@ impl ControlBackend for Backend {
             &s.protocol_string(),
             s.format.as_str(),
             self.queue.len_bytes(),
+            metrics::FilterSizes {
+                prefix_filters: s.filter.prefix_filter.len(),
+                custom_categories: s.filter.custom.len(),
+            },
         )
     }
 
@@ -789,7 +793,7 @@ impl CaptureLoop {
         self.write_all(&mut records);
         let mut seen_version = self.shared.version();
         let mut reported_drops = (0u64, 0u64);
-        let mut published = [0u64; 8];
+        let mut published = [0u64; 11];
         let mut last_check = Instant::now();
         let mut last_sweep = Instant::now();
         let mut target_gone = false;
@@ -981,7 +985,7 @@ impl CaptureLoop {
 
     /// Add what happened since the last call to the shared counters (deltas, so CONFIG RESETSTAT
     /// can zero them at any time).
-    fn publish_stats(&mut self, last: &mut [u64; 8]) {
+    fn publish_stats(&mut self, last: &mut [u64; 11]) {
         use std::sync::atomic::Ordering::Relaxed;
         let st = &self.session.stats;
         let (ring_events, ring_bytes) = self.stream.kernel_drops().unwrap_or((last[4], last[5]));
@@ -994,6 +998,9 @@ impl CaptureLoop {
             ring_bytes,
             st.protocol_errors,
             st.bytes_elided,
+            st.prefix_filter_checks,
+            st.prefix_filter_matches,
+            st.custom_category_matches,
         ];
         let m = &self.metrics;
         let targets = [
@@ -1005,6 +1012,9 @@ impl CaptureLoop {
             &m.lost_ring_bytes,
             &m.protocol_errors,
             &m.bytes_elided,
+            &m.prefix_filter_checks,
+            &m.prefix_filter_matches,
+            &m.custom_category_matches,
         ];
         for ((t, n), l) in targets.iter().zip(now).zip(last.iter_mut()) {
             t.fetch_add(n.saturating_sub(*l), Relaxed);

@@ -101,6 +101,13 @@ pub struct TargetSnapshot {
     pub counting: bool,
 }
 
+/// How many prefix filters and custom categories the settings hold (`INFO audit`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FilterSizes {
+    pub prefix_filters: usize,
+    pub custom_categories: usize,
+}
+
 /// Every counter read once: what both `INFO audit` and `/metrics` are rendered from.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -110,6 +117,9 @@ pub struct Snapshot {
     pub bytes_written: u64,
     pub write_errors: u64,
     pub filtered: u64,
+    pub prefix_filter_checks: u64,
+    pub prefix_filter_matches: u64,
+    pub custom_category_matches: u64,
     pub lost_ring_events: u64,
     pub lost_ring_bytes: u64,
     pub request_resyncs: u64,
@@ -153,6 +163,7 @@ impl Snapshot {
         protocol: &str,
         format: &str,
         queue_bytes: usize,
+        filters: FilterSizes,
     ) -> Vec<(String, String)> {
         let uptime = self.uptime_seconds;
         let total = self.total_events();
@@ -232,6 +243,32 @@ impl Snapshot {
             self.bytes_elided.to_string(),
         ));
         f.push(("audit_capture_mode".into(), self.capture_mode.into()));
+        // The module's filter counters (its hash-table and command-table fields describe its own
+        // internals and have no counterpart here).
+        f.push((
+            "audit_prefix_filters_count".into(),
+            filters.prefix_filters.to_string(),
+        ));
+        f.push((
+            "audit_prefix_filter_checks".into(),
+            self.prefix_filter_checks.to_string(),
+        ));
+        f.push((
+            "audit_prefix_filter_matches".into(),
+            self.prefix_filter_matches.to_string(),
+        ));
+        f.push((
+            "audit_prefix_filter_hit_rate_percent".into(),
+            pct(self.prefix_filter_matches, self.prefix_filter_checks),
+        ));
+        f.push((
+            "audit_custom_categories_count".into(),
+            filters.custom_categories.to_string(),
+        ));
+        f.push((
+            "audit_custom_category_matches".into(),
+            self.custom_category_matches.to_string(),
+        ));
         for t in self.info_targets() {
             f.push((
                 format!("audit_target_{}", t.info.pid),
@@ -328,6 +365,9 @@ pub struct Metrics {
     pub lost_ring_bytes: AtomicU64,
     pub request_resyncs: AtomicU64,
     pub reply_resyncs: AtomicU64,
+    pub prefix_filter_checks: AtomicU64,
+    pub prefix_filter_matches: AtomicU64,
+    pub custom_category_matches: AtomicU64,
     /// Malformed client requests (not losses: every byte was seen).
     pub protocol_errors: AtomicU64,
     pub bytes_skipped: AtomicU64,
@@ -365,6 +405,9 @@ impl Metrics {
             bytes_written: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
+            prefix_filter_checks: AtomicU64::new(0),
+            prefix_filter_matches: AtomicU64::new(0),
+            custom_category_matches: AtomicU64::new(0),
             lost_ring_events: AtomicU64::new(0),
             lost_ring_bytes: AtomicU64::new(0),
             request_resyncs: AtomicU64::new(0),
@@ -566,6 +609,9 @@ impl Metrics {
             &self.bytes_elided,
             &self.lost_queue,
             &self.lost_sink,
+            &self.prefix_filter_checks,
+            &self.prefix_filter_matches,
+            &self.custom_category_matches,
         ] {
             c.store(0, Relaxed);
         }
@@ -596,6 +642,9 @@ impl Metrics {
             bytes_written: self.bytes_written.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
+            prefix_filter_checks: self.prefix_filter_checks.load(Relaxed),
+            prefix_filter_matches: self.prefix_filter_matches.load(Relaxed),
+            custom_category_matches: self.custom_category_matches.load(Relaxed),
             lost_ring_events: self.lost_ring_events.load(Relaxed),
             lost_ring_bytes: self.lost_ring_bytes.load(Relaxed),
             request_resyncs: self.request_resyncs.load(Relaxed),
@@ -620,8 +669,10 @@ impl Metrics {
         protocol: &str,
         format: &str,
         queue_bytes: usize,
+        filters: FilterSizes,
     ) -> Vec<(String, String)> {
-        self.snapshot().info_fields(protocol, format, queue_bytes)
+        self.snapshot()
+            .info_fields(protocol, format, queue_bytes, filters)
     }
 }
 
@@ -642,7 +693,7 @@ mod tests {
     }
 
     fn field(m: &Metrics, name: &str) -> Option<String> {
-        m.info_fields("file", "text", 0)
+        m.info_fields("file", "text", 0, FilterSizes::default())
             .into_iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)
@@ -658,7 +709,7 @@ mod tests {
     #[test]
     fn new_registers_pids_and_keeps_the_original_fields() {
         let m = Metrics::new(vec![42, 43]);
-        let fields = m.info_fields("file /x.log", "json", 7);
+        let fields = m.info_fields("file /x.log", "json", 7, FilterSizes::default());
         let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
         // The original fields, in their original order, come first.
         let original = [

@@ -738,7 +738,12 @@ mod tests {
         let m = busy_metrics();
         let snap = m.snapshot();
         let info: HashMap<String, String> = snap
-            .info_fields("syslog udp:x:514", "json", 4321)
+            .info_fields(
+                "syslog udp:x:514",
+                "json",
+                4321,
+                crate::metrics::FilterSizes::default(),
+            )
             .into_iter()
             .collect();
         let page = render_snapshot(&snap, "syslog udp:x:514", "json", 4321);

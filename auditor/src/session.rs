@@ -375,6 +375,11 @@ pub struct SessionStats {
     pub bytes_elided: u64,
     /// Records the filter stage did not write (exclusions, events, result mode).
     pub filtered: u64,
+    /// Commands looked up in `audit.prefix_filter` while it had prefixes, and those a prefix
+    /// matched; commands `audit.custom_category` gave a category (the module's INFO counters).
+    pub prefix_filter_checks: u64,
+    pub prefix_filter_matches: u64,
+    pub custom_category_matches: u64,
 }
 
 /// All audited connections of all targets, and the settings and tables the records need.
@@ -453,12 +458,12 @@ impl Session {
         let Some((_, latest)) = timeline.last() else {
             return;
         };
-        let keep = latest.payload_maxsize.saturating_add(1).max(MIN_KEEP);
+        self.settings = latest.clone();
+        self.timeline = timeline;
+        let keep = self.keep();
         for c in self.conns.values_mut() {
             c.requests.set_keep(keep);
         }
-        self.settings = latest.clone();
-        self.timeline = timeline;
     }
 
     /// The settings in force at kernel time `ts`.
@@ -474,9 +479,17 @@ impl Session {
         }
     }
 
+    /// Bytes of each argument the request parsers keep: enough for the largest
+    /// `payload_maxsize` of the timeline, not only the latest. Requests still in the ring when it
+    /// is lowered were sent under an earlier value and are cut by that one (they were cut to 256
+    /// bytes, the floor, before).
     fn keep(&self) -> usize {
-        self.settings
-            .payload_maxsize
+        self.timeline
+            .iter()
+            .map(|(_, s)| s.payload_maxsize)
+            .chain([self.settings.payload_maxsize])
+            .max()
+            .unwrap_or(0)
             .saturating_add(1)
             .max(MIN_KEEP)
     }
@@ -966,7 +979,8 @@ impl Session {
         }
         let maxsize = settings.payload_maxsize;
         fn key_of(a: &crate::argv::Arg, maxsize: usize) -> &[u8] {
-            &a.prefix[..a.prefix.len().min(maxsize)]
+            // Cut as `command_args` cuts it: a UTF-8 key stays text.
+            &a.prefix[..crate::commands::utf8_cut(&a.prefix, maxsize)]
         }
         let mut keys = KeyList::with_capacity(
             d.keys.len(),
@@ -1593,6 +1607,16 @@ impl Session {
 
     #[inline(always)]
     fn push_with(&mut self, settings: &Settings, rec: &mut Record, out: &mut impl RecordOut) {
+        let f = &settings.filter;
+        if (!f.prefix_filter.is_empty() || !f.custom.is_empty())
+            && f.enabled
+            && !matches!(
+                rec.category,
+                Category::Audit | Category::AuditLoss | Category::Connection
+            )
+        {
+            self.count_filter_lookups(f, &rec.command);
+        }
         if let Some(cat) = filter::decide(
             &settings.filter,
             &rec.category,
@@ -1605,6 +1629,18 @@ impl Session {
             out.put(rec);
         } else {
             self.stats.filtered += 1;
+        }
+    }
+
+    /// The INFO counters of the prefix filter and custom categories (only while they are set).
+    #[cold]
+    fn count_filter_lookups(&mut self, f: &filter::FilterConfig, command: &[u8]) {
+        if !f.prefix_filter.is_empty() {
+            self.stats.prefix_filter_checks += 1;
+            self.stats.prefix_filter_matches += u64::from(f.prefix_filter.matches(command));
+        }
+        if f.custom.category_of(command).is_some() {
+            self.stats.custom_category_matches += 1;
         }
     }
 

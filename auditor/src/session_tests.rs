@@ -2258,6 +2258,36 @@ fn a_command_uses_the_settings_in_force_when_it_was_read() {
 }
 
 #[test]
+fn lowering_payload_maxsize_does_not_cut_requests_read_before_it() {
+    // The change takes effect later than these requests were read (they wait in the ring): they
+    // are cut by the value in force when they were read, not by the new one or the 256-byte floor.
+    let mut w = Wire::new();
+    w.session.set_timeline(vec![
+        (0, Arc::new(Settings::default())),
+        (
+            u64::MAX / 2,
+            Arc::new(settings(&["audit.payload_maxsize", "5"])),
+        ),
+    ]);
+    let key = "k".repeat(1000);
+    let value = "v".repeat(1030);
+    let r = w.roundtrip(&["SET", &key, &value], b"+OK\r\n");
+    assert_eq!(r.keys.iter().next().map(<[u8]>::len), Some(1000));
+    assert_eq!(
+        s(&r.command_args),
+        format!("key={key} payload={}...(truncated)", &value[..1024])
+    );
+}
+
+#[test]
+fn keys_are_cut_on_a_character_boundary_like_command_args() {
+    let mut w = Wire::with(settings(&["audit.payload_maxsize", "5"]));
+    let r = w.roundtrip(&["SET", "ééé", "v"], b"+OK\r\n");
+    assert_eq!(r.keys.iter().collect::<Vec<_>>(), ["éé".as_bytes()]);
+    assert!(s(&r.command_args).starts_with("key=éé...(truncated)"));
+}
+
+#[test]
 fn custom_category_renames_the_record() {
     let mut w = Wire::with(settings(&[
         "audit.custom_category",
