@@ -228,47 +228,46 @@ impl Snapshot {
         ));
         f.push(("audit_protocol".into(), protocol.into()));
         f.push(("audit_format".into(), format.into()));
-        // Added after the original set.
-        f.push((
-            "audit_ring_buffer_used_bytes".into(),
-            self.ring_used_bytes.to_string(),
-        ));
-        f.push((
-            "audit_ring_buffer_size_bytes".into(),
-            self.ring_size_bytes.to_string(),
-        ));
-        f.push(("audit_targets".into(), self.attached_targets().to_string()));
-        f.push((
-            "audit_reply_bytes_elided".into(),
-            self.bytes_elided.to_string(),
-        ));
-        f.push(("audit_capture_mode".into(), self.capture_mode.into()));
-        // The module's filter counters (its hash-table and command-table fields describe its own
-        // internals and have no counterpart here).
-        f.push((
-            "audit_prefix_filters_count".into(),
-            filters.prefix_filters.to_string(),
-        ));
-        f.push((
-            "audit_prefix_filter_checks".into(),
-            self.prefix_filter_checks.to_string(),
-        ));
-        f.push((
-            "audit_prefix_filter_matches".into(),
-            self.prefix_filter_matches.to_string(),
-        ));
-        f.push((
-            "audit_prefix_filter_hit_rate_percent".into(),
-            pct(self.prefix_filter_matches, self.prefix_filter_checks),
-        ));
-        f.push((
-            "audit_custom_categories_count".into(),
-            filters.custom_categories.to_string(),
-        ));
-        f.push((
-            "audit_custom_category_matches".into(),
-            self.custom_category_matches.to_string(),
-        ));
+        // Added after the original set; then the module's filter counters (its hash-table and
+        // command-table fields describe its own internals and have no counterpart here).
+        let later: [(&str, String); 11] = [
+            (
+                "audit_ring_buffer_used_bytes",
+                self.ring_used_bytes.to_string(),
+            ),
+            (
+                "audit_ring_buffer_size_bytes",
+                self.ring_size_bytes.to_string(),
+            ),
+            ("audit_targets", self.attached_targets().to_string()),
+            ("audit_reply_bytes_elided", self.bytes_elided.to_string()),
+            ("audit_capture_mode", self.capture_mode.into()),
+            (
+                "audit_prefix_filters_count",
+                filters.prefix_filters.to_string(),
+            ),
+            (
+                "audit_prefix_filter_checks",
+                self.prefix_filter_checks.to_string(),
+            ),
+            (
+                "audit_prefix_filter_matches",
+                self.prefix_filter_matches.to_string(),
+            ),
+            (
+                "audit_prefix_filter_hit_rate_percent",
+                pct(self.prefix_filter_matches, self.prefix_filter_checks),
+            ),
+            (
+                "audit_custom_categories_count",
+                filters.custom_categories.to_string(),
+            ),
+            (
+                "audit_custom_category_matches",
+                self.custom_category_matches.to_string(),
+            ),
+        ];
+        f.extend(later.into_iter().map(|(k, v)| (k.to_string(), v)));
         for t in self.info_targets() {
             f.push((
                 format!("audit_target_{}", t.info.pid),
