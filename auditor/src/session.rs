@@ -1277,7 +1277,7 @@ impl Session {
             p.record.result = Outcome::Failure;
             fill_error(&mut p.record, &reply.text, p.arity_ok);
             if let Some(quotable) = &p.quotable {
-                redact_quoted(&mut p.record.error, quotable);
+                redact_quoted(&mut p.record.error, &p.record.command, quotable);
             }
         }
         if p.after_gap {
@@ -1340,7 +1340,7 @@ impl Session {
                         // (Queued, so it passed the arity check.)
                         fill_error(&mut q.record, text, true);
                         if let Some(quotable) = &q.quotable {
-                            redact_quoted(&mut q.record.error, quotable);
+                            redact_quoted(&mut q.record.error, &q.record.command, quotable);
                         }
                     } else {
                         q.record.result = Outcome::Success;
@@ -1806,13 +1806,15 @@ fn quotable_args(args: &[Arg], secrets: &[usize]) -> Vec<Arg> {
 /// or to its end (cut off). The unquoted text is Valkey's own wording and is left alone: replacing
 /// a secret's bytes wherever they occur turned `WRONGPASS invalid username-password pair` into
 /// `username-<REDACTED>` for the password `password`, telling it.
-fn redact_quoted(error: &mut Vec<u8>, quotable: &[Arg]) {
+fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
     const REDACTED: &[u8] = b"<REDACTED>";
     // Valkey's own words in ACL SETUSER's pattern errors (`... (or the 'allkeys' flag) ...`).
     const OWN_WORDS: [&[u8]; 4] = [b"allkeys", b"resetkeys", b"allchannels", b"resetchannels"];
     let allowed = |word: &[u8]| {
         word.is_empty()
             || OWN_WORDS.contains(&word)
+            // (`wrong number of arguments for 'config|set' command`)
+            || word.eq_ignore_ascii_case(command)
             || quotable
                 .iter()
                 .any(|a| a.is_complete() && a.prefix.eq_ignore_ascii_case(word))

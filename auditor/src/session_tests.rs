@@ -2913,6 +2913,14 @@ fn errors_quoting_other_arguments_or_valkeys_own_words_are_kept() {
     assert!(s(&r.error).starts_with("ERR Error in ACL SETUSER modifier '~k2': Adding"));
     assert!(s(&r.error).ends_with("Try 'resetkeys' to start with an empty list of patterns"));
     let r = w.roundtrip(
+        &["CONFIG", "SET", "requirepass", "pw", "x"],
+        b"-ERR wrong number of arguments for 'config|set' command\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "ERR wrong number of arguments for 'config|set' command"
+    );
+    let r = w.roundtrip(
         &["CONFIG", "SET", "requirepass", "pw", "maxmemory", "bad"],
         b"-ERR CONFIG SET failed (possibly related to argument 'maxmemory') - argument must be a \
           memory value\r\n",
