@@ -356,6 +356,30 @@ def test_roll_by_time_minutely(valkey, start_auditor, tmp_path):
                for r in new if r["command"] == "set")
 
 
+
+def test_archive_command_moving_files_away_never_gets_a_name_twice(valkey, start_auditor, tmp_path):
+    """An archive command that moves each rolled file away leaves no file of that second on disk;
+    the next roll in the same second must still get a new name, or the archive overwrites the
+    earlier file and its records are gone."""
+    logs, archive = tmp_path / "logs", tmp_path / "archive"
+    logs.mkdir(), archive.mkdir()
+    live = logs / "audit.log"
+    a = file_auditor(start_auditor, valkey, live, "audit.max_file_size", "3000")
+    assert cli(a, "CONFIG", "SET", "audit.archive_command",
+               f"/bin/mv -n %path {archive}/").strip() == "OK"
+    # Many rolls within each second (one record per batch, ~10 records per file).
+    set_one_by_one(valkey, live, [f"mv:{i}" for i in range(150)], "y" * 100)
+    rolled_names = []
+
+    def all_archived():
+        rolled_names[:] = [p.name for p in archive.iterdir()]
+        recs = [r for p in archive.iterdir() for r in read_records(p)] + read_records(live)
+        keys = {r["keys"][0] for r in recs if r["command"] == "set"}
+        return len(keys) == 150 and not rolled_files(logs) and recs
+    recs = wait_until(all_archived, timeout=20, what="every record in the archive or the live file")
+    assert_gapless(sorted(recs, key=lambda r: r["seq"]))
+    assert len(rolled_names) >= 10, rolled_names
+
 def test_archive_command_failing_once_succeeds_on_retry(valkey, start_auditor, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

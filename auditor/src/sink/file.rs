@@ -1029,6 +1029,9 @@ struct RollNaming {
     prefix: Vec<u8>,
     /// `.<ext>`, or empty when the live file has no extension.
     suffix: Vec<u8>,
+    /// The last name handed out: an `archive_command` may have moved every file of that second
+    /// away, and the next one must still not reuse a name (the archive would overwrite it).
+    last_rolled: Option<RollKey>,
 }
 
 /// Order of rolled files: when their content began, then the same-second counter.
@@ -1063,6 +1066,7 @@ impl RollNaming {
             dir,
             prefix,
             suffix,
+            last_rolled: None,
         }
     }
 
@@ -1143,9 +1147,15 @@ impl RollNaming {
 
     /// A free name for a file whose content began at `stamp`, ordered after every rolled file of
     /// the same second still on disk (not merely the first free one: retention may have deleted
-    /// the oldest of that second). Counters start at 1.
-    fn unused_name(&self, stamp: &str) -> io::Result<PathBuf> {
+    /// the oldest of that second) and after the last one this sink named (an archive command may
+    /// have moved them all away). Counters start at 1.
+    fn unused_name(&mut self, stamp: &str) -> io::Result<PathBuf> {
         let stamp = stamp.as_bytes();
+        let named = self
+            .last_rolled
+            .as_ref()
+            .filter(|last| last.stamp == stamp)
+            .map_or(0, |last| last.counter);
         let mut counter = self
             .scan()?
             .iter()
@@ -1153,11 +1163,18 @@ impl RollNaming {
             .map(|file| file.key.counter)
             .max()
             .unwrap_or(0)
+            .max(named)
             + 1;
         loop {
             let path = self.path_for(stamp, counter);
             match path.symlink_metadata() {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.last_rolled = Some(RollKey {
+                        stamp: stamp.to_vec(),
+                        counter,
+                    });
+                    return Ok(path);
+                }
                 Err(e) => return Err(e),
                 Ok(_) => counter += 1,
             }
@@ -1802,7 +1819,7 @@ mod tests {
         assert!(naming.parse(b"audit-20261122-143000-").is_none());
         assert!(naming.parse(b"audit").is_none());
 
-        let naming = RollNaming::for_live(&dir.join("audit.log"));
+        let mut naming = RollNaming::for_live(&dir.join("audit.log"));
         assert!(naming.parse(b"audit-20261122-143000-0001.log.gz").is_none());
         assert!(naming.parse(b"other-20261122-143000-0001.log").is_none());
         assert!(naming.parse(b"audit-2026112x-143000-0001.log").is_none());
@@ -1843,6 +1860,24 @@ mod tests {
         assert_eq!(
             naming.unused_name("20261122-143003").expect("name"),
             dir.join("audit-20261122-143003-0008.log")
+        );
+    }
+
+    #[test]
+    fn a_name_is_not_handed_out_twice_after_an_archive_moved_the_files_away() {
+        let dir = TempDir::new("roll-archived");
+        let mut naming = RollNaming::for_live(&dir.join("audit.log"));
+        let first = naming.unused_name("20261206-220325").expect("name");
+        fs::write(&first, "x").expect("roll");
+        let second = naming.unused_name("20261206-220325").expect("name");
+        assert_eq!(second, dir.join("audit-20261206-220325-0002.log"));
+        // The archive command moved both away: the next file of that second is still a new name.
+        fs::remove_file(&first).expect("archived");
+        let third = naming.unused_name("20261206-220325").expect("name");
+        assert_eq!(third, dir.join("audit-20261206-220325-0003.log"));
+        assert_eq!(
+            naming.unused_name("20261206-220326").expect("name"),
+            dir.join("audit-20261206-220326-0001.log")
         );
     }
 
