@@ -908,6 +908,35 @@ def test_tcp_collector_killed_for_10s_gets_every_record_once_in_order(valkey, st
     assert not [r for r in recs if r["category"] == "AUDIT_LOSS"]
 
 
+
+def test_tcp_records_that_fit_neither_collector_nor_spool_at_stop_are_reported(valkey, start_auditor,
+                                                                                tmp_path):
+    """A collector that accepts and never reads; at SIGTERM the backlog goes to the spool as far as
+    it has room, and what is left over is said on stderr, never dropped without a word."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepted by the kernel, never read
+    port = listener.getsockname()[1]
+    try:
+        a = start_auditor(valkey.pid, settings=(
+            "audit.protocol", f"tcp 127.0.0.1:{port}", "audit.tcp_timeout_ms", "1000",
+            "audit.spool_dir", str(spool), "audit.spool_max_size", "100000"))
+        s = connect(valkey.port)
+        keys = [f"stuck:{i:05d}" for i in range(6000)]
+        send_sets(s, keys, b"s" * 200)  # ~2.5 MB of records, far more than the socket buffers
+        wait_until(lambda: int(info(a)["audit_events_key_op"]) >= len(keys), timeout=30,
+                   what="the sink to take every record")
+        s.close()
+        assert a.stop() == 0
+        err = a.stderr_path.read_text()
+        m = re.search(r"at shutdown: tcp 127\.0\.0\.1:\d+: backlog not delivered within 1000 ms; "
+                      r"\d+ bytes kept in \S+; (\d+) records \((\d+) bytes\) only in memory", err)
+        assert m and int(m.group(1)) > 1000, err
+    finally:
+        listener.close()
+
 def test_tcp_spool_overflow_loss_count_is_exact(valkey, start_auditor, tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()

@@ -772,7 +772,10 @@ pub fn run_sink(
         }
     }
     let sink = provider.sink();
-    let _ = sink.flush(true);
+    if let Err(e) = sink.flush(true) {
+        // Nothing can record it any more: stderr is the last place to say what did not arrive.
+        eprintln!("auditor: at shutdown: {e}");
+    }
     metrics.set_sink_status(sink.kind(), sink.status());
 }
 

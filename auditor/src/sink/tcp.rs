@@ -1088,7 +1088,11 @@ impl Sink for TcpSink {
             message.push_str(&format!("; {spooled} bytes kept in {path}"));
         }
         if in_memory > 0 {
-            message.push_str(&format!("; {in_memory} bytes only in memory"));
+            // At shutdown these are lost: the spool had no room for them.
+            let records = self.memory.bytes().iter().filter(|&&b| b == b'\n').count();
+            message.push_str(&format!(
+                "; {records} records ({in_memory} bytes) only in memory, not in the spool"
+            ));
         }
         Err(SinkError {
             message,
