@@ -501,6 +501,30 @@ def test_full_disk_keeps_records_and_resumes_without_torn_line_or_gap(valkey, st
         assert recs[-1]["command"] == "stop"
 
 
+
+def test_ring_losses_show_in_info_while_the_sink_is_stuck(valkey, start_auditor, tmp_path):
+    """With `overflow block` and a full disk the capture thread waits for room and stops reading
+    the ring, which then overflows; INFO audit must show those losses while they happen, not once
+    the disk has room again."""
+    with small_tmpfs(tmp_path / "disk") as disk:
+        live = disk / "audit.log"
+        a = file_auditor(start_auditor, valkey, live, "audit.max_queue_size", "65536",
+                         extra=("--ring-bytes", "65536"))
+        filler = disk / "filler"
+        fill_disk(filler)
+        conns = overflow_ring(valkey)
+        try:
+            f = wait_until(lambda: (lambda f: f if int(f["audit_lost_ring_buffer_events"]) > 0
+                                    else None)(info(a)),
+                           timeout=10, what="INFO audit to count ring losses while the disk is full")
+            assert f["audit_file_status"] == "error", f
+            assert 0 < int(f["audit_lost_ring_buffer_events"]) <= kernel_ring_drops(a.proc.pid)
+        finally:
+            for c in conns:
+                c.close()
+            filler.unlink()
+        assert a.stop() == 0
+
 def test_full_disk_with_overflow_drop_counts_every_dropped_record(valkey, start_auditor, tmp_path):
     with small_tmpfs(tmp_path / "disk") as disk:
         live = disk / "audit.log"

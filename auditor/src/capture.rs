@@ -102,6 +102,8 @@ pub struct CaptureStream {
     stats: PerCpuArray<MapData, u64>,
     /// Epoll instance watching the ring edge-triggered (see `wait`).
     wake: OwnedFd,
+    /// Handed to the metrics (`take_drops_reader`).
+    drops: Option<KernelDrops>,
 }
 
 /// An epoll instance with the ring buffer registered edge-triggered. A plain poll() on the ring
@@ -154,7 +156,12 @@ impl Capture {
             }
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
-        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map")?)?;
+        let stats_map = ebpf.take_map("STATS").context("STATS map")?;
+        let drops = match &stats_map {
+            aya::maps::Map::PerCpuArray(data) => KernelDrops::open(data),
+            _ => None,
+        };
+        let stats = PerCpuArray::try_from(stats_map)?;
         let sockets = HashMap::try_from(ebpf.take_map("SOCKETS").context("SOCKETS map")?)?;
         let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
         let comms = HashMap::try_from(ebpf.take_map("COMMS").context("COMMS map")?)?;
@@ -171,7 +178,12 @@ impl Capture {
                 mode,
                 accept_libcs: Vec::new(),
             },
-            CaptureStream { ring, stats, wake },
+            CaptureStream {
+                ring,
+                stats,
+                wake,
+                drops,
+            },
         ))
     }
 
@@ -452,9 +464,41 @@ impl CaptureStream {
     }
 
     pub fn kernel_drops(&self) -> Result<(u64, u64)> {
-        let events: u64 = self.stats.get(&STAT_RING_DROPS, 0)?.iter().sum();
-        let bytes: u64 = self.stats.get(&STAT_RING_DROP_BYTES, 0)?.iter().sum();
-        Ok((events, bytes))
+        ring_drops(&self.stats)
+    }
+
+    /// A reader of the kernel's drop counters for other threads (`None` if the map could not be
+    /// opened a second time).
+    pub fn take_drops_reader(&mut self) -> Option<KernelDrops> {
+        self.drops.take()
+    }
+}
+
+/// `(records, bytes)` the kernel could not put in the ring, summed over CPUs.
+fn ring_drops(stats: &PerCpuArray<MapData, u64>) -> Result<(u64, u64)> {
+    let events: u64 = stats.get(&STAT_RING_DROPS, 0)?.iter().sum();
+    let bytes: u64 = stats.get(&STAT_RING_DROP_BYTES, 0)?.iter().sum();
+    Ok((events, bytes))
+}
+
+/// The kernel's ring-drop counters, read through a second handle of the STATS map, so that
+/// `INFO audit` and `/metrics` show ring losses while they happen: the capture thread reads them
+/// only between passes, and it may be waiting for room in the queue (`overflow block`, a stuck
+/// sink) exactly while the ring overflows.
+pub struct KernelDrops(PerCpuArray<MapData, u64>);
+
+impl KernelDrops {
+    fn open(data: &MapData) -> Option<KernelDrops> {
+        // Before the capabilities are dropped: getting a map by id needs CAP_BPF.
+        let id = data.info().ok()?.id();
+        let second = MapData::from_id(id).ok()?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(second))
+            .ok()
+            .map(KernelDrops)
+    }
+
+    pub fn read(&self) -> Option<(u64, u64)> {
+        ring_drops(&self.0).ok()
     }
 }
 

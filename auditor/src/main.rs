@@ -229,7 +229,7 @@ fn run() -> Result<()> {
     let sink = open_sink(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     let table = CommandTable::builtin().context("loading the command table")?;
 
-    let (mut capture, stream) = Capture::load(&CaptureConfig {
+    let (mut capture, mut stream) = Capture::load(&CaptureConfig {
         ring_bytes: cli.ring_bytes,
         capture_cap: cli.capture_cap,
         reply_scan: cli.reply_scan,
@@ -242,6 +242,9 @@ fn run() -> Result<()> {
         // three (BENCHMARKS.md, session 8).
         wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 32),
     })?;
+    if let Some(drops) = stream.take_drops_reader() {
+        metrics.set_kernel_drops_source(Box::new(move || drops.read()));
+    }
     for name in spec.watched_comms() {
         capture.watch_comm(&name)?;
     }
@@ -793,7 +796,7 @@ impl CaptureLoop {
         self.write_all(&mut records);
         let mut seen_version = self.shared.version();
         let mut reported_drops = (0u64, 0u64);
-        let mut published = [0u64; 11];
+        let mut published = [0u64; 9];
         let mut last_check = Instant::now();
         let mut last_sweep = Instant::now();
         let mut target_gone = false;
@@ -985,17 +988,17 @@ impl CaptureLoop {
 
     /// Add what happened since the last call to the shared counters (deltas, so CONFIG RESETSTAT
     /// can zero them at any time).
-    fn publish_stats(&mut self, last: &mut [u64; 11]) {
+    fn publish_stats(&mut self, last: &mut [u64; 9]) {
         use std::sync::atomic::Ordering::Relaxed;
         let st = &self.session.stats;
-        let (ring_events, ring_bytes) = self.stream.kernel_drops().unwrap_or((last[4], last[5]));
+        if let Ok(drops) = self.stream.kernel_drops() {
+            self.metrics.observe_kernel_drops(drops);
+        }
         let now = [
             st.request_resyncs,
             st.reply_resyncs,
             st.bytes_skipped,
             st.filtered,
-            ring_events,
-            ring_bytes,
             st.protocol_errors,
             st.bytes_elided,
             st.prefix_filter_checks,
@@ -1008,8 +1011,6 @@ impl CaptureLoop {
             &m.reply_resyncs,
             &m.bytes_skipped,
             &m.filtered,
-            &m.lost_ring_events,
-            &m.lost_ring_bytes,
             &m.protocol_errors,
             &m.bytes_elided,
             &m.prefix_filter_checks,

@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::record::Category;
@@ -100,6 +100,9 @@ pub struct TargetSnapshot {
     /// `audit_target_<pid>` shows when a pid was reused.
     pub counting: bool,
 }
+
+/// Reads the kernel's ring-drop counters `(records, bytes)`, from any thread.
+pub type KernelDropsSource = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
 
 /// How many prefix filters and custom categories the settings hold (`INFO audit`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -385,6 +388,11 @@ pub struct Metrics {
     targets: Mutex<Registry>,
     /// Set to a fresh [`next_generation`] whenever the entry a pid counts in may have changed.
     targets_generation: AtomicU64,
+    /// Reads the kernel's ring-drop counters `(records, bytes)` from any thread
+    /// ([`Metrics::observe_kernel_drops`] turns them into the two counters above).
+    kernel_drops: OnceLock<KernelDropsSource>,
+    /// The kernel's counts last added to `lost_ring_*` (deltas, so RESETSTAT can zero them).
+    kernel_drops_seen: Mutex<(u64, u64)>,
     /// Where the kernel captures (`sockets` or `syscalls`), set once attached.
     pub capture_mode: std::sync::OnceLock<&'static str>,
 }
@@ -423,6 +431,8 @@ impl Metrics {
             sink_status: Default::default(),
             targets: Mutex::new(Registry::default()),
             targets_generation: AtomicU64::new(next_generation()),
+            kernel_drops: OnceLock::new(),
+            kernel_drops_seen: Mutex::new((0, 0)),
         };
         for pid in pids {
             m.target_added(TargetInfo::unknown(pid));
@@ -589,6 +599,27 @@ impl Metrics {
         self.by_category.iter().map(|c| c.load(Relaxed)).sum()
     }
 
+    /// The kernel's ring-drop counters can be read from any thread: every snapshot (INFO,
+    /// `/metrics`) reads them, so losses show while they happen, even while the capture thread
+    /// waits for room in the queue.
+    pub fn set_kernel_drops_source(&self, read: KernelDropsSource) {
+        let _ = self.kernel_drops.set(read);
+    }
+
+    /// The kernel's ring-drop counts now: what is new since the last call is added to
+    /// `lost_ring_events` / `lost_ring_bytes`.
+    pub fn observe_kernel_drops(&self, (events, bytes): (u64, u64)) {
+        let mut seen = self
+            .kernel_drops_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.lost_ring_events
+            .fetch_add(events.saturating_sub(seen.0), Relaxed);
+        self.lost_ring_bytes
+            .fetch_add(bytes.saturating_sub(seen.1), Relaxed);
+        *seen = (seen.0.max(events), seen.1.max(bytes));
+    }
+
     /// CONFIG RESETSTAT: counters restart (per target too); uptime, gauges and the target list
     /// do not.
     pub fn reset(&self) {
@@ -621,6 +652,9 @@ impl Metrics {
 
     /// Every counter, each read once.
     pub fn snapshot(&self) -> Snapshot {
+        if let Some(drops) = self.kernel_drops.get().and_then(|read| read()) {
+            self.observe_kernel_drops(drops);
+        }
         let targets = {
             let reg = self.registry();
             let chosen = counting_entries(&reg.entries);
