@@ -719,6 +719,57 @@ def test_rsyslog_receives_every_record_in_order_with_facility(valkey, start_audi
         rs.stop()
 
 
+
+def test_udp_syslog_receiver_down_is_seen_and_its_losses_counted(valkey, start_auditor):
+    """A UDP syslog receiver that goes away answers with ICMP port unreachable: the sink sees it,
+    the records wait in the queue, and the datagrams refused are counted (syslog_refused), instead
+    of every record of the outage vanishing without a word."""
+    def listen(port=0):
+        r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        r.bind(("127.0.0.1", port))
+        r.settimeout(0.1)
+        return r
+    receiver = listen()
+    port = receiver.getsockname()[1]
+    a = start_auditor(valkey.pid, settings=("audit.protocol", "syslog local3", "audit.syslog_target",
+                                            f"udp://127.0.0.1:{port}"))
+    received = []
+
+    def drain(r):
+        while True:
+            try:
+                message = r.recv(1 << 17)
+            except socket.timeout:
+                return
+            received.append(json.loads(message.partition(b"]: ")[2]))
+    c = Raw(valkey.port)
+    c.call("SET", "before", "v")
+    wait_until(lambda: drain(receiver) or any(r["keys"] == ["before"] for r in received),
+               what="a record before the outage")
+    receiver.close()
+    keys = [f"down:{i:04d}" for i in range(1500)]
+    for k in keys:
+        c.call("SET", k, "v")
+    wait_until(lambda: info(a)["audit_syslog_status"] == "error", timeout=10,
+               what="the sink to see the receiver gone")
+    receiver = listen(port)
+    try:
+        c.call("SET", "after", "v")
+        wait_until(lambda: drain(receiver) or any(r["keys"] == ["after"] for r in received),
+                   timeout=20, what="records to flow again once the receiver is back")
+        wait_until(lambda: drain(receiver) or loss_counts(received, "syslog_refused"), timeout=10,
+                   what="an AUDIT_LOSS syslog_refused record")
+    finally:
+        receiver.close()
+        c.close()
+    got = {r["keys"][0] for r in received if r["command"] == "set"}
+    missing = [k for k in keys if k not in got]
+    refused = sum(loss_counts(received, "syslog_refused"))
+    # Only datagrams in flight when the port closed are gone, each refusal counted at least once.
+    assert 1 <= refused and len(missing) < 100, (refused, len(missing))
+    assert int(info(a)["audit_lost_sink"]) >= refused
+
 def test_udp_syslog_record_longer_than_a_datagram_is_a_counted_loss_not_a_torn_message(valkey, start_auditor):
     """An MSET of 100 keys of 1 KB makes a JSON record of ~100 KB, more than one UDP datagram carries
     (65,507 bytes): it must not arrive cut (invalid JSON), nor vanish uncounted."""

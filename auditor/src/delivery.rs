@@ -662,7 +662,11 @@ fn report_sink_loss(queue: &Queue, sink: &mut dyn Sink, reported: &mut u64) -> b
     if loss.records == 0 {
         return false;
     }
-    queue.report_loss(sink.loss_cause(), loss.records, loss.bytes);
+    queue.report_loss(
+        loss.cause.unwrap_or_else(|| sink.loss_cause()),
+        loss.records,
+        loss.bytes,
+    );
     *reported += loss.records;
     // Loss records among the dropped lines: what they said is said again (their causes' counters
     // already counted it).
@@ -837,6 +841,7 @@ mod tests {
             crate::sink::SinkLoss {
                 records: std::mem::take(&mut self.pending),
                 bytes: 10,
+                cause: None,
                 carried: Vec::new(),
             }
         }

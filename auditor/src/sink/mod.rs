@@ -67,6 +67,8 @@ impl std::error::Error for SinkError {}
 pub struct SinkLoss {
     pub records: u64,
     pub bytes: u64,
+    /// The cause of this loss when it is not the sink's usual one ([`Sink::loss_cause`]).
+    pub cause: Option<&'static str>,
     /// What the dropped lines that were themselves AUDIT_LOSS records said, by cause: reported
     /// again, so that the losses they stood for stay counted exactly (`records` counts each such
     /// line as one record, which is what its `seq` gap shows).

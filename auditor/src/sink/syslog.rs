@@ -226,6 +226,9 @@ impl SyslogOptions {
     }
 }
 
+/// The loss cause of datagrams a UDP receiver refused (its port was closed).
+const SYSLOG_REFUSED: &str = "syslog_refused";
+
 /// An open connection to the syslog daemon or server.
 enum Transport {
     LocalDatagram(UnixDatagram),
@@ -269,9 +272,7 @@ impl Transport {
             Transport::LocalDatagram(socket) => {
                 retry_interrupted(|| socket.send(message)).map(drop)
             }
-            Transport::Udp { socket, server } => {
-                retry_interrupted(|| socket.send_to(message, *server)).map(drop)
-            }
+            Transport::Udp { socket, .. } => retry_interrupted(|| socket.send(message)).map(drop),
             Transport::LocalStream(stream) => stream.write_all(message),
             Transport::Tcp(stream) => stream.write_all(message),
         }
@@ -307,6 +308,9 @@ pub struct SyslogSink {
     messages_sent: u64,
     /// Records not sent because no datagram can carry them, not yet taken by [`Sink::take_loss`].
     loss: SinkLoss,
+    /// UDP datagrams the receiver refused (a send failed with ECONNREFUSED: an earlier datagram
+    /// met a closed port), not yet taken by [`Sink::take_loss`].
+    refused: SinkLoss,
 }
 
 impl SyslogSink {
@@ -327,6 +331,7 @@ impl SyslogSink {
             last_error: None,
             messages_sent: 0,
             loss: SinkLoss::default(),
+            refused: SinkLoss::default(),
         };
         sink.connect()?;
         Ok(sink)
@@ -462,9 +467,12 @@ fn open_transport(opts: &SyslogOptions, send_timeout: Duration) -> io::Result<Tr
             } else {
                 "[::]:0".parse().expect("literal")
             };
-            // Not connected: ICMP errors from earlier datagrams would otherwise fail later sends,
-            // making it unknowable whether a message went out. UDP syslog is fire and forget.
+            // Connected, so that the kernel reports the receiver's ICMP "port unreachable" (the
+            // next send fails with ECONNREFUSED): a syslog daemon that is down is then seen, the
+            // records wait in the queue, and the datagram it refused is counted as lost, where
+            // an unconnected socket sent every record into the void without a word.
             let socket = UdpSocket::bind(local)?;
+            socket.connect(server)?;
             socket.set_write_timeout(Some(send_timeout))?;
             Ok(Transport::Udp { socket, server })
         }
@@ -587,6 +595,15 @@ impl Sink for SyslogSink {
                 continue;
             }
             if let Err(e) = sent {
+                if e.kind() == io::ErrorKind::ConnectionRefused
+                    && matches!(transport, Transport::Udp { .. })
+                {
+                    // This record was not sent (it is retried with the batch), but the error is
+                    // the receiver's answer to an earlier datagram, which is gone. At least one:
+                    // refusals that arrive together are reported once.
+                    self.refused.records += 1;
+                    self.refused.cause = Some(SYSLOG_REFUSED);
+                }
                 self.transport = None;
                 self.delivered_prefix.extend_from_slice(&lines[..pos]);
                 let message = format!("syslog: sending to {}: {e}", self.describe_target());
@@ -633,11 +650,16 @@ impl Sink for SyslogSink {
     }
 
     fn take_loss(&mut self) -> SinkLoss {
-        std::mem::take(&mut self.loss)
+        // One cause per call: the other is taken at the next.
+        if self.loss.records > 0 {
+            std::mem::take(&mut self.loss)
+        } else {
+            std::mem::take(&mut self.refused)
+        }
     }
 
     fn pending_loss(&self) -> u64 {
-        self.loss.records
+        self.loss.records + self.refused.records
     }
 
     fn kind(&self) -> &'static str {

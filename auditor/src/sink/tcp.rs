@@ -1527,6 +1527,7 @@ mod tests {
             SinkLoss {
                 records: 2,
                 bytes: batch.len() as u64,
+                cause: None,
                 carried: vec![crate::sink::CarriedLoss {
                     cause: "queue_overflow".into(),
                     count: 40,
@@ -1550,6 +1551,7 @@ mod tests {
         let lost = SinkLoss {
             records: (10_000 - kept) as u64,
             bytes: (10_000 - kept) as u64 * 32,
+            cause: None,
             carried: Vec::new(),
         };
         assert_eq!(sink.loss, lost);
@@ -1582,6 +1584,7 @@ mod tests {
             SinkLoss {
                 records: 2,
                 bytes: 106,
+                cause: None,
                 carried: Vec::new(),
             }
         );
@@ -1600,6 +1603,7 @@ mod tests {
         let lost = SinkLoss {
             records: 50,
             bytes: 50 * 32,
+            cause: None,
             carried: Vec::new(),
         };
         assert_eq!(sink.loss, lost);
