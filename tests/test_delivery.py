@@ -484,6 +484,9 @@ def test_full_disk_keeps_records_and_resumes_without_torn_line_or_gap(valkey, st
         data = live.read_bytes()
         assert data.endswith(b"\n")
         parse_lines(data)
+        # The operator is told at once, once.
+        err = a.stderr_path.read_text()
+        assert err.count("(retrying)") == 1 and "No space left on device" in err, err
 
         filler.unlink()
         recs = a.wait_records(lambda rs: sets_of(rs)[-1:] == [full[-1]], timeout=20,
@@ -493,6 +496,7 @@ def test_full_disk_keeps_records_and_resumes_without_torn_line_or_gap(valkey, st
         assert_gapless(recs)
         f = wait_until(lambda: (lambda f: f if f["audit_file_status"] == "connected" else None)(info(a)),
                        what="file status back to connected")
+        assert "the file sink writes again" in a.stderr_path.read_text()
         assert int(f["audit_total_errors"]) > 0
         assert int(f["audit_lost_queue_overflow"]) == 0 and int(f["audit_lost_ring_buffer_events"]) == 0
         assert a.stop() == 0

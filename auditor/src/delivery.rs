@@ -736,7 +736,12 @@ pub fn run_sink(
                     metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                     metrics.set_sink_status(sink.kind(), sink.status());
                     let message = e.to_string();
-                    if !e.retryable && last_error.as_deref() != Some(message.as_str()) {
+                    if last_error.is_none() {
+                        // The first failure of a streak is said at once (a full disk, a collector
+                        // gone); "writes again" ends it. Retries in between are not repeated.
+                        let retry = if e.retryable { " (retrying)" } else { "" };
+                        eprintln!("auditor: {message}{retry}");
+                    } else if !e.retryable && last_error.as_deref() != Some(message.as_str()) {
                         eprintln!("auditor: {message}");
                     }
                     last_error = Some(message);
