@@ -1037,6 +1037,9 @@ def test_tcp_spool_overflow_loss_count_is_exact(valkey, start_auditor, tmp_path)
         spooled = list(spool.iterdir())
         assert len(spooled) == 1 and spool_max // 2 < spooled[0].stat().st_size <= spool_max + 256, spooled
         assert info(a)["audit_tcp_status"] != "connected"
+        # What waits for the collector shows (memory and spool), beside what the sink took.
+        wait_until(lambda: int(info(a)["audit_sink_backlog_bytes"]) >= spooled[0].stat().st_size,
+                   what="INFO audit to show the backlog")
 
         col.start()
         wait_until(lambda: loss_counts(col.records(), "sink_overflow"), timeout=30,

@@ -710,6 +710,9 @@ pub fn run_sink(
             metrics
                 .lost_sink
                 .store(sink_reported + sink.pending_loss(), Ordering::Relaxed);
+            metrics
+                .sink_backlog_bytes
+                .store(sink.backlog_bytes(), Ordering::Relaxed);
             metrics.set_sink_status(sink.kind(), sink.status());
         }
         // Take a batch only when the previous one was written.
@@ -719,7 +722,11 @@ pub fn run_sink(
         if let Some(batch) = current.take() {
             provider.select(batch.file.as_ref().unwrap_or(&ServerFile::Auditor));
             let sink = provider.sink();
-            match sink.write_batch(&batch.bytes, batch.count) {
+            let written = sink.write_batch(&batch.bytes, batch.count);
+            metrics
+                .sink_backlog_bytes
+                .store(sink.backlog_bytes(), Ordering::Relaxed);
+            match written {
                 Ok(()) => {
                     let per = batch.bytes.len() as u64 / batch.count.max(1) as u64;
                     for (c, &pid) in batch.categories.iter().zip(&batch.pids) {

@@ -135,6 +135,7 @@ pub struct Snapshot {
     pub connections: u64,
     pub lost_queue: u64,
     pub lost_sink: u64,
+    pub sink_backlog_bytes: u64,
     /// Status of each sink, in [`SINK_KINDS`] order.
     pub sink_status: [SinkStatus; 3],
     pub ring_used_bytes: u64,
@@ -233,7 +234,7 @@ impl Snapshot {
         f.push(("audit_format".into(), format.into()));
         // Added after the original set; then the module's filter counters (its hash-table and
         // command-table fields describe its own internals and have no counterpart here).
-        let later: [(&str, String); 11] = [
+        let later: [(&str, String); 12] = [
             (
                 "audit_ring_buffer_used_bytes",
                 self.ring_used_bytes.to_string(),
@@ -268,6 +269,10 @@ impl Snapshot {
             (
                 "audit_custom_category_matches",
                 self.custom_category_matches.to_string(),
+            ),
+            (
+                "audit_sink_backlog_bytes",
+                self.sink_backlog_bytes.to_string(),
             ),
         ];
         f.extend(later.into_iter().map(|(k, v)| (k.to_string(), v)));
@@ -380,6 +385,8 @@ pub struct Metrics {
     pub lost_queue: AtomicU64,
     /// Records a sink dropped (TCP spool full, buffering off while disconnected).
     pub lost_sink: AtomicU64,
+    /// Bytes the sink took but has not delivered (gauge, set by the sink thread).
+    pub sink_backlog_bytes: AtomicU64,
     /// Bytes waiting in the ring buffer and its size (gauges, set by the capture loop).
     pub ring_used_bytes: AtomicU64,
     pub ring_size_bytes: AtomicU64,
@@ -426,6 +433,7 @@ impl Metrics {
             connections: AtomicU64::new(0),
             lost_queue: AtomicU64::new(0),
             lost_sink: AtomicU64::new(0),
+            sink_backlog_bytes: AtomicU64::new(0),
             ring_used_bytes: AtomicU64::new(0),
             ring_size_bytes: AtomicU64::new(0),
             sink_status: Default::default(),
@@ -690,6 +698,7 @@ impl Metrics {
             lost_queue: self.lost_queue.load(Relaxed),
             lost_sink: self.lost_sink.load(Relaxed),
             sink_status: std::array::from_fn(|i| self.sink_status(i)),
+            sink_backlog_bytes: self.sink_backlog_bytes.load(Relaxed),
             ring_used_bytes: self.ring_used_bytes.load(Relaxed),
             ring_size_bytes: self.ring_size_bytes.load(Relaxed),
             targets,

@@ -168,6 +168,11 @@ pub trait Sink: Send {
     }
     /// Name of the sink kind: "file", "syslog" or "tcp" (selects the INFO status field).
     fn kind(&self) -> &'static str;
+    /// Bytes taken but not yet delivered (a TCP collector's backlog in memory and spool), shown
+    /// in INFO: `audit_bytes_written` counts what the sink took.
+    fn backlog_bytes(&self) -> u64 {
+        0
+    }
 }
 
 #[cfg(test)]

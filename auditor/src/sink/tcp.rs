@@ -1140,6 +1140,10 @@ impl Sink for TcpSink {
     fn kind(&self) -> &'static str {
         "tcp"
     }
+
+    fn backlog_bytes(&self) -> u64 {
+        self.memory_bytes() + self.spooled_bytes()
+    }
 }
 
 // ---- sockets (libc: std has no non-blocking connect, SIOCOUTQ, TCP_USER_TIMEOUT or SO_LINGER) ----
