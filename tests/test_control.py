@@ -171,6 +171,14 @@ def test_config_rewrite_then_restart_keeps_settings(valkey, start_auditor, tmp_p
 
 
 
+
+def test_a_refused_destination_names_the_setting_that_changed_it(audited):
+    _, auditor = audited
+    out = cli(auditor, "CONFIG", "SET", "audit.payload_maxsize", "5", "audit.syslog_target",
+              "udp://nosuchhost.invalid:514", "audit.protocol", "syslog local0")
+    assert out.startswith("ERR CONFIG SET failed (possibly related to argument 'audit.syslog_target')"), out
+    assert config_get(auditor, "audit.payload_maxsize") == {"audit.payload_maxsize": "1024"}
+
 def test_config_rewrite_keeps_a_value_with_a_newline_on_its_line(valkey, start_auditor, tmp_path):
     """A newline in a CONFIG SET value must not become a second setting line in the file."""
     conf = tmp_path / "auditor.conf"

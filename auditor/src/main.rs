@@ -636,8 +636,25 @@ impl ControlBackend for Backend {
                 let next = current.apply_all(pairs).map_err(|e| e.to_string())?;
                 if next.protocol != current.protocol || next.delivery != current.delivery {
                     // Refuse a destination that cannot be used: the running one stays in use.
+                    // Named after the first setting given that changes the destination.
+                    let culprit = pairs
+                        .iter()
+                        .find(|pair| {
+                            current
+                                .apply_all(std::slice::from_ref(*pair))
+                                .is_ok_and(|one| {
+                                    one.protocol != current.protocol
+                                        || one.delivery != current.delivery
+                                })
+                        })
+                        .map_or_else(
+                            || "audit.protocol".into(),
+                            |(name, _)| name.to_ascii_lowercase(),
+                        );
                     validate(&next).map_err(|e| {
-                        format!("CONFIG SET failed (possibly related to argument 'audit.protocol') - {e}")
+                        format!(
+                            "CONFIG SET failed (possibly related to argument '{culprit}') - {e}"
+                        )
                     })?;
                 }
                 // The format from this moment on, in the records' order (see Queue::configure_at).

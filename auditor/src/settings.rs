@@ -445,6 +445,9 @@ impl Settings {
             }
             "tcp" => {
                 let addr = rest.trim();
+                if addr.contains(char::is_whitespace) {
+                    return Err(err(name, "tcp protocol needs \"tcp <host:port>\""));
+                }
                 if !addr.is_empty() {
                     let (host, port) = addr
                         .rsplit_once(':')
@@ -992,6 +995,13 @@ mod tests {
             "Unknown option or number of arguments for CONFIG SET - 'enabled'"
         );
         assert!(set("AUDIT.Enabled", "no").is_ok());
+        // A word after the address is no part of it.
+        let e = set("audit.protocol", "tcp 127.0.0.1:7531 extra").unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("tcp protocol needs \"tcp <host:port>\""),
+            "{e}"
+        );
         // An archive command the file sink could not split.
         let e = set("audit.archive_command", "/bin/echo \"%path").unwrap_err();
         assert!(e.to_string().contains("unclosed double quote"), "{e}");
