@@ -410,6 +410,20 @@ def test_inline_command(audited):
     assert r["keys"] == ["inlinekey"] and "payload=inline value" in r["command_args"]
 
 
+
+def test_inline_quotes_joined_to_text_are_split_as_valkey_splits_them(audited):
+    """Valkey 9.1.2 joins a quoted part to the text around it (`"FLUSH"ALL` runs FLUSHALL): each
+    such command is recorded as what the server ran, none is taken for a protocol error."""
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    s.sendall(b'SET "k"2 changed\r\n"FLUSH"ALL\r\nECHO \'it\'\'s\'\r\n')
+    read_until(s, lambda b: b == b"+OK\r\n+OK\r\n$3\r\nits\r\n")
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "echo" for r in rs))
+    mine = [r for r in recs if r["category"] not in ("CONNECTION", "AUDIT")]
+    assert [(r["command"], r["keys"], r["result"]) for r in mine] == [
+        ("set", ["k2"], "SUCCESS"), ("flushall", [], "SUCCESS"), ("echo", [], "SUCCESS")], mine
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

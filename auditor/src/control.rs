@@ -2963,7 +2963,7 @@ mod tests {
         );
         assert_eq!(split("\"\" x"), Some(vec!["".into(), "x".into()]));
         assert_eq!(split("\"a\\tb\\\"c\""), Some(vec!["a\tb\"c".into()]));
-        assert_eq!(split("\"a\"b"), None);
+        assert_eq!(split("\"a\"b"), Some(vec!["ab".into()]));
         assert_eq!(split("'a"), None);
         assert_eq!(split("a\"b c\""), Some(vec!["ab c".into()]));
         assert_eq!(split(""), Some(vec![]));

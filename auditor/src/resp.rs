@@ -908,82 +908,78 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// Splits an inline line like Valkey's `sdssplitargs`. Returns the retained args and the real
-/// count, or None for unbalanced quotes or a closing quote not followed by a space. The C code
-/// works on a NUL-terminated string, so a NUL ends the line. `at` returns 0 past the end to
-/// reproduce the C look-ahead exactly.
+/// Splits an inline line as Valkey 9.1.2 does. Returns the retained args and the real count, or
+/// None for an unclosed quote. Arguments are separated by blanks (any C space before one, only
+/// space, tab, CR and LF inside one); quoted parts join the text around them, as in a shell:
+/// `"FLUSH"ALL` is `FLUSHALL`, `'it''s'` is `its` (checked against the real server: sdssplitargs
+/// refused a closing quote followed by text, Valkey 9 does not, and taking such a line for a
+/// protocol error left the commands it ran out of the log). In double quotes `\xHH`, `\n`, `\r`,
+/// `\t`, `\b`, `\a` and `\<c>` (= c) are escapes; in single quotes only `\'`. A NUL ends the line.
 pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
     let line = match line.iter().position(|&b| b == 0) {
         Some(nul) => line.get(..nul).unwrap_or_default(),
         None => line,
     };
-    let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    let ends_word = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
     let mut args = Vec::new();
     let mut argc = 0u64;
     let mut retained_bytes = 0usize;
     let mut token = Vec::new();
     let mut p = 0usize;
     loop {
-        while at(p) != 0 && is_c_space(at(p)) {
+        while p < line.len() && is_c_space(line[p]) {
             p += 1;
         }
-        if at(p) == 0 {
+        if p == line.len() {
             return Some((args, argc));
         }
-        let (mut in_double, mut in_single, mut done) = (false, false, false);
         token.clear();
-        while !done {
-            let c = at(p);
-            if in_double {
-                let hex = hex_value(at(p + 2)).zip(hex_value(at(p + 3)));
-                if let (b'\\', b'x', Some((high, low))) = (c, at(p + 1), hex) {
-                    token.push(high * 16 + low);
-                    p += 3;
-                } else if c == b'\\' && at(p + 1) != 0 {
+        while let Some(&c) = line.get(p).filter(|&&c| !ends_word(c)) {
+            p += 1;
+            match c {
+                b'"' => loop {
+                    let &c = line.get(p)?;
                     p += 1;
-                    token.push(match at(p) {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'b' => 0x08,
-                        b'a' => 0x07,
-                        other => other,
-                    });
-                } else if c == b'"' {
-                    // A closing quote must be followed by a space or the end of the line.
-                    if at(p + 1) != 0 && !is_c_space(at(p + 1)) {
-                        return None;
+                    match c {
+                        b'"' => break,
+                        b'\\' if p < line.len() => {
+                            let hex = line
+                                .get(p + 1..p + 3)
+                                .and_then(|h| Some(hex_value(h[0])? * 16 + hex_value(h[1])?));
+                            match (line[p], hex) {
+                                (b'x', Some(byte)) => {
+                                    token.push(byte);
+                                    p += 3;
+                                }
+                                (e, _) => {
+                                    token.push(match e {
+                                        b'n' => b'\n',
+                                        b'r' => b'\r',
+                                        b't' => b'\t',
+                                        b'b' => 0x08,
+                                        b'a' => 0x07,
+                                        other => other,
+                                    });
+                                    p += 1;
+                                }
+                            }
+                        }
+                        c => token.push(c),
                     }
-                    done = true;
-                } else if c == 0 {
-                    return None;
-                } else {
-                    token.push(c);
-                }
-            } else if in_single {
-                if c == b'\\' && at(p + 1) == b'\'' {
+                },
+                b'\'' => loop {
+                    let &c = line.get(p)?;
                     p += 1;
-                    token.push(b'\'');
-                } else if c == b'\'' {
-                    if at(p + 1) != 0 && !is_c_space(at(p + 1)) {
-                        return None;
+                    match c {
+                        b'\'' => break,
+                        b'\\' if line.get(p) == Some(&b'\'') => {
+                            token.push(b'\'');
+                            p += 1;
+                        }
+                        c => token.push(c),
                     }
-                    done = true;
-                } else if c == 0 {
-                    return None;
-                } else {
-                    token.push(c);
-                }
-            } else {
-                match c {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => done = true,
-                    b'"' => in_double = true,
-                    b'\'' => in_single = true,
-                    _ => token.push(c),
-                }
-            }
-            if at(p) != 0 {
-                p += 1;
+                },
+                c => token.push(c),
             }
         }
         argc += 1;
@@ -2031,6 +2027,15 @@ mod tests {
             (b"GET a\0b c", &[b"GET", b"a"]),
             (b"ECHO \"\"", &[b"ECHO", b""]),
             (b"A\x0bB", &[b"A\x0bB"]),
+            // Quoted parts join the text around them (Valkey 9.1.2, checked).
+            (b"\"FLUSH\"ALL", &[b"FLUSHALL"]),
+            (b"SET \"k\"2 v", &[b"SET", b"k2", b"v"]),
+            (b"ECHO 'it''s'", &[b"ECHO", b"its"]),
+            (b"ECHO ab\"c d\"e", &[b"ECHO", b"abc de"]),
+            (b"ECHO \"a\"'b'c", &[b"ECHO", b"abc"]),
+            (b"ECHO \"a\"\x0bb", &[b"ECHO", b"a\x0bb"]),
+            (b"\x0bECHO \x0cx", &[b"ECHO", b"x"]),
+            (br#"ECHO "a\\" \"#, &[b"ECHO", b"a\\", b"\\"]),
         ];
         for (line, expected) in cases {
             let mut data = line.to_vec();
@@ -2067,8 +2072,8 @@ mod tests {
         for line in [
             &b"SET k \"abc\r\n"[..],
             b"SET k 'abc\n",
-            b"SET k \"abc\"def\r\n",
-            b"SET k 'a'b\r\n",
+            b"SET k \"abc\"def\"\r\n",
+            b"SET k 'a'b'\r\n",
         ] {
             let mut data = line.to_vec();
             data.extend_from_slice(&multibulk(&[b"PING"]));

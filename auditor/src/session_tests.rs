@@ -2464,7 +2464,7 @@ fn malformed_requests_are_protocol_errors_not_losses_and_the_next_command_is_fou
         (b"*1\r\n$536870913\r\n", "invalid bulk length"),
         (b"*1\r\n$-5\r\n", "invalid bulk length"),
         (b"SET \"unbalanced\r\n", "unbalanced quotes in request"),
-        (b"SET \"a\"b\r\n", "unbalanced quotes in request"),
+        (b"SET \"a\"b\"\r\n", "unbalanced quotes in request"),
     ];
     for &(input, reason) in cases {
         let mut w = Wire::new();
