@@ -1820,11 +1820,9 @@ fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
                 .any(|a| a.is_complete() && a.prefix.eq_ignore_ascii_case(word))
     };
     let mut from = 0;
-    while let Some(open) = error[from..]
-        .iter()
-        .position(|&b| b == b'\'')
-        .map(|i| from + i)
-    {
+    // A quote opens a quoted word where a word starts: after `Can` in `Can't` it is an apostrophe.
+    let opens = |e: &[u8], i: usize| e[i] == b'\'' && (i == 0 || !e[i - 1].is_ascii_alphanumeric());
+    while let Some(open) = (from..error.len()).find(|&i| opens(error, i)) {
         let close = error[open + 1..]
             .iter()
             .position(|&b| b == b'\'')

@@ -2933,6 +2933,24 @@ fn errors_quoting_other_arguments_or_valkeys_own_words_are_kept() {
 }
 
 #[test]
+fn an_apostrophe_is_not_a_quote() {
+    let mut w = Wire::new();
+    let r = w.roundtrip(
+        &["HELLO", "3"],
+        b"-ERR Can't execute 'hello': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET \
+          are allowed in this context\r\n",
+    );
+    assert!(
+        s(&r.error).ends_with(
+            "Can't execute 'hello': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET \
+             are allowed in this context"
+        ),
+        "{}",
+        s(&r.error)
+    );
+}
+
+#[test]
 fn valkeys_fixed_error_texts_are_not_redacted_where_they_contain_the_password() {
     // Replacing the password's bytes anywhere told it: `username-<REDACTED>` for "password".
     let mut w = Wire::new();
