@@ -510,6 +510,24 @@ def test_refused_client_reply_hides_nothing(audited):
     assert all(r["category"] == "AUTH" and r["error"] == "acl_deny_reason=command" for r in denied)
 
 
+
+def test_a_skip_after_a_refused_off_in_one_write_leaves_later_results_right(audited):
+    """CLIENT REPLY OFF refused inside MULTI, then DISCARD and CLIENT REPLY SKIP, all in one write:
+    the SKIP silences only the SET after it; GET and every later command keep their results."""
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("MULTI") + resp("CLIENT", "REPLY", "OFF") + resp("DISCARD")
+              + resp("CLIENT", "REPLY", "SKIP") + resp("SET", "skx", "1") + resp("GET", "skx"))
+    read_until(s, lambda b: b.endswith(b"+OK\r\n$1\r\n1\r\n"))
+    s.sendall(resp("ECHO", "later"))
+    read_until(s, lambda b: b.endswith(b"$5\r\nlater\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
+    assert [(r["command"], r["result"]) for r in commands_of(recs, port)] == [
+        ("multi", "SUCCESS"), ("client|reply", "FAILURE"), ("discard", "SUCCESS"),
+        ("client|reply", "UNKNOWN"), ("set", "UNKNOWN"), ("get", "SUCCESS"), ("echo", "SUCCESS")]
+
 def test_a_script_cannot_pass_its_errors_off_as_rejections_or_acl_denials(audited):
     """What a script returns is its own failure; the server refusing EVAL itself is still a denial."""
     valkey, auditor = audited

@@ -183,6 +183,62 @@ enum ReplyMode {
     SkipNext,
 }
 
+/// What a command does to the reply mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ModeChange {
+    None,
+    /// CLIENT REPLY ON / OFF / SKIP.
+    On,
+    Off,
+    Skip,
+    /// RESET turns replies back on.
+    Reset,
+}
+
+/// One command's effect on the reply mode: whether it gets a reply, and, for a CLIENT REPLY
+/// OFF/SKIP sent with replies on, the mode it sets if the server does not refuse it (a refusal is
+/// a reply too, so only with replies on can one come).
+fn reply_mode_step(mode: &mut ReplyMode, change: ModeChange) -> (bool, Option<ReplyMode>) {
+    let before = *mode;
+    let replies_on = before == ReplyMode::On;
+    let mut expects_reply = match before {
+        ReplyMode::On => true,
+        ReplyMode::Off => false,
+        ReplyMode::SkipNext => {
+            *mode = ReplyMode::On;
+            false
+        }
+    };
+    let mut refusable = None;
+    // CLIENT REPLY changes what the server answers from this very command on.
+    match change {
+        ModeChange::None => {}
+        ModeChange::On => {
+            *mode = ReplyMode::On;
+            expects_reply = true;
+        }
+        ModeChange::Off => {
+            refusable = replies_on.then_some(ReplyMode::Off);
+            *mode = ReplyMode::Off;
+            expects_reply = false;
+        }
+        ModeChange::Skip => {
+            refusable = replies_on.then_some(ReplyMode::SkipNext);
+            if *mode == ReplyMode::On {
+                *mode = ReplyMode::SkipNext;
+            }
+            expects_reply = false;
+        }
+        ModeChange::Reset => {
+            // After OFF it answers; as the command a SKIP covers it does not (Valkey 9.1.2,
+            // checked).
+            *mode = ReplyMode::On;
+            expects_reply = before != ReplyMode::SkipNext;
+        }
+    }
+    (expects_reply, refusable)
+}
+
 /// What RESET does to a connection's state.
 fn reset_connection(conn: &mut Conn) {
     conn.username = Arc::from(&b"default"[..]);
@@ -255,7 +311,7 @@ struct Pending {
     /// The mode it set (`Off` or `SkipNext`) is undone if the server refused it.
     refusable: Option<ReplyMode>,
     /// CLIENT REPLY or RESET: sets the reply mode of the commands after it.
-    changes_mode: bool,
+    mode_change: ModeChange,
     /// `Conn::reads` when it was read.
     read: u64,
     /// Its argument count passed the command's arity (see `Described::arity_ok`).
@@ -918,50 +974,19 @@ impl Session {
             return;
         }
         let effect = effect_of(d, &req.args);
-        let mut refusable = None;
-        let mut changes_mode = false;
-        let mode_before = conn.reply_mode;
-        // (A refusal is a reply too: only with replies on can one come.)
-        let replies_on = mode_before == ReplyMode::On;
-        let mut expects_reply = match conn.reply_mode {
-            ReplyMode::On => true,
-            ReplyMode::Off => false,
-            ReplyMode::SkipNext => {
-                conn.reply_mode = ReplyMode::On;
-                false
-            }
-        };
-        // CLIENT REPLY changes what the server answers from this very command on.
-        if *d.command == *b"client|reply" {
+        let mode_change = if *d.command == *b"client|reply" {
             match req.args.get(2).map(|a| a.lower()).as_deref() {
-                Some("on") => {
-                    conn.reply_mode = ReplyMode::On;
-                    expects_reply = true;
-                    changes_mode = true;
-                }
-                Some("off") => {
-                    refusable = replies_on.then_some(ReplyMode::Off);
-                    conn.reply_mode = ReplyMode::Off;
-                    expects_reply = false;
-                    changes_mode = true;
-                }
-                Some("skip") => {
-                    refusable = replies_on.then_some(ReplyMode::SkipNext);
-                    if conn.reply_mode == ReplyMode::On {
-                        conn.reply_mode = ReplyMode::SkipNext;
-                    }
-                    expects_reply = false;
-                    changes_mode = true;
-                }
-                _ => {}
+                Some("on") => ModeChange::On,
+                Some("off") => ModeChange::Off,
+                Some("skip") => ModeChange::Skip,
+                _ => ModeChange::None,
             }
         } else if effect == Effect::Reset {
-            // RESET turns replies back on. After OFF it answers; as the command a SKIP covers it
-            // does not (Valkey 9.1.2, checked).
-            conn.reply_mode = ReplyMode::On;
-            expects_reply = mode_before != ReplyMode::SkipNext;
-            changes_mode = true;
-        }
+            ModeChange::Reset
+        } else {
+            ModeChange::None
+        };
+        let (expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
         // Written straight into the record's buffer, sized like the previous command's: with
         // steady traffic that is exact, and no scratch buffer has to be copied out.
         let mut args_text = Vec::with_capacity(self.args_len_hint);
@@ -1034,7 +1059,7 @@ impl Session {
                 .then(|| quotable_args(&req.args, &d.secrets)),
             after_gap: conn.uncertain_since.is_some(),
             refusable,
-            changes_mode,
+            mode_change,
             read: conn.reads,
             arity_ok: d.arity_ok,
         });
@@ -1075,7 +1100,7 @@ impl Session {
             quotable: None,
             after_gap: conn.uncertain_since.is_some(),
             refusable: None,
-            changes_mode: false,
+            mode_change: ModeChange::None,
             read: conn.reads,
             arity_ok: true,
         };
@@ -1185,27 +1210,21 @@ impl Session {
         out: &mut impl RecordOut,
     ) -> bool {
         while let Some(head) = conn.pending.front_mut() {
-            let Some(set) = head.refusable else {
+            if head.refusable.is_none() {
                 return false;
-            };
+            }
             if let Some(reply) = reply
                 && reply.is_error()
                 && is_client_reply_refusal(&reply.text)
             {
-                // Undo what it did to the commands after it: OFF silenced all of them up to the
-                // next mode change, SKIP the next one.
+                // It changed nothing: replies stayed on. What the commands after it expect is
+                // worked out again from there, mode changes among them included (a SKIP after a
+                // refused OFF is a SKIP with replies on: refusable, and the next command silent).
+                let mut mode = ReplyMode::On;
                 for p in conn.pending.iter_mut().skip(1) {
-                    if p.changes_mode {
-                        break;
-                    }
-                    p.expects_reply = true;
-                    if set == ReplyMode::SkipNext {
-                        break;
-                    }
+                    (p.expects_reply, p.refusable) = reply_mode_step(&mut mode, p.mode_change);
                 }
-                if !conn.pending.iter().skip(1).any(|p| p.changes_mode) {
-                    conn.reply_mode = ReplyMode::On;
-                }
+                conn.reply_mode = mode;
                 self.finish_front(conn, reply, out);
                 self.drain_unreplied(conn, out);
                 return true;

@@ -1665,6 +1665,44 @@ fn client_reply_off_refused_inside_multi() {
 }
 
 #[test]
+fn a_client_reply_skip_after_a_refused_off_in_one_pipeline_is_a_skip_with_replies_on() {
+    // QA: the SKIP was taken as sent with replies off, so every command after it stayed
+    // UNKNOWN for the rest of the connection. Replies as Valkey 9.1.2 wrote them.
+    let mut w = Wire::new();
+    let mut sent = Vec::new();
+    for c in [
+        &["MULTI"][..],
+        &["CLIENT", "REPLY", "OFF"],
+        &["DISCARD"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["SET", "x", "1"],
+        &["GET", "x"],
+    ] {
+        sent.extend_from_slice(&cmd(c));
+    }
+    w.client(&sent);
+    w.server(
+        b"+OK\r\n-ERR Command 'client|reply' not allowed inside a transaction\r\n+OK\r\n$1\r\n1\r\n",
+    );
+    let recs = w.take();
+    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(
+        got,
+        [
+            ("multi".into(), Outcome::Success),
+            ("client|reply".into(), Outcome::Failure),
+            ("discard".into(), Outcome::Success),
+            ("client|reply".into(), Outcome::Unknown),
+            ("set".into(), Outcome::Unknown),
+            ("get".into(), Outcome::Success),
+        ]
+    );
+    let e = w.roundtrip(&["ECHO", "later"], b"$5\r\nlater\r\n");
+    assert_eq!(e.result, Outcome::Success);
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
 fn client_reply_off_in_a_pipeline() {
     let mut w = Wire::new();
     w.client(&pipeline(&[
