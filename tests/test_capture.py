@@ -424,6 +424,25 @@ def test_inline_quotes_joined_to_text_are_split_as_valkey_splits_them(audited):
     assert [(r["command"], r["keys"], r["result"]) for r in mine] == [
         ("set", ["k2"], "SUCCESS"), ("flushall", [], "SUCCESS"), ("echo", [], "SUCCESS")], mine
 
+
+def test_commands_after_bytes_the_server_refused_are_not_recorded(audited):
+    """A bulk payload with a wrong CRLF: Valkey refuses it ("invalid CRLF in request") and closes
+    the connection without reading what follows. The log says so and invents no command."""
+    valkey, auditor = audited
+    valkey.client().set("keep-me", "1")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"*2\r\n$3\r\nGET\r\n$6\r\nsecretXY\r\n" + resp("FLUSHALL")
+              + resp("CONFIG", "SET", "maxmemory", "1"))
+    read_until(s, lambda b: b == b"-ERR Protocol error: invalid CRLF in request\r\n")
+    s.close()
+    assert valkey.client().get("keep-me") == b"1"
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
+                                               for r in rs))
+    mine = [(r["command"], r["command_args"], r["result"]) for r in recs if r["client_port"] == port
+            and r["category"] != "CONNECTION"]
+    assert mine == [("protocol_error", "reason=invalid CRLF in request", "FAILURE")], mine
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

@@ -641,12 +641,17 @@ impl RequestParser {
                 take
             }
             RequestState::Terminator { left } => {
-                if self.tentative && !self.arg.lost {
-                    let expected = if left >= 2 { b'\r' } else { b'\n' };
-                    if b != expected {
-                        self.fail("missing CRLF after bulk payload", b == b'\n', out);
-                        return 1;
-                    }
+                let expected = if left >= 2 { b'\r' } else { b'\n' };
+                if b != expected && !self.arg.lost {
+                    // After a resync guess, the guess was wrong; otherwise the client sent it, and
+                    // Valkey refuses it so and closes the connection (9.1.2, checked).
+                    let reason = if self.tentative {
+                        "missing CRLF after bulk payload"
+                    } else {
+                        "invalid CRLF in request"
+                    };
+                    self.fail(reason, b == b'\n', out);
+                    return 1;
                 }
                 let left = left.saturating_sub(1);
                 if left == 0 {
@@ -681,10 +686,16 @@ impl RequestParser {
         }
     }
 
-    /// `b` is the byte after the CR of a `*<count>` line (Valkey does not look at it).
+    /// `b` is the byte after the CR of a `*<count>` line (Valkey 9.1.2 refuses anything but LF
+    /// there before it reads the number).
     fn end_count_line(&mut self, line: NumLine, b: u8, out: &mut Vec<RequestEvent>) {
-        if self.tentative && b != b'\n' {
-            self.fail("expected LF after CR", false, out);
+        if b != b'\n' {
+            let reason = if self.tentative {
+                "expected LF after CR"
+            } else {
+                "invalid CRLF in request"
+            };
+            self.fail(reason, false, out);
             return;
         }
         match line.value() {
@@ -719,6 +730,10 @@ impl RequestParser {
         }
         if first != Some(b'$') {
             self.fail("expected '$'", b == b'\n', out);
+            return;
+        }
+        if b != b'\n' {
+            self.fail("invalid CRLF in request", false, out);
             return;
         }
         match line.value() {
@@ -2390,15 +2405,29 @@ mod tests {
     }
 
     #[test]
-    fn terminators_are_not_checked_like_valkey() {
-        let mut data = b"*1\r\n$4\r\nPINGxx*1\rX$4\r\nECHO\n\n".to_vec();
-        data.extend_from_slice(&multibulk(&[b"GET", b"k"]));
-        let events = parse_requests(&data);
-        assert_eq!(
-            only_argv(&events),
-            [vec![&b"PING"[..]], vec![b"ECHO"], vec![b"GET", b"k"]]
-        );
-        assert_eq!(parse_requests_bytewise(&data), events);
+    fn terminators_are_checked_like_valkey() {
+        // Valkey 9.1.2 refuses anything but CRLF after a header or a payload ("invalid CRLF in
+        // request") and closes the connection.
+        for bad in [
+            &b"*1\r\n$4\r\nPINGxx"[..],
+            b"*1\r\n$4\r\nPING\n*1",
+            b"*1\rX$4\r\nPING\r\n",
+            b"*1\r\n$4\rXPING\r\n",
+            b"*abc\rX",
+            b"*1\r\n$x\rX",
+        ] {
+            let events = parse_requests(bad);
+            assert_eq!(
+                request_desyncs(&events),
+                ["invalid CRLF in request"],
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            assert_eq!(parse_requests_bytewise(bad), events);
+        }
+        // The `$` is looked at before the CRLF.
+        let events = parse_requests(b"*1\r\n+x\rX");
+        assert_eq!(request_desyncs(&events), ["expected '$'"]);
     }
 
     #[test]

@@ -283,6 +283,9 @@ enum Effect {
     /// CONFIG SET of `port`, `tls-port` or `bind`: the server listens elsewhere once it succeeds,
     /// so what is known of it (its port, `server_port` in records) must be read again.
     ListenersChanged,
+    /// Bytes the client sent that are not RESP (`protocol_error`): the server answers with its
+    /// protocol error and closes the connection.
+    ProtocolError,
 }
 
 #[derive(Debug)]
@@ -431,6 +434,10 @@ pub struct SessionStats {
     pub bytes_elided: u64,
     /// Records the filter stage did not write (exclusions, events, result mode).
     pub filtered: u64,
+    /// Requests (and further malformed requests) parsed after bytes the server refused as a
+    /// protocol error: it closed the connection without reading them, so they have no record.
+    pub requests_never_read: u64,
+    pub protocol_errors_never_read: u64,
     /// Commands looked up in `audit.prefix_filter` while it had prefixes, and those a prefix
     /// matched; commands `audit.custom_category` gave a category (the module's INFO counters).
     pub prefix_filter_checks: u64,
@@ -1093,7 +1100,7 @@ impl Session {
             settings: self.settings_at(ts_ns),
             done_ts: ts_ns,
             expects_reply,
-            effect: Effect::None,
+            effect: Effect::ProtocolError,
             write_keys: 0,
             change_reply: ChangeReply::Unknown,
             confirmations: 0,
@@ -1193,8 +1200,31 @@ impl Session {
             }
             return;
         }
+        // The server refused bytes the client sent and closes the connection: it never reads
+        // what came after them, so the requests parsed from there were never run.
+        let closes = conn
+            .pending
+            .front()
+            .is_some_and(|p| p.effect == Effect::ProtocolError)
+            && reply.is_error()
+            && reply.text.starts_with(b"ERR Protocol error");
         self.finish_front(conn, reply, out);
+        if closes {
+            self.drop_never_read(conn);
+        }
         self.drain_unreplied(conn, out);
+    }
+
+    /// The server refused the client's bytes and closes the connection without reading on: the
+    /// requests parsed after them (all that is pending now) were never run and get no record.
+    fn drop_never_read(&mut self, conn: &mut Conn) {
+        for p in conn.pending.drain(..) {
+            if p.effect == Effect::ProtocolError {
+                self.stats.protocol_errors_never_read += 1;
+            } else {
+                self.stats.requests_never_read += 1;
+            }
+        }
     }
 
     /// Settle the CLIENT REPLY OFF/SKIP commands at the head of the FIFO, given the next reply
@@ -1403,7 +1433,7 @@ impl Session {
 
     fn apply_effect(&mut self, conn: &mut Conn, effect: &Effect, reply: &Reply) {
         match effect {
-            Effect::None | Effect::Exec | Effect::Discard => {}
+            Effect::None | Effect::Exec | Effect::Discard | Effect::ProtocolError => {}
             Effect::Auth(user) => conn.username = Arc::from(user.as_slice()),
             Effect::Hello(v) => {
                 if let Some(v) = v {
@@ -1462,7 +1492,12 @@ impl Session {
             } else {
                 ""
             };
+            let refused = p.effect == Effect::ProtocolError;
             self.finish_unknown(&conn, p, why, ts_ns, out);
+            if refused {
+                // What follows bytes the server refused was never read (see `on_reply`).
+                self.drop_never_read(&mut conn);
+            }
         }
         // Written for internal links too: their connection record was written at accept, before
         // REPLCONF/SYNC showed what they are, and a connection must not look open forever.

@@ -2494,6 +2494,31 @@ fn monitor_lines_are_not_replies() {
 // ------------------------------------------------------------------------------------------------
 
 #[test]
+fn requests_after_bytes_the_server_refused_were_never_run_and_get_no_record() {
+    // QA: the payload's CRLF is wrong; Valkey 9.1.2 refuses it and closes the connection, never
+    // reading the FLUSHALL and CONFIG SET behind it. They must not appear as commands.
+    let mut w = Wire::new();
+    w.take();
+    let mut sent = b"*2\r\n$3\r\nGET\r\n$6\r\nsecretXY\r\n".to_vec();
+    sent.extend_from_slice(&cmd(&["FLUSHALL"]));
+    sent.extend_from_slice(&cmd(&["CONFIG", "SET", "requirepass", "x"]));
+    w.client(&sent);
+    w.server(b"-ERR Protocol error: invalid CRLF in request\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["protocol_error", "disconnection"]);
+    assert_eq!(s(&recs[0].command_args), "reason=invalid CRLF in request");
+    assert_eq!(recs[0].result, Outcome::Failure);
+    assert_eq!(w.stats().requests_never_read, 2);
+    // Closed before the reply was seen: the same.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&sent);
+    w.close();
+    assert_eq!(names(&w.take()), ["protocol_error", "disconnection"]);
+}
+
+#[test]
 fn malformed_requests_are_protocol_errors_not_losses_and_the_next_command_is_found() {
     let cases: &[(&[u8], &str)] = &[
         (b"*x\r\n", "invalid multibulk length"),
@@ -2680,7 +2705,12 @@ fn random_garbage_never_panics_and_every_request_gets_one_record() {
             losses + protocol_errors >= 1,
             "seed {seed}: garbage went unnoticed"
         );
-        assert_eq!(protocol_errors, st.protocol_errors, "seed {seed}");
+        // What followed the first refused bytes was never read by the server: no record.
+        assert_eq!(
+            protocol_errors + st.protocol_errors_never_read,
+            st.protocol_errors,
+            "seed {seed}"
+        );
         // The garbage holds enough real commands to keep the parsers busy, not only resyncing.
         assert!(st.requests >= 10, "seed {seed}: {st:?}");
         assert_eq!(losses, st.request_resyncs + st.reply_resyncs, "seed {seed}");
@@ -2689,7 +2719,11 @@ fn random_garbage_never_panics_and_every_request_gets_one_record() {
             .filter(|r| !matches!(r.category, Category::AuditLoss | Category::Connection))
             .count() as u64
             - protocol_errors;
-        assert_eq!(commands + st.filtered, st.requests, "seed {seed}: {st:?}");
+        assert_eq!(
+            commands + st.filtered + st.requests_never_read,
+            st.requests,
+            "seed {seed}: {st:?}"
+        );
         assert_eq!(
             names(&recs).last().map(String::as_str),
             Some("disconnection")
