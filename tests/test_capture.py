@@ -908,6 +908,29 @@ def test_reply_scan_keeps_results_of_pipelined_replies_far_over_the_capture_cap(
     assert info_audit(auditor)["audit_bytes_not_captured"] == "0"
 
 
+
+def test_commands_lost_in_a_capture_gap_are_counted_by_their_replies(valkey, start_auditor):
+    """A read past the capture cap whose uncaptured part holds whole commands: they ran, unseen.
+    Their replies answer no request the auditor knows, and say how many there were."""
+    auditor = start_auditor(valkey.pid, extra=("--capture-cap", "4096"))
+    c = Raw(valkey.port)
+    assert c.call("PING") == b"+PONG\r\n"
+    # One write, one read: the SET's value runs past the cap, PING and ECHO lie wholly beyond it.
+    c.sock.sendall(resp("SET", "capk", b"z" * 8000) + resp("PING") + resp("ECHO", "tail"))
+    assert [c.read_reply() for _ in range(3)] == [b"+OK\r\n", b"+PONG\r\n", b"$4\r\ntail\r\n"]
+    assert c.call("ECHO", "after") == b"$5\r\nafter\r\n"
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    mine = [(r["command"], r["command_args"]) for r in recs if r["client_port"] == c.port
+            and r["category"] != "CONNECTION"]
+    assert mine[0] == ("ping", "") and mine[-1] == ("echo", "arg1=after"), mine
+    loss = [args for cmd, args in mine if cmd == "loss"]
+    assert loss[0].startswith("cause=parser_resync_request count=1 "), loss
+    assert loss[1] == ("cause=commands_not_captured count=3 bytes=0 "
+                       "reason=replies to commands in a capture gap"), loss
+    wait_until(lambda: info_audit(auditor)["audit_lost_commands_not_captured"] == "3",
+               what="INFO audit to count the three commands")
+
 def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_auditor):
     auditor = start_auditor(valkey.pid, extra=("--capture-cap", "200"))
     c = Raw(valkey.port)
@@ -931,10 +954,11 @@ def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_
     loss = [r for r in recs if r["category"] == "AUDIT_LOSS"]
     # Replies to the batch are one large write as well, so the reply stream resyncs too.
     assert any("cause=parser_resync_request" in r["command_args"] for r in loss)
-    assert all(r["command_args"].startswith(("cause=parser_resync_request", "cause=parser_resync_reply"))
-               for r in loss)
-    # Each says how many bytes it never saw (the part of a 16 KiB read past the 200-byte cap).
-    assert all(int(r["command_args"].split(" bytes=")[1].split()[0]) > 0 for r in loss)
+    assert all(r["command_args"].startswith(("cause=parser_resync_request", "cause=parser_resync_reply",
+                                             "cause=commands_not_captured")) for r in loss)
+    # Each resync says how many bytes it never saw (the part of a 16 KiB read past the 200-byte cap).
+    assert all(int(r["command_args"].split(" bytes=")[1].split()[0]) > 0 for r in loss
+               if not r["command_args"].startswith("cause=commands_not_captured"))
     assert mine[-1]["command"] == "get" and mine[-1]["keys"] == ["after"] and mine[-1]["result"] == "SUCCESS"
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
 

@@ -813,7 +813,7 @@ impl CaptureLoop {
         self.write_all(&mut records);
         let mut seen_version = self.shared.version();
         let mut reported_drops = (0u64, 0u64);
-        let mut published = [0u64; 9];
+        let mut published = [0u64; 10];
         let mut last_check = Instant::now();
         let mut last_sweep = Instant::now();
         let mut target_gone = false;
@@ -1005,7 +1005,7 @@ impl CaptureLoop {
 
     /// Add what happened since the last call to the shared counters (deltas, so CONFIG RESETSTAT
     /// can zero them at any time).
-    fn publish_stats(&mut self, last: &mut [u64; 9]) {
+    fn publish_stats(&mut self, last: &mut [u64; 10]) {
         use std::sync::atomic::Ordering::Relaxed;
         let st = &self.session.stats;
         if let Ok(drops) = self.stream.kernel_drops() {
@@ -1021,6 +1021,7 @@ impl CaptureLoop {
             st.prefix_filter_checks,
             st.prefix_filter_matches,
             st.custom_category_matches,
+            st.commands_not_captured,
         ];
         let m = &self.metrics;
         let targets = [
@@ -1033,6 +1034,7 @@ impl CaptureLoop {
             &m.prefix_filter_checks,
             &m.prefix_filter_matches,
             &m.custom_category_matches,
+            &m.commands_not_captured,
         ];
         for ((t, n), l) in targets.iter().zip(now).zip(last.iter_mut()) {
             t.fetch_add(n.saturating_sub(*l), Relaxed);

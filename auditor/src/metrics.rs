@@ -123,6 +123,7 @@ pub struct Snapshot {
     pub prefix_filter_checks: u64,
     pub prefix_filter_matches: u64,
     pub custom_category_matches: u64,
+    pub commands_not_captured: u64,
     pub lost_ring_events: u64,
     pub lost_ring_bytes: u64,
     pub request_resyncs: u64,
@@ -234,7 +235,7 @@ impl Snapshot {
         f.push(("audit_format".into(), format.into()));
         // Added after the original set; then the module's filter counters (its hash-table and
         // command-table fields describe its own internals and have no counterpart here).
-        let later: [(&str, String); 12] = [
+        let later: [(&str, String); 13] = [
             (
                 "audit_ring_buffer_used_bytes",
                 self.ring_used_bytes.to_string(),
@@ -273,6 +274,10 @@ impl Snapshot {
             (
                 "audit_sink_backlog_bytes",
                 self.sink_backlog_bytes.to_string(),
+            ),
+            (
+                "audit_lost_commands_not_captured",
+                self.commands_not_captured.to_string(),
             ),
         ];
         f.extend(later.into_iter().map(|(k, v)| (k.to_string(), v)));
@@ -375,6 +380,8 @@ pub struct Metrics {
     pub prefix_filter_checks: AtomicU64,
     pub prefix_filter_matches: AtomicU64,
     pub custom_category_matches: AtomicU64,
+    /// Commands a request-side capture gap held whole, counted by their replies.
+    pub commands_not_captured: AtomicU64,
     /// Malformed client requests (not losses: every byte was seen).
     pub protocol_errors: AtomicU64,
     pub bytes_skipped: AtomicU64,
@@ -422,6 +429,7 @@ impl Metrics {
             prefix_filter_checks: AtomicU64::new(0),
             prefix_filter_matches: AtomicU64::new(0),
             custom_category_matches: AtomicU64::new(0),
+            commands_not_captured: AtomicU64::new(0),
             lost_ring_events: AtomicU64::new(0),
             lost_ring_bytes: AtomicU64::new(0),
             request_resyncs: AtomicU64::new(0),
@@ -650,6 +658,7 @@ impl Metrics {
             &self.prefix_filter_checks,
             &self.prefix_filter_matches,
             &self.custom_category_matches,
+            &self.commands_not_captured,
         ] {
             c.store(0, Relaxed);
         }
@@ -686,6 +695,7 @@ impl Metrics {
             prefix_filter_checks: self.prefix_filter_checks.load(Relaxed),
             prefix_filter_matches: self.prefix_filter_matches.load(Relaxed),
             custom_category_matches: self.custom_category_matches.load(Relaxed),
+            commands_not_captured: self.commands_not_captured.load(Relaxed),
             lost_ring_events: self.lost_ring_events.load(Relaxed),
             lost_ring_bytes: self.lost_ring_bytes.load(Relaxed),
             request_resyncs: self.request_resyncs.load(Relaxed),

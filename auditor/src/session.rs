@@ -163,6 +163,8 @@ pub enum LossCause {
     ReplyResync,
     /// The kernel could not write to the ring buffer.
     RingBufferFull,
+    /// Commands a request-side gap held whole, counted by their replies.
+    CommandsNotCaptured,
 }
 
 impl LossCause {
@@ -171,6 +173,7 @@ impl LossCause {
             LossCause::RequestResync => "parser_resync_request",
             LossCause::ReplyResync => "parser_resync_reply",
             LossCause::RingBufferFull => "ring_buffer_full",
+            LossCause::CommandsNotCaptured => "commands_not_captured",
         }
     }
 }
@@ -359,6 +362,10 @@ struct Conn {
     /// after it. Until the client has had every reply (nothing pending when a later read comes),
     /// those commands' results are written as unknown rather than guessed.
     uncertain_since: Option<u64>,
+    /// Replies that came after a request-side gap with no request pending: each answers a command
+    /// the gap held. Reported as one `commands_not_captured` loss record at the next read or at
+    /// close.
+    lost_commands: u64,
 }
 
 /// The bytes of one ring record at their stream positions: one run of a syscall, or the segments
@@ -438,6 +445,8 @@ pub struct SessionStats {
     /// protocol error: it closed the connection without reading them, so they have no record.
     pub requests_never_read: u64,
     pub protocol_errors_never_read: u64,
+    /// Commands a request-side gap held whole, counted by their replies.
+    pub commands_not_captured: u64,
     /// Commands looked up in `audit.prefix_filter` while it had prefixes, and those a prefix
     /// matched; commands `audit.custom_category` gave a category (the module's INFO counters).
     pub prefix_filter_checks: u64,
@@ -634,6 +643,7 @@ impl Session {
             internal: false,
             reads: 0,
             uncertain_since: None,
+            lost_commands: 0,
         };
         self.stats.connections_seen += 1;
         let rec = self.connection_record(
@@ -695,6 +705,7 @@ impl Session {
                     internal: false,
                     reads: 0,
                     uncertain_since: None,
+                    lost_commands: 0,
                 };
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
@@ -782,6 +793,7 @@ impl Session {
         // Bytes of this stream never seen, this call: a resync's loss record says how many.
         let mut unseen = uncaptured_tail;
         if inbound {
+            self.report_lost_commands(&mut conn, ts_ns, out);
             conn.reads += 1;
             // A read after the client had every reply: whatever the gap held is answered, and
             // replies line up with requests again.
@@ -1197,6 +1209,10 @@ impl Session {
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if !conn.preexisting && !conn.internal {
                 self.stats.replies_unmatched += 1;
+                if conn.uncertain_since.is_some() {
+                    // The command it answers was in the capture gap: it ran, unseen.
+                    conn.lost_commands += 1;
+                }
             }
             return;
         }
@@ -1213,6 +1229,24 @@ impl Session {
             self.drop_never_read(conn);
         }
         self.drain_unreplied(conn, out);
+    }
+
+    /// The commands a request-side gap held, known by their replies (`Conn::lost_commands`).
+    fn report_lost_commands(&mut self, conn: &mut Conn, ts_ns: u64, out: &mut impl RecordOut) {
+        if conn.lost_commands == 0 {
+            return;
+        }
+        let count = std::mem::take(&mut conn.lost_commands);
+        self.stats.commands_not_captured += count;
+        let rec = self.loss_record(
+            conn,
+            LossCause::CommandsNotCaptured,
+            "replies to commands in a capture gap",
+            count,
+            0,
+            ts_ns,
+        );
+        self.push(rec, ts_ns, out);
     }
 
     /// The server refused the client's bytes and closes the connection without reading on: the
@@ -1482,6 +1516,7 @@ impl Session {
         let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
             return;
         };
+        self.report_lost_commands(&mut conn, ts_ns, out);
         let queued = std::mem::take(&mut conn.queued);
         for q in queued {
             self.finish_unknown(&conn, q, "connection closed inside MULTI", ts_ns, out);

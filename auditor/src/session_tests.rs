@@ -263,6 +263,22 @@ impl Wire {
         recs.remove(0)
     }
 
+    /// [`Wire::roundtrip`] on a connection whose previous request-side gap held commands: the
+    /// `commands_not_captured` loss record (`lost` of them) comes first, then the record.
+    fn roundtrip_after_lost(&mut self, lost: u64, words: &[&str], reply: &[u8]) -> Record {
+        self.client(&cmd(words));
+        self.server(reply);
+        let mut recs = self.take();
+        assert_eq!(
+            loss_records(&recs),
+            [format!(
+                "cause=commands_not_captured count={lost} bytes=0 reason=replies to commands in a capture gap"
+            )]
+        );
+        assert_eq!(recs.len(), 2, "{:?}", names(&recs));
+        recs.remove(1)
+    }
+
     /// Send a command, answer it, and return its record.
     fn roundtrip(&mut self, words: &[&str], reply: &[u8]) -> Record {
         self.client(&cmd(words));
@@ -1822,8 +1838,8 @@ fn gap_that_breaks_request_framing_is_a_loss_and_the_parser_recovers() {
     w.server(b"+OK\r\n");
     assert!(w.take().is_empty());
     assert_eq!(w.stats().replies_unmatched, 1);
-    // The next command is found again.
-    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    // The next command is found again; the reply without a request said one command was lost.
+    let p = w.roundtrip_after_lost(1, &["PING"], b"+PONG\r\n");
     assert_eq!(
         seen(&p),
         expect(
@@ -1882,7 +1898,7 @@ fn replies_after_a_request_gap_are_not_guessed_until_the_client_has_them_all() {
     assert_eq!(s(&recs[1].error), "reply uncertain (capture gap)");
     assert_eq!(w.stats().replies_unmatched, 1);
     // The client had every reply before it sent on: replies line up again.
-    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    let p = w.roundtrip_after_lost(1, &["PING"], b"+PONG\r\n");
     assert_eq!(p.result, Outcome::Success);
     assert_eq!(s(&p.error), "");
 }
@@ -1908,7 +1924,7 @@ fn a_request_gap_keeps_replies_uncertain_while_the_client_sends_on_with_replies_
         "{recs:?}"
     );
     assert_eq!(w.stats().replies_unmatched, 1);
-    let p = w.roundtrip(&["PING"], b"+PONG\r\n");
+    let p = w.roundtrip_after_lost(1, &["PING"], b"+PONG\r\n");
     assert_eq!(p.result, Outcome::Success);
 }
 
@@ -2713,7 +2729,15 @@ fn random_garbage_never_panics_and_every_request_gets_one_record() {
         );
         // The garbage holds enough real commands to keep the parsers busy, not only resyncing.
         assert!(st.requests >= 10, "seed {seed}: {st:?}");
-        assert_eq!(losses, st.request_resyncs + st.reply_resyncs, "seed {seed}");
+        let lost_commands = recs
+            .iter()
+            .filter(|r| s(&r.command_args).starts_with("cause=commands_not_captured"))
+            .count() as u64;
+        assert_eq!(
+            losses,
+            st.request_resyncs + st.reply_resyncs + lost_commands,
+            "seed {seed}"
+        );
         let commands = recs
             .iter()
             .filter(|r| !matches!(r.category, Category::AuditLoss | Category::Connection))
