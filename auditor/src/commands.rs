@@ -409,6 +409,8 @@ pub enum ChangeReply {
     NoneIfNilOrZero,
     /// The integer is the number of keys changed (DEL, UNLINK).
     Count,
+    /// Only a nil reply means the write happened (SET ... NX GET answers the value it found).
+    NoneUnlessNil,
 }
 
 impl ChangeReply {
@@ -563,12 +565,20 @@ impl CommandTable {
             d.payload = None;
             return;
         };
-        d.change_reply =
-            if info.name == "set" && args.iter().skip(3).any(|a| a.eq_ignore_case("get")) {
-                ChangeReply::Unknown
+        let option = |word: &str| args.iter().skip(3).any(|a| a.eq_ignore_case(word));
+        d.change_reply = if info.name == "set" && option("get") {
+            // The reply is the old value: with NX a value means nothing was written, with XX nil
+            // means nothing was; without either the key is always written.
+            if option("nx") {
+                ChangeReply::NoneUnlessNil
+            } else if option("xx") {
+                ChangeReply::NoneIfNil
             } else {
-                info.change_reply
-            };
+                ChangeReply::Unknown
+            }
+        } else {
+            info.change_reply
+        };
 
         d.write_keys = match info.keys_rule {
             KeysRule::Specs => keys_from_specs(&info.key_specs, args, argc, &mut d.keys),

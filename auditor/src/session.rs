@@ -1941,6 +1941,8 @@ fn quoted(s: &str) -> Option<String> {
 fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
     match (rule, reply.kind) {
         (ChangeReply::Unknown, _) => write_keys,
+        (ChangeReply::NoneUnlessNil, ReplyKind::Null) => write_keys,
+        (ChangeReply::NoneUnlessNil, _) => 0,
         (_, ReplyKind::Null) => 0,
         (ChangeReply::Count, ReplyKind::Integer) => reply.len.max(0) as u64,
         (ChangeReply::NoneIfNilOrZero, ReplyKind::Integer) if reply.len == 0 => 0,

@@ -3362,6 +3362,12 @@ fn keys_modified_follows_what_the_reply_says_changed() {
         (&["SET", "k", "v"][..], &b"+OK\r\n"[..], 1),
         (&["SET", "k", "v", "NX"][..], b"$-1\r\n", 0),
         (&["SET", "k", "v", "GET"][..], b"$-1\r\n", 1),
+        (&["SET", "k", "v", "GET"][..], b"$3\r\nold\r\n", 1),
+        // NX GET: the old value means nothing was written; XX GET: nil means so (QA).
+        (&["SET", "k", "v", "NX", "GET"][..], b"$3\r\nold\r\n", 0),
+        (&["SET", "k", "v", "nx", "get"][..], b"$-1\r\n", 1),
+        (&["SET", "k", "v", "XX", "GET"][..], b"$-1\r\n", 0),
+        (&["SET", "k", "v", "GET", "XX"][..], b"$3\r\nold\r\n", 1),
         (&["GETSET", "k", "v"][..], b"$-1\r\n", 1),
         (&["BLPOP", "l", "0.01"][..], b"*-1\r\n", 0),
         (&["LPOP", "l"][..], b"_\r\n", 0),
