@@ -1801,6 +1801,8 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
         "ASK",
         "CLUSTERDOWN",
         "TRYAGAIN",
+        // A command from a MONITOR client (processCommand refuses it).
+        "ERR Replica can't interact with the keyspace",
     ];
     // Rejections with the command's name inside (texts of Valkey 9.1's processCommand).
     let rejected_shape = (s.starts_with("ERR Command '")

@@ -748,6 +748,11 @@ fn error_texts() {
             "ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / \
              RESET are allowed in this context",
         ),
+        // From a MONITOR client (QA).
+        (
+            &["GET", "foo"][..],
+            "ERR Replica can't interact with the keyspace",
+        ),
     ] {
         let r = w.roundtrip(words, format!("-{text}\r\n").as_bytes());
         assert_eq!(s(&r.error), format!("rejected={}", &text[4..]));
