@@ -172,6 +172,7 @@ pub fn render_snapshot(s: &Snapshot, protocol: &str, format: &str, queue_bytes: 
         ("sink", s.lost_sink),
         ("parser_resync_request", s.request_resyncs),
         ("parser_resync_reply", s.reply_resyncs),
+        ("commands_not_captured", s.commands_not_captured),
     ] {
         p.sample("auditor_lost_records_total", &[("cause", cause)], n);
     }
@@ -224,6 +225,30 @@ pub fn render_snapshot(s: &Snapshot, protocol: &str, format: &str, queue_bytes: 
         "gauge",
         "Size of the kernel ring buffer (audit_ring_buffer_size_bytes).",
         s.ring_size_bytes,
+    );
+    p.single(
+        "auditor_sink_backlog_bytes",
+        "gauge",
+        "Bytes the sink took but has not delivered: a TCP collector's backlog (audit_sink_backlog_bytes).",
+        s.sink_backlog_bytes,
+    );
+    p.single(
+        "auditor_prefix_filter_checks_total",
+        "counter",
+        "Commands looked up in audit.prefix_filter (audit_prefix_filter_checks).",
+        s.prefix_filter_checks,
+    );
+    p.single(
+        "auditor_prefix_filter_matches_total",
+        "counter",
+        "Commands a prefix of audit.prefix_filter matched (audit_prefix_filter_matches).",
+        s.prefix_filter_matches,
+    );
+    p.single(
+        "auditor_custom_category_matches_total",
+        "counter",
+        "Commands audit.custom_category gave a category (audit_custom_category_matches).",
+        s.custom_category_matches,
     );
 
     p.family(
@@ -776,6 +801,19 @@ mod tests {
             ),
             ("auditor_connections", "audit_connections"),
             ("auditor_queue_bytes", "audit_queue_bytes"),
+            ("auditor_sink_backlog_bytes", "audit_sink_backlog_bytes"),
+            (
+                "auditor_prefix_filter_checks_total",
+                "audit_prefix_filter_checks",
+            ),
+            (
+                "auditor_prefix_filter_matches_total",
+                "audit_prefix_filter_matches",
+            ),
+            (
+                "auditor_custom_category_matches_total",
+                "audit_custom_category_matches",
+            ),
             ("auditor_uptime_seconds", "audit_uptime_seconds"),
             ("auditor_targets", "audit_targets"),
             (
@@ -798,6 +836,7 @@ mod tests {
             ("sink", "audit_lost_sink"),
             ("parser_resync_request", "audit_lost_parser_resync_request"),
             ("parser_resync_reply", "audit_lost_parser_resync_reply"),
+            ("commands_not_captured", "audit_lost_commands_not_captured"),
         ] {
             assert_eq!(
                 get(&samples, "auditor_lost_records_total", &[("cause", cause)]),
