@@ -255,6 +255,9 @@ def test_secrets_never_logged(audited):
     cfg = [r for r in recs if r["command"] == "config|set"]
     assert len(cfg) == 3 and all(r["category"] == "CONFIG" for r in cfg)
     assert "param=requirepass" in cfg[0]["command_args"]
+    # Every setting one CONFIG SET changes is named (the password change is not hidden behind the
+    # first), never a value.
+    assert cfg[1]["command_args"] == "subcommand=SET param=masterauth param=maxmemory"
     assert len([r for r in recs if r["command"] == "migrate"]) == 2
 
 

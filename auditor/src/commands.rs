@@ -1227,11 +1227,27 @@ pub fn command_args_into(
             if let Some(sub) = args.get(1) {
                 out.extend_from_slice(b"subcommand=");
                 push_cut(out, Some(sub), CONFIG_FIELD_MAX, CUT_MARKER);
-                if (sub.eq_ignore_case("get") || sub.eq_ignore_case("set"))
-                    && let Some(param) = args.get(2)
-                {
+                // The module names the first parameter; a CONFIG SET names every one it changes
+                // (`CONFIG SET maxmemory-policy x requirepass y` changed the password too), so the
+                // first `param=` reads as the module's and the others follow it. Never a value.
+                let params: Vec<usize> = if sub.eq_ignore_case("set") {
+                    (2..args.len()).step_by(2).collect()
+                } else if sub.eq_ignore_case("get") {
+                    vec![2]
+                } else {
+                    Vec::new()
+                };
+                const MAX_PARAMS: usize = 32;
+                for (n, &i) in params.iter().enumerate() {
+                    let Some(param) = args.get(i) else { break };
+                    if n == MAX_PARAMS {
+                        out.extend_from_slice(
+                            format!(" (and {} more)", params.len() - MAX_PARAMS).as_bytes(),
+                        );
+                        break;
+                    }
                     out.extend_from_slice(b" param=");
-                    if d.is_secret(2) {
+                    if d.is_secret(i) {
                         out.extend_from_slice(REDACTED);
                     } else {
                         push_cut(out, Some(param), CONFIG_FIELD_MAX, CUT_MARKER);
@@ -2029,6 +2045,29 @@ mod tests {
             args_text(&["CONFIG", "SET", "requirepass", "pw"]),
             "subcommand=SET param=requirepass"
         );
+        // Every setting a CONFIG SET changes is named, never a value; GET keeps the module's one.
+        assert_eq!(
+            args_text(&[
+                "CONFIG",
+                "SET",
+                "maxmemory-policy",
+                "x",
+                "requirepass",
+                "pw"
+            ]),
+            "subcommand=SET param=maxmemory-policy param=requirepass"
+        );
+        assert_eq!(
+            args_text(&["CONFIG", "GET", "a", "b"]),
+            "subcommand=GET param=a"
+        );
+        let many: Vec<String> = (0..40)
+            .flat_map(|i| [format!("p{i}"), "v".into()])
+            .collect();
+        let mut words = vec!["CONFIG", "SET"];
+        words.extend(many.iter().map(String::as_str));
+        let text = args_text(&words);
+        assert!(text.ends_with(" param=p31 (and 8 more)"), "{text}");
         // resetpass and other rules are not secrets.
         assert!(
             describe(&["ACL", "SETUSER", "bob", "resetpass", "on"])
