@@ -198,10 +198,10 @@ enum ModeChange {
     Reset,
 }
 
-/// One command's effect on the reply mode: whether it gets a reply, and, for a CLIENT REPLY
-/// OFF/SKIP sent with replies on, the mode it sets if the server does not refuse it (a refusal is
-/// a reply too, so only with replies on can one come).
-fn reply_mode_step(mode: &mut ReplyMode, change: ModeChange) -> (bool, Option<ReplyMode>) {
+/// One command's effect on the reply mode: whether it gets a reply, and whether it is a CLIENT
+/// REPLY OFF/SKIP sent with replies on, which the server may refuse (a refusal is a reply too, so
+/// only with replies on can one come).
+fn reply_mode_step(mode: &mut ReplyMode, change: ModeChange) -> (bool, bool) {
     let before = *mode;
     let replies_on = before == ReplyMode::On;
     let mut expects_reply = match before {
@@ -212,7 +212,7 @@ fn reply_mode_step(mode: &mut ReplyMode, change: ModeChange) -> (bool, Option<Re
             false
         }
     };
-    let mut refusable = None;
+    let mut refusable = false;
     // CLIENT REPLY changes what the server answers from this very command on.
     match change {
         ModeChange::None => {}
@@ -221,12 +221,12 @@ fn reply_mode_step(mode: &mut ReplyMode, change: ModeChange) -> (bool, Option<Re
             expects_reply = true;
         }
         ModeChange::Off => {
-            refusable = replies_on.then_some(ReplyMode::Off);
+            refusable = replies_on;
             *mode = ReplyMode::Off;
             expects_reply = false;
         }
         ModeChange::Skip => {
-            refusable = replies_on.then_some(ReplyMode::SkipNext);
+            refusable = replies_on;
             if *mode == ReplyMode::On {
                 *mode = ReplyMode::SkipNext;
             }
@@ -314,8 +314,9 @@ struct Pending {
     after_gap: bool,
     /// CLIENT REPLY OFF/SKIP sent while replies were on: silent when it succeeds, so its only
     /// possible reply is a refusal (ACL, MULTI, NOAUTH). Until that is settled it holds the FIFO.
-    /// The mode it set (`Off` or `SkipNext`) is undone if the server refused it.
-    refusable: Option<ReplyMode>,
+    /// If the server refused it, it changed nothing, and the reply modes of the commands after it
+    /// are worked out again (`settle_refusable`).
+    refusable: bool,
     /// CLIENT REPLY or RESET: sets the reply mode of the commands after it.
     mode_change: ModeChange,
     /// `Conn::reads` when it was read.
@@ -808,7 +809,7 @@ impl Session {
             if conn
                 .pending
                 .front()
-                .is_some_and(|p| p.refusable.is_some() && p.read < conn.reads)
+                .is_some_and(|p| p.refusable && p.read < conn.reads)
             {
                 self.settle_refusable(&mut conn, None, out);
             }
@@ -1118,7 +1119,7 @@ impl Session {
             confirmations: 0,
             quotable: None,
             after_gap: conn.uncertain_since.is_some(),
-            refusable: None,
+            refusable: false,
             mode_change: ModeChange::None,
             read: conn.reads,
             arity_ok: true,
@@ -1181,7 +1182,7 @@ impl Session {
         {
             return;
         }
-        if conn.pending.front().is_some_and(|p| p.refusable.is_some())
+        if conn.pending.front().is_some_and(|p| p.refusable)
             && self.settle_refusable(conn, Some(reply), out)
         {
             return;
@@ -1274,7 +1275,7 @@ impl Session {
         out: &mut impl RecordOut,
     ) -> bool {
         while let Some(head) = conn.pending.front_mut() {
-            if head.refusable.is_none() {
+            if !head.refusable {
                 return false;
             }
             if let Some(reply) = reply
@@ -1294,7 +1295,7 @@ impl Session {
                 return true;
             }
             // It took effect: an unanswered command like those it silenced.
-            head.refusable = None;
+            head.refusable = false;
             self.drain_unreplied(conn, out);
         }
         false
@@ -1305,7 +1306,7 @@ impl Session {
         while conn
             .pending
             .front()
-            .is_some_and(|p| !p.expects_reply && p.refusable.is_none())
+            .is_some_and(|p| !p.expects_reply && !p.refusable)
         {
             let p = conn.pending.pop_front().expect("front exists");
             let done = p.done_ts;
@@ -1592,9 +1593,9 @@ impl Session {
             .conns
             .iter()
             .filter(|(_, c)| {
-                c.pending.front().is_some_and(|p| {
-                    p.refusable.is_some() && now_ns.saturating_sub(p.done_ts) >= QUIET_NS
-                })
+                c.pending
+                    .front()
+                    .is_some_and(|p| p.refusable && now_ns.saturating_sub(p.done_ts) >= QUIET_NS)
             })
             .map(|(k, _)| *k)
             .collect();
