@@ -415,7 +415,6 @@ pub struct PrefixFilter {
     by_len: Vec<(Box<[u8]>, bool)>,
     /// (lower-case prefix, exclude) in the order given.
     order: Vec<(String, bool)>,
-    any_exclude: bool,
 }
 
 impl PrefixFilter {
@@ -448,33 +447,25 @@ impl PrefixFilter {
             .map(|(p, ex)| (p.as_bytes().into(), *ex))
             .collect();
         by_len.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-        let any_exclude = order.iter().any(|(_, ex)| *ex);
-        Ok(PrefixFilter {
-            by_len,
-            order,
-            any_exclude,
-        })
+        Ok(PrefixFilter { by_len, order })
     }
 
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
 
-    /// Whether the longest prefix matching `name` is an exclusion.
+    /// The longest prefix matching `name`, if any: whether it is an exclusion.
     #[inline]
-    pub fn excluded(&self, name: &[u8]) -> bool {
-        if !self.any_exclude {
-            return false;
-        }
+    pub fn longest_match(&self, name: &[u8]) -> Option<bool> {
         self.by_len
             .iter()
             .find(|(p, _)| starts_with_ci(name, p))
-            .is_some_and(|(_, ex)| *ex)
+            .map(|(_, ex)| *ex)
     }
 
-    /// Whether any prefix matches `name` (`INFO audit`'s `audit_prefix_filter_matches`).
-    pub fn matches(&self, name: &[u8]) -> bool {
-        self.by_len.iter().any(|(p, _)| starts_with_ci(name, p))
+    /// Whether the longest prefix matching `name` is an exclusion.
+    pub fn excluded(&self, name: &[u8]) -> bool {
+        self.longest_match(name) == Some(true)
     }
 
     /// Number of prefixes (`audit_prefix_filters_count`).
@@ -839,6 +830,16 @@ impl Default for FilterConfig {
     }
 }
 
+/// What [`decide`] looked up, for `INFO audit`'s module counters: commands checked against
+/// `audit.prefix_filter` (while it has prefixes) and those a prefix matched; commands
+/// `audit.custom_category` gave a category.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LookupCounts {
+    pub prefix_filter_checks: u64,
+    pub prefix_filter_matches: u64,
+    pub custom_category_matches: u64,
+}
+
 /// The decision for one record. `category` is the built-in category from classification; the
 /// result is `None` when the record must not be written, else the final category (a custom category
 /// applied). `username` is the user *at the time of the command*.
@@ -861,6 +862,7 @@ pub fn decide(
     username: &[u8],
     client_ip: &str,
     result: Outcome,
+    counts: &mut LookupCounts,
 ) -> Option<Category> {
     match category {
         Category::Audit | Category::AuditLoss => return Some(category.clone()),
@@ -871,7 +873,10 @@ pub fn decide(
         _ => {}
     }
     let eff = match cfg.custom.category_of(command) {
-        Some(name) => Eff::Custom(name),
+        Some(name) => {
+            counts.custom_category_matches += 1;
+            Eff::Custom(name)
+        }
         None => Eff::Builtin(category),
     };
     let forced = cfg.always_audit_config && matches!(eff, Eff::Builtin(Category::Config));
@@ -879,8 +884,14 @@ pub fn decide(
         // Like the module's ATTEMPT records, authentication attempts stay visible for excluded
         // users and addresses: who tried to become whom is what an audit must show.
         let auth = matches!(eff, Eff::Builtin(Category::Auth));
+        let prefix_excluded = !cfg.prefix_filter.is_empty() && {
+            let hit = cfg.prefix_filter.longest_match(command);
+            counts.prefix_filter_checks += 1;
+            counts.prefix_filter_matches += u64::from(hit.is_some());
+            hit == Some(true)
+        };
         if (!auth && cfg.exclude_rules.matches(username, client_ip))
-            || cfg.prefix_filter.excluded(command)
+            || prefix_excluded
             || cfg.exclude_commands.matches(command)
             || !cfg.events.allows_eff(eff)
         {
@@ -1521,6 +1532,7 @@ mod tests {
                 user.as_bytes(),
                 ip,
                 result,
+                &mut LookupCounts::default(),
             );
             assert_eq!(got, want, "case {name:?}");
         }
@@ -1540,6 +1552,7 @@ mod tests {
                 user.as_bytes(),
                 "10.0.0.1",
                 Outcome::Success,
+                &mut LookupCounts::default(),
             )
         };
         assert_eq!(d(&c, "default"), Some(Category::Other));

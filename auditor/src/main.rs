@@ -1018,9 +1018,9 @@ impl CaptureLoop {
             st.filtered,
             st.protocol_errors,
             st.bytes_elided,
-            st.prefix_filter_checks,
-            st.prefix_filter_matches,
-            st.custom_category_matches,
+            st.filter_lookups.prefix_filter_checks,
+            st.filter_lookups.prefix_filter_matches,
+            st.filter_lookups.custom_category_matches,
             st.commands_not_captured,
         ];
         let m = &self.metrics;

@@ -448,11 +448,8 @@ pub struct SessionStats {
     pub protocol_errors_never_read: u64,
     /// Commands a request-side gap held whole, counted by their replies.
     pub commands_not_captured: u64,
-    /// Commands looked up in `audit.prefix_filter` while it had prefixes, and those a prefix
-    /// matched; commands `audit.custom_category` gave a category (the module's INFO counters).
-    pub prefix_filter_checks: u64,
-    pub prefix_filter_matches: u64,
-    pub custom_category_matches: u64,
+    /// The filter stage's prefix-filter and custom-category lookups (the module's INFO counters).
+    pub filter_lookups: filter::LookupCounts,
 }
 
 /// All audited connections of all targets, and the settings and tables the records need.
@@ -1697,16 +1694,6 @@ impl Session {
 
     #[inline(always)]
     fn push_with(&mut self, settings: &Settings, rec: &mut Record, out: &mut impl RecordOut) {
-        let f = &settings.filter;
-        if (!f.prefix_filter.is_empty() || !f.custom.is_empty())
-            && f.enabled
-            && !matches!(
-                rec.category,
-                Category::Audit | Category::AuditLoss | Category::Connection
-            )
-        {
-            self.count_filter_lookups(f, &rec.command);
-        }
         if let Some(cat) = filter::decide(
             &settings.filter,
             &rec.category,
@@ -1714,23 +1701,12 @@ impl Session {
             &rec.username,
             &rec.client_ip,
             rec.result,
+            &mut self.stats.filter_lookups,
         ) {
             rec.category = cat;
             out.put(rec);
         } else {
             self.stats.filtered += 1;
-        }
-    }
-
-    /// The INFO counters of the prefix filter and custom categories (only while they are set).
-    #[cold]
-    fn count_filter_lookups(&mut self, f: &filter::FilterConfig, command: &[u8]) {
-        if !f.prefix_filter.is_empty() {
-            self.stats.prefix_filter_checks += 1;
-            self.stats.prefix_filter_matches += u64::from(f.prefix_filter.matches(command));
-        }
-        if f.custom.category_of(command).is_some() {
-            self.stats.custom_category_matches += 1;
         }
     }
 
