@@ -1234,7 +1234,7 @@ async fn execute(
             shared
                 .audit(ControlEvent {
                     command,
-                    args: config_record_args(args),
+                    args: record_args(args),
                     client: client.peer,
                     user: CONTROL_USER.into(),
                     error: NOAUTH.into(),
@@ -1298,7 +1298,7 @@ async fn execute(
             shared
                 .audit(ControlEvent {
                     command: "config|resetstat",
-                    args: config_record_args(args),
+                    args: record_args(args),
                     client: client.peer,
                     user: CONTROL_USER.into(),
                     error: String::new(),
@@ -1398,7 +1398,7 @@ async fn audit_auth(
     shared
         .audit(ControlEvent {
             command,
-            args: auth_record_args(args),
+            args: record_args(args),
             client: peer,
             user: CONTROL_USER.into(),
             error: error.into(),
@@ -1406,9 +1406,10 @@ async fn audit_auth(
         .await;
 }
 
-/// `command_args` of an AUTH or HELLO record, made by the code that makes the server's records of
-/// those commands, so that both read alike and the password is redacted by the same rules.
-fn auth_record_args(args: &[Bytes]) -> String {
+/// `command_args` of a control-port record (AUTH, HELLO, CONFIG SET/REWRITE/RESETSTAT), made by
+/// the code that makes the server's records of those commands, so that both read alike and a
+/// password is redacted by the same rules.
+fn record_args(args: &[Bytes]) -> String {
     static TABLE: OnceLock<Option<CommandTable>> = OnceLock::new();
     // The daemon refuses to start without the embedded table, so this fallback is never used;
     // it still names no secret.
@@ -1729,7 +1730,7 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
     shared
         .audit(ControlEvent {
             command: "config|set",
-            args: config_record_args(full_args),
+            args: record_args(full_args),
             client: client.peer,
             user: CONTROL_USER.into(),
             error: result.clone().err().unwrap_or_default(),
@@ -1775,26 +1776,6 @@ async fn config_set_checked(
 /// The CONFIG commands that change something, recorded even when refused.
 const CONFIG_CHANGES: [&str; 3] = ["config|set", "config|rewrite", "config|resetstat"];
 
-/// `command_args` of a CONFIG record: the server's CONFIG records' `subcommand=<as typed>
-/// param=<name in lower case>`, with every further parameter's `param=<name>` after it (one CONFIG SET may
-/// change several settings, `audit.enabled` among them); values are never shown.
-fn config_record_args(args: &[Bytes]) -> String {
-    let mut out = match args.get(1) {
-        Some(sub) => format!("subcommand={}", truncated(sub, 64)),
-        None => String::new(),
-    };
-    if args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(b"set")) {
-        for name in args.iter().skip(2).step_by(2) {
-            // (Names are case-insensitive: written as CONFIG GET shows them.)
-            out.push_str(&format!(
-                " param={}",
-                truncated(name, 64).to_ascii_lowercase()
-            ));
-        }
-    }
-    out
-}
-
 async fn config_rewrite(client: &Client, shared: &Shared, args: &[Bytes]) -> Reply {
     let result = shared
         .blocking(|b| b.rewrite_config())
@@ -1803,7 +1784,7 @@ async fn config_rewrite(client: &Client, shared: &Shared, args: &[Bytes]) -> Rep
     shared
         .audit(ControlEvent {
             command: "config|rewrite",
-            args: config_record_args(args),
+            args: record_args(args),
             client: client.peer,
             user: CONTROL_USER.into(),
             error: result.clone().err().unwrap_or_default(),
@@ -2617,7 +2598,7 @@ mod tests {
         let expected = [
             (
                 "config|set",
-                "subcommand=SET param=audit.format param=audit.events",
+                "subcommand=SET param=audit.format param=AUDIT.events",
                 "",
             ),
             (
@@ -2628,7 +2609,7 @@ mod tests {
             ),
             (
                 "config|set",
-                "subcommand=SET param=audit.format param=audit.format",
+                "subcommand=SET param=audit.format param=audit.FORMAT",
                 "CONFIG SET failed (possibly related to argument 'audit.format') - duplicate \
                  parameter",
             ),
