@@ -698,11 +698,12 @@ impl RequestParser {
             self.fail(reason, false, out);
             return;
         }
+        // (The line ended in CRLF: the resync scan starts at a line start.)
         match line.value() {
             Some(count) if count > MAX_MULTIBULK_LEN => {
-                self.fail("invalid multibulk length", b == b'\n', out)
+                self.fail("invalid multibulk length", true, out)
             }
-            None => self.fail("invalid multibulk length", b == b'\n', out),
+            None => self.fail("invalid multibulk length", true, out),
             // `*0` and `*-1` are not commands; Valkey just moves on.
             Some(count) if count <= 0 => self.await_next_request(),
             Some(count) => {
@@ -740,7 +741,7 @@ impl RequestParser {
             Some(len) if (0..=PROTO_MAX_BULK_LEN).contains(&len) => {
                 self.begin_arg(len.unsigned_abs())
             }
-            _ => self.fail("invalid bulk length", b == b'\n', out),
+            _ => self.fail("invalid bulk length", true, out),
         }
     }
 
