@@ -523,6 +523,8 @@ def test_ring_losses_show_in_info_while_the_sink_is_stuck(valkey, start_auditor,
                            timeout=10, what="INFO audit to count ring losses while the disk is full")
             assert f["audit_file_status"] == "error", f
             assert 0 < int(f["audit_lost_ring_buffer_events"]) <= kernel_ring_drops(a.proc.pid)
+            # The ring's fill shows too, although the capture thread is not reading it.
+            assert int(f["audit_ring_buffer_used_bytes"]) > 65536 // 2, f
         finally:
             for c in conns:
                 c.close()

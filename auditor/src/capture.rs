@@ -481,8 +481,8 @@ fn ring_drops(stats: &PerCpuArray<MapData, u64>) -> Result<(u64, u64)> {
     Ok((events, bytes))
 }
 
-/// The kernel's ring-drop counters, read through a second handle of the STATS map, so that
-/// `INFO audit` and `/metrics` show ring losses while they happen: the capture thread reads them
+/// The kernel's ring-drop counters and ring fill, read through a second handle of the STATS map,
+/// so that `INFO audit` and `/metrics` show ring losses and a filling ring while they happen: the capture thread reads them
 /// only between passes, and it may be waiting for room in the queue (`overflow block`, a stuck
 /// sink) exactly while the ring overflows.
 pub struct KernelDrops(PerCpuArray<MapData, u64>);
@@ -497,8 +497,17 @@ impl KernelDrops {
             .map(KernelDrops)
     }
 
-    pub fn read(&self) -> Option<(u64, u64)> {
-        ring_drops(&self.0).ok()
+    /// The drop counters and the ring's peak fill since the capture loop last reset it (not
+    /// reset here).
+    pub fn read(&self) -> Option<crate::metrics::KernelCounters> {
+        let drops = ring_drops(&self.0).ok()?;
+        let ring_peak = self
+            .0
+            .get(&STAT_RING_PEAK, 0)
+            .ok()
+            .and_then(|v| v.iter().copied().max())
+            .unwrap_or(0);
+        Some(crate::metrics::KernelCounters { drops, ring_peak })
     }
 }
 

@@ -101,8 +101,17 @@ pub struct TargetSnapshot {
     pub counting: bool,
 }
 
-/// Reads the kernel's ring-drop counters `(records, bytes)`, from any thread.
-pub type KernelDropsSource = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+/// What the kernel side counts, read live from any thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Failed ring-buffer writes `(records, bytes)`, summed over CPUs.
+    pub drops: (u64, u64),
+    /// The most unread bytes the ring held since the capture loop last took the peak.
+    pub ring_peak: u64,
+}
+
+/// Reads the kernel's counters from any thread.
+pub type KernelDropsSource = Box<dyn Fn() -> Option<KernelCounters> + Send + Sync>;
 
 /// How many prefix filters and custom categories the settings hold (`INFO audit`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -402,8 +411,8 @@ pub struct Metrics {
     targets: Mutex<Registry>,
     /// Set to a fresh [`next_generation`] whenever the entry a pid counts in may have changed.
     targets_generation: AtomicU64,
-    /// Reads the kernel's ring-drop counters `(records, bytes)` from any thread
-    /// ([`Metrics::observe_kernel_drops`] turns them into the two counters above).
+    /// Reads the kernel's ring-drop counters and ring peak from any thread
+    /// ([`Metrics::observe_kernel_drops`] turns the drops into the two counters above).
     kernel_drops: OnceLock<KernelDropsSource>,
     /// The kernel's counts last added to `lost_ring_*` (deltas, so RESETSTAT can zero them).
     kernel_drops_seen: Mutex<(u64, u64)>,
@@ -669,8 +678,13 @@ impl Metrics {
 
     /// Every counter, each read once.
     pub fn snapshot(&self) -> Snapshot {
-        if let Some(drops) = self.kernel_drops.get().and_then(|read| read()) {
-            self.observe_kernel_drops(drops);
+        // The ring's fill as the capture loop last took it, or as the kernel sees it now if
+        // that is more: while the loop waits for room in the queue it takes nothing, and the
+        // ring filling up is exactly what an operator then needs to see.
+        let mut ring_used_bytes = self.ring_used_bytes.load(Relaxed);
+        if let Some(live) = self.kernel_drops.get().and_then(|read| read()) {
+            self.observe_kernel_drops(live.drops);
+            ring_used_bytes = ring_used_bytes.max(live.ring_peak);
         }
         let targets = {
             let reg = self.registry();
@@ -709,7 +723,7 @@ impl Metrics {
             lost_sink: self.lost_sink.load(Relaxed),
             sink_status: std::array::from_fn(|i| self.sink_status(i)),
             sink_backlog_bytes: self.sink_backlog_bytes.load(Relaxed),
-            ring_used_bytes: self.ring_used_bytes.load(Relaxed),
+            ring_used_bytes,
             ring_size_bytes: self.ring_size_bytes.load(Relaxed),
             targets,
         }
@@ -954,5 +968,23 @@ mod tests {
             field(&m, "audit_ring_buffer_size_bytes").unwrap(),
             (1u64 << 24).to_string()
         );
+    }
+
+    #[test]
+    fn snapshots_read_the_kernel_live_when_the_capture_loop_is_behind() {
+        let m = Metrics::new(vec![5]);
+        m.set_ring_usage(4096, 1 << 24);
+        m.set_kernel_drops_source(Box::new(|| {
+            Some(KernelCounters {
+                drops: (3, 300),
+                ring_peak: 9000,
+            })
+        }));
+        let s = m.snapshot();
+        assert_eq!(s.ring_used_bytes, 9000);
+        assert_eq!((s.lost_ring_events, s.lost_ring_bytes), (3, 300));
+        // The capture loop's own reading wins when it is the larger one.
+        m.set_ring_usage(20_000, 1 << 24);
+        assert_eq!(m.snapshot().ring_used_bytes, 20_000);
     }
 }
