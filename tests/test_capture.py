@@ -446,6 +446,28 @@ def test_commands_after_bytes_the_server_refused_are_not_recorded(audited):
             and r["category"] != "CONNECTION"]
     assert mine == [("protocol_error", "reason=invalid CRLF in request", "FAILURE")], mine
 
+def test_nothing_after_a_nul_in_an_inline_line_is_recorded(audited):
+    """Valkey looks for an inline line's end with strchr, which stops at a NUL: the line never
+    ends for the server, and neither it nor the FLUSHALL behind it runs. The log invents neither;
+    once more than 64 KiB are pending the server refuses them, and the log says so."""
+    valkey, auditor = audited
+    valkey.client().set("keep-me", "1")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"PING\r\nSET keep-me a\x00b\r\nFLUSHALL\r\n")
+    read_until(s, lambda b: b == b"+PONG\r\n")
+    s.sendall(b"x" * 70000)
+    read_until(s, lambda b: b == b"-ERR Protocol error: too big inline request\r\n")
+    s.close()
+    assert valkey.client().get("keep-me") == b"1"
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
+                                               for r in rs))
+    mine = [(r["command"], r["command_args"], r["result"]) for r in recs if r["client_port"] == port
+            and r["category"] != "CONNECTION"]
+    assert mine == [("ping", "", "SUCCESS"),
+                    ("protocol_error", "reason=too big inline request", "FAILURE")], mine
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

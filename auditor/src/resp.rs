@@ -41,8 +41,10 @@
 //!   behind a malformed terminator. The exception is the tentative first request after a resync
 //!   guess (below), where strict CRLF checks are how a wrong guess is detected.
 //! * Anything else is an inline command: a line up to `\n` (a trailing `\r` is stripped), split
-//!   like `sdssplitargs` (quotes, escapes, and a NUL ending the line). Blank lines are no command.
-//!   Unbalanced quotes are a Desync, and so is a line over 64 KiB ("too big inline request").
+//!   as Valkey 9.1.2 splits it (quotes join the text around them). Blank lines are no command.
+//!   Unbalanced quotes are a Desync, and so is a line over 64 KiB ("too big inline request"). A
+//!   NUL before the `\n` means the line never ends, as for the server's `strchr`: nothing after
+//!   it runs, until 64 KiB are pending and the server refuses them.
 //!
 //! Valkey closes the connection after a protocol error, so after one the parser only looks for
 //! what might be the next command.
@@ -346,6 +348,10 @@ pub struct RequestParser {
     arg_retained: bool,
     /// The inline line read so far, when it spans several `feed` calls (never over 64 KiB).
     inline_line: Vec<u8>,
+    /// The inline line holds a NUL: Valkey looks for its end with `strchr`, which stops there,
+    /// so the line never ends for the server. It waits until more than 64 KiB are pending and
+    /// then refuses them ("too big inline request"); nothing after the NUL is ever executed.
+    inline_unterminated: bool,
     /// `ts` of the latest `feed`, used for a request completed by a gap.
     last_ts: u64,
     /// Buffers to build requests from: the caller's pool during `feed_pooled`, a temporary one
@@ -381,6 +387,7 @@ impl RequestParser {
             arg_keep: 0,
             arg_retained: false,
             inline_line: Vec::new(),
+            inline_unterminated: false,
             last_ts: 0,
             pool: BufPool::default(),
         }
@@ -800,7 +807,16 @@ impl RequestParser {
 
     /// Inline state: `rest` continues (or, from Idle, starts) an inline line.
     fn step_inline(&mut self, rest: &[u8], ts: u64, out: &mut Vec<RequestEvent>) -> usize {
-        let Some(newline) = rest.iter().position(|&b| b == b'\n') else {
+        let end = if self.inline_unterminated {
+            None
+        } else {
+            rest.iter().position(|&b| b == b'\n' || b == 0)
+        };
+        let newline = end.filter(|&i| rest.get(i) == Some(&b'\n'));
+        if end.is_some() && newline.is_none() {
+            self.inline_unterminated = true;
+        }
+        let Some(newline) = newline else {
             if self.inline_line.len().saturating_add(rest.len()) > PROTO_INLINE_MAX_SIZE {
                 self.fail("too big inline request", false, out);
             } else {
@@ -865,6 +881,7 @@ impl RequestParser {
         self.arg_keep = 0;
         self.arg_retained = false;
         self.inline_line.clear();
+        self.inline_unterminated = false;
         if self.inline_line.capacity() > SPARE_BUFFER_MAX {
             self.inline_line = Vec::new();
         }
@@ -2040,7 +2057,6 @@ mod tests {
             (br#"SET k "\xzz" "\x4""#, &[b"SET", b"k", b"xzz", b"x4"]),
             (br"SET k 'it\'s \n' ''", &[b"SET", b"k", b"it's \\n", b""]),
             (b"SET k\"ey\" v", &[b"SET", b"key", b"v"]),
-            (b"GET a\0b c", &[b"GET", b"a"]),
             (b"ECHO \"\"", &[b"ECHO", b""]),
             (b"A\x0bB", &[b"A\x0bB"]),
             // Quoted parts join the text around them (Valkey 9.1.2, checked).
@@ -2496,6 +2512,37 @@ mod tests {
         assert_eq!(request.args[0].len, PROTO_INLINE_MAX_SIZE as u64);
         assert_eq!(request.args[0].prefix.len(), KEEP);
         assert_eq!(parse_requests_bytewise(&longest), events);
+    }
+
+    /// Probed on valkey-server 9.1.2: an inline line holding a NUL is never executed, nor is
+    /// anything after it; once more than 64 KiB are pending the server refuses them and closes.
+    /// In a multibulk header a NUL makes the number invalid at once.
+    #[test]
+    fn an_inline_nul_ends_nothing_like_valkey() {
+        let stalled = b"PING\r\nSET a\x00b 1\r\nSET k2 v\r\n".to_vec();
+        let events = parse_requests(&stalled);
+        let names: Vec<_> = requests(&events)
+            .iter()
+            .map(|r| r.args[0].prefix.clone())
+            .collect();
+        assert_eq!(names, [b"PING".to_vec()]);
+        assert!(request_desyncs(&events).is_empty());
+        assert_eq!(parse_requests_bytewise(&stalled), events);
+        let mut refused = stalled.clone();
+        refused.extend(std::iter::repeat_n(b'x', PROTO_INLINE_MAX_SIZE));
+        let events = parse_requests(&refused);
+        assert!(matches!(
+            &events[..],
+            [RequestEvent::Request(_), RequestEvent::Desync { .. }]
+        ));
+        assert_eq!(request_desyncs(&events), ["too big inline request"]);
+        assert_eq!(parse_requests_bytewise(&refused), events);
+        for (data, reason) in [
+            (&b"*1\x00\r\n$4\r\nPING\r\n"[..], "invalid multibulk length"),
+            (&b"*1\r\n$4\x00\r\nPING\r\n"[..], "invalid bulk length"),
+        ] {
+            assert_eq!(request_desyncs(&parse_requests(data)), [reason]);
+        }
     }
 
     #[test]
