@@ -402,6 +402,15 @@ def test_client_garbage_is_a_protocol_error_record_not_a_loss(audited):
     assert info_audit(auditor)["audit_lost_parser_resync_request"] == "0"
 
 
+def commands_of_closed_connection(auditor, port):
+    """(command, command_args, result) of the connection from `port`, once its disconnection
+    is written."""
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
+                                               for r in rs))
+    return [(r["command"], r["command_args"], r["result"]) for r in recs if r["client_port"] == port
+            and r["category"] != "CONNECTION"]
+
+
 def test_inline_command(audited):
     valkey, auditor = audited
     s = socket.create_connection(("127.0.0.1", valkey.port))
@@ -440,10 +449,7 @@ def test_commands_after_bytes_the_server_refused_are_not_recorded(audited):
     read_until(s, lambda b: b == b"-ERR Protocol error: invalid CRLF in request\r\n")
     s.close()
     assert valkey.client().get("keep-me") == b"1"
-    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
-                                               for r in rs))
-    mine = [(r["command"], r["command_args"], r["result"]) for r in recs if r["client_port"] == port
-            and r["category"] != "CONNECTION"]
+    mine = commands_of_closed_connection(auditor, port)
     assert mine == [("protocol_error", "reason=invalid CRLF in request", "FAILURE")], mine
 
 def test_nothing_after_a_nul_in_an_inline_line_is_recorded(audited):
@@ -460,10 +466,7 @@ def test_nothing_after_a_nul_in_an_inline_line_is_recorded(audited):
     read_until(s, lambda b: b == b"-ERR Protocol error: too big inline request\r\n")
     s.close()
     assert valkey.client().get("keep-me") == b"1"
-    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
-                                               for r in rs))
-    mine = [(r["command"], r["command_args"], r["result"]) for r in recs if r["client_port"] == port
-            and r["category"] != "CONNECTION"]
+    mine = commands_of_closed_connection(auditor, port)
     assert mine == [("ping", "", "SUCCESS"),
                     ("protocol_error", "reason=too big inline request", "FAILURE")], mine
 
