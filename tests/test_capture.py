@@ -208,7 +208,7 @@ def test_auth_and_hello_with_acl_user(audited):
     assert all(a["category"] == "AUTH" for a in auths)
     assert auths[0]["username"] == "default"  # the user the command ran as
     # ... and the user it tried to become, never the password
-    assert [a["command_args"] for a in auths] == ["username=alice password=<REDACTED>"] * 2
+    assert [a["command_args"] for a in auths] == ["user=alice password=<REDACTED>"] * 2
     assert auths[0]["error"].startswith("WRONGPASS")
     after_bad = [r for r in recs if r["keys"] == ["after-bad"]][0]
     assert after_bad["username"] == "default"

@@ -289,10 +289,10 @@ def test_control_auth_records_read_like_the_servers(valkey, start_auditor):
     seen = [{f: r[f] for f in fields} for r in auth_records(control.port)]
     assert seen[:2] == [{f: r[f] for f in fields} for r in auth_records(server.port)]
     assert seen[:2] == [
-        {"category": "AUTH", "command": "auth", "command_args": "username=bob password=<REDACTED>",
+        {"category": "AUTH", "command": "auth", "command_args": "user=bob password=<REDACTED>",
          "result": "FAILURE", "username": "default",
          "error": "WRONGPASS invalid username-password pair or user is disabled."},
-        {"category": "AUTH", "command": "hello", "command_args": "protover=3 username=bob password=<REDACTED>",
+        {"category": "AUTH", "command": "hello", "command_args": "protover=3 user=bob password=<REDACTED>",
          "result": "FAILURE", "username": "default",
          "error": "WRONGPASS invalid username-password pair or user is disabled."},
     ]
@@ -300,7 +300,7 @@ def test_control_auth_records_read_like_the_servers(valkey, start_auditor):
         {"category": "AUTH", "command": "auth", "command_args": "password=<REDACTED>",
          "result": "SUCCESS", "username": "default", "error": ""},
         {"category": "AUTH", "command": "hello",
-         "command_args": "protover=2 username=default password=<REDACTED>",
+         "command_args": "protover=2 user=default password=<REDACTED>",
          "result": "SUCCESS", "username": "default", "error": ""},
     ]
     text = a.log.read_bytes()

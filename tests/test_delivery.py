@@ -192,7 +192,7 @@ def test_start_and_stop_records_and_clean_stop_flushes(valkey, start_auditor):
     assert (first["category"], first["command"], first["seq"]) == ("AUDIT", "start", 1)
     args = first["command_args"]
     assert re.search(r"\bversion=\d+\.\d+\.\d+", args), args
-    assert f"pid={valkey.pid}" in args.split()
+    assert f"pids={valkey.pid}" in args.split()
     assert f"protocol=file {a.log}" in args
     for setting in ("format=json", "fsync=everysec", "roll_cycle=never", "overflow=block"):
         assert setting in args.split(), (setting, args)
@@ -210,7 +210,7 @@ def test_start_and_stop_records_and_clean_stop_flushes(valkey, start_auditor):
     last = recs[-1]
     assert (last["category"], last["command"]) == ("AUDIT", "stop")
     assert re.search(r"\bversion=\d+\.\d+\.\d+", last["command_args"])
-    assert f"pid={valkey.pid}" in last["command_args"].split()
+    assert f"pids={valkey.pid}" in last["command_args"].split()
     s.close()
 
 

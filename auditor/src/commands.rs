@@ -1175,8 +1175,8 @@ fn parse_key_spec(ks: &Value) -> Option<KeySpec> {
 ///   `payload_disable`, when the command has no value argument, or when that argument is a secret.
 /// * CONFIG: `subcommand=<argv[1] as typed>[ param=<argv[2]>]` (param for GET/SET only; never a
 ///   value).
-/// * AUTH: `[username=<u> ]password=<REDACTED>` for AUTH (the module's `password=<REDACTED>`, with
-///   the user asked for when one is given); `[protover=<n> ]username=<u> password=<REDACTED>` for
+/// * AUTH: `[user=<u> ]password=<REDACTED>` for AUTH (the module's `password=<REDACTED>`, with
+///   the user asked for when one is given); `[protover=<n> ]user=<u> password=<REDACTED>` for
 ///   HELLO.
 /// * anything else (OTHER, custom categories): `arg1=.. arg2=.. arg3=..`, each cut at 50 bytes with
 ///   `...`, then ` (and N more args)`; a secret is written `<REDACTED>`.
@@ -1262,7 +1262,7 @@ pub fn command_args_into(
                 && args.len() >= 3
                 && let Some(user) = args.get(1)
             {
-                out.extend_from_slice(b"username=");
+                out.extend_from_slice(b"user=");
                 push_field(out, d, 1, user, HELLO_FIELD_MAX);
                 out.push(b' ');
             }
@@ -1277,7 +1277,7 @@ pub fn command_args_into(
                     out.push(b' ');
                 }
                 if let Some(user) = args.get(at + 1) {
-                    out.extend_from_slice(b"username=");
+                    out.extend_from_slice(b"user=");
                     push_field(out, d, at + 1, user, HELLO_FIELD_MAX);
                     out.push(b' ');
                 }
@@ -2030,16 +2030,16 @@ mod tests {
         );
         assert_eq!(
             args_text(&["AUTH", "alice", "pw"]),
-            "username=alice password=<REDACTED>"
+            "user=alice password=<REDACTED>"
         );
         assert_eq!(args_text(&["AUTH", "pw"]), "password=<REDACTED>");
         assert_eq!(
             args_text(&["HELLO", "3", "AUTH", "alice", "alicepw", "SETNAME", "c"]),
-            "protover=3 username=alice password=<REDACTED>"
+            "protover=3 user=alice password=<REDACTED>"
         );
         assert_eq!(
             args_text(&["HELLO", "AUTH", "alice", "pw"]),
-            "username=alice password=<REDACTED>"
+            "user=alice password=<REDACTED>"
         );
         assert_eq!(
             args_text(&["CONFIG", "SET", "requirepass", "pw"]),

@@ -76,7 +76,7 @@ pub trait ControlBackend: Send + Sync + 'static {
     /// `command` is "config|set", "config|rewrite", "config|resetstat", "auth" or "hello"; `args` is
     /// the server's CONFIG records' "subcommand=<as typed>", and for CONFIG SET "param=<name>" for
     /// each setting after it (never values), for AUTH/HELLO what the
-    /// server's records of them show (`[username=<u> ]password=<REDACTED>`, HELLO's preceded by
+    /// server's records of them show (`[user=<u> ]password=<REDACTED>`, HELLO's preceded by
     /// `protover=<n> `), "" otherwise; `client` is the control client's address; `user` is the user
     /// the command ran as, always the control user ("default": a failed AUTH changes nothing, and
     /// the user an AUTH asked for is in `args`); `error` is the error reply text without "ERR " (""
@@ -2310,16 +2310,11 @@ mod tests {
             summary,
             [
                 ("auth", "password=<REDACTED>", "default", false),
+                ("auth", "user=default password=<REDACTED>", "default", true),
+                ("auth", "user=bob password=<REDACTED>", "default", false),
                 (
                     "auth",
-                    "username=default password=<REDACTED>",
-                    "default",
-                    true
-                ),
-                ("auth", "username=bob password=<REDACTED>", "default", false),
-                (
-                    "auth",
-                    "username=<REDACTED> password=<REDACTED>",
+                    "user=<REDACTED> password=<REDACTED>",
                     "default",
                     false
                 ),
@@ -2346,7 +2341,7 @@ mod tests {
             events[0],
             Event {
                 command: "hello".into(),
-                args: "protover=3 username=bob password=<REDACTED>".into(),
+                args: "protover=3 user=bob password=<REDACTED>".into(),
                 user: "default".into(),
                 success: false,
                 error: WRONGPASS.into(),
@@ -2354,7 +2349,7 @@ mod tests {
         );
         assert_eq!(
             (events[1].args.as_str(), events[1].user.as_str()),
-            ("protover=2 username=default password=<REDACTED>", "default")
+            ("protover=2 user=default password=<REDACTED>", "default")
         );
         assert!(events[1].success);
         assert!(events.iter().all(|e| !e.args.contains("wrong")));
@@ -2425,18 +2420,14 @@ mod tests {
             summary,
             [
                 ("auth", "password=<REDACTED>", false),
-                ("auth", "username=admin password=<REDACTED>", false),
+                ("auth", "user=admin password=<REDACTED>", false),
                 (
                     "hello",
-                    "protover=3 username=default password=<REDACTED>",
+                    "protover=3 user=default password=<REDACTED>",
                     false
                 ),
                 ("auth", "password=<REDACTED>", true),
-                (
-                    "hello",
-                    "protover=3 username=default password=<REDACTED>",
-                    true
-                ),
+                ("hello", "protover=3 user=default password=<REDACTED>", true),
             ]
         );
         assert!(events.iter().all(|e| e.user == "default"));

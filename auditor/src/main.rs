@@ -507,7 +507,7 @@ fn run() -> Result<()> {
         &host,
         wall_offset,
         b"stop",
-        format!("version={} pid={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
+        format!("version={} pids={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
     );
     queue.release_placed(u64::MAX);
     queue.push_forced(&mut vec![stop_rec]);
@@ -522,7 +522,7 @@ fn start_args(s: &Settings, pids: &[u32]) -> Vec<u8> {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let mut out = format!("version={} pid={pids}", env!("CARGO_PKG_VERSION"));
+    let mut out = format!("version={} pids={pids}", env!("CARGO_PKG_VERSION"));
     for name in SETTING_NAMES {
         if let Some(v) = s.get(name)
             && !auditor::settings::is_secret(name)

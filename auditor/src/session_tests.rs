@@ -1045,7 +1045,7 @@ fn auth_success_hides_the_password_and_changes_the_next_commands_user() {
         expect(
             "auth",
             Category::Auth,
-            "username=alice password=<REDACTED>",
+            "user=alice password=<REDACTED>",
             Outcome::Success,
             "",
             // The user the command ran as.
@@ -1074,7 +1074,7 @@ fn failed_auth_keeps_the_user() {
         expect(
             "auth",
             Category::Auth,
-            "username=alice password=<REDACTED>",
+            "user=alice password=<REDACTED>",
             Outcome::Failure,
             "WRONGPASS invalid username-password pair or user is disabled.",
             "default",
@@ -1099,7 +1099,7 @@ fn hello_auth_hides_the_password_and_changes_the_user_on_success_only() {
         expect(
             "hello",
             Category::Auth,
-            "protover=3 username=bob password=<REDACTED>",
+            "protover=3 user=bob password=<REDACTED>",
             Outcome::Failure,
             "WRONGPASS invalid username-password pair or user is disabled.",
             "default",
@@ -1118,7 +1118,7 @@ fn hello_auth_hides_the_password_and_changes_the_user_on_success_only() {
         expect(
             "hello",
             Category::Auth,
-            "protover=3 username=bob password=<REDACTED>",
+            "protover=3 user=bob password=<REDACTED>",
             Outcome::Success,
             "",
             "default",
