@@ -51,6 +51,25 @@ def test_config_get_lists_every_setting(audited):
     assert cli(auditor, "PING").strip() == "PONG"
 
 
+def test_module_load_arguments_work_on_the_command_line(valkey, start_auditor):
+    """The module's `--loadmodule ... format json events keys payload_disable` syntax: bare and
+    legacy names, the payload_disable flag, and a value that only looks like a setting name."""
+    a = start_auditor(valkey.pid, settings=("events", "keys,config", "payload_disable", "tcp_timeout", "700",
+                                            "excluderules", "audit.reader,bob"))
+    got = config_get(a, "audit.*")
+    assert (got["audit.events"], got["audit.payload_disable"], got["audit.tcp_timeout_ms"],
+            got["audit.excluderules"]) == ("config,keys", "yes", "700", "audit.reader,bob"), got
+    c = Raw(valkey.port)
+    c.call("SET", "k", "secret-payload")
+    c.call("PING")
+    c.close()
+    a.wait_records(lambda rs: any(r["command"] == "set" for r in rs))
+    assert a.stop() == 0
+    recs = a.records()
+    assert [r["command_args"] for r in recs if r["command"] == "set"] == ["key=k"]
+    assert not any(r["command"] == "ping" for r in recs)
+
+
 VALID = [
     ("audit.enabled", "no", "no"), ("audit.always_audit_config", "yes", "yes"),
     ("audit.format", "CSV", "csv"), ("audit.events", "auth,config", "auth,config"),

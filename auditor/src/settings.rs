@@ -207,6 +207,32 @@ fn full_name(name: &str) -> String {
     }
 }
 
+/// The setting a start-up argument names: `audit.<name>` of a known setting, the bare name (the
+/// module's load arguments: `protocol file /x.log format json`), or one of the module's legacy
+/// argument names (`tcp_timeout` for `audit.tcp_timeout_ms`, ...). `None` for any other word.
+fn arg_setting_name(word: &str) -> Option<&'static str> {
+    const LEGACY: &[(&str, &str)] = &[
+        ("tcp_timeout", "audit.tcp_timeout_ms"),
+        ("tcp_retry_interval", "audit.tcp_retry_interval_ms"),
+        ("tcp_reconnect", "audit.tcp_reconnect_on_failure"),
+        ("tcp_buffer", "audit.tcp_buffer_on_disconnect"),
+    ];
+    let lower = word.to_ascii_lowercase();
+    if lower.starts_with("audit.") {
+        return SETTING_NAMES.iter().copied().find(|&n| n == lower);
+    }
+    SETTING_NAMES
+        .iter()
+        .copied()
+        .find(|n| n.strip_prefix("audit.") == Some(lower.as_str()))
+        .or_else(|| {
+            LEGACY
+                .iter()
+                .find(|(legacy, _)| *legacy == lower)
+                .map(|&(_, n)| n)
+        })
+}
+
 fn parse_bool(name: &str, v: &str) -> Result<bool, SettingError> {
     match v.to_ascii_lowercase().as_str() {
         "yes" => Ok(true),
@@ -546,20 +572,39 @@ impl Settings {
         self.get(name)
     }
 
-    /// Apply trailing command-line words: `audit.<name>` followed by its value. A value may span
-    /// several words (`audit.protocol file /x`); it runs until the next `audit.` word.
+    /// Apply trailing command-line words in the module's load-argument syntax: a setting name
+    /// (`audit.<name>`, the bare name, or a legacy one such as `tcp_timeout`) followed by its
+    /// value. A value may span several words (`protocol file /x`); it runs until the next word
+    /// that names a setting. A bare `payload_disable` with no value is the module's flag.
     pub fn apply_args(&mut self, words: &[String]) -> Result<(), SettingError> {
         let mut i = 0;
         while i < words.len() {
-            let name = &words[i];
-            if !name.starts_with("audit.") {
-                return Err(err(name, "expected a setting name like audit.format"));
-            }
+            let word = &words[i];
+            let Some(name) = arg_setting_name(word) else {
+                return Err(if word.to_ascii_lowercase().starts_with("audit.") {
+                    SettingError {
+                        name: word.clone(),
+                        message: "unknown setting".into(),
+                        unknown: true,
+                    }
+                } else {
+                    err(word, "expected a setting name like audit.format")
+                });
+            };
+            // A value runs to the next setting name: the module's `protocol file <path>` is two
+            // words. A word that only looks like a name (`audit.reader` in excluderules, a log
+            // file `audit.log`) is part of the value.
             let mut j = i + 1;
-            while j < words.len() && !words[j].starts_with("audit.") {
+            while j < words.len() && arg_setting_name(&words[j]).is_none() {
                 j += 1;
             }
             if j == i + 1 {
+                // The module's legacy `payload_disable` is a flag.
+                if name == "audit.payload_disable" && !word.starts_with("audit.") {
+                    self.apply(name, "yes")?;
+                    i = j;
+                    continue;
+                }
                 return Err(err(name, "missing value"));
             }
             // An option after the settings would otherwise become part of a value, and fail with
@@ -573,7 +618,19 @@ impl Settings {
                     format!("option {option} must come before the audit.* settings"),
                 ));
             }
-            self.apply(name, &words[i + 1..j].join(" "))?;
+            let value = &words[i + 1..j];
+            self.apply(name, &value.join(" ")).map_err(|mut e| {
+                // `audit.fomat csv` after a value is taken as part of that value: say so.
+                if let Some(w) = value
+                    .iter()
+                    .find(|w| w.to_ascii_lowercase().starts_with("audit."))
+                {
+                    e.message.push_str(&format!(
+                        " ('{w}' is no setting, so it was read as part of the value)"
+                    ));
+                }
+                e
+            })?;
             i = j;
         }
         Ok(())
@@ -862,6 +919,69 @@ mod tests {
         .unwrap();
         assert_eq!(s.protocol, Protocol::File("/tmp/b.log".into()));
         assert_eq!(s.get("audit.events").unwrap(), "auth,config");
+    }
+
+    #[test]
+    fn module_load_arguments_without_the_prefix_and_legacy_names() {
+        // The module's `--loadmodule ... protocol file <path> format json events keys,auth`.
+        let mut s = Settings::default();
+        s.apply_args(&words(&[
+            "protocol",
+            "file",
+            "/tmp/c.log",
+            "format",
+            "json",
+            "events",
+            "keys,auth",
+            "tcp_timeout",
+            "700",
+            "tcp_reconnect",
+            "no",
+            "payload_disable",
+            "command_result_mode",
+            "failures",
+        ]))
+        .unwrap();
+        assert_eq!(s.protocol, Protocol::File("/tmp/c.log".into()));
+        assert_eq!(s.format, Format::Json);
+        assert_eq!(s.get("audit.events").unwrap(), "auth,keys");
+        assert_eq!(s.get("audit.tcp_timeout_ms").unwrap(), "700");
+        assert_eq!(s.get("audit.tcp_reconnect_on_failure").unwrap(), "no");
+        assert!(s.payload_disable);
+        assert_eq!(s.get("audit.command_result_mode").unwrap(), "failures");
+        // The prefixed form still needs its value.
+        let e = s
+            .apply_args(&words(&["audit.payload_disable"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("missing value"), "{e}");
+    }
+
+    #[test]
+    fn a_value_word_that_only_looks_like_a_setting_is_part_of_the_value() {
+        let mut s = Settings::default();
+        s.apply_args(&words(&[
+            "audit.excluderules",
+            "audit.reader,bob",
+            "audit.protocol",
+            "file",
+            "audit.log",
+        ]))
+        .unwrap();
+        assert_eq!(s.get("audit.excluderules").unwrap(), "audit.reader,bob");
+        assert_eq!(s.protocol, Protocol::File("audit.log".into()));
+        // A misspelt name after a value: the error says how it was read.
+        let e = s
+            .apply_args(&words(&["audit.format", "json", "audit.fomat", "csv"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'audit.fomat' is no setting"), "{e}");
+        let e = s
+            .apply_args(&words(&["audit.fomat", "csv"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'audit.fomat'"), "{e}");
+        let e = s.apply_args(&words(&["json"])).unwrap_err().to_string();
+        assert!(e.contains("expected a setting name"), "{e}");
     }
 
     #[test]
