@@ -1729,7 +1729,11 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
     if let Some(rest) = s.strip_prefix("NOPERM") {
         rec.category = Category::Auth;
         let rest = rest.trim_start();
-        let (reason, object) = if rest.contains("to run the") {
+        // (At EXEC, after the user's rules changed, Valkey says "... for the following reason:
+        // no permission to execute the command or subcommand" / "... access one of the keys".)
+        let (reason, object) = if rest.contains("to run the")
+            || rest.contains("to execute the command")
+        {
             ("command", None)
         } else if rest.contains("key") {
             ("key", quoted(rest))

@@ -724,6 +724,12 @@ fn error_texts() {
     );
     assert_eq!(r.category, Category::Auth, "ACL denials are AUTH records");
     assert_eq!(s(&r.error), "acl_deny_reason=command");
+    // A queued command the user lost the right to before EXEC (Valkey 9.1.2's text).
+    let r = w.roundtrip(
+        &["SET", "k", "v"],
+        b"-NOPERM ACLs rules changed between the moment the transaction was accumulated and the EXEC call. This command is no longer allowed for the following reason: no permission to execute the command or subcommand\r\n",
+    );
+    assert_eq!(s(&r.error), "acl_deny_reason=command");
     let r = w.roundtrip(&["GET", "k"], b"-NOPERM No permissions to access a key\r\n");
     assert_eq!(s(&r.error), "acl_deny_reason=key acl_object=k");
     // Of several keys, the text does not say which one was denied.
