@@ -207,6 +207,9 @@ enum KeysRule {
     SortRo,
     /// `migrateGetKeys`: `argv[3]`, or the keys after KEYS when `argv[3]` is empty.
     Migrate,
+    /// `georadiusGetKeys` (the specs are `variable_flags`): `argv[1]`, plus the key after the last
+    /// STORE or STOREDIST.
+    GeoRadius,
 }
 
 /// Which arguments of a command are secrets.
@@ -590,6 +593,7 @@ impl CommandTable {
                 0
             }
             KeysRule::Migrate => migrate_keys(args, argc, &mut d.keys),
+            KeysRule::GeoRadius => georadius_keys(args, argc, &mut d.keys),
         };
 
         self.collect_secrets(info.secret_rule, args, 0, 0, &mut d.secrets);
@@ -957,6 +961,32 @@ fn sort_keys(args: &[Arg], argc: usize, keys: &mut Vec<usize>) -> usize {
     }
 }
 
+/// The server's `georadiusGetKeys`: `argv[1]`, plus the argument after the last STORE or
+/// STOREDIST (searched from argv[5]; that key is written). Two stores leave only the last one.
+fn georadius_keys(args: &[Arg], argc: usize, keys: &mut Vec<usize>) -> usize {
+    if args.len() > 1 {
+        keys.push(1);
+    }
+    // As the server scans: a STORE's argument is skipped, so `STORE store b` stores to "store".
+    let end = argc.min(args.len());
+    let mut stored = None;
+    let mut i = 5;
+    while i + 1 < end {
+        if args[i].eq_ignore_case("store") || args[i].eq_ignore_case("storedist") {
+            stored = Some(i + 1);
+            i += 1;
+        }
+        i += 1;
+    }
+    match stored {
+        Some(k) => {
+            keys.push(k);
+            1
+        }
+        None => 0,
+    }
+}
+
 /// The server's `migrateGetKeys`: `argv[3]`, or, with the KEYS option (`argv[3]` must then be empty),
 /// every argument after KEYS. All of them are deleted from this server (unless COPY), so all count as
 /// written.
@@ -1092,6 +1122,7 @@ fn parse_entry(entry: &Value) -> Result<CommandInfo, CommandTableError> {
         "sort" => KeysRule::Sort,
         "sort_ro" => KeysRule::SortRo,
         "migrate" => KeysRule::Migrate,
+        "georadius" | "georadiusbymember" => KeysRule::GeoRadius,
         _ => KeysRule::Specs,
     };
     let secret_rule = match name.as_str() {
@@ -1688,6 +1719,37 @@ mod tests {
         assert_eq!(key_names(&["SORT", "l", "STORE"]), ["l"]);
         assert_eq!(key_names(&["SORT_RO", "l", "BY", "x"]), ["l"]);
         assert!(key_names(&["SORT"]).is_empty());
+
+        // GEORADIUS: the last STORE/STOREDIST wins, as COMMAND GETKEYS says on 9.1.2 (QA).
+        let geo = ["GEORADIUS", "geo", "0", "0", "1", "km"];
+        let with = |extra: &[&'static str]| -> Vec<&'static str> {
+            geo.iter().copied().chain(extra.iter().copied()).collect()
+        };
+        assert_eq!(
+            key_names(&with(&["STORE", "a", "STORE", "b"])),
+            ["geo", "b"]
+        );
+        assert_eq!(
+            key_names(&with(&["STORE", "a2", "STOREDIST", "b2"])),
+            ["geo", "b2"]
+        );
+        assert_eq!(key_names(&with(&["STORE", "store", "b"])), ["geo", "store"]);
+        assert_eq!(key_names(&with(&["STORE"])), ["geo"]);
+        assert_eq!(describe(&with(&["STOREDIST", "d"])).write_keys, 1);
+        assert_eq!(
+            key_names(&[
+                "GEORADIUSBYMEMBER",
+                "geo",
+                "m",
+                "1",
+                "km",
+                "STORE",
+                "x",
+                "STORE",
+                "y"
+            ]),
+            ["geo", "y"]
+        );
     }
 
     #[test]

@@ -1731,19 +1731,18 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
         let rest = rest.trim_start();
         // (At EXEC, after the user's rules changed, Valkey says "... for the following reason:
         // no permission to execute the command or subcommand" / "... access one of the keys".)
-        let (reason, object) = if rest.contains("to run the")
-            || rest.contains("to execute the command")
-        {
-            ("command", None)
-        } else if rest.contains("key") {
-            ("key", quoted(rest))
-        } else if rest.contains("channel") {
-            ("channel", quoted(rest))
-        } else if rest.contains("database") || rest.contains(" db") {
-            ("db", None)
-        } else {
-            ("auth", None)
-        };
+        let (reason, object) =
+            if rest.contains("to run the") || rest.contains("to execute the command") {
+                ("command", None)
+            } else if rest.contains("key") {
+                ("key", quoted(rest))
+            } else if rest.contains("channel") {
+                ("channel", quoted(rest))
+            } else if rest.contains("database") || rest.contains(" db") {
+                ("db", None)
+            } else {
+                ("auth", None)
+            };
         let mut e = format!("acl_deny_reason={reason}").into_bytes();
         if let Some(o) = object {
             e.extend_from_slice(b" acl_object=");
