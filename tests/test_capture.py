@@ -471,6 +471,22 @@ def test_nothing_after_a_nul_in_an_inline_line_is_recorded(audited):
                     ("protocol_error", "reason=too big inline request", "FAILURE")], mine
 
 
+def test_nothing_after_quit_is_recorded(audited):
+    """QUIT closes the connection without reading on: the commands behind it in the same write
+    never run and get no record; a transaction QUIT leaves is discarded."""
+    valkey, auditor = audited
+    valkey.client().set("keep-me", "1")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("MULTI") + resp("SET", "queued", "1") + resp("QUIT") + resp("EXEC")
+              + resp("DEL", "keep-me") + resp("FLUSHALL"))
+    read_until(s, lambda b: b == b"+OK\r\n+QUEUED\r\n+OK\r\n")
+    s.close()
+    assert valkey.client().get("keep-me") == b"1"
+    assert commands_of_closed_connection(auditor, port) == [
+        ("multi", "", "SUCCESS"), ("quit", "", "SUCCESS"), ("set", "key=queued payload=1", "FAILURE")]
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

@@ -289,6 +289,9 @@ enum Effect {
     /// Bytes the client sent that are not RESP (`protocol_error`): the server answers with its
     /// protocol error and closes the connection.
     ProtocolError,
+    /// QUIT: the server answers +OK and closes, never reading further (in MULTI too: QUIT is
+    /// not queued, and the transaction is discarded).
+    Quit,
 }
 
 #[derive(Debug)]
@@ -1216,15 +1219,31 @@ impl Session {
         }
         // The server refused bytes the client sent and closes the connection: it never reads
         // what came after them, so the requests parsed from there were never run.
-        let closes = conn
-            .pending
-            .front()
-            .is_some_and(|p| p.effect == Effect::ProtocolError)
-            && reply.is_error()
-            && reply.text.starts_with(b"ERR Protocol error");
+        let closes = conn.pending.front().is_some_and(|p| match p.effect {
+            Effect::ProtocolError => {
+                reply.is_error() && reply.text.starts_with(b"ERR Protocol error")
+            }
+            Effect::Quit => !reply.is_error(),
+            _ => false,
+        });
+        let quit = closes
+            && conn
+                .pending
+                .front()
+                .is_some_and(|p| p.effect == Effect::Quit);
         self.finish_front(conn, reply, out);
         if closes {
             self.drop_never_read(conn);
+        }
+        if quit {
+            // QUIT inside MULTI: the queued commands will never run.
+            for mut q in std::mem::take(&mut conn.queued) {
+                set_user(&mut q.record, &conn.username);
+                q.record.result = Outcome::Failure;
+                q.record.error = b"discarded by QUIT".to_vec();
+                self.push_with(&q.settings, &mut q.record, out);
+            }
+            conn.in_multi = false;
         }
         self.drain_unreplied(conn, out);
     }
@@ -1465,7 +1484,11 @@ impl Session {
 
     fn apply_effect(&mut self, conn: &mut Conn, effect: &Effect, reply: &Reply) {
         match effect {
-            Effect::None | Effect::Exec | Effect::Discard | Effect::ProtocolError => {}
+            Effect::None
+            | Effect::Exec
+            | Effect::Discard
+            | Effect::ProtocolError
+            | Effect::Quit => {}
             Effect::Auth(user) => conn.username = Arc::from(user.as_slice()),
             Effect::Hello(v) => {
                 if let Some(v) = v {
@@ -1525,10 +1548,10 @@ impl Session {
             } else {
                 ""
             };
-            let refused = p.effect == Effect::ProtocolError;
+            // What follows bytes the server refused, or a QUIT, was never read (see `on_reply`).
+            let last_read = matches!(p.effect, Effect::ProtocolError | Effect::Quit);
             self.finish_unknown(&conn, p, why, ts_ns, out);
-            if refused {
-                // What follows bytes the server refused was never read (see `on_reply`).
+            if last_read {
                 self.drop_never_read(&mut conn);
             }
         }
@@ -1966,6 +1989,7 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
         b"discard" => Effect::Discard,
         b"monitor" => Effect::Monitor,
         b"reset" => Effect::Reset,
+        b"quit" => Effect::Quit,
         b"config|set"
             if args.iter().skip(2).step_by(2).any(|a| {
                 a.eq_ignore_case("port") || a.eq_ignore_case("tls-port") || a.eq_ignore_case("bind")

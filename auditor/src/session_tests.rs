@@ -2521,6 +2521,46 @@ fn monitor_lines_are_not_replies() {
 // ------------------------------------------------------------------------------------------------
 
 #[test]
+fn nothing_after_quit_runs_or_gets_a_record() {
+    // Valkey answers QUIT with +OK and closes without reading on (9.1.2, checked): the DEL and
+    // FLUSHALL behind it in the same write never ran. Inside MULTI, QUIT is not queued and the
+    // transaction is discarded.
+    let mut w = Wire::new();
+    w.take();
+    let mut sent = cmd(&["QUIT"]);
+    sent.extend_from_slice(&cmd(&["DEL", "important"]));
+    sent.extend_from_slice(&cmd(&["FLUSHALL"]));
+    w.client(&sent);
+    w.server(b"+OK\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["quit", "disconnection"]);
+    assert_eq!(w.stats().requests_never_read, 2);
+    // The +OK not seen: the same.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&sent);
+    w.close();
+    assert_eq!(names(&w.take()), ["quit", "disconnection"]);
+
+    let mut w = Wire::new();
+    w.take();
+    let mut sent = cmd(&["MULTI"]);
+    sent.extend_from_slice(&cmd(&["SET", "qq", "1"]));
+    sent.extend_from_slice(&cmd(&["QUIT"]));
+    sent.extend_from_slice(&cmd(&["EXEC"]));
+    w.client(&sent);
+    w.server(b"+OK\r\n+QUEUED\r\n+OK\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["multi", "quit", "set", "disconnection"]);
+    assert_eq!(
+        (recs[2].result, s(&recs[2].error)),
+        (Outcome::Failure, "discarded by QUIT".to_string())
+    );
+}
+
+#[test]
 fn nothing_after_a_nul_in_an_inline_line_runs_or_gets_a_record() {
     // Valkey 9.1.2 finds an inline line's end with strchr, which stops at the NUL: the SET and
     // FLUSHALL behind it are never run (checked on the real server), so neither is recorded.
