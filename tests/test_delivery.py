@@ -506,6 +506,20 @@ def test_full_disk_keeps_records_and_resumes_without_torn_line_or_gap(valkey, st
 
 
 
+def test_bytes_written_in_info_is_the_size_of_the_log(valkey, start_auditor):
+    """`audit_bytes_written` adds up every byte of the log, whatever lengths a batch mixes."""
+    a = start_auditor(valkey.pid)
+    s = connect(valkey.port)
+    keys = [f"len:{'x' * (i * 7 % 31)}:{i}" for i in range(50)]
+    send_sets(s, keys)
+    a.wait_records(lambda rs: sets_of(rs) == keys, what="the 50 SET records")
+    size = a.log.stat().st_size
+    f = wait_until(lambda: (lambda f: f if int(f["audit_bytes_written"]) == size else None)(info(a)),
+                   what=f"audit_bytes_written to reach the log's {size} bytes")
+    assert int(f["audit_total_events"]) == len(a.lines())
+    s.close()
+
+
 def test_ring_losses_show_in_info_while_the_sink_is_stuck(valkey, start_auditor, tmp_path):
     """With `overflow block` and a full disk the capture thread waits for room and stops reading
     the ring, which then overflows; INFO audit must show those losses while they happen, not once

@@ -728,9 +728,13 @@ pub fn run_sink(
                 .store(sink.backlog_bytes(), Ordering::Relaxed);
             match written {
                 Ok(()) => {
-                    let per = batch.bytes.len() as u64 / batch.count.max(1) as u64;
+                    // The batch's bytes, shared out so that they add up exactly (the remainder
+                    // goes to the first record).
+                    let len = batch.bytes.len() as u64;
+                    let per = len / batch.count.max(1) as u64;
+                    let mut extra = len % batch.count.max(1) as u64;
                     for (c, &pid) in batch.categories.iter().zip(&batch.pids) {
-                        metrics.record_written(c, pid, per);
+                        metrics.record_written(c, pid, per + std::mem::take(&mut extra));
                     }
                     queue.recycle(batch);
                     backoff = Duration::from_millis(10);
