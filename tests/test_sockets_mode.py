@@ -11,7 +11,7 @@ import threading
 import time
 import subprocess
 
-from conftest import REDIS_CLI, wait_until
+from conftest import REDIS_CLI, free_port, wait_until
 from test_capture import Raw, info_audit, read_until, resp
 
 SOCKETS = ("--capture", "sockets")
@@ -167,6 +167,21 @@ def test_a_replicas_link_to_its_primary_is_not_a_client(start_valkey, start_audi
     assert not any(r["client_port"] == primary.port for r in recs)
     p.close()
     r.close()
+
+
+def test_a_migrate_whose_connect_is_refused_is_no_client(valkey, start_auditor):
+    """The server's own socket for MIGRATE, reset by a port nothing listens on, has lost its local
+    port when first seen: it must not be taken for a client connecting in."""
+    auditor = start_auditor(valkey.pid, extra=SOCKETS)
+    dead = free_port()
+    c = Raw(valkey.port)
+    assert c.call("SET", "k", "v") == b"+OK\r\n"
+    assert c.call("MIGRATE", "127.0.0.1", str(dead), "k", "0", "1000").startswith(b"-IOERR")
+    assert c.call("ECHO", "after") == b"$5\r\nafter\r\n"
+    recs = auditor.wait_records(lambda rs: of_client(rs, "echo"))
+    assert of_client(recs, "migrate")[0]["result"] == "FAILURE"
+    assert not any(r["client_port"] == dead for r in recs), [r for r in recs if r["client_port"] == dead]
+    c.close()
 
 
 def test_a_client_open_before_attach_keeps_its_unknown_user(valkey, start_auditor):

@@ -33,6 +33,8 @@ pub struct Capture {
     mode: CaptureMode,
     /// `--capture sockets`: the C libraries (device, inode) whose `accept4`/`accept` are watched.
     accept_libcs: Vec<(u64, u64)>,
+    /// Of those, the ones whose uprobes are attached.
+    watched_libcs: Vec<(u64, u64)>,
 }
 
 /// Where the kernel sees the server's client I/O.
@@ -177,6 +179,7 @@ impl Capture {
                 comms,
                 mode,
                 accept_libcs: Vec::new(),
+                watched_libcs: Vec::new(),
             },
             CaptureStream {
                 ring,
@@ -323,7 +326,18 @@ impl Capture {
                     }
                 })?;
         }
+        self.watched_libcs.push(id);
         Ok(())
+    }
+
+    /// Whether the accepts of `pid` are seen (its C library is watched): then a socket first
+    /// seen at a read or write was not accepted after attach.
+    pub fn sees_accepts_of(&self, pid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        self.mode == CaptureMode::Sockets
+            && crate::procscan::mapped_libc(pid)
+                .and_then(|p| std::fs::metadata(format!("/proc/{pid}/root{p}")).ok())
+                .is_some_and(|m| self.watched_libcs.contains(&(m.dev(), m.ino())))
     }
 
     /// Stop capturing a socket that is not a client connection (the server's own link to its

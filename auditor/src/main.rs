@@ -1284,10 +1284,13 @@ impl Registry {
                 // Seen first at a read or write (`--capture sockets`): a TCP socket the server
                 // opened itself (to its primary, the cluster bus) is not a client connection,
                 // and neither is a socket a snapshot child writes to (a diskless sync's RDB).
+                // A closed TCP socket has lost its local port (a MIGRATE whose connect was
+                // refused): where accepts are seen, one not seen at accept is the server's own.
                 if *listen_fd == LISTEN_FD_UNKNOWN
                     && ((!self.targets.contains_key(&pid)
                         && self.targets.contains_key(&targets::parent_of(pid)))
-                        || (*local_port != 0 && !self.accepted_on(pid, *local_port)))
+                        || (*local_port != 0 && !self.accepted_on(pid, *local_port))
+                        || (*local_port == 0 && peer.ip != "unix" && capture.sees_accepts_of(pid)))
                 {
                     capture.ignore_socket(pid, *fd);
                     return true;
