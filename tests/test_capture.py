@@ -487,6 +487,26 @@ def test_nothing_after_quit_is_recorded(audited):
         ("multi", "", "SUCCESS"), ("quit", "", "SUCCESS"), ("set", "key=queued payload=1", "FAILURE")]
 
 
+def test_pubsub_inside_multi_never_passes_a_failed_auth_for_a_success(audited):
+    """SUBSCRIBE a b in a transaction writes two confirmations for one EXEC element, pushing the
+    AUTH's WRONGPASS out of the array: the auth record and the user after it must not say that
+    the failed AUTH succeeded (results from the SUBSCRIBE on are unknown, and so is the user)."""
+    valkey, auditor = audited
+    valkey.client().execute_command("ACL", "SETUSER", "admin", "on", ">right", "+@all", "~*", "&*")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("HELLO", "3") + resp("MULTI") + resp("SUBSCRIBE", "a", "b") + resp("AUTH", "admin", "wrong")
+              + resp("EXEC") + resp("ACL", "WHOAMI"))
+    read_until(s, lambda b: b.endswith(b"$7\r\ndefault\r\n"))
+    s.close()
+    mine = commands_of_closed_connection(auditor, port)
+    results = {command: result for command, _, result in mine}
+    assert results["auth"] == "UNKNOWN" and results["acl|whoami"] == "UNKNOWN", mine
+    recs = auditor.records()
+    users = {r["command"]: r["username"] for r in recs if r["client_port"] == port}
+    assert users["acl|whoami"] != "admin" and users["disconnection"] != "admin", users
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

@@ -101,7 +101,7 @@ const REPLY_TEXT_MAX: usize = 512;
 /// Prefix kept of a reply's first element (`Reply::first`).
 const REPLY_FIRST_MAX: usize = 64;
 /// Depth-1 error elements kept per reply.
-const MAX_ELEMENT_ERRORS: usize = 4096;
+pub const MAX_ELEMENT_ERRORS: usize = 4096;
 /// Deepest reply nesting followed; deeper is treated as garbage.
 const MAX_REPLY_DEPTH: usize = 1024;
 /// The server writes reply length lines as plain numbers. A longer line means the bytes are not

@@ -35,6 +35,13 @@ pub const QUIET_NS: u64 = 100_000_000;
 /// The error of a command whose reply cannot be told apart from those of commands lost in a
 /// request-side capture gap before it.
 const REPLY_UNCERTAIN: &str = "reply uncertain (capture gap)";
+/// A transaction with pub/sub in it: Valkey counts one EXEC element per command, but writes one
+/// confirmation per channel (and, in RESP3, messages to the connection itself), so from the
+/// first such command on, EXEC's elements no longer line up with the commands, nor do the
+/// replies after it until the client has had all of them.
+const REPLY_UNCERTAIN_PUBSUB: &str = "reply uncertain (pub/sub inside MULTI)";
+/// EXEC elements past the last error the reply parser keeps (`resp::MAX_ELEMENT_ERRORS`).
+const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)";
 /// Smallest prefix kept of each argument (command names, subcommands, short keys).
 const MIN_KEEP: usize = 256;
 
@@ -250,6 +257,7 @@ fn reset_connection(conn: &mut Conn) {
     conn.monitor = false;
     conn.in_multi = false;
     conn.queued.clear();
+    conn.queued_untracked = 0;
     conn.reply_mode = ReplyMode::On;
 }
 
@@ -346,6 +354,9 @@ struct Conn {
     replies: ReplyParser,
     pending: VecDeque<Pending>,
     queued: Vec<Pending>,
+    /// Commands queued past `MAX_PENDING` in this MULTI: written at once as unknown, they still
+    /// count in EXEC's reply.
+    queued_untracked: u64,
     in_multi: bool,
     reply_mode: ReplyMode,
     subscribed: bool,
@@ -366,6 +377,9 @@ struct Conn {
     /// after it. Until the client has had every reply (nothing pending when a later read comes),
     /// those commands' results are written as unknown rather than guessed.
     uncertain_since: Option<u64>,
+    /// `uncertain_since` was set by a transaction with pub/sub in it, not by a capture gap: the
+    /// replies left over are EXEC's, not those of commands the gap held.
+    uncertain_from_pubsub: bool,
     /// Replies that came after a request-side gap with no request pending: each answers a command
     /// the gap held. Reported as one `commands_not_captured` loss record at the next read or at
     /// close.
@@ -634,6 +648,7 @@ impl Session {
             replies: ReplyParser::new_resyncing(),
             pending: VecDeque::new(),
             queued: Vec::new(),
+            queued_untracked: 0,
             in_multi: false,
             reply_mode: ReplyMode::On,
             subscribed: false,
@@ -644,6 +659,7 @@ impl Session {
             internal: false,
             reads: 0,
             uncertain_since: None,
+            uncertain_from_pubsub: false,
             lost_commands: 0,
         };
         self.stats.connections_seen += 1;
@@ -696,6 +712,7 @@ impl Session {
                     replies: ReplyParser::new(),
                     pending: VecDeque::new(),
                     queued: Vec::new(),
+                    queued_untracked: 0,
                     in_multi: false,
                     reply_mode: ReplyMode::On,
                     subscribed: false,
@@ -706,6 +723,7 @@ impl Session {
                     internal: false,
                     reads: 0,
                     uncertain_since: None,
+                    uncertain_from_pubsub: false,
                     lost_commands: 0,
                 };
                 self.stats.connections_seen += 1;
@@ -803,6 +821,7 @@ impl Session {
                 .is_some_and(|read| read < conn.reads && conn.pending.is_empty())
             {
                 conn.uncertain_since = None;
+                conn.uncertain_from_pubsub = false;
             }
             // Valkey answers everything it read before it reads the client again: a CLIENT
             // REPLY OFF/SKIP read earlier and still unanswered was not refused.
@@ -1210,7 +1229,7 @@ impl Session {
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if !conn.preexisting && !conn.internal {
                 self.stats.replies_unmatched += 1;
-                if conn.uncertain_since.is_some() {
+                if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
                     // The command it answers was in the capture gap: it ran, unseen.
                     conn.lost_commands += 1;
                 }
@@ -1382,10 +1401,20 @@ impl Session {
         }
         if p.after_gap {
             // The connection's state follows the reply (the best guess there is), but the record
-            // claims no outcome it cannot know.
+            // claims no outcome it cannot know; nor is a user guessed from a reply that may be
+            // another command's.
             p.record.result = Outcome::Unknown;
-            p.record.error = REPLY_UNCERTAIN.as_bytes().to_vec();
+            p.record.error = if conn.uncertain_from_pubsub {
+                REPLY_UNCERTAIN_PUBSUB
+            } else {
+                REPLY_UNCERTAIN
+            }
+            .as_bytes()
+            .to_vec();
             p.record.keys_modified = 0;
+            if matches!(p.effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
+                conn.username = Arc::from(&b"unknown"[..]);
+            }
         }
     }
 
@@ -1403,7 +1432,15 @@ impl Session {
         if conn.in_multi && !failed && reply.kind == ReplyKind::Simple && reply.text == b"QUEUED" {
             p.record.time_unix_us = self.wall_us(reply.start_ts);
             p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
-            conn.queued.push(p);
+            if conn.queued.len() >= MAX_PENDING {
+                // Memory per connection stays bounded: past this, queued commands are written
+                // now, their outcome untold.
+                conn.queued_untracked += 1;
+                let ts = reply.start_ts;
+                self.finish_unknown(conn, p, "outcome not tracked (over 100000 queued)", ts, out);
+            } else {
+                conn.queued.push(p);
+            }
             return;
         }
         // RESET inside MULTI discards the transaction as DISCARD does (and its effect clears the
@@ -1413,11 +1450,17 @@ impl Session {
             Effect::Reset => !failed,
             _ => false,
         };
-        let queued = if ends_multi {
-            std::mem::take(&mut conn.queued)
+        let (queued, untracked) = if ends_multi {
+            (
+                std::mem::take(&mut conn.queued),
+                std::mem::take(&mut conn.queued_untracked),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
+        // Checked before EXEC's own effects: a RESP3 connection subscribed before the
+        // transaction may get messages in the middle of EXEC's reply.
+        let subscribed_resp3 = conn.resp3 && conn.subscribed;
         self.complete(conn, &mut p, reply);
         if ends_multi {
             conn.in_multi = false;
@@ -1426,10 +1469,55 @@ impl Session {
                 && !failed
                 && reply.kind == ReplyKind::Array
                 && reply.len >= 0
-                && reply.elements as usize == queued.len();
+                && reply.elements == queued.len() as u64 + untracked;
+            // From which command on EXEC's elements say nothing sure, and why.
+            let pubsub_from = if subscribed_resp3 {
+                Some(0)
+            } else {
+                queued
+                    .iter()
+                    .position(|q| matches!(q.effect, Effect::Subscribe(..)))
+            };
+            let errors_from =
+                (reply.element_errors.len() >= crate::resp::MAX_ELEMENT_ERRORS).then(|| {
+                    reply
+                        .element_errors
+                        .last()
+                        .map_or(0, |(i, _)| *i as usize + 1)
+                });
+            let uncertain = match (pubsub_from, errors_from) {
+                (Some(a), Some(b)) if b < a => Some((b, REPLY_UNCERTAIN_ERRORS)),
+                (Some(a), _) => Some((a, REPLY_UNCERTAIN_PUBSUB)),
+                (None, Some(b)) => Some((b, REPLY_UNCERTAIN_ERRORS)),
+                (None, None) => None,
+            };
+            if exec_ok && pubsub_from.is_some() {
+                // The replies after EXEC's may be its leftovers: what is pending now, and what
+                // is read before the client has had every reply, is written as unknown.
+                for pending in conn.pending.iter_mut() {
+                    pending.after_gap = true;
+                }
+                conn.uncertain_since = Some(conn.reads);
+                conn.uncertain_from_pubsub = true;
+            }
             for (i, mut q) in queued.into_iter().enumerate() {
                 set_user(&mut q.record, &conn.username);
-                if exec_ok {
+                if exec_ok
+                    && let Some((from, why)) = uncertain
+                    && i >= from
+                {
+                    q.record.time_unix_us = p.record.time_unix_us;
+                    q.record.result = Outcome::Unknown;
+                    q.record.error = why.as_bytes().to_vec();
+                    match &q.effect {
+                        // Who the connection is now is not known.
+                        Effect::Auth(_) | Effect::HelloAuth(..) => {
+                            conn.username = Arc::from(&b"unknown"[..]);
+                        }
+                        Effect::Subscribe(..) => conn.subscribed = true,
+                        _ => {}
+                    }
+                } else if exec_ok {
                     q.record.time_unix_us = p.record.time_unix_us;
                     if let Some((_, text)) = reply
                         .element_errors

@@ -1336,6 +1336,120 @@ fn discard_fails_the_queued_commands() {
     assert_eq!((r.result, r.keys_modified), (Outcome::Success, 1));
 }
 
+/// QA: Valkey counts one EXEC element per command but writes one confirmation per channel, so
+/// `SUBSCRIBE a b` in a transaction pushes the next command's reply out of the array: taken at
+/// face value, a failed AUTH read as a success and the connection took the user it failed to
+/// become. From the first pub/sub command on, results are unknown, and so is the user.
+#[test]
+fn pubsub_inside_multi_makes_exec_results_and_the_user_unknown_not_guessed() {
+    for resp3 in [false, true] {
+        let mut w = Wire::new();
+        if resp3 {
+            w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+        }
+        w.roundtrip(&["MULTI"], b"+OK\r\n");
+        let mut sent = cmd(&["SET", "k", "1"]);
+        sent.extend_from_slice(&cmd(&["SUBSCRIBE", "a", "b"]));
+        sent.extend_from_slice(&cmd(&["AUTH", "admin", "wrong"]));
+        sent.extend_from_slice(&cmd(&["EXEC"]));
+        sent.extend_from_slice(&cmd(&["ACL", "WHOAMI"]));
+        w.client(&sent);
+        let push = if resp3 { ">" } else { "*" };
+        let confirm =
+            |ch: &str, n: u8| format!("{push}3\r\n$9\r\nsubscribe\r\n$1\r\n{ch}\r\n:{n}\r\n");
+        let mut replies = b"+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n".to_vec();
+        replies.extend_from_slice(confirm("a", 1).as_bytes());
+        replies.extend_from_slice(confirm("b", 2).as_bytes());
+        replies.extend_from_slice(
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        );
+        replies.extend_from_slice(b"-ERR only allowed in this context\r\n");
+        w.server(&replies);
+        let recs: Vec<_> = w
+            .take()
+            .into_iter()
+            .filter(|r| &*r.command != b"multi" && &*r.command != b"hello")
+            .collect();
+        let got: Vec<_> = recs
+            .iter()
+            .map(|r| (s(&r.command), r.result, s(&r.error), s(&r.username)))
+            .collect();
+        let uncertain = "reply uncertain (pub/sub inside MULTI)".to_string();
+        assert_eq!(
+            got,
+            [
+                (
+                    "set".into(),
+                    Outcome::Success,
+                    String::new(),
+                    "default".into()
+                ),
+                (
+                    "subscribe".into(),
+                    Outcome::Unknown,
+                    uncertain.clone(),
+                    "default".into()
+                ),
+                (
+                    "auth".into(),
+                    Outcome::Unknown,
+                    uncertain.clone(),
+                    "default".into()
+                ),
+                (
+                    "exec".into(),
+                    Outcome::Success,
+                    String::new(),
+                    "default".into()
+                ),
+                (
+                    "acl|whoami".into(),
+                    Outcome::Unknown,
+                    uncertain.clone(),
+                    "unknown".into()
+                ),
+            ],
+            "resp3={resp3}"
+        );
+        assert_eq!(w.stats().commands_not_captured, 0);
+    }
+}
+
+/// QA: the reply parser keeps 4096 of EXEC's element errors; past the last one kept, an element
+/// may be an error too, so a queued AUTH there is not taken for a success.
+#[test]
+fn exec_results_past_the_kept_errors_are_unknown() {
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    let n = 5000;
+    let mut sent = Vec::new();
+    for _ in 0..n {
+        sent.extend_from_slice(&cmd(&["INCR", "s"]));
+    }
+    sent.extend_from_slice(&cmd(&["AUTH", "admin", "wrong"]));
+    sent.extend_from_slice(&cmd(&["EXEC"]));
+    w.client(&sent);
+    let mut replies = b"+QUEUED\r\n".repeat(n + 1);
+    replies.extend_from_slice(format!("*{}\r\n", n + 1).as_bytes());
+    for _ in 0..n {
+        replies.extend_from_slice(b"-ERR value is not an integer or out of range\r\n");
+    }
+    replies
+        .extend_from_slice(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    w.server(&replies);
+    let recs = w.take();
+    let incr: Vec<_> = recs.iter().filter(|r| &*r.command == b"incr").collect();
+    assert_eq!(incr.len(), n);
+    assert!(incr[..4096].iter().all(|r| r.result == Outcome::Failure));
+    assert!(incr[4096..].iter().all(|r| r.result == Outcome::Unknown));
+    let auth = recs.iter().find(|r| &*r.command == b"auth").unwrap();
+    assert_eq!(auth.result, Outcome::Unknown);
+    let exec = recs.iter().find(|r| &*r.command == b"exec").unwrap();
+    assert_eq!(exec.keys_modified, 0);
+    let r = w.roundtrip(&["PING"], b"+PONG\r\n");
+    assert_eq!(s(&r.username), "unknown");
+}
+
 #[test]
 fn execabort_fails_the_queued_commands() {
     let mut w = Wire::new();
