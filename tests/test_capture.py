@@ -507,6 +507,24 @@ def test_pubsub_inside_multi_never_passes_a_failed_auth_for_a_success(audited):
     assert users["acl|whoami"] != "admin" and users["disconnection"] != "admin", users
 
 
+def test_a_connection_inside_multi_at_attach_gets_no_guessed_result(valkey, start_auditor):
+    """Open before attach and inside MULTI already: +QUEUED is no result, and the INCR that fails
+    at EXEC must not be written as a SUCCESS that modified a key."""
+    valkey.client().set("s", "not-a-number")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("MULTI"))
+    read_until(s, lambda b: b == b"+OK\r\n")
+    auditor = start_auditor(valkey.pid)
+    s.sendall(resp("INCR", "s"))
+    read_until(s, lambda b: b == b"+QUEUED\r\n")
+    s.sendall(resp("EXEC"))
+    read_until(s, lambda b: b.startswith(b"*1\r\n-ERR") and b.endswith(b"\r\n"))
+    s.close()
+    mine = commands_of_closed_connection(auditor, port)
+    assert [(c, r) for c, _, r in mine] == [("incr", "UNKNOWN"), ("exec", "SUCCESS")], mine
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

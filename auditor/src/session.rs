@@ -42,6 +42,9 @@ const REPLY_UNCERTAIN: &str = "reply uncertain (capture gap)";
 const REPLY_UNCERTAIN_PUBSUB: &str = "reply uncertain (pub/sub inside MULTI)";
 /// EXEC elements past the last error the reply parser keeps (`resp::MAX_ELEMENT_ERRORS`).
 const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)";
+/// A connection open before attach was inside MULTI already: EXEC's reply holds the results of
+/// commands queued before attach too, which may not be one element each.
+const REPLY_UNCERTAIN_ATTACH: &str = "reply uncertain (MULTI began before attach)";
 /// Smallest prefix kept of each argument (command names, subcommands, short keys).
 const MIN_KEEP: usize = 256;
 
@@ -358,6 +361,11 @@ struct Conn {
     /// count in EXEC's reply.
     queued_untracked: u64,
     in_multi: bool,
+    /// Whether the connection is inside MULTI is known (it is unless it was open before attach
+    /// and has not yet begun or ended a transaction since).
+    multi_known: bool,
+    /// The MULTI the connection is in began before attach (found by a +QUEUED reply).
+    multi_before_attach: bool,
     reply_mode: ReplyMode,
     subscribed: bool,
     monitor: bool,
@@ -649,6 +657,8 @@ impl Session {
             pending: VecDeque::new(),
             queued: Vec::new(),
             queued_untracked: 0,
+            multi_known: false,
+            multi_before_attach: false,
             in_multi: false,
             reply_mode: ReplyMode::On,
             subscribed: false,
@@ -713,6 +723,8 @@ impl Session {
                     pending: VecDeque::new(),
                     queued: Vec::new(),
                     queued_untracked: 0,
+                    multi_known: false,
+                    multi_before_attach: false,
                     in_multi: false,
                     reply_mode: ReplyMode::On,
                     subscribed: false,
@@ -1363,7 +1375,12 @@ impl Session {
             || conn
                 .pending
                 .front()
-                .is_some_and(|p| matches!(p.effect, Effect::Exec | Effect::Discard));
+                .is_some_and(|p| matches!(p.effect, Effect::Exec | Effect::Discard))
+            // (A connection open before attach may be inside MULTI already.)
+            || (conn.preexisting
+                && !conn.multi_known
+                && reply.kind == ReplyKind::Simple
+                && reply.text == b"QUEUED");
         if general {
             if let Some(p) = conn.pending.pop_front() {
                 self.finish_general(conn, p, reply, out);
@@ -1428,8 +1445,21 @@ impl Session {
         out: &mut impl RecordOut,
     ) {
         let failed = reply.is_error();
+        if matches!(
+            p.effect,
+            Effect::Multi | Effect::Exec | Effect::Discard | Effect::Reset
+        ) {
+            conn.multi_known = true;
+        }
+        let queued_reply = !failed && reply.kind == ReplyKind::Simple && reply.text == b"QUEUED";
+        if queued_reply && !conn.in_multi && conn.preexisting && !conn.multi_known {
+            // Open before attach and inside MULTI already: this command was queued.
+            conn.in_multi = true;
+            conn.multi_known = true;
+            conn.multi_before_attach = true;
+        }
         // Inside MULTI a +QUEUED answer only means "accepted for later".
-        if conn.in_multi && !failed && reply.kind == ReplyKind::Simple && reply.text == b"QUEUED" {
+        if conn.in_multi && queued_reply {
             p.record.time_unix_us = self.wall_us(reply.start_ts);
             p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
             if conn.queued.len() >= MAX_PENDING {
@@ -1465,11 +1495,13 @@ impl Session {
         if ends_multi {
             conn.in_multi = false;
             let mut total_modified = 0;
+            let before_attach = std::mem::take(&mut conn.multi_before_attach);
+            let seen = queued.len() as u64 + untracked;
             let exec_ok = p.effect == Effect::Exec
                 && !failed
                 && reply.kind == ReplyKind::Array
                 && reply.len >= 0
-                && reply.elements == queued.len() as u64 + untracked;
+                && (reply.elements == seen || (before_attach && reply.elements > seen));
             // From which command on EXEC's elements say nothing sure, and why.
             let pubsub_from = if subscribed_resp3 {
                 Some(0)
@@ -1486,6 +1518,7 @@ impl Session {
                         .map_or(0, |(i, _)| *i as usize + 1)
                 });
             let uncertain = match (pubsub_from, errors_from) {
+                _ if before_attach => Some((0, REPLY_UNCERTAIN_ATTACH)),
                 (Some(a), Some(b)) if b < a => Some((b, REPLY_UNCERTAIN_ERRORS)),
                 (Some(a), _) => Some((a, REPLY_UNCERTAIN_PUBSUB)),
                 (None, Some(b)) => Some((b, REPLY_UNCERTAIN_ERRORS)),

@@ -538,6 +538,39 @@ fn ignored_peer_is_never_audited() {
     assert_eq!(w.stats().connections_seen, 0);
 }
 
+/// QA: a connection open before attach may be inside MULTI already: its +QUEUED is no result,
+/// and EXEC's reply holds the commands queued before attach too.
+#[test]
+fn a_connection_inside_multi_at_attach_gets_no_guessed_results() {
+    let mut w = Wire::detached(Settings::default());
+    let mut out: Vec<Record> = Vec::new();
+    let peer = Peer::from_v4([10, 0, 0, 7], CLIENT_PORT);
+    w.session
+        .add_existing(TGID, FD, 0, peer, None, w.now, &mut out);
+    w.client(&cmd(&["INCR", "s"]));
+    w.server(b"+QUEUED\r\n");
+    let early = w.take();
+    assert!(
+        early.is_empty(),
+        "a queued command waits for EXEC: {early:?}"
+    );
+    w.client(&cmd(&["EXEC"]));
+    w.server(b"*2\r\n+OK\r\n-ERR value is not an integer or out of range\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["incr", "exec"]);
+    assert_eq!(
+        (recs[0].result, s(&recs[0].error), recs[0].keys_modified),
+        (
+            Outcome::Unknown,
+            "reply uncertain (MULTI began before attach)".to_string(),
+            0
+        )
+    );
+    // Known from here on.
+    let r = w.roundtrip(&["GET", "k"], b"$1\r\nv\r\n");
+    assert_eq!(r.result, Outcome::Success);
+}
+
 #[test]
 fn connection_open_before_attach() {
     let mut w = Wire::detached(Settings::default());
