@@ -262,6 +262,27 @@ def test_secrets_never_logged(audited):
 
 
 
+def test_secrets_of_renamed_commands_never_logged(start_valkey, start_auditor):
+    """`rename-command` (a common hardening step) makes CONFIG, ACL and AUTH commands the
+    auditor does not know by name: the words that take a secret still hide it, and a renamed
+    AUTH that fails is known by its WRONGPASS."""
+    valkey = start_valkey("--rename-command", "CONFIG", "cfg-9f3a", "--rename-command", "ACL", "acl-x",
+                          "--rename-command", "AUTH", "myauth")
+    auditor = start_auditor(valkey.pid)
+    c = Raw(valkey.port)
+    assert c.call("cfg-9f3a", "SET", "requirepass", "cfgrenamedsecret") == b"+OK\r\n"
+    assert c.call("acl-x", "SETUSER", "bob", "on", ">bobrenamedsecret") == b"+OK\r\n"
+    assert c.call("myauth", "bob", "wrongrenamedsecret").startswith(b"-WRONGPASS")
+    assert c.call("cfg-9f3a", "SET", "masterauth", "masterrenamedsecret") == b"+OK\r\n"
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    text = auditor.log.read_bytes()
+    for secret in (b"cfgrenamedsecret", b"bobrenamedsecret", b"wrongrenamedsecret", b"masterrenamedsecret"):
+        assert secret not in text, secret
+    failed = [r for r in recs if r["command"] == "myauth" and r["result"] == "FAILURE"]
+    assert [(r["category"], r["command_args"]) for r in failed] == [("AUTH", "password=<REDACTED>")]
+
+
 def test_secrets_valkey_changes_before_quoting_them_or_typed_with_a_space_never_logged(audited):
     """Valkey quotes a failing ACL rule after making CR/LF spaces and cutting it at a NUL or at 512
     bytes; a password typed with a space leaves its second word as a syntax error Valkey quotes;

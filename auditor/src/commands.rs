@@ -561,7 +561,8 @@ impl CommandTable {
                 None => CommandName::Borrowed(b""),
             };
             d.known = false;
-            d.may_quote_secrets = false;
+            unknown_command_secrets(args, &mut d.secrets);
+            d.may_quote_secrets = !d.secrets.is_empty();
             d.category = Category::Other;
             d.write_keys = 0;
             d.change_reply = ChangeReply::Unknown;
@@ -959,6 +960,31 @@ fn sort_keys(args: &[Arg], argc: usize, keys: &mut Vec<usize>) -> usize {
         }
         _ => 0,
     }
+}
+
+/// The arguments that look like secrets in a command the table does not know: a module's, or
+/// one the server renamed (`rename-command CONFIG cfg-9f3a`, so `cfg-9f3a SET requirepass pw`).
+/// Its shape is unknown, so any word that takes a password (`requirepass`, `masterauth`, the
+/// TLS key passphrases, `AUTH`/`AUTH2`) hides the two words after it, and any ACL password rule
+/// (`>pw <pw #hash !hash`) is hidden. Sorted, no duplicates.
+fn unknown_command_secrets(args: &[Arg], out: &mut Vec<usize>) {
+    const TAKES_A_SECRET: [&str; 6] = [
+        "requirepass",
+        "masterauth",
+        "tls-key-file-pass",
+        "tls-client-key-file-pass",
+        "auth",
+        "auth2",
+    ];
+    for (i, a) in args.iter().enumerate().skip(1) {
+        if TAKES_A_SECRET.iter().any(|w| a.eq_ignore_case(w)) {
+            out.extend((i + 1..args.len()).take(2));
+        } else if matches!(a.prefix.first(), Some(b'>' | b'<' | b'#' | b'!')) {
+            out.push(i);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
 }
 
 /// The server's `georadiusGetKeys`: `argv[1]`, plus the argument after the last STORE or
@@ -1719,6 +1745,24 @@ mod tests {
         assert_eq!(key_names(&["SORT", "l", "STORE"]), ["l"]);
         assert_eq!(key_names(&["SORT_RO", "l", "BY", "x"]), ["l"]);
         assert!(key_names(&["SORT"]).is_empty());
+
+        // A command the table does not know (renamed, or a module's): words that take a secret.
+        assert_eq!(
+            describe(&["cfg-9f3a", "SET", "requirepass", "pw", "maxmemory", "1"]).secrets,
+            [3, 4]
+        );
+        assert_eq!(
+            describe(&["acl-x", "SETUSER", "bob", "on", ">pw", "#h"]).secrets,
+            [4, 5]
+        );
+        assert_eq!(
+            describe(&[
+                "mig", "h", "1", "", "0", "5", "AUTH2", "u", "pw", "KEYS", "k"
+            ])
+            .secrets,
+            [7, 8]
+        );
+        assert!(describe(&["FT.SEARCH", "idx", "hello"]).secrets.is_empty());
 
         // GEORADIUS: the last STORE/STOREDIST wins, as COMMAND GETKEYS says on 9.1.2 (QA).
         let geo = ["GEORADIUS", "geo", "0", "0", "1", "km"];

@@ -1411,6 +1411,13 @@ impl Session {
             self.apply_effect(conn, &p.effect, reply);
         } else if !p.after_gap {
             p.record.result = Outcome::Failure;
+            if reply.text.starts_with(b"WRONGPASS") && p.record.category != Category::Auth {
+                // Only an authentication says this: a command the table does not know that
+                // answers it is AUTH renamed (`rename-command AUTH ...`), and its words hold the
+                // password that was tried.
+                p.record.category = Category::Auth;
+                p.record.command_args = b"password=<REDACTED>".to_vec();
+            }
             fill_error(&mut p.record, &reply.text, p.arity_ok);
             if let Some(quotable) = &p.quotable {
                 redact_quoted(&mut p.record.error, &p.record.command, quotable);
