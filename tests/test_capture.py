@@ -546,6 +546,31 @@ def test_a_connection_inside_multi_at_attach_gets_no_guessed_result(valkey, star
     assert [(c, r) for c, _, r in mine] == [("incr", "UNKNOWN"), ("exec", "SUCCESS")], mine
 
 
+def test_acl_denials_name_their_reason_and_object(audited):
+    """The module's `acl_deny_reason=<r> acl_object=<o>`: Valkey 9.1.2's texts name neither key
+    nor channel, so a command of one key or channel names it; a queued command whose right went
+    before EXEC is a command denial."""
+    valkey, auditor = audited
+    admin = valkey.client()
+    admin.execute_command("ACL", "SETUSER", "lim", "on", ">pw", "~allowed*", "&okch", "+@all")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("AUTH", "lim", "pw") + resp("GET", "forb") + resp("PUBLISH", "forbch", "m")
+              + resp("MULTI") + resp("GET", "allowed1"))
+    read_until(s, lambda b: b.endswith(b"+OK\r\n+QUEUED\r\n"))
+    admin.execute_command("ACL", "SETUSER", "lim", "-get")
+    s.sendall(resp("EXEC"))
+    read_until(s, lambda b: b.startswith(b"*1\r\n-NOPERM") and b.endswith(b"\r\n"))
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
+                                               for r in rs))
+    denied = [(r["command"], r["category"], r["error"]) for r in commands_of(recs, port)
+              if r["result"] == "FAILURE"]
+    assert denied == [("get", "AUTH", "acl_deny_reason=key acl_object=forb"),
+                      ("publish", "AUTH", "acl_deny_reason=channel acl_object=forbch"),
+                      ("get", "AUTH", "acl_deny_reason=command")], denied
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

@@ -1868,6 +1868,22 @@ impl Session {
 
 /// The error field: the module's `rejected=` for commands the server refused before running them,
 /// `acl_deny_reason=` for ACL denials (category AUTH, as the module does), else the error text.
+/// The one channel a PUBLISH/SPUBLISH, or a subscribe-family command naming a single channel,
+/// is about: its first argument, as the record's `command_args` shows it (`arg1=<channel>`).
+fn only_channel(rec: &Record) -> Option<Vec<u8>> {
+    let publish = matches!(&*rec.command, b"publish" | b"spublish");
+    let subscribe = matches!(&*rec.command, b"subscribe" | b"ssubscribe" | b"psubscribe");
+    let args = rec.command_args.strip_prefix(b"arg1=")?;
+    let end = args
+        .windows(6)
+        .position(|w| w == b" arg2=")
+        .unwrap_or(args.len());
+    if subscribe && end < args.len() {
+        return None;
+    }
+    (publish || subscribe).then(|| args[..end].to_vec())
+}
+
 fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
     let s = String::from_utf8_lossy(text);
     if runs_a_script(&rec.command) && !script_refused(&rec.command, &s) {
@@ -1905,6 +1921,12 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
             // Valkey's text does not name the key; a command of one key can only mean that one.
             e.extend_from_slice(b" acl_object=");
             e.extend_from_slice(key);
+        } else if reason == "channel"
+            && let Some(channel) = only_channel(rec)
+        {
+            // Nor the channel: a command of one channel can only mean that one.
+            e.extend_from_slice(b" acl_object=");
+            e.extend_from_slice(&channel);
         }
         rec.error = e;
         return;

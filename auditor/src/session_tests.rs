@@ -765,6 +765,17 @@ fn error_texts() {
     assert_eq!(s(&r.error), "acl_deny_reason=command");
     let r = w.roundtrip(&["GET", "k"], b"-NOPERM No permissions to access a key\r\n");
     assert_eq!(s(&r.error), "acl_deny_reason=key acl_object=k");
+    // Nor does it name the channel (9.1.2: "No permissions to access a channel").
+    let denied = b"-NOPERM No permissions to access a channel\r\n";
+    let r = w.roundtrip(&["PUBLISH", "forbch", "m"], denied);
+    assert_eq!(s(&r.error), "acl_deny_reason=channel acl_object=forbch");
+    let r = w.roundtrip(&["SPUBLISH", "forbch", "m"], denied);
+    assert_eq!(s(&r.error), "acl_deny_reason=channel acl_object=forbch");
+    let r = w.roundtrip(&["SUBSCRIBE", "forbch"], denied);
+    assert_eq!(s(&r.error), "acl_deny_reason=channel acl_object=forbch");
+    // Of several channels, the text does not say which one was denied.
+    let r = w.roundtrip(&["SUBSCRIBE", "a", "forbch"], denied);
+    assert_eq!(s(&r.error), "acl_deny_reason=channel");
     // Of several keys, the text does not say which one was denied.
     let r = w.roundtrip(
         &["MGET", "k1", "k2"],
