@@ -571,6 +571,20 @@ def test_acl_denials_name_their_reason_and_object(audited):
                       ("get", "AUTH", "acl_deny_reason=command")], denied
 
 
+def test_an_inline_line_past_64k_ended_in_the_same_read_is_run_and_recorded(audited):
+    """Valkey refuses an inline line only when more than 64 KiB of it are pending without its end
+    after a read: a 65,540-byte SET sent in one write is run, and so is the FLUSHALL behind it."""
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"SET padding " + b"a" * 65528 + b"\r\nFLUSHALL\r\n" + resp("SET", "after", "1"))
+    replies = read_until(s, lambda b: b.count(b"\r\n") >= 3)
+    s.close()
+    if replies != b"+OK\r\n+OK\r\n+OK\r\n":
+        pytest.skip(f"the server split the line over reads differently: {replies[:80]!r}")
+    assert [c for c, _, _ in commands_of_closed_connection(auditor, port)] == ["set", "flushall", "set"]
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

@@ -42,7 +42,9 @@
 //!   guess (below), where strict CRLF checks are how a wrong guess is detected.
 //! * Anything else is an inline command: a line up to `\n` (a trailing `\r` is stripped), split
 //!   as Valkey 9.1.2 splits it (quotes join the text around them). Blank lines are no command.
-//!   Unbalanced quotes are a Desync, and so is a line over 64 KiB ("too big inline request"). A
+//!   Unbalanced quotes are a Desync, and so are more than 64 KiB of a line without its end after
+//!   a `feed` (one read of the server's: "too big inline request"; a longer line whose end came
+//!   in the same read is run). A
 //!   NUL before the `\n` means the line never ends, as for the server's `strchr`: nothing after
 //!   it runs, until 64 KiB are pending and the server refuses them.
 //!
@@ -825,9 +827,10 @@ impl RequestParser {
             return rest.len();
         };
         let body = rest.get(..newline).unwrap_or_default();
-        if self.inline_line.len().saturating_add(body.len()) > PROTO_INLINE_MAX_SIZE {
-            self.fail("too big inline request", true, out);
-        } else if self.inline_line.is_empty() {
+        // No length check here: Valkey refuses only what it holds *without* a line end after a
+        // read, so a line past 64 KiB whose end came in the same read is run (QA: a 65,540-byte
+        // SET, then a FLUSHALL in the same write, were both run, and the FLUSHALL went unseen).
+        if self.inline_line.is_empty() {
             // Usual case: the whole line is in this piece, so parse it in place without copying.
             self.finish_inline(body, ts, out);
         } else {
@@ -2496,12 +2499,21 @@ mod tests {
             (&count_line, "too big mbulk count string"),
             (&bulk_line, "too big bulk count string"),
             (&inline, "too big inline request"),
-            (&inline_with_newline, "too big inline request"),
         ] {
             let events = parse_requests(data);
             assert_eq!(request_desyncs(&events), [reason]);
             assert_eq!(parse_requests_bytewise(data), events);
         }
+        // Valkey refuses an inline line only when more than 64 KiB of it are pending without
+        // its end after a read: read in one go, the line is a command; a byte at a time, it is
+        // refused at its 65,537th byte.
+        let events = parse_requests(&inline_with_newline);
+        let [request] = requests(&events)[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(request.args[0].len, 70_000);
+        let events = parse_requests_bytewise(&inline_with_newline);
+        assert_eq!(request_desyncs(&events), ["too big inline request"]);
         // The longest accepted inline line.
         let mut longest = vec![b'A'; PROTO_INLINE_MAX_SIZE];
         longest.push(b'\n');
