@@ -360,6 +360,9 @@ struct Conn {
     /// Commands queued past `MAX_PENDING` in this MULTI: written at once as unknown, they still
     /// count in EXEC's reply.
     queued_untracked: u64,
+    /// Replies still to come for commands written unknown when more than `MAX_PENDING` awaited
+    /// theirs: passed over as they come, in order, before any reply is paired again.
+    replies_to_pass: u64,
     in_multi: bool,
     /// Whether the connection is inside MULTI is known (it is unless it was open before attach
     /// and has not yet begun or ended a transaction since).
@@ -657,6 +660,7 @@ impl Session {
             pending: VecDeque::new(),
             queued: Vec::new(),
             queued_untracked: 0,
+            replies_to_pass: 0,
             multi_known: false,
             multi_before_attach: false,
             in_multi: false,
@@ -723,6 +727,7 @@ impl Session {
                     pending: VecDeque::new(),
                     queued: Vec::new(),
                     queued_untracked: 0,
+                    replies_to_pass: 0,
                     multi_known: false,
                     multi_before_attach: false,
                     in_multi: false,
@@ -936,6 +941,7 @@ impl Session {
                         );
                         self.push(rec, ts_ns, out);
                         // The replies of everything in flight are gone: say so rather than guess.
+                        conn.replies_to_pass = 0;
                         while let Some(p) = conn.pending.pop_front() {
                             match p.effect {
                                 // Its reply is lost, but a MULTI fails only inside a transaction.
@@ -1073,6 +1079,13 @@ impl Session {
             && let Some(old) = conn.pending.pop_front()
         {
             let ts = old.done_ts;
+            if old.expects_reply {
+                // Its reply still comes, first: it must not be taken for the next command's.
+                conn.replies_to_pass += 1;
+            }
+            if matches!(old.effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
+                conn.username = Arc::from(&b"unknown"[..]);
+            }
             self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
         }
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
@@ -1211,6 +1224,10 @@ impl Session {
             && reply.kind == ReplyKind::Simple
             && reply.text.first().is_some_and(u8::is_ascii_digit)
         {
+            return;
+        }
+        if conn.replies_to_pass > 0 {
+            conn.replies_to_pass -= 1;
             return;
         }
         if conn.pending.front().is_some_and(|p| p.refusable)

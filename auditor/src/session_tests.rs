@@ -2336,16 +2336,42 @@ fn flush_all_writes_pending_requests_and_keeps_the_connection() {
 
 #[test]
 fn too_many_pending_requests_write_the_oldest() {
+    // QA: the oldest command's reply still comes, first; taken for the next command's, every
+    // reply after it landed one command off (a SET got an INCR's error).
     let mut w = Wire::new();
-    let n = MAX_PENDING + 1;
-    let ping = cmd(&["PING"]);
-    w.client(&ping.repeat(n));
+    let n = MAX_PENDING + 2;
+    let mut sent = Vec::new();
+    for i in 0..n {
+        if i % 2 == 0 {
+            sent.extend_from_slice(&cmd(&["SET", "k", "v"]));
+        } else {
+            sent.extend_from_slice(&cmd(&["INCR", "k"]));
+        }
+    }
+    w.client(&sent);
     let recs = w.take();
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].result, Outcome::Unknown);
+    assert_eq!(names(&recs), ["set", "incr"]);
+    assert!(recs.iter().all(|r| r.result == Outcome::Unknown));
     assert_eq!(s(&recs[0].error), "too many requests awaiting replies");
-    w.server(b"+PONG\r\n");
-    assert_eq!(w.one().result, Outcome::Success);
+    let mut replies = Vec::new();
+    for i in 0..n {
+        if i % 2 == 0 {
+            replies.extend_from_slice(b"+OK\r\n");
+        } else {
+            replies.extend_from_slice(b"-ERR value is not an integer or out of range\r\n");
+        }
+    }
+    w.server(&replies);
+    let recs = w.take();
+    assert_eq!(recs.len(), n - 2);
+    for r in &recs {
+        let expected = if &*r.command == b"set" {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        assert_eq!(r.result, expected);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
