@@ -585,6 +585,24 @@ def test_an_inline_line_past_64k_ended_in_the_same_read_is_run_and_recorded(audi
     assert [c for c, _, _ in commands_of_closed_connection(auditor, port)] == ["set", "flushall", "set"]
 
 
+def test_requests_refused_by_the_unauthenticated_limits_are_protocol_errors(audited):
+    """With requirepass, Valkey takes at most 10 arguments and 16 KiB bulks before AUTH: it
+    refuses more and closes, having run nothing. The log says so and invents no command."""
+    valkey, auditor = audited
+    valkey.client().config_set("requirepass", "pw")
+    ports = []
+    for sent, reason in ((resp("DEL", *["k"] * 11) + resp("PING"), "unauthenticated multibulk length"),
+                         (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$20000\r\n" + b"x" * 100,
+                          "unauthenticated bulk length")):
+        s = socket.create_connection(("127.0.0.1", valkey.port))
+        ports.append(port := s.getsockname()[1])
+        s.sendall(sent)
+        read_until(s, lambda b: b == f"-ERR Protocol error: {reason}\r\n".encode())
+        s.close()
+        assert commands_of_closed_connection(auditor, port) == [
+            ("protocol_error", f"reason={reason}", "FAILURE")]
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

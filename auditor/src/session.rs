@@ -1230,6 +1230,30 @@ impl Session {
             conn.replies_to_pass -= 1;
             return;
         }
+        if reply.is_error()
+            && reply.text.starts_with(b"ERR Protocol error")
+            && conn.pending.front().is_none_or(|p| {
+                p.effect != Effect::ProtocolError
+                    // Only the server says this, before running anything: a script or a
+                    // module's command may return any text, and must not hide what follows.
+                    && matches!(p.record.command, std::borrow::Cow::Borrowed(_))
+                    && !runs_a_script(&p.record.command)
+            })
+        {
+            // The server refused bytes this parser took for a request, or that it has not
+            // finished yet, by limits the parser does not know (an unauthenticated client's 10
+            // arguments and 16 KiB bulks, `proto-max-bulk-len`): it closes the connection
+            // having run nothing from there on.
+            self.drop_never_read(conn);
+            let text = String::from_utf8_lossy(&reply.text);
+            let reason = text
+                .strip_prefix("ERR Protocol error: ")
+                .unwrap_or("protocol error")
+                .to_string();
+            self.on_protocol_error(conn, &reason, reply.start_ts, out);
+            self.finish_front(conn, reply, out);
+            return;
+        }
         if conn.pending.front().is_some_and(|p| p.refusable)
             && self.settle_refusable(conn, Some(reply), out)
         {

@@ -2705,6 +2705,56 @@ fn monitor_lines_are_not_replies() {
 // ------------------------------------------------------------------------------------------------
 
 #[test]
+fn a_protocol_error_by_limits_the_parser_does_not_know_runs_nothing() {
+    // QA: before AUTH (with requirepass) Valkey takes at most 10 arguments and 16 KiB bulks, and
+    // `proto-max-bulk-len` may be lowered: it refuses and closes, having run nothing from there.
+    let mut w = Wire::new();
+    w.take();
+    let mut words = vec!["DEL"];
+    words.extend(["k"; 11]);
+    let mut sent = cmd(&words);
+    sent.extend_from_slice(&cmd(&["PING"]));
+    w.client(&sent);
+    w.server(b"-ERR Protocol error: unauthenticated multibulk length\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["protocol_error", "disconnection"]);
+    assert_eq!(
+        (s(&recs[0].command_args), recs[0].result),
+        (
+            "reason=unauthenticated multibulk length".to_string(),
+            Outcome::Failure
+        )
+    );
+    assert_eq!(w.stats().requests_never_read, 2);
+    assert_eq!(w.stats().protocol_errors, 1);
+    // Refused at a bulk header, before the payload came: no request was complete.
+    let mut w = Wire::new();
+    w.take();
+    w.client(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000000\r\nxxxx");
+    w.server(b"-ERR Protocol error: invalid bulk length\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["protocol_error", "disconnection"]);
+    assert_eq!(s(&recs[0].command_args), "reason=invalid bulk length");
+    // A script may return that text and the connection goes on: an error like any other.
+    let mut w = Wire::new();
+    let r = w.roundtrip(
+        &[
+            "EVAL",
+            "return redis.error_reply('ERR Protocol error: x')",
+            "0",
+        ],
+        b"-ERR Protocol error: x\r\n",
+    );
+    assert_eq!(s(&r.command), "eval");
+    assert_eq!(
+        w.roundtrip(&["FLUSHALL"], b"+OK\r\n").result,
+        Outcome::Success
+    );
+}
+
+#[test]
 fn nothing_after_quit_runs_or_gets_a_record() {
     // Valkey answers QUIT with +OK and closes without reading on (9.1.2, checked): the DEL and
     // FLUSHALL behind it in the same write never ran. Inside MULTI, QUIT is not queued and the
