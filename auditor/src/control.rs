@@ -94,7 +94,7 @@ pub trait ControlBackend: Send + Sync + 'static {
 }
 
 /// Most simultaneous control clients; more are refused so a misbehaving script cannot exhaust us.
-pub const MAX_CLIENTS: usize = 64;
+pub const MAX_CLIENTS: usize = 256;
 /// Largest request: sum of its argument lengths (and the largest single argument).
 const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Most arguments in one request (Valkey allows far more; nothing here needs more than a few).
@@ -106,6 +106,13 @@ const MAX_INLINE_BYTES: usize = 64 * 1024;
 const MAX_LENGTH_LINE: usize = 32;
 /// A client that stops reading its replies is dropped after this long, freeing its slot.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that began a request and sent nothing more of it for this long is dropped, and so is
+/// one that has not authenticated (a password is set) and sent nothing: neither may hold one of
+/// the [`MAX_CLIENTS`] slots for long, or a few such connections would lock the operator out.
+#[cfg(not(test))]
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const STALL_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a refused (over the limit) client gets to receive its error.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) instead of spinning on it.
@@ -330,7 +337,29 @@ async fn serve_client(
     let (read_half, mut write_half) = stream.into_split();
     let mut requests = FramedRead::new(read_half, RequestDecoder::default());
     let mut out = BytesMut::with_capacity(4096);
-    while let Some(request) = requests.next().await {
+    // When a request still incomplete at a timeout was first seen so (a request must complete
+    // within one to two STALL_TIMEOUTs of its first byte, however slowly it trickles in).
+    let mut partial_since: Option<Instant> = None;
+    loop {
+        // Cancel-safe: what was read of a request stays in the decoder's buffer.
+        let request = match tokio::time::timeout(STALL_TIMEOUT, requests.next()).await {
+            Ok(Some(request)) => request,
+            Ok(None) => break,
+            Err(_) => {
+                if !client.authenticated {
+                    break;
+                }
+                if requests.read_buffer().is_empty() {
+                    partial_since = None;
+                } else if partial_since.is_some_and(|t| t.elapsed() >= STALL_TIMEOUT) {
+                    break;
+                } else {
+                    partial_since.get_or_insert_with(Instant::now);
+                }
+                continue;
+            }
+        };
+        partial_since = None;
         let args = match request {
             Ok(args) => args,
             Err(DecodeError::Protocol(why)) => {
@@ -2684,6 +2713,41 @@ mod tests {
         );
     }
 
+    /// QA: 64 connections that each sent `*` and nothing more locked every operator out.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stalled_requests_and_idle_unauthenticated_clients_lose_their_slot() {
+        let port = start(FakeBackend::new("")).await;
+        let mut stalled = TestClient::connect(port).await;
+        stalled.send(b"*").await;
+        let mut trickling = TestClient::connect(port).await;
+        trickling.send(b"*2\r\n$4\r\nECHO\r\n").await;
+        let mut idle = TestClient::connect(port).await;
+        assert_eq!(idle.cmd(&["PING"]).await, "+PONG\r\n");
+        // A byte now and then does not keep a request open for ever: it is closed meanwhile.
+        let mut trickled = 0;
+        for b in b"$5\r\nhel" {
+            tokio::time::sleep(STALL_TIMEOUT / 2).await;
+            if trickling.stream.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            trickled += 1;
+        }
+        assert!(trickled < 8, "a trickled request kept its slot");
+        stalled.expect_closed().await;
+        // Idle between requests, and authenticated (no password): kept.
+        tokio::time::sleep(STALL_TIMEOUT * 3).await;
+        assert_eq!(idle.cmd(&["PING"]).await, "+PONG\r\n");
+
+        let port = start(FakeBackend::new("secret")).await;
+        let mut unauthenticated = TestClient::connect(port).await;
+        assert_eq!(unauthenticated.cmd(&["PING"]).await, "+PONG\r\n");
+        let mut operator = TestClient::connect(port).await;
+        assert_eq!(operator.cmd(&["AUTH", "secret"]).await, "+OK\r\n");
+        unauthenticated.expect_closed().await;
+        tokio::time::sleep(STALL_TIMEOUT * 3).await;
+        assert_eq!(operator.cmd(&["PING"]).await, "+PONG\r\n");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn max_clients() {
         let port = start(FakeBackend::new("")).await;
@@ -2697,7 +2761,10 @@ mod tests {
         assert_eq!(extra.read().await, "-ERR max number of clients reached\r\n");
         extra.expect_closed().await;
         let info = clients[0].cmd(&["INFO", "clients"]).await;
-        assert!(info.contains("connected_clients:64\r\n"), "{info}");
+        assert!(
+            info.contains(&format!("connected_clients:{MAX_CLIENTS}\r\n")),
+            "{info}"
+        );
 
         // Closing one frees its slot.
         let mut last = clients.pop().unwrap();
