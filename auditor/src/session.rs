@@ -1463,6 +1463,10 @@ impl Session {
             if let Some(quotable) = &p.quotable {
                 redact_quoted(&mut p.record.error, &p.record.command, quotable);
             }
+            if usize::try_from(reply.len).is_ok_and(|n| n > reply.text.len()) {
+                // Only the first 512 bytes of an error are kept: say that there was more.
+                p.record.error.extend_from_slice(b"...");
+            }
         }
         if p.after_gap {
             // The connection's state follows the reply (the best guess there is), but the record

@@ -3295,7 +3295,11 @@ fn a_secret_that_valkey_changed_before_quoting_it_is_still_redacted() {
     let long = format!("<{}", "q".repeat(600));
     let reply = format!("-ERR Error in ACL SETUSER modifier '{}\r\n", &long[..480]);
     let r = w.roundtrip(&["ACL", "SETUSER", "dave", &long], reply.as_bytes());
-    assert_eq!(s(&r.error), "ERR Error in ACL SETUSER modifier '<REDACTED>");
+    // (The error is longer than the 512 bytes kept: "..." says so.)
+    assert_eq!(
+        s(&r.error),
+        "ERR Error in ACL SETUSER modifier '<REDACTED>..."
+    );
 }
 
 #[test]
@@ -3420,6 +3424,19 @@ fn command_getkeys_hides_the_secrets_of_the_command_it_names() {
 }
 
 #[test]
+fn a_long_error_is_kept_to_512_bytes_and_says_it_was_cut() {
+    let mut w = Wire::new();
+    let text = format!("ERR {}", "e".repeat(700));
+    let r = w.roundtrip(
+        &["EVAL", "return redis.error_reply('...')", "0"],
+        format!("-{text}\r\n").as_bytes(),
+    );
+    assert_eq!(s(&r.error), format!("{}...", &text[..512]));
+    let r = w.roundtrip(&["GET", "k"], b"-ERR short\r\n");
+    assert_eq!(s(&r.error), "ERR short");
+}
+
+#[test]
 fn an_error_quoting_a_secret_longer_than_what_was_kept_is_cut_there() {
     // Arguments are kept up to 256 bytes (payload_maxsize 0 → the minimum keep).
     let mut w = Wire::with(settings(&["audit.payload_maxsize", "0"]));
@@ -3429,7 +3446,10 @@ fn an_error_quoting_a_secret_longer_than_what_was_kept_is_cut_there() {
         &["ACL", "SETUSER", "dave", &secret],
         format!("-ERR Error in ACL SETUSER modifier '{secret}': no such password\r\n").as_bytes(),
     );
-    assert_eq!(s(&r.error), "ERR Error in ACL SETUSER modifier '<REDACTED>");
+    assert_eq!(
+        s(&r.error),
+        "ERR Error in ACL SETUSER modifier '<REDACTED>..."
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
