@@ -1518,6 +1518,10 @@ impl Session {
                 // Memory per connection stays bounded: past this, queued commands are written
                 // now, their outcome untold.
                 conn.queued_untracked += 1;
+                if matches!(p.effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
+                    // Whether it will succeed at EXEC is not known either.
+                    conn.username = Arc::from(&b"unknown"[..]);
+                }
                 let ts = reply.start_ts;
                 self.finish_unknown(conn, p, "outcome not tracked (over 100000 queued)", ts, out);
             } else {
