@@ -272,12 +272,15 @@ def test_secrets_of_renamed_commands_never_logged(start_valkey, start_auditor):
     c = Raw(valkey.port)
     assert c.call("cfg-9f3a", "SET", "requirepass", "cfgrenamedsecret") == b"+OK\r\n"
     assert c.call("acl-x", "SETUSER", "bob", "on", ">bobrenamedsecret") == b"+OK\r\n"
+    c.call("acl-x", "SETUSER", "u3", "(>selrenamedsecret +get)")
+    assert c.call("acl-x", "SETUSER", "u5", "on >spacerenamedsecret").startswith(b"-ERR")
     assert c.call("myauth", "bob", "wrongrenamedsecret").startswith(b"-WRONGPASS")
     assert c.call("cfg-9f3a", "SET", "masterauth", "masterrenamedsecret") == b"+OK\r\n"
     c.close()
     recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
     text = auditor.log.read_bytes()
-    for secret in (b"cfgrenamedsecret", b"bobrenamedsecret", b"wrongrenamedsecret", b"masterrenamedsecret"):
+    for secret in (b"cfgrenamedsecret", b"bobrenamedsecret", b"wrongrenamedsecret", b"masterrenamedsecret",
+                   b"selrenamedsecret", b"spacerenamedsecret"):
         assert secret not in text, secret
     failed = [r for r in recs if r["command"] == "myauth" and r["result"] == "FAILURE"]
     assert [(r["category"], r["command_args"]) for r in failed] == [("AUTH", "password=<REDACTED>")]

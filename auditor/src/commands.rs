@@ -561,6 +561,11 @@ impl CommandTable {
                 None => CommandName::Borrowed(b""),
             };
             d.known = false;
+            if args.get(1).is_some_and(|a| a.eq_ignore_case("setuser")) {
+                // ACL renamed: its SETUSER rules, as ACL SETUSER's (a selector, a password
+                // typed with a space).
+                self.collect_secrets(SecretRule::AclSetuser, args, 0, 0, &mut d.secrets);
+            }
             unknown_command_secrets(args, &mut d.secrets);
             d.may_quote_secrets = !d.secrets.is_empty();
             d.category = Category::Other;
@@ -1759,6 +1764,18 @@ mod tests {
         assert_eq!(
             describe(&["acl-x", "SETUSER", "bob", "on", ">pw", "#h"]).secrets,
             [4, 5]
+        );
+        assert_eq!(
+            describe(&[
+                "acl-x",
+                "SETUSER",
+                "u3",
+                "(>Sekr1tSel +get)",
+                "on >Sekr1tSpace",
+                "+@all"
+            ])
+            .secrets,
+            [3, 4]
         );
         assert_eq!(
             describe(&[

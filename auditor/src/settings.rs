@@ -207,6 +207,24 @@ fn full_name(name: &str) -> String {
     }
 }
 
+/// Whether a word after the first of a value is a setting name, known or not (`audit.formatt`
+/// misspelt must be refused, not become part of the value before it): `audit.` and a bare
+/// identifier. The first word of a value is always the value (`audit.excluderules audit.reader`),
+/// and so is the path after `file` in `audit.protocol` (`file audit.log`).
+fn looks_like_a_setting(name: &str, value_so_far: &[String], word: &str) -> bool {
+    if name == "audit.protocol"
+        && value_so_far.len() == 1
+        && value_so_far[0].eq_ignore_ascii_case("file")
+    {
+        return false;
+    }
+    word.to_ascii_lowercase()
+        .strip_prefix("audit.")
+        .is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+}
+
 /// The setting a start-up argument names: `audit.<name>` of a known setting, the bare name (the
 /// module's load arguments: `protocol file /x.log format json`), or one of the module's legacy
 /// argument names (`tcp_timeout` for `audit.tcp_timeout_ms`, ...). `None` for any other word.
@@ -595,7 +613,10 @@ impl Settings {
             // words. A word that only looks like a name (`audit.reader` in excluderules, a log
             // file `audit.log`) is part of the value.
             let mut j = i + 1;
-            while j < words.len() && arg_setting_name(&words[j]).is_none() {
+            while j < words.len()
+                && arg_setting_name(&words[j]).is_none()
+                && !(j > i + 1 && looks_like_a_setting(name, &words[i + 1..j], &words[j]))
+            {
                 j += 1;
             }
             if j == i + 1 {
@@ -974,7 +995,24 @@ mod tests {
             .apply_args(&words(&["audit.format", "json", "audit.fomat", "csv"]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("'audit.fomat' is no setting"), "{e}");
+        assert!(e.contains("'audit.fomat'"), "{e}");
+        // Also after a value taken as it is (QA: the file became "x.log audit.formatt json").
+        for first in [
+            "audit.protocol",
+            "audit.control_requirepass",
+            "audit.spool_dir",
+        ] {
+            let value = if first == "audit.protocol" {
+                "file /tmp/x.log"
+            } else {
+                "v"
+            };
+            let e = s
+                .apply_args(&words(&[first, value, "audit.formatt", "json"]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("'audit.formatt'"), "{first}: {e}");
+        }
         let e = s
             .apply_args(&words(&["audit.fomat", "csv"]))
             .unwrap_err()
