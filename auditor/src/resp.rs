@@ -1797,9 +1797,17 @@ impl ReplyParser {
                 if value.kind.is_error() {
                     if self.reply.element_errors.len() < MAX_ELEMENT_ERRORS {
                         let index = u32::try_from(index).unwrap_or(u32::MAX);
-                        self.reply
-                            .element_errors
-                            .push((index, mem::take(&mut self.element_text)));
+                        let mut text = mem::take(&mut self.element_text);
+                        let real = if value.kind == ReplyKind::BulkError {
+                            u64::try_from(value.bulk_len).unwrap_or(0)
+                        } else {
+                            value.line_len
+                        };
+                        if real > text.len() as u64 {
+                            // Only the first 512 bytes are kept: say that there was more.
+                            text.extend_from_slice(b"...");
+                        }
+                        self.reply.element_errors.push((index, text));
                     }
                 } else if index == 0 && value.kind.is_stringish() {
                     self.reply.first = Some(mem::take(&mut self.element_text));
@@ -2555,6 +2563,21 @@ mod tests {
         ] {
             assert_eq!(request_desyncs(&parse_requests(data)), [reason]);
         }
+    }
+
+    #[test]
+    fn a_long_element_error_says_it_was_cut() {
+        let long = format!("ERR {}", "e".repeat(700));
+        let data = format!("*2\r\n-{long}\r\n-ERR short\r\n");
+        let events = parse_replies(data.as_bytes());
+        let [ReplyEvent::Reply(reply)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(
+            reply.element_errors[0].1,
+            format!("{}...", &long[..512]).into_bytes()
+        );
+        assert_eq!(reply.element_errors[1].1, b"ERR short".to_vec());
     }
 
     #[test]

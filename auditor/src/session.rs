@@ -360,6 +360,9 @@ struct Conn {
     /// Commands queued past `MAX_PENDING` in this MULTI: written at once as unknown, they still
     /// count in EXEC's reply.
     queued_untracked: u64,
+    /// The server reads nothing more from this client (after QUIT, or bytes it refused while
+    /// replies were off): requests parsed from here were never run.
+    read_closed: bool,
     /// Replies still to come for commands written unknown when more than `MAX_PENDING` awaited
     /// theirs: passed over as they come, in order, before any reply is paired again.
     replies_to_pass: u64,
@@ -661,6 +664,7 @@ impl Session {
             queued: Vec::new(),
             queued_untracked: 0,
             replies_to_pass: 0,
+            read_closed: false,
             multi_known: false,
             multi_before_attach: false,
             in_multi: false,
@@ -728,6 +732,7 @@ impl Session {
                     queued: Vec::new(),
                     queued_untracked: 0,
                     replies_to_pass: 0,
+                    read_closed: false,
                     multi_known: false,
                     multi_before_attach: false,
                     in_multi: false,
@@ -974,6 +979,12 @@ impl Session {
     }
 
     fn on_request(&mut self, conn: &mut Conn, req: &Request, out: &mut impl RecordOut) {
+        if conn.read_closed {
+            // After QUIT, or bytes the server refused with replies off: never read, never run.
+            self.stats.requests += 1;
+            self.stats.requests_never_read += 1;
+            return;
+        }
         let mut d = self.scratch_desc.take().unwrap_or_default();
         self.table.describe_into(&req.args, req.argc, &mut d);
         self.on_described(conn, req, &mut d, out);
@@ -1044,6 +1055,11 @@ impl Session {
             ModeChange::None
         };
         let (expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
+        if effect == Effect::Quit && !expects_reply {
+            // The server reads nothing after QUIT (in MULTI too); with replies on, its +OK says
+            // so (`on_reply`), and without, nothing will.
+            conn.read_closed = true;
+        }
         // Written straight into the record's buffer, sized like the previous command's: with
         // steady traffic that is exact, and no scratch buffer has to be copied out.
         let mut args_text = Vec::with_capacity(self.args_len_hint);
@@ -1146,12 +1162,21 @@ impl Session {
         out: &mut impl RecordOut,
     ) {
         self.stats.protocol_errors += 1;
+        if conn.read_closed {
+            self.stats.protocol_errors_never_read += 1;
+            return;
+        }
         let mut record = self.connection_record(conn, b"protocol_error", b"", ts_ns);
         record.category = Category::Other;
         record.result = Outcome::Unknown;
         record.command_args = format!("reason={reason}").into_bytes();
         // No reply comes while replies are off.
         let expects_reply = conn.reply_mode == ReplyMode::On;
+        if !expects_reply {
+            // Nor the server's refusal, which would drop what follows (`on_reply`): the server
+            // reads nothing more.
+            conn.read_closed = true;
+        }
         let p = Pending {
             record,
             settings: self.settings_at(ts_ns),
@@ -1547,6 +1572,8 @@ impl Session {
         // Checked before EXEC's own effects: a RESP3 connection subscribed before the
         // transaction may get messages in the middle of EXEC's reply.
         let subscribed_resp3 = conn.resp3 && conn.subscribed;
+        // The user the transaction was queued as: RESET changes it before its queue is written.
+        let queued_as = conn.username.clone();
         self.complete(conn, &mut p, reply);
         if ends_multi {
             conn.in_multi = false;
@@ -1590,7 +1617,11 @@ impl Session {
                 conn.uncertain_from_pubsub = true;
             }
             for (i, mut q) in queued.into_iter().enumerate() {
-                set_user(&mut q.record, &conn.username);
+                if p.effect == Effect::Reset {
+                    set_user(&mut q.record, &queued_as);
+                } else {
+                    set_user(&mut q.record, &conn.username);
+                }
                 if exec_ok
                     && let Some((from, why)) = uncertain
                     && i >= from

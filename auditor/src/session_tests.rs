@@ -1584,6 +1584,7 @@ fn auth_queued_in_multi_takes_effect_at_exec() {
 #[test]
 fn reset_inside_multi_still_writes_the_queued_commands() {
     let mut w = Wire::new();
+    w.roundtrip(&["AUTH", "bob", "pw"], b"+OK\r\n");
     w.roundtrip(&["MULTI"], b"+OK\r\n");
     w.client(&cmd(&["SET", "a", "1"]));
     w.server(b"+QUEUED\r\n");
@@ -1597,6 +1598,11 @@ fn reset_inside_multi_still_writes_the_queued_commands() {
     assert_eq!(recs[0].result, Outcome::Failure);
     assert!(!recs[0].error.is_empty());
     assert_eq!(recs[0].keys_modified, 0);
+    // Queued as bob: RESET makes the connection default only after (QA).
+    assert_eq!(
+        [&recs[0].username, &recs[1].username, &recs[2].username].map(|u| s(u)),
+        ["bob", "bob", "default"]
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2792,6 +2798,32 @@ fn nothing_after_quit_runs_or_gets_a_record() {
         (recs[2].result, s(&recs[2].error)),
         (Outcome::Failure, "discarded by QUIT".to_string())
     );
+}
+
+#[test]
+fn with_replies_off_nothing_after_quit_or_refused_bytes_gets_a_record() {
+    // QA: Valkey reads nothing after QUIT or bytes it refused, replies off or on; with them off
+    // no reply says so, and the FLUSHALL behind was written UNKNOWN though it never ran.
+    for refused in [cmd(&["QUIT"]), b"*1\r\n$4\r\nPINGxx\r\n".to_vec()] {
+        let mut w = Wire::new();
+        w.take();
+        let mut sent = cmd(&["CLIENT", "REPLY", "OFF"]);
+        sent.extend_from_slice(&refused);
+        sent.extend_from_slice(&cmd(&["FLUSHALL"]));
+        w.client(&sent);
+        // The server leaves the socket open: the CLIENT REPLY OFF is settled by quiet.
+        let now = w.now;
+        w.session
+            .settle_quiet(now + crate::session::QUIET_NS, &mut w.out);
+        w.close();
+        let recs = w.take();
+        assert!(
+            !names(&recs).contains(&"flushall".to_string()),
+            "{:?}",
+            names(&recs)
+        );
+        assert_eq!(w.stats().requests_never_read, 1);
+    }
 }
 
 #[test]
