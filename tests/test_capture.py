@@ -606,6 +606,19 @@ def test_requests_refused_by_the_unauthenticated_limits_are_protocol_errors(audi
             ("protocol_error", f"reason={reason}", "FAILURE")]
 
 
+def test_a_transaction_left_before_exec_is_discarded(audited):
+    """The client leaves inside MULTI: the server never runs the queued commands."""
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(resp("MULTI") + resp("SET", "never", "1"))
+    read_until(s, lambda b: b == b"+OK\r\n+QUEUED\r\n")
+    s.close()
+    assert commands_of_closed_connection(auditor, port) == [
+        ("multi", "", "SUCCESS"), ("set", "key=never payload=1", "FAILURE")]
+    assert valkey.client().exists("never") == 0
+
+
 def test_subscribe_then_publish(audited):
     valkey, auditor = audited
     sub = socket.create_connection(("127.0.0.1", valkey.port))

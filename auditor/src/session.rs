@@ -1747,8 +1747,21 @@ impl Session {
         };
         self.report_lost_commands(&mut conn, ts_ns, out);
         let queued = std::mem::take(&mut conn.queued);
-        for q in queued {
-            self.finish_unknown(&conn, q, "connection closed inside MULTI", ts_ns, out);
+        // A transaction whose client leaves before EXEC is discarded by the server; once EXEC
+        // was sent (its reply unseen) it may have run.
+        let may_have_run = conn
+            .pending
+            .iter()
+            .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset));
+        for mut q in queued {
+            if may_have_run {
+                self.finish_unknown(&conn, q, "connection closed inside MULTI", ts_ns, out);
+            } else {
+                set_user(&mut q.record, &conn.username);
+                q.record.result = Outcome::Failure;
+                q.record.error = b"discarded: connection closed inside MULTI".to_vec();
+                self.push_with(&q.settings, &mut q.record, out);
+            }
         }
         while let Some(p) = conn.pending.pop_front() {
             let why = if p.expects_reply {

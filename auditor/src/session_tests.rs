@@ -2326,6 +2326,21 @@ fn close_inside_multi_writes_the_queued_commands() {
     assert_eq!(recs[0].result, Outcome::Unknown);
     assert_eq!(s(&recs[1].error), "connection closed before reply");
     assert_eq!(recs[1].result, Outcome::Unknown);
+    // Gone before EXEC (or refused bytes, or QUIT): the server discards the transaction.
+    let mut w = Wire::new();
+    w.roundtrip(&["MULTI"], b"+OK\r\n");
+    w.client(&cmd(&["SET", "a", "1"]));
+    w.server(b"+QUEUED\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["set", "disconnection"]);
+    assert_eq!(
+        (recs[0].result, s(&recs[0].error)),
+        (
+            Outcome::Failure,
+            "discarded: connection closed inside MULTI".to_string()
+        )
+    );
 }
 
 #[test]
