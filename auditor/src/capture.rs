@@ -104,8 +104,8 @@ pub struct CaptureStream {
     stats: PerCpuArray<MapData, u64>,
     /// Epoll instance watching the ring edge-triggered (see `wait`).
     wake: OwnedFd,
-    /// Handed to the metrics (`take_drops_reader`).
-    drops: Option<KernelDrops>,
+    /// Handed to the metrics (`take_live_counters`).
+    live_counters: Option<LiveKernelCounters>,
 }
 
 /// An epoll instance with the ring buffer registered edge-triggered. A plain poll() on the ring
@@ -159,8 +159,8 @@ impl Capture {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let stats_map = ebpf.take_map("STATS").context("STATS map")?;
-        let drops = match &stats_map {
-            aya::maps::Map::PerCpuArray(data) => KernelDrops::open(data),
+        let live_counters = match &stats_map {
+            aya::maps::Map::PerCpuArray(data) => LiveKernelCounters::open(data),
             _ => None,
         };
         let stats = PerCpuArray::try_from(stats_map)?;
@@ -185,7 +185,7 @@ impl Capture {
                 ring,
                 stats,
                 wake,
-                drops,
+                live_counters,
             },
         ))
     }
@@ -483,8 +483,8 @@ impl CaptureStream {
 
     /// A reader of the kernel's drop counters for other threads (`None` if the map could not be
     /// opened a second time).
-    pub fn take_drops_reader(&mut self) -> Option<KernelDrops> {
-        self.drops.take()
+    pub fn take_live_counters(&mut self) -> Option<LiveKernelCounters> {
+        self.live_counters.take()
     }
 }
 
@@ -496,19 +496,19 @@ fn ring_drops(stats: &PerCpuArray<MapData, u64>) -> Result<(u64, u64)> {
 }
 
 /// The kernel's ring-drop counters and ring fill, read through a second handle of the STATS map,
-/// so that `INFO audit` and `/metrics` show ring losses and a filling ring while they happen: the capture thread reads them
-/// only between passes, and it may be waiting for room in the queue (`overflow block`, a stuck
-/// sink) exactly while the ring overflows.
-pub struct KernelDrops(PerCpuArray<MapData, u64>);
+/// so that `INFO audit` and `/metrics` show ring losses and a filling ring while they happen: the
+/// capture thread reads them only between passes, and it may be waiting for room in the queue
+/// (`overflow block`, a stuck sink) exactly while the ring overflows.
+pub struct LiveKernelCounters(PerCpuArray<MapData, u64>);
 
-impl KernelDrops {
-    fn open(data: &MapData) -> Option<KernelDrops> {
+impl LiveKernelCounters {
+    fn open(data: &MapData) -> Option<LiveKernelCounters> {
         // Before the capabilities are dropped: getting a map by id needs CAP_BPF.
         let id = data.info().ok()?.id();
         let second = MapData::from_id(id).ok()?;
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(second))
             .ok()
-            .map(KernelDrops)
+            .map(LiveKernelCounters)
     }
 
     /// The drop counters and the ring's peak fill since the capture loop last reset it (not

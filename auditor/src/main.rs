@@ -242,8 +242,8 @@ fn run() -> Result<()> {
         // three (BENCHMARKS.md, session 8).
         wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 32),
     })?;
-    if let Some(drops) = stream.take_drops_reader() {
-        metrics.set_kernel_drops_source(Box::new(move || drops.read()));
+    if let Some(live) = stream.take_live_counters() {
+        metrics.set_kernel_counters_source(Box::new(move || live.read()));
     }
     for name in spec.watched_comms() {
         capture.watch_comm(&name)?;

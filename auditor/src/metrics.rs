@@ -111,7 +111,7 @@ pub struct KernelCounters {
 }
 
 /// Reads the kernel's counters from any thread.
-pub type KernelDropsSource = Box<dyn Fn() -> Option<KernelCounters> + Send + Sync>;
+pub type KernelCountersSource = Box<dyn Fn() -> Option<KernelCounters> + Send + Sync>;
 
 /// How many prefix filters and custom categories the settings hold (`INFO audit`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -413,7 +413,7 @@ pub struct Metrics {
     targets_generation: AtomicU64,
     /// Reads the kernel's ring-drop counters and ring peak from any thread
     /// ([`Metrics::observe_kernel_drops`] turns the drops into the two counters above).
-    kernel_drops: OnceLock<KernelDropsSource>,
+    kernel_counters: OnceLock<KernelCountersSource>,
     /// The kernel's counts last added to `lost_ring_*` (deltas, so RESETSTAT can zero them).
     kernel_drops_seen: Mutex<(u64, u64)>,
     /// Where the kernel captures (`sockets` or `syscalls`), set once attached.
@@ -456,7 +456,7 @@ impl Metrics {
             sink_status: Default::default(),
             targets: Mutex::new(Registry::default()),
             targets_generation: AtomicU64::new(next_generation()),
-            kernel_drops: OnceLock::new(),
+            kernel_counters: OnceLock::new(),
             kernel_drops_seen: Mutex::new((0, 0)),
         };
         for pid in pids {
@@ -627,8 +627,8 @@ impl Metrics {
     /// The kernel's ring-drop counters can be read from any thread: every snapshot (INFO,
     /// `/metrics`) reads them, so losses show while they happen, even while the capture thread
     /// waits for room in the queue.
-    pub fn set_kernel_drops_source(&self, read: KernelDropsSource) {
-        let _ = self.kernel_drops.set(read);
+    pub fn set_kernel_counters_source(&self, read: KernelCountersSource) {
+        let _ = self.kernel_counters.set(read);
     }
 
     /// The kernel's ring-drop counts now: what is new since the last call is added to
@@ -682,7 +682,7 @@ impl Metrics {
         // that is more: while the loop waits for room in the queue it takes nothing, and the
         // ring filling up is exactly what an operator then needs to see.
         let mut ring_used_bytes = self.ring_used_bytes.load(Relaxed);
-        if let Some(live) = self.kernel_drops.get().and_then(|read| read()) {
+        if let Some(live) = self.kernel_counters.get().and_then(|read| read()) {
             self.observe_kernel_drops(live.drops);
             ring_used_bytes = ring_used_bytes.max(live.ring_peak);
         }
@@ -974,7 +974,7 @@ mod tests {
     fn snapshots_read_the_kernel_live_when_the_capture_loop_is_behind() {
         let m = Metrics::new(vec![5]);
         m.set_ring_usage(4096, 1 << 24);
-        m.set_kernel_drops_source(Box::new(|| {
+        m.set_kernel_counters_source(Box::new(|| {
             Some(KernelCounters {
                 drops: (3, 300),
                 ring_peak: 9000,

@@ -809,15 +809,17 @@ impl RequestParser {
 
     /// Inline state: `rest` continues (or, from Idle, starts) an inline line.
     fn step_inline(&mut self, rest: &[u8], ts: u64, out: &mut Vec<RequestEvent>) -> usize {
-        let end = if self.inline_unterminated {
+        let newline = if self.inline_unterminated {
             None
         } else {
-            rest.iter().position(|&b| b == b'\n' || b == 0)
+            match rest.iter().position(|&b| b == b'\n' || b == 0) {
+                Some(i) if rest.get(i) == Some(&0) => {
+                    self.inline_unterminated = true;
+                    None
+                }
+                found => found,
+            }
         };
-        let newline = end.filter(|&i| rest.get(i) == Some(&b'\n'));
-        if end.is_some() && newline.is_none() {
-            self.inline_unterminated = true;
-        }
         let Some(newline) = newline else {
             if self.inline_line.len().saturating_add(rest.len()) > PROTO_INLINE_MAX_SIZE {
                 self.fail("too big inline request", false, out);

@@ -252,6 +252,19 @@ fn reply_mode_step(mode: &mut ReplyMode, change: ModeChange) -> (bool, bool) {
     (expects_reply, refusable)
 }
 
+/// `+QUEUED`: inside MULTI, a command accepted for EXEC.
+fn is_queued(reply: &Reply) -> bool {
+    reply.kind == ReplyKind::Simple && reply.text == b"QUEUED"
+}
+
+/// An AUTH or HELLO AUTH whose outcome is not known leaves the connection's user unknown too,
+/// never the one it asked for.
+fn forget_user_if_auth(conn: &mut Conn, effect: &Effect) {
+    if matches!(effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
+        conn.username = Arc::from(&b"unknown"[..]);
+    }
+}
+
 /// What RESET does to a connection's state.
 fn reset_connection(conn: &mut Conn) {
     conn.username = Arc::from(&b"default"[..]);
@@ -1099,9 +1112,7 @@ impl Session {
                 // Its reply still comes, first: it must not be taken for the next command's.
                 conn.replies_to_pass += 1;
             }
-            if matches!(old.effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
-                conn.username = Arc::from(&b"unknown"[..]);
-            }
+            forget_user_if_auth(conn, &old.effect);
             self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
         }
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
@@ -1268,7 +1279,8 @@ impl Session {
             // The server refused bytes this parser took for a request, or that it has not
             // finished yet, by limits the parser does not know (an unauthenticated client's 10
             // arguments and 16 KiB bulks, `proto-max-bulk-len`): it closes the connection
-            // having run nothing from there on.
+            // having run nothing from there on. The refused bytes become the protocol error
+            // at the head, which the reply completes below as any other.
             self.drop_never_read(conn);
             let text = String::from_utf8_lossy(&reply.text);
             let reason = text
@@ -1276,8 +1288,6 @@ impl Session {
                 .unwrap_or("protocol error")
                 .to_string();
             self.on_protocol_error(conn, &reason, reply.start_ts, out);
-            self.finish_front(conn, reply, out);
-            return;
         }
         if conn.pending.front().is_some_and(|p| p.refusable)
             && self.settle_refusable(conn, Some(reply), out)
@@ -1316,31 +1326,26 @@ impl Session {
         }
         // The server refused bytes the client sent and closes the connection: it never reads
         // what came after them, so the requests parsed from there were never run.
-        let closes = conn.pending.front().is_some_and(|p| match p.effect {
-            Effect::ProtocolError => {
-                reply.is_error() && reply.text.starts_with(b"ERR Protocol error")
+        // (`Some(quit)`: the server closes after this reply.)
+        let closes = conn.pending.front().and_then(|p| match p.effect {
+            Effect::ProtocolError
+                if reply.is_error() && reply.text.starts_with(b"ERR Protocol error") =>
+            {
+                Some(false)
             }
-            Effect::Quit => !reply.is_error(),
-            _ => false,
+            Effect::Quit if !reply.is_error() => Some(true),
+            _ => None,
         });
-        let quit = closes
-            && conn
-                .pending
-                .front()
-                .is_some_and(|p| p.effect == Effect::Quit);
         self.finish_front(conn, reply, out);
-        if closes {
+        if let Some(quit) = closes {
             self.drop_never_read(conn);
-        }
-        if quit {
-            // QUIT inside MULTI: the queued commands will never run.
-            for mut q in std::mem::take(&mut conn.queued) {
-                set_user(&mut q.record, &conn.username);
-                q.record.result = Outcome::Failure;
-                q.record.error = b"discarded by QUIT".to_vec();
-                self.push_with(&q.settings, &mut q.record, out);
+            if quit {
+                // QUIT inside MULTI: the queued commands will never run.
+                for q in std::mem::take(&mut conn.queued) {
+                    self.finish_discarded(conn, q, b"discarded by QUIT", out);
+                }
+                conn.in_multi = false;
             }
-            conn.in_multi = false;
         }
         self.drain_unreplied(conn, out);
     }
@@ -1443,10 +1448,7 @@ impl Session {
                 .front()
                 .is_some_and(|p| matches!(p.effect, Effect::Exec | Effect::Discard))
             // (A connection open before attach may be inside MULTI already.)
-            || (conn.preexisting
-                && !conn.multi_known
-                && reply.kind == ReplyKind::Simple
-                && reply.text == b"QUEUED");
+            || (conn.preexisting && !conn.multi_known && is_queued(reply));
         if general {
             if let Some(p) = conn.pending.pop_front() {
                 self.finish_general(conn, p, reply, out);
@@ -1506,9 +1508,7 @@ impl Session {
             .as_bytes()
             .to_vec();
             p.record.keys_modified = 0;
-            if matches!(p.effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
-                conn.username = Arc::from(&b"unknown"[..]);
-            }
+            forget_user_if_auth(conn, &p.effect);
         }
     }
 
@@ -1528,7 +1528,7 @@ impl Session {
         ) {
             conn.multi_known = true;
         }
-        let queued_reply = !failed && reply.kind == ReplyKind::Simple && reply.text == b"QUEUED";
+        let queued_reply = is_queued(reply);
         if queued_reply && !conn.in_multi && conn.preexisting && !conn.multi_known {
             // Open before attach and inside MULTI already: this command was queued.
             conn.in_multi = true;
@@ -1543,10 +1543,8 @@ impl Session {
                 // Memory per connection stays bounded: past this, queued commands are written
                 // now, their outcome untold.
                 conn.queued_untracked += 1;
-                if matches!(p.effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
-                    // Whether it will succeed at EXEC is not known either.
-                    conn.username = Arc::from(&b"unknown"[..]);
-                }
+                // Whether it will succeed at EXEC is not known either.
+                forget_user_if_auth(conn, &p.effect);
                 let ts = reply.start_ts;
                 self.finish_unknown(conn, p, "outcome not tracked (over 100000 queued)", ts, out);
             } else {
@@ -1629,13 +1627,9 @@ impl Session {
                     q.record.time_unix_us = p.record.time_unix_us;
                     q.record.result = Outcome::Unknown;
                     q.record.error = why.as_bytes().to_vec();
-                    match &q.effect {
-                        // Who the connection is now is not known.
-                        Effect::Auth(_) | Effect::HelloAuth(..) => {
-                            conn.username = Arc::from(&b"unknown"[..]);
-                        }
-                        Effect::Subscribe(..) => conn.subscribed = true,
-                        _ => {}
+                    forget_user_if_auth(conn, &q.effect);
+                    if matches!(q.effect, Effect::Subscribe(..)) {
+                        conn.subscribed = true;
                     }
                 } else if exec_ok {
                     q.record.time_unix_us = p.record.time_unix_us;
@@ -1741,6 +1735,20 @@ impl Session {
         self.push_with(&p.settings, &mut p.record, out);
     }
 
+    /// Write a queued command whose transaction the server discarded without running it.
+    fn finish_discarded(
+        &mut self,
+        conn: &Conn,
+        mut q: Pending,
+        why: &[u8],
+        out: &mut impl RecordOut,
+    ) {
+        set_user(&mut q.record, &conn.username);
+        q.record.result = Outcome::Failure;
+        q.record.error = why.to_vec();
+        self.push_with(&q.settings, &mut q.record, out);
+    }
+
     fn close(&mut self, tgid: u32, fd: u32, ts_ns: u64, out: &mut impl RecordOut) {
         let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
             return;
@@ -1753,14 +1761,12 @@ impl Session {
             .pending
             .iter()
             .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset));
-        for mut q in queued {
+        for q in queued {
             if may_have_run {
                 self.finish_unknown(&conn, q, "connection closed inside MULTI", ts_ns, out);
             } else {
-                set_user(&mut q.record, &conn.username);
-                q.record.result = Outcome::Failure;
-                q.record.error = b"discarded: connection closed inside MULTI".to_vec();
-                self.push_with(&q.settings, &mut q.record, out);
+                let why = b"discarded: connection closed inside MULTI";
+                self.finish_discarded(&conn, q, why, out);
             }
         }
         while let Some(p) = conn.pending.pop_front() {
