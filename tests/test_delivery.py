@@ -214,6 +214,37 @@ def test_start_and_stop_records_and_clean_stop_flushes(valkey, start_auditor):
     s.close()
 
 
+@contextlib.contextmanager
+def wall_clock_stepped(seconds):
+    """Step the host's wall clock by `seconds` (as NTP or a resumed VM does), and back after by
+    what the monotonic clock says passed."""
+    mono0 = time.monotonic_ns()
+    wall0 = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    time.clock_settime_ns(time.CLOCK_REALTIME, wall0 + seconds * 1_000_000_000)
+    try:
+        yield
+    finally:
+        time.clock_settime_ns(time.CLOCK_REALTIME, wall0 + time.monotonic_ns() - mono0)
+
+
+def test_record_times_follow_a_step_of_the_wall_clock(valkey, start_auditor):
+    """Records show the host's wall time even after it steps: event stamps come from the kernel's
+    monotonic clock, and the offset between the two is read afresh, not once at start."""
+    a = start_auditor(valkey.pid)
+    c = Raw(valkey.port)
+    c.call("SET", "before-step", "1")
+    recs = a.wait_records(lambda rs: sets_of(rs) == ["before-step"], what="the record before the step")
+    assert abs((record_time(recs[-1]) - datetime.now()).total_seconds()) < 5
+    with wall_clock_stepped(-3 * 3600):
+        c.call("SET", "after-step", "1")
+        recs = a.wait_records(lambda rs: sets_of(rs) == ["before-step", "after-step"],
+                              what="the record after the step")
+        stepped_now = datetime.now()
+        after = [r for r in recs if r["command"] == "set"][-1]
+        assert abs((record_time(after) - stepped_now).total_seconds()) < 5, (after, stepped_now)
+    c.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # file sink
 

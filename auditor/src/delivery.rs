@@ -27,11 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::clock::{monotonic_ns, wall_now_us};
 use crate::format::{Format, write_record};
 use crate::metrics::Metrics;
 use crate::record::{Category, Outcome, Record, ServerFile};
 use crate::session::RecordOut;
-use crate::settings::{Overflow, monotonic_ns};
+use crate::settings::Overflow;
 use crate::sink::Sink;
 
 /// Rough bytes a record takes in the queue (its variable parts plus a fixed overhead), known
@@ -86,17 +87,11 @@ pub struct LineFormat {
 #[derive(Clone, Debug)]
 pub struct Origin {
     pub hostname: String,
-    /// CLOCK_REALTIME − CLOCK_MONOTONIC, in nanoseconds.
-    pub wall_offset_ns: i64,
 }
 
 impl Origin {
-    fn now_us(&self) -> i64 {
-        (monotonic_ns() as i64 + self.wall_offset_ns) / 1000
-    }
-
     fn loss_record(&self, cause: &str, count: u64, bytes: u64) -> Record {
-        let mut rec = Record::event(Category::AuditLoss, b"loss", self.now_us(), &self.hostname);
+        let mut rec = Record::event(Category::AuditLoss, b"loss", wall_now_us(), &self.hostname);
         rec.command_args = format!("cause={cause} count={count} bytes={bytes}").into_bytes();
         rec.result = Outcome::Failure;
         rec
@@ -968,7 +963,6 @@ mod tests {
         let metrics = Arc::new(Metrics::new(Vec::new()));
         let origin = Origin {
             hostname: "h".into(),
-            wall_offset_ns: 0,
         };
         let q = Queue::new(
             records * unit(),

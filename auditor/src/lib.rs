@@ -10,6 +10,7 @@
 pub mod argv;
 pub mod btf;
 pub mod capture;
+pub mod clock;
 pub mod commands;
 pub mod control;
 pub mod delivery;

@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
 use auditor::capture::{self, Capture, CaptureConfig, CaptureMode, CaptureStream};
+use auditor::clock::{monotonic_ns, wall_now_us, wall_offset_ns};
 use auditor::commands::CommandTable;
 use auditor::control::{self, ControlBackend};
 use auditor::delivery::{Origin, Queue, run_sink};
@@ -181,16 +182,6 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-}
-
 /// See `--nice`.
 const DEFAULT_NICE: i32 = -5;
 
@@ -300,12 +291,11 @@ fn run() -> Result<()> {
     keep_freed_memory_briefly();
 
     let host = hostname();
-    let wall_offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
     let mut session = Session::new(
         table,
         settings.clone(),
         host.clone(),
-        wall_offset,
+        wall_offset_ns(),
         cli.capture_cap,
     );
     let mut registry = Registry {
@@ -352,17 +342,11 @@ fn run() -> Result<()> {
         line_format(&settings),
         Origin {
             hostname: host.clone(),
-            wall_offset_ns: wall_offset,
         },
         metrics.clone(),
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let start = audit_record(
-        &host,
-        wall_offset,
-        b"start",
-        start_args(&settings, &registry.pids()),
-    );
+    let start = audit_record(&host, b"start", start_args(&settings, &registry.pids()));
     let mut first = vec![start];
     first.append(&mut initial);
     let initial = first;
@@ -373,7 +357,6 @@ fn run() -> Result<()> {
         config_path: cli.config.clone(),
         queue: queue.clone(),
         hostname: host.clone(),
-        wall_offset,
     });
 
     // SIGHUP reopens the log file (logrotate), like Valkey's own log.
@@ -439,10 +422,7 @@ fn run() -> Result<()> {
             .name("capture".into())
             .spawn(move || {
                 CaptureLoop {
-                    governor: RateGovernor::new(
-                        u64::from(ring_bytes),
-                        clock_ns(libc::CLOCK_MONOTONIC) as u64,
-                    ),
+                    governor: RateGovernor::new(u64::from(ring_bytes), monotonic_ns()),
                     sink_tid,
                     capture,
                     ring_bytes: u64::from(ring_bytes),
@@ -505,7 +485,6 @@ fn run() -> Result<()> {
     // A clean stop flushes everything: the stop record goes last, then the queue is drained.
     let stop_rec = audit_record(
         &host,
-        wall_offset,
         b"stop",
         format!("version={} pids={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
     );
@@ -533,9 +512,8 @@ fn start_args(s: &Settings, pids: &[u32]) -> Vec<u8> {
     out.into_bytes()
 }
 
-fn audit_record(host: &str, wall_offset: i64, command: &[u8], args: Vec<u8>) -> Record {
-    let now = clock_ns(libc::CLOCK_MONOTONIC);
-    let mut rec = Record::event(Category::Audit, command, (now + wall_offset) / 1000, host);
+fn audit_record(host: &str, command: &[u8], args: Vec<u8>) -> Record {
+    let mut rec = Record::event(Category::Audit, command, wall_now_us(), host);
     rec.command_args = args;
     rec.pid = std::process::id();
     rec
@@ -618,7 +596,6 @@ struct Backend {
     /// CONFIG records go straight to the delivery queue, never waiting for room (forced in).
     queue: Queue,
     hostname: String,
-    wall_offset: i64,
 }
 
 impl ControlBackend for Backend {
@@ -659,7 +636,7 @@ impl ControlBackend for Backend {
                 }
                 // The format from this moment on, in the records' order (see Queue::configure_at).
                 self.queue.configure_at(
-                    clock_ns(libc::CLOCK_MONOTONIC) as u64,
+                    monotonic_ns(),
                     next.delivery.max_queue_size as usize,
                     next.delivery.overflow,
                     line_format(&next),
@@ -725,11 +702,10 @@ impl ControlBackend for Backend {
         error: &str,
     ) {
         // Setting names only: a value never reaches a record, and secret settings are named only.
-        let now = clock_ns(libc::CLOCK_MONOTONIC);
         let mut rec = Record::event(
             control::control_event_category(command),
             command.as_bytes(),
-            (now + self.wall_offset) / 1000,
+            wall_now_us(),
             &self.hostname,
         );
         rec.command_args = args.as_bytes().to_vec();
@@ -745,7 +721,7 @@ impl ControlBackend for Backend {
         rec.pid = std::process::id();
         // Written in its place among the commands' records, which the pipeline writes a little
         // later than they happen.
-        self.queue.push_at(now as u64, rec);
+        self.queue.push_at(monotonic_ns(), rec);
     }
 }
 
@@ -801,7 +777,7 @@ impl CaptureLoop {
         }
         // What the ring still holds of these connections (their last replies) goes first.
         self.drain_ring(seen_version, records, usize::MAX);
-        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        let now = monotonic_ns();
         for (tgid, fd, ino) in ended {
             self.session.close_ended(tgid, fd, ino, now, records);
         }
@@ -820,7 +796,7 @@ impl CaptureLoop {
         loop {
             let (drained, drained_bytes) =
                 self.drain_ring(&mut seen_version, &mut records, PASS_RECORDS);
-            let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            let now = monotonic_ns();
             let (queue_bytes, queue_max) = self.queue.fill();
             if let Some(batch) =
                 self.governor
@@ -839,7 +815,7 @@ impl CaptureLoop {
                 // Exits the kernel could not report (ring full) are found here.
                 for pid in self.registry.pids() {
                     if !process_alive(pid) {
-                        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                        let now = monotonic_ns();
                         self.drain_ring(&mut seen_version, &mut records, usize::MAX);
                         self.session.close_all(pid, now, &mut records);
                         self.session.remove_server(pid);
@@ -855,7 +831,7 @@ impl CaptureLoop {
                 }
                 if drained < PASS_RECORDS {
                     // The ring was emptied: every event up to about now has been seen.
-                    let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+                    let now = monotonic_ns();
                     self.session.settle_quiet(now, &mut records);
                 }
                 self.write_all(&mut records);
@@ -873,7 +849,7 @@ impl CaptureLoop {
                 self.stream.wait(10);
             }
         }
-        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        let now = monotonic_ns();
         if target_gone {
             // Everything the kernel still holds (the exit already closed the connections).
             self.drain_ring(&mut seen_version, &mut records, usize::MAX);
@@ -909,7 +885,9 @@ impl CaptureLoop {
     ) -> (usize, u64) {
         let mut drained = 0usize;
         let mut bytes = 0u64;
-        let pass_start = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        let pass_start = monotonic_ns();
+        // Events of this pass get the wall clock as it is now, steps of it included.
+        self.session.set_wall_offset(wall_offset_ns());
         while drained < max
             && let Some(item) = self.stream.ring.next()
         {
@@ -989,7 +967,7 @@ impl CaptureLoop {
         if let Ok(drops) = self.stream.kernel_drops()
             && drops.0 > reported.0
         {
-            let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+            let now = monotonic_ns();
             self.session
                 .kernel_loss(drops.0 - reported.0, drops.1 - reported.1, now, records);
             *reported = drops;
@@ -1147,7 +1125,7 @@ impl Registry {
             self.last_describe.insert(pid, Instant::now());
         }
         self.targets.insert(pid, target);
-        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        let now = monotonic_ns();
         for conn in open_conns {
             let user = users.get(&conn.fd).cloned();
             session.add_existing(pid, conn.fd, conn.ino, conn.peer, user, now, out);

@@ -616,6 +616,13 @@ impl Session {
         self.servers.insert(tgid, info);
     }
 
+    /// Set the wall clock minus the kernel's monotonic clock (ns) that turns the stamps of the
+    /// events from now on into wall time; the caller reads it afresh so records follow steps of
+    /// the wall clock.
+    pub fn set_wall_offset(&mut self, wall_offset_ns: i64) {
+        self.wall_offset_ns = wall_offset_ns;
+    }
+
     /// Targets (TGIDs) whose listening ports a successful CONFIG SET changed since the last call,
     /// if any (asked after every event: nothing is moved when none changed).
     #[inline]

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::clock::monotonic_ns;
 use crate::filter::{
     CommandSet, CustomCategories, Events, ExcludeRules, FilterConfig, PrefixFilter, ResultMode,
 };
@@ -826,17 +827,6 @@ pub struct SharedSettings {
 
 /// Changes kept in the history; older ones are folded into the first entry.
 const HISTORY_LEN: usize = 256;
-
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses for event stamps.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 impl SharedSettings {
     pub fn new(s: Settings) -> Self {

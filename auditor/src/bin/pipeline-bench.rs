@@ -201,7 +201,6 @@ fn run_once(
         },
         Origin {
             hostname: "bench-host".into(),
-            wall_offset_ns: 0,
         },
         Arc::new(Metrics::new(Vec::new())),
     );
