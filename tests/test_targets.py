@@ -93,6 +93,11 @@ def test_follow_restarts_audits_the_successor(valkey, start_auditor):
     rec = set_and_wait(auditor, valkey, "after")
     assert rec["pid"] == valkey.pid != old and rec["server_port"] == valkey.port
     assert auditor.proc.poll() is None
+    # The stop record names both: the one that exited and the successor audited at stop.
+    assert auditor.stop() == 0
+    stop = auditor.records()[-1]
+    assert (stop["category"], stop["command"]) == ("AUDIT", "stop"), stop
+    assert f"pids={old},{valkey.pid}" in stop["command_args"].split(), stop
 
 
 def test_follow_restarts_ignores_another_server_started_while_waiting(valkey, start_valkey, start_auditor):

@@ -303,6 +303,7 @@ fn run() -> Result<()> {
         host: host.clone(),
         targets: HashMap::new(),
         awaited: Vec::new(),
+        audited: Vec::new(),
         rejected: HashSet::new(),
         last_describe: HashMap::new(),
         spec: spec.clone(),
@@ -400,12 +401,7 @@ fn run() -> Result<()> {
     };
 
     let ring_bytes = cli.ring_bytes;
-    let pids_text = registry
-        .pids()
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let pids_text = pid_list(&registry.pids());
     let dump = match &cli.dump_events {
         Some(p) => Some(std::io::BufWriter::with_capacity(
             1 << 20,
@@ -479,9 +475,13 @@ fn run() -> Result<()> {
         anyhow::Ok(())
     })?;
     stop.store(true, Ordering::SeqCst);
-    let result = worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("capture thread panicked"));
+    // The stop record names every server audited in this run (restarts and servers found
+    // later included); the start list if the capture thread ended early.
+    let (result, pids_text) = match worker.join() {
+        Ok(Ok(audited)) => (Ok(()), pid_list(&audited)),
+        Ok(Err(e)) => (Err(e), pids_text),
+        Err(_) => (Err(anyhow::anyhow!("capture thread panicked")), pids_text),
+    };
     // A clean stop flushes everything: the stop record goes last, then the queue is drained.
     let stop_rec = audit_record(
         &host,
@@ -492,16 +492,22 @@ fn run() -> Result<()> {
     queue.push_forced(&mut vec![stop_rec]);
     queue.close();
     let _ = sink_thread.join();
-    result?
+    result
+}
+
+fn pid_list(pids: &[u32]) -> String {
+    pids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn start_args(s: &Settings, pids: &[u32]) -> Vec<u8> {
-    let pids = pids
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut out = format!("version={} pids={pids}", env!("CARGO_PKG_VERSION"));
+    let mut out = format!(
+        "version={} pids={}",
+        env!("CARGO_PKG_VERSION"),
+        pid_list(pids)
+    );
     for name in SETTING_NAMES {
         if let Some(v) = s.get(name)
             && !auditor::settings::is_secret(name)
@@ -783,7 +789,8 @@ impl CaptureLoop {
         }
     }
 
-    fn run(mut self, initial: Vec<Record>) -> Result<()> {
+    /// Runs until stopped or the last target is gone; returns the pids audited meanwhile.
+    fn run(mut self, initial: Vec<Record>) -> Result<Vec<u32>> {
         let mut records = initial;
         self.metrics.set_ring_usage(0, self.ring_bytes);
         self.write_all(&mut records);
@@ -855,13 +862,7 @@ impl CaptureLoop {
             self.drain_ring(&mut seen_version, &mut records, usize::MAX);
             eprintln!(
                 "auditor: pid {} exited; stopping",
-                self.registry
-                    .spec
-                    .pids
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
+                pid_list(&self.registry.spec.pids)
             );
         }
         // Drops the kernel counted since the last check still get their loss record.
@@ -873,7 +874,7 @@ impl CaptureLoop {
             use std::io::Write as _;
             dump.flush()?;
         }
-        Ok(())
+        Ok(self.registry.audited)
     }
 
     /// Process up to `max` ring records; returns how many there were and their bytes.
@@ -1033,6 +1034,8 @@ struct Registry {
     targets: HashMap<u32, Target>,
     /// Explicit targets that exited, awaiting a successor (--follow-restarts): executable, port.
     awaited: Vec<(Vec<u8>, u16)>,
+    /// Every pid audited since start, in the order they became targets (the stop record's).
+    audited: Vec<u32>,
     /// Processes taken for a restarted server that turned out to be other servers: their
     /// connections accepted before that was known are not audited either (until the pid execs
     /// again).
@@ -1125,6 +1128,9 @@ impl Registry {
             self.last_describe.insert(pid, Instant::now());
         }
         self.targets.insert(pid, target);
+        if !self.audited.contains(&pid) {
+            self.audited.push(pid);
+        }
         let now = monotonic_ns();
         for conn in open_conns {
             let user = users.get(&conn.fd).cloned();

@@ -1052,6 +1052,7 @@ impl Session {
             let args_text = command_args(d, &req.args, true, 0);
             let mut rec = self.bare_record(d.category.clone(), &d.command, req.done_ts);
             rec.command_args = args_text;
+            rec.server = conn.server.clone();
             rec.client_id = conn.client_id;
             rec.username = conn.username.clone();
             rec.client_ip = conn.ip.clone();
@@ -1074,7 +1075,13 @@ impl Session {
         } else {
             ModeChange::None
         };
-        let (expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
+        let (mut expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
+        if d.command.starts_with(b"replconf")
+            && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack"))
+        {
+            // A replica's offset report: Valkey never answers it (a client's neither).
+            expects_reply = false;
+        }
         if effect == Effect::Quit && !expects_reply {
             // The server reads nothing after QUIT (in MULTI too); with replies on, its +OK says
             // so (`on_reply`), and without, nothing will.
