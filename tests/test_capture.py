@@ -759,6 +759,8 @@ def test_keys_modified_counts_what_the_reply_says_changed(audited):
         + resp("SET", "km:c", "1")
         + resp("COPY", "km:b", "km:c")  # destination exists: 0
         + resp("DEL", "km:b", "km:c")  # 2
+        + resp("MIGRATE", "127.0.0.1", "1", "km:none", "0", "1000")  # +NOKEY: 0
+        + resp("MIGRATE", "127.0.0.1", "1", "", "0", "1000", "KEYS", "km:x", "km:y")  # +NOKEY: 0
         + resp("PING")
     )
     read_until(s, lambda b: b.endswith(b"+PONG\r\n"))
@@ -766,7 +768,25 @@ def test_keys_modified_counts_what_the_reply_says_changed(audited):
     recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port for r in rs))
     got = [(r["command"], r["keys_modified"]) for r in commands_of(recs, port)]
     assert got == [("set", 1), ("set", 0), ("del", 1), ("blpop", 0), ("set", 1), ("set", 1),
-                   ("copy", 0), ("del", 2), ("ping", 0)], got
+                   ("copy", 0), ("del", 2), ("migrate", 0), ("migrate", 0), ("ping", 0)], got
+
+
+def test_a_deep_script_reply_keeps_the_pipeline_results(audited):
+    """A script may return a table nested thousands deep (up to Lua's stack limit): a valid reply,
+    so no loss, and the results of the commands behind it stay known."""
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    script = "local t={} local c=t for i=1,5000 do local n={} c[1]=n c=n end c[1]=1 return t"
+    s.sendall(resp("EVAL", script, "0") + resp("SET", "deep:s", "1") + resp("INCR", "deep:n")
+              + resp("HSET", "deep:s", "f", "v"))
+    read_until(s, lambda b: b.endswith(b"\r\n") and b"WRONGTYPE" in b)
+    s.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
+                                               for r in rs))
+    got = [(r["command"], r["result"]) for r in commands_of(recs, port)]
+    assert got == [("eval", "SUCCESS"), ("set", "SUCCESS"), ("incr", "SUCCESS"), ("hset", "FAILURE")], got
+    assert not [r for r in recs if r["category"] == "AUDIT_LOSS"]
 
 
 def test_resp3_array_reply_of_a_subscribed_client_is_not_a_message(audited):

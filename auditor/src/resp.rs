@@ -14,7 +14,7 @@
 //!   plus its declared length; a reply keeps a 512-byte prefix. The only buffered line is an inline
 //!   command, capped at 64 KiB as in Valkey (`PROTO_INLINE_MAX_SIZE`). Per request, retained
 //!   prefixes are capped at 1 MiB and retained arguments at 100,000. Reply nesting is a stack of
-//!   "values still expected" counters capped at depth 1024, so `*4000000000` costs one counter.
+//!   "values still expected" counters capped at depth 8192, so `*4000000000` costs one counter.
 //! * **Gap tolerance.** `skip(n)` says `n` bytes were never captured. Inside a bulk payload (or its
 //!   trailing CRLF) the position after the gap is still known exactly, so the gap is absorbed and
 //!   the value is marked `lost`. Anywhere else the framing is unknowable: the parser drops the
@@ -104,8 +104,11 @@ const REPLY_TEXT_MAX: usize = 512;
 const REPLY_FIRST_MAX: usize = 64;
 /// Depth-1 error elements kept per reply.
 pub const MAX_ELEMENT_ERRORS: usize = 4096;
-/// Deepest reply nesting followed; deeper is treated as garbage.
-const MAX_REPLY_DEPTH: usize = 1024;
+/// Deepest reply nesting followed; deeper is treated as garbage. A script can return a table
+/// nested up to Lua's C-stack limit (`LUAI_MAXCSTACK`, 8000: Valkey 9.1.2 returns 5,000 levels and
+/// refuses 10,000 with "reached lua stack limit"), so a client must not be able to hide its
+/// pipeline's results behind a deep but valid reply. 16 bytes a level, freed after the reply.
+const MAX_REPLY_DEPTH: usize = 8192;
 /// The server writes reply length lines as plain numbers. A longer line means the bytes are not
 /// RESP (typically after a wrong resync guess), and there is no point waiting for its CR.
 const MAX_REPLY_LEN_LINE: u64 = 64;

@@ -2212,6 +2212,8 @@ fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
         (ChangeReply::NoneUnlessNil, ReplyKind::Null) => write_keys,
         (ChangeReply::NoneUnlessNil, _) => 0,
         (_, ReplyKind::Null) => 0,
+        // MIGRATE when none of its keys exists: nothing moved, nothing deleted.
+        (_, ReplyKind::Simple) if reply.text == b"NOKEY" => 0,
         (ChangeReply::Count, ReplyKind::Integer) => reply.len.max(0) as u64,
         (ChangeReply::NoneIfNilOrZero, ReplyKind::Integer) if reply.len == 0 => 0,
         _ => write_keys,
