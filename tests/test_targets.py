@@ -76,6 +76,22 @@ def test_comm_three_servers_a_fourth_later_and_a_restart(start_valkey, start_aud
         assert rec["pid"] == s.pid
 
 
+def test_a_cluster_node_is_named_by_its_client_port_not_its_bus_port(start_valkey, start_auditor):
+    # /proc/<pid>/net/tcp lists listeners in hash order: with three nodes, at least one bus port
+    # came first there in QA's runs. The clients' port is the listener Valkey opened first.
+    nodes = [start_valkey("--cluster-enabled", "yes", "--cluster-port", str(free_port())) for _ in range(3)]
+    extra = [x for n in nodes[1:] for x in ("--pid", str(n.pid))]
+    auditor = start_auditor(nodes[0].pid, extra=tuple(extra))
+    for n in nodes:
+        with n.client() as c:
+            assert c.ping()
+    recs = auditor.wait_records(lambda rs: {r["pid"] for r in rs if r["command"] == "ping"} >= {n.pid for n in nodes},
+                                what="a PING record of every node")
+    for n in nodes:
+        ports = {r["server_port"] for r in recs if r["pid"] == n.pid and r["category"] != "AUDIT"}
+        assert ports == {n.port}, (n.port, ports)
+
+
 def test_pid_target_exit_ends_the_auditor(valkey, start_auditor):
     auditor = start_auditor(valkey.pid)
     set_and_wait(auditor, valkey, "k")

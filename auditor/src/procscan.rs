@@ -264,7 +264,9 @@ pub fn tcp_listen_ports(pid: u32) -> Vec<u16> {
 }
 
 /// TCP addresses `pid` listens on, for the auditor's own connection to the server (CLIENT LIST).
-/// Wildcard addresses are replaced by the loopback address of their family.
+/// Wildcard addresses are replaced by the loopback address of their family. Ordered by file
+/// descriptor: Valkey opens its client listeners (`port`, then `tls-port`) before the cluster
+/// bus's, so the first is the clients' port (`/proc/<pid>/net/tcp` lists in hash order).
 pub fn tcp_listen_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
     let Ok(fds) = socket_fds(pid) else {
         return Vec::new();
@@ -282,9 +284,9 @@ pub fn tcp_listen_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
             let Ok(inode) = cols[9].parse::<u64>() else {
                 continue;
             };
-            if !fds.contains_key(&inode) {
+            let Some(&fd) = fds.get(&inode) else {
                 continue;
-            }
+            };
             let Some((addr, port)) = parse_addr(cols[1]) else {
                 continue;
             };
@@ -311,10 +313,11 @@ pub fn tcp_listen_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
                 }
                 _ => continue,
             };
-            out.push(std::net::SocketAddr::new(ip, port));
+            out.push((fd, std::net::SocketAddr::new(ip, port)));
         }
     }
-    out
+    out.sort_unstable_by_key(|&(fd, _)| fd);
+    out.into_iter().map(|(_, addr)| addr).collect()
 }
 
 #[cfg(test)]
