@@ -126,6 +126,30 @@ def test_client_connected_before_attach(valkey, start_auditor):
     auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early_port for r in rs))
 
 
+def test_client_caught_mid_command_at_attach_is_audited_from_its_next_command(valkey, start_auditor):
+    """Attached while a client is half-way through a request: the command it completes after attach
+    ran unseen, so it is a counted loss; the inline commands after it are recorded."""
+    early = socket.create_connection(("127.0.0.1", valkey.port))
+    early_port = early.getsockname()[1]
+    early.sendall(b"*2\r\n$3\r\nGET\r\n$2\r\nk")
+    auditor = start_auditor(valkey.pid)
+    early.sendall(b"1\r\n")
+    read_until(early, lambda b: b == b"$-1\r\n")
+    for i in range(3):
+        early.sendall(b"SET midattach%d x\r\n" % i)
+        read_until(early, lambda b: b == b"+OK\r\n")
+    early.sendall(b"DEL midattach0\r\n")
+    read_until(early, lambda b: b == b":1\r\n")
+    early.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early_port
+                                               for r in rs))
+    mine = [r for r in recs if r["client_port"] == early_port and r["category"] not in ("CONNECTION", "AUDIT")]
+    got = [(r["command"], r["keys"], r["result"]) for r in mine if r["category"] != "AUDIT_LOSS"]
+    assert got == [("set", [f"midattach{i}"], "SUCCESS") for i in range(3)] + [("del", ["midattach0"], "SUCCESS")], got
+    losses = [r["command_args"] for r in recs if r["category"] == "AUDIT_LOSS"]
+    assert [a for a in losses if "cause=commands_not_captured count=1 " in a], losses
+
+
 def resp(*args):
     out = [b"*%d\r\n" % len(args)]
     for a in args:

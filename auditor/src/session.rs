@@ -391,6 +391,11 @@ struct Conn {
     resp3: bool,
     /// Found already open at attach: replies to requests sent before attach are passed over.
     preexisting: bool,
+    /// Of a `preexisting` connection: request bytes read after attach that the parser could not
+    /// frame yet (the connection was mid-command at attach). From then on a reply no request
+    /// awaits answers a command those bytes held, which ran unseen: a loss, not a pre-attach
+    /// command's reply.
+    unframed_since_attach: bool,
     /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
     /// replies, and the link is server-internal traffic.
     replica: bool,
@@ -693,6 +698,7 @@ impl Session {
             monitor: false,
             resp3: false,
             preexisting: true,
+            unframed_since_attach: false,
             replica: false,
             internal: false,
             reads: 0,
@@ -761,6 +767,7 @@ impl Session {
                     monitor: false,
                     resp3: false,
                     preexisting: false,
+                    unframed_since_attach: false,
                     replica: false,
                     internal: false,
                     reads: 0,
@@ -891,6 +898,10 @@ impl Session {
                 conn.requests.skip(uncaptured_tail, &mut events);
                 conn.in_expected += uncaptured_tail;
             }
+            if conn.preexisting {
+                // Framed now, or still not: whether unmatched replies are losses (`on_reply`).
+                conn.unframed_since_attach = conn.requests.resyncing();
+            }
             for ev in events.drain(..) {
                 match ev {
                     RequestEvent::Request(req) => {
@@ -950,6 +961,7 @@ impl Session {
             for ev in events.drain(..) {
                 match ev {
                     ReplyEvent::Reply(reply) => {
+                        conn.requests.reply_seen();
                         self.on_reply(&mut conn, &reply, out);
                         self.pool.put_bytes(reply.text);
                     }
@@ -1335,6 +1347,11 @@ impl Session {
                     // The command it answers was in the capture gap: it ran, unseen.
                     conn.lost_commands += 1;
                 }
+            } else if conn.unframed_since_attach && !conn.internal {
+                // It answers a command completed by bytes read after attach, which the parser
+                // could not frame: it ran, unseen.
+                self.stats.replies_unmatched += 1;
+                conn.lost_commands += 1;
             }
             return;
         }
