@@ -402,6 +402,9 @@ struct Conn {
     /// Server-internal traffic (a replica's REPLCONF/SYNC/PSYNC link): not audited while
     /// `ignore_internal_clients` is on.
     internal: bool,
+    /// Another cluster node's bus link, accepted on the cluster-bus port: its binary messages
+    /// (each starting `RCmb`) are neither commands nor replies, so nothing of it is parsed.
+    cluster_bus: bool,
     /// Reads (inbound data events) seen on the connection.
     reads: u64,
     /// Set at a request-side gap to the read it happened in: the gap may have held whole
@@ -417,6 +420,9 @@ struct Conn {
     /// close.
     lost_commands: u64,
 }
+
+/// The first bytes of every cluster-bus message (`clusterMsg.sig`, Valkey's cluster_legacy.h).
+const CLUSTER_BUS_SIGNATURE: &[u8] = b"RCmb";
 
 /// The bytes of one ring record at their stream positions: one run of a syscall, or the segments
 /// of a scanned server write (`SegmentHdr` + bytes each), then, if the scan stopped early, an empty
@@ -699,6 +705,7 @@ impl Session {
             resp3: false,
             preexisting: true,
             unframed_since_attach: false,
+            cluster_bus: false,
             replica: false,
             internal: false,
             reads: 0,
@@ -768,6 +775,7 @@ impl Session {
                     resp3: false,
                     preexisting: false,
                     unframed_since_attach: false,
+                    cluster_bus: false,
                     replica: false,
                     internal: false,
                     reads: 0,
@@ -860,6 +868,30 @@ impl Session {
         };
         // Bytes of this stream never seen, this call: a resync's loss record says how many.
         let mut unseen = uncaptured_tail;
+        if inbound
+            && conn.in_expected == 0
+            && !conn.preexisting
+            && pieces
+                .one
+                .is_some_and(|(pos, bytes)| pos == 0 && bytes.starts_with(CLUSTER_BUS_SIGNATURE))
+        {
+            conn.cluster_bus = true;
+            conn.internal = true;
+        }
+        if conn.cluster_bus {
+            // Positions advance, nothing is parsed (as for a replica's replication stream).
+            let expected = if inbound {
+                &mut conn.in_expected
+            } else {
+                &mut conn.out_expected
+            };
+            for (pos, bytes) in pieces {
+                *expected = pos.max(*expected) + bytes.len() as u64;
+            }
+            *expected += uncaptured_tail;
+            self.conns.insert((tgid, fd), conn);
+            return;
+        }
         if inbound {
             self.report_lost_commands(&mut conn, ts_ns, out);
             conn.reads += 1;
@@ -1817,6 +1849,8 @@ impl Session {
         // REPLCONF/SYNC showed what they are, and a connection must not look open forever.
         let kind: &[u8] = if conn.replica {
             b"type=replica"
+        } else if conn.cluster_bus {
+            b"type=cluster-bus"
         } else {
             b"type=normal"
         };
