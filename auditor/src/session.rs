@@ -503,6 +503,8 @@ pub struct SessionStats {
     pub protocol_errors_never_read: u64,
     /// Commands a request-side gap held whole, counted by their replies.
     pub commands_not_captured: u64,
+    /// Requests parsed after a gap that got no reply before the next read (`drop_unanswered_guesses`).
+    pub guesses_dropped: u64,
     /// The filter stage's prefix-filter and custom-category lookups (the module's INFO counters).
     pub filter_lookups: filter::LookupCounts,
 }
@@ -895,6 +897,9 @@ impl Session {
         if inbound {
             self.report_lost_commands(&mut conn, ts_ns, out);
             conn.reads += 1;
+            if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
+                self.drop_unanswered_guesses(&mut conn, ts_ns, out);
+            }
             // A read after the client had every reply: whatever the gap held is answered, and
             // replies line up with requests again.
             if conn
@@ -1411,6 +1416,40 @@ impl Session {
             }
         }
         self.drain_unreplied(conn, out);
+    }
+
+    /// Valkey answers everything it read before it reads the client again. A request parsed after
+    /// a request-side gap that had no reply by the next read was most likely no command: bytes of
+    /// a value that looked like one (the resync takes `*<n>\r\n$` at any line start, and a value
+    /// may hold RESP text). Its record would name a command nobody sent, so it is counted in a
+    /// loss record instead, where a real one (its reply held up by a slow reader) is not hidden
+    /// either. Blocking commands answer later, and without replies on nothing can be judged.
+    fn drop_unanswered_guesses(&mut self, conn: &mut Conn, ts_ns: u64, out: &mut impl RecordOut) {
+        if conn.reply_mode != ReplyMode::On || conn.subscribed || conn.monitor {
+            return;
+        }
+        let reads = conn.reads;
+        let before = conn.pending.len();
+        conn.pending.retain(|p| {
+            !(p.after_gap
+                && p.expects_reply
+                && p.read < reads
+                && p.effect != Effect::ProtocolError
+                && !may_block(&p.record.command))
+        });
+        let dropped = (before - conn.pending.len()) as u64;
+        if dropped > 0 {
+            self.stats.guesses_dropped += dropped;
+            let rec = self.loss_record(
+                conn,
+                LossCause::RequestResync,
+                "requests guessed after a gap got no reply",
+                dropped,
+                0,
+                ts_ns,
+            );
+            self.push(rec, ts_ns, out);
+        }
     }
 
     /// The commands a request-side gap held, known by their replies (`Conn::lost_commands`).
@@ -2257,6 +2296,25 @@ fn quoted(s: &str) -> Option<String> {
 }
 
 /// `keys_modified` of a command that succeeded.
+/// Commands whose reply may come after the client's next read (they block the client).
+fn may_block(command: &[u8]) -> bool {
+    matches!(
+        command,
+        b"blpop"
+            | b"brpop"
+            | b"brpoplpush"
+            | b"blmove"
+            | b"blmpop"
+            | b"bzpopmin"
+            | b"bzpopmax"
+            | b"bzmpop"
+            | b"xread"
+            | b"xreadgroup"
+            | b"wait"
+            | b"waitaof"
+    )
+}
+
 fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
     match (rule, reply.kind) {
         (ChangeReply::Unknown, _) => write_keys,
