@@ -1151,6 +1151,31 @@ def test_commands_lost_in_a_capture_gap_are_counted_by_their_replies(valkey, sta
     wait_until(lambda: info_audit(auditor)["audit_lost_commands_not_captured"] == "3",
                what="INFO audit to count the three commands")
 
+def test_loss_counters_in_info_add_up_the_counts_of_the_loss_records(valkey, start_auditor):
+    auditor = start_auditor(valkey.pid, extra=("--capture-cap", "4096"))
+    c = Raw(valkey.port)
+    for i in range(20):
+        c.call("SET", f"big:{i}", "v" * 10_000)
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"".join(resp("GET", f"big:{i}") for i in range(20)))
+    read_until(s, lambda b: b.count(b"v" * 10_000) == 20)
+    s.close()
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == port
+                                               for r in rs))
+    counts = {}
+    for r in recs:
+        if r["category"] == "AUDIT_LOSS":
+            args = dict(kv.split("=", 1) for kv in r["command_args"].split(" ")[:3])
+            counts[args["cause"]] = counts.get(args["cause"], 0) + int(args["count"])
+    assert counts.get("parser_resync_reply", 0) >= 1, counts
+    causes = ("parser_resync_reply", "parser_resync_request", "commands_not_captured")
+    # The counters are published about every 100 ms.
+    wait_until(lambda: all(int(info_audit(auditor)[f"audit_lost_{c}"]) == counts.get(c, 0) for c in causes),
+               what=f"INFO counters equal to the records' counts {counts}")
+
+
 def test_gap_inside_value_is_skipped_and_framing_loss_is_recorded(valkey, start_auditor):
     auditor = start_auditor(valkey.pid, extra=("--capture-cap", "200"))
     c = Raw(valkey.port)

@@ -990,9 +990,10 @@ impl CaptureLoop {
         if let Ok(drops) = self.stream.kernel_drops() {
             self.metrics.observe_kernel_drops(drops);
         }
+        // Each counter is the sum of its loss records' `count`s.
         let now = [
-            st.request_resyncs,
-            st.reply_resyncs,
+            st.request_resyncs + st.guesses_dropped,
+            st.reply_resync_commands,
             st.bytes_skipped,
             st.filtered,
             st.protocol_errors,

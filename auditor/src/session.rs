@@ -492,6 +492,8 @@ pub struct SessionStats {
     /// `protocol_error` records, not as losses.
     pub protocol_errors: u64,
     pub reply_resyncs: u64,
+    /// Commands whose replies those resyncs lost (the `count` of their loss records).
+    pub reply_resync_commands: u64,
     pub bytes_skipped: u64,
     /// Reply payload bytes the kernel left out on purpose (see `reply_scan` in auditor-ebpf).
     pub bytes_elided: u64,
@@ -1005,6 +1007,7 @@ impl Session {
                     ReplyEvent::Desync { reason } => {
                         self.stats.reply_resyncs += 1;
                         let n = conn.pending.len() as u64;
+                        self.stats.reply_resync_commands += n;
                         let rec = self.loss_record(
                             &conn,
                             LossCause::ReplyResync,
