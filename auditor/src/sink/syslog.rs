@@ -29,8 +29,11 @@
 //! the first message that was not delivered, so no message is sent twice and none is skipped. A
 //! datagram is sent whole or not at all. Over TCP a message cut by a broken connection is resent
 //! whole on the next connection, and the server may have logged the cut-off part as a message of
-//! its own (rsyslog does, with a warning). Messages handed to the kernel just before a TCP connection
-//! breaks can be lost without any error: plain syslog over TCP has no acknowledgements.
+//! its own (rsyslog does, with a warning). Over TCP a message is kept until the server's TCP stack
+//! has acknowledged it (`SIOCOUTQ`, as the TCP sink does): what a stalled or dying server never
+//! acknowledged is sent again, first, on the next connection, and a connection given up with
+//! unacknowledged data is reset so that it cannot deliver it too. Out of reach of plain syslog over
+//! TCP: messages the server's kernel acknowledged but the server never read (it was killed).
 //!
 //! **Records too long for one datagram.** A UDP datagram carries at most [`MAX_UDP_PAYLOAD_V4`]
 //! bytes ([`MAX_UDP_PAYLOAD_V6`] over IPv6), header included; a local datagram socket refuses
@@ -52,7 +55,9 @@ use std::time::{Duration, Instant};
 
 use syslog::Facility;
 
+use super::tcp::{abort_on_close, unacknowledged_bytes};
 use super::{Sink, SinkError, SinkLoss, SinkStatus};
+use std::collections::VecDeque;
 
 /// Where `syslog(3)` looks for the local syslog socket, in order.
 const LOCAL_SOCKET_PATHS: [&str; 3] = ["/dev/log", "/var/run/syslog", "/var/run/log"];
@@ -311,6 +316,10 @@ pub struct SyslogSink {
     /// UDP datagrams the receiver refused (a send failed with ECONNREFUSED: an earlier datagram
     /// met a closed port), not yet taken by [`Sink::take_loss`].
     refused: SinkLoss,
+    /// TCP messages (framed, as sent) the server's TCP stack has not acknowledged yet, oldest
+    /// first, and their bytes. Bounded by the socket's send buffer: one message more at most.
+    unacked: VecDeque<Vec<u8>>,
+    unacked_bytes: u64,
 }
 
 impl SyslogSink {
@@ -332,6 +341,8 @@ impl SyslogSink {
             messages_sent: 0,
             loss: SinkLoss::default(),
             refused: SinkLoss::default(),
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
         };
         sink.connect()?;
         Ok(sink)
@@ -352,12 +363,26 @@ impl SyslogSink {
     }
 
     fn connect(&mut self) -> Result<(), SinkError> {
-        self.transport = None;
+        self.drop_transport();
         self.last_connect_attempt = Some(Instant::now());
         match open_transport(&self.opts, self.send_timeout) {
-            Ok(transport) => {
+            Ok(mut transport) => {
+                // What the last connection never got acknowledged goes first, in its order.
+                for message in &self.unacked {
+                    if let Err(e) = transport.send(message) {
+                        if let Transport::Tcp(stream) = &transport {
+                            abort_on_close(stream);
+                        }
+                        let message = format!(
+                            "syslog: sending again to {} what it had not acknowledged: {e}",
+                            self.describe_target()
+                        );
+                        return Err(self.fail(message));
+                    }
+                }
                 self.transport = Some(transport);
                 self.status = SinkStatus::Connected;
+                self.release_acknowledged();
                 Ok(())
             }
             Err(e) => {
@@ -374,7 +399,6 @@ impl SyslogSink {
         if let Some(Transport::Tcp(stream)) = &self.transport
             && server_closed(stream)
         {
-            self.transport = None;
             return self.connect();
         }
         if self.transport.is_some() {
@@ -393,6 +417,44 @@ impl SyslogSink {
                     .unwrap_or_else(|| "syslog: not connected".to_string()),
                 retryable: true,
             })
+        }
+    }
+
+    /// Closes the connection; one holding messages the server has not acknowledged is reset, so
+    /// that they are not delivered by it as well as sent again on the next.
+    fn drop_transport(&mut self) {
+        if let Some(Transport::Tcp(stream)) = &self.transport
+            && !self.unacked.is_empty()
+        {
+            abort_on_close(stream);
+        }
+        self.transport = None;
+    }
+
+    /// Forgets the TCP messages at the front that the server's TCP stack acknowledged.
+    fn release_acknowledged(&mut self) {
+        let Some(Transport::Tcp(stream)) = &self.transport else {
+            return;
+        };
+        // A reset connection's send queue is purged (it reads 0): nothing was acknowledged then.
+        if server_closed(stream) {
+            return;
+        }
+        let Ok(unacknowledged) = unacknowledged_bytes(stream) else {
+            return;
+        };
+        if server_closed(stream) {
+            return;
+        }
+        let mut acknowledged = self.unacked_bytes.saturating_sub(unacknowledged);
+        while let Some(front) = self.unacked.front() {
+            let len = front.len() as u64;
+            if len > acknowledged {
+                break;
+            }
+            acknowledged -= len;
+            self.unacked_bytes -= len;
+            self.unacked.pop_front();
         }
     }
 
@@ -604,14 +666,22 @@ impl Sink for SyslogSink {
                     self.refused.records += 1;
                     self.refused.cause = Some(SYSLOG_REFUSED);
                 }
-                self.transport = None;
+                // A send that timed out left the connection as it was: what it acknowledged
+                // need not be sent again.
+                self.release_acknowledged();
+                self.drop_transport();
                 self.delivered_prefix.extend_from_slice(&lines[..pos]);
                 let message = format!("syslog: sending to {}: {e}", self.describe_target());
                 return Err(self.fail(message));
             }
+            if matches!(transport, Transport::Tcp(_)) {
+                self.unacked_bytes += self.message.len() as u64;
+                self.unacked.push_back(self.message.clone());
+            }
             self.messages_sent += 1;
             pos = next;
         }
+        self.release_acknowledged();
         self.status = SinkStatus::Connected;
         Ok(())
     }
@@ -623,6 +693,15 @@ impl Sink for SyslogSink {
 
     /// Reconnects in the background after a failure, so the status recovers without traffic.
     fn tick(&mut self) -> Result<(), SinkError> {
+        self.release_acknowledged();
+        if let Some(Transport::Tcp(stream)) = &self.transport
+            && !self.unacked.is_empty()
+            && server_closed(stream)
+        {
+            // A server that went away while idle: what it never acknowledged goes to the next.
+            let _ = self.connect();
+            return Ok(());
+        }
         if self.transport.is_none()
             && self
                 .last_connect_attempt
@@ -905,6 +984,60 @@ mod tests {
         let n = receiver.recv(&mut buf).unwrap();
         assert!(text(&buf[..n]).ends_with("]: other 0"));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn tcp_messages_the_server_never_acknowledged_are_sent_again_on_the_next_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = SyslogTarget::Tcp(listener.local_addr().unwrap().to_string());
+        let mut sink = SyslogSink::open(options("local0", SyslogFormat::Rfc3164, target)).unwrap();
+        sink.send_timeout = Duration::from_millis(50);
+        sink.reconnect_interval = Duration::ZERO;
+        sink.reopen().unwrap();
+        let _replaced = listener.accept().unwrap();
+        // A server that stalls: it never reads, so its window closes and sends time out.
+        let (stalled, _) = listener.accept().unwrap();
+        let count = 20_000;
+        let batch: Vec<u8> = (0..count)
+            .flat_map(|i| format!("record {i:05} {}\n", "x".repeat(1000)).into_bytes())
+            .collect();
+        assert!(
+            sink.write_batch(&batch, count).is_err(),
+            "the server's window never closed"
+        );
+        let handed_over = sink
+            .delivered_prefix
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        assert!(!sink.unacked.is_empty());
+        // The server dies; its successor reads everything.
+        drop(stalled);
+        let reader = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            BufReader::new(conn)
+                .lines()
+                .map(|l| l.unwrap())
+                .map(|l| {
+                    l.split_once("]: ").unwrap().1[7..12]
+                        .parse::<usize>()
+                        .unwrap()
+                })
+                .collect::<Vec<usize>>()
+        });
+        let mut tries = 0;
+        while sink.write_batch(&batch, count).is_err() {
+            tries += 1;
+            assert!(tries < 1000);
+        }
+        drop(sink);
+        let got = reader.join().unwrap();
+        // Sent again: from the first message the stalled server had not acknowledged (the ones
+        // before it were acknowledged by its kernel, never read: out of any sender's reach), well
+        // before the last one the kernel had accepted; then every later one, once, in order.
+        let first = got[0];
+        assert!(first > 0 && first < handed_over, "{first} {handed_over}");
+        assert_eq!(got, (first..count).collect::<Vec<_>>());
     }
 
     #[test]

@@ -1228,7 +1228,7 @@ fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc
 }
 
 /// Bytes written to the socket that the peer has not acknowledged yet (`SIOCOUTQ`).
-fn unacknowledged_bytes(stream: &TcpStream) -> io::Result<u64> {
+pub(super) fn unacknowledged_bytes(stream: &TcpStream) -> io::Result<u64> {
     let mut value: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (= SIOCOUTQ for sockets) writes one int.
     let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut value) };
@@ -1245,7 +1245,7 @@ fn set_user_timeout(stream: &TcpStream, timeout_ms: u64) -> io::Result<()> {
 }
 
 /// Closing then resets the connection instead of delivering what is still queued.
-fn abort_on_close(stream: &TcpStream) {
+pub(super) fn abort_on_close(stream: &TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
