@@ -772,6 +772,43 @@ def test_rsyslog_receives_every_record_in_order_with_facility(valkey, start_audi
 
 
 
+def test_syslog_tcp_server_down_at_start_gets_every_record_once_it_is_up(valkey, start_auditor):
+    """A remote syslog server that is down when the auditor starts (restarting, not up yet) does
+    not leave the server unaudited: the auditor runs, records wait, and all arrive in order."""
+    port = free_port()
+    a = start_auditor(valkey.pid, settings=("audit.protocol", "syslog local5",
+                                            "audit.syslog_target", f"tcp://127.0.0.1:{port}"))
+    assert "records wait in the queue until it answers" in a.stderr_path.read_text()
+    keys = [f"down-at-start:{i}" for i in range(50)]
+    c = Raw(valkey.port)
+    for k in keys:
+        c.call("SET", k, "1")
+    c.close()
+    assert info(a)["audit_syslog_status"] == "error"
+    server = socket.create_server(("127.0.0.1", port))
+    server.settimeout(15)
+    conn, _ = server.accept()
+    conn.settimeout(1)
+    data = b""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        recs = [json.loads(l[l.index(b"{"):]) for l in data.split(b"\n")[:-1]]
+        if sets_of(recs) == keys:
+            break
+        try:
+            chunk = conn.recv(1 << 16)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    assert sets_of(recs) == keys, sets_of(recs)
+    assert recs[0]["command"] == "start"
+    assert_gapless(recs)
+    conn.close()
+    server.close()
+
+
 def test_udp_syslog_receiver_down_is_seen_and_its_losses_counted(valkey, start_auditor):
     """A UDP syslog receiver that goes away answers with ICMP port unreachable: the sink sees it,
     the records wait in the queue, and the datagrams refused are counted (syslog_refused), instead

@@ -23,7 +23,7 @@ use auditor::record::{Category, Outcome, Record};
 use auditor::scheduling::{self, RateGovernor};
 use auditor::session::{self, CaptureEvent, Peer, ProcessEvent, Session};
 use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
-use auditor::sinkset::{SettingsSinks, line_format, open_sink, validate};
+use auditor::sinkset::{SettingsSinks, line_format, open_sink_at_start, validate};
 use auditor::targets::{self, Target, TargetSpec};
 use auditor::{privileges, procscan, prometheus, serverquery};
 use auditor_common::LISTEN_FD_UNKNOWN;
@@ -217,7 +217,13 @@ fn run() -> Result<()> {
     };
 
     let metrics = Arc::new(Metrics::new(Vec::new()));
-    let sink = open_sink(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (sink, unreachable) = open_sink_at_start(&settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(e) = unreachable {
+        eprintln!(
+            "auditor: {}; records wait in the queue until it answers",
+            e.message
+        );
+    }
     let table = CommandTable::builtin().context("loading the command table")?;
 
     let (mut capture, mut stream) = Capture::load(&CaptureConfig {

@@ -92,7 +92,7 @@ fn tcp_options(s: &Settings) -> TcpOptions {
 }
 
 /// Open the sink for `s` (used at start, so an unusable destination stops the daemon with a clear
-/// error, and by CONFIG SET to refuse one).
+/// error, see `open_sink_at_start`, and by CONFIG SET to refuse one).
 pub fn open_sink(s: &Settings) -> Result<ActiveSink, SinkError> {
     Ok(match &s.protocol {
         Protocol::File(path) if is_per_server(path) => {
@@ -108,6 +108,20 @@ pub fn open_sink(s: &Settings) -> Result<ActiveSink, SinkError> {
         Protocol::Syslog(f) => ActiveSink::Syslog(SyslogSink::open(syslog_options(s, f)?)?),
         Protocol::Tcp => ActiveSink::Tcp(TcpSink::open(tcp_options(s))),
     })
+}
+
+/// Open the sink for `s` at start. As `open_sink`, except that a syslog server or socket that does
+/// not answer yet (a remote rsyslog restarting, a local one not started yet) is not a reason to
+/// leave the server unaudited: the sink starts in the `error` state and keeps trying while records
+/// wait in the queue. The reason is returned for a warning.
+pub fn open_sink_at_start(s: &Settings) -> Result<(ActiveSink, Option<SinkError>), SinkError> {
+    match &s.protocol {
+        Protocol::Syslog(f) => {
+            let (sink, error) = SyslogSink::open_or_retry(syslog_options(s, f)?);
+            Ok((ActiveSink::Syslog(sink), error))
+        }
+        _ => open_sink(s).map(|sink| (sink, None)),
+    }
 }
 
 /// Check that `s` names a usable destination (CONFIG SET validation), so that a destination the

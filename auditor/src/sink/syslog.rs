@@ -326,6 +326,16 @@ impl SyslogSink {
     /// Connects to the target (the local socket, or the remote server); fails if that is impossible
     /// now, with a retryable error.
     pub fn open(opts: SyslogOptions) -> Result<Self, SinkError> {
+        let (sink, error) = Self::open_or_retry(opts);
+        match error {
+            Some(e) => Err(e),
+            None => Ok(sink),
+        }
+    }
+
+    /// Like `open`, but a target that cannot be reached now gives a sink in the `error` state that
+    /// keeps trying (records wait in the queue), with the reason.
+    pub fn open_or_retry(opts: SyslogOptions) -> (Self, Option<SinkError>) {
         let mut sink = SyslogSink {
             opts,
             hostname: read_hostname(),
@@ -344,8 +354,8 @@ impl SyslogSink {
             unacked: VecDeque::new(),
             unacked_bytes: 0,
         };
-        sink.connect()?;
-        Ok(sink)
+        let error = sink.connect().err();
+        (sink, error)
     }
 
     pub fn options(&self) -> &SyslogOptions {
