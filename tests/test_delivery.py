@@ -291,6 +291,23 @@ def test_file_mode_0640_and_missing_directory_is_a_clear_error(valkey, start_aud
     assert_gapless(recs)
 
 
+def test_a_log_directory_owned_by_another_user_is_warned_about_at_start(valkey, start_auditor, tmp_path):
+    """Once attached the auditor holds no CAP_DAC_OVERRIDE: in a directory of another user's
+    (/var/log/valkey owned by valkey) it could not roll or reopen later, so it says so at start."""
+    logs = tmp_path / "foreign"
+    logs.mkdir(mode=0o755)
+    os.chown(logs, 65534, 65534)
+    a = file_auditor(start_auditor, valkey, logs / "audit.log")
+    wait_until(lambda: "is not writable without CAP_DAC_OVERRIDE" in a.stderr_path.read_text(),
+               what="the warning about the log directory")
+    assert str(logs) in a.stderr_path.read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    b = file_auditor(start_auditor, valkey, mine / "audit.log")
+    b.wait_records(lambda rs: len(rs) >= 1, what="the start record")
+    assert "CAP_DAC_OVERRIDE" not in b.stderr_path.read_text()
+
+
 def test_roll_by_size_then_retention_by_total_size(valkey, start_auditor, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

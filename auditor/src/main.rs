@@ -294,6 +294,7 @@ fn run() -> Result<()> {
         }
     }
     privileges::drop_after_attach()?;
+    warn_if_log_directory_needs_dac_override(&settings);
     keep_freed_memory_briefly();
 
     let host = hostname();
@@ -499,6 +500,41 @@ fn run() -> Result<()> {
     queue.close();
     let _ = sink_thread.join();
     result
+}
+
+/// Rolling, reopening after logrotate's `mv` and retention create, rename and delete files in the
+/// log's directory, which needs write permission there without `CAP_DAC_OVERRIDE` (dropped after
+/// attach). A directory owned by another user (`/var/log/valkey` owned by `valkey`) would let the
+/// first roll fail much later; say so now.
+fn warn_if_log_directory_needs_dac_override(settings: &Settings) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let auditor::settings::Protocol::File(path) = &settings.protocol else {
+        return;
+    };
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return;
+    };
+    let Ok(c_dir) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: a valid NUL-terminated path; AT_EACCESS checks with the effective ids and caps.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c_dir.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "auditor: warning: {} is not writable without CAP_DAC_OVERRIDE ({}): new files, rolls \
+             and reopening after logrotate will fail there; make the directory the auditor's \
+             user's (root's), or writable by its group",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn pid_list(pids: &[u32]) -> String {
