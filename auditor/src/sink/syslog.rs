@@ -47,7 +47,6 @@
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -55,7 +54,9 @@ use std::time::{Duration, Instant};
 
 use syslog::Facility;
 
-use super::tcp::{abort_on_close, unacknowledged_bytes};
+use super::tcp::{
+    abort_on_close, peer_closed as server_closed, send_queue_intact, unacknowledged_bytes,
+};
 use super::{Sink, SinkError, SinkLoss, SinkStatus};
 use std::collections::VecDeque;
 
@@ -447,13 +448,13 @@ impl SyslogSink {
             return;
         };
         // A reset connection's send queue is purged (it reads 0): nothing was acknowledged then.
-        if server_closed(stream) {
+        if !send_queue_intact(stream) {
             return;
         }
         let Ok(unacknowledged) = unacknowledged_bytes(stream) else {
             return;
         };
-        if server_closed(stream) {
+        if !send_queue_intact(stream) {
             return;
         }
         let mut acknowledged = self.unacked_bytes.saturating_sub(unacknowledged);
@@ -579,21 +580,6 @@ fn open_local(path: &Path, send_timeout: Duration) -> io::Result<Transport> {
         }
         Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
-}
-
-/// Whether the server closed the connection (it never sends anything, so end of stream).
-fn server_closed(stream: &TcpStream) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: recv into one valid byte; MSG_PEEK leaves any data in place.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
 }
 
 fn resolve(addr: &str) -> io::Result<Vec<SocketAddr>> {
@@ -761,6 +747,7 @@ mod tests {
     use super::*;
     use std::io::{BufRead as _, BufReader, Read as _};
     use std::net::TcpListener;
+    use std::os::fd::AsRawFd as _;
     use std::os::unix::net::UnixListener;
     use std::process::{Child, Command, Stdio};
 

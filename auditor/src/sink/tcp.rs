@@ -1227,6 +1227,43 @@ fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc
     }
 }
 
+/// Whether the peer closed or reset the connection (end of stream or an error; data it sent is left
+/// in place).
+pub(super) fn peer_closed(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv into one valid byte; MSG_PEEK leaves any data in place.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
+}
+
+/// Whether `SIOCOUTQ` still tells what the peer acknowledged: the connection is established, or
+/// the peer only closed its side (FIN). A reset connection (state CLOSE) had its send queue purged,
+/// and its 0 is not an acknowledgement.
+pub(super) fn send_queue_intact(stream: &TcpStream) -> bool {
+    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    const TCP_ESTABLISHED: u8 = 1;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    rc == 0 && matches!(info.tcpi_state, TCP_ESTABLISHED | TCP_CLOSE_WAIT)
+}
+
 /// Bytes written to the socket that the peer has not acknowledged yet (`SIOCOUTQ`).
 pub(super) fn unacknowledged_bytes(stream: &TcpStream) -> io::Result<u64> {
     let mut value: libc::c_int = 0;
