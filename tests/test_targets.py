@@ -3,6 +3,7 @@ in its own pid and network namespace, and the capabilities the daemon runs with.
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -119,6 +120,19 @@ def test_cluster_bus_links_are_not_parsed_as_clients(start_valkey, start_auditor
     odd = [r for r in recs if r["category"] not in ("AUDIT", "CONNECTION")
            and not r["command"].startswith(("cluster", "echo", "config", "ping", "hello", "client"))]
     assert not odd, odd
+
+    # A client cannot pass itself off as a bus link by sending the bus's signature first: what
+    # the server answers it is RESP, and its commands are audited.
+    s = socket.create_connection(("127.0.0.1", a.port))
+    s.sendall(b"RCmb\r\n*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$11\r\nafter-rcmb!\r\n")
+    got = b""
+    while b"after-rcmb!" not in got:
+        chunk = s.recv(4096)
+        assert chunk, got
+        got += chunk
+    s.close()
+    auditor.wait_records(lambda rs: any("after-rcmb!" in r["command_args"] for r in rs),
+                         what="the ECHO after RCmb")
 
 
 def test_pid_target_exit_ends_the_auditor(valkey, start_auditor):

@@ -403,10 +403,14 @@ struct Conn {
     /// `ignore_internal_clients` is on.
     internal: bool,
     /// Another cluster node's bus link, accepted on the cluster-bus port: its binary messages
-    /// (each starting `RCmb`) are neither commands nor replies, so nothing of it is parsed.
+    /// (each starting `RCmb`) are neither commands nor replies, so nothing of it is parsed. Known
+    /// by the server's first write: a reply starts with a RESP type byte, never `R`, so a client
+    /// cannot pass itself off as a bus link by sending `RCmb` itself.
     cluster_bus: bool,
     /// Reads (inbound data events) seen on the connection.
     reads: u64,
+    /// Writes (outbound data events) seen on the connection.
+    writes: u64,
     /// Set at a request-side gap to the read it happened in: the gap may have held whole
     /// commands, whose replies come first and would be taken as the replies of the commands read
     /// after it. Until the client has had every reply (nothing pending when a later read comes),
@@ -713,6 +717,7 @@ impl Session {
             replica: false,
             internal: false,
             reads: 0,
+            writes: 0,
             uncertain_since: None,
             uncertain_from_pubsub: false,
             lost_commands: 0,
@@ -783,6 +788,7 @@ impl Session {
                     replica: false,
                     internal: false,
                     reads: 0,
+                    writes: 0,
                     uncertain_since: None,
                     uncertain_from_pubsub: false,
                     lost_commands: 0,
@@ -872,15 +878,24 @@ impl Session {
         };
         // Bytes of this stream never seen, this call: a resync's loss record says how many.
         let mut unseen = uncaptured_tail;
-        if inbound
-            && conn.in_expected == 0
-            && !conn.preexisting
+        // The server's first write (of a link open at attach, the first since: the bus sends each
+        // message in one write).
+        if !inbound
+            && conn.writes == 0
+            && !conn.cluster_bus
             && pieces
                 .one
-                .is_some_and(|(pos, bytes)| pos == 0 && bytes.starts_with(CLUSTER_BUS_SIGNATURE))
+                .is_some_and(|(_, bytes)| bytes.starts_with(CLUSTER_BUS_SIGNATURE))
         {
             conn.cluster_bus = true;
             conn.internal = true;
+            // What the link's first message looked like to the request parser is no command.
+            conn.pending.clear();
+            conn.queued.clear();
+            conn.lost_commands = 0;
+        }
+        if !inbound {
+            conn.writes += 1;
         }
         if conn.cluster_bus {
             // Positions advance, nothing is parsed (as for a replica's replication stream).
@@ -2298,7 +2313,6 @@ fn quoted(s: &str) -> Option<String> {
     Some(s[start..end].to_string())
 }
 
-/// `keys_modified` of a command that succeeded.
 /// Commands whose reply may come after the client's next read (they block the client).
 fn may_block(command: &[u8]) -> bool {
     matches!(
@@ -2318,6 +2332,7 @@ fn may_block(command: &[u8]) -> bool {
     )
 }
 
+/// `keys_modified` of a command that succeeded.
 fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
     match (rule, reply.kind) {
         (ChangeReply::Unknown, _) => write_keys,
