@@ -126,9 +126,10 @@ def test_client_connected_before_attach(valkey, start_auditor):
     auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early_port for r in rs))
 
 
-def test_client_caught_mid_command_at_attach_is_audited_from_its_next_command(valkey, start_auditor):
+def test_client_caught_mid_command_at_attach_has_its_unseen_commands_counted(valkey, start_auditor):
     """Attached while a client is half-way through a request: the command it completes after attach
-    ran unseen, so it is a counted loss; the inline commands after it are recorded."""
+    ran unseen, and so do the inline commands after it (the parser trusts no letter there: it may
+    be a value's text). Each is a counted loss, from its reply; none is invented."""
     early = socket.create_connection(("127.0.0.1", valkey.port))
     early_port = early.getsockname()[1]
     early.sendall(b"*2\r\n$3\r\nGET\r\n$2\r\nk")
@@ -144,11 +145,10 @@ def test_client_caught_mid_command_at_attach_is_audited_from_its_next_command(va
     recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early_port
                                                for r in rs))
     mine = [r for r in recs if r["client_port"] == early_port and r["category"] not in ("CONNECTION", "AUDIT")]
-    got = [(r["command"], r["keys"], r["result"]) for r in mine if r["category"] != "AUDIT_LOSS"]
-    assert got == [("set", [f"midattach{i}"], "SUCCESS") for i in range(3)] + [("del", ["midattach0"], "SUCCESS")], got
-    losses = [r["command_args"] for r in recs if r["category"] == "AUDIT_LOSS"]
-    assert [a for a in losses if "cause=commands_not_captured count=1 " in a], losses
-
+    assert not [r for r in mine if r["category"] != "AUDIT_LOSS"], mine
+    counts = [int(r["command_args"].split("count=")[1].split()[0]) for r in recs
+              if r["category"] == "AUDIT_LOSS" and "cause=commands_not_captured" in r["command_args"]]
+    assert sum(counts) == 5, [r["command_args"] for r in recs if r["category"] == "AUDIT_LOSS"]
 
 def resp(*args):
     out = [b"*%d\r\n" % len(args)]

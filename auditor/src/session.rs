@@ -404,8 +404,8 @@ struct Conn {
     internal: bool,
     /// Another cluster node's bus link, accepted on the cluster-bus port: its binary messages
     /// (each starting `RCmb`) are neither commands nor replies, so nothing of it is parsed. Known
-    /// by the server's first write: a reply starts with a RESP type byte, never `R`, so a client
-    /// cannot pass itself off as a bus link by sending `RCmb` itself.
+    /// by the server's first bytes on a link accepted since attach: a reply starts with a RESP
+    /// type byte, never `R`, so a client cannot pass itself off as a bus link.
     cluster_bus: bool,
     /// Reads (inbound data events) seen on the connection.
     reads: u64,
@@ -419,6 +419,9 @@ struct Conn {
     /// `uncertain_since` was set by a transaction with pub/sub in it, not by a capture gap: the
     /// replies left over are EXEC's, not those of commands the gap held.
     uncertain_from_pubsub: bool,
+    /// Guesses `drop_unanswered_guesses` counted that may still get their replies (a real command
+    /// held by CLIENT PAUSE): such a reply is not a command the gap held, counted again.
+    guesses_owed: u64,
     /// Replies that came after a request-side gap with no request pending: each answers a command
     /// the gap held. Reported as one `commands_not_captured` loss record at the next read or at
     /// close.
@@ -721,6 +724,7 @@ impl Session {
             uncertain_since: None,
             uncertain_from_pubsub: false,
             lost_commands: 0,
+            guesses_owed: 0,
         };
         self.stats.connections_seen += 1;
         let rec = self.connection_record(
@@ -792,6 +796,7 @@ impl Session {
                     uncertain_since: None,
                     uncertain_from_pubsub: false,
                     lost_commands: 0,
+                    guesses_owed: 0,
                 };
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
@@ -878,14 +883,15 @@ impl Session {
         };
         // Bytes of this stream never seen, this call: a resync's loss record says how many.
         let mut unseen = uncaptured_tail;
-        // The server's first write (of a link open at attach, the first since: the bus sends each
-        // message in one write).
+        // The server's very first bytes on a link accepted since attach. Of a link open at attach
+        // (or whose first write was lost) the bytes seen first may be inside a reply's value, which
+        // a client can fill with `RCmb`: such a link stays parsed.
         if !inbound
             && conn.writes == 0
-            && !conn.cluster_bus
+            && !conn.preexisting
             && pieces
                 .one
-                .is_some_and(|(_, bytes)| bytes.starts_with(CLUSTER_BUS_SIGNATURE))
+                .is_some_and(|(pos, bytes)| pos == 0 && bytes.starts_with(CLUSTER_BUS_SIGNATURE))
         {
             conn.cluster_bus = true;
             conn.internal = true;
@@ -924,6 +930,7 @@ impl Session {
                 .is_some_and(|read| read < conn.reads && conn.pending.is_empty())
             {
                 conn.uncertain_since = None;
+                conn.guesses_owed = 0;
                 conn.uncertain_from_pubsub = false;
             }
             // Valkey answers everything it read before it reads the client again: a CLIENT
@@ -1015,7 +1022,18 @@ impl Session {
             for ev in events.drain(..) {
                 match ev {
                     ReplyEvent::Reply(reply) => {
-                        conn.requests.reply_seen();
+                        // A reply to a command (not a push, a pub/sub message or MONITOR's
+                        // stream, which come while the client may be mid-value) marks a read
+                        // boundary after a gap. Not on a connection open at attach: a pre-attach
+                        // blocked command's reply can come mid-value too, and what it would
+                        // recover (inline commands) is counted by its replies anyway.
+                        if !conn.preexisting
+                            && !conn.subscribed
+                            && !conn.monitor
+                            && reply.kind != ReplyKind::Push
+                        {
+                            conn.requests.reply_seen();
+                        }
                         self.on_reply(&mut conn, &reply, out);
                         self.pool.put_bytes(reply.text);
                     }
@@ -1399,8 +1417,13 @@ impl Session {
             if !conn.preexisting && !conn.internal {
                 self.stats.replies_unmatched += 1;
                 if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
-                    // The command it answers was in the capture gap: it ran, unseen.
-                    conn.lost_commands += 1;
+                    if conn.guesses_owed > 0 {
+                        // A counted guess was a real command after all: counted once.
+                        conn.guesses_owed -= 1;
+                    } else {
+                        // The command it answers was in the capture gap: it ran, unseen.
+                        conn.lost_commands += 1;
+                    }
                 }
             } else if conn.unframed_since_attach && !conn.internal {
                 // It answers a command completed by bytes read after attach, which the parser
@@ -1458,6 +1481,7 @@ impl Session {
         let dropped = (before - conn.pending.len()) as u64;
         if dropped > 0 {
             self.stats.guesses_dropped += dropped;
+            conn.guesses_owed += dropped;
             let rec = self.loss_record(
                 conn,
                 LossCause::RequestResync,
