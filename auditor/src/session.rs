@@ -391,11 +391,6 @@ struct Conn {
     resp3: bool,
     /// Found already open at attach: replies to requests sent before attach are passed over.
     preexisting: bool,
-    /// Of a `preexisting` connection: request bytes read after attach that the parser could not
-    /// frame yet (the connection was mid-command at attach). From then on a reply no request
-    /// awaits answers a command those bytes held, which ran unseen: a loss, not a pre-attach
-    /// command's reply.
-    unframed_since_attach: bool,
     /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
     /// replies, and the link is server-internal traffic.
     replica: bool,
@@ -409,8 +404,6 @@ struct Conn {
     cluster_bus: bool,
     /// Reads (inbound data events) seen on the connection.
     reads: u64,
-    /// Writes (outbound data events) seen on the connection.
-    writes: u64,
     /// Set at a request-side gap to the read it happened in: the gap may have held whole
     /// commands, whose replies come first and would be taken as the replies of the commands read
     /// after it. Until the client has had every reply (nothing pending when a later read comes),
@@ -426,6 +419,15 @@ struct Conn {
     /// the gap held. Reported as one `commands_not_captured` loss record at the next read or at
     /// close.
     lost_commands: u64,
+}
+
+/// Stream positions advance over a record's bytes, which are not parsed (a replica's replication
+/// stream, a cluster-bus link).
+fn advance_unparsed(expected: &mut u64, pieces: Pieces, uncaptured_tail: u64) {
+    for (pos, bytes) in pieces {
+        *expected = pos.max(*expected) + bytes.len() as u64;
+    }
+    *expected += uncaptured_tail;
 }
 
 /// The first bytes of every cluster-bus message (`clusterMsg.sig`, Valkey's cluster_legacy.h).
@@ -715,12 +717,10 @@ impl Session {
             monitor: false,
             resp3: false,
             preexisting: true,
-            unframed_since_attach: false,
             cluster_bus: false,
             replica: false,
             internal: false,
             reads: 0,
-            writes: 0,
             uncertain_since: None,
             uncertain_from_pubsub: false,
             lost_commands: 0,
@@ -787,12 +787,10 @@ impl Session {
                     monitor: false,
                     resp3: false,
                     preexisting: false,
-                    unframed_since_attach: false,
                     cluster_bus: false,
                     replica: false,
                     internal: false,
                     reads: 0,
-                    writes: 0,
                     uncertain_since: None,
                     uncertain_from_pubsub: false,
                     lost_commands: 0,
@@ -887,7 +885,7 @@ impl Session {
         // (or whose first write was lost) the bytes seen first may be inside a reply's value, which
         // a client can fill with `RCmb`: such a link stays parsed.
         if !inbound
-            && conn.writes == 0
+            && conn.out_expected == 0
             && !conn.preexisting
             && pieces
                 .one
@@ -900,20 +898,13 @@ impl Session {
             conn.queued.clear();
             conn.lost_commands = 0;
         }
-        if !inbound {
-            conn.writes += 1;
-        }
         if conn.cluster_bus {
-            // Positions advance, nothing is parsed (as for a replica's replication stream).
             let expected = if inbound {
                 &mut conn.in_expected
             } else {
                 &mut conn.out_expected
             };
-            for (pos, bytes) in pieces {
-                *expected = pos.max(*expected) + bytes.len() as u64;
-            }
-            *expected += uncaptured_tail;
+            advance_unparsed(expected, pieces, uncaptured_tail);
             self.conns.insert((tgid, fd), conn);
             return;
         }
@@ -959,10 +950,6 @@ impl Session {
                 conn.requests.skip(uncaptured_tail, &mut events);
                 conn.in_expected += uncaptured_tail;
             }
-            if conn.preexisting {
-                // Framed now, or still not: whether unmatched replies are losses (`on_reply`).
-                conn.unframed_since_attach = conn.requests.resyncing();
-            }
             for ev in events.drain(..) {
                 match ev {
                     RequestEvent::Request(req) => {
@@ -989,11 +976,8 @@ impl Session {
             }
             self.scratch_req = events;
         } else if conn.replica {
-            // The replication stream: positions advance, nothing is parsed.
-            for (pos, bytes) in pieces {
-                conn.out_expected = pos.max(conn.out_expected) + bytes.len() as u64;
-            }
-            conn.out_expected += uncaptured_tail;
+            // The replication stream.
+            advance_unparsed(&mut conn.out_expected, pieces, uncaptured_tail);
         } else {
             // All pieces of the record are fed before any reply is acted on, as for one raw
             // write: the scanned writes of `-P 16` replies carry two segments per elided value.
@@ -1425,9 +1409,14 @@ impl Session {
                         conn.lost_commands += 1;
                     }
                 }
-            } else if conn.unframed_since_attach && !conn.internal {
-                // It answers a command completed by bytes read after attach, which the parser
-                // could not frame: it ran, unseen.
+            } else if conn.preexisting
+                && conn.reads > 0
+                && conn.requests.resyncing()
+                && !conn.internal
+            {
+                // Of a connection caught mid-command at attach, the parser has not framed what
+                // was read since: the reply answers a command those bytes held, which ran unseen
+                // (before any read, it answers one sent before attach).
                 self.stats.replies_unmatched += 1;
                 conn.lost_commands += 1;
             }

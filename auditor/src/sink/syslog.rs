@@ -55,10 +55,10 @@ use std::time::{Duration, Instant};
 use syslog::Facility;
 
 use super::tcp::{
-    abort_on_close, peer_closed as server_closed, send_queue_intact, unacknowledged_bytes,
+    ByteQueue, abort_on_close, peer_closed, send_queue_intact, unacknowledged_bytes,
+    whole_lines_within,
 };
 use super::{Sink, SinkError, SinkLoss, SinkStatus};
-use std::collections::VecDeque;
 
 /// Where `syslog(3)` looks for the local syslog socket, in order.
 const LOCAL_SOCKET_PATHS: [&str; 3] = ["/dev/log", "/var/run/syslog", "/var/run/log"];
@@ -317,10 +317,10 @@ pub struct SyslogSink {
     /// UDP datagrams the receiver refused (a send failed with ECONNREFUSED: an earlier datagram
     /// met a closed port), not yet taken by [`Sink::take_loss`].
     refused: SinkLoss,
-    /// TCP messages (framed, as sent) the server's TCP stack has not acknowledged yet, oldest
-    /// first, and their bytes. Bounded by the socket's send buffer: one message more at most.
-    unacked: VecDeque<Vec<u8>>,
-    unacked_bytes: u64,
+    /// TCP messages (framed, as sent: each ends in a newline) written to the connection that its
+    /// server's TCP stack has not acknowledged yet, oldest first. Bounded by the socket's send
+    /// buffer, one message more at most.
+    unacked: ByteQueue,
 }
 
 impl SyslogSink {
@@ -352,8 +352,7 @@ impl SyslogSink {
             messages_sent: 0,
             loss: SinkLoss::default(),
             refused: SinkLoss::default(),
-            unacked: VecDeque::new(),
-            unacked_bytes: 0,
+            unacked: ByteQueue::default(),
         };
         let error = sink.connect().err();
         (sink, error)
@@ -379,17 +378,17 @@ impl SyslogSink {
         match open_transport(&self.opts, self.send_timeout) {
             Ok(mut transport) => {
                 // What the last connection never got acknowledged goes first, in its order.
-                for message in &self.unacked {
-                    if let Err(e) = transport.send(message) {
-                        if let Transport::Tcp(stream) = &transport {
-                            abort_on_close(stream);
-                        }
-                        let message = format!(
-                            "syslog: sending again to {} what it had not acknowledged: {e}",
-                            self.describe_target()
-                        );
-                        return Err(self.fail(message));
+                if !self.unacked.is_empty()
+                    && let Err(e) = transport.send(self.unacked.bytes())
+                {
+                    if let Transport::Tcp(stream) = &transport {
+                        abort_on_close(stream);
                     }
+                    let message = format!(
+                        "syslog: sending again to {} what it had not acknowledged: {e}",
+                        self.describe_target()
+                    );
+                    return Err(self.fail(message));
                 }
                 self.transport = Some(transport);
                 self.status = SinkStatus::Connected;
@@ -408,7 +407,7 @@ impl SyslogSink {
     /// lost without an error.
     fn ensure_connected(&mut self) -> Result<(), SinkError> {
         if let Some(Transport::Tcp(stream)) = &self.transport
-            && server_closed(stream)
+            && peer_closed(stream)
         {
             return self.connect();
         }
@@ -457,16 +456,9 @@ impl SyslogSink {
         if !send_queue_intact(stream) {
             return;
         }
-        let mut acknowledged = self.unacked_bytes.saturating_sub(unacknowledged);
-        while let Some(front) = self.unacked.front() {
-            let len = front.len() as u64;
-            if len > acknowledged {
-                break;
-            }
-            acknowledged -= len;
-            self.unacked_bytes -= len;
-            self.unacked.pop_front();
-        }
+        let acknowledged = (self.unacked.len() as u64).saturating_sub(unacknowledged);
+        let whole = whole_lines_within(self.unacked.bytes(), acknowledged);
+        self.unacked.release(whole);
     }
 
     fn fail(&mut self, message: String) -> SinkError {
@@ -671,8 +663,7 @@ impl Sink for SyslogSink {
                 return Err(self.fail(message));
             }
             if matches!(transport, Transport::Tcp(_)) {
-                self.unacked_bytes += self.message.len() as u64;
-                self.unacked.push_back(self.message.clone());
+                self.unacked.push(&self.message);
             }
             self.messages_sent += 1;
             pos = next;
@@ -692,7 +683,7 @@ impl Sink for SyslogSink {
         self.release_acknowledged();
         if let Some(Transport::Tcp(stream)) = &self.transport
             && !self.unacked.is_empty()
-            && server_closed(stream)
+            && peer_closed(stream)
         {
             // A server that went away while idle: what it never acknowledged goes to the next.
             let _ = self.connect();

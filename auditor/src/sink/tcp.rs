@@ -147,25 +147,25 @@ fn spool_file_name(host: &str, port: u16, pid: Option<u32>) -> String {
 
 /// A byte queue: append at the back, release from the front, without moving bytes on each release.
 #[derive(Default)]
-struct ByteQueue {
+pub(super) struct ByteQueue {
     buf: Vec<u8>,
     head: usize,
 }
 
 impl ByteQueue {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.buf.len() - self.head
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         &self.buf[self.head..]
     }
 
-    fn push(&mut self, data: &[u8]) {
+    pub(super) fn push(&mut self, data: &[u8]) {
         // Move the live bytes down only when the released part is at least half: amortised O(1).
         if self.head > 0 && self.head >= self.buf.len() / 2 {
             self.buf.drain(..self.head);
@@ -174,7 +174,7 @@ impl ByteQueue {
         self.buf.extend_from_slice(data);
     }
 
-    fn release(&mut self, n: usize) {
+    pub(super) fn release(&mut self, n: usize) {
         self.head += n;
         debug_assert!(self.head <= self.buf.len());
         if self.head >= self.buf.len() {
@@ -205,7 +205,7 @@ fn count_lines(bytes: &[u8]) -> u64 {
 }
 
 /// Length of the longest prefix of `data` made of whole lines and at most `room` bytes long.
-fn whole_lines_within(data: &[u8], room: u64) -> usize {
+pub(super) fn whole_lines_within(data: &[u8], room: u64) -> usize {
     if data.len() as u64 <= room {
         return data.len();
     }
@@ -922,11 +922,11 @@ impl TcpSink {
             return;
         }
         let memory_len = self.memory.len() as u64;
-        let mut released = 0u64;
+        let released;
         if acknowledged >= memory_len {
             // Memory holds whole lines only, so all of it is released.
             self.memory.clear();
-            released = memory_len;
+            let mut from_spool = 0;
             let in_spool = acknowledged - memory_len;
             if in_spool > 0
                 && let Some(spool) = self.spool.as_mut()
@@ -939,18 +939,17 @@ impl TcpSink {
                     }
                 });
                 match result {
-                    Ok(n) => released += n,
+                    Ok(n) => from_spool = n,
                     Err(e) => {
                         self.last_error = Some(format!("spool {}: {e}", spool.path.display()))
                     }
                 }
             }
+            released = memory_len + from_spool;
         } else {
-            let acked = &self.memory.bytes()[..acknowledged as usize];
-            if let Some(i) = acked.iter().rposition(|&b| b == b'\n') {
-                self.memory.release(i + 1);
-                released = i as u64 + 1;
-            }
+            let whole = whole_lines_within(self.memory.bytes(), acknowledged);
+            self.memory.release(whole);
+            released = whole as u64;
         }
         self.in_flight -= released;
     }
