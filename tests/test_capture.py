@@ -407,6 +407,12 @@ def test_transactions_exec_discard_and_reset(audited):
     assert c.call("SET", "tx-c", "1") == b"+QUEUED\r\n"
     assert c.call("RESET") == b"+RESET\r\n"
     assert c.call("EXISTS", "tx-b", "tx-c") == b":0\r\n"
+    # EXECABORT: EXEC ran and failed (the module's exec FAILURE), not a command the server refused.
+    assert c.call("MULTI") == b"+OK\r\n"
+    assert c.call("SET", "tx-d", "1") == b"+QUEUED\r\n"
+    assert c.call("NOSUCHCMD").startswith(b"-ERR unknown command")
+    execabort = c.call("EXEC")
+    assert execabort.startswith(b"-EXECABORT"), execabort
     c.sock.close()
     recs = auditor.wait_records(
         lambda rs: any(r["command"] == "disconnection" and r["client_port"] == c.port for r in rs))
@@ -424,6 +430,11 @@ def test_transactions_exec_discard_and_reset(audited):
         ("set", ["tx-c"], "FAILURE", "discarded by RESET"),
         ("reset", [], "SUCCESS", ""),
         ("exists", ["tx-b", "tx-c"], "SUCCESS", ""),
+        ("multi", [], "SUCCESS", ""),
+        # (The refused command's record comes at once; the queued ones' at EXEC.)
+        ("NOSUCHCMD", [], "FAILURE", "rejected=unknown command 'NOSUCHCMD', with args beginning with: "),
+        ("set", ["tx-d"], "FAILURE", "not executed: transaction aborted"),
+        ("exec", [], "FAILURE", execabort.decode().strip()[1:]),
     ], got
 
 
@@ -1243,6 +1254,7 @@ def test_events_and_payload_settings(valkey, start_auditor):
     auditor = start_auditor(valkey.pid, settings=("audit.events", "keys,auth", "audit.payload_maxsize", "4"))
     c = Raw(valkey.port)
     c.call("SET", "kkkkkkkkkk", "vvvvvvvvvv")
+    c.call("SET", "L" * 300, "v")
     c.call("PING")
     c.call("AUTH", "nopass-user", "x")
     c.call("CONFIG", "GET", "maxmemory")
@@ -1250,12 +1262,15 @@ def test_events_and_payload_settings(valkey, start_auditor):
     c2 = Raw(valkey.port)
     c2.call("GET", "sentinel-key")
     # Records of one connection are written in order, and c's were complete before c2 started.
-    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["sent"] for r in rs))
+    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["sentinel-key"] for r in rs))
     cats = {r["category"] for r in recs if r["category"] != "AUDIT"}
     assert cats == {"KEY_OP", "AUTH"}, cats
-    s = [r for r in recs if r["command"] == "set"][0]
-    assert s["command_args"] == "key=kkkk...(truncated) payload=vvvv...(truncated)"
-    assert s["keys"] == ["kkkk"]
+    s, long_key = [r for r in recs if r["command"] == "set"]
+    # payload_maxsize cuts values; keys (which the module never cuts) only past 255 bytes.
+    assert s["command_args"] == "key=kkkkkkkkkk payload=vvvv...(truncated)"
+    assert s["keys"] == ["kkkkkkkkkk"]
+    assert long_key["command_args"] == "key=" + "L" * 255 + "...(truncated) payload=v"
+    assert long_key["keys"] == ["L" * 255]
     auditor.stop()
     c2.close()
     a2 = start_auditor(valkey.pid, settings=("audit.payload_disable", "yes"))

@@ -511,3 +511,30 @@ def test_format_change_applies_from_the_next_command_however_late_the_pipeline(a
         json_line = [l for l in lines if f'"keys":["fmtjson{i}"]' in l]
         assert len(csv_line) == 1 and not csv_line[0].startswith("{"), (i, csv_line)
         assert len(json_line) == 1 and json_line[0].startswith("{"), (i, json_line)
+
+
+def test_config_error_records_carry_the_reply_text(valkey, start_auditor):
+    """The error of a refused CONFIG SET is the reply's text, on the server and on the control
+    port alike; a yes/no setting's error keeps Valkey's own 'yes' and 'no' (nothing is secret)."""
+    a = start_auditor(valkey.pid)
+    server_reply = subprocess.run([REDIS_CLI, "-p", str(valkey.port), "CONFIG", "SET", "appendonly", "maybe"],
+                                  capture_output=True, text=True).stdout.strip()
+    assert server_reply.endswith("argument must be 'yes' or 'no'"), server_reply
+    control_reply = cli(a, "CONFIG", "SET", "audit.nosuch", "1").strip()
+    assert control_reply.startswith("ERR Unknown option"), control_reply
+    recs = a.wait_records(lambda rs: len([r for r in rs if r["command"] == "config|set"]) >= 2,
+                          what="both CONFIG SET records")
+    errors = sorted(r["error"] for r in recs if r["command"] == "config|set")
+    assert errors == sorted([server_reply, control_reply]), errors
+
+
+def test_an_excluderules_entry_with_a_bad_address_is_left_out_at_start(valkey, start_auditor, tmp_path):
+    """The module skips invalid addresses; a config it accepts must not keep the server unaudited.
+    CONFIG SET still refuses one (see INVALID)."""
+    conf = tmp_path / "valkey.conf"
+    conf.write_text('audit.excluderules "alice,@999.1.1.1"\n')
+    a = start_auditor(valkey.pid, extra=("--config", str(conf)))
+    assert config_get(a, "audit.excluderules") == {"audit.excluderules": "alice"}
+    assert "'@999.1.1.1'" in a.stderr_path.read_text()
+    marker(valkey, "bad-ip-start")
+    a.wait_records(lambda rs: any("bad-ip-start" in r["command_args"] for r in rs), what="the marker")

@@ -605,7 +605,14 @@ impl CommandTable {
         self.collect_secrets(info.secret_rule, args, 0, 0, &mut d.secrets);
         d.secrets.sort_unstable();
         d.secrets.dedup();
-        d.may_quote_secrets = info.secret_rule != SecretRule::None;
+        // CONFIG SET's errors quote only its parameters and Valkey's own words, and its values
+        // only matter when one is a password: without one there is nothing to hide
+        // (`argument must be 'yes' or 'no'` stays as Valkey wrote it).
+        d.may_quote_secrets = match info.secret_rule {
+            SecretRule::None => false,
+            SecretRule::ConfigSet => !d.secrets.is_empty(),
+            _ => true,
+        };
 
         d.category = if info.secret_rule == SecretRule::Auth
             || (info.secret_rule == SecretRule::Hello && hello_auth_at(args).is_some())
@@ -1237,8 +1244,8 @@ fn parse_key_spec(ks: &Value) -> Option<KeySpec> {
 
 /// Build the record's `command_args` for a described request, by `d.category`:
 ///
-/// * KEY_OP: `key=<first key>[ payload=<value>]`, each cut to `payload_maxsize` bytes with
-///   `...(truncated)` when cut (or when the parser did not keep all of it); no payload when
+/// * KEY_OP: `key=<first key>[ payload=<value>]`, the value cut to `payload_maxsize` bytes and
+///   the key to [`key_maxsize`], with `...(truncated)` when cut (or when the parser did not keep all of it); no payload when
 ///   `payload_disable`, when the command has no value argument, or when that argument is a secret.
 /// * CONFIG: `subcommand=<argv[1] as typed>[ param=<argv[2]>]` (param for GET/SET only; never a
 ///   value).
@@ -1261,6 +1268,15 @@ pub fn command_args(
 }
 
 /// [`command_args`] appended to `out`.
+/// Bytes of a key shown at least, whatever `payload_maxsize` (the module never cuts keys; their
+/// prefixes are bounded for memory): `payload_maxsize 0` hides values, not which key was touched.
+pub const KEY_MIN_SHOWN: usize = 255;
+
+/// Bytes of each key shown, in `command_args` and in `keys`.
+pub fn key_maxsize(payload_maxsize: usize) -> usize {
+    payload_maxsize.max(KEY_MIN_SHOWN)
+}
+
 pub fn command_args_into(
     d: &Described,
     args: &[Arg],
@@ -1276,7 +1292,12 @@ pub fn command_args_into(
                 if d.is_secret(k) {
                     out.extend_from_slice(REDACTED);
                 } else {
-                    push_cut(out, args.get(k), payload_maxsize, TRUNCATED_MARKER);
+                    push_cut(
+                        out,
+                        args.get(k),
+                        key_maxsize(payload_maxsize),
+                        TRUNCATED_MARKER,
+                    );
                 }
             }
             if !payload_disable
@@ -1477,6 +1498,11 @@ mod tests {
         // The user name (argv[2]) is shown unless it looks like a password rule.
         assert_eq!(describe(&["ACL", "SETUSER", ">pw"]).secrets, [2]);
         assert!(!describe(&["GET", "k"]).may_quote_secrets);
+        assert!(!describe(&["CONFIG", "SET", "appendonly", "maybe"]).may_quote_secrets);
+        assert!(
+            describe(&["CONFIG", "SET", "appendonly", "maybe", "requirepass", "pw"])
+                .may_quote_secrets
+        );
     }
 
     #[test]
@@ -1974,11 +2000,21 @@ mod tests {
         let out = command_args(&d, &a, false, 1024);
         let expect = format!("key=big:1 payload={}...(truncated)", "x".repeat(1024));
         assert_eq!(String::from_utf8(out).unwrap(), expect);
-        // Key cut too.
+        // A key is not cut below KEY_MIN_SHOWN bytes (payload_maxsize 0 hides values, not keys).
         let out = command_args(&d, &a, false, 3);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "key=big...(truncated) payload=xxx...(truncated)"
+            "key=big:1 payload=xxx...(truncated)"
+        );
+        let long_key = "k".repeat(300);
+        let a = argv(&["SET", &long_key, "v"]);
+        let out = command_args(&table().describe(&a, 3), &a, false, 0);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "key={}...(truncated) payload=...(truncated)",
+                &long_key[..KEY_MIN_SHOWN]
+            )
         );
         // Parser kept only a prefix: marked even though under the limit.
         let mut a = argv(&["SET", "k", "abc"]);

@@ -1762,7 +1762,12 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
             args: record_args(full_args),
             client: client.peer,
             user: CONTROL_USER.into(),
-            error: result.clone().err().unwrap_or_default(),
+            // The error reply's text, as the server's records carry it.
+            error: result
+                .as_ref()
+                .err()
+                .map(|m| format!("ERR {m}"))
+                .unwrap_or_default(),
         })
         .await;
     match result {
@@ -1816,7 +1821,12 @@ async fn config_rewrite(client: &Client, shared: &Shared, args: &[Bytes]) -> Rep
             args: record_args(args),
             client: client.peer,
             user: CONTROL_USER.into(),
-            error: result.clone().err().unwrap_or_default(),
+            // The error reply's text, as the server's records carry it.
+            error: result
+                .as_ref()
+                .err()
+                .map(|m| format!("ERR {m}"))
+                .unwrap_or_default(),
         })
         .await;
     match result {
@@ -2624,24 +2634,24 @@ mod tests {
             (
                 "config|set",
                 "subcommand=SET param=audit.events param=audit.format",
-                "CONFIG SET failed (possibly related to argument 'audit.format') - argument(s) \
+                "ERR CONFIG SET failed (possibly related to argument 'audit.format') - argument(s) \
                  must be one of the following: text, json, csv",
             ),
             (
                 "config|set",
                 "subcommand=SET param=audit.format param=audit.FORMAT",
-                "CONFIG SET failed (possibly related to argument 'audit.format') - duplicate \
+                "ERR CONFIG SET failed (possibly related to argument 'audit.format') - duplicate \
                  parameter",
             ),
             (
                 "config|set",
                 "subcommand=SET param=audit.nosuch param=audit.nosuch",
-                "Unknown option or number of arguments for CONFIG SET - 'audit.nosuch'",
+                "ERR Unknown option or number of arguments for CONFIG SET - 'audit.nosuch'",
             ),
             (
                 "config|rewrite",
                 "subcommand=REWRITE",
-                "The server is running without a config file",
+                "ERR The server is running without a config file",
             ),
             ("config|resetstat", "subcommand=RESETSTAT", ""),
         ];

@@ -230,6 +230,20 @@ impl ExcludeRules {
     /// `""` gives no rules. Whitespace around entries and empty entries are ignored; any other
     /// malformed entry is an error naming it.
     pub fn parse(s: &str) -> Result<Self, FilterError> {
+        let mut skipped = None;
+        Self::parse_inner(s, &mut skipped)
+    }
+
+    /// As [`parse`](Self::parse), but an entry whose address is invalid is left out (the module
+    /// skips those silently), with the error that names it in the second value. For settings read
+    /// at start: a config the module accepts must not keep the server unaudited.
+    pub fn parse_skipping_bad_addresses(s: &str) -> Result<(Self, Vec<FilterError>), FilterError> {
+        let mut skipped = Some(Vec::new());
+        let rules = Self::parse_inner(s, &mut skipped)?;
+        Ok((rules, skipped.unwrap_or_default()))
+    }
+
+    fn parse_inner(s: &str, skipped: &mut Option<Vec<FilterError>>) -> Result<Self, FilterError> {
         let mut r = ExcludeRules::default();
         for entry in items(s, ',') {
             match entry.rfind('@') {
@@ -240,13 +254,21 @@ impl ExcludeRules {
                 }
                 Some(at) => {
                     let (user, ip) = (&entry[..at], &entry[at + 1..]);
-                    if ip.is_empty() {
-                        return Err(ferr(format!(
-                            "invalid exclude rule '{entry}': no address after '@'"
-                        )));
-                    }
-                    let net = Net::parse(ip)
-                        .map_err(|m| ferr(format!("invalid exclude rule '{entry}': {m}")))?;
+                    let net = if ip.is_empty() {
+                        Err("no address after '@'".to_string())
+                    } else {
+                        Net::parse(ip)
+                    };
+                    let net = match (net, skipped.as_mut()) {
+                        (Ok(net), _) => net,
+                        (Err(m), Some(skipped)) => {
+                            skipped.push(ferr(format!("invalid exclude rule '{entry}': {m}")));
+                            continue;
+                        }
+                        (Err(m), None) => {
+                            return Err(ferr(format!("invalid exclude rule '{entry}': {m}")));
+                        }
+                    };
                     if user.is_empty() {
                         r.nets.push(net);
                         r.text.push(format!("@{}", net.render()));
@@ -1035,6 +1057,19 @@ mod tests {
             let e = ExcludeRules::parse(v).expect_err(v);
             assert!(e.0.contains(needle), "{v}: {e} (wanted {needle:?})");
         }
+    }
+
+    #[test]
+    fn exclude_rules_at_start_skip_bad_addresses_only() {
+        let (r, skipped) =
+            ExcludeRules::parse_skipping_bad_addresses("alice,@999.1.1.1,bob@,carol@10.0.0.0/8")
+                .unwrap();
+        assert_eq!(r.render(), "alice,carol@10.0.0.0/8");
+        let skipped: Vec<String> = skipped.into_iter().map(|e| e.0).collect();
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("'@999.1.1.1'") && skipped[1].contains("'bob@'"));
+        // A bad user name is no address: still an error.
+        assert!(ExcludeRules::parse_skipping_bad_addresses("al ice").is_err());
     }
 
     #[test]

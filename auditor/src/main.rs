@@ -189,16 +189,22 @@ fn run() -> Result<()> {
     purge_freed_memory_at_once();
     let cli = Cli::parse();
     let mut settings = Settings::default();
+    let mut warnings = Vec::new();
     if let Some(path) = &cli.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        settings
+        warnings = settings
             .apply_config_text(&text)
             .map_err(anyhow::Error::msg)?;
     }
-    settings
-        .apply_args(&cli.settings)
-        .map_err(anyhow::Error::msg)?;
+    warnings.extend(
+        settings
+            .apply_args(&cli.settings)
+            .map_err(anyhow::Error::msg)?,
+    );
+    for w in warnings {
+        eprintln!("auditor: warning: {w}");
+    }
     if let Some(pw) = &cli.control_password {
         settings.control_requirepass = pw.clone();
     }

@@ -45,8 +45,9 @@ const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)
 /// A connection open before attach was inside MULTI already: EXEC's reply holds the results of
 /// commands queued before attach too, which may not be one element each.
 const REPLY_UNCERTAIN_ATTACH: &str = "reply uncertain (MULTI began before attach)";
-/// Smallest prefix kept of each argument (command names, subcommands, short keys).
-const MIN_KEEP: usize = 256;
+/// Smallest prefix kept of each argument (command names, subcommands, keys): one byte more than
+/// a key shows at least, so that a longer one is known to be cut.
+const MIN_KEEP: usize = crate::commands::KEY_MIN_SHOWN + 1;
 
 /// A socket event as decoded from the ring buffer.
 #[derive(Clone, Debug)]
@@ -1171,7 +1172,7 @@ impl Session {
             // A short text after a long one: the queue counts lengths, so keep slack small.
             args_text.shrink_to_fit();
         }
-        let maxsize = settings.payload_maxsize;
+        let maxsize = crate::commands::key_maxsize(settings.payload_maxsize);
         fn key_of(a: &crate::argv::Arg, maxsize: usize) -> &[u8] {
             // Cut as `command_args` cuts it: a UTF-8 key stays text.
             &a.prefix[..crate::commands::utf8_cut(&a.prefix, maxsize)]
@@ -2181,7 +2182,8 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
         "ERR EXEC without MULTI",
         "ERR DISCARD without MULTI",
         "ERR MULTI calls can not be nested",
-        "EXECABORT",
+        // (Not EXECABORT: EXEC ran and failed, the queued commands having been refused; the
+        // module logs it as exec FAILURE, not as a rejection.)
         "NOREPLICAS",
         "CROSSSLOT",
         "MOVED",
@@ -2288,6 +2290,17 @@ fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
     const REDACTED: &[u8] = b"<REDACTED>";
     // Valkey's own words in ACL SETUSER's pattern errors (`... (or the 'allkeys' flag) ...`).
     const OWN_WORDS: [&[u8]; 4] = [b"allkeys", b"resetkeys", b"allchannels", b"resetchannels"];
+    // Valkey's own quoted words in a CONFIG SET error (a password set alongside a failing
+    // yes/no setting). As a phrase: a lone `'yes'` may be a password ACL SETUSER echoes.
+    const OWN_PHRASES: [&[u8]; 1] = [b"argument must be 'yes' or 'no'"];
+    let in_own_phrase = |e: &[u8], open: usize| {
+        OWN_PHRASES.iter().find_map(|p| {
+            let first = open.saturating_sub(p.len() - 1);
+            (first..=open)
+                .find(|&start| e.get(start..start + p.len()) == Some(*p))
+                .map(|start| start + p.len())
+        })
+    };
     let allowed = |word: &[u8]| {
         word.is_empty()
             || OWN_WORDS.contains(&word)
@@ -2301,6 +2314,10 @@ fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
     // A quote opens a quoted word where a word starts: after `Can` in `Can't` it is an apostrophe.
     let opens = |e: &[u8], i: usize| e[i] == b'\'' && (i == 0 || !e[i - 1].is_ascii_alphanumeric());
     while let Some(open) = (from..error.len()).find(|&i| opens(error, i)) {
+        if let Some(end) = in_own_phrase(error, open) {
+            from = end;
+            continue;
+        }
         let close = error[open + 1..]
             .iter()
             .position(|&b| b == b'\'')

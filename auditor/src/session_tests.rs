@@ -1563,7 +1563,7 @@ fn execabort_fails_the_queued_commands() {
     assert_eq!(recs[1].result, Outcome::Failure);
     assert_eq!(
         s(&recs[1].error),
-        "rejected=EXECABORT Transaction discarded because of previous errors."
+        "EXECABORT Transaction discarded because of previous errors."
     );
     assert_eq!(recs[1].keys_modified, 0);
 }
@@ -2336,7 +2336,7 @@ fn capture_cap_on_a_reply() {
 }
 
 #[test]
-fn payload_maxsize_cuts_keys_and_values() {
+fn payload_maxsize_cuts_values_and_keys_only_past_the_key_floor() {
     let mut w = Wire::with(settings(&["audit.payload_maxsize", "16"]));
     let key = "a-very-long-key-name-0123456789";
     let value = letters(1 << 20);
@@ -2345,9 +2345,18 @@ fn payload_maxsize_cuts_keys_and_values() {
     let r = w.one();
     assert_eq!(
         s(&r.command_args),
-        "key=a-very-long-key-...(truncated) payload=abcdefghijklmnop...(truncated)"
+        format!("key={key} payload=abcdefghijklmnop...(truncated)")
     );
-    assert_eq!(keys_of(&r), ["a-very-long-key-"]);
+    assert_eq!(keys_of(&r), [key]);
+    // Past KEY_MIN_SHOWN bytes a key is cut, the prefix kept being bounded.
+    let long_key = String::from_utf8(letters(1000)).unwrap();
+    let r = w.roundtrip(&["SET", &long_key, "v"], b"+OK\r\n");
+    let shown = &long_key[..crate::commands::KEY_MIN_SHOWN];
+    assert_eq!(
+        s(&r.command_args),
+        format!("key={shown}...(truncated) payload=v")
+    );
+    assert_eq!(keys_of(&r), [shown]);
 }
 
 #[test]
@@ -2629,10 +2638,13 @@ fn lowering_payload_maxsize_does_not_cut_requests_read_before_it() {
 
 #[test]
 fn keys_are_cut_on_a_character_boundary_like_command_args() {
-    let mut w = Wire::with(settings(&["audit.payload_maxsize", "5"]));
-    let r = w.roundtrip(&["SET", "ééé", "v"], b"+OK\r\n");
-    assert_eq!(r.keys.iter().collect::<Vec<_>>(), ["éé".as_bytes()]);
-    assert!(s(&r.command_args).starts_with("key=éé...(truncated)"));
+    let mut w = Wire::with(settings(&["audit.payload_maxsize", "0"]));
+    // 254 ASCII bytes, then a two-byte character across the 255-byte limit.
+    let key = format!("{}éé", "k".repeat(254));
+    let r = w.roundtrip(&["SET", &key, "v"], b"+OK\r\n");
+    let shown = "k".repeat(254);
+    assert_eq!(r.keys.iter().collect::<Vec<_>>(), [shown.as_bytes()]);
+    assert!(s(&r.command_args).starts_with(&format!("key={shown}...(truncated)")));
 }
 
 #[test]
@@ -3462,6 +3474,34 @@ fn errors_quoting_other_arguments_or_valkeys_own_words_are_kept() {
         "ERR CONFIG SET failed (possibly related to argument 'maxmemory') - argument must be a \
          memory value"
     );
+    // A yes/no setting's error quotes Valkey's own 'yes' and 'no', with a password set beside
+    // it or without one (Valkey 9.1.2's text).
+    for args in [
+        &["CONFIG", "SET", "appendonly", "maybe"][..],
+        &["CONFIG", "SET", "requirepass", "pw", "appendonly", "maybe"],
+    ] {
+        let r = w.roundtrip(
+            args,
+            b"-ERR CONFIG SET failed (possibly related to argument 'appendonly') - argument must \
+              be 'yes' or 'no'\r\n",
+        );
+        assert_eq!(
+            s(&r.error),
+            "ERR CONFIG SET failed (possibly related to argument 'appendonly') - argument must be \
+             'yes' or 'no'"
+        );
+    }
+    // Without a password in the command, nothing is hidden (notify-keyspace-events' text).
+    let r = w.roundtrip(
+        &["CONFIG", "SET", "notify-keyspace-events", "Q"],
+        b"-ERR CONFIG SET failed (possibly related to argument 'notify-keyspace-events') - Invalid \
+          event class character. Use 'Ag$lshzxeKEtmdn'.\r\n",
+    );
+    assert!(
+        s(&r.error).ends_with("Use 'Ag$lshzxeKEtmdn'."),
+        "{}",
+        s(&r.error)
+    );
 }
 
 #[test]
@@ -3514,15 +3554,19 @@ fn words_that_may_be_the_rest_of_a_password_are_hidden() {
     );
     assert_eq!(s(&r.error), "ERR Syntax error in HELLO option '<REDACTED>'");
     assert_no_secret(&[r], "SpWord2");
-    let r = w.roundtrip(
-        &["ACL", "SETUSER", "bob", "on", ">SpPass3", "SpWord3"],
-        b"-ERR Error in ACL SETUSER modifier 'SpWord3': Syntax error\r\n",
-    );
-    assert_eq!(
-        s(&r.error),
-        "ERR Error in ACL SETUSER modifier '<REDACTED>': Syntax error"
-    );
-    assert_no_secret(&[r], "SpWord3");
+    // (Valkey's own 'yes' is allowed only inside its yes/no phrase, not as a lone quoted word.)
+    for word in ["SpWord3", "yes"] {
+        let reply = format!("-ERR Error in ACL SETUSER modifier '{word}': Syntax error\r\n");
+        let r = w.roundtrip(
+            &["ACL", "SETUSER", "bob", "on", ">SpPass3", word],
+            reply.as_bytes(),
+        );
+        assert_eq!(
+            s(&r.error),
+            "ERR Error in ACL SETUSER modifier '<REDACTED>': Syntax error"
+        );
+        assert_no_secret(&[r], word);
+    }
     // Rules that are not rules: a selector with a password, several rules in one argument.
     for rule in ["(>SelSecret4)", "(~k >SelSecret4)", "on >SelSecret4"] {
         let reply = format!("-ERR Error in ACL SETUSER modifier '{rule}': Syntax error\r\n");

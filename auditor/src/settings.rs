@@ -286,6 +286,31 @@ impl Settings {
         self.set(&full_name(name), unquote(value.trim()))
     }
 
+    /// [`apply`](Self::apply) for the settings read at start, where what the module accepts must
+    /// not stop the auditor (the server would go unaudited): an `audit.excluderules` entry with an
+    /// invalid address is left out, as the module does, and said in `warnings`. (`CONFIG SET`
+    /// refuses it with the error, so that an operator sees it at once.)
+    fn apply_at_start(
+        &mut self,
+        name: &str,
+        value: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), SettingError> {
+        let full = full_name(name);
+        if full != "audit.excluderules" {
+            return self.apply(name, value);
+        }
+        let (rules, skipped) = ExcludeRules::parse_skipping_bad_addresses(&unquote(value.trim()))
+            .map_err(|e| err(&full, e.0))?;
+        warnings.extend(
+            skipped
+                .into_iter()
+                .map(|e| format!("{full}: {}; left out, as the Valkey Audit Module does", e.0)),
+        );
+        self.filter.exclude_rules = rules;
+        Ok(())
+    }
+
     /// Set one setting to `value` as it is (CONFIG SET: Valkey keeps values verbatim). `full` is
     /// the lower-case `audit.<name>`.
     fn set(&mut self, full: &str, value: String) -> Result<(), SettingError> {
@@ -595,7 +620,9 @@ impl Settings {
     /// (`audit.<name>`, the bare name, or a legacy one such as `tcp_timeout`) followed by its
     /// value. A value may span several words (`protocol file /x`); it runs until the next word
     /// that names a setting. A bare `payload_disable` with no value is the module's flag.
-    pub fn apply_args(&mut self, words: &[String]) -> Result<(), SettingError> {
+    /// Returns warnings about what was left out (see [`apply_at_start`](Self::apply_at_start)).
+    pub fn apply_args(&mut self, words: &[String]) -> Result<Vec<String>, SettingError> {
+        let mut warnings = Vec::new();
         let mut i = 0;
         while i < words.len() {
             let word = &words[i];
@@ -641,33 +668,35 @@ impl Settings {
                 ));
             }
             let value = &words[i + 1..j];
-            self.apply(name, &value.join(" ")).map_err(|mut e| {
-                // `audit.fomat csv` after a value is taken as part of that value: say so.
-                if let Some(w) = value
-                    .iter()
-                    .find(|w| w.to_ascii_lowercase().starts_with("audit."))
-                {
-                    e.message.push_str(&format!(
-                        " ('{w}' is no setting, so it was read as part of the value)"
-                    ));
-                }
-                e
-            })?;
+            self.apply_at_start(name, &value.join(" "), &mut warnings)
+                .map_err(|mut e| {
+                    // `audit.fomat csv` after a value is taken as part of that value: say so.
+                    if let Some(w) = value
+                        .iter()
+                        .find(|w| w.to_ascii_lowercase().starts_with("audit."))
+                    {
+                        e.message.push_str(&format!(
+                            " ('{w}' is no setting, so it was read as part of the value)"
+                        ));
+                    }
+                    e
+                })?;
             i = j;
         }
-        Ok(())
+        Ok(warnings)
     }
 
     /// Apply a config file: `audit.<name> <value>` lines; `#` comments and other lines are ignored
-    /// (a file may be shared with valkey.conf).
-    pub fn apply_config_text(&mut self, text: &str) -> Result<(), SettingError> {
+    /// (a file may be shared with valkey.conf). Returns warnings, as `apply_args`.
+    pub fn apply_config_text(&mut self, text: &str) -> Result<Vec<String>, SettingError> {
+        let mut warnings = Vec::new();
         for line in text.lines() {
             let line = line.trim();
             if let Some((name, value)) = setting_line(line) {
-                self.apply(name, value)?;
+                self.apply_at_start(name, value, &mut warnings)?;
             }
         }
-        Ok(())
+        Ok(warnings)
     }
 
     pub fn protocol_string(&self) -> String {
