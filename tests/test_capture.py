@@ -310,6 +310,60 @@ def test_secrets_of_renamed_commands_never_logged(start_valkey, start_auditor):
     assert [(r["category"], r["command_args"]) for r in failed] == [("AUTH", "password=<REDACTED>")]
 
 
+def test_secrets_of_renamed_commands_in_every_failure_never_logged(start_valkey, start_auditor):
+    """A renamed AUTH refused for want of a configured password, or with WRONGPASS inside
+    MULTI/EXEC, and a renamed CONFIG setting primaryauth (masterauth's new name)."""
+    valkey = start_valkey("--rename-command", "CONFIG", "cfg-9f3a", "--rename-command", "AUTH", "myauth")
+    auditor = start_auditor(valkey.pid)
+    c = Raw(valkey.port)
+    assert c.call("myauth", "nopassRenamedSecret").startswith(b"-ERR AUTH <password> called without")
+    assert c.call("cfg-9f3a", "SET", "primaryauth", "primaryRenamedSecret") == b"+OK\r\n"
+    assert c.call("cfg-9f3a", "SET", "requirepass", "reqRenamedSecret") == b"+OK\r\n"
+    assert c.call("MULTI") == b"+OK\r\n"
+    assert c.call("myauth", "default", "multiRenamedSecret") == b"+QUEUED\r\n"
+    assert b"WRONGPASS" in c.call("EXEC")
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    text = auditor.log.read_bytes()
+    for secret in (b"nopassRenamedSecret", b"primaryRenamedSecret", b"reqRenamedSecret", b"multiRenamedSecret"):
+        assert secret not in text, secret
+    auths = [(r["category"], r["command_args"]) for r in recs if r["command"] == "myauth"]
+    assert auths == [("AUTH", "password=<REDACTED>")] * 2, auths
+
+
+def test_secrets_in_quotes_spaces_typos_and_several_rules_never_logged(audited):
+    """Passwords that hold quotes (Valkey's error quotes them as typed), a password typed with
+    a space in CONFIG SET (its second word taken for a parameter), several ACL rules in one
+    argument, a mistyped subcommand; and a script cannot pass itself off as a failed AUTH."""
+    valkey, auditor = audited
+    c = Raw(valkey.port)
+    replies = [c.call(*cmd) for cmd in (
+        ("ACL", "SETUSER", "bob", "on", "'QuoteSecret1'"),
+        ("ACL", "SETUSER", "bob", "on", "bob'sQuoteSecret2"),
+        ("HELLO", "3", "AUTH", "default", "x", "'QuoteTail3"),
+        ("CONFIG", "SET", "requirepass", "my", "TailSecret4"),
+        ("CONFIG", "SET", "requirepass", "my", "passTail5", "wordTail5"),
+        ("ACL", "SETUSER", "bob", "+@all >RuleSecret6"),
+        ("ACL", "SETUSR", "bob", ">TypoSecret7"),
+        ("COMMAND", "GETKEY", "AUTH", "TypoSecret8"),
+    )]
+    assert all(r.startswith(b"-") for r in replies), replies
+    assert c.call("SET", "victim", "1") == b"+OK\r\n"
+    script = "redis.call('DEL', KEYS[1]); return redis.error_reply('WRONGPASS hidden')"
+    assert c.call("EVAL", script, "1", "victim") == b"-WRONGPASS hidden\r\n"
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs))
+    text = auditor.log.read_bytes()
+    for secret in (b"QuoteSecret1", b"QuoteSecret2", b"QuoteTail3", b"TailSecret4", b"passTail5",
+                   b"wordTail5", b"RuleSecret6", b"TypoSecret7", b"TypoSecret8"):
+        assert secret not in text, secret
+    cfg = [r["command_args"] for r in recs if r["command"] == "config|set"]
+    assert cfg == ["subcommand=SET param=requirepass param=<REDACTED>"] * 2, cfg
+    ev = [r for r in recs if r["command"] == "eval"][0]
+    assert (ev["category"], ev["keys"], ev["error"]) == ("KEY_OP", ["victim"], "WRONGPASS hidden"), ev
+    assert "redis.call('DEL'" in ev["command_args"], ev
+
+
 def test_secrets_valkey_changes_before_quoting_them_or_typed_with_a_space_never_logged(audited):
     """Valkey quotes a failing ACL rule after making CR/LF spaces and cutting it at a NUL or at 512
     bytes; a password typed with a space leaves its second word as a syntax error Valkey quotes;
@@ -1328,3 +1382,12 @@ def test_a_server_that_cannot_be_asked_for_users_does_not_stop_auditing(valkey, 
     recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" and r["client_port"] == early.port
                                                for r in rs))
     assert [r["username"] for r in recs if r["keys"] == ["k-early-unknown"]] == ["unknown"]
+
+
+def test_the_event_dump_is_owner_only(valkey, start_auditor, tmp_path):
+    """`--dump-events` holds every byte clients sent, passwords included."""
+    dump = tmp_path / "events.dump"
+    dump.write_bytes(b"")
+    dump.chmod(0o644)
+    start_auditor(valkey.pid, extra=("--dump-events", str(dump)))
+    assert dump.stat().st_mode & 0o777 == 0o600

@@ -281,9 +281,9 @@ def test_config_changes_refused_for_want_of_auth_are_recorded(valkey, start_audi
     recs = wait_until(lambda: (r := [x for x in a.records() if x["category"] == "CONFIG"])
                       and len(r) >= 3 and r, what="three refused CONFIG records")
     assert [(r["command"], r["command_args"], r["result"], r["error"]) for r in recs] == [
-        ("config|set", "subcommand=SET param=audit.enabled", "FAILURE", "NOAUTH Authentication required."),
-        ("config|rewrite", "subcommand=REWRITE", "FAILURE", "NOAUTH Authentication required."),
-        ("config|resetstat", "subcommand=RESETSTAT", "FAILURE", "NOAUTH Authentication required."),
+        ("config|set", "subcommand=SET param=audit.enabled", "FAILURE", "rejected=NOAUTH Authentication required."),
+        ("config|rewrite", "subcommand=REWRITE", "FAILURE", "rejected=NOAUTH Authentication required."),
+        ("config|resetstat", "subcommand=RESETSTAT", "FAILURE", "rejected=NOAUTH Authentication required."),
     ]
 
 
@@ -538,3 +538,25 @@ def test_an_excluderules_entry_with_a_bad_address_is_left_out_at_start(valkey, s
     assert "'@999.1.1.1'" in a.stderr_path.read_text()
     marker(valkey, "bad-ip-start")
     a.wait_records(lambda rs: any("bad-ip-start" in r["command_args"] for r in rs), what="the marker")
+
+
+def test_config_sets_refused_before_running_are_recorded_without_secrets(valkey, start_auditor):
+    """Refused for their argument count or for want of AUTH, CONFIG SETs are recorded; a password
+    typed with a space does not show its second word as a parameter."""
+    a = start_auditor(valkey.pid, extra=("--control-password", "ctl-secret-pw"))
+    control = Raw(a.control)
+    assert control.call("CONFIG", "SET", "audit.control_requirepass", "my", "CtlTailSecret").startswith(b"-NOAUTH")
+    assert control.call("CONFIG", "SET", "audit.enabled").startswith(b"-ERR wrong number")
+    assert control.call("AUTH", "ctl-secret-pw") == b"+OK\r\n"
+    assert control.call("CONFIG", "SET", "audit.enabled", "no", "x") == b"-ERR syntax error\r\n"
+    control.close()
+    recs = wait_until(lambda: (r := [x for x in a.records() if x["command"] == "config|set"])
+                      and len(r) >= 3 and r, what="three CONFIG SET records")
+    assert [(r["command_args"], r["result"], r["error"]) for r in recs] == [
+        ("subcommand=SET param=audit.control_requirepass param=<REDACTED>", "FAILURE",
+         "rejected=NOAUTH Authentication required."),
+        ("subcommand=SET param=audit.enabled", "FAILURE",
+         "rejected=ERR wrong number of arguments for 'config|set' command"),
+        ("subcommand=SET param=audit.enabled param=x", "FAILURE", "ERR syntax error"),
+    ]
+    assert b"CtlTailSecret" not in a.log.read_bytes()

@@ -453,6 +453,10 @@ pub struct Described {
     pub payload: Option<usize>,
     /// Indexes of arguments that are secrets and must never be written anywhere. Sorted, no duplicates.
     pub secrets: Vec<usize>,
+    /// Of `secrets`, those shown once the command succeeded: CONFIG SET's parameter names after a
+    /// password (a password typed with a space runs into the words after it, which Valkey then
+    /// takes for parameters and refuses; a success proves they were parameters).
+    pub shown_on_success: Vec<usize>,
     /// A command that can carry secrets (AUTH, HELLO, ACL SETUSER, CONFIG SET, ...): its error
     /// replies may quote one, so they are redacted (`session::redact_quoted`).
     pub may_quote_secrets: bool,
@@ -475,6 +479,7 @@ impl Default for Described {
             change_reply: ChangeReply::Unknown,
             payload: None,
             secrets: Vec::new(),
+            shown_on_success: Vec::new(),
             may_quote_secrets: false,
             argc: 0,
             arity_ok: true,
@@ -554,6 +559,7 @@ impl CommandTable {
         d.argc = argc as u64;
         d.keys.clear();
         d.secrets.clear();
+        d.shown_on_success.clear();
         d.arity_ok = true;
         let Some(info) = self.resolve(args) else {
             d.command = match args.first() {
@@ -603,14 +609,25 @@ impl CommandTable {
         };
 
         self.collect_secrets(info.secret_rule, args, 0, 0, &mut d.secrets);
+        if !info.subcommands.is_empty() {
+            // A subcommand the table does not know (`ACL SETUSR bob >pw`): its words are looked
+            // at as an unknown command's.
+            unknown_command_secrets(args, &mut d.secrets);
+        }
         d.secrets.sort_unstable();
         d.secrets.dedup();
+        if info.secret_rule == SecretRule::ConfigSet
+            && let Some(&first) = d.secrets.first()
+        {
+            // Parameter names sit at even indexes (`CONFIG SET p1 v1 p2 v2`).
+            d.shown_on_success
+                .extend((first + 1..args.len()).filter(|j| j % 2 == 0));
+        }
         // CONFIG SET's errors quote only its parameters and Valkey's own words, and its values
         // only matter when one is a password: without one there is nothing to hide
         // (`argument must be 'yes' or 'no'` stays as Valkey wrote it).
         d.may_quote_secrets = match info.secret_rule {
-            SecretRule::None => false,
-            SecretRule::ConfigSet => !d.secrets.is_empty(),
+            SecretRule::None | SecretRule::ConfigSet => !d.secrets.is_empty(),
             _ => true,
         };
 
@@ -735,7 +752,10 @@ impl CommandTable {
                 let mut i = 2;
                 while i + 1 < args.len() {
                     if is_secret_config_param(&args[i]) {
-                        out.push(offset + i + 1);
+                        // The value, and every word after it: a password typed with a space runs
+                        // into them (`Described::shown_on_success` names those shown on success).
+                        out.extend((i + 1..args.len()).map(|j| offset + j));
+                        break;
                     }
                     i += 2;
                 }
@@ -764,7 +784,9 @@ fn is_plain_acl_rule(rule: &[u8]) -> bool {
         "skip-sanitize-payload",
     ];
     match rule {
-        [b'~' | b'%' | b'&' | b'+' | b'-', ..] => true,
+        // One rule: several in one argument (`+@all >pw`) are refused and quoted by Valkey, and
+        // one of them may be a password.
+        [b'~' | b'%' | b'&' | b'+' | b'-', ..] => !rule.iter().any(u8::is_ascii_whitespace),
         [b'(', inner @ .., b')'] => inner
             .split(|b| b.is_ascii_whitespace())
             .filter(|w| !w.is_empty())
@@ -985,16 +1007,12 @@ fn sort_keys(args: &[Arg], argc: usize, keys: &mut Vec<usize>) -> usize {
 /// TLS key passphrases, `AUTH`/`AUTH2`) hides the two words after it, and any ACL password rule
 /// (`>pw <pw #hash !hash`) is hidden. Sorted, no duplicates.
 fn unknown_command_secrets(args: &[Arg], out: &mut Vec<usize>) {
-    const TAKES_A_SECRET: [&str; 6] = [
-        "requirepass",
-        "masterauth",
-        "tls-key-file-pass",
-        "tls-client-key-file-pass",
-        "auth",
-        "auth2",
-    ];
     for (i, a) in args.iter().enumerate().skip(1) {
-        if TAKES_A_SECRET.iter().any(|w| a.eq_ignore_case(w)) {
+        if SECRET_CONFIG_PARAMS
+            .iter()
+            .chain(&["auth", "auth2"])
+            .any(|w| a.eq_ignore_case(w))
+        {
             out.extend((i + 1..args.len()).take(2));
         } else if matches!(a.prefix.first(), Some(b'>' | b'<' | b'#' | b'!')) {
             out.push(i);
@@ -1268,6 +1286,24 @@ pub fn command_args(
 }
 
 /// [`command_args`] appended to `out`.
+/// `command_args` of a command that succeeded, where that shows more than `command_args`
+/// (`Described::shown_on_success`); `None` otherwise.
+pub fn command_args_on_success(
+    d: &Described,
+    args: &[Arg],
+    payload_disable: bool,
+    payload_maxsize: usize,
+) -> Option<Vec<u8>> {
+    if d.shown_on_success.is_empty() {
+        return None;
+    }
+    let mut shown = d.clone();
+    shown
+        .secrets
+        .retain(|i| d.shown_on_success.binary_search(i).is_err());
+    Some(command_args(&shown, args, payload_disable, payload_maxsize))
+}
+
 /// Bytes of a key shown at least, whatever `payload_maxsize` (the module never cuts keys; their
 /// prefixes are bounded for memory): `payload_maxsize 0` hides values, not which key was touched.
 pub const KEY_MIN_SHOWN: usize = 255;
@@ -2188,9 +2224,13 @@ mod tests {
                 }
             }
             // Nothing that is not a secret is called one (but a malformed AUTH hides everything).
+            // (CONFIG SET's words after a password are shown only once it succeeded.)
             if !(words[0] == "AUTH" && words.len() > 3) {
                 assert!(
-                    d.secrets.iter().all(|&i| words[i].contains(secret)),
+                    d.secrets
+                        .iter()
+                        .filter(|i| !d.shown_on_success.contains(i))
+                        .all(|&i| words[i].contains(secret)),
                     "{words:?} {:?}",
                     d.secrets
                 );

@@ -42,7 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::argv::Arg;
-use crate::commands::{CommandTable, command_args};
+use crate::commands::{CommandTable, command_args, command_args_on_success};
 use crate::record::Category;
 
 /// What the control port needs from the daemon. Implemented in main.rs.
@@ -228,7 +228,8 @@ struct ControlEvent {
     args: String,
     client: SocketAddr,
     user: String,
-    /// Error reply without "ERR "; empty on success.
+    /// The error reply's text as the server's records carry it (`rejected=` before a refusal:
+    /// NOAUTH, arity); empty on success.
     error: String,
 }
 
@@ -1253,22 +1254,21 @@ async fn execute(
         }
     }
     if !spec.arity_ok(args.len()) {
-        return Outcome::Reply(arity_error(spec.name));
+        let reply = arity_error(spec.name);
+        if let (Some(command), Reply::Error(text)) =
+            (CONFIG_CHANGES.iter().find(|c| **c == spec.name), &reply)
+        {
+            // Refused before it ran, as on the server: the log shows the attempt all the same.
+            audit_refused(client, shared, command, args, format!("rejected={text}")).await;
+        }
+        return Outcome::Reply(reply);
     }
     if !client.authenticated && !spec.has_flag("no_auth") && shared.password_required() {
         const NOAUTH: &str = "NOAUTH Authentication required.";
         if let Some(command) = CONFIG_CHANGES.iter().find(|c| **c == spec.name) {
             // An attempt to change the auditor's settings (to switch auditing off, say) is what
             // the log must show, refused or not.
-            shared
-                .audit(ControlEvent {
-                    command,
-                    args: record_args(args),
-                    client: client.peer,
-                    user: CONTROL_USER.into(),
-                    error: NOAUTH.into(),
-                })
-                .await;
+            audit_refused(client, shared, command, args, format!("rejected={NOAUTH}")).await;
         }
         return Outcome::Reply(Reply::err(NOAUTH));
     }
@@ -1327,7 +1327,7 @@ async fn execute(
             shared
                 .audit(ControlEvent {
                     command: "config|resetstat",
-                    args: record_args(args),
+                    args: record_args(args, true),
                     client: client.peer,
                     user: CONTROL_USER.into(),
                     error: String::new(),
@@ -1427,7 +1427,7 @@ async fn audit_auth(
     shared
         .audit(ControlEvent {
             command,
-            args: record_args(args),
+            args: record_args(args, error.is_empty()),
             client: peer,
             user: CONTROL_USER.into(),
             error: error.into(),
@@ -1435,10 +1435,30 @@ async fn audit_auth(
         .await;
 }
 
+/// The record of a CONFIG change refused before it ran (`error` as the record shows it).
+async fn audit_refused(
+    client: &Client,
+    shared: &Shared,
+    command: &'static str,
+    args: &[Bytes],
+    error: String,
+) {
+    shared
+        .audit(ControlEvent {
+            command,
+            args: record_args(args, false),
+            client: client.peer,
+            user: CONTROL_USER.into(),
+            error,
+        })
+        .await;
+}
+
 /// `command_args` of a control-port record (AUTH, HELLO, CONFIG SET/REWRITE/RESETSTAT), made by
 /// the code that makes the server's records of those commands, so that both read alike and a
-/// password is redacted by the same rules.
-fn record_args(args: &[Bytes]) -> String {
+/// password is redacted by the same rules (`succeeded`: what only a success shows, see
+/// `Described::shown_on_success`).
+fn record_args(args: &[Bytes], succeeded: bool) -> String {
     static TABLE: OnceLock<Option<CommandTable>> = OnceLock::new();
     // The daemon refuses to start without the embedded table, so this fallback is never used;
     // it still names no secret.
@@ -1448,7 +1468,11 @@ fn record_args(args: &[Bytes]) -> String {
     let argv: Vec<Arg> = args.iter().map(|a| Arg::new(a)).collect();
     let described = table.describe(&argv, argv.len() as u64);
     // The payload settings apply to KEY_OP records only.
-    String::from_utf8_lossy(&command_args(&described, &argv, true, 0)).into_owned()
+    let shown = succeeded
+        .then(|| command_args_on_success(&described, &argv, true, 0))
+        .flatten()
+        .unwrap_or_else(|| command_args(&described, &argv, true, 0));
+    String::from_utf8_lossy(&shown).into_owned()
 }
 
 async fn hello(client: &mut Client, shared: &Shared, args: &[Bytes]) -> Reply {
@@ -1739,7 +1763,9 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
     let words = &full_args[2..];
     if !words.len().is_multiple_of(2) {
         // (Fewer than one pair was refused by the arity check, as Valkey does.)
-        return Reply::err("ERR syntax error");
+        const SYNTAX: &str = "ERR syntax error";
+        audit_refused(client, shared, "config|set", full_args, SYNTAX.into()).await;
+        return Reply::err(SYNTAX);
     }
     let known = shared.backend.setting_names();
     let mut pairs = Vec::with_capacity(words.len() / 2);
@@ -1759,7 +1785,7 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
     shared
         .audit(ControlEvent {
             command: "config|set",
-            args: record_args(full_args),
+            args: record_args(full_args, result.is_ok()),
             client: client.peer,
             user: CONTROL_USER.into(),
             // The error reply's text, as the server's records carry it.
@@ -1818,7 +1844,7 @@ async fn config_rewrite(client: &Client, shared: &Shared, args: &[Bytes]) -> Rep
     shared
         .audit(ControlEvent {
             command: "config|rewrite",
-            args: record_args(args),
+            args: record_args(args, result.is_ok()),
             client: client.peer,
             user: CONTROL_USER.into(),
             // The error reply's text, as the server's records carry it.
@@ -2647,6 +2673,17 @@ mod tests {
                 "config|set",
                 "subcommand=SET param=audit.nosuch param=audit.nosuch",
                 "ERR Unknown option or number of arguments for CONFIG SET - 'audit.nosuch'",
+            ),
+            // Refused before they ran, recorded all the same.
+            (
+                "config|set",
+                "subcommand=SET param=audit.format param=audit.events",
+                "ERR syntax error",
+            ),
+            (
+                "config|set",
+                "subcommand=SET param=audit.format",
+                "rejected=ERR wrong number of arguments for 'config|set' command",
             ),
             (
                 "config|rewrite",

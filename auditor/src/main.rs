@@ -129,7 +129,8 @@ struct Cli {
     #[arg(long)]
     server_password_file: Option<PathBuf>,
     /// Also write every ring-buffer record, as delivered, to this file (for the offline pipeline
-    /// benchmark: `u32` little-endian length, then the record's bytes).
+    /// benchmark: `u32` little-endian length, then the record's bytes). It holds every byte the
+    /// clients sent, passwords included: created owner-only (0600).
     #[arg(long)]
     dump_events: Option<PathBuf>,
     /// Accept a process whose name is not valkey-server (or redis-server).
@@ -416,10 +417,21 @@ fn run() -> Result<()> {
     let ring_bytes = cli.ring_bytes;
     let pids_text = pid_list(&registry.pids());
     let dump = match &cli.dump_events {
-        Some(p) => Some(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
+        Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The raw bytes of every connection, passwords included: owner-only, like a key.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("creating {}", p.display()))?;
+            // (`mode` applies to a new file only.)
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("making {} owner-only", p.display()))?;
+            Some(std::io::BufWriter::with_capacity(1 << 20, file))
+        }
         None => None,
     };
     let worker = {

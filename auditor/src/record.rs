@@ -208,7 +208,7 @@ pub struct Record {
     pub error: Vec<u8>,
     /// Gapless sequence number over every record written in this run (set by the writer).
     pub seq: u64,
-    /// Every key of the command, each cut to `audit.payload_maxsize`.
+    /// Every key of the command, each cut to `commands::key_maxsize` of `audit.payload_maxsize`.
     pub keys: KeyList,
     /// The audited server's pid.
     pub pid: u32,

@@ -17,6 +17,7 @@ use auditor_common::SEGMENT_HDR_LEN;
 use crate::argv::Arg;
 use crate::commands::{
     ChangeReply, CommandTable, Described, FxBuildHasher, command_args, command_args_into,
+    command_args_on_success,
 };
 use crate::filter;
 use crate::record::{Category, CommandName, KeyList, Outcome, Record, ServerInfo};
@@ -319,6 +320,16 @@ enum Effect {
     Quit,
 }
 
+/// What the record of a command that can carry secrets may show, decided by its reply.
+#[derive(Debug)]
+struct SecretsShown {
+    /// Its arguments that are not secrets, the only words its error reply may quote unredacted
+    /// (`ACL SETUSER ... '<pw'` fails with a text quoting `'<pw'`, cut and with CR/LF made spaces).
+    quotable: Vec<Arg>,
+    /// `command_args` once it succeeded, if that shows more (`Described::shown_on_success`).
+    args_on_success: Option<Vec<u8>>,
+}
+
 #[derive(Debug)]
 struct Pending {
     record: Record,
@@ -332,11 +343,11 @@ struct Pending {
     change_reply: ChangeReply,
     /// Subscribe-family confirmations seen so far.
     confirmations: u64,
-    /// For a command that can carry secrets (`Described::may_quote_secrets`): its arguments that
-    /// are not secrets, the only words its error reply may quote unredacted (`ACL SETUSER ...
-    /// '<pw'` fails with a text quoting `'<pw'`, cut and with CR/LF made spaces). `None`, with no
-    /// allocation, for almost every command.
-    quotable: Option<Vec<Arg>>,
+    /// For a command that can carry secrets (`Described::may_quote_secrets`): what its record
+    /// needs to show no more than it may. `None`, with no allocation, for almost every command.
+    secrets: Option<Box<SecretsShown>>,
+    /// The command is in the table (at least its parent): a WRONGPASS from it is no renamed AUTH.
+    known: bool,
     /// Read after a request-side gap, before the client had all its replies: the reply matched
     /// to it may belong to a command lost in the gap (see `Conn::uncertain_since`).
     after_gap: bool,
@@ -1172,6 +1183,17 @@ impl Session {
             // A short text after a long one: the queue counts lengths, so keep slack small.
             args_text.shrink_to_fit();
         }
+        let secrets = d.may_quote_secrets.then(|| {
+            Box::new(SecretsShown {
+                quotable: quotable_args(&req.args, &d.secrets),
+                args_on_success: command_args_on_success(
+                    d,
+                    &req.args,
+                    settings.payload_disable,
+                    settings.payload_maxsize,
+                ),
+            })
+        });
         let maxsize = crate::commands::key_maxsize(settings.payload_maxsize);
         fn key_of(a: &crate::argv::Arg, maxsize: usize) -> &[u8] {
             // Cut as `command_args` cuts it: a UTF-8 key stays text.
@@ -1229,9 +1251,8 @@ impl Session {
             write_keys: d.write_keys as u64,
             change_reply: d.change_reply,
             confirmations: 0,
-            quotable: d
-                .may_quote_secrets
-                .then(|| quotable_args(&req.args, &d.secrets)),
+            secrets,
+            known: d.known,
             after_gap: conn.uncertain_since.is_some(),
             refusable,
             mode_change,
@@ -1281,7 +1302,8 @@ impl Session {
             write_keys: 0,
             change_reply: ChangeReply::Unknown,
             confirmations: 0,
-            quotable: None,
+            secrets: None,
+            known: false,
             after_gap: conn.uncertain_since.is_some(),
             refusable: false,
             mode_change: ModeChange::None,
@@ -1610,20 +1632,13 @@ impl Session {
         if !reply.is_error() {
             p.record.result = Outcome::Success;
             p.record.keys_modified = keys_changed(p.write_keys, p.change_reply, reply);
+            if !p.after_gap {
+                show_on_success(p);
+            }
             self.apply_effect(conn, &p.effect, reply);
         } else if !p.after_gap {
             p.record.result = Outcome::Failure;
-            if reply.text.starts_with(b"WRONGPASS") && p.record.category != Category::Auth {
-                // Only an authentication says this: a command the table does not know that
-                // answers it is AUTH renamed (`rename-command AUTH ...`), and its words hold the
-                // password that was tried.
-                p.record.category = Category::Auth;
-                p.record.command_args = b"password=<REDACTED>".to_vec();
-            }
-            fill_error(&mut p.record, &reply.text, p.arity_ok);
-            if let Some(quotable) = &p.quotable {
-                redact_quoted(&mut p.record.error, &p.record.command, quotable);
-            }
+            fill_refusal(p, &reply.text, p.arity_ok);
             if usize::try_from(reply.len).is_ok_and(|n| n > reply.text.len()) {
                 // Only the first 512 bytes of an error are kept: say that there was more.
                 p.record.error.extend_from_slice(b"...");
@@ -1774,12 +1789,10 @@ impl Session {
                     {
                         q.record.result = Outcome::Failure;
                         // (Queued, so it passed the arity check.)
-                        fill_error(&mut q.record, text, true);
-                        if let Some(quotable) = &q.quotable {
-                            redact_quoted(&mut q.record.error, &q.record.command, quotable);
-                        }
+                        fill_refusal(&mut q, text, true);
                     } else {
                         q.record.result = Outcome::Success;
+                        show_on_success(&mut q);
                         q.record.keys_modified = q.write_keys;
                         total_modified += q.write_keys;
                         // State changes queued in MULTI (e.g. AUTH) take effect at EXEC.
@@ -2258,6 +2271,31 @@ fn script_refused(command: &[u8], s: &str) -> bool {
         || named("ERR Can't execute ")
 }
 
+/// A failed command's `error` (see `fill_error`), with nothing in it, or in its record, that may
+/// be a secret.
+fn fill_refusal(p: &mut Pending, text: &[u8], arity_ok: bool) {
+    // Only an authentication says these: a command the table does not know that answers one is
+    // AUTH renamed (`rename-command AUTH ...`), and its words hold the password that was tried.
+    // (A known command cannot be one: a script's `error_reply('WRONGPASS ...')` is the script's.)
+    let refused_auth = text.starts_with(b"WRONGPASS")
+        || text.starts_with(b"ERR AUTH <password> called without any password configured");
+    if refused_auth && !p.known && p.record.category != Category::Auth {
+        p.record.category = Category::Auth;
+        p.record.command_args = b"password=<REDACTED>".to_vec();
+    }
+    fill_error(&mut p.record, text, arity_ok);
+    if let Some(shown) = &p.secrets {
+        redact_quoted(&mut p.record.error, &p.record.command, &shown.quotable);
+    }
+}
+
+/// A command that succeeded may show what only a success proves is no secret.
+fn show_on_success(p: &mut Pending) {
+    if let Some(args) = p.secrets.as_mut().and_then(|s| s.args_on_success.take()) {
+        p.record.command_args = args;
+    }
+}
+
 /// The arguments an error reply may quote unredacted: those that are not secrets (`secrets`, sorted
 /// indexes), and equal none (`HELLO 3 AUTH bob bob x`: a quoted `bob` could be the password).
 fn quotable_args(args: &[Arg], secrets: &[usize]) -> Vec<Arg> {
@@ -2313,6 +2351,12 @@ fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
     let mut from = 0;
     // A quote opens a quoted word where a word starts: after `Can` in `Can't` it is an apostrophe.
     let opens = |e: &[u8], i: usize| e[i] == b'\'' && (i == 0 || !e[i - 1].is_ascii_alphanumeric());
+    // And closes it where a word ends: a quote followed by a letter, a digit or another quote is
+    // inside the word (`'bob'sSecret'`, `''pw''`: a secret may hold quotes).
+    let closes = |e: &[u8], i: usize| {
+        e.get(i + 1)
+            .is_none_or(|&b| !b.is_ascii_alphanumeric() && b != b'\'')
+    };
     while let Some(open) = (from..error.len()).find(|&i| opens(error, i)) {
         if let Some(end) = in_own_phrase(error, open) {
             from = end;
@@ -2323,14 +2367,21 @@ fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
             .position(|&b| b == b'\'')
             .map(|i| open + 1 + i);
         if let Some(close) = close
+            && closes(error, close)
             && allowed(&error[open + 1..close])
         {
             from = close + 1;
             continue;
         }
-        let end = match error.iter().rposition(|&b| b == b'\'') {
+        // Up to the last quote, but not into Valkey's own phrase after it.
+        let limit = OWN_PHRASES
+            .iter()
+            .filter_map(|p| (open + 1..error.len()).find(|&i| error[i..].starts_with(p)))
+            .min()
+            .unwrap_or(error.len());
+        let end = match error[..limit].iter().rposition(|&b| b == b'\'') {
             Some(last) if last > open => last,
-            _ => error.len(),
+            _ => limit,
         };
         error.splice(open + 1..end, REDACTED.iter().copied());
         return;
