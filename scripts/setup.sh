@@ -35,10 +35,11 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracin
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs"
 [ -e /sys/kernel/btf/vmlinux ] || die "kernel has no BTF (/sys/kernel/btf/vmlinux missing)"
 
-# 2. Debian packages: redis-cli/redis-benchmark, rsyslog for syslog tests, venv, perf tools, and systemd
-#    for `systemd-analyze verify` of deploy/systemd/auditor.service (tests/test_deploy.py).
+# 2. Debian packages: redis-cli/redis-benchmark, rsyslog for syslog tests, venv, perf tools, systemd
+#    for `systemd-analyze verify` of deploy/systemd/auditor.service (tests/test_deploy.py), and
+#    openssl for the TLS test's certificate.
 need_pkgs=()
-for p in redis-tools rsyslog python3-venv procps iproute2 libcap2-bin systemd; do
+for p in redis-tools rsyslog python3-venv procps iproute2 libcap2-bin systemd openssl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -5,13 +5,14 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import redis
 
-from conftest import REDIS_CLI, by_client, commands_of, wait_until
+from conftest import REDIS_CLI, by_client, commands_of, free_port, wait_until
 
 
 def read_until(s, predicate, timeout=10.0):
@@ -1391,3 +1392,58 @@ def test_the_event_dump_is_owner_only(valkey, start_auditor, tmp_path):
     dump.chmod(0o644)
     start_auditor(valkey.pid, extra=("--dump-events", str(dump)))
     assert dump.stat().st_mode & 0o777 == 0o600
+
+
+TLS_SERVER = r'''
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+def serve(conn):
+    try:
+        s = ctx.wrap_socket(conn, server_side=True)
+        while (data := s.recv(65536)):
+            s.sendall(b"+OK\r\n" * max(data.count(b"*"), 1))
+    except OSError:
+        pass
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+
+def test_a_tls_connection_is_a_visible_loss_not_garbage(start_auditor, tmp_path):
+    """On a TLS port the socket carries ciphertext: the connection is known by the server's
+    first bytes (a TLS handshake record), nothing of it is parsed, and an AUDIT_LOSS record says
+    its commands are not audited. (This valkey-server has no TLS: a Python TLS server stands in,
+    audited with --any-process; the detection reads only the bytes on the socket.)"""
+    import ssl
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True,
+                   capture_output=True)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", TLS_SERVER, str(port), str(cert), str(key)],
+                              stdout=subprocess.PIPE)
+    try:
+        assert server.stdout.readline() == b"ready\n"
+        auditor = start_auditor(server.pid, extra=("--any-process",))
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port))) as s:
+            for _ in range(50):
+                s.sendall(resp(b"SET", b"tls-key", b"tls-value"))
+                assert s.recv(64) == b"+OK\r\n"
+        recs = auditor.wait_records(lambda rs: any(r["command"] == "disconnection" for r in rs),
+                                    what="the TLS connection's disconnection")
+        mine = [r for r in recs if r["category"] not in ("AUDIT", "CONNECTION") or r["command"] == "disconnection"]
+        assert [(r["category"], r["command"]) for r in mine] == [("AUDIT_LOSS", "loss"),
+                                                                ("CONNECTION", "disconnection")], mine
+        assert mine[0]["command_args"].startswith("cause=tls_connection count=0 "), mine[0]
+        assert mine[1]["command_args"] == "type=tls"
+        assert "audit_tls_connections:1" in subprocess.run(
+            [REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"], capture_output=True, text=True).stdout
+    finally:
+        server.kill()
+        server.wait()

@@ -856,7 +856,7 @@ impl CaptureLoop {
         self.write_all(&mut records);
         let mut seen_version = self.shared.version();
         let mut reported_drops = (0u64, 0u64);
-        let mut published = [0u64; 10];
+        let mut published = [0u64; 11];
         let mut last_check = Instant::now();
         let mut last_sweep = Instant::now();
         let mut target_gone = false;
@@ -1044,7 +1044,7 @@ impl CaptureLoop {
 
     /// Add what happened since the last call to the shared counters (deltas, so CONFIG RESETSTAT
     /// can zero them at any time).
-    fn publish_stats(&mut self, last: &mut [u64; 10]) {
+    fn publish_stats(&mut self, last: &mut [u64; 11]) {
         use std::sync::atomic::Ordering::Relaxed;
         let st = &self.session.stats;
         if let Ok(drops) = self.stream.kernel_drops() {
@@ -1062,6 +1062,7 @@ impl CaptureLoop {
             st.filter_lookups.prefix_filter_matches,
             st.filter_lookups.custom_category_matches,
             st.commands_not_captured,
+            st.tls_connections,
         ];
         let m = &self.metrics;
         let targets = [
@@ -1075,6 +1076,7 @@ impl CaptureLoop {
             &m.prefix_filter_matches,
             &m.custom_category_matches,
             &m.commands_not_captured,
+            &m.tls_connections,
         ];
         for ((t, n), l) in targets.iter().zip(now).zip(last.iter_mut()) {
             t.fetch_add(n.saturating_sub(*l), Relaxed);

@@ -133,6 +133,7 @@ pub struct Snapshot {
     pub prefix_filter_matches: u64,
     pub custom_category_matches: u64,
     pub commands_not_captured: u64,
+    pub tls_connections: u64,
     pub lost_ring_events: u64,
     pub lost_ring_bytes: u64,
     pub request_resyncs: u64,
@@ -244,7 +245,7 @@ impl Snapshot {
         f.push(("audit_format".into(), format.into()));
         // Added after the original set; then the module's filter counters (its hash-table and
         // command-table fields describe its own internals and have no counterpart here).
-        let later: [(&str, String); 13] = [
+        let later: [(&str, String); 14] = [
             (
                 "audit_ring_buffer_used_bytes",
                 self.ring_used_bytes.to_string(),
@@ -288,6 +289,8 @@ impl Snapshot {
                 "audit_lost_commands_not_captured",
                 self.commands_not_captured.to_string(),
             ),
+            // Connections whose commands were not audited: encrypted on the socket.
+            ("audit_tls_connections", self.tls_connections.to_string()),
         ];
         f.extend(later.into_iter().map(|(k, v)| (k.to_string(), v)));
         for t in self.info_targets() {
@@ -391,6 +394,8 @@ pub struct Metrics {
     pub custom_category_matches: AtomicU64,
     /// Commands a request-side capture gap held whole, counted by their replies.
     pub commands_not_captured: AtomicU64,
+    /// TLS connections seen (their commands are encrypted on the socket: not audited).
+    pub tls_connections: AtomicU64,
     /// Malformed client requests (not losses: every byte was seen).
     pub protocol_errors: AtomicU64,
     pub bytes_skipped: AtomicU64,
@@ -439,6 +444,7 @@ impl Metrics {
             prefix_filter_matches: AtomicU64::new(0),
             custom_category_matches: AtomicU64::new(0),
             commands_not_captured: AtomicU64::new(0),
+            tls_connections: AtomicU64::new(0),
             lost_ring_events: AtomicU64::new(0),
             lost_ring_bytes: AtomicU64::new(0),
             request_resyncs: AtomicU64::new(0),
@@ -668,6 +674,7 @@ impl Metrics {
             &self.prefix_filter_matches,
             &self.custom_category_matches,
             &self.commands_not_captured,
+            &self.tls_connections,
         ] {
             c.store(0, Relaxed);
         }
@@ -710,6 +717,7 @@ impl Metrics {
             prefix_filter_matches: self.prefix_filter_matches.load(Relaxed),
             custom_category_matches: self.custom_category_matches.load(Relaxed),
             commands_not_captured: self.commands_not_captured.load(Relaxed),
+            tls_connections: self.tls_connections.load(Relaxed),
             lost_ring_events: self.lost_ring_events.load(Relaxed),
             lost_ring_bytes: self.lost_ring_bytes.load(Relaxed),
             request_resyncs: self.request_resyncs.load(Relaxed),

@@ -177,6 +177,8 @@ pub enum LossCause {
     RingBufferFull,
     /// Commands a request-side gap held whole, counted by their replies.
     CommandsNotCaptured,
+    /// A TLS connection: none of its commands can be read (an unknown number, `count=0`).
+    Tls,
 }
 
 impl LossCause {
@@ -186,6 +188,7 @@ impl LossCause {
             LossCause::ReplyResync => "parser_resync_reply",
             LossCause::RingBufferFull => "ring_buffer_full",
             LossCause::CommandsNotCaptured => "commands_not_captured",
+            LossCause::Tls => "tls_connection",
         }
     }
 }
@@ -414,6 +417,10 @@ struct Conn {
     /// by the server's first bytes on a link accepted since attach: a reply starts with a RESP
     /// type byte, never `R`, so a client cannot pass itself off as a bus link.
     cluster_bus: bool,
+    /// A TLS connection (the server's first bytes on a link accepted since attach are a TLS
+    /// handshake record, `16 03`, where a reply starts with a RESP type byte): its commands are
+    /// encrypted on the socket, so nothing of it is parsed, and one loss record says so.
+    tls: bool,
     /// Reads (inbound data events) seen on the connection.
     reads: u64,
     /// Set at a request-side gap to the read it happened in: the gap may have held whole
@@ -444,6 +451,8 @@ fn advance_unparsed(expected: &mut u64, pieces: Pieces, uncaptured_tail: u64) {
 
 /// The first bytes of every cluster-bus message (`clusterMsg.sig`, Valkey's cluster_legacy.h).
 const CLUSTER_BUS_SIGNATURE: &[u8] = b"RCmb";
+/// A TLS handshake record (content type 22, version 3.x): a TLS server's first bytes.
+const TLS_HANDSHAKE_SIGNATURE: &[u8] = &[0x16, 0x03];
 
 /// The bytes of one ring record at their stream positions: one run of a syscall, or the segments
 /// of a scanned server write (`SegmentHdr` + bytes each), then, if the scan stopped early, an empty
@@ -528,6 +537,8 @@ pub struct SessionStats {
     pub commands_not_captured: u64,
     /// Requests parsed after a gap that got no reply before the next read (`drop_unanswered_guesses`).
     pub guesses_dropped: u64,
+    /// TLS connections, whose commands cannot be read (one `tls_connection` loss record each).
+    pub tls_connections: u64,
     /// The filter stage's prefix-filter and custom-category lookups (the module's INFO counters).
     pub filter_lookups: filter::LookupCounts,
 }
@@ -730,6 +741,7 @@ impl Session {
             resp3: false,
             preexisting: true,
             cluster_bus: false,
+            tls: false,
             replica: false,
             internal: false,
             reads: 0,
@@ -800,6 +812,7 @@ impl Session {
                     resp3: false,
                     preexisting: false,
                     cluster_bus: false,
+                    tls: false,
                     replica: false,
                     internal: false,
                     reads: 0,
@@ -896,21 +909,37 @@ impl Session {
         // The server's very first bytes on a link accepted since attach. Of a link open at attach
         // (or whose first write was lost) the bytes seen first may be inside a reply's value, which
         // a client can fill with `RCmb`: such a link stays parsed.
-        if !inbound
-            && conn.out_expected == 0
-            && !conn.preexisting
-            && pieces
-                .one
-                .is_some_and(|(pos, bytes)| pos == 0 && bytes.starts_with(CLUSTER_BUS_SIGNATURE))
-        {
-            conn.cluster_bus = true;
-            conn.internal = true;
-            // What the link's first message looked like to the request parser is no command.
-            conn.pending.clear();
-            conn.queued.clear();
-            conn.lost_commands = 0;
+        let first_bytes = (!inbound && conn.out_expected == 0 && !conn.preexisting)
+            .then_some(pieces.one)
+            .flatten()
+            .filter(|&(pos, _)| pos == 0)
+            .map(|(_, bytes)| bytes);
+        if let Some(first) = first_bytes {
+            let bus = first.starts_with(CLUSTER_BUS_SIGNATURE);
+            let tls = first.starts_with(TLS_HANDSHAKE_SIGNATURE);
+            if bus || tls {
+                conn.cluster_bus = bus;
+                conn.internal = bus;
+                conn.tls = tls;
+                // What the link's first message looked like to the request parser is no command.
+                conn.pending.clear();
+                conn.queued.clear();
+                conn.lost_commands = 0;
+            }
+            if tls {
+                self.stats.tls_connections += 1;
+                let rec = self.loss_record(
+                    &conn,
+                    LossCause::Tls,
+                    "a TLS connection: its commands are encrypted on the socket, none is audited",
+                    0,
+                    0,
+                    ts_ns,
+                );
+                self.push(rec, ts_ns, out);
+            }
         }
-        if conn.cluster_bus {
+        if conn.cluster_bus || conn.tls {
             let expected = if inbound {
                 &mut conn.in_expected
             } else {
@@ -1935,6 +1964,8 @@ impl Session {
             b"type=replica"
         } else if conn.cluster_bus {
             b"type=cluster-bus"
+        } else if conn.tls {
+            b"type=tls"
         } else {
             b"type=normal"
         };

@@ -606,6 +606,36 @@ fn a_link_the_server_answers_with_the_bus_signature_is_not_parsed() {
     assert_eq!(s(&recs[0].command_args), "type=cluster-bus");
 }
 
+/// A new link whose server speaks first with a TLS handshake record is a TLS connection: its
+/// bytes are encrypted, so nothing is parsed, and one loss record says its commands are not
+/// audited. A plain client sending those bytes first gets a RESP error back, and stays audited.
+#[test]
+fn a_tls_connection_is_a_visible_loss_and_not_parsed() {
+    let mut w = Wire::new();
+    w.client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03*1\r\n$4\r\nPING\r\n");
+    w.server(b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03+OK\r\n");
+    w.client(b"\x17\x03\x03\x00\x20*1\r\n$4\r\nPING\r\n");
+    w.server(b"\x17\x03\x03\x00\x20+PONG\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["loss", "disconnection"], "{recs:?}");
+    assert_eq!(
+        s(&recs[0].command_args),
+        "cause=tls_connection count=0 bytes=0 reason=a TLS connection: its commands are \
+         encrypted on the socket, none is audited"
+    );
+    assert_eq!(s(&recs[1].command_args), "type=tls");
+    assert_eq!(w.stats().tls_connections, 1);
+
+    let mut w = Wire::new();
+    w.client(b"\x16\x03\x01\r\n");
+    w.server(b"-ERR unknown command '\x16\x03\x01', with args beginning with: \r\n");
+    assert_eq!(w.one().result, Outcome::Failure);
+    let r = w.roundtrip(&["SET", "evidence", "1"], b"+OK\r\n");
+    assert_eq!(s(&r.command), "set");
+    assert_eq!(w.stats().tls_connections, 0);
+}
+
 #[test]
 fn connection_open_before_attach() {
     let mut w = Wire::detached(Settings::default());
