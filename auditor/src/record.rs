@@ -49,6 +49,11 @@ impl KeyList {
         self.len == 0
     }
 
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.bytes.capacity()
+    }
+
     /// Bytes of all keys together.
     pub fn total_bytes(&self) -> usize {
         self.bytes.len() - 4 * self.len as usize

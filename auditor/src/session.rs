@@ -30,6 +30,11 @@ use crate::settings::Settings;
 /// Requests waiting for a reply on one connection, at most. Valkey answers in order, so this is only
 /// reached by a client that pipelines without reading; past it the oldest is written as UNKNOWN.
 const MAX_PENDING: usize = 100_000;
+/// Heap bytes the commands awaiting replies (and those queued in MULTI) of one connection may
+/// hold, at most: a command's record keeps every key (up to 1 MiB of them), so a client that sends
+/// big commands without reading its replies could otherwise make the auditor hold gigabytes.
+/// Past it, as past `MAX_PENDING`, the oldest is written as UNKNOWN.
+const MAX_HELD_BYTES: usize = 32 << 20;
 /// How long an unanswered CLIENT REPLY OFF/SKIP waits before it is taken as having worked (see
 /// `Session::settle_quiet`): Valkey answers a refusal in the same event-loop pass.
 pub const QUIET_NS: u64 = 100_000_000;
@@ -333,6 +338,25 @@ struct SecretsShown {
     args_on_success: Option<Vec<u8>>,
 }
 
+impl Pending {
+    /// Heap bytes its record and secrets hold (what `MAX_HELD_BYTES` bounds).
+    fn heap_bytes(&self) -> usize {
+        let r = &self.record;
+        let command = match &r.command {
+            CommandName::Owned(name) => name.capacity(),
+            CommandName::Borrowed(_) => 0,
+        };
+        let secrets = self.secrets.as_ref().map_or(0, |s| {
+            s.quotable
+                .iter()
+                .map(|a| a.prefix.capacity())
+                .sum::<usize>()
+                + s.args_on_success.as_ref().map_or(0, Vec::capacity)
+        });
+        r.command_args.capacity() + r.keys.heap_bytes() + r.error.capacity() + command + secrets
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     record: Record,
@@ -388,6 +412,9 @@ struct Conn {
     /// Commands queued past `MAX_PENDING` in this MULTI: written at once as unknown, they still
     /// count in EXEC's reply.
     queued_untracked: u64,
+    /// Heap bytes `pending` and `queued` hold, at most (only added to; counted again exactly
+    /// when it passes `MAX_HELD_BYTES`, see `make_room`).
+    held_bytes: usize,
     /// The server reads nothing more from this client (after QUIT, or bytes it refused while
     /// replies were off): requests parsed from here were never run.
     read_closed: bool,
@@ -730,6 +757,7 @@ impl Session {
             pending: VecDeque::new(),
             queued: Vec::new(),
             queued_untracked: 0,
+            held_bytes: 0,
             replies_to_pass: 0,
             read_closed: false,
             multi_known: false,
@@ -801,6 +829,7 @@ impl Session {
                     pending: VecDeque::new(),
                     queued: Vec::new(),
                     queued_untracked: 0,
+                    held_bytes: 0,
                     replies_to_pass: 0,
                     read_closed: false,
                     multi_known: false,
@@ -1239,17 +1268,18 @@ impl Session {
         for a in d.keys.iter().filter_map(|&i| req.args.get(i)) {
             keys.push(key_of(a, maxsize));
         }
-        if conn.pending.len() >= MAX_PENDING
-            && let Some(old) = conn.pending.pop_front()
-        {
-            let ts = old.done_ts;
-            if old.expects_reply {
-                // Its reply still comes, first: it must not be taken for the next command's.
-                conn.replies_to_pass += 1;
-            }
-            forget_user_if_auth(conn, &old.effect);
-            self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
+        let cost = args_text.capacity() + keys.heap_bytes();
+        let fits = make_room(conn, cost);
+        if conn.pending.len() >= MAX_PENDING || !fits {
+            // (`held_bytes` is exact when it did not fit: make room for a quarter of the bound.)
+            let limit = if fits {
+                usize::MAX
+            } else {
+                MAX_HELD_BYTES / 4 * 3
+            };
+            self.write_oldest_unknown(conn, cost, limit, out);
         }
+        conn.held_bytes += cost;
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
         conn.pending.push_back(Pending {
             record: Record {
@@ -1500,6 +1530,32 @@ impl Session {
         self.drain_unreplied(conn, out);
     }
 
+    /// Write the oldest commands awaiting replies as UNKNOWN, until one more (of `cost` heap
+    /// bytes) fits: fewer than `MAX_PENDING`, and `held_bytes` within `limit`.
+    fn write_oldest_unknown(
+        &mut self,
+        conn: &mut Conn,
+        cost: usize,
+        limit: usize,
+        out: &mut impl RecordOut,
+    ) {
+        while conn.pending.len() >= MAX_PENDING
+            || (conn.held_bytes.saturating_add(cost) > limit && !conn.pending.is_empty())
+        {
+            let Some(old) = conn.pending.pop_front() else {
+                break;
+            };
+            conn.held_bytes = conn.held_bytes.saturating_sub(old.heap_bytes());
+            let ts = old.done_ts;
+            if old.expects_reply {
+                // Its reply still comes, first: it must not be taken for the next command's.
+                conn.replies_to_pass += 1;
+            }
+            forget_user_if_auth(conn, &old.effect);
+            self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
+        }
+    }
+
     /// Valkey answers everything it read before it reads the client again. A request parsed after
     /// a request-side gap that had no reply by the next read was most likely no command: bytes of
     /// a value that looked like one (the resync takes `*<n>\r\n$` at any line start, and a value
@@ -1717,7 +1773,7 @@ impl Session {
         if conn.in_multi && queued_reply {
             p.record.time_unix_us = self.wall_us(reply.start_ts);
             p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
-            if conn.queued.len() >= MAX_PENDING {
+            if conn.queued.len() >= MAX_PENDING || !make_room(conn, p.heap_bytes()) {
                 // Memory per connection stays bounded: past this, queued commands are written
                 // now, their outcome untold.
                 conn.queued_untracked += 1;
@@ -2318,6 +2374,22 @@ fn fill_refusal(p: &mut Pending, text: &[u8], arity_ok: bool) {
     if let Some(shown) = &p.secrets {
         redact_quoted(&mut p.record.error, &p.record.command, &shown.quotable);
     }
+}
+
+/// Whether `cost` more heap bytes fit the connection's `MAX_HELD_BYTES`. `held_bytes` is only
+/// added to as commands come (their records leave by many paths), so it is counted again exactly
+/// when it passes the bound; the count leaves a quarter of the bound free, or says no.
+fn make_room(conn: &mut Conn, cost: usize) -> bool {
+    if conn.held_bytes + cost <= MAX_HELD_BYTES {
+        return true;
+    }
+    conn.held_bytes = conn
+        .pending
+        .iter()
+        .chain(&conn.queued)
+        .map(Pending::heap_bytes)
+        .sum();
+    conn.held_bytes + cost <= MAX_HELD_BYTES / 4 * 3
 }
 
 /// A command that succeeded may show what only a success proves is no secret.

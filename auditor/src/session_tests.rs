@@ -2512,6 +2512,42 @@ fn too_many_pending_requests_write_the_oldest() {
     }
 }
 
+#[test]
+fn big_commands_awaiting_replies_are_bounded_in_bytes() {
+    // QA: a client that sends big commands without reading its replies made the auditor hold
+    // every key of each (hundreds of MiB for one connection): past MAX_HELD_BYTES the oldest is
+    // written as UNKNOWN, and the replies still line up.
+    let mut w = Wire::new();
+    let keys: Vec<String> = (0..1000)
+        .map(|i| format!("{i:04}{}", "k".repeat(1000)))
+        .collect();
+    let mut mset: Vec<&str> = vec!["MSET"];
+    for k in &keys {
+        mset.extend([k.as_str(), "v"]);
+    }
+    let n = 40;
+    for _ in 0..n {
+        w.client(&cmd(&mset));
+    }
+    let evicted = w.take();
+    assert!(!evicted.is_empty() && evicted.len() < n);
+    assert!(evicted.iter().all(
+        |r| r.result == Outcome::Unknown && s(&r.error) == "too many requests awaiting replies"
+    ));
+    let conn = w.session.conns.values().next().unwrap();
+    let held: usize = conn.pending.iter().map(Pending::heap_bytes).sum();
+    assert!(held <= MAX_HELD_BYTES, "{held}");
+    assert!(held > MAX_HELD_BYTES / 2, "{held}");
+    w.server(&b"+OK\r\n".repeat(n));
+    let answered = w.take();
+    assert_eq!(evicted.len() + answered.len(), n);
+    assert!(
+        answered
+            .iter()
+            .all(|r| r.result == Outcome::Success && r.keys.len() == 1000)
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // 10. The filter stage
 // ------------------------------------------------------------------------------------------------
