@@ -654,8 +654,64 @@ def test_stop_while_the_disk_is_full_ends_within_a_grace_period(valkey, start_au
             s.close()
         err = a.stderr_path.read_text()
         assert "giving up" in err and "unwritten records" in err, err
+        # The log cannot say what was lost: stderr, the last place left, has the totals.
+        assert "auditor: losses (INFO audit" in err and "audit_lost_sink=" in err, err
         data = live.read_bytes()
         assert data == b"" or data.endswith(b"\n")
+
+
+def test_stop_in_drop_mode_on_a_full_disk_reports_every_drop_before_the_stop_record(
+        valkey, start_auditor, tmp_path):
+    """QA: records dropped while the disk was full and the stop came had no loss record (the
+    queue was over its bound), nor did the stop record always get in: both are forced in at the
+    end, and the counts add up to what INFO said."""
+    with small_tmpfs(tmp_path / "disk") as disk:
+        live = disk / "audit.log"
+        a = file_auditor(start_auditor, valkey, live, "audit.overflow", "drop", "audit.max_queue_size", "65536")
+        filler = disk / "filler"
+        fill_disk(filler)
+        s = connect(valkey.port)
+        keys = [f"drop:{i:05d}" for i in range(3000)]
+        send_sets(s, keys, b"q" * 100)
+        s.close()
+        wait_until(lambda: (lambda f: f["audit_file_status"] == "error"
+                            and int(f["audit_lost_queue_overflow"]) > 0)(info(a)),
+                   what="records dropped while the disk is full")
+        a.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the stop is under way while the disk is still full
+        filler.unlink()
+        assert a.proc.wait(30) == 0
+        recs = read_records(live)
+        assert recs[-1]["command"] == "stop", recs[-1]
+        assert_gapless(recs)
+        # The run's total, as INFO counted it, is on stderr at exit.
+        lost = int(re.search(r"audit_lost_queue_overflow=(\d+)", a.stderr_path.read_text()).group(1))
+        # (The client's disconnection record may be among the dropped.)
+        missing = len(keys) - len(sets_of(recs)) + (not any(r["command"] == "disconnection" for r in recs))
+        assert sum(loss_counts(recs, "queue_overflow")) == lost == missing
+
+
+def test_stop_ends_even_when_the_sink_write_never_returns(valkey, start_auditor, tmp_path):
+    """QA: `file /dev/stdout` into a pipe whose reader stalls blocked the sink's write for good,
+    and SIGTERM never ended the auditor."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open, never read
+    try:
+        a = file_auditor(start_auditor, valkey, fifo, "audit.tcp_timeout_ms", "100")
+        s = connect(valkey.port)
+        send_sets(s, [f"piped:{i:05d}" for i in range(5000)], b"p" * 100)  # far more than a pipe holds
+        s.close()
+        a.proc.send_signal(signal.SIGTERM)
+        try:
+            a.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM with a stalled pipe as the sink: the auditor did not exit within 30 s")
+        err = a.stderr_path.read_text()
+        assert "giving up at shutdown: the sink did not finish" in err, err
+        assert "audit_lost_sink=" in err, err
+    finally:
+        os.close(reader)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -301,13 +301,32 @@ impl Queue {
     /// go [`FORCED_SLACK`] beyond the bound; past that (a CONFIG SET loop against a full disk) they
     /// are dropped and counted like any other record, so memory stays bounded.
     pub fn push_forced(&self, records: &mut Vec<Record>) {
+        self.push_beyond_bound(records, false);
+    }
+
+    /// The last records of a run (the stop record): as [`Queue::push_forced`], but never dropped,
+    /// and preceded by the loss record of drops not reported yet (a full queue held it back). Only
+    /// a few records: the bound is passed by their bytes at most.
+    pub fn push_final(&self, records: &mut Vec<Record>) {
+        self.push_beyond_bound(records, true);
+    }
+
+    fn push_beyond_bound(&self, records: &mut Vec<Record>, last: bool) {
         let mut f = self.formatter();
+        if last && f.dropped > 0 {
+            let mut rec = f.origin.loss_record("queue_overflow", f.dropped, 0);
+            let cost = record_cost(&rec);
+            self.lock().bytes += cost;
+            f.dropped = 0;
+            self.write_line(&mut f, &mut rec, cost);
+        }
         for rec in records.drain(..) {
             let mut rec = rec;
             let cost = record_cost(&rec);
             {
                 let mut st = self.lock();
-                if st.bytes + cost > st.max_bytes + FORCED_SLACK && !st.batches.is_empty() {
+                if !last && st.bytes + cost > st.max_bytes + FORCED_SLACK && !st.batches.is_empty()
+                {
                     drop(st);
                     self.count_drop(&mut f);
                     continue;
@@ -588,6 +607,11 @@ impl Queue {
         n
     }
 
+    /// Records waiting in the queue (not the batch the sink holds).
+    pub fn queued_records(&self) -> u64 {
+        self.lock().batches.iter().map(|b| b.count as u64).sum()
+    }
+
     pub fn len_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -765,6 +789,7 @@ pub fn run_sink(
                             eprintln!(
                                 "auditor: giving up at shutdown: {lost} unwritten records: {e}"
                             );
+                            say_unreported_sink_loss(sink);
                             return;
                         }
                     }
@@ -791,11 +816,26 @@ pub fn run_sink(
         // Nothing can record it any more: stderr is the last place to say what did not arrive.
         eprintln!("auditor: at shutdown: {e}");
     }
+    say_unreported_sink_loss(sink);
     metrics.set_sink_status(sink.kind(), sink.status());
 }
 
+/// At the end: records the sink dropped whose loss record it still held back (it waits for room
+/// in its backlog) are said on stderr, the last place left.
+fn say_unreported_sink_loss(sink: &mut dyn Sink) {
+    let unreported = sink.pending_loss();
+    if unreported > 0 {
+        eprintln!(
+            "auditor: at shutdown: {unreported} records the {} sink dropped ({}) have no \
+             AUDIT_LOSS record in the log",
+            sink.kind(),
+            sink.loss_cause()
+        );
+    }
+}
+
 /// How long a clean stop keeps retrying a sink that refuses every batch before giving up.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use auditor::capture::{self, Capture, CaptureConfig, CaptureMode, CaptureStream}
 use auditor::clock::{monotonic_ns, wall_now_us, wall_offset_ns};
 use auditor::commands::CommandTable;
 use auditor::control::{self, ControlBackend};
-use auditor::delivery::{Origin, Queue, run_sink};
+use auditor::delivery::{Origin, Queue, SHUTDOWN_GRACE, run_sink};
 use auditor::metrics::{self, Metrics, TargetInfo};
 use auditor::record::{Category, Outcome, Record};
 use auditor::scheduling::{self, RateGovernor};
@@ -514,9 +514,37 @@ fn run() -> Result<()> {
         format!("version={} pids={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
     );
     queue.release_placed(u64::MAX);
-    queue.push_forced(&mut vec![stop_rec]);
+    queue.push_final(&mut vec![stop_rec]);
     queue.close();
-    let _ = sink_thread.join();
+    // The sink gives up on a destination that refuses everything after a grace period, but a
+    // write can also block for good (a pipe nobody reads, a hung NFS server): past the time the
+    // sink may legitimately take, the process exits without it, saying what was not written.
+    let grace = SHUTDOWN_GRACE
+        + Duration::from_millis(shared.get().tcp.timeout_ms)
+        + Duration::from_secs(5);
+    let deadline = Instant::now() + grace;
+    while !sink_thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if sink_thread.is_finished() {
+        let _ = sink_thread.join();
+    } else {
+        let unwritten = queue.queued_records();
+        metrics.lost_sink.fetch_add(unwritten, Ordering::Relaxed);
+        eprintln!(
+            "auditor: giving up at shutdown: the sink did not finish within {} s (a write that \
+             never returns: a pipe nobody reads?); {unwritten} queued records and the batch being \
+             written are not written",
+            grace.as_secs()
+        );
+    }
+    // The log may not hold every loss record (a sink that never recovered, a loss counted after
+    // its last record): stderr, the last place left, gets the totals.
+    if let Some(summary) = metrics.snapshot().loss_summary() {
+        eprintln!(
+            "auditor: losses (INFO audit, since start or the last CONFIG RESETSTAT): {summary}"
+        );
+    }
     result
 }
 
