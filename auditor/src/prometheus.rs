@@ -184,6 +184,13 @@ pub fn render_snapshot(s: &Snapshot, protocol: &str, format: &str, queue_bytes: 
         s.protocol_errors,
     );
     p.single(
+        "auditor_tls_connections_total",
+        "counter",
+        "TLS connections, whose commands are encrypted on the socket and not audited \
+         (audit_tls_connections).",
+        s.tls_connections,
+    );
+    p.single(
         "auditor_lost_ring_buffer_bytes_total",
         "counter",
         "Bytes the kernel could not write to the full ring buffer (audit_lost_ring_buffer_bytes).",
