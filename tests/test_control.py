@@ -549,14 +549,19 @@ def test_config_sets_refused_before_running_are_recorded_without_secrets(valkey,
     assert control.call("CONFIG", "SET", "audit.enabled").startswith(b"-ERR wrong number")
     assert control.call("AUTH", "ctl-secret-pw") == b"+OK\r\n"
     assert control.call("CONFIG", "SET", "audit.enabled", "no", "x") == b"-ERR syntax error\r\n"
+    # Valkey's error quotes the "parameter" that is the password's second word.
+    assert b"'Horse7Secret'" in control.call("CONFIG", "SET", "audit.control_requirepass", "correct",
+                                             "Horse7Secret", "battery")
     control.close()
     recs = wait_until(lambda: (r := [x for x in a.records() if x["command"] == "config|set"])
-                      and len(r) >= 3 and r, what="three CONFIG SET records")
+                      and len(r) >= 4 and r, what="four CONFIG SET records")
     assert [(r["command_args"], r["result"], r["error"]) for r in recs] == [
         ("subcommand=SET param=audit.control_requirepass param=<REDACTED>", "FAILURE",
          "rejected=NOAUTH Authentication required."),
         ("subcommand=SET param=audit.enabled", "FAILURE",
-         "rejected=ERR wrong number of arguments for 'config|set' command"),
+         "rejected=wrong number of arguments for 'config|set' command"),
         ("subcommand=SET param=audit.enabled param=x", "FAILURE", "ERR syntax error"),
+        ("subcommand=SET param=audit.control_requirepass param=<REDACTED>", "FAILURE",
+         "ERR Unknown option or number of arguments for CONFIG SET - '<REDACTED>'"),
     ]
-    assert b"CtlTailSecret" not in a.log.read_bytes()
+    assert b"CtlTailSecret" not in a.log.read_bytes() and b"Horse7Secret" not in a.log.read_bytes()

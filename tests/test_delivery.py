@@ -708,7 +708,7 @@ def test_stop_ends_even_when_the_sink_write_never_returns(valkey, start_auditor,
         except subprocess.TimeoutExpired:
             pytest.fail("SIGTERM with a stalled pipe as the sink: the auditor did not exit within 30 s")
         err = a.stderr_path.read_text()
-        assert "giving up at shutdown: the sink did not finish" in err, err
+        assert "giving up at shutdown: the sink wrote nothing for" in err, err
         assert "audit_lost_sink=" in err, err
     finally:
         os.close(reader)

@@ -42,7 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::argv::Arg;
-use crate::commands::{CommandTable, command_args, command_args_on_success};
+use crate::commands::{CommandTable, Described, command_args, command_args_on_success};
 use crate::record::Category;
 
 /// What the control port needs from the daemon. Implemented in main.rs.
@@ -1259,7 +1259,14 @@ async fn execute(
             (CONFIG_CHANGES.iter().find(|c| **c == spec.name), &reply)
         {
             // Refused before it ran, as on the server: the log shows the attempt all the same.
-            audit_refused(client, shared, command, args, format!("rejected={text}")).await;
+            audit_refused(
+                client,
+                shared,
+                command,
+                args,
+                record_error(args, text, true),
+            )
+            .await;
         }
         return Outcome::Reply(reply);
     }
@@ -1268,7 +1275,14 @@ async fn execute(
         if let Some(command) = CONFIG_CHANGES.iter().find(|c| **c == spec.name) {
             // An attempt to change the auditor's settings (to switch auditing off, say) is what
             // the log must show, refused or not.
-            audit_refused(client, shared, command, args, format!("rejected={NOAUTH}")).await;
+            audit_refused(
+                client,
+                shared,
+                command,
+                args,
+                record_error(args, NOAUTH, true),
+            )
+            .await;
         }
         return Outcome::Reply(Reply::err(NOAUTH));
     }
@@ -1459,20 +1473,49 @@ async fn audit_refused(
 /// password is redacted by the same rules (`succeeded`: what only a success shows, see
 /// `Described::shown_on_success`).
 fn record_args(args: &[Bytes], succeeded: bool) -> String {
-    static TABLE: OnceLock<Option<CommandTable>> = OnceLock::new();
-    // The daemon refuses to start without the embedded table, so this fallback is never used;
-    // it still names no secret.
-    let Some(table) = TABLE.get_or_init(|| CommandTable::builtin().ok()) else {
+    let Some((described, argv)) = describe(args) else {
         return REDACTED_PASSWORD.into();
     };
-    let argv: Vec<Arg> = args.iter().map(|a| Arg::new(a)).collect();
-    let described = table.describe(&argv, argv.len() as u64);
     // The payload settings apply to KEY_OP records only.
     let shown = succeeded
         .then(|| command_args_on_success(&described, &argv, true, 0))
         .flatten()
         .unwrap_or_else(|| command_args(&described, &argv, true, 0));
     String::from_utf8_lossy(&shown).into_owned()
+}
+
+/// A control-port command as the server's records see it.
+fn describe(args: &[Bytes]) -> Option<(Described, Vec<Arg>)> {
+    static TABLE: OnceLock<Option<CommandTable>> = OnceLock::new();
+    // The daemon refuses to start without the embedded table, so a caller's fallback is never
+    // used; it must still name no secret.
+    let table = TABLE
+        .get_or_init(|| CommandTable::builtin().ok())
+        .as_ref()?;
+    let argv: Vec<Arg> = args.iter().map(|a| Arg::new(a)).collect();
+    let described = table.describe(&argv, argv.len() as u64);
+    Some((described, argv))
+}
+
+/// The `error` of a control-port record of a failed command: its error reply's text, redacted as
+/// the server's records' are (Valkey's error may quote the rest of a password typed with a
+/// space), and `rejected=` without `ERR ` for a refusal, as there.
+fn record_error(args: &[Bytes], reply_text: &str, refused: bool) -> String {
+    let mut error = reply_text.as_bytes().to_vec();
+    match describe(args) {
+        Some((d, argv)) if d.may_quote_secrets => {
+            let quotable = crate::session::quotable_args(&argv, &d.secrets);
+            crate::session::redact_quoted(&mut error, &d.command, &quotable);
+        }
+        Some(_) => {}
+        None => return REDACTED_PASSWORD.into(),
+    }
+    let text = String::from_utf8_lossy(&error);
+    if refused {
+        format!("rejected={}", text.strip_prefix("ERR ").unwrap_or(&text))
+    } else {
+        text.into_owned()
+    }
 }
 
 async fn hello(client: &mut Client, shared: &Shared, args: &[Bytes]) -> Reply {
@@ -1792,7 +1835,7 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
             error: result
                 .as_ref()
                 .err()
-                .map(|m| format!("ERR {m}"))
+                .map(|m| record_error(full_args, &format!("ERR {m}"), false))
                 .unwrap_or_default(),
         })
         .await;
@@ -2683,7 +2726,7 @@ mod tests {
             (
                 "config|set",
                 "subcommand=SET param=audit.format",
-                "rejected=ERR wrong number of arguments for 'config|set' command",
+                "rejected=wrong number of arguments for 'config|set' command",
             ),
             (
                 "config|rewrite",

@@ -140,6 +140,8 @@ struct QueueState {
     /// condvar notification is a futex syscall even when nobody waits.
     consumer_waiting: bool,
     producers_waiting: usize,
+    /// Records of the batch the sink took and has not written yet.
+    in_flight: u64,
 }
 
 /// The formatting stage and the bounded queue. Cloned handles share them.
@@ -205,6 +207,7 @@ impl Queue {
                     closed: false,
                     consumer_waiting: false,
                     producers_waiting: 0,
+                    in_flight: 0,
                 }),
                 Condvar::new(), // not empty
                 Condvar::new(), // not full
@@ -559,6 +562,7 @@ impl Queue {
         }
         let batch = st.batches.pop_front()?;
         st.bytes = st.bytes.saturating_sub(batch.cost);
+        st.in_flight = batch.count as u64;
         if st.producers_waiting > 0 {
             self.state.2.notify_all();
         }
@@ -568,6 +572,7 @@ impl Queue {
     /// Give a written batch's buffers back to the producers, unless enough are kept or they are
     /// oversized.
     pub fn recycle(&self, mut batch: Lines) {
+        self.lock().in_flight = 0;
         if batch.bytes.capacity() > SPARE_MAX_BYTES || batch.categories.capacity() > 2 * SEAL_LINES
         {
             return;
@@ -607,9 +612,10 @@ impl Queue {
         n
     }
 
-    /// Records waiting in the queue (not the batch the sink holds).
-    pub fn queued_records(&self) -> u64 {
-        self.lock().batches.iter().map(|b| b.count as u64).sum()
+    /// Records not written yet: those in the queue and those of the batch the sink holds.
+    pub fn unwritten_records(&self) -> u64 {
+        let st = self.lock();
+        st.in_flight + st.batches.iter().map(|b| b.count as u64).sum::<u64>()
     }
 
     pub fn len_bytes(&self) -> usize {

@@ -517,24 +517,30 @@ fn run() -> Result<()> {
     queue.push_final(&mut vec![stop_rec]);
     queue.close();
     // The sink gives up on a destination that refuses everything after a grace period, but a
-    // write can also block for good (a pipe nobody reads, a hung NFS server): past the time the
-    // sink may legitimately take, the process exits without it, saying what was not written.
+    // write can also block for good (a pipe nobody reads, a hung NFS server): once the sink has
+    // written nothing for longer than it may legitimately take, the process exits without it,
+    // saying what was not written. A slow sink that keeps writing is waited for.
     let grace = SHUTDOWN_GRACE
         + Duration::from_millis(shared.get().tcp.timeout_ms)
         + Duration::from_secs(5);
-    let deadline = Instant::now() + grace;
+    let mut written = metrics.bytes_written.load(Ordering::Relaxed);
+    let mut deadline = Instant::now() + grace;
     while !sink_thread.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+        let now_written = metrics.bytes_written.load(Ordering::Relaxed);
+        if now_written != written {
+            written = now_written;
+            deadline = Instant::now() + grace;
+        }
     }
     if sink_thread.is_finished() {
         let _ = sink_thread.join();
     } else {
-        let unwritten = queue.queued_records();
+        let unwritten = queue.unwritten_records();
         metrics.lost_sink.fetch_add(unwritten, Ordering::Relaxed);
         eprintln!(
-            "auditor: giving up at shutdown: the sink did not finish within {} s (a write that \
-             never returns: a pipe nobody reads?); {unwritten} queued records and the batch being \
-             written are not written",
+            "auditor: giving up at shutdown: the sink wrote nothing for {} s (a write that never \
+             returns: a pipe nobody reads?); {unwritten} records are not written",
             grace.as_secs()
         );
     }

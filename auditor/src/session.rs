@@ -30,11 +30,18 @@ use crate::settings::Settings;
 /// Requests waiting for a reply on one connection, at most. Valkey answers in order, so this is only
 /// reached by a client that pipelines without reading; past it the oldest is written as UNKNOWN.
 const MAX_PENDING: usize = 100_000;
-/// Heap bytes the commands awaiting replies (and those queued in MULTI) of one connection may
-/// hold, at most: a command's record keeps every key (up to 1 MiB of them), so a client that sends
-/// big commands without reading its replies could otherwise make the auditor hold gigabytes.
-/// Past it, as past `MAX_PENDING`, the oldest is written as UNKNOWN.
+/// Heap bytes the records of the commands awaiting replies of one connection may hold, at most,
+/// and as many those queued in its MULTI: a record keeps every key (up to 1 MiB of them), so a
+/// client that sends big commands without reading its replies could otherwise make the auditor
+/// hold gigabytes. Past it, the oldest awaiting a reply is written as UNKNOWN at once and stays in
+/// the FIFO as a stub (its reply still changes the connection's state: MULTI, AUTH, SUBSCRIBE...);
+/// in MULTI, the commands queued from there on are written at once, their outcome untold.
 const MAX_HELD_BYTES: usize = 32 << 20;
+/// `seq` of a record the session already wrote (a stub, see `MAX_HELD_BYTES`): the writer gives
+/// every record its `seq`, so no record the session hands over carries this one.
+const WRITTEN_EARLY: u64 = u64::MAX;
+/// The error of a command queued in MULTI past its bounds (`MAX_PENDING`, `MAX_HELD_BYTES`).
+const QUEUE_FULL: &str = "outcome not tracked (over 100000 queued or 32 MiB of them)";
 /// How long an unanswered CLIENT REPLY OFF/SKIP waits before it is taken as having worked (see
 /// `Session::settle_quiet`): Valkey answers a refusal in the same event-loop pass.
 pub const QUIET_NS: u64 = 100_000_000;
@@ -346,14 +353,21 @@ impl Pending {
             CommandName::Owned(name) => name.capacity(),
             CommandName::Borrowed(_) => 0,
         };
-        let secrets = self.secrets.as_ref().map_or(0, |s| {
-            s.quotable
+        let secrets = self.secrets.as_deref().map_or(0, SecretsShown::heap_bytes);
+        r.command_args.capacity() + r.keys.heap_bytes() + r.error.capacity() + command + secrets
+    }
+}
+
+impl SecretsShown {
+    fn heap_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.quotable.capacity() * size_of::<Arg>()
+            + self
+                .quotable
                 .iter()
                 .map(|a| a.prefix.capacity())
                 .sum::<usize>()
-                + s.args_on_success.as_ref().map_or(0, Vec::capacity)
-        });
-        r.command_args.capacity() + r.keys.heap_bytes() + r.error.capacity() + command + secrets
+            + self.args_on_success.as_ref().map_or(0, Vec::capacity)
     }
 }
 
@@ -412,9 +426,11 @@ struct Conn {
     /// Commands queued past `MAX_PENDING` in this MULTI: written at once as unknown, they still
     /// count in EXEC's reply.
     queued_untracked: u64,
-    /// Heap bytes `pending` and `queued` hold, at most (only added to; counted again exactly
-    /// when it passes `MAX_HELD_BYTES`, see `make_room`).
+    /// Heap bytes `pending` holds, at most (only added to; counted again exactly when it passes
+    /// `MAX_HELD_BYTES`, see `make_room`).
     held_bytes: usize,
+    /// Heap bytes `queued` holds (reset when a command is queued into an empty queue).
+    queued_bytes: usize,
     /// The server reads nothing more from this client (after QUIT, or bytes it refused while
     /// replies were off): requests parsed from here were never run.
     read_closed: bool,
@@ -758,6 +774,7 @@ impl Session {
             queued: Vec::new(),
             queued_untracked: 0,
             held_bytes: 0,
+            queued_bytes: 0,
             replies_to_pass: 0,
             read_closed: false,
             multi_known: false,
@@ -830,6 +847,7 @@ impl Session {
                     queued: Vec::new(),
                     queued_untracked: 0,
                     held_bytes: 0,
+                    queued_bytes: 0,
                     replies_to_pass: 0,
                     read_closed: false,
                     multi_known: false,
@@ -1268,16 +1286,15 @@ impl Session {
         for a in d.keys.iter().filter_map(|&i| req.args.get(i)) {
             keys.push(key_of(a, maxsize));
         }
-        let cost = args_text.capacity() + keys.heap_bytes();
-        let fits = make_room(conn, cost);
-        if conn.pending.len() >= MAX_PENDING || !fits {
-            // (`held_bytes` is exact when it did not fit: make room for a quarter of the bound.)
-            let limit = if fits {
-                usize::MAX
-            } else {
-                MAX_HELD_BYTES / 4 * 3
-            };
-            self.write_oldest_unknown(conn, cost, limit, out);
+        let cost = args_text.capacity()
+            + keys.heap_bytes()
+            + secrets.as_deref().map_or(0, SecretsShown::heap_bytes);
+        if !make_room(conn, cost) {
+            // (`held_bytes` is exact now: leave a quarter of the bound free.)
+            self.write_oldest_early(conn, cost, out);
+        }
+        if conn.pending.len() >= MAX_PENDING {
+            self.write_oldest_unknown(conn, out);
         }
         conn.held_bytes += cost;
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
@@ -1530,22 +1547,41 @@ impl Session {
         self.drain_unreplied(conn, out);
     }
 
-    /// Write the oldest commands awaiting replies as UNKNOWN, until one more (of `cost` heap
-    /// bytes) fits: fewer than `MAX_PENDING`, and `held_bytes` within `limit`.
-    fn write_oldest_unknown(
-        &mut self,
-        conn: &mut Conn,
-        cost: usize,
-        limit: usize,
-        out: &mut impl RecordOut,
-    ) {
-        while conn.pending.len() >= MAX_PENDING
-            || (conn.held_bytes.saturating_add(cost) > limit && !conn.pending.is_empty())
-        {
+    /// Past `MAX_HELD_BYTES`: write the oldest commands awaiting replies as UNKNOWN now, and keep
+    /// each in the FIFO as a stub holding no heap (`WRITTEN_EARLY`), whose reply, when it comes,
+    /// is paired and applied (MULTI, AUTH, SUBSCRIBE change the connection) but writes nothing,
+    /// until `cost` more bytes fit in three quarters of the bound.
+    fn write_oldest_early(&mut self, conn: &mut Conn, cost: usize, out: &mut impl RecordOut) {
+        let limit = MAX_HELD_BYTES / 4 * 3;
+        for p in conn.pending.iter_mut() {
+            if conn.held_bytes.saturating_add(cost) <= limit {
+                break;
+            }
+            if p.record.seq == WRITTEN_EARLY {
+                continue;
+            }
+            let freed = p.heap_bytes();
+            set_user(&mut p.record, &conn.username);
+            p.record.time_unix_us = self.wall_us(p.done_ts);
+            p.record.result = Outcome::Unknown;
+            p.record.error = b"too many requests awaiting replies".to_vec();
+            self.push_with(&p.settings, &mut p.record, out);
+            p.record.seq = WRITTEN_EARLY;
+            p.record.command_args = Vec::new();
+            p.record.keys = KeyList::new();
+            p.record.error = Vec::new();
+            p.secrets = None;
+            conn.held_bytes = conn.held_bytes.saturating_sub(freed);
+        }
+    }
+
+    /// Past `MAX_PENDING`: write the oldest command awaiting its reply as UNKNOWN and drop it
+    /// (its reply, when it comes, is passed over).
+    fn write_oldest_unknown(&mut self, conn: &mut Conn, out: &mut impl RecordOut) {
+        while conn.pending.len() >= MAX_PENDING {
             let Some(old) = conn.pending.pop_front() else {
                 break;
             };
-            conn.held_bytes = conn.held_bytes.saturating_sub(old.heap_bytes());
             let ts = old.done_ts;
             if old.expects_reply {
                 // Its reply still comes, first: it must not be taken for the next command's.
@@ -1773,15 +1809,25 @@ impl Session {
         if conn.in_multi && queued_reply {
             p.record.time_unix_us = self.wall_us(reply.start_ts);
             p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
-            if conn.queued.len() >= MAX_PENDING || !make_room(conn, p.heap_bytes()) {
+            let cost = p.heap_bytes();
+            if conn.queued.is_empty() {
+                conn.queued_bytes = 0;
+            }
+            // Once one is written so, so are the rest: EXEC's elements are paired with the
+            // queue in order.
+            if conn.queued_untracked > 0
+                || conn.queued.len() >= MAX_PENDING
+                || conn.queued_bytes + cost > MAX_HELD_BYTES
+            {
                 // Memory per connection stays bounded: past this, queued commands are written
                 // now, their outcome untold.
                 conn.queued_untracked += 1;
                 // Whether it will succeed at EXEC is not known either.
                 forget_user_if_auth(conn, &p.effect);
                 let ts = reply.start_ts;
-                self.finish_unknown(conn, p, "outcome not tracked (over 100000 queued)", ts, out);
+                self.finish_unknown(conn, p, QUEUE_FULL, ts, out);
             } else {
+                conn.queued_bytes += cost;
                 conn.queued.push(p);
             }
             return;
@@ -2180,6 +2226,9 @@ impl Session {
 
     #[inline(always)]
     fn push_with(&mut self, settings: &Settings, rec: &mut Record, out: &mut impl RecordOut) {
+        if rec.seq == WRITTEN_EARLY {
+            return;
+        }
         if let Some(cat) = filter::decide(
             &settings.filter,
             &rec.category,
@@ -2383,12 +2432,7 @@ fn make_room(conn: &mut Conn, cost: usize) -> bool {
     if conn.held_bytes + cost <= MAX_HELD_BYTES {
         return true;
     }
-    conn.held_bytes = conn
-        .pending
-        .iter()
-        .chain(&conn.queued)
-        .map(Pending::heap_bytes)
-        .sum();
+    conn.held_bytes = conn.pending.iter().map(Pending::heap_bytes).sum();
     conn.held_bytes + cost <= MAX_HELD_BYTES / 4 * 3
 }
 
@@ -2401,7 +2445,7 @@ fn show_on_success(p: &mut Pending) {
 
 /// The arguments an error reply may quote unredacted: those that are not secrets (`secrets`, sorted
 /// indexes), and equal none (`HELLO 3 AUTH bob bob x`: a quoted `bob` could be the password).
-fn quotable_args(args: &[Arg], secrets: &[usize]) -> Vec<Arg> {
+pub(crate) fn quotable_args(args: &[Arg], secrets: &[usize]) -> Vec<Arg> {
     let is_secret = |i: &usize| secrets.binary_search(i).is_ok();
     let secret_words: Vec<&[u8]> = (0..args.len())
         .filter(is_secret)
@@ -2427,21 +2471,19 @@ fn quotable_args(args: &[Arg], secrets: &[usize]) -> Vec<Arg> {
 /// or to its end (cut off). The unquoted text is Valkey's own wording and is left alone: replacing
 /// a secret's bytes wherever they occur turned `WRONGPASS invalid username-password pair` into
 /// `username-<REDACTED>` for the password `password`, telling it.
-fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
+pub(crate) fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
     const REDACTED: &[u8] = b"<REDACTED>";
     // Valkey's own words in ACL SETUSER's pattern errors (`... (or the 'allkeys' flag) ...`).
     const OWN_WORDS: [&[u8]; 4] = [b"allkeys", b"resetkeys", b"allchannels", b"resetchannels"];
     // Valkey's own quoted words in a CONFIG SET error (a password set alongside a failing
-    // yes/no setting). As a phrase: a lone `'yes'` may be a password ACL SETUSER echoes.
+    // yes/no setting), which ends the text. As a phrase and only there: a lone `'yes'` may be a
+    // password ACL SETUSER echoes, and so may a rule holding the phrase with more after it.
     const OWN_PHRASES: [&[u8]; 1] = [b"argument must be 'yes' or 'no'"];
-    let in_own_phrase = |e: &[u8], open: usize| {
-        OWN_PHRASES.iter().find_map(|p| {
-            let first = open.saturating_sub(p.len() - 1);
-            (first..=open)
-                .find(|&start| e.get(start..start + p.len()) == Some(*p))
-                .map(|start| start + p.len())
-        })
-    };
+    let own_phrase_start = OWN_PHRASES
+        .iter()
+        .find(|p| error.ends_with(p))
+        .map_or(usize::MAX, |p| error.len() - p.len());
+    let in_own_phrase = |e: &[u8], open: usize| (open >= own_phrase_start).then_some(e.len());
     let allowed = |word: &[u8]| {
         word.is_empty()
             || OWN_WORDS.contains(&word)
@@ -2477,11 +2519,7 @@ fn redact_quoted(error: &mut Vec<u8>, command: &[u8], quotable: &[Arg]) {
             continue;
         }
         // Up to the last quote, but not into Valkey's own phrase after it.
-        let limit = OWN_PHRASES
-            .iter()
-            .filter_map(|p| (open + 1..error.len()).find(|&i| error[i..].starts_with(p)))
-            .min()
-            .unwrap_or(error.len());
+        let limit = own_phrase_start.min(error.len());
         let end = match error[..limit].iter().rposition(|&b| b == b'\'') {
             Some(last) if last > open => last,
             _ => limit,

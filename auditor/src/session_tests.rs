@@ -2548,6 +2548,94 @@ fn big_commands_awaiting_replies_are_bounded_in_bytes() {
     );
 }
 
+#[test]
+fn commands_written_early_still_change_the_connection_when_their_replies_come() {
+    // QA: evicting MULTI (or a SUBSCRIBE) from the FIFO dropped its effect, and every later reply
+    // was taken for another command's; a big command past the MULTI queue's bound followed by a
+    // small one that fit took another's EXEC result.
+    let mut w = Wire::new();
+    let keys: Vec<String> = (0..1000)
+        .map(|i| format!("{i:04}{}", "k".repeat(1000)))
+        .collect();
+    let mut exists: Vec<&str> = vec!["EXISTS"];
+    exists.extend(keys.iter().map(String::as_str));
+    let n = 40;
+    w.client(&cmd(&["MULTI"]));
+    for _ in 0..n {
+        w.client(&cmd(&exists));
+    }
+    w.client(&cmd(&["INCR", "strkey"]));
+    w.client(&cmd(&["EXEC"]));
+    let early = w.take();
+    assert!(!early.is_empty() && early.len() < n);
+    assert_eq!(s(&early[0].command), "multi");
+    assert!(early.iter().all(
+        |r| r.result == Outcome::Unknown && s(&r.error) == "too many requests awaiting replies"
+    ));
+    // The replies: MULTI's +OK, a +QUEUED each, then EXEC's array (INCR failed).
+    let mut replies = b"+OK\r\n".to_vec();
+    replies.extend(b"+QUEUED\r\n".repeat(n + 1));
+    replies.extend(format!("*{}\r\n", n + 1).into_bytes());
+    replies.extend(b":0\r\n".repeat(n));
+    replies.extend(b"-ERR value is not an integer or out of range\r\n");
+    w.server(&replies);
+    let rest = w.take();
+    let incr: Vec<_> = rest.iter().filter(|r| s(&r.command) == "incr").collect();
+    assert_eq!(incr.len(), 1, "{:?}", names(&rest));
+    assert_eq!(incr[0].result, Outcome::Failure);
+    assert_eq!(
+        s(&incr[0].error),
+        "ERR value is not an integer or out of range"
+    );
+    let exec: Vec<_> = rest.iter().filter(|r| s(&r.command) == "exec").collect();
+    assert_eq!(exec.len(), 1);
+    assert_eq!(exec[0].result, Outcome::Success);
+    // Every EXISTS once, early or with its EXEC result.
+    let exists_written = early
+        .iter()
+        .chain(&rest)
+        .filter(|r| s(&r.command) == "exists");
+    assert_eq!(exists_written.count(), n);
+    // Nothing after a command past the queue's bound is paired with EXEC's elements either.
+    let mut w = Wire::new();
+    w.client(&cmd(&["MULTI"]));
+    w.server(b"+OK\r\n");
+    for _ in 0..n {
+        w.client(&cmd(&exists));
+        w.server(b"+QUEUED\r\n");
+    }
+    w.client(&cmd(&["INCR", "strkey"]));
+    w.server(b"+QUEUED\r\n");
+    let untracked = w.take();
+    assert!(
+        untracked.iter().any(|r| s(&r.command) == "incr"),
+        "{:?}",
+        names(&untracked)
+    );
+    assert!(
+        untracked
+            .iter()
+            .filter(|r| s(&r.command) != "multi")
+            .all(|r| r.result == Outcome::Unknown)
+    );
+}
+
+#[test]
+fn the_copies_kept_to_redact_errors_count_in_the_byte_bound() {
+    // QA: ACL SETUSER with 100,000 rules, sent without reading replies, held a copy of every
+    // argument for the error redaction that the bound did not count (6 MB a command).
+    let mut w = Wire::new();
+    let rules: Vec<String> = (0..100_000).map(|i| format!("~k{i:05}")).collect();
+    let mut setuser: Vec<&str> = vec!["ACL", "SETUSER", "bob", "badrule"];
+    setuser.extend(rules.iter().map(String::as_str));
+    for _ in 0..10 {
+        w.client(&cmd(&setuser));
+    }
+    let conn = w.session.conns.values().next().unwrap();
+    let held: usize = conn.pending.iter().map(Pending::heap_bytes).sum();
+    assert!(held <= MAX_HELD_BYTES, "{held}");
+}
+
 // ------------------------------------------------------------------------------------------------
 // 10. The filter stage
 // ------------------------------------------------------------------------------------------------
@@ -3643,6 +3731,21 @@ fn words_that_may_be_the_rest_of_a_password_are_hidden() {
     );
     assert_eq!(s(&r.error), "ERR Syntax error in HELLO option '<REDACTED>'");
     assert_no_secret(&[r], "SpWord2");
+    // Valkey's phrase is its own only where it ends the text: in a rule it may hide a password.
+    let r = w.roundtrip(
+        &[
+            "ACL",
+            "SETUSER",
+            "bob",
+            "<x argument must be 'yes' or 'no' TopSecret99",
+        ],
+        b"-ERR Error in ACL SETUSER modifier '<x argument must be 'yes' or 'no' TopSecret99': \
+          Syntax error\r\n",
+    );
+    assert_eq!(
+        s(&r.error),
+        "ERR Error in ACL SETUSER modifier '<REDACTED>': Syntax error"
+    );
     // (Valkey's own 'yes' is allowed only inside its yes/no phrase, not as a lone quoted word.)
     for word in ["SpWord3", "yes"] {
         let reply = format!("-ERR Error in ACL SETUSER modifier '{word}': Syntax error\r\n");
