@@ -72,10 +72,10 @@
 //!
 //! * Requests: at a line start, `*<1-9 digits, at most INT_MAX>\r\n$`, i.e. clearly a multibulk
 //!   command followed by its first bulk header. Also, an ASCII letter is taken as the start of an
-//!   inline command when it is the very first byte seen (`new_resyncing`), or the first byte of
-//!   the first read after the server wrote a reply (`reply_seen`: it had finished a command, so
-//!   that read begins one). Otherwise, after a gap, letters are too likely to be the tail of a
-//!   value to be trusted.
+//!   inline command when it is the very first byte seen (`new_resyncing`). Otherwise, after a
+//!   gap, letters are too likely to be the tail of a value, or of a command (Valkey reads a
+//!   pipeline 16 KiB at a time, so a read may begin mid-command even right after a reply), to
+//!   be trusted.
 //! * Replies: at a line start that follows `\r\n` (or is the first byte seen), any RESP type byte.
 //!   This is best effort: an element of an interrupted array looks like a top-level reply. The
 //!   caller treats requests pending at a Desync as having an unknown outcome.
@@ -285,6 +285,16 @@ enum ScanStep {
     Multibulk(u64),
 }
 
+/// `bytes` begin with a multibulk request's header and its first bulk header (`*<n>\r\n$`), the
+/// candidate start the request parser resynchronises to.
+pub fn starts_with_multibulk_header(bytes: &[u8]) -> bool {
+    let Some(rest) = bytes.strip_prefix(b"*") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    (1..=10).contains(&digits) && rest[0] != b'0' && rest[digits..].starts_with(b"\r\n$")
+}
+
 impl RequestScan {
     fn next(self, b: u8) -> ScanStep {
         match self {
@@ -444,17 +454,6 @@ impl RequestParser {
             );
             // `max(1)` keeps a bug from turning into an endless loop in the daemon.
             pos = pos.saturating_add(used.max(1));
-        }
-    }
-
-    /// The server wrote a reply on this connection since the previous `feed`: it had read a whole
-    /// command, and Valkey answers everything it read before it reads again. So while
-    /// resynchronising, the next read most likely begins a new command, and its first byte is a
-    /// candidate start, an inline command's letter included (as for a connection's first byte).
-    /// Inside a value the server is still reading it writes no reply, so this does not fire there.
-    pub fn reply_seen(&mut self) {
-        if let RequestState::Resync(RequestScan::Seek { .. }) = self.state {
-            self.state = RequestState::Resync(RequestScan::FirstByte);
         }
     }
 
@@ -2409,22 +2408,20 @@ mod tests {
     }
 
     #[test]
-    fn after_a_reply_the_next_read_may_begin_an_inline_command() {
-        let mut parser = RequestParser::new_resyncing(KEEP);
-        let mut out = Vec::new();
-        // Attached mid-command: the end of a bulk, then text lines of a value, no reply between.
-        parser.feed(b"1\r\n", 1, &mut out);
-        parser.feed(b"text of a value\r\n", 1, &mut out);
-        assert!(out.is_empty() && parser.resyncing(), "{out:?}");
-        // The server answered the command those bytes completed: the next read begins one.
-        parser.reply_seen();
-        parser.feed(b"SET k v\r\n", 1, &mut out);
-        assert_eq!(only_argv(&out), [vec![&b"SET"[..], b"k", b"v"]]);
-        assert!(!parser.resyncing());
-        // Once in sync the hint changes nothing.
-        parser.reply_seen();
-        parser.feed(&multibulk(&[b"GET", b"k"]), 1, &mut out);
-        assert_eq!(only_argv(&out).len(), 2);
+    fn multibulk_header_at_the_start() {
+        for (bytes, want) in [
+            (&b"*2\r\n$3\r\nGET"[..], true),
+            (b"*1234567890\r\n$", true),
+            (b"*12345678901\r\n$", false),
+            (b"*0\r\n$", false),
+            (b"*2\r\n*", false),
+            (b"*2\r\n", false),
+            (b"$3\r\nGET", false),
+            (b"GET k\r\n", false),
+            (b"", false),
+        ] {
+            assert_eq!(starts_with_multibulk_header(bytes), want, "{bytes:?}");
+        }
     }
 
     #[test]

@@ -999,15 +999,25 @@ impl Session {
         if inbound {
             self.report_lost_commands(&mut conn, ts_ns, out);
             conn.reads += 1;
-            if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
-                self.drop_unanswered_guesses(&mut conn, ts_ns, out);
-            }
+            let dropped = if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
+                self.drop_unanswered_guesses(&mut conn, ts_ns, out)
+            } else {
+                0
+            };
             // A read after the client had every reply: whatever the gap held is answered, and
-            // replies line up with requests again.
-            if conn
-                .uncertain_since
-                .is_some_and(|read| read < conn.reads && conn.pending.is_empty())
-            {
+            // replies line up with requests again. Not while the parser is still looking for a
+            // command's start, unless this read begins with one: the previous read may have
+            // ended inside a command the gap began, whose rest this read would begin with, and
+            // which the server answers only after it, first. Nor when guesses were just dropped
+            // for want of a reply: a real one's reply may yet come (its write lost or late), and
+            // would be taken for the next command's.
+            let in_step = !conn.requests.resyncing()
+                || pieces.one.is_some_and(|(pos, bytes)| {
+                    pos == conn.in_expected && crate::resp::starts_with_multibulk_header(bytes)
+                });
+            if conn.uncertain_since.is_some_and(|read| {
+                read < conn.reads && conn.pending.is_empty() && in_step && dropped == 0
+            }) {
                 conn.uncertain_since = None;
                 conn.guesses_owed = 0;
                 conn.uncertain_from_pubsub = false;
@@ -1094,18 +1104,6 @@ impl Session {
             for ev in events.drain(..) {
                 match ev {
                     ReplyEvent::Reply(reply) => {
-                        // A reply to a command (not a push, a pub/sub message or MONITOR's
-                        // stream, which come while the client may be mid-value) marks a read
-                        // boundary after a gap. Not on a connection open at attach: a pre-attach
-                        // blocked command's reply can come mid-value too, and what it would
-                        // recover (inline commands) is counted by its replies anyway.
-                        if !conn.preexisting
-                            && !conn.subscribed
-                            && !conn.monitor
-                            && reply.kind != ReplyKind::Push
-                        {
-                            conn.requests.reply_seen();
-                        }
                         self.on_reply(&mut conn, &reply, out);
                         self.pool.put_bytes(reply.text);
                     }
@@ -1598,9 +1596,15 @@ impl Session {
     /// may hold RESP text). Its record would name a command nobody sent, so it is counted in a
     /// loss record instead, where a real one (its reply held up by a slow reader) is not hidden
     /// either. Blocking commands answer later, and without replies on nothing can be judged.
-    fn drop_unanswered_guesses(&mut self, conn: &mut Conn, ts_ns: u64, out: &mut impl RecordOut) {
+    /// Returns how many were dropped.
+    fn drop_unanswered_guesses(
+        &mut self,
+        conn: &mut Conn,
+        ts_ns: u64,
+        out: &mut impl RecordOut,
+    ) -> u64 {
         if conn.reply_mode != ReplyMode::On || conn.subscribed || conn.monitor {
-            return;
+            return 0;
         }
         let reads = conn.reads;
         let before = conn.pending.len();
@@ -1625,6 +1629,7 @@ impl Session {
             );
             self.push(rec, ts_ns, out);
         }
+        dropped
     }
 
     /// The commands a request-side gap held, known by their replies (`Conn::lost_commands`).

@@ -2079,6 +2079,7 @@ fn gap_that_breaks_request_framing_is_a_loss_and_the_parser_recovers() {
     assert!(w.take().is_empty());
     assert_eq!(w.stats().replies_unmatched, 1);
     // The next command is found again; the reply without a request said one command was lost.
+    // Its read begins with a command's start, so the read before did not end inside one.
     let p = w.roundtrip_after_lost(1, &["PING"], b"+PONG\r\n");
     assert_eq!(
         seen(&p),
@@ -2093,7 +2094,81 @@ fn gap_that_breaks_request_framing_is_a_loss_and_the_parser_recovers() {
             0
         )
     );
+    // In step again, with every reply received: results are read from replies again.
+    let g = w.roundtrip(&["GET", "k"], b"$-1\r\n");
+    assert_eq!((g.result, s(&g.error)), (Outcome::Success, String::new()));
     assert_eq!(w.stats().request_resyncs, 1);
+}
+
+/// A read whose tail the kernel did not capture: `bytes` are its first bytes, `total` its length.
+fn client_read_with_tail(w: &mut Wire, bytes: &[u8], total: usize) {
+    let pos = w.in_pos;
+    w.in_pos += total as u64;
+    w.data(true, pos, total as u32, 0, bytes.len() as u32, bytes);
+}
+
+#[test]
+fn a_command_begun_in_an_uncaptured_tail_does_not_shift_the_results_after_it() {
+    // QA: Valkey reads a pipeline 16 KiB at a time; with the tail of a read uncaptured, the
+    // command that spans into the next read is answered only after that read, first. Nothing
+    // was pending at that read (the commands before it were answered), which closed the
+    // uncertain window: its reply was taken for the next command's, and every result after was
+    // one off, definite and wrong.
+    let mut w = Wire::new();
+    let mut first = pipeline(&[&["GET", "a"], &["GET", "b"]]);
+    let spanning = cmd(&["SET", "p", "value-of-p"]);
+    first.extend_from_slice(&spanning[..6]);
+    client_read_with_tail(&mut w, &first, first.len() + 10);
+    w.server(b"$-1\r\n$-1\r\n");
+    let mut next = spanning[16..].to_vec();
+    next.extend(pipeline(&[&["INCR", "n"], &["LPUSH", "str", "x"]]));
+    w.client(&next);
+    w.server(
+        b"+OK\r\n:1\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+    );
+    let recs = w.take();
+    let results: Vec<(String, Outcome)> = recs
+        .iter()
+        .filter(|r| r.category != Category::AuditLoss)
+        .map(|r| (s(&r.command), r.result))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("get".to_string(), Outcome::Success),
+            ("get".to_string(), Outcome::Success),
+            ("incr".to_string(), Outcome::Unknown),
+            ("lpush".to_string(), Outcome::Unknown),
+        ]
+    );
+    // In step again once the client had every reply (the one reply too many counted the
+    // command the tail began).
+    let r = w.roundtrip_after_lost(
+        1,
+        &["LPUSH", "str", "x"],
+        b"-WRONGTYPE Operation against a key\r\n",
+    );
+    assert_eq!(r.result, Outcome::Failure);
+}
+
+#[test]
+fn guesses_dropped_for_want_of_a_reply_keep_the_results_after_them_uncertain() {
+    // QA (ring overflow, 20 clients): commands after a gap had no reply by the next read because
+    // the write holding their replies was late or lost; they were counted as guesses, nothing was
+    // pending, and the uncertain window closed at once, so their replies, coming next, were
+    // taken for the next commands'.
+    let mut w = Wire::new();
+    w.roundtrip(&["SET", "a", "1"], b"+OK\r\n");
+    w.client_gap(20);
+    w.client(&pipeline(&[&["INCR", "n"], &["INCR", "m"]]));
+    w.take();
+    // The next read comes before their replies are seen.
+    w.client(&cmd(&["LPUSH", "str", "x"]));
+    w.server(b":1\r\n:1\r\n-WRONGTYPE Operation against a key\r\n");
+    let recs = w.take();
+    let lpush: Vec<_> = recs.iter().filter(|r| s(&r.command) == "lpush").collect();
+    assert_eq!(lpush.len(), 1, "{:?}", names(&recs));
+    assert_ne!(lpush[0].result, Outcome::Success, "{:?}", lpush[0]);
 }
 
 #[test]
