@@ -281,7 +281,7 @@ impl Queue {
     pub fn flush(&self) {
         let mut f = self.formatter();
         if f.dropped > 0 {
-            self.emit_drop_loss(&mut f);
+            self.emit_drop_loss(&mut f, false);
         }
         self.seal(&mut f);
         if f.budget > 0 {
@@ -317,11 +317,7 @@ impl Queue {
     fn push_beyond_bound(&self, records: &mut Vec<Record>, last: bool) {
         let mut f = self.formatter();
         if last && f.dropped > 0 {
-            let mut rec = f.origin.loss_record("queue_overflow", f.dropped, 0);
-            let cost = record_cost(&rec);
-            self.lock().bytes += cost;
-            f.dropped = 0;
-            self.write_line(&mut f, &mut rec, cost);
+            self.emit_drop_loss(&mut f, true);
         }
         for rec in records.drain(..) {
             let mut rec = rec;
@@ -438,13 +434,14 @@ impl Queue {
         self.metrics.lost_queue.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The loss record of the drops since the last one, if there is room for it (budget or queue).
-    fn emit_drop_loss(&self, f: &mut Formatter) {
+    /// The loss record of the drops since the last one, if there is room for it (budget or queue)
+    /// or it is `forced` in (the end of the run).
+    fn emit_drop_loss(&self, f: &mut Formatter, forced: bool) {
         let mut rec = f.origin.loss_record("queue_overflow", f.dropped, 0);
         let cost = record_cost(&rec);
         if f.budget < cost {
             let mut st = self.lock();
-            if st.bytes + cost > st.max_bytes && !st.batches.is_empty() {
+            if !forced && st.bytes + cost > st.max_bytes && !st.batches.is_empty() {
                 return; // still no room: keep counting
             }
             st.bytes += cost;
@@ -458,7 +455,7 @@ impl Queue {
     /// Number and format one record into the open batch (first the loss record of earlier drops).
     fn format_into(&self, f: &mut Formatter, rec: &mut Record, cost: usize) {
         if f.dropped > 0 {
-            self.emit_drop_loss(f);
+            self.emit_drop_loss(f, false);
         }
         self.write_line(f, rec, cost);
     }

@@ -163,24 +163,16 @@ impl Snapshot {
     /// Every loss counter that is not zero, as `INFO audit` names it (`name=value ...`); `None`
     /// when nothing was lost.
     pub fn loss_summary(&self) -> Option<String> {
-        let counters = [
-            ("audit_lost_ring_buffer_events", self.lost_ring_events),
-            ("audit_lost_ring_buffer_bytes", self.lost_ring_bytes),
-            ("audit_bytes_not_captured", self.bytes_skipped),
-            ("audit_lost_parser_resync_request", self.request_resyncs),
-            ("audit_lost_parser_resync_reply", self.reply_resyncs),
-            (
-                "audit_lost_commands_not_captured",
-                self.commands_not_captured,
-            ),
-            ("audit_lost_queue_overflow", self.lost_queue),
-            ("audit_lost_sink", self.lost_sink),
-            ("audit_tls_connections", self.tls_connections),
-        ];
-        let lost: Vec<String> = counters
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(name, n)| format!("{name}={n}"))
+        let lost: Vec<String> = self
+            .info_fields("", "", 0, FilterSizes::default())
+            .into_iter()
+            .filter(|(name, value)| {
+                (name.starts_with("audit_lost_")
+                    || name == "audit_bytes_not_captured"
+                    || name == "audit_tls_connections")
+                    && value != "0"
+            })
+            .map(|(name, value)| format!("{name}={value}"))
             .collect();
         (!lost.is_empty()).then(|| lost.join(" "))
     }

@@ -1011,12 +1011,15 @@ impl Session {
             // which the server answers only after it, first. Nor when guesses were just dropped
             // for want of a reply: a real one's reply may yet come (its write lost or late), and
             // would be taken for the next command's.
-            let in_step = !conn.requests.resyncing()
-                || pieces.one.is_some_and(|(pos, bytes)| {
-                    pos == conn.in_expected && crate::resp::starts_with_multibulk_header(bytes)
-                });
             if conn.uncertain_since.is_some_and(|read| {
-                read < conn.reads && conn.pending.is_empty() && in_step && dropped == 0
+                read < conn.reads
+                    && conn.pending.is_empty()
+                    && dropped == 0
+                    && (!conn.requests.resyncing()
+                        || pieces.one.is_some_and(|(pos, bytes)| {
+                            pos == conn.in_expected
+                                && crate::resp::starts_with_multibulk_header(bytes)
+                        }))
             }) {
                 conn.uncertain_since = None;
                 conn.guesses_owed = 0;

@@ -2587,15 +2587,33 @@ fn too_many_pending_requests_write_the_oldest() {
     }
 }
 
+/// A thousand distinct keys of 1 KB: about 1 MB of keys in one command's record.
+fn kilobyte_keys() -> Vec<String> {
+    (0..1000)
+        .map(|i| format!("{i:04}{}", "k".repeat(1000)))
+        .collect()
+}
+
+/// Records written early for the per-connection byte bound: UNKNOWN, and why.
+fn assert_written_early(recs: &[Record]) {
+    assert!(recs.iter().all(
+        |r| r.result == Outcome::Unknown && s(&r.error) == "too many requests awaiting replies"
+    ));
+}
+
+/// Heap bytes the records awaiting replies on the wire's connection hold.
+fn held_bytes(w: &Wire) -> usize {
+    let conn = w.session.conns.values().next().unwrap();
+    conn.pending.iter().map(Pending::heap_bytes).sum()
+}
+
 #[test]
 fn big_commands_awaiting_replies_are_bounded_in_bytes() {
     // QA: a client that sends big commands without reading its replies made the auditor hold
     // every key of each (hundreds of MiB for one connection): past MAX_HELD_BYTES the oldest is
     // written as UNKNOWN, and the replies still line up.
     let mut w = Wire::new();
-    let keys: Vec<String> = (0..1000)
-        .map(|i| format!("{i:04}{}", "k".repeat(1000)))
-        .collect();
+    let keys = kilobyte_keys();
     let mut mset: Vec<&str> = vec!["MSET"];
     for k in &keys {
         mset.extend([k.as_str(), "v"]);
@@ -2606,11 +2624,8 @@ fn big_commands_awaiting_replies_are_bounded_in_bytes() {
     }
     let evicted = w.take();
     assert!(!evicted.is_empty() && evicted.len() < n);
-    assert!(evicted.iter().all(
-        |r| r.result == Outcome::Unknown && s(&r.error) == "too many requests awaiting replies"
-    ));
-    let conn = w.session.conns.values().next().unwrap();
-    let held: usize = conn.pending.iter().map(Pending::heap_bytes).sum();
+    assert_written_early(&evicted);
+    let held = held_bytes(&w);
     assert!(held <= MAX_HELD_BYTES, "{held}");
     assert!(held > MAX_HELD_BYTES / 2, "{held}");
     w.server(&b"+OK\r\n".repeat(n));
@@ -2629,9 +2644,7 @@ fn commands_written_early_still_change_the_connection_when_their_replies_come() 
     // was taken for another command's; a big command past the MULTI queue's bound followed by a
     // small one that fit took another's EXEC result.
     let mut w = Wire::new();
-    let keys: Vec<String> = (0..1000)
-        .map(|i| format!("{i:04}{}", "k".repeat(1000)))
-        .collect();
+    let keys = kilobyte_keys();
     let mut exists: Vec<&str> = vec!["EXISTS"];
     exists.extend(keys.iter().map(String::as_str));
     let n = 40;
@@ -2644,9 +2657,7 @@ fn commands_written_early_still_change_the_connection_when_their_replies_come() 
     let early = w.take();
     assert!(!early.is_empty() && early.len() < n);
     assert_eq!(s(&early[0].command), "multi");
-    assert!(early.iter().all(
-        |r| r.result == Outcome::Unknown && s(&r.error) == "too many requests awaiting replies"
-    ));
+    assert_written_early(&early);
     // The replies: MULTI's +OK, a +QUEUED each, then EXEC's array (INCR failed).
     let mut replies = b"+OK\r\n".to_vec();
     replies.extend(b"+QUEUED\r\n".repeat(n + 1));
@@ -2706,8 +2717,7 @@ fn the_copies_kept_to_redact_errors_count_in_the_byte_bound() {
     for _ in 0..10 {
         w.client(&cmd(&setuser));
     }
-    let conn = w.session.conns.values().next().unwrap();
-    let held: usize = conn.pending.iter().map(Pending::heap_bytes).sum();
+    let held = held_bytes(&w);
     assert!(held <= MAX_HELD_BYTES, "{held}");
 }
 
