@@ -1442,8 +1442,10 @@ def test_a_tls_connection_is_a_visible_loss_not_garbage(start_auditor, tmp_path)
                                                                 ("CONNECTION", "disconnection")], mine
         assert mine[0]["command_args"].startswith("cause=tls_connection count=0 "), mine[0]
         assert mine[1]["command_args"] == "type=tls"
-        assert "audit_tls_connections:1" in subprocess.run(
-            [REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"], capture_output=True, text=True).stdout
+        # (INFO's counters are published about every 100 ms.)
+        wait_until(lambda: "audit_tls_connections:1\n" in subprocess.run(
+            [REDIS_CLI, "-p", str(auditor.control), "INFO", "audit"], capture_output=True, text=True).stdout,
+                   what="INFO audit_tls_connections:1")
     finally:
         server.kill()
         server.wait()
