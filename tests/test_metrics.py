@@ -57,7 +57,7 @@ def test_metrics_match_info_audit(valkey, start_auditor):
     assert m[("auditor_records_total", (("category", "key_op"),))] == key_ops == 21
     assert m[("auditor_sink_up", (("sink", "file"),))] == 1
     assert m[("auditor_ring_buffer_size_bytes", ())] == \
-        info["audit_ring_buffer_size_bytes"] == 8 * 1024 * 1024
+        info["audit_ring_buffer_size_bytes"] == 16 * 1024 * 1024
 
 
 def test_metrics_endpoint_rejects_other_paths(valkey, start_auditor):

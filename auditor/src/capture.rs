@@ -11,12 +11,13 @@ use auditor_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{Program, ProgramError, RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope},
 };
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
+use crate::ring::RingReader;
 use crate::session::{CaptureEvent, Peer, ProcessEvent};
 
 /// The eBPF object built by `auditor/build.rs` (aya-build), embedded in the binary.
@@ -100,7 +101,7 @@ pub struct CaptureConfig {
 
 /// Ring buffer and kernel counters, owned by the capture thread.
 pub struct CaptureStream {
-    pub ring: RingBuf<MapData>,
+    pub ring: RingReader,
     stats: PerCpuArray<MapData, u64>,
     /// Epoll instance watching the ring edge-triggered (see `wait`).
     wake: OwnedFd,
@@ -157,7 +158,10 @@ impl Capture {
                 config.set(index, value, 0)?;
             }
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let ring = match ebpf.take_map("EVENTS").context("EVENTS map")? {
+            aya::maps::Map::RingBuf(data) => RingReader::new(data, cfg.ring_bytes as usize)?,
+            _ => bail!("EVENTS is not a ring buffer map"),
+        };
         let stats_map = ebpf.take_map("STATS").context("STATS map")?;
         let live_counters = match &stats_map {
             aya::maps::Map::PerCpuArray(data) => LiveKernelCounters::open(data),

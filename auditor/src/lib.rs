@@ -22,6 +22,7 @@ pub mod procscan;
 pub mod prometheus;
 pub mod record;
 pub mod resp;
+pub mod ring;
 pub mod scheduling;
 pub mod serverquery;
 pub mod session;

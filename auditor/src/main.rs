@@ -113,11 +113,12 @@ struct Cli {
     /// slow syscall path. `auto` (default): `sockets` where the kernel has them, else `syscalls`.
     #[arg(long, value_enum, env = "AUDITOR_CAPTURE", default_value_t = CaptureMode::Auto)]
     capture: CaptureMode,
-    /// Ring buffer size in bytes (a power of two, multiple of the page size).
-    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    /// Ring buffer size in bytes (a power of two, multiple of the page size). The auditor's RSS
+    /// carries it once, from the start.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
     ring_bytes: u32,
     /// Unread ring bytes at which the kernel wakes the capture thread (it also polls every
-    /// 10 ms, which bounds the records' delay at low rates). Default: 1/32 of the ring (256 KiB).
+    /// 10 ms, which bounds the records' delay at low rates). Default: 1/64 of the ring (256 KiB).
     #[arg(long)]
     wakeup_bytes: Option<u64>,
     /// User the auditor authenticates as to ask the server (`CLIENT LIST`) which user each connection
@@ -244,7 +245,7 @@ fn run() -> Result<()> {
         // server for longer: at an eighth of the ring (1 MiB) the auditor used 15-20% less CPU
         // but the `-P 1` p99 grew; 256 KiB kept most of the saving with the lowest p99 of the
         // three (BENCHMARKS.md, session 8).
-        wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 32),
+        wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 64),
     })?;
     if let Some(live) = stream.take_live_counters() {
         metrics.set_kernel_counters_source(Box::new(move || live.read()));
@@ -984,7 +985,7 @@ impl CaptureLoop {
         // Events of this pass get the wall clock as it is now, steps of it included.
         self.session.set_wall_offset(wall_offset_ns());
         while drained < max
-            && let Some(item) = self.stream.ring.next()
+            && let Some(item) = self.stream.ring.next_record()
         {
             // A CONFIG SET applies from the very next command: one atomic load per event.
             if self.capture_only {

@@ -4,7 +4,7 @@
 //! the sink thread (writing formatted batches) is ever put there, and only while that is safe: it sits
 //! behind the bounded queue, which absorbs a late start. The capture thread, which drains the
 //! kernel's ring buffer, always keeps the normal policy: a batch thread may wait several
-//! milliseconds for a CPU, and at `-P 16 -d 1024` (~700 MB/s) an 8 MiB ring fills in 12 ms. (Both
+//! milliseconds for a CPU, and at `-P 16 -d 1024` (~700 MB/s) a 16 MiB ring fills in 24 ms. (Both
 //! threads under SCHED_BATCH lost records in full bench runs, each time at the onset of a burst.)
 //!
 //! The sink runs under SCHED_BATCH while the ring would take at least 100 ms to fill at the last
