@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::clock::{monotonic_ns, wall_now_us};
-use crate::format::{Format, write_record};
+use crate::format::{Format, JsonFieldCache, write_record_cached};
 use crate::metrics::Metrics;
 use crate::record::{Category, Outcome, Record, ServerFile};
 use crate::session::RecordOut;
@@ -125,6 +125,8 @@ struct Formatter {
     /// Records dropped (`overflow drop`) since the last loss record.
     dropped: u64,
     origin: Origin,
+    /// The last record's client and server fields as JSON (see `write_record_cached`).
+    json_fields: JsonFieldCache,
 }
 
 struct QueueState {
@@ -196,6 +198,7 @@ impl Queue {
                 budget: 0,
                 dropped: 0,
                 origin,
+                json_fields: JsonFieldCache::default(),
             })),
             state: Arc::new((
                 Mutex::new(QueueState {
@@ -471,7 +474,12 @@ impl Queue {
         rec.seq = f.next_seq;
         f.next_seq += 1;
         let start = f.open.bytes.len();
-        write_record(f.line_format.format, rec, &mut f.open.bytes);
+        write_record_cached(
+            f.line_format.format,
+            rec,
+            &mut f.open.bytes,
+            &mut f.json_fields,
+        );
         // A line longer than its record's estimate (escaped binary can take six times its bytes)
         // is charged its length, so the queue's bound holds for the formatted lines.
         let charged = cost.max(f.open.bytes.len() - start);
@@ -860,7 +868,7 @@ mod tests {
         let mut r = rec(0);
         r.seq = 999;
         let mut line = Vec::new();
-        write_record(Format::Json, &r, &mut line);
+        crate::format::write_record(Format::Json, &r, &mut line);
         line.len().max(record_cost(&r))
     }
 

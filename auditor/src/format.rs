@@ -29,6 +29,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Local, Timelike};
 
@@ -95,8 +96,52 @@ impl fmt::Display for Format {
 pub fn write_record(format: Format, r: &Record, out: &mut Vec<u8>) {
     match format {
         Format::Text => write_text(r, out),
-        Format::Json => write_json(r, out),
+        Format::Json => write_json(r, out, None),
         Format::Csv => write_csv(r, out),
+    }
+}
+
+/// [`write_record`] with the JSON of the client and server fields kept from one record to the next
+/// (`cache`): consecutive records mostly come from one connection, since a ring record holds a
+/// pipeline's worth of its commands, so those eight fields are formatted once per run of them.
+pub fn write_record_cached(
+    format: Format,
+    r: &Record,
+    out: &mut Vec<u8>,
+    cache: &mut JsonFieldCache,
+) {
+    match format {
+        Format::Json => write_json(r, out, Some(cache)),
+        _ => write_record(format, r, out),
+    }
+}
+
+/// The JSON of the last record's client fields (`client_id` to `server_hostname`) and server fields
+/// (`pid` on), with what they were made from. The `Arc`s are kept, so a pointer compared equal is the
+/// same value, never a freed one's address reused.
+#[derive(Default)]
+pub struct JsonFieldCache {
+    client: Option<ClientKey>,
+    client_json: Vec<u8>,
+    server: Option<(u32, Arc<ServerInfo>)>,
+    server_json: Vec<u8>,
+}
+
+struct ClientKey {
+    client_id: u64,
+    client_port: u16,
+    username: Arc<[u8]>,
+    client_ip: Arc<str>,
+    server: Arc<ServerInfo>,
+}
+
+impl ClientKey {
+    fn matches(&self, r: &Record) -> bool {
+        self.client_id == r.client_id
+            && self.client_port == r.client_port
+            && Arc::ptr_eq(&self.username, &r.username)
+            && Arc::ptr_eq(&self.client_ip, &r.client_ip)
+            && Arc::ptr_eq(&self.server, &r.server)
     }
 }
 
@@ -168,7 +213,7 @@ fn container_fields(srv: &ServerInfo) -> [(&'static str, &str); 4] {
     ]
 }
 
-fn write_json(r: &Record, out: &mut Vec<u8>) {
+fn write_json(r: &Record, out: &mut Vec<u8>, cache: Option<&mut JsonFieldCache>) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     push_timestamp(out, r.time_unix_us);
     out.extend_from_slice(b"\",\"category\":\"");
@@ -183,6 +228,42 @@ fn write_json(r: &Record, out: &mut Vec<u8>) {
     push_u64(out, r.duration_us);
     out.extend_from_slice(b",\"keys_modified\":");
     push_u64(out, r.keys_modified);
+    match cache {
+        None => {
+            json_client_fields(r, out);
+            json_error_to_keys(r, out);
+            json_server_fields(r, out);
+        }
+        Some(c) => {
+            if !c.client.as_ref().is_some_and(|k| k.matches(r)) {
+                c.client_json.clear();
+                json_client_fields(r, &mut c.client_json);
+                c.client = Some(ClientKey {
+                    client_id: r.client_id,
+                    client_port: r.client_port,
+                    username: r.username.clone(),
+                    client_ip: r.client_ip.clone(),
+                    server: r.server.clone(),
+                });
+            }
+            out.extend_from_slice(&c.client_json);
+            json_error_to_keys(r, out);
+            if !c
+                .server
+                .as_ref()
+                .is_some_and(|(pid, srv)| *pid == r.pid && Arc::ptr_eq(srv, &r.server))
+            {
+                c.server_json.clear();
+                json_server_fields(r, &mut c.server_json);
+                c.server = Some((r.pid, r.server.clone()));
+            }
+            out.extend_from_slice(&c.server_json);
+        }
+    }
+}
+
+/// `,"client_id":...` to the `server_hostname` value.
+fn json_client_fields(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"client_id\":");
     push_u64(out, r.client_id);
     out.extend_from_slice(b",\"username\":\"");
@@ -193,6 +274,10 @@ fn write_json(r: &Record, out: &mut Vec<u8>) {
     push_u64(out, u64::from(r.client_port));
     out.extend_from_slice(b",\"server_hostname\":\"");
     escape_json(out, r.server.hostname.as_bytes());
+}
+
+/// `","error":...` to the end of the key list.
+fn json_error_to_keys(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\",\"error\":\"");
     escape_json(out, &r.error);
     out.extend_from_slice(b"\",\"seq\":");
@@ -206,6 +291,10 @@ fn write_json(r: &Record, out: &mut Vec<u8>) {
         escape_json(out, key);
         out.push(b'"');
     }
+}
+
+/// `],"pid":...` to the end of the line.
+fn json_server_fields(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b"],\"pid\":");
     push_u64(out, u64::from(r.pid));
     let srv = &*r.server;
@@ -851,6 +940,57 @@ mod tests {
             keys: [b"user:1001".to_vec()].iter().collect(),
             pid: 4242,
         }
+    }
+
+    /// The cached client and server fields are those of each record: the same connection with a
+    /// new user (AUTH), another connection, another server, a container server, fields to escape.
+    #[test]
+    fn cached_json_fields_are_each_records_own() {
+        let base = sample_set();
+        let mut records = vec![base.clone()];
+        let mut r = base.clone();
+        r.seq = 43;
+        r.keys = KeyList::new();
+        records.push(r.clone());
+        r.username = b"bob"[..].into();
+        records.push(r.clone());
+        // An equal user name in a new allocation (a second AUTH as the same user).
+        r.username = b"bob"[..].into();
+        records.push(r.clone());
+        r.client_id = 7;
+        r.client_port = 1;
+        records.push(r.clone());
+        r.client_ip = "::1".into();
+        records.push(r.clone());
+        let mut srv = (*base.server).clone();
+        srv.hostname = "host \"two\"".into();
+        srv.port = 7000;
+        srv.ns_pid = 12;
+        srv.pod_name = "pod-a".into();
+        r.server = Arc::new(srv);
+        records.push(r.clone());
+        r.pid = 4243;
+        records.push(r.clone());
+        records.push(base.clone());
+        let mut cache = JsonFieldCache::default();
+        for (i, r) in records.iter().enumerate() {
+            let (mut cached, mut plain) = (Vec::new(), Vec::new());
+            write_record_cached(Format::Json, r, &mut cached, &mut cache);
+            write_record(Format::Json, r, &mut plain);
+            assert_eq!(
+                String::from_utf8_lossy(&cached),
+                String::from_utf8_lossy(&plain),
+                "record {i}"
+            );
+            let v: serde_json::Value = serde_json::from_slice(&cached).unwrap();
+            assert_eq!(v["client_id"], r.client_id, "record {i}");
+            assert_eq!(v["server_port"], r.server.port, "record {i}");
+        }
+        // Other formats ignore the cache.
+        let (mut cached, mut plain) = (Vec::new(), Vec::new());
+        write_record_cached(Format::Text, &base, &mut cached, &mut cache);
+        write_record(Format::Text, &base, &mut plain);
+        assert_eq!(cached, plain);
     }
 
     /// The sample's unknown-command record (S12), with its error text.
