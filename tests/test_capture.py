@@ -1449,3 +1449,37 @@ def test_a_tls_connection_is_a_visible_loss_not_garbage(start_auditor, tmp_path)
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_small_ring_is_woken_in_time_for_steady_traffic(valkey, start_auditor):
+    """The kernel wakes the capture thread once per `--wakeup-bytes` entering the ring. It used to
+    wake it only when the unread data crossed the threshold, which the records' own headers could
+    step over: the thread then slept until its 10 ms poll while a 64 KiB ring overflowed on one
+    client's sequential SETs (half of 2000 lost)."""
+    a = start_auditor(valkey.pid, extra=("--ring-bytes", "65536", "--wakeup-bytes", "1024"),
+                      settings=("audit.events", "all"))
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", valkey.port))
+        for _ in range(500):
+            s.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n")
+            read_until(s, lambda b: b.endswith(b"+OK\r\n"))
+        s.close()
+    a.wait_records(lambda rs: sum(r["command"] == "set" for r in rs) >= 2000,
+                   what="2000 set records")
+    f = info_audit(a)
+    assert f["audit_lost_ring_buffer_events"] == "0", f
+    assert not [r for r in a.records() if r["category"] == "AUDIT_LOSS"]
+
+
+@pytest.mark.parametrize("args,text", [
+    (("--ring-bytes", "16384"), "at least 32768"),
+    (("--ring-bytes", "100000"), "power of two"),
+    (("--ring-bytes", "0"), "power of two"),
+    (("--ring-bytes", "65536", "--wakeup-bytes", "65536"), "below the ring buffer size"),
+])
+def test_bad_ring_sizes_are_refused_with_a_clear_error(valkey, args, text):
+    from conftest import AUDITOR
+    p = subprocess.run([str(AUDITOR), "--pid", str(valkey.pid), *args], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode != 0
+    assert text in p.stderr, p.stderr

@@ -445,23 +445,31 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
     let cap = config(CFG_CAPTURE_CAP);
     let captured = if ret < cap { ret } else { cap };
     let wakeup = config(CFG_WAKEUP_BYTES);
-    // Wake the consumer only when this record makes the unread data cross the threshold: one
-    // wake-up per batch, not one per record while the consumer is still busy with the last batch
-    // (each wake-up costs the server an irq_work). The consumer also polls every 10 ms, so a
-    // missed crossing delays records by at most that.
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if let Some(p) = STATS.get_ptr_mut(STAT_RING_PEAK) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            if avail > *p {
+                *p = avail;
+            }
+        }
+    }
+    // Wake the consumer once per `wakeup` bytes that enter the ring: when this syscall's records
+    // take the unread data across a multiple of the threshold. Not once per record while the
+    // consumer is still busy with the last batch (each wake-up costs the server an irq_work), and
+    // never a missed one for good: a wake-up only "when the unread data crosses the threshold"
+    // was lost whenever the records' own headers made the crossing or the consumer read between
+    // the query and the reservation, and from then on every record was above it (the consumer
+    // then only woke at its 10 ms poll, and small rings overflowed on modest traffic). `avail`
+    // is a snapshot; the next crossing corrects any race.
     let flags = if wakeup == 0 {
         0
     } else {
-        let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-        if let Some(p) = STATS.get_ptr_mut(STAT_RING_PEAK) {
-            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-            unsafe {
-                if avail > *p {
-                    *p = avail;
-                }
-            }
-        }
-        if avail < wakeup && avail + DATA_HDR_LEN as u64 + captured >= wakeup {
+        // What the records take in the ring: the kernel's 8-byte header, ours, the bytes, padded
+        // to 8, per chunk of up to CHUNK_SIZE bytes.
+        let chunks = captured / CHUNK_SIZE as u64 + 1;
+        let size = captured + chunks * (8 + DATA_HDR_LEN as u64 + 7);
+        if avail / wakeup != (avail + size) / wakeup {
             BPF_RB_FORCE_WAKEUP as u64
         } else {
             BPF_RB_NO_WAKEUP as u64

@@ -20,6 +20,7 @@ use auditor::control::{self, ControlBackend};
 use auditor::delivery::{Origin, Queue, SHUTDOWN_GRACE, run_sink};
 use auditor::metrics::{self, Metrics, TargetInfo};
 use auditor::record::{Category, Outcome, Record};
+use auditor::ring;
 use auditor::scheduling::{self, RateGovernor};
 use auditor::session::{self, CaptureEvent, Peer, ProcessEvent, Session};
 use auditor::settings::{SETTING_NAMES, Settings, SharedSettings};
@@ -210,13 +211,15 @@ fn run() -> Result<()> {
     if let Some(pw) = &cli.control_password {
         settings.control_requirepass = pw.clone();
     }
+    if cli.capture_cap == 0 {
+        bail!("--capture-cap must be at least 1");
+    }
+    let wakeup_bytes = cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 64);
+    ring::check_sizes(cli.ring_bytes, wakeup_bytes).map_err(anyhow::Error::msg)?;
     for &pid in &cli.pids {
         check_target(pid, cli.any_process)?;
     }
     privileges::check_required()?;
-    if cli.capture_cap == 0 {
-        bail!("--capture-cap must be at least 1");
-    }
     let spec = TargetSpec {
         pids: cli.pids.clone(),
         comms: cli.comms.clone(),
@@ -245,7 +248,7 @@ fn run() -> Result<()> {
         // server for longer: at an eighth of the ring (1 MiB) the auditor used 15-20% less CPU
         // but the `-P 1` p99 grew; 256 KiB kept most of the saving with the lowest p99 of the
         // three (BENCHMARKS.md, session 8).
-        wakeup_bytes: cli.wakeup_bytes.unwrap_or(u64::from(cli.ring_bytes) / 64),
+        wakeup_bytes,
     })?;
     if let Some(live) = stream.take_live_counters() {
         metrics.set_kernel_counters_source(Box::new(move || live.read()));

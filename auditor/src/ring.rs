@@ -20,6 +20,34 @@ const DISCARD_BIT: u32 = 1 << 30;
 /// `BPF_RINGBUF_HDR_SZ`: the length word and the page offset the kernel keeps for itself.
 const HEADER_LEN: usize = 8;
 
+/// The smallest ring: one record of a full 16,000-byte chunk (the kernel's header, ours, the
+/// bytes) must fit, or every syscall larger than the ring is lost while the ring is empty.
+pub const MIN_RING_BYTES: u32 = 32 * 1024;
+
+/// `--ring-bytes` and `--wakeup-bytes` as the kernel and this reader need them, checked before
+/// anything is created: a power of two, a multiple of the page size, at least `MIN_RING_BYTES`;
+/// a wake-up threshold below the ring's size (0: the kernel wakes the reader itself).
+pub fn check_sizes(ring_bytes: u32, wakeup_bytes: u64) -> Result<(), String> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    if ring_bytes < MIN_RING_BYTES
+        || !ring_bytes.is_power_of_two()
+        || !ring_bytes.is_multiple_of(page)
+    {
+        return Err(format!(
+            "--ring-bytes {ring_bytes}: the ring buffer size must be a power of two, a multiple of \
+             the page size ({page}) and at least {MIN_RING_BYTES} (one 16,000-byte capture record)"
+        ));
+    }
+    if wakeup_bytes >= u64::from(ring_bytes) {
+        return Err(format!(
+            "--wakeup-bytes {wakeup_bytes}: must be below the ring buffer size ({ring_bytes}), or \
+             the ring fills before the capture thread is woken"
+        ));
+    }
+    Ok(())
+}
+
 /// One `mmap` of the ring map, unmapped on drop.
 struct Mapping {
     ptr: *mut libc::c_void,
@@ -280,6 +308,18 @@ mod tests {
         fn consumer(&self) -> u64 {
             self.words[0]
         }
+    }
+
+    #[test]
+    fn ring_sizes_are_checked_before_anything_is_created() {
+        assert!(check_sizes(16 << 20, 256 << 10).is_ok());
+        assert!(check_sizes(MIN_RING_BYTES, 0).is_ok());
+        for bad in [0, 4096, 16384, 12288, 5000, 3 << 30, u32::MAX] {
+            let e = check_sizes(bad, 0).unwrap_err();
+            assert!(e.contains("power of two"), "{bad}: {e}");
+        }
+        let e = check_sizes(1 << 16, 1 << 16).unwrap_err();
+        assert!(e.contains("--wakeup-bytes 65536"), "{e}");
     }
 
     #[test]
