@@ -1354,3 +1354,41 @@ def test_ring_buffer_loss_just_before_stop_is_recorded(valkey, start_auditor):
     recs = read_records(a.log)
     assert recs[-1]["command"] == "stop"
     assert sum(loss_counts(recs, "ring_buffer_full")) == kernel
+
+
+def test_a_connection_whose_report_the_full_ring_dropped_is_audited_from_its_next_command(
+        valkey, start_auditor):
+    """A connection accepted while the ring is full has no connection record in user space. The
+    kernel kept capturing its socket all the same, and user space dropped every command of it
+    unseen (QA; in syscalls mode, once the fd held another connection, they were written as that
+    one's). Now its socket leaves the kernel's table when its report is lost, and with socket
+    tracepoints its next read registers it again: audited from there, as itself."""
+    a = start_auditor(valkey.pid, extra=("--ring-bytes", "32768", "--capture", "sockets"))
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        # Small records until the ring is full to the last few bytes.
+        filler = connect(valkey.port)
+        for i in range(2000):
+            send_sets(filler, [f"fill:{i}"])
+            if i % 50 == 49 and kernel_ring_drops(a.proc.pid) > 20:
+                break
+        assert kernel_ring_drops(a.proc.pid) > 20
+        late = connect(valkey.port)
+        port = late.getsockname()[1]
+        # Answered while the ring is still full: the server accepted it by then.
+        late.sendall(resp("PING"))
+        late.settimeout(10)
+        assert late.recv(100) == b"+PONG\r\n"
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    wait_until(lambda: int(info(a)["audit_lost_ring_buffer_events"]) > 0, timeout=10,
+               what="the ring's losses counted")
+    send_sets(late, ["late:k"])
+    recs = a.wait_records(lambda rs: any(r["keys"] == ["late:k"] for r in rs),
+                          what="the late connection's SET")
+    rec = next(r for r in recs if r["keys"] == ["late:k"])
+    assert (rec["client_port"], rec["result"]) == (port, "SUCCESS"), rec
+    assert any(r["command"] == "connection" and r["client_port"] == port for r in recs)
+    late.close()
+    filler.close()
+    assert a.stop() == 0

@@ -623,10 +623,15 @@ fn emit_accept(pid_tgid: u64, listen_fd: u64, sockaddr: u64, ret: i64) -> u32 {
     0
 }
 
+/// Report a connection. If the ring is full the socket leaves `SOCKETS` again: its data would
+/// reach a user space that never heard of it (dropped unseen, or, once its fd held another
+/// connection, taken for that one's). In `--capture sockets` its next read or write registers it
+/// again (`sock_capture::new_socket`).
 #[inline(always)]
 fn output_accept(ev: &AcceptEvent) {
     if EVENTS.output::<AcceptEvent>(ev, 0).is_err() {
         bump(STAT_RING_DROPS, 1);
+        let _ = SOCKETS.remove(&socket_key(ev.tgid, ev.fd));
     } else {
         bump(STAT_RING_WRITES, 1);
     }

@@ -146,6 +146,7 @@ fn new_socket(tgid: u32, fd: u32, sk: u64, ino: u64) -> Option<*mut SocketState>
         addr,
         ino,
     });
+    // (None when the report did not fit in the ring: the next read or write tries again.)
     SOCKETS.get_ptr_mut(&key)
 }
 

@@ -1866,11 +1866,16 @@ impl Session {
             let mut total_modified = 0;
             let before_attach = std::mem::take(&mut conn.multi_before_attach);
             let seen = queued.len() as u64 + untracked;
-            let exec_ok = p.effect == Effect::Exec
+            let exec_ran = p.effect == Effect::Exec
                 && !failed
                 && reply.kind == ReplyKind::Array
-                && reply.len >= 0
-                && (reply.elements == seen || (before_attach && reply.elements > seen));
+                && reply.len >= 0;
+            let exec_ok =
+                exec_ran && (reply.elements == seen || (before_attach && reply.elements > seen));
+            // EXEC ran, but not the queue seen: commands were queued in a capture gap (or those
+            // seen were not all queued). Which result is whose cannot be told; nothing was
+            // aborted, which only a null reply says.
+            let count_mismatch = exec_ran && !exec_ok;
             // From which command on EXEC's elements say nothing sure, and why.
             let pubsub_from = if subscribed_resp3 {
                 Some(0)
@@ -1948,6 +1953,14 @@ impl Session {
                         };
                         let effect = q.effect.clone();
                         self.apply_effect(conn, &effect, &synthetic);
+                    }
+                } else if count_mismatch {
+                    q.record.time_unix_us = p.record.time_unix_us;
+                    q.record.result = Outcome::Unknown;
+                    q.record.error = REPLY_UNCERTAIN.as_bytes().to_vec();
+                    forget_user_if_auth(conn, &q.effect);
+                    if matches!(q.effect, Effect::Subscribe(..)) {
+                        conn.subscribed = true;
                     }
                 } else {
                     q.record.result = Outcome::Failure;
