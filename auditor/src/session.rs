@@ -1913,10 +1913,16 @@ impl Session {
                 } else {
                     set_user(&mut q.record, &conn.username);
                 }
-                if exec_ok
-                    && let Some((from, why)) = uncertain
-                    && i >= from
-                {
+                // Results that cannot be told: past what EXEC's reply says surely, or all of
+                // them when its count is not the queue's.
+                let unsure = if count_mismatch {
+                    Some(REPLY_UNCERTAIN)
+                } else {
+                    uncertain
+                        .filter(|&(from, _)| exec_ok && i >= from)
+                        .map(|(_, why)| why)
+                };
+                if let Some(why) = unsure {
                     q.record.time_unix_us = p.record.time_unix_us;
                     q.record.result = Outcome::Unknown;
                     q.record.error = why.as_bytes().to_vec();
@@ -1953,14 +1959,6 @@ impl Session {
                         };
                         let effect = q.effect.clone();
                         self.apply_effect(conn, &effect, &synthetic);
-                    }
-                } else if count_mismatch {
-                    q.record.time_unix_us = p.record.time_unix_us;
-                    q.record.result = Outcome::Unknown;
-                    q.record.error = REPLY_UNCERTAIN.as_bytes().to_vec();
-                    forget_user_if_auth(conn, &q.effect);
-                    if matches!(q.effect, Effect::Subscribe(..)) {
-                        conn.subscribed = true;
                     }
                 } else {
                     q.record.result = Outcome::Failure;
