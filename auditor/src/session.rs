@@ -37,6 +37,16 @@ const MAX_PENDING: usize = 100_000;
 /// the FIFO as a stub (its reply still changes the connection's state: MULTI, AUTH, SUBSCRIBE...);
 /// in MULTI, the commands queued from there on are written at once, their outcome untold.
 const MAX_HELD_BYTES: usize = 32 << 20;
+/// Bytes all connections' records awaiting replies (and queued in MULTI) may hold together, FIFO
+/// entries included. Per-connection bounds alone let every client that pipelines without reading
+/// add ~35 MB (QA: 7 such clients took the auditor past a 256 MiB pod limit). Past it, the
+/// connection adding a command, if it holds more than `SHED_FLOOR`, sheds half of what it holds
+/// (written UNKNOWN at once, as past `MAX_HELD_BYTES`); its MULTI queue stops being tracked.
+const GLOBAL_HELD_BYTES: usize = 96 << 20;
+/// A connection holding less than this never sheds for the global bound (an ordinary client).
+const SHED_FLOOR: usize = 64 << 10;
+/// What one command awaiting its reply holds besides its heap: its FIFO or queue entry.
+const ENTRY_BYTES: usize = size_of::<Pending>();
 /// `seq` of a record the session already wrote (a stub, see `MAX_HELD_BYTES`): the writer gives
 /// every record its `seq`, so no record the session hands over carries this one.
 const WRITTEN_EARLY: u64 = u64::MAX;
@@ -356,6 +366,11 @@ impl Pending {
         let secrets = self.secrets.as_deref().map_or(0, SecretsShown::heap_bytes);
         r.command_args.capacity() + r.keys.heap_bytes() + r.error.capacity() + command + secrets
     }
+
+    /// All it holds: its heap and its entry.
+    fn held(&self) -> usize {
+        self.heap_bytes() + ENTRY_BYTES
+    }
 }
 
 impl SecretsShown {
@@ -617,6 +632,11 @@ pub struct Session {
     args_len_hint: usize,
     /// Targets whose listeners a successful CONFIG SET changed, for the caller to describe again.
     listeners_changed: Vec<u32>,
+    /// What all connections' `held_bytes` and `queued_bytes` add up to, at most (only added to
+    /// between exact counts, see `over_global_bound`).
+    held_total: usize,
+    /// `held_total` at which the next exact count is made.
+    recount_at: usize,
 }
 
 impl Session {
@@ -645,6 +665,8 @@ impl Session {
             scratch_desc: None,
             args_len_hint: 0,
             listeners_changed: Vec::new(),
+            held_total: 0,
+            recount_at: GLOBAL_HELD_BYTES,
         }
     }
 
@@ -1289,15 +1311,30 @@ impl Session {
         }
         let cost = args_text.capacity()
             + keys.heap_bytes()
-            + secrets.as_deref().map_or(0, SecretsShown::heap_bytes);
+            + secrets.as_deref().map_or(0, SecretsShown::heap_bytes)
+            + ENTRY_BYTES;
         if !make_room(conn, cost) {
             // (`held_bytes` is exact now: leave a quarter of the bound free.)
-            self.write_oldest_early(conn, cost, out);
+            self.write_oldest_early(conn, cost, MAX_HELD_BYTES / 4 * 3, out);
+        }
+        if self.over_global_bound(conn, cost) {
+            // Its own count may be stale high: an ordinary client must not shed for it.
+            let counted = conn.held_bytes;
+            conn.held_bytes = conn.pending.iter().map(Pending::held).sum();
+            let exact = conn.held_bytes;
+            self.held_total = self
+                .held_total
+                .saturating_sub(counted.saturating_sub(exact));
+            if exact > SHED_FLOOR {
+                self.write_oldest_early(conn, cost, exact / 2, out);
+                self.held_total = self.held_total.saturating_sub(exact - conn.held_bytes);
+            }
         }
         if conn.pending.len() >= MAX_PENDING {
             self.write_oldest_unknown(conn, out);
         }
         conn.held_bytes += cost;
+        self.held_total += cost;
         // Built in its FIFO slot: the record is completed and formatted there, never moved.
         conn.pending.push_back(Pending {
             record: Record {
@@ -1552,8 +1589,13 @@ impl Session {
     /// each in the FIFO as a stub holding no heap (`WRITTEN_EARLY`), whose reply, when it comes,
     /// is paired and applied (MULTI, AUTH, SUBSCRIBE change the connection) but writes nothing,
     /// until `cost` more bytes fit in three quarters of the bound.
-    fn write_oldest_early(&mut self, conn: &mut Conn, cost: usize, out: &mut impl RecordOut) {
-        let limit = MAX_HELD_BYTES / 4 * 3;
+    fn write_oldest_early(
+        &mut self,
+        conn: &mut Conn,
+        cost: usize,
+        limit: usize,
+        out: &mut impl RecordOut,
+    ) {
         for p in conn.pending.iter_mut() {
             if conn.held_bytes.saturating_add(cost) <= limit {
                 break;
@@ -1574,6 +1616,43 @@ impl Session {
             p.secrets = None;
             conn.held_bytes = conn.held_bytes.saturating_sub(freed);
         }
+        // Stubs still hold their entries: past the bound, the oldest go too (their replies are
+        // passed over as they come, as past `MAX_PENDING`).
+        while conn.held_bytes.saturating_add(cost) > limit
+            && conn
+                .pending
+                .front()
+                .is_some_and(|p| p.record.seq == WRITTEN_EARLY)
+        {
+            let stub = conn.pending.pop_front().expect("front exists");
+            if stub.expects_reply {
+                conn.replies_to_pass += 1;
+            }
+            forget_user_if_auth(conn, &stub.effect);
+            conn.held_bytes = conn.held_bytes.saturating_sub(ENTRY_BYTES);
+        }
+        // The FIFO's own room is memory too (a VecDeque never shrinks by itself).
+        if conn.pending.capacity() > 4 * conn.pending.len() + 1024 {
+            conn.pending.shrink_to(2 * conn.pending.len() + 1024);
+        }
+    }
+
+    /// Whether all connections together hold more than `GLOBAL_HELD_BYTES` with `cost` more for
+    /// `current` (taken out of the map while it is handled). The running total only grows between
+    /// exact counts, which are made when it passes the bound, and then not again before it has
+    /// grown by an eighth of the bound, so idle connections holding much cannot make every
+    /// command recount.
+    fn over_global_bound(&mut self, current: &mut Conn, cost: usize) -> bool {
+        if self.held_total + cost <= self.recount_at {
+            return self.held_total + cost > GLOBAL_HELD_BYTES;
+        }
+        let mut total = exact_held(current);
+        for c in self.conns.values_mut() {
+            total += exact_held(c);
+        }
+        self.held_total = total;
+        self.recount_at = GLOBAL_HELD_BYTES.max(total + GLOBAL_HELD_BYTES / 8);
+        total + cost > GLOBAL_HELD_BYTES
     }
 
     /// Past `MAX_PENDING`: write the oldest command awaiting its reply as UNKNOWN and drop it
@@ -1817,7 +1896,7 @@ impl Session {
         if conn.in_multi && queued_reply {
             p.record.time_unix_us = self.wall_us(reply.start_ts);
             p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
-            let cost = p.heap_bytes();
+            let cost = p.held();
             if conn.queued.is_empty() {
                 conn.queued_bytes = 0;
             }
@@ -1826,6 +1905,7 @@ impl Session {
             if conn.queued_untracked > 0
                 || conn.queued.len() >= MAX_PENDING
                 || conn.queued_bytes + cost > MAX_HELD_BYTES
+                || (conn.queued_bytes + cost > SHED_FLOOR && self.over_global_bound(conn, cost))
             {
                 // Memory per connection stays bounded: past this, queued commands are written
                 // now, their outcome untold.
@@ -1836,6 +1916,7 @@ impl Session {
                 self.finish_unknown(conn, p, QUEUE_FULL, ts, out);
             } else {
                 conn.queued_bytes += cost;
+                self.held_total += cost;
                 conn.queued.push(p);
             }
             return;
@@ -2451,8 +2532,15 @@ fn make_room(conn: &mut Conn, cost: usize) -> bool {
     if conn.held_bytes + cost <= MAX_HELD_BYTES {
         return true;
     }
-    conn.held_bytes = conn.pending.iter().map(Pending::heap_bytes).sum();
+    conn.held_bytes = conn.pending.iter().map(Pending::held).sum();
     conn.held_bytes + cost <= MAX_HELD_BYTES / 4 * 3
+}
+
+/// Count what a connection holds exactly (its running counts only grow between counts).
+fn exact_held(conn: &mut Conn) -> usize {
+    conn.held_bytes = conn.pending.iter().map(Pending::held).sum();
+    conn.queued_bytes = conn.queued.iter().map(Pending::held).sum();
+    conn.held_bytes + conn.queued_bytes
 }
 
 /// A command that succeeded may show what only a success proves is no secret.

@@ -4183,3 +4183,53 @@ fn keys_modified_follows_what_the_reply_says_changed() {
         assert_eq!(r.keys_modified, modified, "{words:?}");
     }
 }
+
+#[test]
+fn all_connections_together_hold_at_most_the_global_bound() {
+    // QA: every client that pipelined without reading added its own 32 MiB (and ~35 MB of FIFO
+    // entries on top, not counted): 7 clients took the auditor past a 256 MiB pod limit. Eight
+    // connections of 30 MiB each, each under its own bound, hold at most the global one together.
+    let mut w = Wire::detached(Settings::default());
+    let keys = kilobyte_keys();
+    let mut exists: Vec<&str> = vec!["EXISTS"];
+    exists.extend(keys[..100].iter().map(String::as_str));
+    let exists = cmd(&exists);
+    for j in 0..8 {
+        w.fd = 100 + j;
+        w.accept(Peer::from_v4([10, 0, 0, 7], 40000 + j as u16));
+        for _ in 0..300 {
+            w.client(&exists);
+        }
+    }
+    let held: Vec<usize> = w
+        .session
+        .conns
+        .values()
+        .map(|c| c.pending.iter().map(Pending::held).sum())
+        .collect();
+    let total: usize = held.iter().sum();
+    assert!(
+        total <= GLOBAL_HELD_BYTES + GLOBAL_HELD_BYTES / 8,
+        "{total} {held:?}"
+    );
+    assert!(total > GLOBAL_HELD_BYTES / 2, "{total}");
+    assert!(held.iter().all(|&h| h <= MAX_HELD_BYTES), "{held:?}");
+    let early: Vec<Record> = w
+        .take()
+        .into_iter()
+        .filter(|r| r.category != Category::Connection)
+        .collect();
+    assert!(!early.is_empty());
+    assert_written_early(&early);
+    // The replies still pair: each connection's own are passed over or complete its own.
+    let fd = w.fd;
+    w.server(&b":1\r\n".repeat(300));
+    let answered = w.take();
+    assert!(
+        answered
+            .iter()
+            .all(|r| r.client_port == 40007 && r.result == Outcome::Success)
+    );
+    let written_for_last = early.iter().filter(|r| r.client_port == 40007).count();
+    assert_eq!(written_for_last + answered.len(), 300, "fd {fd}");
+}
