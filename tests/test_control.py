@@ -565,3 +565,28 @@ def test_config_sets_refused_before_running_are_recorded_without_secrets(valkey,
          "ERR Unknown option or number of arguments for CONFIG SET - '<REDACTED>'"),
     ]
     assert b"CtlTailSecret" not in a.log.read_bytes() and b"Horse7Secret" not in a.log.read_bytes()
+
+
+def test_unauthenticated_clients_get_valkeys_small_request_limits(valkey, start_auditor):
+    """With a password set, a client that has not authenticated may send at most 10 arguments of
+    at most 16 KiB, as on Valkey (QA: 250 such clients each holding a 1 MiB partial request took
+    the auditor to 311 MB). After AUTH the usual limits apply."""
+    a = start_auditor(valkey.pid, extra=("--control-password", "ctl-secret-pw"))
+    for header, why in ((b"*1\r\n$1000000\r\n", b"unauthenticated bulk length"),
+                        (b"*11\r\n", b"unauthenticated multibulk length")):
+        s = socket.create_connection(("127.0.0.1", a.control))
+        s.settimeout(10)
+        s.sendall(header)
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(1000)
+            if not chunk:
+                break
+            data += chunk
+        assert data == b"-ERR Protocol error: " + why + b"\r\n", data
+        assert s.recv(100) == b"", "the link is closed"
+        s.close()
+    authed = Raw(a.control)
+    assert authed.call("AUTH", "ctl-secret-pw") == b"+OK\r\n"
+    big = "x" * 100_000
+    assert authed.call("ECHO", big) == b"$100000\r\n" + big.encode() + b"\r\n"
