@@ -1392,3 +1392,30 @@ def test_a_connection_whose_report_the_full_ring_dropped_is_audited_from_its_nex
     late.close()
     filler.close()
     assert a.stop() == 0
+
+
+def test_ring_drops_until_the_stop_all_have_their_loss_records(valkey, start_auditor):
+    """SIGTERM while the ring overflows: the kernel kept capturing (and dropping) until the programs
+    were detached, after the last loss record was written, so stderr's closing count of ring drops
+    was larger than what the log's records said (QA: 331-20,791 unrecorded). Now the kernel stops
+    capturing first, the ring is read to its end, and then the drops are counted."""
+    a = start_auditor(valkey.pid, extra=("--ring-bytes", "65536"),
+                      settings=("audit.payload_disable", "yes"))
+    bench = subprocess.Popen(["redis-benchmark", "-p", str(valkey.port), "-t", "set", "-n",
+                              "3000000", "-P", "16", "-d", "1024", "-q"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: int(info(a)["audit_lost_ring_buffer_events"]) > 0, timeout=20,
+                   what="the small ring to overflow")
+        assert a.stop() == 0
+    finally:
+        bench.kill()
+        bench.wait()
+    err = a.stderr_path.read_text()
+    m = re.search(r"audit_lost_ring_buffer_events=(\d+)", err)
+    assert m, err
+    recorded = sum(int(re.search(r"count=(\d+)", r["command_args"]).group(1))
+                   for r in read_records(a.log)
+                   if r["category"] == "AUDIT_LOSS" and "cause=ring_buffer_full" in r["command_args"])
+    assert recorded == int(m.group(1)) > 0, (recorded, err[-500:])
+    assert read_records(a.log)[-1]["command"] == "stop"

@@ -963,6 +963,16 @@ impl CaptureLoop {
                 pid_list(&self.registry.spec.pids)
             );
         }
+        if !target_gone {
+            // Stopping: the kernel stops capturing first, then what it holds is read, so every
+            // drop it counted is in the count below (it kept capturing, and dropping, until the
+            // programs were detached after this loop, and those drops had no loss record).
+            let tgids: Vec<u32> = self.registry.targets.keys().copied().collect();
+            for tgid in tgids {
+                self.capture.remove_target(tgid);
+            }
+            self.drain_ring(&mut seen_version, &mut records, usize::MAX);
+        }
         // Drops the kernel counted since the last check still get their loss record.
         self.report_kernel_drops(&mut reported_drops, &mut records);
         self.publish_stats(&mut published);
