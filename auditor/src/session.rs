@@ -1688,6 +1688,16 @@ impl Session {
         if conn.reply_mode != ReplyMode::On || conn.subscribed || conn.monitor {
             return 0;
         }
+        // A client blocked by a command still unanswered (BLPOP ...) is read but not served: the
+        // commands behind it get no reply until it is unblocked, guesses or not (QA: 97% of a
+        // blocked client's pipelined SETs were counted as guesses and not written).
+        if conn
+            .pending
+            .iter()
+            .any(|p| p.expects_reply && may_block(&p.record.command))
+        {
+            return 0;
+        }
         let reads = conn.reads;
         let before = conn.pending.len();
         conn.pending.retain(|p| {
