@@ -2220,13 +2220,7 @@ fn gap_between_requests_is_a_loss() {
 fn replies_after_a_request_gap_are_not_guessed_until_the_client_has_them_all() {
     let mut w = Wire::new();
     // GET a, then INCR x lost whole (ring full), then GET b: all pipelined before any reply.
-    w.client(&cmd(&["GET", "a"]));
-    w.client_gap(cmd(&["INCR", "x"]).len() as u64);
-    w.client(&cmd(&["GET", "b"]));
-    assert_eq!(
-        loss_records(&w.take()),
-        ["cause=parser_resync_request count=1 bytes=21 reason=gap in stream"]
-    );
+    get_a_gap_get_b(&mut w);
     // The replies: GET a's, the lost INCR's error, GET b's.
     w.server(b"$1\r\n1\r\n-ERR value is not an integer or out of range\r\n$-1\r\n");
     let recs = w.take();
@@ -2243,9 +2237,8 @@ fn replies_after_a_request_gap_are_not_guessed_until_the_client_has_them_all() {
     assert_eq!(s(&p.error), "");
 }
 
-#[test]
-fn after_a_request_gap_a_read_with_a_guess_still_unanswered_counts_it_instead() {
-    let mut w = Wire::new();
+/// GET a, a request-side gap that held `INCR x`, and GET b read after it (a guess).
+fn get_a_gap_get_b(w: &mut Wire) {
     w.client(&cmd(&["GET", "a"]));
     w.client_gap(cmd(&["INCR", "x"]).len() as u64);
     w.client(&cmd(&["GET", "b"]));
@@ -2253,6 +2246,12 @@ fn after_a_request_gap_a_read_with_a_guess_still_unanswered_counts_it_instead() 
         loss_records(&w.take()),
         ["cause=parser_resync_request count=1 bytes=21 reason=gap in stream"]
     );
+}
+
+#[test]
+fn after_a_request_gap_a_read_with_a_guess_still_unanswered_counts_it_instead() {
+    let mut w = Wire::new();
+    get_a_gap_get_b(&mut w);
     // Valkey answers what it read before it reads again. Read with GET b unanswered, GET c says
     // GET b was no command, or one whose reply a slow reader holds up: either way it is counted,
     // not written (the trade-off that keeps a value's RESP text from becoming records).
@@ -2284,13 +2283,7 @@ fn guesses_behind_a_blocked_command_wait_for_their_replies() {
     // nothing about them while the BLPOP awaits its reply.
     let mut w = Wire::new();
     w.client(&cmd(&["BLPOP", "list", "0"]));
-    w.client(&cmd(&["GET", "a"]));
-    w.client_gap(cmd(&["INCR", "x"]).len() as u64);
-    w.client(&cmd(&["GET", "b"]));
-    assert_eq!(
-        loss_records(&w.take()),
-        ["cause=parser_resync_request count=1 bytes=21 reason=gap in stream"]
-    );
+    get_a_gap_get_b(&mut w);
     w.client(&cmd(&["GET", "c"]));
     assert!(loss_records(&w.take()).is_empty(), "no guess dropped");
     // Unblocked: BLPOP's, GET a's, the lost INCR's, GET b's and GET c's replies.
