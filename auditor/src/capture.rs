@@ -159,7 +159,7 @@ impl Capture {
             }
         }
         let ring = match ebpf.take_map("EVENTS").context("EVENTS map")? {
-            aya::maps::Map::RingBuf(data) => RingReader::new(data, cfg.ring_bytes as usize)?,
+            aya::maps::Map::RingBuf(data) => RingReader::new(data, cfg.ring_bytes)?,
             _ => bail!("EVENTS is not a ring buffer map"),
         };
         let stats_map = ebpf.take_map("STATS").context("STATS map")?;

@@ -11,7 +11,7 @@
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering, fence};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::maps::MapData;
 
 /// Bits of a record header's length word (`BPF_RINGBUF_BUSY_BIT`, `BPF_RINGBUF_DISCARD_BIT`).
@@ -28,11 +28,10 @@ pub const MIN_RING_BYTES: u32 = 32 * 1024;
 /// anything is created: a power of two, a multiple of the page size, at least `MIN_RING_BYTES`;
 /// a wake-up threshold below the ring's size (0: the kernel wakes the reader itself).
 pub fn check_sizes(ring_bytes: u32, wakeup_bytes: u64) -> Result<(), String> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    let page = page_size();
     if ring_bytes < MIN_RING_BYTES
         || !ring_bytes.is_power_of_two()
-        || !ring_bytes.is_multiple_of(page)
+        || !(ring_bytes as usize).is_multiple_of(page)
     {
         return Err(format!(
             "--ring-bytes {ring_bytes}: the ring buffer size must be a power of two, a multiple of \
@@ -46,6 +45,11 @@ pub fn check_sizes(ring_bytes: u32, wakeup_bytes: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).map_or(4096, |p| p.max(4096))
 }
 
 /// One `mmap` of the ring map, unmapped on drop.
@@ -102,8 +106,9 @@ pub struct RingReader {
     needs_wakeup: bool,
     /// A record crossing the end of the data pages, copied whole.
     wrapped: Vec<u8>,
-    _mappings: Vec<Mapping>,
-    _map: Option<MapData>,
+    /// What the layout points into (none for tests' plain memory), unmapped and closed on drop.
+    mappings: Vec<Mapping>,
+    map: Option<MapData>,
 }
 
 // SAFETY: the reader owns its mappings and the map; the raw pointers point into them and are only
@@ -136,16 +141,12 @@ impl Drop for RingRecord<'_> {
 }
 
 impl RingReader {
-    /// Map the ring buffer map `map` (`BPF_MAP_TYPE_RINGBUF`, `size` data bytes: a power of two,
-    /// a multiple of the page size): the consumer page read-write, the producer page and the data
+    /// Map the ring buffer map `map` (`BPF_MAP_TYPE_RINGBUF`, `size` data bytes, as
+    /// `check_sizes` passed it): the consumer page read-write, the producer page and the data
     /// pages once, read-only.
-    pub fn new(map: MapData, size: usize) -> Result<RingReader> {
-        // SAFETY: sysconf has no preconditions.
-        let page =
-            usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).context("page size")?;
-        if !size.is_power_of_two() || !size.is_multiple_of(page) {
-            bail!("ring buffer size {size} is not a power of two multiple of the page size");
-        }
+    pub fn new(map: MapData, size: u32) -> Result<RingReader> {
+        check_sizes(size, 0).map_err(anyhow::Error::msg)?;
+        let (page, size) = (page_size(), size as usize);
         let fd = map.fd().as_fd().as_raw_fd();
         let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let producer = Mapping::new(fd, page + size, libc::PROT_READ, page)?;
@@ -157,8 +158,8 @@ impl RingReader {
             size,
         };
         let mut reader = RingReader::with_layout(layout);
-        reader._mappings = vec![consumer, producer];
-        reader._map = Some(map);
+        reader.mappings = vec![consumer, producer];
+        reader.map = Some(map);
         Ok(reader)
     }
 
@@ -172,16 +173,14 @@ impl RingReader {
             producer_cache,
             needs_wakeup: false,
             wrapped: Vec::new(),
-            _mappings: Vec::new(),
-            _map: None,
+            mappings: Vec::new(),
+            map: None,
         }
     }
 
     /// The map's descriptor (for epoll).
     pub fn as_raw_fd(&self) -> i32 {
-        self._map
-            .as_ref()
-            .map_or(-1, |m| m.fd().as_fd().as_raw_fd())
+        self.map.as_ref().map_or(-1, |m| m.fd().as_fd().as_raw_fd())
     }
 
     /// The next committed record, if any.

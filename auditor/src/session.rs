@@ -1318,17 +1318,7 @@ impl Session {
             self.write_oldest_early(conn, cost, MAX_HELD_BYTES / 4 * 3, out);
         }
         if self.over_global_bound(conn, cost) {
-            // Its own count may be stale high: an ordinary client must not shed for it.
-            let counted = conn.held_bytes;
-            conn.held_bytes = conn.pending.iter().map(Pending::held).sum();
-            let exact = conn.held_bytes;
-            self.held_total = self
-                .held_total
-                .saturating_sub(counted.saturating_sub(exact));
-            if exact > SHED_FLOOR {
-                self.write_oldest_early(conn, cost, exact / 2, out);
-                self.held_total = self.held_total.saturating_sub(exact - conn.held_bytes);
-            }
+            self.shed_for_global_bound(conn, cost, out);
         }
         if conn.pending.len() >= MAX_PENDING {
             self.write_oldest_unknown(conn, out);
@@ -1635,6 +1625,21 @@ impl Session {
         if conn.pending.capacity() > 4 * conn.pending.len() + 1024 {
             conn.pending.shrink_to(2 * conn.pending.len() + 1024);
         }
+    }
+
+    /// Past `GLOBAL_HELD_BYTES`: `conn`, adding a command, writes the older half of what it holds
+    /// early if that is over `SHED_FLOOR`. Its own count is made exact first: it may be stale
+    /// high, and an ordinary client must not shed for it.
+    fn shed_for_global_bound(&mut self, conn: &mut Conn, cost: usize, out: &mut impl RecordOut) {
+        let counted = conn.held_bytes;
+        conn.held_bytes = conn.pending.iter().map(Pending::held).sum();
+        let exact = conn.held_bytes;
+        if exact > SHED_FLOOR {
+            self.write_oldest_early(conn, cost, exact / 2, out);
+        }
+        self.held_total = self
+            .held_total
+            .saturating_sub(counted - conn.held_bytes.min(counted));
     }
 
     /// Whether all connections together hold more than `GLOBAL_HELD_BYTES` with `cost` more for
