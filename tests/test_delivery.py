@@ -1394,6 +1394,48 @@ def test_a_connection_whose_report_the_full_ring_dropped_is_audited_from_its_nex
     assert a.stop() == 0
 
 
+def test_a_close_the_full_ring_dropped_still_gets_its_disconnection(valkey, start_auditor):
+    """With syscall tracepoints, a close whose report the full ring dropped left its connection open
+    in user space until the auditor stopped: no disconnection record for as long as it ran. The
+    once-a-second check of each connection's socket (the inode its fd holds) now ends it in both
+    capture modes."""
+    a = start_auditor(valkey.pid, extra=("--ring-bytes", "32768", "--capture", "syscalls"))
+    # Closing these fills the last bytes a data record cannot (a close report is the smallest).
+    spares = [connect(valkey.port) for _ in range(8)]
+    victim = connect(valkey.port)
+    ports = {c.getsockname()[1] for c in [*spares, victim]}
+    port = victim.getsockname()[1]
+    a.wait_records(lambda rs: ports <= {r["client_port"] for r in rs if r["command"] == "connection"},
+                   what="the connection records")
+    filler = connect(valkey.port)
+    filler.settimeout(10)
+
+    def closed_by_server():
+        filler.sendall(resp("CLIENT", "LIST"))
+        got = b""
+        while not got.endswith(b"\r\n") or got.count(b"\n") < 2:
+            got += filler.recv(65536)
+        return not any(f":{p} ".encode() in got for p in ports)
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(2000):
+            send_sets(filler, [f"fill:{i}"])
+            if i % 50 == 49 and kernel_ring_drops(a.proc.pid) > 20:
+                break
+        assert kernel_ring_drops(a.proc.pid) > 20
+        for c in [*spares, victim]:
+            c.close()
+        wait_until(closed_by_server, timeout=10, what="the server to close the connections")
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    recs = a.wait_records(
+        lambda rs: ports <= {r["client_port"] for r in rs if r["command"] == "disconnection"},
+        timeout=10, what="a disconnection record for every closed connection")
+    assert [r["client_port"] for r in recs if r["command"] == "disconnection"].count(port) == 1
+    filler.close()
+    assert a.stop() == 0
+
+
 def test_ring_drops_until_the_stop_all_have_their_loss_records(valkey, start_auditor):
     """SIGTERM while the ring overflows: the kernel kept capturing (and dropping) until the programs
     were detached, after the last loss record was written, so stderr's closing count of ring drops

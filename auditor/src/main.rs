@@ -867,8 +867,9 @@ fn refresh_timeline(shared: &SharedSettings, session: &mut Session, seen_version
 
 impl CaptureLoop {
     /// `--capture sockets` sees no close() of a unix socket, nor of a TCP socket that another
-    /// process (a snapshot child) still holds: a connection whose fd no longer holds its socket
-    /// has ended. Checked once a second, so its disconnection record is at most that late.
+    /// process (a snapshot child) still holds, and a close whose report the full ring dropped is
+    /// seen by neither mode: a connection whose fd no longer holds its socket has ended. Checked
+    /// once a second, so its disconnection record is at most that late.
     fn close_ended(&mut self, seen_version: &mut u64, records: &mut Vec<Record>) {
         let ended: Vec<(u32, u32, u64)> = self
             .session
@@ -928,9 +929,7 @@ impl CaptureLoop {
                             .unregister(pid, &mut self.capture, &self.metrics);
                     }
                 }
-                if self.capture.mode() == CaptureMode::Sockets
-                    && last_sweep.elapsed() >= Duration::from_secs(1)
-                {
+                if last_sweep.elapsed() >= Duration::from_secs(1) {
                     last_sweep = Instant::now();
                     self.close_ended(&mut seen_version, &mut records);
                 }
@@ -1363,10 +1362,12 @@ impl Registry {
                 ..
             } => {
                 let pid = *tgid;
-                if *ino == 0 && capture.mode() == CaptureMode::Sockets {
-                    // Accepted through the uprobe, which cannot see the socket: its inode lets
-                    // the once-a-second check find its end if the kernel does not (a unix
-                    // socket the server closes). Already closed: that check ends it too.
+                if *ino == 0 {
+                    // Accepted through the uprobe or the accept syscall, neither of which sees the
+                    // socket: its inode lets the once-a-second check find its end if the kernel
+                    // does not report it (a unix socket the server closes with socket tracepoints;
+                    // a close whose report the full ring dropped). Already closed: that check ends
+                    // it too.
                     *ino = match procscan::socket_at(pid, *fd) {
                         Ok(Some(ino)) => ino,
                         Ok(None) => session::GONE_WHEN_SEEN,
