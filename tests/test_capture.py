@@ -210,6 +210,36 @@ class Raw:
         self.sock.close()
 
 
+def test_an_auth_silenced_by_client_reply_off_cannot_hide_behind_an_excluded_user(
+        valkey, start_auditor):
+    """QA: under CLIENT REPLY OFF the server switches users without a word. The commands after it
+    were judged as the user before it, so a client that logged in as a user `audit.excluderules`
+    leaves out could switch to another one silently and go unrecorded. Now its user is unknown
+    until the server says (ACL WHOAMI answers with it)."""
+    admin = Raw(valkey.port)
+    for user, pw in (("svc", "svc-pw"), ("admin2", "admin2-pw")):
+        assert admin.call("ACL", "SETUSER", user, "on", f">{pw}", "~*", "+@all") == b"+OK\r\n"
+    auditor = start_auditor(valkey.pid, settings=("audit.excluderules", "svc"))
+    c = Raw(valkey.port)
+    assert c.call("AUTH", "svc", "svc-pw") == b"+OK\r\n"
+    assert c.call("SET", "hidden:by-rule", "1") == b"+OK\r\n"
+    c.sock.sendall(resp("CLIENT", "REPLY", "OFF") + resp("AUTH", "admin2", "admin2-pw"))
+    assert c.call("CLIENT", "REPLY", "ON") == b"+OK\r\n"
+    assert c.call("DEL", "important") == b":0\r\n"
+    assert c.call("ACL", "WHOAMI") == b"$6\r\nadmin2\r\n"
+    assert c.call("FLUSHALL") == b"+OK\r\n"
+    c.close()
+    admin.close()
+    recs = auditor.wait_records(
+        lambda rs: any(r["command"] == "flushall" for r in rs), what="the FLUSHALL record")
+    by_command = {r["command"]: r for r in recs}
+    assert not any(r["keys"] == ["hidden:by-rule"] for r in recs)
+    assert by_command["del"]["username"] == "unknown", by_command["del"]
+    assert by_command["acl|whoami"]["username"] == "admin2"
+    assert by_command["flushall"]["username"] == "admin2"
+    assert b"admin2-pw" not in auditor.log.read_bytes()
+
+
 def test_auth_and_hello_with_acl_user(audited):
     valkey, auditor = audited
     admin = Raw(valkey.port)

@@ -1356,14 +1356,17 @@ def test_ring_buffer_loss_just_before_stop_is_recorded(valkey, start_auditor):
     assert sum(loss_counts(recs, "ring_buffer_full")) == kernel
 
 
+@pytest.mark.parametrize("mode", ["sockets", "syscalls"])
 def test_a_connection_whose_report_the_full_ring_dropped_is_audited_from_its_next_command(
-        valkey, start_auditor):
+        valkey, start_auditor, mode):
     """A connection accepted while the ring is full has no connection record in user space. The
     kernel kept capturing its socket all the same, and user space dropped every command of it
     unseen (QA; in syscalls mode, once the fd held another connection, they were written as that
-    one's). Now its socket leaves the kernel's table when its report is lost, and with socket
-    tracepoints its next read registers it again: audited from there, as itself."""
-    a = start_auditor(valkey.pid, extra=("--ring-bytes", "32768", "--capture", "sockets"))
+    one's). Now its socket leaves the kernel's table when its report is lost; with socket
+    tracepoints its next read registers it again, with syscall tracepoints user space finds it
+    after the ring's losses (the client sockets the kernel does not know): audited from there, as
+    itself."""
+    a = start_auditor(valkey.pid, extra=("--ring-bytes", "32768", "--capture", mode))
     os.kill(a.proc.pid, signal.SIGSTOP)
     try:
         # Small records until the ring is full to the last few bytes.
@@ -1383,6 +1386,11 @@ def test_a_connection_whose_report_the_full_ring_dropped_is_audited_from_its_nex
         os.kill(a.proc.pid, signal.SIGCONT)
     wait_until(lambda: int(info(a)["audit_lost_ring_buffer_events"]) > 0, timeout=10,
                what="the ring's losses counted")
+    if mode == "syscalls":
+        # Found open, like a connection open at attach: audited from its next command.
+        a.wait_records(lambda rs: any(r["command"] == "connection" and r["client_port"] == port
+                                      and "attached=existing" in r["command_args"] for r in rs),
+                       what="the late connection found")
     send_sets(late, ["late:k"])
     recs = a.wait_records(lambda rs: any(r["keys"] == ["late:k"] for r in rs),
                           what="the late connection's SET")

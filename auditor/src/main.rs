@@ -682,7 +682,8 @@ fn register_open(
 ) -> Result<()> {
     // A process that exited meanwhile has nothing to scan: it is dropped by the exit check.
     for conn in procscan::existing_connections(pid).unwrap_or_default() {
-        if session.is_ignored(&conn.peer) {
+        // A connection the session knows whose close is still in the ring is not a new one.
+        if session.is_ignored(&conn.peer) || session.knows(pid, conn.fd) {
             continue;
         }
         if capture.register_existing_socket(pid, conn.fd, conn.ino)? {
@@ -1079,7 +1080,31 @@ impl CaptureLoop {
             self.session
                 .kernel_loss(drops.0 - reported.0, drops.1 - reported.1, now, records);
             *reported = drops;
+            self.adopt_unreported(now, records);
             self.write_all(records);
+        }
+    }
+
+    /// With syscall tracepoints, a connection whose accept report the full ring dropped left the
+    /// kernel's socket table at once (its I/O would otherwise reach a user space that does not know
+    /// it, or be taken for another connection on a reused fd). After ring drops, the targets'
+    /// client sockets the kernel does not know are registered again and audited like the
+    /// connections open at attach, from their next command. (Socket tracepoints register such a
+    /// socket at its next read or write by themselves.)
+    fn adopt_unreported(&mut self, now: u64, records: &mut Vec<Record>) {
+        if self.capture.mode() != CaptureMode::Syscalls {
+            return;
+        }
+        for pid in self.registry.pids() {
+            let mut found = Vec::new();
+            if let Err(e) = register_open(pid, &mut self.capture, &self.session, &mut found) {
+                eprintln!("auditor: looking for connections of {pid} whose accept was lost: {e:#}");
+                continue;
+            }
+            for conn in found {
+                self.session
+                    .add_existing(pid, conn.fd, conn.ino, conn.peer, None, now, records);
+            }
         }
     }
 

@@ -287,9 +287,26 @@ fn is_queued(reply: &Reply) -> bool {
 /// An AUTH or HELLO AUTH whose outcome is not known leaves the connection's user unknown too,
 /// never the one it asked for.
 fn forget_user_if_auth(conn: &mut Conn, effect: &Effect) {
-    if matches!(effect, Effect::Auth(_) | Effect::HelloAuth(..)) {
-        conn.username = Arc::from(&b"unknown"[..]);
+    if is_auth(effect) {
+        forget_user(conn);
     }
+}
+
+/// The user name ACL WHOAMI answered, when the reply holds all of it.
+fn whoami_user(reply: &Reply) -> Option<&[u8]> {
+    (reply.kind == ReplyKind::Bulk
+        && !reply.lost
+        && usize::try_from(reply.len).is_ok_and(|n| n == reply.text.len()))
+    .then_some(reply.text.as_slice())
+}
+
+/// An AUTH or HELLO AUTH: it changes the connection's user when it works.
+fn is_auth(effect: &Effect) -> bool {
+    matches!(effect, Effect::Auth(_) | Effect::HelloAuth(..))
+}
+
+fn forget_user(conn: &mut Conn) {
+    conn.username = Arc::from(&b"unknown"[..]);
 }
 
 /// What RESET does to a connection's state.
@@ -343,6 +360,9 @@ enum Effect {
     /// QUIT: the server answers +OK and closes, never reading further (in MULTI too: QUIT is
     /// not queued, and the transaction is discarded).
     Quit,
+    /// ACL WHOAMI: its reply is the connection's user, from the server itself (an `unknown` user,
+    /// of a connection open at attach or after an AUTH whose outcome was not seen, becomes known).
+    WhoAmI,
 }
 
 /// What the record of a command that can carry secrets may show, decided by its reply.
@@ -765,6 +785,11 @@ impl Session {
 
     pub fn is_ignored(&self, peer: &Peer) -> bool {
         self.ignored_peers.contains(peer)
+    }
+
+    /// Whether a connection is open at `tgid`'s `fd`.
+    pub fn knows(&self, tgid: u32, fd: u32) -> bool {
+        self.conns.contains_key(&(tgid, fd))
     }
 
     /// A connection that was open before the auditor attached. Its user is unknown unless given.
@@ -1808,10 +1833,16 @@ impl Session {
             let p = conn.pending.pop_front().expect("front exists");
             let done = p.done_ts;
             let reset = p.effect == Effect::Reset;
+            let auth = is_auth(&p.effect);
             self.finish_unknown(conn, p, "", done, out);
             if reset {
                 // A RESET a SKIP silenced still ran: it cannot fail.
                 reset_connection(conn);
+            } else if auth {
+                // An AUTH silenced by CLIENT REPLY OFF/SKIP may have worked: the user of what
+                // follows is not known (the one before would let a client hide behind an
+                // excluded user).
+                forget_user(conn);
             }
         }
     }
@@ -1859,6 +1890,13 @@ impl Session {
                 show_on_success(p);
             }
             self.apply_effect(conn, &p.effect, reply);
+            if p.effect == Effect::WhoAmI
+                && !p.after_gap
+                && let Some(user) = whoami_user(reply)
+            {
+                conn.username = Arc::from(user);
+                set_user(&mut p.record, &conn.username);
+            }
         } else if !p.after_gap {
             p.record.result = Outcome::Failure;
             fill_refusal(p, &reply.text, p.arity_ok);
@@ -2083,7 +2121,8 @@ impl Session {
             | Effect::Exec
             | Effect::Discard
             | Effect::ProtocolError
-            | Effect::Quit => {}
+            | Effect::Quit
+            | Effect::WhoAmI => {}
             Effect::Auth(user) => conn.username = Arc::from(user.as_slice()),
             Effect::Hello(v) => {
                 if let Some(v) = v {
@@ -2726,6 +2765,7 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
         b"monitor" => Effect::Monitor,
         b"reset" => Effect::Reset,
         b"quit" => Effect::Quit,
+        b"acl|whoami" => Effect::WhoAmI,
         b"config|set"
             if args.iter().skip(2).step_by(2).any(|a| {
                 a.eq_ignore_case("port") || a.eq_ignore_case("tls-port") || a.eq_ignore_case("bind")

@@ -1753,6 +1753,66 @@ fn client_reply_off_then_on() {
 }
 
 #[test]
+fn an_auth_that_client_reply_off_silenced_leaves_the_user_unknown() {
+    // QA: the server switches users without a word; the commands after it were written as the
+    // user before it, which let a client hide behind a user `audit.excluderules` leaves out.
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["AUTH", "admin2", "secret"],
+        &["CLIENT", "REPLY", "ON"],
+    ]));
+    w.server(b"+OK\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["client|reply", "auth", "client|reply"]);
+    assert_eq!(
+        (recs[1].result, s(&recs[1].username)),
+        (Outcome::Unknown, "default".into())
+    );
+    assert_eq!(s(&recs[2].username), "unknown");
+    let set = w.roundtrip(&["SET", "k", "v"], b"+OK\r\n");
+    assert_eq!(s(&set.username), "unknown");
+    // The server's own answer makes it known again, from that command on.
+    let who = w.roundtrip(&["ACL", "WHOAMI"], b"$6\r\nadmin2\r\n");
+    assert_eq!(s(&who.username), "admin2");
+    let get = w.roundtrip(&["GET", "k"], b"$1\r\nv\r\n");
+    assert_eq!(s(&get.username), "admin2");
+}
+
+#[test]
+fn an_auth_that_client_reply_skip_silenced_leaves_the_user_unknown() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["AUTH", "admin2", "secret"],
+        &["GET", "k"],
+    ]));
+    w.server(b"$-1\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["client|reply", "auth", "get"]);
+    assert_eq!(s(&recs[2].username), "unknown");
+}
+
+#[test]
+fn acl_whoami_answered_as_a_value_after_a_gap_names_no_user() {
+    let mut w = Wire::new();
+    w.roundtrip(&["PING"], b"+PONG\r\n");
+    // A whole command lost, then ACL WHOAMI: the next reply may be the lost one's.
+    w.client_gap(20);
+    w.client(&cmd(&["ACL", "WHOAMI"]));
+    w.server(b"$5\r\nadmin\r\n");
+    let recs = w.take();
+    let who = recs.iter().find(|r| s(&r.command) == "acl|whoami");
+    let who = who.expect("the ACL WHOAMI record");
+    assert_eq!(
+        (who.result, s(&who.username)),
+        (Outcome::Unknown, "default".into())
+    );
+    let next = w.roundtrip(&["GET", "k"], b"$-1\r\n");
+    assert_eq!(s(&next.username), "default");
+}
+
+#[test]
 fn client_reply_skip_in_a_pipeline_keeps_the_order() {
     let mut w = Wire::new();
     w.client(&pipeline(&[
