@@ -572,8 +572,11 @@ def test_unauthenticated_clients_get_valkeys_small_request_limits(valkey, start_
     at most 16 KiB, as on Valkey (QA: 250 such clients each holding a 1 MiB partial request took
     the auditor to 311 MB). After AUTH the usual limits apply."""
     a = start_auditor(valkey.pid, extra=("--control-password", "ctl-secret-pw"))
+    # Lengths no request can have are refused as invalid first, as Valkey does (QA).
     for header, why in ((b"*1\r\n$1000000\r\n", b"unauthenticated bulk length"),
-                        (b"*11\r\n", b"unauthenticated multibulk length")):
+                        (b"*11\r\n", b"unauthenticated multibulk length"),
+                        (b"*99999999999\r\n", b"invalid multibulk length"),
+                        (b"*1\r\n$99999999999\r\n", b"invalid bulk length")):
         s = socket.create_connection(("127.0.0.1", a.control))
         s.settimeout(10)
         s.sendall(header)
@@ -590,3 +593,10 @@ def test_unauthenticated_clients_get_valkeys_small_request_limits(valkey, start_
     assert authed.call("AUTH", "ctl-secret-pw") == b"+OK\r\n"
     big = "x" * 100_000
     assert authed.call("ECHO", big) == b"$100000\r\n" + big.encode() + b"\r\n"
+    # A password cleared meanwhile lifts the limits for a client connected before (QA), as it does
+    # on Valkey after CONFIG SET requirepass "".
+    early = Raw(a.control)
+    assert early.call("PING") == b"+PONG\r\n"
+    assert authed.call("CONFIG", "SET", "audit.control_requirepass", "") == b"+OK\r\n"
+    mid = "y" * 20_000
+    assert early.call("ECHO", mid) == b"$20000\r\n" + mid.encode() + b"\r\n"

@@ -416,3 +416,21 @@ def test_server_port_follows_config_set_port(valkey, start_auditor):
     rec = set_and_wait(auditor, valkey, "after-move")
     assert (rec["server_port"], rec["pid"]) == (new, valkey.pid) != (old, valkey.pid), rec
     assert f"port={new}," in info_audit(auditor)[f"audit_target_{valkey.pid}"]
+
+
+def test_commands_pipelined_after_config_set_port_carry_the_new_port(valkey, start_auditor):
+    """A pipeline's replies come in one write: the commands after a CONFIG SET port in it kept the
+    old `server_port`, the server being described again only after the whole write (QA)."""
+    auditor = start_auditor(valkey.pid)
+    old, new = valkey.port, free_port()
+    with valkey.client() as c:
+        p = c.pipeline(transaction=False)
+        p.set("piped:before", 1)
+        p.execute_command("CONFIG", "SET", "port", str(new))
+        p.set("piped:after", 2)
+        assert p.execute() == [True, b"OK", True]
+    valkey.port = new
+    recs = auditor.wait_records(
+        lambda rs: any(r["keys"] == ["piped:after"] for r in rs), what="the SET after the move")
+    ports = {r["keys"][0]: r["server_port"] for r in recs if r["command"] == "set"}
+    assert ports == {"piped:before": old, "piped:after": new}, ports

@@ -336,7 +336,13 @@ async fn serve_client(
         bytes_out: 0,
     };
     let (read_half, mut write_half) = stream.into_split();
-    let mut requests = FramedRead::new(read_half, RequestDecoder::default());
+    let mut requests = FramedRead::new(
+        read_half,
+        RequestDecoder {
+            shared: Some(shared.clone()),
+            ..RequestDecoder::default()
+        },
+    );
     let mut out = BytesMut::with_capacity(4096);
     // When a request still incomplete at a timeout was first seen so (a request must complete
     // within one to two STALL_TIMEOUTs of its first byte, however slowly it trickles in).
@@ -433,9 +439,11 @@ fn protocol_error<T>(why: &str) -> Result<T, DecodeError> {
 struct RequestDecoder {
     /// Bytes of complete requests consumed so far (CLIENT INFO `tot-net-in`).
     consumed: u64,
-    /// The client has not authenticated and a password is set: Valkey's smaller limits apply
+    /// The client has not authenticated: while a password is set (asked at each request, for it
+    /// may be cleared meanwhile, as Valkey's `authRequired` does) Valkey's smaller limits apply
     /// (`UNAUTHENTICATED_*`), so a stranger cannot make the auditor hold a maximum request.
     unauthenticated: bool,
+    shared: Option<Arc<Shared>>,
 }
 
 /// Valkey's limits for a client that has not authenticated (`processMultibulkBuffer`): at most 10
@@ -443,6 +451,9 @@ struct RequestDecoder {
 /// closed. (Before, 250 such clients each holding a 1 MiB partial request took 280 MB.)
 const UNAUTHENTICATED_ARGS: i64 = 10;
 const UNAUTHENTICATED_BULK: i64 = 16 * 1024;
+/// Valkey's default `proto-max-bulk-len`: a longer bulk is "invalid bulk length" before any other
+/// check.
+const PROTO_MAX_BULK_LEN: i64 = 512 * 1024 * 1024;
 
 /// One step of parsing the start of the buffer.
 enum Parsed {
@@ -465,7 +476,9 @@ impl Decoder for RequestDecoder {
                 return Ok(None);
             };
             let parsed = if first == b'*' {
-                parse_multibulk(src, self.unauthenticated)?
+                let limited = self.unauthenticated
+                    && self.shared.as_ref().is_none_or(|s| s.password_required());
+                parse_multibulk(src, limited)?
             } else {
                 parse_inline(src)?
             };
@@ -520,6 +533,10 @@ fn parse_multibulk(src: &[u8], unauthenticated: bool) -> Result<Parsed, DecodeEr
     let Some((count, mut pos)) = parse_length_line(src, 0, INVALID_COUNT)? else {
         return Ok(Parsed::Incomplete);
     };
+    // Valkey's order: a length no request can have, then the unauthenticated limit.
+    if count > i64::from(i32::MAX) {
+        return protocol_error(INVALID_COUNT);
+    }
     if unauthenticated && count > UNAUTHENTICATED_ARGS {
         return protocol_error("unauthenticated multibulk length");
     }
@@ -544,6 +561,9 @@ fn parse_multibulk(src: &[u8], unauthenticated: bool) -> Result<Parsed, DecodeEr
         let Some((len, body)) = parse_length_line(src, pos, INVALID_LEN)? else {
             return Ok(Parsed::Incomplete);
         };
+        if !(0..=PROTO_MAX_BULK_LEN).contains(&len) {
+            return protocol_error(INVALID_LEN);
+        }
         if unauthenticated && len > UNAUTHENTICATED_BULK {
             return protocol_error("unauthenticated bulk length");
         }

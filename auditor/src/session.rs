@@ -352,8 +352,9 @@ enum Effect {
     Monitor,
     Reset,
     /// CONFIG SET of `port`, `tls-port` or `bind`: the server listens elsewhere once it succeeds,
-    /// so what is known of it (its port, `server_port` in records) must be read again.
-    ListenersChanged,
+    /// so what is known of it (its port, `server_port` in records) must be read again. The new
+    /// `port`, when one is given, applies at once: to the commands answered in the same write too.
+    ListenersChanged(Option<u16>),
     /// Bytes the client sent that are not RESP (`protocol_error`): the server answers with its
     /// protocol error and closes the connection.
     ProtocolError,
@@ -657,6 +658,8 @@ pub struct Session {
     held_total: usize,
     /// `held_total` at which the next exact count is made.
     recount_at: usize,
+    /// What the last exact count found: over `GLOBAL_HELD_BYTES`. Trusted until `recount_at`.
+    global_over: bool,
 }
 
 impl Session {
@@ -687,6 +690,7 @@ impl Session {
             listeners_changed: Vec::new(),
             held_total: 0,
             recount_at: GLOBAL_HELD_BYTES,
+            global_over: false,
         }
     }
 
@@ -1669,20 +1673,26 @@ impl Session {
 
     /// Whether all connections together hold more than `GLOBAL_HELD_BYTES` with `cost` more for
     /// `current` (taken out of the map while it is handled). The running total only grows between
-    /// exact counts, which are made when it passes the bound, and then not again before it has
-    /// grown by an eighth of the bound, so idle connections holding much cannot make every
-    /// command recount.
+    /// exact counts (replies do not lower it), so it is an upper bound: under the bound, nothing
+    /// is counted. Past it, an exact count decides, and its verdict holds until the total has
+    /// grown by 1/64 of the bound, so idle connections holding nearly the bound cannot make every
+    /// command recount; the bound is then exceeded by that much at most. (The verdict of a stale
+    /// total alone shed ordinary clients long after the replies had freed everything: QA.)
     fn over_global_bound(&mut self, current: &mut Conn, cost: usize) -> bool {
+        if self.held_total + cost <= GLOBAL_HELD_BYTES {
+            return false;
+        }
         if self.held_total + cost <= self.recount_at {
-            return self.held_total + cost > GLOBAL_HELD_BYTES;
+            return self.global_over;
         }
         let mut total = exact_held(current);
         for c in self.conns.values_mut() {
             total += exact_held(c);
         }
         self.held_total = total;
-        self.recount_at = GLOBAL_HELD_BYTES.max(total + GLOBAL_HELD_BYTES / 8);
-        total + cost > GLOBAL_HELD_BYTES
+        self.recount_at = GLOBAL_HELD_BYTES.max(total + GLOBAL_HELD_BYTES / 64);
+        self.global_over = total + cost > GLOBAL_HELD_BYTES;
+        self.global_over
     }
 
     /// Past `MAX_PENDING`: write the oldest command awaiting its reply as UNKNOWN and drop it
@@ -1881,8 +1891,10 @@ impl Session {
         p.record.time_unix_us = self.wall_us(reply.start_ts);
         p.record.duration_us = reply.start_ts.saturating_sub(p.done_ts) / 1000;
         // The user the command ran as: every earlier command on the connection (a pipelined AUTH
-        // included) has completed by now, and this one's own effect is applied only below.
+        // included) has completed by now, and this one's own effect is applied only below. So
+        // has a pipelined CONFIG SET port: the server it ran on is the one known now.
         set_user(&mut p.record, &conn.username);
+        set_server(&mut p.record, &conn.server);
         if !reply.is_error() {
             p.record.result = Outcome::Success;
             p.record.keys_modified = keys_changed(p.write_keys, p.change_reply, reply);
@@ -2144,7 +2156,19 @@ impl Session {
             }
             Effect::Monitor => conn.monitor = true,
             Effect::Reset => reset_connection(conn),
-            Effect::ListenersChanged => {
+            Effect::ListenersChanged(port) => {
+                if let Some(port) = *port
+                    && let Some(info) = self.servers.get(&conn.tgid)
+                    && info.port != port
+                {
+                    let info = Arc::new(ServerInfo {
+                        port,
+                        ..ServerInfo::clone(info)
+                    });
+                    // (`conn` is out of the map while it is handled.)
+                    conn.server = info.clone();
+                    self.set_server(conn.tgid, info);
+                }
                 if !self.listeners_changed.contains(&conn.tgid) {
                     self.listeners_changed.push(conn.tgid);
                 }
@@ -2161,6 +2185,7 @@ impl Session {
         out: &mut impl RecordOut,
     ) {
         set_user(&mut p.record, &_conn.username);
+        set_server(&mut p.record, &_conn.server);
         p.record.time_unix_us = self.wall_us(ts);
         p.record.result = Outcome::Unknown;
         p.record.error = why.as_bytes().to_vec();
@@ -2771,7 +2796,17 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
                 a.eq_ignore_case("port") || a.eq_ignore_case("tls-port") || a.eq_ignore_case("bind")
             }) =>
         {
-            Effect::ListenersChanged
+            // The last `port` given is the one set (a nonzero one: 0 leaves TCP).
+            let port = args
+                .iter()
+                .skip(2)
+                .step_by(2)
+                .zip(args.iter().skip(3).step_by(2))
+                .filter(|(name, _)| name.eq_ignore_case("port"))
+                .filter_map(|(_, value)| std::str::from_utf8(&value.prefix).ok()?.parse().ok())
+                .next_back()
+                .filter(|&p: &u16| p != 0);
+            Effect::ListenersChanged(port)
         }
         b"subscribe" | b"psubscribe" | b"ssubscribe" => {
             let kind = match &*d.command {
@@ -2803,6 +2838,12 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
 fn set_user(record: &mut Record, user: &Arc<[u8]>) {
     if !Arc::ptr_eq(&record.username, user) {
         record.username = user.clone();
+    }
+}
+
+fn set_server(record: &mut Record, server: &Arc<ServerInfo>) {
+    if !Arc::ptr_eq(&record.server, server) {
+        record.server = server.clone();
     }
 }
 

@@ -4311,3 +4311,63 @@ fn all_connections_together_hold_at_most_the_global_bound() {
     let written_for_last = early.iter().filter(|r| r.client_port == 40007).count();
     assert_eq!(written_for_last + answered.len(), 300, "fd {fd}");
 }
+
+#[test]
+fn replies_that_freed_the_global_bound_end_its_shedding() {
+    // QA: the total only grows between exact counts; an exact count under the bound with the total
+    // above it left a stale verdict "over" for 12 MiB more, so clients were shed after the replies
+    // had freed everything.
+    let mut w = Wire::detached(Settings::default());
+    let keys = kilobyte_keys();
+    let mut exists: Vec<&str> = vec!["EXISTS"];
+    exists.extend(keys[..100].iter().map(String::as_str));
+    let exists = cmd(&exists);
+    // Each connection's stream positions (the wire keeps one pair).
+    let mut positions: HashMap<u32, (u64, u64)> = HashMap::new();
+    let mut on = |w: &mut Wire, fd: u32| {
+        positions.insert(w.fd, (w.in_pos, w.out_pos));
+        w.fd = fd;
+        match positions.get(&fd) {
+            Some(&(i, o)) => (w.in_pos, w.out_pos) = (i, o),
+            None => {
+                w.accept(Peer::from_v4([10, 0, 0, 7], 40000 + fd as u16));
+            }
+        }
+    };
+    // About 88 MiB held, then 100 of them answered, then 10 MiB more: an exact count, under.
+    for fd in [100, 101, 102] {
+        on(&mut w, fd);
+        for _ in 0..300 {
+            w.client(&exists);
+        }
+    }
+    on(&mut w, 100);
+    w.server(&b":1\r\n".repeat(100));
+    on(&mut w, 103);
+    for _ in 0..100 {
+        w.client(&exists);
+    }
+    // Everything answered.
+    for (fd, n) in [(100, 200), (101, 300), (102, 300), (103, 100)] {
+        on(&mut w, fd);
+        w.server(&b":1\r\n".repeat(n));
+    }
+    let commands = |w: &mut Wire| -> Vec<Record> {
+        w.take()
+            .into_iter()
+            .filter(|r| r.category != Category::Connection)
+            .collect()
+    };
+    let answered = commands(&mut w);
+    assert_eq!(answered.len(), 1000);
+    assert!(answered.iter().all(|r| r.result == Outcome::Success));
+    // Nothing is held; the running total says 87 MiB. 10 MiB more take it past the bound.
+    on(&mut w, 104);
+    for _ in 0..100 {
+        w.client(&exists);
+    }
+    w.server(&b":1\r\n".repeat(100));
+    let recs = commands(&mut w);
+    assert_eq!(recs.len(), 100);
+    assert!(recs.iter().all(|r| r.result == Outcome::Success));
+}
