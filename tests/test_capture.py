@@ -240,6 +240,31 @@ def test_an_auth_silenced_by_client_reply_off_cannot_hide_behind_an_excluded_use
     assert b"admin2-pw" not in auditor.log.read_bytes()
 
 
+def test_an_auth_hidden_by_a_capture_gap_leaves_the_user_unknown(valkey, start_auditor):
+    """A read past the capture cap can hold whole commands: an AUTH among them changed the user
+    while the records after it went on naming the user before it (QA). Now a gap that breaks the
+    request framing makes the user unknown until a reply shows it."""
+    admin = Raw(valkey.port)
+    assert admin.call("ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all") == b"+OK\r\n"
+    admin.close()
+    auditor = start_auditor(valkey.pid, extra=("--capture-cap", "4096"))
+    c = Raw(valkey.port)
+    c.sock.sendall(resp("SET", "gap:b1", "y" * 5000) + resp("SET", "gap:b2", "z" * 5000)
+                   + resp("AUTH", "alice", "alice-pw"))
+    assert [c.read_reply() for _ in range(3)] == [b"+OK\r\n"] * 3
+    assert c.call("SET", "gap:after", "1") == b"+OK\r\n"
+    assert c.call("ACL", "WHOAMI") == b"$5\r\nalice\r\n"
+    assert c.call("SET", "gap:known", "1") == b"+OK\r\n"
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["gap:known"] for r in rs),
+                                what="the SET after ACL WHOAMI")
+    users = {r["keys"][0]: r["username"] for r in recs if r["command"] == "set"}
+    assert users["gap:after"] == "unknown", users
+    assert users["gap:known"] == "alice", users
+    assert any("cause=parser_resync_request" in r["command_args"] for r in recs)
+    assert b"alice-pw" not in auditor.log.read_bytes()
+
+
 def test_auth_and_hello_with_acl_user(audited):
     valkey, auditor = audited
     admin = Raw(valkey.port)

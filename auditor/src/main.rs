@@ -682,8 +682,9 @@ fn register_open(
 ) -> Result<()> {
     // A process that exited meanwhile has nothing to scan: it is dropped by the exit check.
     for conn in procscan::existing_connections(pid).unwrap_or_default() {
-        // A connection the session knows whose close is still in the ring is not a new one.
-        if session.is_ignored(&conn.peer) || session.knows(pid, conn.fd) {
+        // A connection the session knows whose close is still in the ring is not a new one; a
+        // socket on the fd of one whose close was lost is.
+        if session.is_ignored(&conn.peer) || session.knows_socket(pid, conn.fd, conn.ino) {
             continue;
         }
         if capture.register_existing_socket(pid, conn.fd, conn.ino)? {
@@ -1103,7 +1104,7 @@ impl CaptureLoop {
             }
             for conn in found {
                 self.session
-                    .add_existing(pid, conn.fd, conn.ino, conn.peer, None, now, records);
+                    .add_unseen(pid, conn.fd, conn.ino, conn.peer, now, records);
             }
         }
     }
@@ -1384,7 +1385,7 @@ impl Registry {
                 local_port,
                 peer,
                 ino,
-                ..
+                ts_ns,
             } => {
                 let pid = *tgid;
                 if *ino == 0 {
@@ -1411,7 +1412,7 @@ impl Registry {
                     && ((!self.targets.contains_key(&pid)
                         && self.targets.contains_key(&targets::parent_of(pid)))
                         || (*local_port != 0 && !self.accepted_on(pid, *local_port))
-                        || (*local_port == 0 && peer.ip != "unix" && capture.sees_accepts_of(pid)))
+                        || (*local_port == 0 && !peer.is_unix() && capture.sees_accepts_of(pid)))
                 {
                     capture.ignore_socket(pid, *fd);
                     return true;
@@ -1441,6 +1442,17 @@ impl Registry {
                 if unnamed_unix && let Some(path) = self.unix_path(pid, *listen_fd) {
                     // The listener was created after the target was registered.
                     *peer = Peer::unix(&path);
+                }
+                if *listen_fd == LISTEN_FD_UNKNOWN
+                    && !session.is_ignored(peer)
+                    && capture.sees_accepts_of(pid)
+                {
+                    // This server's accepts are seen: one first seen at a read or write had its
+                    // accept report dropped by the full ring, and what it sent until now is part
+                    // of that loss (an AUTH perhaps: QA). Audited like a connection open at
+                    // attach.
+                    session.add_unseen(pid, *fd, *ino, peer.clone(), *ts_ns, out);
+                    return true;
                 }
             }
             _ => {}

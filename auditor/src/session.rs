@@ -160,6 +160,11 @@ impl Peer {
         };
         Peer { ip, port }
     }
+    /// A unix-socket peer (its "ip" is the socket's path, or `unix`), not a TCP one.
+    pub fn is_unix(&self) -> bool {
+        self.port == 0 && self.ip.parse::<std::net::IpAddr>().is_err()
+    }
+
     pub fn unix(path: &str) -> Self {
         Peer {
             ip: if path.is_empty() {
@@ -791,9 +796,30 @@ impl Session {
         self.ignored_peers.contains(peer)
     }
 
-    /// Whether a connection is open at `tgid`'s `fd`.
-    pub fn knows(&self, tgid: u32, fd: u32) -> bool {
-        self.conns.contains_key(&(tgid, fd))
+    /// Whether the connection open at `tgid`'s `fd` is socket `ino` (or one whose inode is not
+    /// known).
+    pub fn knows_socket(&self, tgid: u32, fd: u32, ino: u64) -> bool {
+        self.conns
+            .get(&(tgid, fd))
+            .is_some_and(|c| c.ino == ino || c.ino == 0)
+    }
+
+    /// A connection whose start the auditor did not see although it was accepted since attach (its
+    /// accept report was dropped by the full ring): audited like one open at attach, from its next
+    /// command, its user unknown. A connection still open on its fd has ended (the fd was reused).
+    pub fn add_unseen(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        ino: u64,
+        peer: Peer,
+        now_ns: u64,
+        out: &mut impl RecordOut,
+    ) {
+        if self.conns.contains_key(&(tgid, fd)) {
+            self.close(tgid, fd, now_ns, out);
+        }
+        self.add_existing(tgid, fd, ino, peer, None, now_ns, out);
     }
 
     /// A connection that was open before the auditor attached. Its user is unknown unless given.
@@ -1123,6 +1149,9 @@ impl Session {
                             ts_ns,
                         );
                         self.push(rec, ts_ns, out);
+                        // Whole commands may have been in the gap, an AUTH among them (QA): the
+                        // user is not known until a reply shows it again.
+                        forget_user(&mut conn);
                     }
                 }
             }
@@ -1902,7 +1931,7 @@ impl Session {
                 show_on_success(p);
             }
             self.apply_effect(conn, &p.effect, reply);
-            if p.effect == Effect::WhoAmI
+            if matches!(p.effect, Effect::WhoAmI)
                 && !p.after_gap
                 && let Some(user) = whoami_user(reply)
             {
