@@ -882,6 +882,49 @@ def test_syslog_tcp_server_down_at_start_gets_every_record_once_it_is_up(valkey,
     server.close()
 
 
+def test_syslog_tcp_reconnect_on_sighup_sends_nothing_twice(valkey, start_auditor):
+    """SIGHUP (logrotate's postrotate) reconnects to a TCP syslog server: what the old connection's
+    server had acknowledged was sent again on the new one (QA: 17 duplicates in 10 SIGHUPs)."""
+    col = Collector()
+    col.start()
+    a = start_auditor(valkey.pid, settings=("audit.protocol", "syslog local5",
+                                            "audit.syslog_target", f"tcp://127.0.0.1:{col.port}"))
+    keys = []
+    stop = threading.Event()
+
+    def traffic():
+        c = connect(valkey.port)
+        while not stop.is_set():
+            key = f"hup:{len(keys):05d}"
+            send_sets(c, [key])
+            keys.append(key)
+            time.sleep(0.001)
+        c.close()
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        for _ in range(8):
+            time.sleep(0.3)
+            os.kill(a.proc.pid, signal.SIGHUP)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join(30)
+
+    def received():
+        with col.lock:
+            data = b"".join(bytes(b) for b in col.buffers)
+        return [json.loads(l[l.index(b"{"):]) for l in data.split(b"\n") if b"{" in l]
+    assert a.stop() == 0
+    recs = wait_until(lambda: (lambda rs: rs if rs and rs[-1]["command"] == "stop" else None)(
+        received()), timeout=20, what="the stop record at the syslog server")
+    assert set(keys) <= set(sets_of(recs))
+    seqs = [r["seq"] for r in recs]
+    assert len(seqs) == len(set(seqs)), sorted(q for q in set(seqs) if seqs.count(q) > 1)
+    assert len(col.buffers) > 1, "the SIGHUPs reconnected"
+    col.kill()
+
+
 def test_udp_syslog_receiver_down_is_seen_and_its_losses_counted(valkey, start_auditor):
     """A UDP syslog receiver that goes away answers with ICMP port unreachable: the sink sees it,
     the records wait in the queue, and the datagrams refused are counted (syslog_refused), instead
@@ -1224,6 +1267,50 @@ def test_tcp_spool_overflow_loss_count_is_exact(valkey, start_auditor, tmp_path)
     assert got == keys[:len(got)]
     kept_bytes = sum(len(json.dumps(r, separators=(",", ":"))) + 1 for r in recs if r["command"] == "set")
     assert kept_bytes > 65536 + spool_max // 2, kept_bytes
+
+
+@pytest.mark.parametrize("spool_max", ["1000000", "0"])
+def test_switching_away_from_a_tcp_sink_hands_its_backlog_to_the_new_one(
+        valkey, start_auditor, tmp_path, spool_max):
+    """What a TCP sink took and its collector never had (memory and spool) was dropped, unreported,
+    when CONFIG SET audit.protocol switched to a file (QA). Now the new sink takes it first, in
+    order, and what the old one had lost is reported there."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    col = Collector()  # never listening
+    a = start_auditor(valkey.pid, settings=(
+        "audit.protocol", f"tcp 127.0.0.1:{col.port}", "audit.tcp_retry_interval_ms", "200",
+        "audit.tcp_timeout_ms", "1000", "audit.spool_dir", str(spool),
+        "audit.spool_max_size", spool_max, "audit.max_queue_size", "65536"))
+    s = connect(valkey.port)
+    keys = [f"handover:{i:04d}" for i in range(1500)]
+    send_sets(s, keys, b"h" * 100)  # ~500 KB of records: more than memory alone holds
+    wait_until(lambda: int(info(a)["audit_events_key_op"]) >= len(keys), timeout=30,
+               what="the TCP sink to take every record")
+    assert int(info(a)["audit_sink_backlog_bytes"]) > 0
+    new_log = tmp_path / "after-switch.log"
+    assert cli(a, "CONFIG", "SET", "audit.protocol", f"file {new_log}").strip() == "OK"
+    s.sendall(resp("SET", "after:switch", "1"))
+    assert s.recv(100) == b"+OK\r\n"
+    recs = wait_until(lambda: (lambda rs: rs if "after:switch" in sets_of(rs) else None)(
+        read_records(new_log) if new_log.exists() else []), timeout=20,
+        what="the record after the switch")
+    s.close()
+    seqs = [r["seq"] for r in recs]
+    assert seqs == sorted(set(seqs)), "in order, no duplicates"
+    missing = set(range(1, seqs[-1] + 1)) - set(seqs)
+    lost = sum(loss_counts(recs, "sink_overflow"))
+    assert lost == len(missing), (lost, len(missing))
+    if spool_max == "0":
+        assert missing, "memory alone was to overflow"
+    else:
+        assert not missing
+        assert sets_of(recs) == [*keys, "after:switch"]
+    # Nothing waits for the old collector any more.
+    assert list(spool.iterdir()) == []
+    assert int(info(a)["audit_sink_backlog_bytes"]) == 0
+    col.close()
+    assert a.stop() == 0
 
 
 def test_tcp_sink_loss_shows_in_info_while_the_collector_is_away(valkey, start_auditor, tmp_path):

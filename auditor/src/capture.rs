@@ -102,7 +102,8 @@ pub struct CaptureConfig {
 /// Ring buffer and kernel counters, owned by the capture thread.
 pub struct CaptureStream {
     pub ring: RingReader,
-    stats: PerCpuArray<MapData, u64>,
+    /// The kernel's counters (a field of its own: read while a ring record is borrowed).
+    pub stats: KernelStats,
     /// Epoll instance watching the ring edge-triggered (see `wait`).
     wake: OwnedFd,
     /// Handed to the metrics (`take_live_counters`).
@@ -167,7 +168,7 @@ impl Capture {
             aya::maps::Map::PerCpuArray(data) => LiveKernelCounters::open(data),
             _ => None,
         };
-        let stats = PerCpuArray::try_from(stats_map)?;
+        let stats = KernelStats(PerCpuArray::try_from(stats_map)?);
         let sockets = HashMap::try_from(ebpf.take_map("SOCKETS").context("SOCKETS map")?)?;
         let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
         let comms = HashMap::try_from(ebpf.take_map("COMMS").context("COMMS map")?)?;
@@ -471,24 +472,34 @@ impl CaptureStream {
     /// Failed ring-buffer writes summed over CPUs: (records, bytes).
     /// The most unread bytes the ring held since the last call (max over CPUs); resets it.
     pub fn take_ring_peak(&mut self) -> u64 {
-        let Ok(values) = self.stats.get(&STAT_RING_PEAK, 0) else {
+        let Ok(values) = self.stats.0.get(&STAT_RING_PEAK, 0) else {
             return 0;
         };
         let peak = values.iter().copied().max().unwrap_or(0);
         if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; values.len()]) {
-            let _ = self.stats.set(STAT_RING_PEAK, zeros, 0);
+            let _ = self.stats.0.set(STAT_RING_PEAK, zeros, 0);
         }
         peak
     }
 
     pub fn kernel_drops(&self) -> Result<(u64, u64)> {
-        ring_drops(&self.stats)
+        self.stats.ring_drops()
     }
 
     /// A reader of the kernel's drop counters for other threads (`None` if the map could not be
     /// opened a second time).
     pub fn take_live_counters(&mut self) -> Option<LiveKernelCounters> {
         self.live_counters.take()
+    }
+}
+
+/// The kernel's per-CPU `STATS` map.
+pub struct KernelStats(PerCpuArray<MapData, u64>);
+
+impl KernelStats {
+    /// `(records, bytes)` the kernel could not put in the ring, summed over CPUs.
+    pub fn ring_drops(&self) -> Result<(u64, u64)> {
+        ring_drops(&self.0)
     }
 }
 

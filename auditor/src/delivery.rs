@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::record::{Category, Outcome, Record, ServerFile};
 use crate::session::RecordOut;
 use crate::settings::Overflow;
-use crate::sink::Sink;
+use crate::sink::{Sink, SinkError};
 
 /// Rough bytes a record takes in the queue (its variable parts plus a fixed overhead), known
 /// before it is formatted.
@@ -683,6 +683,17 @@ pub trait SinkProvider: Send {
     /// One destination per server (`%port%` in the file path): names the server of the next
     /// batch.
     fn select(&mut self, _file: &ServerFile) {}
+    /// The oldest sink a switch of `audit.protocol` replaced, while it has not been dropped.
+    fn retired(&mut self) -> Option<&mut dyn Sink> {
+        None
+    }
+    /// Writes the next lines the oldest retired sink did not deliver to the active sink: true when
+    /// some were written, false when it has none left.
+    fn hand_over(&mut self) -> Result<bool, SinkError> {
+        Ok(false)
+    }
+    /// Drops the oldest retired sink (its losses reported, nothing left to hand over).
+    fn drop_retired(&mut self) {}
 }
 
 /// The sink thread's loop: runs until the queue is closed and drained.
@@ -744,6 +755,43 @@ pub fn run_sink(
                 .sink_backlog_bytes
                 .store(sink.backlog_bytes(), Ordering::Relaxed);
             metrics.set_sink_status(sink.kind(), sink.status());
+        }
+        // What a sink replaced by a switch did not deliver goes first, in order.
+        if provider.retired().is_some() {
+            match provider.hand_over() {
+                Ok(true) => continue,
+                Ok(false) => {
+                    if let Some(old) = provider.retired() {
+                        report_sink_loss(&queue, old, &mut sink_reported);
+                    }
+                    provider.drop_retired();
+                }
+                Err(e) => {
+                    metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                    let message = e.to_string();
+                    if last_error.as_deref() != Some(message.as_str()) {
+                        eprintln!("auditor: handing the old sink's backlog over: {message}");
+                    }
+                    last_error = Some(message);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if queue.is_closed()
+                        && shutdown_since.get_or_insert_with(Instant::now).elapsed()
+                            >= SHUTDOWN_GRACE
+                    {
+                        if let Some(old) = provider.retired() {
+                            say_unreported_sink_loss(old);
+                            let left = old.backlog_bytes();
+                            eprintln!(
+                                "auditor: giving up at shutdown: {left} bytes the old sink did \
+                                 not deliver"
+                            );
+                        }
+                        provider.drop_retired();
+                    }
+                    continue;
+                }
+            }
         }
         // Take a batch only when the previous one was written.
         if current.is_none() {

@@ -1015,11 +1015,25 @@ impl CaptureLoop {
             }
             let registry = &self.registry;
             if let Some(mut ev) = capture::decode(&item, &|tgid, fd| registry.unix_path(tgid, fd)) {
+                // A socket first seen at a read or write may be one whose accept report the full
+                // ring dropped: only once the ring has dropped anything.
+                let ring_lost = matches!(
+                    ev,
+                    CaptureEvent::Accept {
+                        listen_fd: LISTEN_FD_UNKNOWN,
+                        ..
+                    }
+                ) && self
+                    .stream
+                    .stats
+                    .ring_drops()
+                    .is_ok_and(|(records, _)| records > 0);
                 let not_audited = self.registry.before_event(
                     &mut ev,
                     &mut self.capture,
                     &mut self.session,
                     &self.metrics,
+                    ring_lost,
                     records,
                 );
                 // The auditor's own records of earlier moments go first.
@@ -1324,6 +1338,7 @@ impl Registry {
         capture: &mut Capture,
         session: &mut Session,
         metrics: &Metrics,
+        ring_lost: bool,
         out: &mut Vec<Record>,
     ) -> bool {
         match ev {
@@ -1444,13 +1459,14 @@ impl Registry {
                     *peer = Peer::unix(&path);
                 }
                 if *listen_fd == LISTEN_FD_UNKNOWN
+                    && ring_lost
                     && !session.is_ignored(peer)
                     && capture.sees_accepts_of(pid)
                 {
-                    // This server's accepts are seen: one first seen at a read or write had its
-                    // accept report dropped by the full ring, and what it sent until now is part
-                    // of that loss (an AUTH perhaps: QA). Audited like a connection open at
-                    // attach.
+                    // This server's accepts are seen and the ring has dropped reports: one first
+                    // seen at a read or write had its accept report dropped, and what it sent
+                    // until now is part of that loss (an AUTH perhaps: QA). Audited like a
+                    // connection open at attach.
                     session.add_unseen(pid, *fd, *ino, peer.clone(), *ts_ns, out);
                     return true;
                 }

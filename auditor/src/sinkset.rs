@@ -182,7 +182,14 @@ pub struct SettingsSinks {
     version: u64,
     current: Arc<Settings>,
     active: ActiveSink,
+    /// Sinks replaced by a switch of `audit.protocol`, oldest first: what they took and did not
+    /// deliver (a TCP collector's backlog) goes to the active sink before any new batch, and
+    /// their losses are reported, before they are dropped (QA: a switch lost it unreported).
+    retired: std::collections::VecDeque<ActiveSink>,
 }
+
+/// Bytes handed over from a retired sink per step.
+const HAND_OVER_CHUNK: usize = 1 << 20;
 
 impl SettingsSinks {
     pub fn new(shared: Arc<SharedSettings>, active: ActiveSink) -> Self {
@@ -193,6 +200,7 @@ impl SettingsSinks {
             version,
             current,
             active,
+            retired: std::collections::VecDeque::new(),
         }
     }
 
@@ -215,9 +223,9 @@ impl SettingsSinks {
                 Ok(())
             }
             _ => open_sink(&next).map(|s| {
-                // Push what the old sink buffered before switching (best effort, bounded).
-                let _ = self.active.as_sink().flush(true);
-                self.active = s;
+                let mut old = std::mem::replace(&mut self.active, s);
+                old.as_sink().retire();
+                self.retired.push_back(old);
             }),
         };
         if let Err(e) = result {
@@ -230,6 +238,33 @@ impl SettingsSinks {
 impl SinkProvider for SettingsSinks {
     fn sink(&mut self) -> &mut dyn Sink {
         self.active.as_sink()
+    }
+
+    fn retired(&mut self) -> Option<&mut dyn Sink> {
+        self.retired.front_mut().map(ActiveSink::as_sink)
+    }
+
+    fn hand_over(&mut self) -> Result<bool, SinkError> {
+        let Some(old) = self.retired.front_mut() else {
+            return Ok(false);
+        };
+        let old = old.as_sink();
+        let lines = old.undelivered(HAND_OVER_CHUNK);
+        if lines.is_empty() {
+            return Ok(false);
+        }
+        let (n, count) = (lines.len(), lines.iter().filter(|&&b| b == b'\n').count());
+        if let ActiveSink::PerServer(p) = &mut self.active {
+            // Whose they were is not known any more: the auditor's own file takes them.
+            p.selected = ServerFile::Auditor;
+        }
+        self.active.as_sink().write_batch(lines, count)?;
+        old.release_undelivered(n);
+        Ok(true)
+    }
+
+    fn drop_retired(&mut self) {
+        self.retired.pop_front();
     }
 
     fn select(&mut self, file: &ServerFile) {

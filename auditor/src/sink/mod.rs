@@ -173,6 +173,28 @@ pub trait Sink: Send {
     fn backlog_bytes(&self) -> u64 {
         0
     }
+    /// `audit.protocol` switched to another kind of sink: stop delivering (a TCP sink closes its
+    /// connection), keeping what was not delivered for [`undelivered`](Self::undelivered); the
+    /// others push their data towards durability.
+    fn retire(&mut self) {
+        let _ = self.flush(true);
+    }
+    /// A retired sink's oldest undelivered whole lines (at most about `max` bytes, one line at
+    /// least), for the new sink to take; empty when none is left.
+    fn undelivered(&mut self, _max: usize) -> &[u8] {
+        &[]
+    }
+    /// The first `n` bytes `undelivered` gave were taken by the new sink.
+    fn release_undelivered(&mut self, _n: usize) {}
+}
+
+/// Length of the longest prefix of `data` made of whole lines and at most `max` bytes long, or of
+/// its first line when that alone is longer.
+pub(crate) fn hand_over_len(data: &[u8], max: usize) -> usize {
+    match tcp::whole_lines_within(data, max as u64) {
+        0 => data.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1),
+        n => n,
+    }
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ use super::{Sink, SinkError, SinkLoss, SinkStatus};
 /// Where `syslog(3)` looks for the local syslog socket, in order.
 const LOCAL_SOCKET_PATHS: [&str; 3] = ["/dev/log", "/var/run/syslog", "/var/run/log"];
 
+/// How long a reconnection waits for the old connection's acknowledgements.
+const ACK_WAIT: Duration = Duration::from_millis(200);
 /// How long one send may block before the batch is reported as failed (a syslog daemon that stopped
 /// reading its socket must not hang the sink thread; the caller retries).
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -373,6 +375,19 @@ impl SyslogSink {
     }
 
     fn connect(&mut self) -> Result<(), SinkError> {
+        // What the old connection's server acknowledged is not sent again (QA: every SIGHUP or
+        // restart of rsyslog duplicated the last batch). A connection still open (a SIGHUP) gets
+        // a moment for the acknowledgements of what was just sent.
+        if let Some(Transport::Tcp(stream)) = &self.transport
+            && !self.unacked.is_empty()
+            && !peer_closed(stream)
+        {
+            let deadline = Instant::now() + ACK_WAIT;
+            while unacknowledged_bytes(stream).is_ok_and(|n| n > 0) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        self.release_acknowledged();
         self.drop_transport();
         self.last_connect_attempt = Some(Instant::now());
         match open_transport(&self.opts, self.send_timeout) {

@@ -1057,6 +1057,50 @@ impl Sink for TcpSink {
 
     /// `force` (shutdown): tries for up to `tcp_timeout_ms` to deliver the whole backlog and have it
     /// acknowledged; what is left moves to the spool, and the error says what remains.
+    fn retire(&mut self) {
+        // What the collector acknowledged is released, the rest goes to the next sink (an
+        // unacknowledged line may then reach both: never none).
+        self.drive_link();
+        self.pump(PUMP_BUDGET);
+        self.drop_link();
+        self.gave_up = true;
+    }
+
+    fn undelivered(&mut self, max: usize) -> &[u8] {
+        if !self.memory.is_empty() {
+            let bytes = self.memory.bytes();
+            return &bytes[..super::hand_over_len(bytes, max)];
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            return &[];
+        };
+        // At least one whole line: read on until a newline is in the cache.
+        let mut want = max as u64;
+        loop {
+            if let Err(e) = spool.fill_cache(want) {
+                self.last_error = Some(format!("spool {}: {e}", spool.path.display()));
+                return &[];
+            }
+            let cached = spool.cache.len() as u64;
+            if cached >= spool.held() || spool.cache.bytes().contains(&b'\n') {
+                break;
+            }
+            want = cached + SPOOL_READ_CHUNK as u64;
+        }
+        let bytes = spool.cache.bytes();
+        &bytes[..super::hand_over_len(bytes, max)]
+    }
+
+    fn release_undelivered(&mut self, n: usize) {
+        if !self.memory.is_empty() {
+            self.memory.release(n);
+        } else if let Some(spool) = self.spool.as_mut()
+            && let Err(e) = spool.release(n)
+        {
+            self.last_error = Some(format!("spool {}: {e}", spool.path.display()));
+        }
+    }
+
     fn flush(&mut self, force: bool) -> Result<(), SinkError> {
         self.drive_link();
         self.pump(PUMP_BUDGET);
@@ -1603,6 +1647,34 @@ mod tests {
         assert_eq!(sink.take_loss(), lost);
         assert_eq!(sink.take_loss(), SinkLoss::default(), "taking resets");
         assert_eq!(collector.kill().concat(), records(0, kept));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_retired_sink_hands_over_memory_then_spool_in_order_and_leaves_no_spool() {
+        let dir = temp_dir("retire");
+        let port = free_port();
+        let mut sink = TcpSink::open(options(port, &dir));
+        // 128 lines in memory, the rest in the spool.
+        write_records(&mut sink, 0, 1000, 100);
+        assert!(sink.spooled_bytes() > 0);
+        let spool_path = sink.opts.spool_path();
+        assert!(spool_path.exists());
+        sink.retire();
+        let mut handed = Vec::new();
+        loop {
+            let lines = sink.undelivered(1000).to_vec();
+            if lines.is_empty() {
+                break;
+            }
+            assert!(lines.len() <= 1000 && lines.ends_with(b"\n"));
+            sink.release_undelivered(lines.len());
+            handed.extend_from_slice(&lines);
+        }
+        assert_eq!(handed, records(0, 1000));
+        assert_eq!(sink.take_loss(), SinkLoss::default());
+        drop(sink);
+        assert!(!spool_path.exists(), "an emptied spool leaves no file");
         let _ = std::fs::remove_dir_all(dir);
     }
 
