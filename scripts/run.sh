@@ -24,11 +24,21 @@ VALKEY_PID=$!
 trap 'kill $VALKEY_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do redis-cli -p "$PORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
 redis-cli -p "$PORT" PING >/dev/null || { echo "valkey-server did not start, see $DEMO/valkey.log" >&2; exit 1; }
+# The control port the banner names: the one given with --control, if any.
+CONTROL="127.0.0.1:6380"
+ARGS=("$@")
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+  case "${ARGS[i]}" in
+    --control) CONTROL="${ARGS[i + 1]:-$CONTROL}" ;;
+    --control=*) CONTROL="${ARGS[i]#--control=}" ;;
+  esac
+done
 cat <<MSG
 valkey-server pid $VALKEY_PID on 127.0.0.1:$PORT (unix socket $DEMO/valkey.sock)
-audit log:        $DEMO/audit.log     (tail -f it)
+audit log:        $DEMO/audit.log     (tail -f it; unless your settings name another)
 talk to it:       redis-cli -p $PORT SET hello world
-auditor control:  redis-cli -p 6380 PING
+auditor control:  redis-cli -h ${CONTROL%:*} -p ${CONTROL##*:} PING
 Ctrl-C stops both.
 MSG
-"$AUDITOR" --pid "$VALKEY_PID" "$@" audit.protocol "file $DEMO/audit.log" audit.format text
+# The demo's settings first: the caller's come after them and win.
+"$AUDITOR" --pid "$VALKEY_PID" audit.protocol "file $DEMO/audit.log" audit.format text "$@"

@@ -175,6 +175,34 @@ def test_follow_restarts_ignores_another_server_started_while_waiting(valkey, st
     assert not stray, (auditor.stderr_path.read_text(), stray[:2])
 
 
+def test_follow_restarts_finds_the_successor_started_with_another_server(valkey, start_auditor,
+                                                                          tmp_path):
+    """Another server of the same executable started in the same instant as the successor took
+    the only slot for it, and the successor was never audited (QA). Every process of the
+    executable is now a candidate until one listens on the port."""
+    auditor = start_auditor(valkey.pid, extra=("--follow-restarts",))
+    set_and_wait(auditor, valkey, "before")
+    valkey.proc.kill()
+    valkey.proc.wait()
+    other_port = free_port()
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = subprocess.Popen([str(VALKEY_SERVER), "--port", str(other_port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", str(other_dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        valkey.start()  # the successor, at once
+        rec = set_and_wait(auditor, valkey, "after")
+        assert rec["pid"] == valkey.pid and rec["server_port"] == valkey.port
+        with redis.Redis(port=other_port) as r:
+            wait_until(lambda: r.ping(), what="the other server")
+            assert r.set("not-the-successor", "v")
+        assert not [r for r in auditor.records() if r["pid"] == other.pid]
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_all_finds_servers_running_before_start(valkey, start_auditor):
     auditor = start_auditor(None, extra=("--all",))
     rec = set_and_wait(auditor, valkey, "all-key")

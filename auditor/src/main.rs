@@ -76,8 +76,9 @@ struct Cli {
     /// Audit every valkey-server and redis-server on the host, including ones started later.
     #[arg(long)]
     all: bool,
-    /// Keep running when a --pid target exits, and audit its successor (a process with the same
-    /// command line, e.g. the server restarted by systemd) from its first connection.
+    /// Keep running when a --pid target exits, and audit its successor (the same executable
+    /// listening on the same port, e.g. the server restarted by systemd) from its first
+    /// connection.
     #[arg(long)]
     follow_restarts: bool,
     /// Prometheus metrics endpoint (text format, GET /metrics), e.g. 0.0.0.0:9464.
@@ -1314,14 +1315,12 @@ impl Registry {
         capture.remove_target(pid);
         if let Some(t) = self.targets.remove(&pid) {
             metrics.target_removed(pid);
-            if t.explicit && self.spec.follow_restarts {
+            if t.explicit && self.spec.follow_restarts && t.succeeds_port != 0 {
+                // A candidate that never showed it was the successor: the slot is still awaited.
+                eprintln!("auditor: pid {pid} exited");
+            } else if t.explicit && self.spec.follow_restarts {
                 eprintln!("auditor: pid {pid} exited; waiting for its restart");
-                let port = if t.info.port != 0 {
-                    t.info.port
-                } else {
-                    t.succeeds_port
-                };
-                self.awaited.push((t.exe, port));
+                self.awaited.push((t.exe, t.info.port));
             } else if !self.all_explicit_gone() {
                 // (The last one is reported by the capture loop, which stops then.)
                 eprintln!("auditor: pid {pid} exited");
@@ -1354,11 +1353,18 @@ impl Registry {
                     .trim_end_matches('\0')
                     .to_string();
                 let exe = targets::exe_of(pid);
-                let successor = self.awaited.iter().position(|(e, _)| *e == exe);
+                // Every process of the awaited executable is a candidate until one listens on
+                // the port (QA: another server started in the same instant took the only slot,
+                // and the real successor was never audited).
+                let successor = self
+                    .awaited
+                    .iter()
+                    .find(|(e, _)| *e == exe)
+                    .map(|(_, p)| *p);
                 let explicit = successor.is_some();
                 let mut succeeds_port = 0;
-                if let Some(i) = successor {
-                    succeeds_port = self.awaited.remove(i).1;
+                if let Some(port) = successor {
+                    succeeds_port = port;
                     eprintln!("auditor: pid {pid} may be the restarted server; auditing it");
                 } else if !self.spec.matches_comm(&name) {
                     // Watched only as a possible successor, and it is not one.
@@ -1483,19 +1489,31 @@ impl Registry {
             return false;
         };
         let (port, expected) = (t.info.port, t.succeeds_port);
-        if expected == 0
-            || port == 0
-            || port == expected
-            || self.spec.matches_comm(&targets::comm_of(pid))
-        {
+        if expected == 0 || port == 0 {
             return false;
         }
-        let exe = t.exe.clone();
+        if port == expected {
+            // The successor: the slot it fills is no longer awaited.
+            let exe = t.exe.clone();
+            if let Some(i) = self
+                .awaited
+                .iter()
+                .position(|(e, p)| *e == exe && *p == expected)
+            {
+                self.awaited.remove(i);
+            }
+            if let Some(t) = self.targets.get_mut(&pid) {
+                t.succeeds_port = 0;
+            }
+            return false;
+        }
+        if self.spec.matches_comm(&targets::comm_of(pid)) {
+            return false;
+        }
         capture.remove_target(pid);
         self.targets.remove(&pid);
         self.last_describe.remove(&pid);
         metrics.target_removed(pid);
-        self.awaited.push((exe, expected));
         self.rejected.insert(pid);
         eprintln!("auditor: pid {pid} listens on port {port}, not {expected}: not audited");
         true
