@@ -925,6 +925,94 @@ def test_syslog_tcp_reconnect_on_sighup_sends_nothing_twice(valkey, start_audito
     col.kill()
 
 
+def test_syslog_tcp_server_that_stalls_gets_no_cut_message(valkey, start_auditor):
+    """A syslog server that stops reading: a send timed out midway through a message, the
+    connection was reset and the message sent again whole on the next, and the server logged the
+    cut prefix as a message of its own (QA, with rsyslog). The rest of a cut message now follows on
+    the same connection."""
+    port = free_port()
+    listener = socket.socket()
+    # Small buffers, so that a pause fills them and the auditor's sends time out.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    reading = threading.Event()
+    reading.set()
+    buffers = []
+    done = threading.Event()
+
+    def serve():
+        listener.settimeout(0.1)
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            buf = bytearray()
+            buffers.append(buf)
+            threading.Thread(target=read, args=(conn, buf), daemon=True).start()
+
+    def read(conn, buf):
+        conn.settimeout(0.1)
+        while not done.is_set():
+            if not reading.is_set():
+                time.sleep(0.01)
+                continue
+            try:
+                chunk = conn.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf.extend(chunk)
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    a = start_auditor(valkey.pid, settings=("audit.protocol", "syslog local5",
+                                            "audit.syslog_target", f"tcp://127.0.0.1:{port}",
+                                            "audit.payload_maxsize", "5000"))
+    stop = threading.Event()
+
+    def traffic():
+        c = connect(valkey.port)
+        i = 0
+        while not stop.is_set():
+            send_sets(c, [f"stall:{i:06d}"], b"x" * 2000)
+            i += 1
+        c.close()
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        time.sleep(0.5)
+        reading.clear()  # the server stops reading for longer than the 2 s send timeout
+        wait_until(lambda: "syslog: sending to" in a.stderr_path.read_text(), timeout=20,
+                   what="a send to time out")
+        time.sleep(1)
+        reading.set()
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join(30)
+    assert a.stop() == 0
+
+    def whole():
+        data = [bytes(b) for b in buffers]
+        return data if data and data[-1].rstrip().endswith(b'"stop"}') or any(
+            b'"command":"stop"' in d for d in data) else None
+    data = wait_until(whole, timeout=30, what="the stop record at the syslog server")
+    done.set()
+    listener.close()
+    seqs = []
+    for d in data:
+        assert d == b"" or d.endswith(b"\n"), f"a connection ended inside a message: {d[-80:]!r}"
+        for line in d.split(b"\n")[:-1]:
+            seqs.append(json.loads(line[line.index(b"{"):])["seq"])
+    assert sorted(seqs) == list(range(1, max(seqs) + 1)), "each record once"
+
+
 def test_udp_syslog_receiver_down_is_seen_and_its_losses_counted(valkey, start_auditor):
     """A UDP syslog receiver that goes away answers with ICMP port unreachable: the sink sees it,
     the records wait in the queue, and the datagrams refused are counted (syslog_refused), instead

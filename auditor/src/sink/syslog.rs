@@ -274,6 +274,30 @@ impl Transport {
         }
     }
 
+    /// Sends the rest of a framed message from `*sent` on (a datagram whole). A stream write that
+    /// times out midway leaves `*sent` at what was written: the rest must follow on the same
+    /// connection, or its server sees a cut message.
+    fn send_from(&mut self, message: &[u8], sent: &mut usize) -> io::Result<()> {
+        let stream: &mut dyn io::Write = match self {
+            Transport::LocalStream(stream) => stream,
+            Transport::Tcp(stream) => stream,
+            Transport::LocalDatagram(_) | Transport::Udp { .. } => {
+                self.send(message)?;
+                *sent = message.len();
+                return Ok(());
+            }
+        };
+        while *sent < message.len() {
+            match stream.write(&message[*sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => *sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Sends one framed message, whole (a datagram is all or nothing; a stream write is completed).
     fn send(&mut self, message: &[u8]) -> io::Result<()> {
         match self {
@@ -323,6 +347,20 @@ pub struct SyslogSink {
     /// server's TCP stack has not acknowledged yet, oldest first. Bounded by the socket's send
     /// buffer, one message more at most.
     unacked: ByteQueue,
+    /// A message a stream write that timed out left cut (`partial_sent` bytes of it written) and
+    /// the record line it carries: its rest goes first on the same connection (QA: a stalled
+    /// rsyslog logged the cut prefix as a message of its own once the connection was reset).
+    partial: Vec<u8>,
+    partial_sent: usize,
+    partial_record: Vec<u8>,
+}
+
+/// A stream write that ran into its send timeout (`SO_SNDTIMEO`).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 impl SyslogSink {
@@ -355,6 +393,9 @@ impl SyslogSink {
             loss: SinkLoss::default(),
             refused: SinkLoss::default(),
             unacked: ByteQueue::default(),
+            partial: Vec::new(),
+            partial_sent: 0,
+            partial_record: Vec::new(),
         };
         let error = sink.connect().err();
         (sink, error)
@@ -449,11 +490,61 @@ impl SyslogSink {
     /// that they are not delivered by it as well as sent again on the next.
     fn drop_transport(&mut self) {
         if let Some(Transport::Tcp(stream)) = &self.transport
-            && !self.unacked.is_empty()
+            && (!self.unacked.is_empty() || !self.partial.is_empty())
         {
             abort_on_close(stream);
         }
         self.transport = None;
+        // A cut message goes whole on the next connection, with its batch.
+        self.partial.clear();
+        self.partial_sent = 0;
+        self.partial_record.clear();
+    }
+
+    /// Finishes the message a timed-out write cut, if the line at `pos` is its record: returns
+    /// the position after that line. A different line means another batch came: the cut message
+    /// cannot be finished, and the connection is dropped to end it.
+    fn finish_partial(&mut self, lines: &[u8], pos: usize) -> Result<usize, SinkError> {
+        if self.partial.is_empty() {
+            return Ok(pos);
+        }
+        let rest = &lines[pos..];
+        let carries = rest.starts_with(&self.partial_record)
+            && rest
+                .get(self.partial_record.len())
+                .is_none_or(|&b| b == b'\n');
+        if !carries {
+            self.drop_transport();
+            return Ok(pos);
+        }
+        let next = (pos + self.partial_record.len() + 1).min(lines.len());
+        let Some(transport) = self.transport.as_mut() else {
+            return Ok(pos);
+        };
+        let mut sent = self.partial_sent;
+        let result = transport.send_from(&self.partial, &mut sent);
+        self.partial_sent = sent;
+        match result {
+            Ok(()) => {
+                if matches!(transport, Transport::Tcp(_)) {
+                    self.unacked.push(&self.partial);
+                }
+                self.messages_sent += 1;
+                self.partial.clear();
+                self.partial_sent = 0;
+                self.partial_record.clear();
+                Ok(next)
+            }
+            Err(e) => {
+                if !timed_out(&e) {
+                    self.release_acknowledged();
+                    self.drop_transport();
+                }
+                self.delivered_prefix.extend_from_slice(&lines[..pos]);
+                let message = format!("syslog: sending to {}: {e}", self.describe_target());
+                Err(self.fail(message))
+            }
+        }
     }
 
     /// Forgets the TCP messages at the front that the server's TCP stack acknowledged.
@@ -623,6 +714,7 @@ impl Sink for SyslogSink {
             self.delivered_prefix.extend_from_slice(&lines[..pos]);
             return Err(e);
         }
+        pos = self.finish_partial(lines, pos)?;
         let header = self.header();
         while pos < lines.len() {
             let end = lines[pos..]
@@ -639,10 +731,11 @@ impl Sink for SyslogSink {
             let too_long = transport
                 .max_message()
                 .is_some_and(|max| self.message.len() > max);
+            let mut written = 0;
             let sent = if too_long {
                 Err(io::Error::from_raw_os_error(libc::EMSGSIZE))
             } else {
-                transport.send(&self.message)
+                transport.send_from(&self.message, &mut written)
             };
             // A datagram refused as too long will be refused every time: the record is counted
             // as lost and the batch goes on, instead of failing the batch forever.
@@ -670,9 +763,19 @@ impl Sink for SyslogSink {
                     self.refused.cause = Some(SYSLOG_REFUSED);
                 }
                 // A send that timed out left the connection as it was: what it acknowledged
-                // need not be sent again.
+                // need not be sent again. Over a stream it stays open, a cut message's rest to
+                // follow first.
+                let stream = !transport.is_datagram();
                 self.release_acknowledged();
-                self.drop_transport();
+                if stream && timed_out(&e) {
+                    if written > 0 {
+                        self.partial = std::mem::take(&mut self.message);
+                        self.partial_sent = written;
+                        self.partial_record = record.to_vec();
+                    }
+                } else {
+                    self.drop_transport();
+                }
                 self.delivered_prefix.extend_from_slice(&lines[..pos]);
                 let message = format!("syslog: sending to {}: {e}", self.describe_target());
                 return Err(self.fail(message));
