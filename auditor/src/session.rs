@@ -1308,7 +1308,7 @@ impl Session {
                 Some("skip") => ModeChange::Skip,
                 _ => ModeChange::None,
             }
-        } else if effect == Effect::Reset {
+        } else if matches!(effect, Effect::Reset) {
             ModeChange::Reset
         } else {
             ModeChange::None
@@ -1320,7 +1320,7 @@ impl Session {
             // A replica's offset report: Valkey never answers it (a client's neither).
             expects_reply = false;
         }
-        if effect == Effect::Quit && !expects_reply {
+        if matches!(effect, Effect::Quit) && !expects_reply {
             // The server reads nothing after QUIT (in MULTI too); with replies on, its +OK says
             // so (`on_reply`), and without, nothing will.
             conn.read_closed = true;
@@ -1537,7 +1537,7 @@ impl Session {
         if reply.is_error()
             && reply.text.starts_with(b"ERR Protocol error")
             && conn.pending.front().is_none_or(|p| {
-                p.effect != Effect::ProtocolError
+                !matches!(p.effect, Effect::ProtocolError)
                     // Only the server says this, before running anything: a script or a
                     // module's command may return any text, and must not hide what follows.
                     && matches!(p.record.command, std::borrow::Cow::Borrowed(_))
@@ -1773,7 +1773,7 @@ impl Session {
             !(p.after_gap
                 && p.expects_reply
                 && p.read < reads
-                && p.effect != Effect::ProtocolError
+                && !matches!(p.effect, Effect::ProtocolError)
                 && !may_block(&p.record.command))
         });
         let dropped = (before - conn.pending.len()) as u64;
@@ -1815,7 +1815,7 @@ impl Session {
     /// requests parsed after them (all that is pending now) were never run and get no record.
     fn drop_never_read(&mut self, conn: &mut Conn) {
         for p in conn.pending.drain(..) {
-            if p.effect == Effect::ProtocolError {
+            if matches!(p.effect, Effect::ProtocolError) {
                 self.stats.protocol_errors_never_read += 1;
             } else {
                 self.stats.requests_never_read += 1;
@@ -1871,7 +1871,7 @@ impl Session {
         {
             let p = conn.pending.pop_front().expect("front exists");
             let done = p.done_ts;
-            let reset = p.effect == Effect::Reset;
+            let reset = matches!(p.effect, Effect::Reset);
             let auth = is_auth(&p.effect);
             self.finish_unknown(conn, p, "", done, out);
             if reset {
@@ -2041,7 +2041,7 @@ impl Session {
             let mut total_modified = 0;
             let before_attach = std::mem::take(&mut conn.multi_before_attach);
             let seen = queued.len() as u64 + untracked;
-            let exec_ran = p.effect == Effect::Exec
+            let exec_ran = matches!(p.effect, Effect::Exec)
                 && !failed
                 && reply.kind == ReplyKind::Array
                 && reply.len >= 0;
@@ -2083,7 +2083,7 @@ impl Session {
                 conn.uncertain_from_pubsub = true;
             }
             for (i, mut q) in queued.into_iter().enumerate() {
-                if p.effect == Effect::Reset {
+                if matches!(p.effect, Effect::Reset) {
                     set_user(&mut q.record, &queued_as);
                 } else {
                     set_user(&mut q.record, &conn.username);
@@ -2137,9 +2137,9 @@ impl Session {
                     }
                 } else {
                     q.record.result = Outcome::Failure;
-                    q.record.error = if p.effect == Effect::Discard {
+                    q.record.error = if matches!(p.effect, Effect::Discard) {
                         b"discarded".to_vec()
-                    } else if p.effect == Effect::Reset {
+                    } else if matches!(p.effect, Effect::Reset) {
                         b"discarded by RESET".to_vec()
                     } else if failed {
                         b"not executed: transaction aborted".to_vec()
