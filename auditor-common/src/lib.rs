@@ -243,6 +243,10 @@ pub const SOCK_CLOSED: u64 = 1;
 /// `SocketState::flags`: not a client connection (the server's own link to a primary, the cluster
 /// bus): nothing is captured.
 pub const SOCK_IGNORED: u64 = 2;
+/// `SocketState::flags` (`--capture syscalls`): the socket's accept report did not fit in the
+/// ring. Its data is counted as ring loss, not captured, until user space registers it again (it
+/// cannot tell this socket's data from another connection's on the same fd before that).
+pub const SOCK_UNREPORTED: u64 = 4;
 
 /// Key of the `COMMS` map: a command name as the kernel stores it (`TASK_COMM_LEN`, NUL-padded).
 #[repr(C)]

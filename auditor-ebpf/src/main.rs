@@ -16,8 +16,9 @@ use core::{ffi::c_void, mem::MaybeUninit};
 use auditor_common::{
     AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_REPLY_SCAN, CFG_WAKEUP_BYTES,
     CHUNK_SIZE, CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS,
-    ProcEvent, SCAN_RAW, SCAN_TOKEN, STAT_LEN, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
-    STAT_RING_PEAK, STAT_RING_WRITES, SocketState, TARGET_HINT_SLOTS, socket_key, target_hint_slot,
+    ProcEvent, SCAN_RAW, SCAN_TOKEN, SOCK_UNREPORTED, STAT_LEN, STAT_RING_DROP_BYTES,
+    STAT_RING_DROPS, STAT_RING_PEAK, STAT_RING_WRITES, SocketState, TARGET_HINT_SLOTS, socket_key,
+    target_hint_slot,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -564,7 +565,13 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
 }
 
 #[inline(always)]
-fn emit_accept(pid_tgid: u64, listen_fd: u64, sockaddr: u64, ret: i64) -> u32 {
+fn emit_accept(
+    pid_tgid: u64,
+    listen_fd: u64,
+    sockaddr: u64,
+    ret: i64,
+    keep_unreported: bool,
+) -> u32 {
     if ret < 0 {
         return 0; // EAGAIN ends every accept loop of Valkey
     }
@@ -619,19 +626,28 @@ fn emit_accept(pid_tgid: u64, listen_fd: u64, sockaddr: u64, ret: i64) -> u32 {
         addr,
         ino: 0,
     };
-    output_accept(&ev);
+    output_accept(&ev, keep_unreported);
     0
 }
 
-/// Report a connection. If the ring is full the socket leaves `SOCKETS` again: its data would
-/// reach a user space that never heard of it (dropped unseen, or, once its fd held another
-/// connection, taken for that one's). In `--capture sockets` its next read or write registers it
+/// Report a connection. If the ring is full, its data must not reach a user space that never
+/// heard of it (dropped unseen, or, once its fd held another connection, taken for that one's):
+/// with `keep_unreported` (syscall tracepoints) the socket stays in `SOCKETS` marked
+/// `SOCK_UNREPORTED`, its data counted as ring loss until user space finds and registers it;
+/// otherwise it leaves `SOCKETS`, and in `--capture sockets` its next read or write registers it
 /// again (`sock_capture::new_socket`).
 #[inline(always)]
-fn output_accept(ev: &AcceptEvent) {
+fn output_accept(ev: &AcceptEvent, keep_unreported: bool) {
     if EVENTS.output::<AcceptEvent>(ev, 0).is_err() {
         bump(STAT_RING_DROPS, 1);
-        let _ = SOCKETS.remove(&socket_key(ev.tgid, ev.fd));
+        let key = socket_key(ev.tgid, ev.fd);
+        match SOCKETS.get_ptr_mut(&key) {
+            // SAFETY: map value pointer.
+            Some(state) if keep_unreported => unsafe { (*state).flags |= SOCK_UNREPORTED },
+            _ => {
+                let _ = SOCKETS.remove(&key);
+            }
+        }
     } else {
         bump(STAT_RING_WRITES, 1);
     }
@@ -672,7 +688,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     };
     if nr == NR_ACCEPT || nr == NR_ACCEPT4 {
         if is_target(tgid) {
-            emit_accept(pid_tgid, di, si, ret);
+            emit_accept(pid_tgid, di, si, ret, true);
         }
         return 0;
     }
@@ -683,6 +699,12 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if let Some((args, state)) = data_args(tgid, dir, kind, di, si, dx) {
+        // SAFETY: map value pointer.
+        if unsafe { (*state).flags } & SOCK_UNREPORTED != 0 {
+            bump(STAT_RING_DROPS, 1);
+            bump(STAT_RING_DROP_BYTES, ret as u64);
+            return 0;
+        }
         emit_data(pid_tgid, args, state, ret);
     }
     0

@@ -132,20 +132,23 @@ fn new_socket(tgid: u32, fd: u32, sk: u64, ino: u64) -> Option<*mut SocketState>
         port = u16::from_be_bytes([ports[0], ports[1]]);
         local_port = u16::from_ne_bytes([ports[2], ports[3]]);
     }
-    output_accept(&AcceptEvent {
-        kind: EventKind::Accept as u8,
-        _pad: 0,
-        family,
-        fd,
-        tgid,
-        listen_fd: LISTEN_FD_UNKNOWN,
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        port,
-        local_port,
-        _pad2: [0; 4],
-        addr,
-        ino,
-    });
+    output_accept(
+        &AcceptEvent {
+            kind: EventKind::Accept as u8,
+            _pad: 0,
+            family,
+            fd,
+            tgid,
+            listen_fd: LISTEN_FD_UNKNOWN,
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            port,
+            local_port,
+            _pad2: [0; 4],
+            addr,
+            ino,
+        },
+        false,
+    );
     // (None when the report did not fit in the ring: the next read or write tries again.)
     SOCKETS.get_ptr_mut(&key)
 }
@@ -257,6 +260,7 @@ pub fn accept_return(ctx: RetProbeContext) -> u32 {
         u64::from(args.listen_fd),
         args.sockaddr,
         i64::from(ret),
+        false,
     );
     0
 }

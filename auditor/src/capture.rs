@@ -6,8 +6,8 @@ use auditor_common::{
     AF_INET, AF_INET6, AF_UNIX, AcceptEvent, CFG_CAPTURE_CAP, CFG_REPLY_SCAN, CFG_SK_INO,
     CFG_SK_INO_DEREF, CFG_SKC_DADDR, CFG_SKC_DPORT, CFG_SKC_FAMILY, CFG_SKC_NUM, CFG_SKC_V6_DADDR,
     CFG_WAKEUP_BYTES, CloseEvent, Comm, DATA_FLAG_SEGMENTS, DATA_FLAG_TAIL, DATA_HDR_LEN, DIR_IN,
-    DataEvent, EventKind, ProcEvent, SOCK_IGNORED, STAT_RING_DROP_BYTES, STAT_RING_DROPS,
-    STAT_RING_PEAK, SocketState, socket_key, target_hint_slot,
+    DataEvent, EventKind, ProcEvent, SOCK_IGNORED, SOCK_UNREPORTED, STAT_RING_DROP_BYTES,
+    STAT_RING_DROPS, STAT_RING_PEAK, SocketState, socket_key, target_hint_slot,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -356,23 +356,27 @@ impl Capture {
     }
 
     /// Register a socket that was open before attach. Returns false when the kernel already knows it
-    /// (accepted after attach), in which case its accept event is on its way.
+    /// (accepted after attach), in which case its accept event is on its way; true also for one
+    /// the kernel holds as `SOCK_UNREPORTED` (its accept report was dropped), now captured.
     /// `ino` is its inode number (0 if unknown).
     pub fn register_existing_socket(&mut self, tgid: u32, fd: u32, ino: u64) -> Result<bool> {
         const BPF_NOEXIST: u64 = 1;
+        const BPF_EXIST: u64 = 2;
+        let key = socket_key(tgid, fd);
         let state = SocketState {
             ino,
             ..SocketState::default()
         };
-        match self
-            .sockets
-            .insert(socket_key(tgid, fd), state, BPF_NOEXIST)
-        {
+        match self.sockets.insert(key, state, BPF_NOEXIST) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
             {
-                Ok(false)
+                let unreported = self
+                    .sockets
+                    .get(&key, 0)
+                    .is_ok_and(|s| s.flags & SOCK_UNREPORTED != 0);
+                Ok(unreported && self.sockets.insert(key, state, BPF_EXIST).is_ok())
             }
             Err(e) => Err(e).context("registering an existing socket"),
         }
