@@ -1101,12 +1101,12 @@ impl CaptureLoop {
         }
     }
 
-    /// With syscall tracepoints, a connection whose accept report the full ring dropped left the
-    /// kernel's socket table at once (its I/O would otherwise reach a user space that does not know
-    /// it, or be taken for another connection on a reused fd). After ring drops, the targets'
-    /// client sockets the kernel does not know are registered again and audited like the
-    /// connections open at attach, from their next command. (Socket tracepoints register such a
-    /// socket at its next read or write by themselves.)
+    /// With syscall tracepoints, a connection whose accept report the full ring dropped is held by
+    /// the kernel as `SOCK_UNREPORTED`, its data counted as ring loss (it would otherwise reach a
+    /// user space that does not know it, or be taken for another connection on a reused fd).
+    /// After ring drops, the targets' client sockets the session does not know are registered
+    /// again and audited like the connections open at attach, from their next command. (Socket
+    /// tracepoints register such a socket at its next read or write by themselves.)
     fn adopt_unreported(&mut self, now: u64, records: &mut Vec<Record>) {
         if self.capture.mode() != CaptureMode::Syscalls {
             return;
@@ -1355,12 +1355,13 @@ impl Registry {
                 let exe = targets::exe_of(pid);
                 // Every process of the awaited executable is a candidate until one listens on
                 // the port (QA: another server started in the same instant took the only slot,
-                // and the real successor was never audited).
-                let successor = self
-                    .awaited
-                    .iter()
-                    .find(|(e, _)| *e == exe)
-                    .map(|(_, p)| *p);
+                // and the real successor was never audited). A server without a TCP port cannot
+                // be told by it: the first one takes its slot.
+                let slot = self.awaited.iter().position(|(e, _)| *e == exe);
+                let successor = slot.map(|i| self.awaited[i].1);
+                if let (Some(i), Some(0)) = (slot, successor) {
+                    self.awaited.remove(i);
+                }
                 let explicit = successor.is_some();
                 let mut succeeds_port = 0;
                 if let Some(port) = successor {
