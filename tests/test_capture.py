@@ -253,16 +253,47 @@ def test_an_auth_hidden_by_a_capture_gap_leaves_the_user_unknown(valkey, start_a
                    + resp("AUTH", "alice", "alice-pw"))
     assert [c.read_reply() for _ in range(3)] == [b"+OK\r\n"] * 3
     assert c.call("SET", "gap:after", "1") == b"+OK\r\n"
+    # (After a gap, replies are not trusted to name the user: ACL WHOAMI leaves it unknown.)
     assert c.call("ACL", "WHOAMI") == b"$5\r\nalice\r\n"
+    assert c.call("SET", "gap:still", "1") == b"+OK\r\n"
+    assert c.call("AUTH", "alice", "alice-pw") == b"+OK\r\n"
     assert c.call("SET", "gap:known", "1") == b"+OK\r\n"
     c.close()
     recs = auditor.wait_records(lambda rs: any(r["keys"] == ["gap:known"] for r in rs),
                                 what="the SET after ACL WHOAMI")
     users = {r["keys"][0]: r["username"] for r in recs if r["command"] == "set"}
-    assert users["gap:after"] == "unknown", users
+    assert users["gap:after"] == users["gap:still"] == "unknown", users
     assert users["gap:known"] == "alice", users
     assert any("cause=parser_resync_request" in r["command_args"] for r in recs)
     assert b"alice-pw" not in auditor.log.read_bytes()
+
+
+def test_an_empty_request_uses_up_client_reply_skip(valkey, start_auditor):
+    """Valkey resets the client after a blank line or `*0` as after a command, which uses up a
+    CLIENT REPLY SKIP. The auditor took the next command for the skipped one: every reply after it
+    was paired one command late, and an ACL WHOAMI took an ECHO's reply for the user's name, so
+    with `audit.excluderules admin` alice's commands were hidden (QA)."""
+    admin = Raw(valkey.port)
+    assert admin.call("ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all") == b"+OK\r\n"
+    admin.close()
+    auditor = start_auditor(valkey.pid, settings=("audit.excluderules", "admin"))
+    c = Raw(valkey.port)
+    assert c.call("AUTH", "alice", "alice-pw") == b"+OK\r\n"
+    for empty in (b"\r\n", b"*0\r\n"):
+        c.sock.sendall(b"CLIENT REPLY SKIP\r\n" + empty + b"ECHO admin\r\nACL WHOAMI\r\n")
+        assert [c.read_reply() for _ in range(2)] == [b"$5\r\nadmin\r\n", b"$5\r\nalice\r\n"]
+    assert c.call("SET", "skip:after", "1") == b"+OK\r\n"
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["skip:after"] for r in rs),
+                                what="alice's SET after the skips")
+    mine = [r for r in recs if r["client_port"] == c.port and r["category"] != "CONNECTION"]
+    assert [(r["command"], r["result"], r["username"]) for r in mine] == [
+        ("auth", "SUCCESS", "default"),
+        ("client|reply", "UNKNOWN", "alice"), ("echo", "SUCCESS", "alice"),
+        ("acl|whoami", "SUCCESS", "alice"),
+        ("client|reply", "UNKNOWN", "alice"), ("echo", "SUCCESS", "alice"),
+        ("acl|whoami", "SUCCESS", "alice"),
+        ("set", "SUCCESS", "alice")], mine
 
 
 def test_auth_and_hello_with_acl_user(audited):

@@ -751,9 +751,13 @@ pub fn run_sink(
             metrics
                 .lost_sink
                 .store(sink_reported + sink.pending_loss(), Ordering::Relaxed);
+            let backlog = sink.backlog_bytes();
+            // (What a replaced sink still holds is waiting too.)
+            let retired = provider.retired().map_or(0, |old| old.backlog_bytes());
             metrics
                 .sink_backlog_bytes
-                .store(sink.backlog_bytes(), Ordering::Relaxed);
+                .store(backlog + retired, Ordering::Relaxed);
+            let sink = provider.sink();
             metrics.set_sink_status(sink.kind(), sink.status());
         }
         // What a sink replaced by a switch did not deliver goes first, in order.
@@ -780,12 +784,13 @@ pub fn run_sink(
                             >= SHUTDOWN_GRACE
                     {
                         if let Some(old) = provider.retired() {
+                            // As the active sink at shutdown: a TCP sink parks its backlog in its
+                            // spool (sent first by the next run to that collector) and says
+                            // what did not fit.
+                            if let Err(e) = old.flush(true) {
+                                eprintln!("auditor: at shutdown, the replaced sink: {e}");
+                            }
                             say_unreported_sink_loss(old);
-                            let left = old.backlog_bytes();
-                            eprintln!(
-                                "auditor: giving up at shutdown: {left} bytes the old sink did \
-                                 not deliver"
-                            );
                         }
                         provider.drop_retired();
                     }

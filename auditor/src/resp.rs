@@ -228,6 +228,9 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestEvent {
     Request(Request),
+    /// A request without arguments (a blank inline line, `*0`, `*-1`): no command, but Valkey
+    /// resets the client for it as after a command, which uses up a `CLIENT REPLY SKIP`.
+    Empty,
     /// The stream broke framing. Either a gap that was not inside a bulk payload, or bytes that are
     /// not RESP (the server answers "-ERR Protocol error" and closes). The partial request was
     /// dropped and the parser is resynchronising.
@@ -733,8 +736,13 @@ impl RequestParser {
                 self.fail("invalid multibulk length", true, out)
             }
             None => self.fail("invalid multibulk length", true, out),
-            // `*0` and `*-1` are not commands; Valkey just moves on.
-            Some(count) if count <= 0 => self.await_next_request(),
+            // `*0` and `*-1` are not commands; Valkey just moves on (resetting the client).
+            Some(count) if count <= 0 => {
+                if !self.tentative {
+                    out.push(RequestEvent::Empty);
+                }
+                self.await_next_request();
+            }
             Some(count) => {
                 self.begin_multibulk(count.unsigned_abs());
                 self.state = RequestState::BulkLen {
@@ -881,6 +889,8 @@ impl RequestParser {
                         done_ts: ts,
                         lost: false,
                     }));
+                } else if !self.tentative {
+                    out.push(RequestEvent::Empty);
                 }
                 self.await_next_request();
             }
@@ -1944,8 +1954,9 @@ mod tests {
     fn requests(events: &[RequestEvent]) -> Vec<&Request> {
         events
             .iter()
-            .map(|event| match event {
-                RequestEvent::Request(request) => request,
+            .filter_map(|event| match event {
+                RequestEvent::Request(request) => Some(request),
+                RequestEvent::Empty => None,
                 RequestEvent::Desync { reason } => panic!("unexpected desync: {reason}"),
             })
             .collect()
@@ -1968,7 +1979,7 @@ mod tests {
             .iter()
             .filter_map(|event| match event {
                 RequestEvent::Desync { reason } => Some(*reason),
-                RequestEvent::Request(_) => None,
+                RequestEvent::Request(_) | RequestEvent::Empty => None,
             })
             .collect()
     }
@@ -2060,7 +2071,9 @@ mod tests {
         data.extend_from_slice(b"GET \"k\"\r\n*0\r\n\n");
         data.extend_from_slice(&multibulk(&[b"", b"PING"]));
         let whole = parse_requests(&data);
-        assert_eq!(whole.len(), 3);
+        // Three requests and two empty ones (`*0`, the blank line).
+        assert_eq!(whole.len(), 5);
+        assert_eq!(requests(&whole).len(), 3);
         for first in 0..=data.len() {
             for second in first..=data.len() {
                 let mut parser = RequestParser::new(KEEP);

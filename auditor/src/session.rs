@@ -490,6 +490,10 @@ struct Conn {
     resp3: bool,
     /// Found already open at attach: replies to requests sent before attach are passed over.
     preexisting: bool,
+    /// Open at attach, or a request-side gap since: the reply mode may have changed unseen (a
+    /// CLIENT REPLY OFF or SKIP before attach or in the gap), so a reply is not trusted to name
+    /// the user (ACL WHOAMI).
+    reply_doubt: bool,
     /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
     /// replies, and the link is server-internal traffic.
     replica: bool,
@@ -862,6 +866,7 @@ impl Session {
             monitor: false,
             resp3: false,
             preexisting: true,
+            reply_doubt: true,
             cluster_bus: false,
             tls: false,
             replica: false,
@@ -935,6 +940,7 @@ impl Session {
                     monitor: false,
                     resp3: false,
                     preexisting: false,
+                    reply_doubt: false,
                     cluster_bus: false,
                     tls: false,
                     replica: false,
@@ -1134,6 +1140,14 @@ impl Session {
                         self.on_request(&mut conn, &req, out);
                         self.pool.put_args(req.args);
                     }
+                    RequestEvent::Empty => {
+                        // Valkey resets the client as after a command: a pending SKIP is used
+                        // up (QA: the replies after it were taken one command late, and an ACL
+                        // WHOAMI took another command's reply for the user's name).
+                        if conn.reply_mode == ReplyMode::SkipNext {
+                            conn.reply_mode = ReplyMode::On;
+                        }
+                    }
                     RequestEvent::Desync { reason } if reason != GAP_REASON => {
                         self.on_protocol_error(&mut conn, reason, ts_ns, out);
                     }
@@ -1152,6 +1166,7 @@ impl Session {
                         // Whole commands may have been in the gap, an AUTH among them (QA): the
                         // user is not known until a reply shows it again.
                         forget_user(&mut conn);
+                        conn.reply_doubt = true;
                     }
                 }
             }
@@ -1933,6 +1948,7 @@ impl Session {
             self.apply_effect(conn, &p.effect, reply);
             if matches!(p.effect, Effect::WhoAmI)
                 && !p.after_gap
+                && !conn.reply_doubt
                 && let Some(user) = whoami_user(reply)
             {
                 conn.username = Arc::from(user);
