@@ -366,8 +366,9 @@ enum Effect {
     /// QUIT: the server answers +OK and closes, never reading further (in MULTI too: QUIT is
     /// not queued, and the transaction is discarded).
     Quit,
-    /// ACL WHOAMI: its reply is the connection's user, from the server itself (an `unknown` user,
-    /// of a connection open at attach or after an AUTH whose outcome was not seen, becomes known).
+    /// ACL WHOAMI: its reply is the connection's user, from the server itself (an `unknown` user
+    /// after an AUTH a CLIENT REPLY OFF/SKIP silenced becomes known), where replies are known to
+    /// be in step with requests (`reply_doubt`).
     WhoAmI,
 }
 
