@@ -203,6 +203,53 @@ def test_follow_restarts_finds_the_successor_started_with_another_server(valkey,
         other.wait()
 
 
+def test_follow_restarts_of_a_unix_only_server_skips_a_tcp_server_of_the_same_executable(
+        start_auditor, tmp_path):
+    """A server without a TCP port has no port to tell its successor by: the first process of the
+    executable took its slot, so another server started first (on a TCP port) was audited and the
+    successor was not (QA). Now a candidate found listening on TCP is another server."""
+    sock = str(tmp_path / "unix-only.sock")
+
+    def unix_only():
+        proc = subprocess.Popen([str(VALKEY_SERVER), "--port", "0", "--unixsocket", sock,
+                                 "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_until(lambda: redis.Redis(unix_socket_path=sock).ping(), what="the unix-only server")
+        return proc
+
+    def echo(client, word):
+        assert client.execute_command("ECHO", word) == word.encode()
+    first = unix_only()
+    other = successor = None
+    try:
+        auditor = start_auditor(first.pid, extra=("--follow-restarts",))
+        echo(redis.Redis(unix_socket_path=sock), "from-first")
+        first.kill()
+        first.wait()
+        other_port = free_port()
+        other_dir = tmp_path / "other"
+        other_dir.mkdir()
+        other = subprocess.Popen([str(VALKEY_SERVER), "--port", str(other_port), "--bind",
+                                  "127.0.0.1", "--save", "", "--appendonly", "no",
+                                  "--dir", str(other_dir)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(0.3)  # (the other server execs first: it must not take the slot for good)
+        successor = unix_only()
+        with redis.Redis(port=other_port) as r:
+            wait_until(lambda: r.ping(), what="the other server")
+            echo(r, "from-other")
+        echo(redis.Redis(unix_socket_path=sock), "from-successor")
+        auditor.wait_records(lambda rs: any(r["command_args"] == "arg1=from-successor"
+                                            and r["pid"] == successor.pid for r in rs),
+                             what="the successor's ECHO")
+        assert not [r for r in auditor.records() if r["pid"] == other.pid]
+    finally:
+        for p in (first, other, successor):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
 def test_all_finds_servers_running_before_start(valkey, start_auditor):
     auditor = start_auditor(None, extra=("--all",))
     rec = set_and_wait(auditor, valkey, "all-key")

@@ -1265,6 +1265,7 @@ impl Registry {
             explicit,
             exe: targets::exe_of(pid),
             succeeds_port: 0,
+            succeeds_unix: false,
             info: Arc::new(targets::describe(
                 pid,
                 &self.host,
@@ -1315,7 +1316,8 @@ impl Registry {
         capture.remove_target(pid);
         if let Some(t) = self.targets.remove(&pid) {
             metrics.target_removed(pid);
-            if t.explicit && self.spec.follow_restarts && t.succeeds_port != 0 {
+            if t.explicit && self.spec.follow_restarts && (t.succeeds_port != 0 || t.succeeds_unix)
+            {
                 // A candidate that never showed it was the successor: the slot is still awaited.
                 eprintln!("auditor: pid {pid} exited");
             } else if t.explicit && self.spec.follow_restarts {
@@ -1355,13 +1357,13 @@ impl Registry {
                 let exe = targets::exe_of(pid);
                 // Every process of the awaited executable is a candidate until one listens on
                 // the port (QA: another server started in the same instant took the only slot,
-                // and the real successor was never audited). A server without a TCP port cannot
-                // be told by it: the first one takes its slot.
-                let slot = self.awaited.iter().position(|(e, _)| *e == exe);
-                let successor = slot.map(|i| self.awaited[i].1);
-                if let (Some(i), Some(0)) = (slot, successor) {
-                    self.awaited.remove(i);
-                }
+                // and the real successor was never audited); for a server without a TCP port,
+                // until one listens on a unix socket only.
+                let successor = self
+                    .awaited
+                    .iter()
+                    .find(|(e, _)| *e == exe)
+                    .map(|(_, p)| *p);
                 let explicit = successor.is_some();
                 let mut succeeds_port = 0;
                 if let Some(port) = successor {
@@ -1385,6 +1387,7 @@ impl Registry {
                 }
                 if let Some(t) = self.targets.get_mut(&pid) {
                     t.succeeds_port = succeeds_port;
+                    t.succeeds_unix = successor == Some(0);
                 }
                 // Already listening when registered (this event was handled late): the port
                 // decides at once.
@@ -1449,7 +1452,7 @@ impl Registry {
                 let candidate = self
                     .targets
                     .get(&pid)
-                    .is_some_and(|t| t.succeeds_port != 0 && t.info.port == 0);
+                    .is_some_and(|t| (t.succeeds_port != 0 || t.succeeds_unix) && t.info.port == 0);
                 let due = candidate
                     || self
                         .last_describe
@@ -1490,34 +1493,61 @@ impl Registry {
             return false;
         };
         let (port, expected) = (t.info.port, t.succeeds_port);
+        if t.succeeds_unix {
+            if port == 0 {
+                if !t.info.unix_socket.is_empty() {
+                    // Listening on a unix socket only, as its predecessor: the successor.
+                    self.confirm_successor(pid, 0);
+                }
+                return false;
+            }
+            // Listening on a TCP port where its predecessor had none: another server (QA).
+            self.reject_candidate(pid, capture, metrics);
+            eprintln!(
+                "auditor: pid {pid} listens on port {port}, its predecessor on none: not audited"
+            );
+            return true;
+        }
         if expected == 0 || port == 0 {
             return false;
         }
         if port == expected {
-            // The successor: the slot it fills is no longer awaited.
-            let exe = t.exe.clone();
-            if let Some(i) = self
-                .awaited
-                .iter()
-                .position(|(e, p)| *e == exe && *p == expected)
-            {
-                self.awaited.remove(i);
-            }
-            if let Some(t) = self.targets.get_mut(&pid) {
-                t.succeeds_port = 0;
-            }
+            self.confirm_successor(pid, expected);
             return false;
         }
         if self.spec.matches_comm(&targets::comm_of(pid)) {
             return false;
         }
+        self.reject_candidate(pid, capture, metrics);
+        eprintln!("auditor: pid {pid} listens on port {port}, not {expected}: not audited");
+        true
+    }
+
+    /// The candidate is the successor: the slot it fills (its executable, `port`) is no longer
+    /// awaited.
+    fn confirm_successor(&mut self, pid: u32, port: u16) {
+        let Some(t) = self.targets.get_mut(&pid) else {
+            return;
+        };
+        t.succeeds_port = 0;
+        t.succeeds_unix = false;
+        let exe = t.exe.clone();
+        if let Some(i) = self
+            .awaited
+            .iter()
+            .position(|(e, p)| *e == exe && *p == port)
+        {
+            self.awaited.remove(i);
+        }
+    }
+
+    /// The candidate is another server: not audited.
+    fn reject_candidate(&mut self, pid: u32, capture: &mut Capture, metrics: &Metrics) {
         capture.remove_target(pid);
         self.targets.remove(&pid);
         self.last_describe.remove(&pid);
         metrics.target_removed(pid);
         self.rejected.insert(pid);
-        eprintln!("auditor: pid {pid} listens on port {port}, not {expected}: not audited");
-        true
     }
 
     /// Read a target's description again (its port once it listens); a forked child that
@@ -1533,6 +1563,7 @@ impl Registry {
             explicit: false,
             exe: targets::exe_of(pid),
             succeeds_port: 0,
+            succeeds_unix: false,
             info: info.clone(),
             unix_paths: HashMap::new(),
             listen_ports: Vec::new(),

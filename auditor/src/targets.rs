@@ -232,6 +232,9 @@ pub struct Target {
     /// A successor under --follow-restarts: the port its predecessor listened on, checked once
     /// it listens (0: none).
     pub succeeds_port: u16,
+    /// A successor under --follow-restarts of a server without a TCP port, not yet seen
+    /// listening: one found listening on a TCP port is another server (its slot goes back).
+    pub succeeds_unix: bool,
     pub info: Arc<ServerInfo>,
     /// Unix socket paths of its listeners, by listening fd.
     pub unix_paths: HashMap<u32, String>,
