@@ -1,6 +1,7 @@
 """Fixtures for the integration tests: a real valkey-server (from the project's venv), the real
 auditor binary attached to it, and helpers that wait on conditions with deadlines (never sleep-and-hope).
 """
+import collections
 import json
 import os
 import shutil
@@ -127,7 +128,16 @@ class Auditor:
         def check():
             recs = self.records()
             return recs if predicate(recs) else None
-        return wait_until(check, timeout=timeout, what=what)
+        try:
+            return wait_until(check, timeout=timeout, what=what)
+        except AssertionError as e:
+            # Say what was written instead: how many records, of which commands, and any loss.
+            recs = self.records() if self.fmt == "json" else []
+            counts = collections.Counter(r.get("command") for r in recs)
+            losses = [r for r in recs if r.get("category") == "AUDIT_LOSS"]
+            raise AssertionError(f"{e}; {len(recs)} records written, commands {dict(counts.most_common(8))}, "
+                                 f"loss records {losses[:3]}; auditor stderr: "
+                                 f"{self.stderr_path.read_text(errors='replace')[-2000:]}") from None
 
     def stop(self):
         if self.proc.poll() is None:

@@ -276,10 +276,74 @@ pub const fn socket_key(tgid: u32, fd: u32) -> u64 {
     ((tgid as u64) << 32) | fd as u64
 }
 
+/// Ring bytes the data records of one syscall take: per chunk of up to [`CHUNK_SIZE`] captured
+/// bytes, the kernel's 8-byte header, ours, and the bytes, padded to 8.
+#[inline(always)]
+pub const fn data_records_ring_bytes(captured: u64) -> u64 {
+    let chunks = captured / CHUNK_SIZE as u64 + 1;
+    captured + chunks * (8 + DATA_HDR_LEN as u64 + 7)
+}
+
+/// Whether records of `size` ring bytes entering a ring that holds `avail` unread bytes must wake
+/// the consumer: once per `wakeup` bytes that enter, at each crossing of a multiple of it. (Waking
+/// only when the unread data crossed `wakeup` itself missed crossings that a record's headers
+/// stepped over, and from then on every record was above it: the consumer slept to its poll.)
+#[inline(always)]
+pub const fn crosses_wakeup(avail: u64, size: u64, wakeup: u64) -> bool {
+    wakeup != 0 && avail / wakeup != (avail + size) / wakeup
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid.
     unsafe impl aya::Pod for super::SocketState {}
     // SAFETY: a NUL-padded command name, every bit pattern valid.
     unsafe impl aya::Pod for super::Comm {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ring bytes of one record as the kernel lays it out (its 8-byte header, then ours and the
+    /// bytes, rounded up to 8).
+    fn actual_ring_bytes(captured: u64) -> u64 {
+        8 + (DATA_HDR_LEN as u64 + captured).div_ceil(8) * 8
+    }
+
+    #[test]
+    fn the_size_estimate_covers_what_the_ring_takes() {
+        for captured in 0..=CHUNK_SIZE as u64 {
+            assert!(data_records_ring_bytes(captured) >= actual_ring_bytes(captured));
+        }
+    }
+
+    #[test]
+    fn a_consumer_that_does_not_read_is_woken_once_per_threshold_of_input() {
+        // Steady traffic into a ring nobody drains for a while (the consumer busy or not yet
+        // scheduled): every `wakeup` bytes that enter wake it again, whatever the record sizes.
+        for wakeup in [1024u64, 4096, 65536] {
+            for captured in [1u64, 31, 33, 100, 1000, 5000] {
+                let (mut avail, mut since_wake, mut wakes) = (0, 0, 0);
+                for _ in 0..2000 {
+                    let size = data_records_ring_bytes(captured);
+                    let wake = crosses_wakeup(avail, size, wakeup);
+                    avail += size;
+                    since_wake += size;
+                    if wake {
+                        wakes += 1;
+                        since_wake = 0;
+                    }
+                    // What entered since the last wake-up stays under one threshold.
+                    assert!(since_wake < wakeup, "wakeup {wakeup}, captured {captured}");
+                }
+                assert!(wakes >= avail / (wakeup + data_records_ring_bytes(captured)));
+            }
+        }
+    }
+
+    #[test]
+    fn no_threshold_no_forced_wake_up() {
+        assert!(!crosses_wakeup(0, 1 << 20, 0));
+    }
 }

@@ -17,8 +17,8 @@ use auditor_common::{
     AF_INET, AF_INET6, AcceptEvent, CFG_CAPTURE_CAP, CFG_LEN, CFG_REPLY_SCAN, CFG_WAKEUP_BYTES,
     CHUNK_SIZE, CloseEvent, Comm, DATA_HDR_LEN, DIR_IN, DIR_OUT, DataEvent, EventKind, MAX_CHUNKS,
     ProcEvent, SCAN_RAW, SCAN_TOKEN, SOCK_UNREPORTED, STAT_LEN, STAT_RING_DROP_BYTES,
-    STAT_RING_DROPS, STAT_RING_PEAK, STAT_RING_WRITES, SocketState, TARGET_HINT_SLOTS, socket_key,
-    target_hint_slot,
+    STAT_RING_DROPS, STAT_RING_PEAK, STAT_RING_WRITES, SocketState, TARGET_HINT_SLOTS,
+    crosses_wakeup, data_records_ring_bytes, socket_key, target_hint_slot,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -465,16 +465,10 @@ fn emit_data(pid_tgid: u64, args: DataArgs, state: *mut SocketState, ret: i64) -
     // is a snapshot; the next crossing corrects any race.
     let flags = if wakeup == 0 {
         0
+    } else if crosses_wakeup(avail, data_records_ring_bytes(captured), wakeup) {
+        BPF_RB_FORCE_WAKEUP as u64
     } else {
-        // What the records take in the ring: the kernel's 8-byte header, ours, the bytes, padded
-        // to 8, per chunk of up to CHUNK_SIZE bytes.
-        let chunks = captured / CHUNK_SIZE as u64 + 1;
-        let size = captured + chunks * (8 + DATA_HDR_LEN as u64 + 7);
-        if avail / wakeup != (avail + size) / wakeup {
-            BPF_RB_FORCE_WAKEUP as u64
-        } else {
-            BPF_RB_NO_WAKEUP as u64
-        }
+        BPF_RB_NO_WAKEUP as u64
     };
     let (iov, iovcnt, cur_base, cur_len) = if args.iovcnt == 0 {
         (0, 0, args.ptr, ret)

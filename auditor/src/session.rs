@@ -1232,7 +1232,7 @@ impl Session {
                                     conn.in_multi = false;
                                     for q in std::mem::take(&mut conn.queued) {
                                         self.finish_unknown(
-                                            &conn,
+                                            &mut conn,
                                             q,
                                             "reply lost (capture gap)",
                                             ts_ns,
@@ -1242,7 +1242,13 @@ impl Session {
                                 }
                                 _ => {}
                             }
-                            self.finish_unknown(&conn, p, "reply lost (capture gap)", ts_ns, out);
+                            self.finish_unknown(
+                                &mut conn,
+                                p,
+                                "reply lost (capture gap)",
+                                ts_ns,
+                                out,
+                            );
                         }
                     }
                 }
@@ -1752,7 +1758,6 @@ impl Session {
                 // Its reply still comes, first: it must not be taken for the next command's.
                 conn.replies_to_pass += 1;
             }
-            forget_user_if_auth(conn, &old.effect);
             self.finish_unknown(conn, old, "too many requests awaiting replies", ts, out);
         }
     }
@@ -1888,16 +1893,12 @@ impl Session {
             let p = conn.pending.pop_front().expect("front exists");
             let done = p.done_ts;
             let reset = matches!(p.effect, Effect::Reset);
-            let auth = is_auth(&p.effect);
+            // (An AUTH silenced by CLIENT REPLY OFF/SKIP may have worked: `finish_unknown`
+            // leaves the user unknown.)
             self.finish_unknown(conn, p, "", done, out);
             if reset {
                 // A RESET a SKIP silenced still ran: it cannot fail.
                 reset_connection(conn);
-            } else if auth {
-                // An AUTH silenced by CLIENT REPLY OFF/SKIP may have worked: the user of what
-                // follows is not known (the one before would let a client hide behind an
-                // excluded user).
-                forget_user(conn);
             }
         }
     }
@@ -2021,8 +2022,7 @@ impl Session {
                 // Memory per connection stays bounded: past this, queued commands are written
                 // now, their outcome untold.
                 conn.queued_untracked += 1;
-                // Whether it will succeed at EXEC is not known either.
-                forget_user_if_auth(conn, &p.effect);
+                // (Whether an AUTH will succeed at EXEC is not known either.)
                 let ts = reply.start_ts;
                 self.finish_unknown(conn, p, QUEUE_FULL, ts, out);
             } else {
@@ -2222,16 +2222,20 @@ impl Session {
         }
     }
 
+    /// Write `p` with its outcome unknown. Its record names the user who sent it; an AUTH or
+    /// HELLO AUTH among such leaves the connection's user unknown from here on, never the one it
+    /// asked for (nor the one before, which would let a client hide behind an excluded user).
     fn finish_unknown(
         &mut self,
-        _conn: &Conn,
+        conn: &mut Conn,
         mut p: Pending,
         why: &str,
         ts: u64,
         out: &mut impl RecordOut,
     ) {
-        set_user(&mut p.record, &_conn.username);
-        set_server(&mut p.record, &_conn.server);
+        set_user(&mut p.record, &conn.username);
+        set_server(&mut p.record, &conn.server);
+        forget_user_if_auth(conn, &p.effect);
         p.record.time_unix_us = self.wall_us(ts);
         p.record.result = Outcome::Unknown;
         p.record.error = why.as_bytes().to_vec();
@@ -2266,7 +2270,7 @@ impl Session {
             .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset));
         for q in queued {
             if may_have_run {
-                self.finish_unknown(&conn, q, "connection closed inside MULTI", ts_ns, out);
+                self.finish_unknown(&mut conn, q, "connection closed inside MULTI", ts_ns, out);
             } else {
                 let why = b"discarded: connection closed inside MULTI";
                 self.finish_discarded(&conn, q, why, out);
@@ -2280,7 +2284,7 @@ impl Session {
             };
             // What follows bytes the server refused, or a QUIT, was never read (see `on_reply`).
             let last_read = matches!(p.effect, Effect::ProtocolError | Effect::Quit);
-            self.finish_unknown(&conn, p, why, ts_ns, out);
+            self.finish_unknown(&mut conn, p, why, ts_ns, out);
             if last_read {
                 self.drop_never_read(&mut conn);
             }
@@ -2368,10 +2372,10 @@ impl Session {
             if let Some(mut conn) = self.conns.remove(&key) {
                 // Commands queued in an open MULTI were sent before anything still pending.
                 for q in std::mem::take(&mut conn.queued) {
-                    self.finish_unknown(&conn, q, "auditor stopped before EXEC", now_ns, out);
+                    self.finish_unknown(&mut conn, q, "auditor stopped before EXEC", now_ns, out);
                 }
                 while let Some(p) = conn.pending.pop_front() {
-                    self.finish_unknown(&conn, p, "auditor stopped before reply", now_ns, out);
+                    self.finish_unknown(&mut conn, p, "auditor stopped before reply", now_ns, out);
                 }
                 self.conns.insert(key, conn);
             }

@@ -2691,6 +2691,32 @@ fn too_many_pending_requests_write_the_oldest() {
     }
 }
 
+#[test]
+fn an_auth_written_before_its_reply_names_its_sender_and_leaves_the_user_unknown() {
+    // Every way an AUTH is written with its outcome unknown does the same (`finish_unknown`):
+    // here, pushed out of the FIFO by too many requests awaiting replies.
+    let mut w = Wire::new();
+    let mut sent = cmd(&["AUTH", "admin2", "secret"]);
+    for _ in 0..MAX_PENDING {
+        sent.extend_from_slice(&cmd(&["GET", "k"]));
+    }
+    w.client(&sent);
+    let recs = w.take();
+    assert_eq!(names(&recs), ["auth"]);
+    assert_eq!(
+        (recs[0].result, s(&recs[0].username)),
+        (Outcome::Unknown, "default".into())
+    );
+    let mut replies = b"+OK\r\n".to_vec();
+    for _ in 0..MAX_PENDING {
+        replies.extend_from_slice(b"$-1\r\n");
+    }
+    w.server(&replies);
+    let recs = w.take();
+    assert_eq!(recs.len(), MAX_PENDING);
+    assert!(recs.iter().all(|r| s(&r.username) == "unknown"));
+}
+
 /// A thousand distinct keys of 1 KB: about 1 MB of keys in one command's record.
 fn kilobyte_keys() -> Vec<String> {
     (0..1000)

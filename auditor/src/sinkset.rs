@@ -253,7 +253,7 @@ impl SinkProvider for SettingsSinks {
         if lines.is_empty() {
             return Ok(false);
         }
-        let (n, count) = (lines.len(), lines.iter().filter(|&&b| b == b'\n').count());
+        let (n, count) = (lines.len(), crate::sink::count_lines(lines));
         if let ActiveSink::PerServer(p) = &mut self.active {
             // Whose they were is not known any more: the auditor's own file takes them.
             p.selected = ServerFile::Auditor;

@@ -1595,8 +1595,8 @@ mod tests {
     }
 
     fn write(sink: &mut FileSink, data: &[u8]) {
-        let count = data.iter().filter(|&&b| b == b'\n').count();
-        sink.write_batch(data, count).expect("write batch");
+        sink.write_batch(data, crate::sink::count_lines(data))
+            .expect("write batch");
     }
 
     fn read(path: &Path) -> String {

@@ -12,6 +12,11 @@ pub mod file;
 pub mod syslog;
 pub mod tcp;
 
+/// How many records `bytes` holds: a record is exactly one line.
+pub fn count_lines(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'\n').count()
+}
+
 /// Start a named helper thread that runs `run` over the jobs sent to the returned queue (at most
 /// `capacity` waiting); `None` when the thread cannot be started, and the caller then does the
 /// work itself.

@@ -536,15 +536,23 @@ impl SyslogSink {
                 Ok(next)
             }
             Err(e) => {
-                if !timed_out(&e) {
-                    self.release_acknowledged();
-                    self.drop_transport();
-                }
-                self.delivered_prefix.extend_from_slice(&lines[..pos]);
-                let message = format!("syslog: sending to {}: {e}", self.describe_target());
-                Err(self.fail(message))
+                let keep = timed_out(&e);
+                Err(self.send_failed(lines, pos, &e, keep))
             }
         }
+    }
+
+    /// A send failed at the line at `pos`: what the server acknowledged is released, the
+    /// connection is kept only if `keep` (a stream send that timed out, whose cut message
+    /// follows first on it), and the batch's retry resumes at `pos`.
+    fn send_failed(&mut self, lines: &[u8], pos: usize, e: &io::Error, keep: bool) -> SinkError {
+        self.release_acknowledged();
+        if !keep {
+            self.drop_transport();
+        }
+        self.delivered_prefix.extend_from_slice(&lines[..pos]);
+        let message = format!("syslog: sending to {}: {e}", self.describe_target());
+        self.fail(message)
     }
 
     /// Forgets the TCP messages at the front that the server's TCP stack acknowledged.
@@ -765,20 +773,13 @@ impl Sink for SyslogSink {
                 // A send that timed out left the connection as it was: what it acknowledged
                 // need not be sent again. Over a stream it stays open, a cut message's rest to
                 // follow first.
-                let stream = !transport.is_datagram();
-                self.release_acknowledged();
-                if stream && timed_out(&e) {
-                    if written > 0 {
-                        self.partial = std::mem::take(&mut self.message);
-                        self.partial_sent = written;
-                        self.partial_record = record.to_vec();
-                    }
-                } else {
-                    self.drop_transport();
+                let keep = !transport.is_datagram() && timed_out(&e);
+                if keep && written > 0 {
+                    self.partial = std::mem::take(&mut self.message);
+                    self.partial_sent = written;
+                    self.partial_record = record.to_vec();
                 }
-                self.delivered_prefix.extend_from_slice(&lines[..pos]);
-                let message = format!("syslog: sending to {}: {e}", self.describe_target());
-                return Err(self.fail(message));
+                return Err(self.send_failed(lines, pos, &e, keep));
             }
             if matches!(transport, Transport::Tcp(_)) {
                 self.unacked.push(&self.message);

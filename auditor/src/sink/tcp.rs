@@ -68,7 +68,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{Sink, SinkError, SinkLoss, SinkStatus, carry_losses};
+use super::{Sink, SinkError, SinkLoss, SinkStatus, carry_losses, count_lines};
 
 /// Most backlog bytes written per call, so a long backlog does not stall the caller.
 const PUMP_BUDGET: usize = 4 * 1024 * 1024;
@@ -198,10 +198,6 @@ impl ByteQueue {
             self.buf.shrink_to(1024 * 1024);
         }
     }
-}
-
-fn count_lines(bytes: &[u8]) -> u64 {
-    bytes.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 /// Length of the longest prefix of `data` made of whole lines and at most `room` bytes long.
@@ -367,7 +363,7 @@ impl Spool {
         debug_assert!(data.len() as u64 <= self.room());
         self.write_ring(self.write_pos, data)?;
         self.write_pos += data.len() as u64;
-        self.lines += count_lines(data);
+        self.lines += count_lines(data) as u64;
         self.write_header()
     }
 
@@ -384,7 +380,7 @@ impl Spool {
         }
         self.write_ring(self.read_pos - len, data)?;
         self.read_pos -= len;
-        self.lines += count_lines(data);
+        self.lines += count_lines(data) as u64;
         self.cache.clear();
         self.write_header()
     }
@@ -412,7 +408,7 @@ impl Spool {
 
     /// Drops the first `n` bytes (whole lines, in the cache) once the collector has them.
     fn release(&mut self, n: usize) -> io::Result<()> {
-        let lines = count_lines(&self.cache.bytes()[..n]);
+        let lines = count_lines(&self.cache.bytes()[..n]) as u64;
         self.cache.release(n);
         self.read_pos += n as u64;
         self.lines = self.lines.saturating_sub(lines);
@@ -556,7 +552,7 @@ impl TcpSink {
     /// carried into the next report.
     fn drop_lines(&mut self, lines: &[u8]) {
         carry_losses(lines, &mut self.loss.carried);
-        self.count_loss(count_lines(lines), lines.len() as u64);
+        self.count_loss(count_lines(lines) as u64, lines.len() as u64);
     }
 
     // ---- connection ----
@@ -1132,7 +1128,7 @@ impl Sink for TcpSink {
         }
         if in_memory > 0 {
             // At shutdown these are lost: the spool had no room for them.
-            let records = self.memory.bytes().iter().filter(|&&b| b == b'\n').count();
+            let records = count_lines(self.memory.bytes());
             message.push_str(&format!(
                 "; {records} records ({in_memory} bytes) only in memory, not in the spool"
             ));
