@@ -1,6 +1,8 @@
 """Control port and audit.* settings: real redis-cli against the auditor's control port, real
 valkey-server traffic, assertions on the records written."""
+import os
 import socket
+import threading
 import subprocess
 
 import pytest
@@ -189,6 +191,83 @@ def test_config_rewrite_then_restart_keeps_settings(valkey, start_auditor, tmp_p
     assert after["audit.events"] == "auth,keys" or after["audit.events"] == "keys,auth"
 
 
+
+
+def test_config_rewrite_keeps_other_bytes_and_never_replaces_a_file_it_cannot_read(
+        valkey, start_auditor, tmp_path):
+    """QA: a read error (a byte that is not UTF-8, a file the auditor may no longer read once it
+    dropped its capabilities) was taken for an empty file, and the rewrite replaced a shared
+    valkey.conf with the audit lines alone."""
+    conf = tmp_path / "valkey.conf"
+    conf.write_bytes(b"# caf\xe9 shared with the server\nport 6379\naudit.format text\n"
+                     b"maxmemory 2gb\n")
+    a = start_auditor(valkey.pid, extra=("--config", str(conf)))
+    assert cli(a, "CONFIG", "SET", "audit.format", "csv").strip() == "OK"
+    assert cli(a, "CONFIG", "REWRITE").strip() == "OK"
+    # (The log path, given on the command line, is appended under the generated header.)
+    assert conf.read_bytes().startswith(b"# caf\xe9 shared with the server\nport 6379\n"
+                                        b"audit.format csv\nmaxmemory 2gb\n")
+    # Owned by another user, mode 0600: root without CAP_DAC_OVERRIDE (dropped after attach)
+    # cannot read it.
+    before = conf.read_bytes()
+    os.chown(conf, 65534, 65534)
+    os.chmod(conf, 0o600)
+    out = cli(a, "CONFIG", "REWRITE").strip()
+    assert out == "ERR Rewriting config file: Permission denied (os error 13)", out
+    assert conf.read_bytes() == before
+    assert (conf.stat().st_uid, conf.stat().st_mode & 0o777) == (65534, 0o600)
+
+
+def test_concurrent_config_rewrites_all_succeed_and_keep_the_file_whole(
+        valkey, start_auditor, tmp_path):
+    """QA: rewrites shared one temporary file: 235 of 400 failed, the file was seen empty, and
+    its other lines were lost."""
+    conf = tmp_path / "valkey.conf"
+    conf.write_text("# operator comment\nport 6379\nmaxmemory 2gb\n")
+    # Owner-only, as a file holding the control password is: no temporary file of a rewrite may
+    # be readable by others either (QA: one was, between its creation and its chmod).
+    os.chmod(conf, 0o600)
+    a = start_auditor(valkey.pid, extra=("--config", str(conf)))
+    failures, seen_bad, readable = [], [], []
+    done = threading.Event()
+
+    def rewrite(n):
+        c = Raw(a.control)
+        for i in range(25):
+            c.call("CONFIG", "SET", "audit.payload_maxsize", str(100 + n * 100 + i))
+            reply = c.call("CONFIG", "REWRITE")
+            if reply != b"+OK\r\n":
+                failures.append(reply)
+
+    def watch():
+        while not done.is_set():
+            text = conf.read_text()
+            if "port 6379\nmaxmemory 2gb\n" not in text:
+                seen_bad.append(text)
+            for p in tmp_path.iterdir():
+                try:
+                    if ".tmp-" in p.name and p.stat().st_mode & 0o077:
+                        readable.append(p.name)
+                except FileNotFoundError:
+                    pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=rewrite, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert failures == []
+    assert seen_bad == []
+    assert readable == []
+    assert conf.stat().st_mode & 0o777 == 0o600
+    text = conf.read_text()
+    assert text.startswith("# operator comment\nport 6379\nmaxmemory 2gb\n"), text
+    assert text.count("audit.payload_maxsize") == 1, text
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
 
 
 def test_a_refused_destination_names_the_setting_that_changed_it(audited):

@@ -705,9 +705,13 @@ impl CommandTable {
                 // to hide from its own audit log, but hiding it is the safe mistake). From argv[3]
                 // on, anything that is not a rule Valkey knows without a password in it (`(>pw)`,
                 // `"on >pw"`, the second half of `>pass word`) may hold one: hidden too.
+                // A username cannot hold a blank either: one that does is a name with its rules
+                // in one argument (`"bob on >pw +@all"`, from a client that joined them), which
+                // Valkey refuses after the password was typed.
                 for (i, a) in args.iter().enumerate().skip(2) {
                     let signed = matches!(a.prefix.first(), Some(b'>' | b'<' | b'#' | b'!'));
-                    if signed || (i >= 3 && !is_plain_acl_rule(&a.prefix)) {
+                    let joined = i == 2 && a.prefix.iter().any(u8::is_ascii_whitespace);
+                    if signed || joined || (i >= 3 && !is_plain_acl_rule(&a.prefix)) {
                         out.push(offset + i);
                     }
                 }
@@ -1533,6 +1537,10 @@ mod tests {
         assert!(d.may_quote_secrets);
         // The user name (argv[2]) is shown unless it looks like a password rule.
         assert_eq!(describe(&["ACL", "SETUSER", ">pw"]).secrets, [2]);
+        // ... or holds a blank: rules typed into it (QA).
+        let joined = describe(&["ACL", "SETUSER", "bob on >pw +@all"]);
+        assert_eq!(joined.secrets, [2]);
+        assert!(joined.may_quote_secrets);
         assert!(!describe(&["GET", "k"]).may_quote_secrets);
         assert!(!describe(&["CONFIG", "SET", "appendonly", "maybe"]).may_quote_secrets);
         assert!(

@@ -53,8 +53,9 @@ use crate::record::Category;
 pub trait ControlBackend: Send + Sync + 'static {
     /// Every setting name (full, e.g. "audit.format"), in a stable order.
     fn setting_names(&self) -> Vec<String>;
-    /// Current rendered value of a setting as CONFIG GET shows it (None if unknown). Secrets render as "".
-    fn get_setting(&self, name: &str) -> Option<String>;
+    /// Current rendered values of settings as CONFIG GET shows them (None if unknown), all from one
+    /// state of the settings. Secrets render as "".
+    fn get_settings(&self, names: &[String]) -> Vec<Option<String>>;
     /// Apply several settings atomically (all or nothing). Err(message) is the full Valkey-style text
     /// WITHOUT the leading "ERR " (e.g. "CONFIG SET failed (possibly related to argument
     /// 'audit.format') - argument(s) must be one of the following: text, json, csv"), and must never
@@ -1821,12 +1822,18 @@ fn config_get(shared: &Shared, patterns: &[Bytes]) -> Reply {
             selected[i] |= hit;
         }
     }
-    let pairs = names
+    let names: Vec<String> = names
         .into_iter()
         .zip(selected)
-        .filter(|(_, hit)| *hit)
-        .filter_map(|(name, _)| {
-            let value = shared.backend.get_setting(&name)?;
+        .filter_map(|(name, hit)| hit.then_some(name))
+        .collect();
+    // One snapshot: a CONFIG SET of several settings never shows half applied.
+    let values = shared.backend.get_settings(&names);
+    let pairs = names
+        .into_iter()
+        .zip(values)
+        .filter_map(|(name, value)| {
+            let value = value?;
             let value = if is_secret(&name) {
                 String::new()
             } else {
@@ -1849,10 +1856,17 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
     let known = shared.backend.setting_names();
     let mut pairs = Vec::with_capacity(words.len() / 2);
     let mut all_known = true;
+    let mut duplicate = None;
     for pair in words.chunks_exact(2) {
         let typed = lossy(&pair[0]);
         let name = match known.iter().find(|k| k.eq_ignore_ascii_case(&typed)) {
-            Some(canonical) => canonical.clone(),
+            Some(canonical) => {
+                if pairs.iter().any(|(earlier, _)| earlier == canonical) {
+                    // Valkey names the last repeated parameter, as it was typed.
+                    duplicate = Some(typed);
+                }
+                canonical.clone()
+            }
             None => {
                 all_known = false;
                 typed
@@ -1860,7 +1874,13 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
         };
         pairs.push((name, pair[1].clone()));
     }
-    let result = config_set_checked(shared, pairs, all_known).await;
+    let result = match duplicate.filter(|_| all_known) {
+        // (An unknown name is reported first, by the backend, as Valkey does.)
+        Some(name) => Err(format!(
+            "CONFIG SET failed (possibly related to argument '{name}') - duplicate parameter"
+        )),
+        None => config_set_checked(shared, pairs).await,
+    };
     shared
         .audit(ControlEvent {
             command: "config|set",
@@ -1881,22 +1901,9 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
     }
 }
 
-/// The checks Valkey makes before touching anything, then the backend's own all-or-nothing apply.
-/// Unknown names are left to the backend, which names them as Valkey would (before duplicates).
-async fn config_set_checked(
-    shared: &Shared,
-    pairs: Vec<(String, Bytes)>,
-    all_known: bool,
-) -> Result<(), String> {
-    if all_known {
-        for (i, (name, _)) in pairs.iter().enumerate() {
-            if pairs[..i].iter().any(|(earlier, _)| earlier == name) {
-                return Err(format!(
-                    "CONFIG SET failed (possibly related to argument '{name}') - duplicate parameter"
-                ));
-            }
-        }
-    }
+/// The values' own check, then the backend's all-or-nothing apply (which names unknown parameters
+/// as Valkey would: before duplicates, checked by the caller only when every name is known).
+async fn config_set_checked(shared: &Shared, pairs: Vec<(String, Bytes)>) -> Result<(), String> {
     let mut settings = Vec::with_capacity(pairs.len());
     for (name, value) in pairs {
         let Ok(value) = String::from_utf8(value.to_vec()) else {
@@ -2103,7 +2110,9 @@ mod tests {
         }
 
         fn value(&self, name: &str) -> String {
-            self.get_setting(name).unwrap()
+            let settings = self.settings.lock().unwrap();
+            let found = settings.iter().find(|(n, _)| n == name);
+            found.map(|(_, v)| v.clone()).unwrap()
         }
 
         fn events(&self) -> Vec<Event> {
@@ -2117,12 +2126,13 @@ mod tests {
             settings.iter().map(|(n, _)| n.clone()).collect()
         }
 
-        fn get_setting(&self, name: &str) -> Option<String> {
+        fn get_settings(&self, names: &[String]) -> Vec<Option<String>> {
             let settings = self.settings.lock().unwrap();
-            settings
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
+            let value = |name: &String| {
+                let found = settings.iter().find(|(n, _)| n == name);
+                found.map(|(_, v)| v.clone())
+            };
+            names.iter().map(value).collect()
         }
 
         fn set_settings(&self, pairs: &[(String, String)]) -> Result<(), String> {
@@ -2704,7 +2714,8 @@ mod tests {
                 "text"
             ])
             .await,
-            "-ERR CONFIG SET failed (possibly related to argument 'audit.format') - duplicate \
+            // (As Valkey: the repeated name as typed.)
+            "-ERR CONFIG SET failed (possibly related to argument 'audit.FORMAT') - duplicate \
              parameter\r\n"
         );
         assert_eq!(
@@ -2745,7 +2756,7 @@ mod tests {
             (
                 "config|set",
                 "subcommand=SET param=audit.format param=audit.FORMAT",
-                "ERR CONFIG SET failed (possibly related to argument 'audit.format') - duplicate \
+                "ERR CONFIG SET failed (possibly related to argument 'audit.FORMAT') - duplicate \
                  parameter",
             ),
             (

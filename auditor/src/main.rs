@@ -195,10 +195,11 @@ fn run() -> Result<()> {
     let mut settings = Settings::default();
     let mut warnings = Vec::new();
     if let Some(path) = &cli.config {
-        let text = std::fs::read_to_string(path)
+        let bytes = std::fs::read(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
+        // Only `audit.*` lines matter; a shared valkey.conf may hold other bytes elsewhere.
         warnings = settings
-            .apply_config_text(&text)
+            .apply_config_text(&String::from_utf8_lossy(&bytes))
             .map_err(anyhow::Error::msg)?;
     }
     warnings.extend(
@@ -375,6 +376,7 @@ fn run() -> Result<()> {
         settings: shared.clone(),
         metrics: metrics.clone(),
         config_path: cli.config.clone(),
+        rewrite_lock: std::sync::Mutex::new(()),
         queue: queue.clone(),
         hostname: host.clone(),
     });
@@ -700,6 +702,8 @@ struct Backend {
     settings: Arc<SharedSettings>,
     metrics: Arc<Metrics>,
     config_path: Option<PathBuf>,
+    /// Held by CONFIG REWRITE.
+    rewrite_lock: std::sync::Mutex<()>,
     /// CONFIG records go straight to the delivery queue, never waiting for room (forced in).
     queue: Queue,
     hostname: String,
@@ -710,8 +714,9 @@ impl ControlBackend for Backend {
         SETTING_NAMES.iter().map(|s| s.to_string()).collect()
     }
 
-    fn get_setting(&self, name: &str) -> Option<String> {
-        self.settings.get().get(name)
+    fn get_settings(&self, names: &[String]) -> Vec<Option<String>> {
+        let settings = self.settings.get();
+        names.iter().map(|name| settings.get(name)).collect()
     }
 
     fn set_settings(&self, pairs: &[(String, String)]) -> Result<(), String> {
@@ -757,23 +762,54 @@ impl ControlBackend for Backend {
         let Some(path) = &self.config_path else {
             return Err("The server is running without a config file".into());
         };
-        let original = std::fs::read_to_string(path).unwrap_or_default();
+        // One rewrite at a time: two at once read each other's half-written results.
+        let _one = self
+            .rewrite_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let fail = |e: &dyn std::fmt::Display| format!("Rewriting config file: {e}");
+        // A file that cannot be read is never taken for an empty one (it would be replaced by the
+        // audit lines alone); only a missing one is, as Valkey does.
+        let (original, meta) = match std::fs::read(path) {
+            Ok(bytes) => (bytes, std::fs::metadata(path).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), None),
+            Err(e) => return Err(fail(&e)),
+        };
         let text = self.settings.get().rewrite_config_text(&original);
         // Atomically: a temporary file next to it, then rename, like Valkey.
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         let write = || -> std::io::Result<()> {
             use std::io::Write as _;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            if let Ok(meta) = std::fs::metadata(path) {
-                std::fs::set_permissions(&tmp, meta.permissions())?;
+            use std::os::unix::fs::MetadataExt as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Owner-only from its creation (it may hold the control password); the original's
+            // mode is set once the whole text is in. A stale one of an earlier crash goes first.
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&text)?;
+            if let Some(meta) = &meta {
+                f.set_permissions(meta.permissions())?;
+                // Its owner stays (the server may read it as its own user); if that is not
+                // allowed the rewrite fails rather than hand the file to root.
+                if f.metadata()?.uid() != meta.uid() || f.metadata()?.gid() != meta.gid() {
+                    std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+                }
             }
-            std::fs::rename(&tmp, path)
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+                let _ = dir.sync_all();
+            }
+            Ok(())
         };
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            format!("Rewriting config file: {e}")
+            fail(&e)
         })
     }
 
