@@ -240,6 +240,42 @@ def test_an_auth_silenced_by_client_reply_off_cannot_hide_behind_an_excluded_use
     assert b"admin2-pw" not in auditor.log.read_bytes()
 
 
+def test_silenced_unsubscribe_confirmations_cannot_fake_a_login(valkey, start_auditor):
+    """QA: Valkey sends (UN)SUBSCRIBE confirmations even with replies off or skipped. Taken for
+    the next command's reply, every reply after it was paired one command late: a wrong-password
+    AUTH as an excluded user read as a success, and the commands after it went unrecorded. Nor
+    may a rule for an ACL user named `unknown` cover the users the auditor does not know."""
+    admin = Raw(valkey.port)
+    for user in ("alice", "unknown"):
+        assert admin.call("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all") == b"+OK\r\n"
+    admin.close()
+    auditor = start_auditor(valkey.pid, settings=("audit.excluderules", "alice,unknown"))
+    c = Raw(valkey.port)
+    c.sock.sendall(resp("CLIENT", "REPLY", "OFF") + resp("UNSUBSCRIBE")
+                   + resp("CLIENT", "REPLY", "ON") + resp("AUTH", "alice", "wrong")
+                   + resp("SET", "sub:visible", "1"))
+    assert c.read_reply().startswith(b"*3\r\n$11\r\nunsubscribe\r\n")
+    assert [c.read_reply() for _ in range(3)] == [
+        b"+OK\r\n", b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        b"+OK\r\n"]
+    c.sock.sendall(resp("CLIENT", "REPLY", "SKIP") + resp("SUBSCRIBE", "ch")
+                   + resp("UNSUBSCRIBE", "ch") + resp("GET", "sub:visible"))
+    assert [c.read_reply()[:14] for _ in range(3)] == [
+        b"*3\r\n$9\r\nsubscr", b"*3\r\n$11\r\nunsub", b"$1\r\n1\r\n"]
+    # A silenced AUTH: the user is not known from here on, and no user rule covers that.
+    c.sock.sendall(resp("CLIENT", "REPLY", "OFF") + resp("AUTH", "nobody", "x"))
+    assert c.call("CLIENT", "REPLY", "ON") == b"+OK\r\n"
+    assert c.call("SET", "sub:unknown", "1") == b"+OK\r\n"
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["sub:unknown"] for r in rs),
+                                what="the SET after the silenced AUTH")
+    mine = [(r["command"], r["result"], r["username"]) for r in recs
+            if r["client_port"] == c.port and r["command"] in ("auth", "set", "get")]
+    assert mine == [("auth", "FAILURE", "default"), ("set", "SUCCESS", "default"),
+                    ("get", "SUCCESS", "default"), ("auth", "UNKNOWN", "default"),
+                    ("set", "SUCCESS", "unknown")], mine
+
+
 def test_an_auth_hidden_by_a_capture_gap_leaves_the_user_unknown(valkey, start_auditor):
     """A read past the capture cap can hold whole commands: an AUTH among them changed the user
     while the records after it went on naming the user before it (QA). Now a gap that breaks the

@@ -816,18 +816,31 @@ fn lower_name<'b>(arg: &Arg, buf: &'b mut [u8; MAX_NAME_LEN]) -> Option<&'b [u8]
 /// The index of the AUTH token of a HELLO request (`argv[1]` is normally the protocol version, but an
 /// `AUTH` there is still treated as the option so its password is never shown).
 fn hello_auth_at(args: &[Arg]) -> Option<usize> {
-    let mut i = 1;
+    // As Valkey's HELLO reads its options: the last complete `AUTH user pw` is the one it tries
+    // (`HELLO 3 AUTH alice x AUTH bob pw` logs in bob). Without one, the first `AUTH` at all still
+    // makes it an authentication (`HELLO 3 AUTH x`: its word may be a password).
+    let mut i = if args.get(1).is_some_and(|a| a.eq_ignore_case("auth")) {
+        1
+    } else {
+        2
+    };
+    let (mut complete, mut any) = (None, None);
     while i < args.len() {
         let a = &args[i];
         if a.eq_ignore_case("auth") {
-            return Some(i);
-        } else if i > 1 && a.eq_ignore_case("setname") {
+            any = any.or(Some(i));
+            if i + 2 < args.len() {
+                complete = Some(i);
+                i += 3;
+                continue;
+            }
+        } else if a.eq_ignore_case("setname") {
             i += 2;
-        } else {
-            i += 1;
+            continue;
         }
+        i += 1;
     }
-    None
+    complete.or(any)
 }
 
 fn is_secret_config_param(param: &Arg) -> bool {
@@ -2260,6 +2273,15 @@ mod tests {
         assert_eq!(
             args_text(&["HELLO", "AUTH", "alice", "pw"]),
             "user=alice password=<REDACTED>"
+        );
+        // The last AUTH option is the one Valkey tries (QA: the record named the first).
+        assert_eq!(
+            args_text(&["HELLO", "3", "AUTH", "alice", "x", "AUTH", "bob", "pw"]),
+            "protover=3 user=bob password=<REDACTED>"
+        );
+        assert_eq!(
+            args_text(&["HELLO", "3", "AUTH", "alice", "pw", "AUTH", "bob"]),
+            "protover=3 user=alice password=<REDACTED>"
         );
         assert_eq!(
             args_text(&["CONFIG", "SET", "requirepass", "pw"]),

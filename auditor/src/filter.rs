@@ -877,6 +877,9 @@ pub struct LookupCounts {
 ///    `events` → `None`.
 /// 5. `failures` mode: successful KEY_OP, OTHER and custom-category records → `None`
 ///    (CONNECTION, AUTH and CONFIG are always kept; so are records of unknown outcome).
+///
+/// `username` is the user the command ran as, empty when it is not known (then only rules of
+/// addresses alone can exclude it).
 pub fn decide(
     cfg: &FilterConfig,
     category: &Category,

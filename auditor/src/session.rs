@@ -311,7 +311,17 @@ fn is_auth(effect: &Effect) -> bool {
 }
 
 fn forget_user(conn: &mut Conn) {
-    conn.username = Arc::from(&b"unknown"[..]);
+    conn.username = unknown_user();
+}
+
+/// The one `unknown` of users not known. Known by its address, not its name: an ACL user may be
+/// named `unknown`, and an exclusion rule for that user must not cover everyone whose user is
+/// not known (any client could become one, by silencing an AUTH).
+static UNKNOWN_USER: std::sync::LazyLock<Arc<[u8]>> =
+    std::sync::LazyLock::new(|| Arc::from(&b"unknown"[..]));
+
+fn unknown_user() -> Arc<[u8]> {
+    UNKNOWN_USER.clone()
 }
 
 /// What RESET does to a connection's state.
@@ -487,6 +497,10 @@ struct Conn {
     multi_before_attach: bool,
     reply_mode: ReplyMode,
     subscribed: bool,
+    /// Confirmations still to come for subscribe-family commands sent with replies off or
+    /// skipped: Valkey pushes them all the same (RESP2 arrays included), and they answer no
+    /// request of the FIFO.
+    silenced_confirmations: u64,
     monitor: bool,
     resp3: bool,
     /// Found already open at attach: replies to requests sent before attach are passed over.
@@ -847,7 +861,7 @@ impl Session {
             server: self.server_of(tgid),
             ip: Arc::from(peer.ip.as_str()),
             port: peer.port,
-            username: Arc::from(username.as_deref().unwrap_or(b"unknown")),
+            username: username.map_or_else(unknown_user, |u| Arc::from(u.as_slice())),
             in_expected: 0,
             out_expected: 0,
             requests: RequestParser::new_resyncing(keep),
@@ -864,6 +878,7 @@ impl Session {
             in_multi: false,
             reply_mode: ReplyMode::On,
             subscribed: false,
+            silenced_confirmations: 0,
             monitor: false,
             resp3: false,
             preexisting: true,
@@ -938,6 +953,7 @@ impl Session {
                     in_multi: false,
                     reply_mode: ReplyMode::On,
                     subscribed: false,
+                    silenced_confirmations: 0,
                     monitor: false,
                     resp3: false,
                     preexisting: false,
@@ -1342,6 +1358,13 @@ impl Session {
             // A replica's offset report: Valkey never answers it (a client's neither).
             expects_reply = false;
         }
+        if !expects_reply
+            && d.arity_ok
+            && !conn.in_multi
+            && let Effect::Subscribe(_, expected) = effect
+        {
+            conn.silenced_confirmations += expected;
+        }
         if matches!(effect, Effect::Quit) && !expects_reply {
             // The server reads nothing after QUIT (in MULTI too); with replies on, its +OK says
             // so (`on_reply`), and without, nothing will.
@@ -1518,6 +1541,16 @@ impl Session {
                     | b"sunsubscribe"
             )
         );
+        let confirmation =
+            is_pubsub_kind && first.as_deref().is_some_and(|f| f.ends_with(b"subscribe"));
+        if confirmation
+            && matches!(reply.kind, ReplyKind::Push | ReplyKind::Array)
+            && conn.pending.front().is_some_and(|p| p.refusable)
+        {
+            // A CLIENT REPLY OFF/SKIP at the head was not refused: its refusal would have come
+            // before any reply to the commands after it (a message, though, may come first).
+            self.settle_refusable(conn, None, out);
+        }
         // In RESP2 a confirmation is a plain array: it is one when the connection is subscribed
         // already, or when it confirms the subscribe-family command at the head (the first
         // confirmation of `SUBSCRIBE a b` comes before the connection is subscribed, and must not
@@ -1531,7 +1564,13 @@ impl Session {
             || (reply.kind == ReplyKind::Array
                 && !conn.resp3
                 && is_pubsub_kind
-                && (conn.subscribed || confirms_head));
+                && (conn.subscribed || confirms_head || conn.silenced_confirmations > 0));
+        if pubsub_frame && confirmation && conn.silenced_confirmations > 0 {
+            // A silenced command's confirmation: it comes before any later command's reply.
+            conn.silenced_confirmations -= 1;
+            conn.subscribed = reply.third_int.unwrap_or(1) > 0;
+            return;
+        }
         if pubsub_frame {
             if let Some(head) = conn.pending.front_mut()
                 && let Effect::Subscribe(kind, expected) = head.effect
@@ -1546,6 +1585,9 @@ impl Session {
             }
             return;
         }
+        // Any other reply comes after every push of the commands before it: confirmations
+        // still owed will not come (the silenced command failed, or was refused).
+        conn.silenced_confirmations = 0;
         if conn.monitor
             && reply.kind == ReplyKind::Simple
             && reply.text.first().is_some_and(u8::is_ascii_digit)
@@ -2458,11 +2500,17 @@ impl Session {
         if rec.seq == WRITTEN_EARLY {
             return;
         }
+        // (A user not known is matched by no user rule: see `UNKNOWN_USER`.)
+        let username: &[u8] = if Arc::ptr_eq(&rec.username, &UNKNOWN_USER) {
+            b""
+        } else {
+            &rec.username
+        };
         if let Some(cat) = filter::decide(
             &settings.filter,
             &rec.category,
             &rec.command,
-            &rec.username,
+            username,
             &rec.client_ip,
             rec.result,
             &mut self.stats.filter_lookups,

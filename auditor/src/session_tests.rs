@@ -1780,6 +1780,80 @@ fn an_auth_that_client_reply_off_silenced_leaves_the_user_unknown() {
 }
 
 #[test]
+fn confirmations_of_silenced_subscribe_commands_answer_no_request() {
+    // QA: Valkey pushes (UN)SUBSCRIBE confirmations with replies off or skipped, RESP2 arrays
+    // too. Taken for the next command's reply, every reply after it was paired one command
+    // late, and a failed AUTH read as a success (its commands then written as that user, or
+    // left out as an excluded one).
+    for silence in [
+        &["CLIENT", "REPLY", "OFF"][..],
+        &["CLIENT", "REPLY", "SKIP"][..],
+    ] {
+        let mut w = Wire::new();
+        let off = silence[2] == "OFF";
+        let mut cmds: Vec<&[&str]> = vec![silence, &["UNSUBSCRIBE"]];
+        if off {
+            cmds.push(&["CLIENT", "REPLY", "ON"]);
+        }
+        cmds.extend([&["AUTH", "alice", "wrong"][..], &["SET", "hidden", "1"][..]]);
+        w.client(&pipeline(&cmds));
+        let mut replies = b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n".to_vec();
+        if off {
+            replies.extend_from_slice(b"+OK\r\n");
+        }
+        replies.extend_from_slice(
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n",
+        );
+        w.server(&replies);
+        let recs = w.take();
+        let auth = recs.iter().find(|r| s(&r.command) == "auth").unwrap();
+        assert_eq!(auth.result, Outcome::Failure, "{silence:?}");
+        let set = recs.iter().find(|r| s(&r.command) == "set").unwrap();
+        assert_eq!(
+            (set.result, s(&set.username)),
+            (Outcome::Success, "default".into()),
+            "{silence:?}"
+        );
+        assert_eq!(w.stats().replies_unmatched, 0);
+    }
+}
+
+#[test]
+fn a_silenced_subscribe_makes_later_messages_out_of_band() {
+    // Its confirmation says the connection is subscribed: the messages that follow are no
+    // replies either (RESP2), until the silenced UNSUBSCRIBE's confirmation ends it.
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SUBSCRIBE", "ch"],
+    ]));
+    w.server(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n");
+    w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+    w.client(&pipeline(&[
+        &["UNSUBSCRIBE", "ch"],
+        &["CLIENT", "REPLY", "ON"],
+        &["GET", "k"],
+    ]));
+    w.server(b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n+OK\r\n$1\r\nv\r\n");
+    let recs = w.take();
+    assert_eq!(
+        names(&recs),
+        [
+            "client|reply",
+            "subscribe",
+            "unsubscribe",
+            "client|reply",
+            "get"
+        ]
+    );
+    assert_eq!(
+        (recs[3].result, recs[4].result),
+        (Outcome::Success, Outcome::Success)
+    );
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
 fn an_auth_that_client_reply_skip_silenced_leaves_the_user_unknown() {
     let mut w = Wire::new();
     w.client(&pipeline(&[
@@ -2885,6 +2959,36 @@ fn events_filter_drops_categories_and_counts_them() {
     // connection, ping, config|get, disconnection
     assert_eq!(w.stats().filtered, 4);
     assert_eq!(w.stats().requests, 5);
+}
+
+#[test]
+fn a_rule_for_a_user_named_unknown_does_not_cover_users_not_known() {
+    // QA: with an ACL user `unknown` excluded, any client could hide its commands by silencing
+    // an AUTH (its user is then not known, written `unknown`).
+    let mut w = Wire::open(settings(&["audit.excluderules", "unknown"]));
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["AUTH", "bob", "junk"],
+        &["CLIENT", "REPLY", "ON"],
+        &["FLUSHALL"],
+    ]));
+    w.server(b"+OK\r\n+OK\r\n");
+    let recs = w.take();
+    assert_eq!(
+        names(&recs),
+        [
+            "connection",
+            "client|reply",
+            "auth",
+            "client|reply",
+            "flushall"
+        ]
+    );
+    assert_eq!(s(&recs[4].username), "unknown");
+    // The real user of that name is excluded.
+    w.client(&pipeline(&[&["AUTH", "unknown", "pw"], &["FLUSHALL"]]));
+    w.server(b"+OK\r\n+OK\r\n");
+    assert_eq!(names(&w.take()), ["auth"]);
 }
 
 #[test]
