@@ -1401,6 +1401,59 @@ def test_switching_away_from_a_tcp_sink_hands_its_backlog_to_the_new_one(
     assert a.stop() == 0
 
 
+def test_switching_away_from_a_stalled_syslog_tcp_server_loses_and_repeats_nothing(
+        valkey, start_auditor, tmp_path):
+    """QA: switching audit.protocol away from a syslog server that had stopped reading dropped,
+    uncounted, every message its TCP stack had not acknowledged, and wrote the batch in flight
+    again whole (records in both places). Now the old connection is reset, what it had not
+    acknowledged goes to the new sink, and the batch resumes where the old sink stopped."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    a = start_auditor(valkey.pid, settings=(
+        "audit.protocol", "syslog local3", "audit.syslog_target", f"tcp://127.0.0.1:{port}",
+        "audit.payload_maxsize", "20000"))
+    stalled, _ = listener.accept()  # and never read until the switch
+    s = connect(valkey.port)
+    keys = [f"stall:{i:04d}" for i in range(400)]
+    send_sets(s, keys, b"p" * 20000)  # ~8 MB of records: far more than the sockets hold
+    wait_until(lambda: info(a)["audit_syslog_status"] == "error", timeout=30,
+               what="the syslog sink to find its server stalled")
+    new_log = tmp_path / "after-switch.log"
+    assert cli(a, "CONFIG", "SET", "audit.protocol", f"file {new_log}").strip() == "OK"
+    s.sendall(resp("SET", "after:switch", "1"))
+    assert s.recv(100) == b"+OK\r\n"
+    s.close()
+    recs = wait_until(lambda: (lambda rs: rs if "after:switch" in sets_of(rs) else None)(
+        read_records(new_log) if new_log.exists() else []), timeout=30,
+        what="the record after the switch")
+    # What the old server got: whole messages, then at most one cut by the reset.
+    stalled.settimeout(10)
+    data = bytearray()
+    while True:
+        try:
+            chunk = stalled.recv(1 << 20)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        data += chunk
+    stalled.close()
+    listener.close()
+    old = sets_of([json.loads(line.split(b"]: ", 1)[1])
+                   for line in bytes(data).split(b"\n")[:-1]])
+    new = sets_of(recs)
+    seqs = [r["seq"] for r in recs]
+    assert seqs == sorted(set(seqs)), "in order, no duplicates"
+    assert not set(old) & set(new), sorted(set(old) & set(new))[:5]
+    assert sorted(set(old) | set(new)) == sorted([*keys, "after:switch"])
+    assert old == keys[:len(old)] and len(old) < len(keys)
+    assert not [r for r in recs if r["category"] == "AUDIT_LOSS"]
+    assert a.stop() == 0
+
+
 def test_tcp_sink_loss_shows_in_info_while_the_collector_is_away(valkey, start_auditor, tmp_path):
     col = Collector()  # never listening
     a = start_auditor(valkey.pid, settings=(

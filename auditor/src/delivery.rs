@@ -697,6 +697,22 @@ pub trait SinkProvider: Send {
 }
 
 /// The sink thread's loop: runs until the queue is closed and drained.
+/// Drops the first `bytes` (whole lines) of `batch`, which a sink delivered: counted as written.
+fn skip_delivered(batch: &mut Lines, bytes: usize, metrics: &Metrics) {
+    if bytes == 0 || bytes > batch.bytes.len() {
+        return;
+    }
+    let lines = crate::sink::count_lines(&batch.bytes[..bytes]);
+    let per = bytes as u64 / lines.max(1) as u64;
+    for (c, &pid) in batch.categories.iter().zip(&batch.pids).take(lines) {
+        metrics.record_written(c, pid, per);
+    }
+    batch.bytes.drain(..bytes);
+    batch.categories.drain(..lines.min(batch.categories.len()));
+    batch.pids.drain(..lines.min(batch.pids.len()));
+    batch.count = batch.count.saturating_sub(lines);
+}
+
 /// Turn what the sink dropped since the last call into AUDIT_LOSS records; true when there was any.
 fn report_sink_loss(queue: &Queue, sink: &mut dyn Sink, reported: &mut u64) -> bool {
     let loss = sink.take_loss();
@@ -767,6 +783,12 @@ pub fn run_sink(
                 Ok(false) => {
                     if let Some(old) = provider.retired() {
                         report_sink_loss(&queue, old, &mut sink_reported);
+                        // A batch it failed midway is written from where it stopped: what it
+                        // sent before is delivered, or among what it handed over.
+                        if let Some(batch) = current.as_mut() {
+                            let done = old.delivered_of(&batch.bytes);
+                            skip_delivered(batch, done, &metrics);
+                        }
                     }
                     provider.drop_retired();
                 }

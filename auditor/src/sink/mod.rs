@@ -191,6 +191,11 @@ pub trait Sink: Send {
     }
     /// The first `n` bytes `undelivered` gave were taken by the new sink.
     fn release_undelivered(&mut self, _n: usize) {}
+    /// Of a batch whose `write_batch` failed midway, the leading bytes this sink delivered (a
+    /// retry resumes after them): a retired sink's are not written again by the next one.
+    fn delivered_of(&self, _lines: &[u8]) -> usize {
+        0
+    }
 }
 
 /// Length of the longest prefix of `data` made of whole lines and at most `max` bytes long, or of

@@ -58,7 +58,7 @@ use super::tcp::{
     ByteQueue, abort_on_close, peer_closed, send_queue_intact, unacknowledged_bytes,
     whole_lines_within,
 };
-use super::{Sink, SinkError, SinkLoss, SinkStatus};
+use super::{Sink, SinkError, SinkLoss, SinkStatus, count_lines};
 
 /// Where `syslog(3)` looks for the local syslog socket, in order.
 const LOCAL_SOCKET_PATHS: [&str; 3] = ["/dev/log", "/var/run/syslog", "/var/run/log"];
@@ -347,12 +347,34 @@ pub struct SyslogSink {
     /// server's TCP stack has not acknowledged yet, oldest first. Bounded by the socket's send
     /// buffer, one message more at most.
     unacked: ByteQueue,
+    /// The record lines of the messages in `unacked`, in the same order: what a switch of
+    /// `audit.protocol` hands to the next sink (the messages' headers are this sink's).
+    unacked_records: ByteQueue,
+    /// After `retire`: the record lines the server had not acknowledged, for the next sink.
+    handed_over: ByteQueue,
     /// A message a stream write that timed out left cut (`partial_sent` bytes of it written) and
     /// the record line it carries: its rest goes first on the same connection (QA: a stalled
     /// rsyslog logged the cut prefix as a message of its own once the connection was reset).
     partial: Vec<u8>,
     partial_sent: usize,
     partial_record: Vec<u8>,
+}
+
+fn push_line(queue: &mut ByteQueue, line: &[u8]) {
+    queue.push(line);
+    queue.push(b"\n");
+}
+
+/// Bytes of the first `n` lines of `data` (all of it if it has fewer).
+fn lines_len(data: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    data.iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'\n')
+        .nth(n - 1)
+        .map_or(data.len(), |(i, _)| i + 1)
 }
 
 /// A stream write that ran into its send timeout (`SO_SNDTIMEO`).
@@ -393,6 +415,8 @@ impl SyslogSink {
             loss: SinkLoss::default(),
             refused: SinkLoss::default(),
             unacked: ByteQueue::default(),
+            unacked_records: ByteQueue::default(),
+            handed_over: ByteQueue::default(),
             partial: Vec::new(),
             partial_sent: 0,
             partial_record: Vec::new(),
@@ -528,6 +552,7 @@ impl SyslogSink {
             Ok(()) => {
                 if matches!(transport, Transport::Tcp(_)) {
                     self.unacked.push(&self.partial);
+                    push_line(&mut self.unacked_records, &self.partial_record);
                 }
                 self.messages_sent += 1;
                 self.partial.clear();
@@ -572,7 +597,10 @@ impl SyslogSink {
         }
         let acknowledged = (self.unacked.len() as u64).saturating_sub(unacknowledged);
         let whole = whole_lines_within(self.unacked.bytes(), acknowledged);
+        let messages = count_lines(&self.unacked.bytes()[..whole]);
         self.unacked.release(whole);
+        let records = lines_len(self.unacked_records.bytes(), messages);
+        self.unacked_records.release(records);
     }
 
     fn fail(&mut self, message: String) -> SinkError {
@@ -783,6 +811,7 @@ impl Sink for SyslogSink {
             }
             if matches!(transport, Transport::Tcp(_)) {
                 self.unacked.push(&self.message);
+                push_line(&mut self.unacked_records, record);
             }
             self.messages_sent += 1;
             pos = next;
@@ -792,8 +821,14 @@ impl Sink for SyslogSink {
         Ok(())
     }
 
-    /// Messages are not buffered: each was handed to the socket by `write_batch`.
-    fn flush(&mut self, _force: bool) -> Result<(), SinkError> {
+    /// Messages are not buffered: each was handed to the socket by `write_batch`. A retired
+    /// sink's lines that no sink took by shutdown are lost, and counted.
+    fn flush(&mut self, force: bool) -> Result<(), SinkError> {
+        if force && !self.handed_over.is_empty() {
+            self.loss.records += count_lines(self.handed_over.bytes()) as u64;
+            self.loss.bytes += self.handed_over.len() as u64;
+            self.handed_over = ByteQueue::default();
+        }
         Ok(())
     }
 
@@ -824,6 +859,35 @@ impl Sink for SyslogSink {
         self.connect()
     }
 
+    /// What the server's TCP stack acknowledged stays delivered; the rest is taken back for the
+    /// next sink and the connection reset, so that the old server gets none of it late (QA: a
+    /// switch away from a stalled rsyslog lost the unacknowledged messages uncounted, and those
+    /// it read after all were in both places).
+    fn retire(&mut self) {
+        self.release_acknowledged();
+        self.drop_transport();
+        self.handed_over.push(self.unacked_records.bytes());
+        self.unacked = ByteQueue::default();
+        self.unacked_records = ByteQueue::default();
+    }
+
+    fn undelivered(&mut self, max: usize) -> &[u8] {
+        let bytes = self.handed_over.bytes();
+        &bytes[..super::hand_over_len(bytes, max)]
+    }
+
+    fn release_undelivered(&mut self, n: usize) {
+        self.handed_over.release(n);
+    }
+
+    fn delivered_of(&self, lines: &[u8]) -> usize {
+        if !self.delivered_prefix.is_empty() && lines.starts_with(&self.delivered_prefix) {
+            self.delivered_prefix.len()
+        } else {
+            0
+        }
+    }
+
     fn status(&self) -> SinkStatus {
         self.status
     }
@@ -845,6 +909,10 @@ impl Sink for SyslogSink {
 
     fn pending_loss(&self) -> u64 {
         self.loss.records + self.refused.records
+    }
+
+    fn backlog_bytes(&self) -> u64 {
+        self.handed_over.len() as u64
     }
 
     fn kind(&self) -> &'static str {
@@ -1145,6 +1213,45 @@ mod tests {
         let first = got[0];
         assert!(first > 0 && first < handed_over, "{first} {handed_over}");
         assert_eq!(got, (first..count).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_retired_tcp_sink_hands_over_what_its_server_did_not_acknowledge() {
+        // QA: switching `audit.protocol` away from a stalled rsyslog dropped the unacknowledged
+        // messages uncounted, and the batch it failed midway was written again whole.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = SyslogTarget::Tcp(listener.local_addr().unwrap().to_string());
+        let mut sink = SyslogSink::open(options("local0", SyslogFormat::Rfc3164, target)).unwrap();
+        sink.send_timeout = Duration::from_millis(50);
+        let (stalled, _) = listener.accept().unwrap();
+        let count = 20_000;
+        let batch: Vec<u8> = (0..count)
+            .flat_map(|i| format!("record {i:05} {}\n", "x".repeat(1000)).into_bytes())
+            .collect();
+        assert!(sink.write_batch(&batch, count).is_err());
+        let sent = sink.delivered_of(&batch);
+        assert!(sent > 0 && sent < batch.len());
+        assert_eq!(sink.backlog_bytes(), 0);
+        sink.retire();
+        // The records of the messages it had not acknowledged: whole lines, without headers,
+        // the last of them the last line before the batch's resume point.
+        let mut back = Vec::new();
+        loop {
+            let lines = sink.undelivered(1 << 16).to_vec();
+            if lines.is_empty() {
+                break;
+            }
+            sink.release_undelivered(lines.len());
+            back.extend_from_slice(&lines);
+        }
+        assert!(!back.is_empty());
+        assert!(
+            batch[..sent].ends_with(&back),
+            "not the tail of what was sent"
+        );
+        assert_eq!(sink.backlog_bytes(), 0);
+        // The server gets nothing more: its connection was reset.
+        drop(stalled);
     }
 
     #[test]
