@@ -861,7 +861,12 @@ fn parse_i64_strict(arg: &Arg) -> Option<i64> {
     if !arg.is_complete() {
         return None;
     }
-    let s = arg.prefix.as_slice();
+    string2ll(&arg.prefix)
+}
+
+/// An integer as Valkey's `string2ll` reads one: an optional `-`, then `0` alone or digits without
+/// a leading zero (no blanks, no `+`, no `-0`), within a signed 64-bit integer.
+pub fn string2ll(s: &[u8]) -> Option<i64> {
     let (neg, digits) = match s.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, s),

@@ -264,19 +264,10 @@ fn yes_no(b: bool) -> String {
     if b { "yes".into() } else { "no".into() }
 }
 
-/// An integer as Valkey's `string2ll` reads one: an optional `-`, then `0` alone or digits without
-/// a leading zero (no blanks, no `+`, no `-0`), within a signed 64-bit integer.
-fn string2ll(v: &str) -> Option<i128> {
-    let digits = v.strip_prefix('-').unwrap_or(v);
-    let well_formed = v == "0"
-        || (digits.bytes().all(|b| b.is_ascii_digit())
-            && digits.as_bytes().first().is_some_and(|&b| b != b'0'));
-    let n: i64 = v.parse().ok().filter(|_| well_formed)?;
-    Some(i128::from(n))
-}
-
 fn parse_range(name: &str, v: &str, min: u64, max: u64) -> Result<u64, SettingError> {
-    let n = string2ll(v).ok_or_else(|| err(name, "argument couldn't be parsed into an integer"))?;
+    let n = crate::commands::string2ll(v.as_bytes())
+        .map(i128::from)
+        .ok_or_else(|| err(name, "argument couldn't be parsed into an integer"))?;
     if n < min as i128 || n > max as i128 {
         return Err(err(
             name,
