@@ -2501,11 +2501,10 @@ impl Session {
             return;
         }
         // (A user not known is matched by no user rule: see `UNKNOWN_USER`.)
-        let username: &[u8] = if Arc::ptr_eq(&rec.username, &UNKNOWN_USER) {
-            b""
-        } else {
-            &rec.username
-        };
+        // (Its first byte first: the `LazyLock` is not looked at for other names.)
+        let unknown =
+            rec.username.first() == Some(&b'u') && Arc::ptr_eq(&rec.username, &UNKNOWN_USER);
+        let username: &[u8] = if unknown { b"" } else { &rec.username };
         if let Some(cat) = filter::decide(
             &settings.filter,
             &rec.category,
