@@ -276,6 +276,47 @@ def test_silenced_unsubscribe_confirmations_cannot_fake_a_login(valkey, start_au
                     ("set", "SUCCESS", "unknown")], mine
 
 
+def test_unsubscribe_without_arguments_and_failed_silenced_subscribes_keep_replies_in_step(
+        valkey, start_auditor):
+    """QA: an UNSUBSCRIBE without arguments ended at its first confirmation (the connection then
+    looked subscribed, and an LRANGE of [message, ...] was taken for a message), and a SUBSCRIBE
+    the ACL refused under CLIENT REPLY SKIP took the next SUBSCRIBE's confirmation: either way
+    every reply after it was paired one command late, a wrong-password AUTH as an excluded user
+    read as a success, and the commands after it went unrecorded."""
+    admin = Raw(valkey.port)
+    assert admin.call("ACL", "SETUSER", "u", "on", ">p", "~*", "resetchannels", "&allowed",
+                      "+@all") == b"+OK\r\n"
+    assert admin.call("ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all") == b"+OK\r\n"
+    assert admin.call("RPUSH", "msglist", "message", "c1", "data") == b":3\r\n"
+    admin.close()
+    auditor = start_auditor(valkey.pid, settings=("audit.excluderules", "alice"))
+    c = Raw(valkey.port)
+    c.sock.sendall(resp("SUBSCRIBE", "c1", "c2") + resp("UNSUBSCRIBE"))
+    assert [c.read_reply()[-4:] for _ in range(4)] == [b":1\r\n", b":2\r\n", b":1\r\n", b":0\r\n"]
+    c.sock.sendall(resp("LRANGE", "msglist", "0", "-1") + resp("AUTH", "alice", "wrong")
+                   + resp("SET", "instep:1", "1"))
+    assert [c.read_reply()[:4] for _ in range(3)] == [b"*3\r\n", b"-WRO", b"+OK\r"]
+    assert c.call("AUTH", "u", "p") == b"+OK\r\n"
+    c.sock.sendall(resp("CLIENT", "REPLY", "SKIP") + resp("SUBSCRIBE", "notallowed")
+                   + resp("SUBSCRIBE", "allowed") + resp("PING") + resp("UNSUBSCRIBE")
+                   + resp("AUTH", "alice", "wrong") + resp("SET", "instep:2", "1"))
+    assert [c.read_reply()[:14] for _ in range(5)] == [
+        b"*3\r\n$9\r\nsubscr", b"*2\r\n$4\r\npong\r\n", b"*3\r\n$11\r\nunsub",
+        b"-WRONGPASS inv", b"+OK\r\n"]
+    c.close()
+    recs = auditor.wait_records(lambda rs: any(r["keys"] == ["instep:2"] for r in rs),
+                                what="the SET after the refused SUBSCRIBE")
+    mine = [(r["command"], r["result"], r["username"]) for r in recs
+            if r["client_port"] == c.port and r["category"] != "CONNECTION"]
+    assert mine == [
+        ("subscribe", "SUCCESS", "default"), ("unsubscribe", "SUCCESS", "default"),
+        ("lrange", "SUCCESS", "default"), ("auth", "FAILURE", "default"),
+        ("set", "SUCCESS", "default"), ("auth", "SUCCESS", "default"),
+        ("client|reply", "UNKNOWN", "u"), ("subscribe", "UNKNOWN", "u"),
+        ("subscribe", "SUCCESS", "u"), ("ping", "SUCCESS", "u"),
+        ("unsubscribe", "SUCCESS", "u"), ("auth", "FAILURE", "u"), ("set", "SUCCESS", "u")], mine
+
+
 def test_an_auth_hidden_by_a_capture_gap_leaves_the_user_unknown(valkey, start_auditor):
     """A read past the capture cap can hold whole commands: an AUTH among them changed the user
     while the records after it went on naming the user before it (QA). Now a gap that breaks the

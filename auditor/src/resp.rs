@@ -1224,7 +1224,9 @@ pub struct Reply {
     /// the value).
     pub start_ts: u64,
     /// Prefix (max 512 bytes) of the line of Simple/Error/Integer/Double/Boolean/BigNumber, or of
-    /// the payload of Bulk/Verbatim/BulkError (for Verbatim, including its `txt:` format).
+    /// the payload of Bulk/Verbatim/BulkError (for Verbatim, including its `txt:` format). For an
+    /// aggregate whose first element ends in "subscribe" (a pub/sub confirmation), prefix (max
+    /// 64 bytes) of its second element if that is a string (the channel); else empty.
     pub text: Vec<u8>,
     /// Element count for aggregates (Map: pairs), byte length for Bulk/Verbatim/BulkError, the
     /// value for Integer, -1 for any null, the line's real length for the other line types.
@@ -1708,6 +1710,17 @@ impl ReplyParser {
             self.reply.kind = kind;
         }
         self.value = Value::new(role, kind);
+        if role == Role::Element(1)
+            && kind.is_stringish()
+            && self
+                .reply
+                .first
+                .as_deref()
+                .is_some_and(|f| f.ends_with(b"subscribe"))
+        {
+            // A pub/sub confirmation's channel.
+            self.value.element_text_max = REPLY_FIRST_MAX;
+        }
         self.element_text.clear();
         self.state = if kind.is_line() {
             ReplyState::Line
@@ -1845,6 +1858,9 @@ impl ReplyParser {
                     }
                 } else if index == 0 && value.kind.is_stringish() {
                     self.reply.first = Some(mem::take(&mut self.element_text));
+                } else if index == 1 && self.value.element_text_max > 0 {
+                    // (An aggregate has no text of its own: see `Reply::text`.)
+                    self.reply.text = mem::take(&mut self.element_text);
                 } else if index == 2 && value.kind == ReplyKind::Integer {
                     self.reply.third_int = value.number.value();
                 }

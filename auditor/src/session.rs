@@ -324,11 +324,72 @@ fn unknown_user() -> Arc<[u8]> {
     UNKNOWN_USER.clone()
 }
 
+/// A connection's subscriptions, from the counts its confirmations carry (Valkey's: channels
+/// and patterns together for the plain and pattern kinds, shard channels apart).
+#[derive(Clone, Copy, Debug)]
+struct PubsubCounts {
+    /// False where they cannot be told (a connection open at attach, or after what hid some):
+    /// then only "subscribed or not" is followed, from the last count.
+    known: bool,
+    channels: u64,
+    patterns: u64,
+    shard: u64,
+}
+
+impl PubsubCounts {
+    const NONE: PubsubCounts = PubsubCounts {
+        known: true,
+        channels: 0,
+        patterns: 0,
+        shard: 0,
+    };
+    const UNKNOWN: PubsubCounts = PubsubCounts {
+        known: false,
+        ..PubsubCounts::NONE
+    };
+
+    /// A confirmation of `kind` said `count`.
+    fn confirm(&mut self, kind: &[u8], count: u64) {
+        match kind {
+            b"subscribe" | b"unsubscribe" => self.channels = count.saturating_sub(self.patterns),
+            b"psubscribe" | b"punsubscribe" => self.patterns = count.saturating_sub(self.channels),
+            _ => self.shard = count,
+        }
+    }
+
+    /// Subscriptions an UNSUBSCRIBE of `kind` without arguments still has to end.
+    fn of_kind(&self, kind: &[u8]) -> u64 {
+        match kind {
+            b"unsubscribe" => self.channels,
+            b"punsubscribe" => self.patterns,
+            _ => self.shard,
+        }
+    }
+}
+
+/// A confirmation of `kind` with subscription count `count`: the connection's subscriptions.
+fn note_confirmation(conn: &mut Conn, kind: &[u8], count: Option<i64>) {
+    let count = count.and_then(|c| u64::try_from(c).ok()).unwrap_or(1);
+    if conn.pubsub.known {
+        conn.pubsub.confirm(kind, count);
+        let p = conn.pubsub;
+        conn.subscribed = p.channels + p.patterns + p.shard > 0;
+    } else {
+        conn.subscribed = count > 0;
+    }
+}
+
+/// The channels (or patterns) a subscribe-family command names.
+fn channel_count(args: &[Arg]) -> u32 {
+    u32::try_from(args.len().saturating_sub(1)).unwrap_or(u32::MAX)
+}
+
 /// What RESET does to a connection's state.
 fn reset_connection(conn: &mut Conn) {
     conn.username = Arc::from(&b"default"[..]);
     conn.resp3 = false;
     conn.subscribed = false;
+    conn.pubsub = PubsubCounts::NONE;
     conn.monitor = false;
     conn.in_multi = false;
     conn.queued.clear();
@@ -351,6 +412,9 @@ fn is_client_reply_refusal(text: &[u8]) -> bool {
 pub const GONE_WHEN_SEEN: u64 = u64::MAX;
 
 /// What a request does to the connection's state once its reply says it succeeded.
+// A boxed `Vec` is a thin pointer: `Effect` is in every FIFO entry, and a fat one (a boxed
+// slice) made entries larger.
+#[allow(clippy::box_collection)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Effect {
     None,
@@ -362,8 +426,10 @@ enum Effect {
     Multi,
     Exec,
     Discard,
-    /// (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE: confirmation kind and how many confirmations answer it.
-    Subscribe(&'static str, u64),
+    /// (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE: confirmation kind, how many confirmations answer it (0:
+    /// an UNSUBSCRIBE without arguments, one per subscription of its kind, at least one), and,
+    /// for one sent with replies off, its channels (see `confirmation_target`).
+    Subscribe(&'static str, u32, Option<Box<Vec<Vec<u8>>>>),
     Monitor,
     Reset,
     /// CONFIG SET of `port`, `tls-port` or `bind`: the server listens elsewhere once it succeeds,
@@ -436,6 +502,10 @@ struct Pending {
     change_reply: ChangeReply,
     /// Subscribe-family confirmations seen so far.
     confirmations: u64,
+    /// A subscribe-family command whose confirmations may still come: Valkey pushes them even
+    /// with replies off, so one sent then stays in the FIFO until they come or a later reply
+    /// shows that they will not (it failed, its error silenced).
+    awaiting: bool,
     /// For a command that can carry secrets (`Described::may_quote_secrets`): what its record
     /// needs to show no more than it may. `None`, with no allocation, for almost every command.
     secrets: Option<Box<SecretsShown>>,
@@ -497,10 +567,8 @@ struct Conn {
     multi_before_attach: bool,
     reply_mode: ReplyMode,
     subscribed: bool,
-    /// Confirmations still to come for subscribe-family commands sent with replies off or
-    /// skipped: Valkey pushes them all the same (RESP2 arrays included), and they answer no
-    /// request of the FIFO.
-    silenced_confirmations: u64,
+    /// Its subscriptions, as the confirmations' counts tell them.
+    pubsub: PubsubCounts,
     monitor: bool,
     resp3: bool,
     /// Found already open at attach: replies to requests sent before attach are passed over.
@@ -878,7 +946,7 @@ impl Session {
             in_multi: false,
             reply_mode: ReplyMode::On,
             subscribed: false,
-            silenced_confirmations: 0,
+            pubsub: PubsubCounts::UNKNOWN,
             monitor: false,
             resp3: false,
             preexisting: true,
@@ -953,7 +1021,7 @@ impl Session {
                     in_multi: false,
                     reply_mode: ReplyMode::On,
                     subscribed: false,
-                    silenced_confirmations: 0,
+                    pubsub: PubsubCounts::NONE,
                     monitor: false,
                     resp3: false,
                     preexisting: false,
@@ -1204,6 +1272,8 @@ impl Session {
                     } else {
                         self.stats.bytes_skipped += gap;
                         unseen += gap;
+                        // (It may have held confirmations.)
+                        conn.pubsub = PubsubCounts::UNKNOWN;
                     }
                     conn.replies.skip(gap, &mut events);
                 }
@@ -1213,6 +1283,7 @@ impl Session {
             }
             if uncaptured_tail > 0 {
                 self.stats.bytes_skipped += uncaptured_tail;
+                conn.pubsub = PubsubCounts::UNKNOWN;
                 conn.replies.skip(uncaptured_tail, &mut events);
                 conn.out_expected += uncaptured_tail;
             }
@@ -1338,7 +1409,7 @@ impl Session {
             self.push(rec, req.done_ts, out);
             return;
         }
-        let effect = effect_of(d, &req.args);
+        let mut effect = effect_of(d, &req.args);
         let mode_change = if *d.command == *b"client|reply" {
             match req.args.get(2).map(|a| a.lower()).as_deref() {
                 Some("on") => ModeChange::On,
@@ -1358,12 +1429,15 @@ impl Session {
             // A replica's offset report: Valkey never answers it (a client's neither).
             expects_reply = false;
         }
-        if !expects_reply
-            && d.arity_ok
-            && !conn.in_multi
-            && let Effect::Subscribe(_, expected) = effect
+        let awaiting = d.arity_ok && !conn.in_multi && matches!(effect, Effect::Subscribe(..));
+        if awaiting
+            && !expects_reply
+            && let Effect::Subscribe(_, n, channels) = &mut effect
+            && *n > 0
         {
-            conn.silenced_confirmations += expected;
+            // Which confirmations are its own: a later command's may come instead.
+            let names = req.args.iter().skip(1).map(|a| a.prefix.clone());
+            *channels = Some(Box::new(names.collect()));
         }
         if matches!(effect, Effect::Quit) && !expects_reply {
             // The server reads nothing after QUIT (in MULTI too); with replies on, its +OK says
@@ -1458,6 +1532,7 @@ impl Session {
             write_keys: d.write_keys as u64,
             change_reply: d.change_reply,
             confirmations: 0,
+            awaiting,
             secrets,
             known: d.known,
             after_gap: conn.uncertain_since.is_some(),
@@ -1509,6 +1584,7 @@ impl Session {
             write_keys: 0,
             change_reply: ChangeReply::Unknown,
             confirmations: 0,
+            awaiting: false,
             secrets: None,
             known: false,
             after_gap: conn.uncertain_since.is_some(),
@@ -1543,51 +1619,34 @@ impl Session {
         );
         let confirmation =
             is_pubsub_kind && first.as_deref().is_some_and(|f| f.ends_with(b"subscribe"));
-        if confirmation
-            && matches!(reply.kind, ReplyKind::Push | ReplyKind::Array)
-            && conn.pending.front().is_some_and(|p| p.refusable)
-        {
-            // A CLIENT REPLY OFF/SKIP at the head was not refused: its refusal would have come
-            // before any reply to the commands after it (a message, though, may come first).
-            self.settle_refusable(conn, None, out);
-        }
-        // In RESP2 a confirmation is a plain array: it is one when the connection is subscribed
-        // already, or when it confirms the subscribe-family command at the head (the first
-        // confirmation of `SUBSCRIBE a b` comes before the connection is subscribed, and must not
-        // complete the command: its second confirmation would then complete the next one).
-        let confirms_head = conn.pending.front().is_some_and(|h| {
-            matches!(h.effect, Effect::Subscribe(kind, _) if first.as_deref() == Some(kind.as_bytes()))
-        });
         // In RESP3 every pub/sub frame is a push: an array there is some command's reply (an
         // LRANGE of a list that begins with "message" is not a message).
-        let pubsub_frame = reply.kind == ReplyKind::Push
-            || (reply.kind == ReplyKind::Array
-                && !conn.resp3
-                && is_pubsub_kind
-                && (conn.subscribed || confirms_head || conn.silenced_confirmations > 0));
-        if pubsub_frame && confirmation && conn.silenced_confirmations > 0 {
-            // A silenced command's confirmation: it comes before any later command's reply.
-            conn.silenced_confirmations -= 1;
-            conn.subscribed = reply.third_int.unwrap_or(1) > 0;
-            return;
-        }
-        if pubsub_frame {
-            if let Some(head) = conn.pending.front_mut()
-                && let Effect::Subscribe(kind, expected) = head.effect
-                && first.as_deref() == Some(kind.as_bytes())
-            {
-                head.confirmations += 1;
-                conn.subscribed = reply.third_int.unwrap_or(1) > 0;
-                if head.confirmations >= expected.max(1) {
-                    self.finish_front(conn, reply, out);
-                    self.drain_unreplied(conn, out);
+        let frame =
+            reply.kind == ReplyKind::Push || (reply.kind == ReplyKind::Array && !conn.resp3);
+        if confirmation && frame {
+            let kind = first.as_deref().unwrap_or_default();
+            if let Some(at) = Self::confirmation_target(conn, kind, Some(&reply.text)) {
+                // Everything before it was silent: CLIENT REPLY OFF/SKIP that took effect (a
+                // refusal would have come first), commands they silenced, and silenced
+                // subscribe-family commands that got no confirmation (they failed).
+                for p in conn.pending.iter_mut().take(at) {
+                    p.refusable = false;
+                    p.awaiting = false;
                 }
+                self.drain_unreplied(conn, out);
+                self.confirm_head(conn, kind, reply, out);
+                return;
             }
+            if reply.kind == ReplyKind::Push || conn.subscribed || !conn.pubsub.known {
+                // One no command in the FIFO waits for (a connection open at attach).
+                note_confirmation(conn, kind, reply.third_int);
+                return;
+            }
+            // Not subscribed and nothing to confirm: some command's array reply.
+        } else if frame && (reply.kind == ReplyKind::Push || (is_pubsub_kind && conn.subscribed)) {
+            // A message, or another push (RESP3 invalidations): out of band.
             return;
         }
-        // Any other reply comes after every push of the commands before it: confirmations
-        // still owed will not come (the silenced command failed, or was refused).
-        conn.silenced_confirmations = 0;
         if conn.monitor
             && reply.kind == ReplyKind::Simple
             && reply.text.first().is_some_and(u8::is_ascii_digit)
@@ -1625,6 +1684,21 @@ impl Session {
             && self.settle_refusable(conn, Some(reply), out)
         {
             return;
+        }
+        if conn
+            .pending
+            .front()
+            .is_some_and(|p| p.awaiting && !p.expects_reply)
+        {
+            // A reply to a later command: the silenced subscribe-family commands before it got
+            // no confirmation, and will not (they failed, their errors silenced).
+            for p in conn.pending.iter_mut() {
+                if p.expects_reply {
+                    break;
+                }
+                p.awaiting = false;
+            }
+            self.drain_unreplied(conn, out);
         }
         if conn.pending.is_empty() {
             if conn.reads == 0
@@ -1925,12 +1999,71 @@ impl Session {
         false
     }
 
+    /// A subscribe-family confirmation of `kind` (for `channel`): the head entry it completes. It
+    /// is the first such command of the kind in the FIFO that still awaits one, if only commands
+    /// that get no reply come before it; for one sent with replies off, if the channel is its
+    /// next one (otherwise that one failed, and the confirmation is a later command's).
+    fn confirmation_target(conn: &Conn, kind: &[u8], channel: Option<&[u8]>) -> Option<usize> {
+        for (i, p) in conn.pending.iter().enumerate() {
+            if let Effect::Subscribe(k, _, channels) = &p.effect
+                && p.awaiting
+                && k.as_bytes() == kind
+            {
+                let next = channels
+                    .as_deref()
+                    .and_then(|c| c.get(usize::try_from(p.confirmations).ok()?));
+                let same = match (next, channel) {
+                    (Some(want), Some(got)) => {
+                        // (The reply keeps a prefix of a long name.)
+                        want.starts_with(got) || got.starts_with(want)
+                    }
+                    _ => true,
+                };
+                if same || p.expects_reply {
+                    return Some(i);
+                }
+            }
+            if p.expects_reply && !p.refusable {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// A confirmation for the subscribe-family command at the head: complete once all came.
+    fn confirm_head(
+        &mut self,
+        conn: &mut Conn,
+        kind: &[u8],
+        reply: &Reply,
+        out: &mut impl RecordOut,
+    ) {
+        note_confirmation(conn, kind, reply.third_int);
+        let Some(head) = conn.pending.front_mut() else {
+            return;
+        };
+        head.confirmations += 1;
+        let done = match head.effect {
+            Effect::Subscribe(_, 0, _) if conn.pubsub.known => conn.pubsub.of_kind(kind) == 0,
+            Effect::Subscribe(_, n, _) => head.confirmations >= u64::from(n.max(1)),
+            _ => true,
+        };
+        if done {
+            head.awaiting = false;
+            let subscribed = conn.subscribed;
+            self.finish_front(conn, reply, out);
+            // (Its effect follows the counts, which know the other kinds too.)
+            conn.subscribed = subscribed;
+            self.drain_unreplied(conn, out);
+        }
+    }
+
     /// Requests that get no reply (CLIENT REPLY OFF/SKIP) are written once everything before them is.
     fn drain_unreplied(&mut self, conn: &mut Conn, out: &mut impl RecordOut) {
         while conn
             .pending
             .front()
-            .is_some_and(|p| !p.expects_reply && !p.refusable)
+            .is_some_and(|p| !p.expects_reply && !p.refusable && !p.awaiting)
         {
             let p = conn.pending.pop_front().expect("front exists");
             let done = p.done_ts;
@@ -2163,6 +2296,8 @@ impl Session {
                     forget_user_if_auth(conn, &q.effect);
                     if matches!(q.effect, Effect::Subscribe(..)) {
                         conn.subscribed = true;
+                        // (Its confirmations were EXEC's elements, unread.)
+                        conn.pubsub = PubsubCounts::UNKNOWN;
                     }
                 } else if exec_ok {
                     q.record.time_unix_us = p.record.time_unix_us;
@@ -2239,7 +2374,7 @@ impl Session {
                 conn.in_multi = true;
                 conn.queued.clear();
             }
-            Effect::Subscribe(_, _) => {
+            Effect::Subscribe(..) => {
                 conn.subscribed = reply.third_int.unwrap_or(1) > 0;
             }
             Effect::Monitor => conn.monitor = true,
@@ -2911,7 +3046,7 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
                 b"psubscribe" => "psubscribe",
                 _ => "ssubscribe",
             };
-            Effect::Subscribe(kind, args.len().saturating_sub(1) as u64)
+            Effect::Subscribe(kind, channel_count(args), None)
         }
         b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" => {
             let kind = match &*d.command {
@@ -2919,9 +3054,9 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
                 b"punsubscribe" => "punsubscribe",
                 _ => "sunsubscribe",
             };
-            // Without arguments the server sends one confirmation per subscription (at least one);
-            // the first completes the command and the rest are passed over as pub/sub frames.
-            Effect::Subscribe(kind, args.len().saturating_sub(1).max(1) as u64)
+            // Without arguments the server sends one confirmation per subscription of the kind
+            // (at least one): the one that leaves none completes the command.
+            Effect::Subscribe(kind, channel_count(args), None)
         }
         _ => {
             let _ = arg_lower;

@@ -4502,3 +4502,206 @@ fn replies_that_freed_the_global_bound_end_its_shedding() {
     assert_eq!(recs.len(), 100);
     assert!(recs.iter().all(|r| r.result == Outcome::Success));
 }
+
+/// A RESP2 (un)subscribe confirmation.
+fn confirmation(kind: &str, channel: Option<&str>, count: i64) -> Vec<u8> {
+    let channel = channel.map_or("$-1\r\n".to_string(), |c| {
+        format!("${}\r\n{c}\r\n", c.len())
+    });
+    format!("*3\r\n${}\r\n{kind}\r\n{channel}:{count}\r\n", kind.len()).into_bytes()
+}
+
+/// Sends `cmds` in one write, then `replies`; the commands' records as (name, result, user).
+fn pubsub_run(cmds: &[&[&str]], replies: &[Vec<u8>]) -> (Vec<(String, Outcome, String)>, u64) {
+    let mut w = Wire::new();
+    w.client(&pipeline(cmds));
+    w.server(&replies.concat());
+    let recs = w.take();
+    let got = recs
+        .iter()
+        .filter(|r| r.category != Category::Connection)
+        .map(|r| (s(&r.command), r.result, s(&r.username)))
+        .collect();
+    (got, w.stats().replies_unmatched)
+}
+
+fn as_default(rows: &[(&str, Outcome)]) -> Vec<(String, Outcome, String)> {
+    rows.iter()
+        .map(|&(name, result)| (name.to_string(), result, "default".to_string()))
+        .collect()
+}
+
+const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+
+#[test]
+fn a_silenced_subscribe_that_failed_leaves_the_next_confirmation_to_its_owner() {
+    // QA: the failed SUBSCRIBE's error was silenced; the next SUBSCRIBE's confirmation was
+    // taken for it and every reply after it paired one command late.
+    use Outcome::*;
+    let (got, unmatched) = pubsub_run(
+        &[
+            &["CLIENT", "REPLY", "SKIP"],
+            &["SUBSCRIBE", "notallowed"],
+            &["SUBSCRIBE", "allowed"],
+            &["PING"],
+            &["UNSUBSCRIBE"],
+            &["AUTH", "alice", "wrong"],
+            &["SET", "k", "v"],
+        ],
+        &[
+            confirmation("subscribe", Some("allowed"), 1),
+            b"*2\r\n$4\r\npong\r\n$0\r\n\r\n".to_vec(),
+            confirmation("unsubscribe", Some("allowed"), 0),
+            WRONGPASS.to_vec(),
+            b"+OK\r\n".to_vec(),
+        ],
+    );
+    assert_eq!(
+        got,
+        as_default(&[
+            ("client|reply", Unknown),
+            ("subscribe", Unknown),
+            ("subscribe", Success),
+            ("ping", Success),
+            ("unsubscribe", Success),
+            ("auth", Failure),
+            ("set", Success),
+        ])
+    );
+    assert_eq!(unmatched, 0);
+}
+
+#[test]
+fn an_unsubscribe_without_arguments_ends_with_its_last_confirmation() {
+    // QA: it ended at its first confirmation; the others left the connection marked subscribed
+    // (an LRANGE of [message, ...] was then taken for a message), or a second UNSUBSCRIBE took
+    // them and its own went to the next command; a refused CLIENT REPLY SKIP after it was taken
+    // for one that worked.
+    use Outcome::*;
+    let subscribe = [
+        confirmation("subscribe", Some("a"), 1),
+        confirmation("subscribe", Some("b"), 2),
+    ];
+    let unsubscribe = [
+        confirmation("unsubscribe", Some("a"), 1),
+        confirmation("unsubscribe", Some("b"), 0),
+    ];
+    let (got, unmatched) = pubsub_run(
+        &[
+            &["SUBSCRIBE", "a", "b"],
+            &["UNSUBSCRIBE"],
+            &["LRANGE", "l", "0", "-1"],
+            &["AUTH", "alice", "wrong"],
+            &["SET", "k", "v"],
+        ],
+        &[
+            subscribe.concat(),
+            unsubscribe.concat(),
+            b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$4\r\ndata\r\n".to_vec(),
+            WRONGPASS.to_vec(),
+            b"+OK\r\n".to_vec(),
+        ],
+    );
+    let tail = [("auth", Failure), ("set", Success)];
+    let mut want = vec![("subscribe", Success), ("unsubscribe", Success)];
+    want.extend([("lrange", Success)]);
+    want.extend(tail);
+    assert_eq!(got, as_default(&want));
+    assert_eq!(unmatched, 0);
+
+    let (got, unmatched) = pubsub_run(
+        &[
+            &["SUBSCRIBE", "a", "b"],
+            &["UNSUBSCRIBE"],
+            &["UNSUBSCRIBE"],
+            &["AUTH", "alice", "wrong"],
+            &["SET", "k", "v"],
+        ],
+        &[
+            subscribe.concat(),
+            unsubscribe.concat(),
+            confirmation("unsubscribe", None, 0),
+            WRONGPASS.to_vec(),
+            b"+OK\r\n".to_vec(),
+        ],
+    );
+    let mut want = vec![
+        ("subscribe", Success),
+        ("unsubscribe", Success),
+        ("unsubscribe", Success),
+    ];
+    want.extend(tail);
+    assert_eq!(got, as_default(&want));
+    assert_eq!(unmatched, 0);
+
+    let refusal = b"-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / \
+                    PING / QUIT / RESET are allowed in this context\r\n";
+    let (got, unmatched) = pubsub_run(
+        &[
+            &["SUBSCRIBE", "a", "b"],
+            &["PSUBSCRIBE", "p"],
+            &["UNSUBSCRIBE"],
+            &["CLIENT", "REPLY", "SKIP"],
+            &["PING"],
+            &["PUNSUBSCRIBE"],
+            &["AUTH", "alice", "wrong"],
+            &["SET", "k", "v"],
+        ],
+        &[
+            subscribe.concat(),
+            confirmation("psubscribe", Some("p"), 3),
+            confirmation("unsubscribe", Some("a"), 2),
+            confirmation("unsubscribe", Some("b"), 1),
+            refusal.to_vec(),
+            b"*2\r\n$4\r\npong\r\n$0\r\n\r\n".to_vec(),
+            confirmation("punsubscribe", Some("p"), 0),
+            WRONGPASS.to_vec(),
+            b"+OK\r\n".to_vec(),
+        ],
+    );
+    let mut want = vec![
+        ("subscribe", Success),
+        ("psubscribe", Success),
+        ("unsubscribe", Success),
+        ("client|reply", Failure),
+        ("ping", Success),
+        ("punsubscribe", Success),
+    ];
+    want.extend(tail);
+    assert_eq!(got, as_default(&want));
+    assert_eq!(unmatched, 0);
+}
+
+#[test]
+fn a_reply_to_an_earlier_command_does_not_end_a_silenced_commands_confirmations() {
+    // QA: the exploit of `confirmations_of_silenced_subscribe_commands_answer_no_request` with a
+    // PING in front: its reply cleared what was owed.
+    use Outcome::*;
+    let (got, unmatched) = pubsub_run(
+        &[
+            &["PING"],
+            &["CLIENT", "REPLY", "SKIP"],
+            &["UNSUBSCRIBE", "x"],
+            &["AUTH", "alice", "wrong"],
+            &["SET", "k", "v"],
+        ],
+        &[
+            b"+PONG\r\n".to_vec(),
+            confirmation("unsubscribe", Some("x"), 0),
+            WRONGPASS.to_vec(),
+            b"+OK\r\n".to_vec(),
+        ],
+    );
+    assert_eq!(
+        got,
+        as_default(&[
+            ("ping", Success),
+            ("client|reply", Unknown),
+            // Silenced, but its confirmation came: it worked.
+            ("unsubscribe", Success),
+            ("auth", Failure),
+            ("set", Success),
+        ])
+    );
+    assert_eq!(unmatched, 0);
+}
