@@ -797,7 +797,19 @@ impl ControlBackend for Backend {
                 // Its owner stays (the server may read it as its own user); if that is not
                 // allowed the rewrite fails rather than hand the file to root.
                 if f.metadata()?.uid() != meta.uid() || f.metadata()?.gid() != meta.gid() {
-                    std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+                    std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())).map_err(
+                        |e| {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!(
+                                    "cannot keep its owner {}:{} ({e}; the auditor keeps no \
+                                     CAP_CHOWN once attached): the file is left as it was",
+                                    meta.uid(),
+                                    meta.gid()
+                                ),
+                            )
+                        },
+                    )?;
                 }
             }
             f.sync_all()?;
