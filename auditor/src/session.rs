@@ -521,6 +521,8 @@ struct Pending {
     refusable: bool,
     /// CLIENT REPLY or RESET: sets the reply mode of the commands after it.
     mode_change: ModeChange,
+    /// Read while replies were off: a refusal of it is silent too.
+    sent_replies_off: bool,
     /// `Conn::reads` when it was read.
     read: u64,
     /// Its argument count passed the command's arity (see `Described::arity_ok`).
@@ -1422,6 +1424,7 @@ impl Session {
         } else {
             ModeChange::None
         };
+        let sent_replies_off = conn.reply_mode == ReplyMode::Off;
         let (mut expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
         if d.command.starts_with(b"replconf")
             && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack"))
@@ -1538,6 +1541,7 @@ impl Session {
             after_gap: conn.uncertain_since.is_some(),
             refusable,
             mode_change,
+            sent_replies_off,
             read: conn.reads,
             arity_ok: d.arity_ok,
         });
@@ -1590,6 +1594,7 @@ impl Session {
             after_gap: conn.uncertain_since.is_some(),
             refusable: false,
             mode_change: ModeChange::None,
+            sent_replies_off: false,
             read: conn.reads,
             arity_ok: true,
         };
@@ -1625,6 +1630,7 @@ impl Session {
             reply.kind == ReplyKind::Push || (reply.kind == ReplyKind::Array && !conn.resp3);
         if confirmation && frame {
             let kind = first.as_deref().unwrap_or_default();
+            while self.settle_refused_reply_on(conn, out) {}
             if let Some(at) = Self::confirmation_target(conn, kind, Some(&reply.text)) {
                 // Everything before it was silent: CLIENT REPLY OFF/SKIP that took effect (a
                 // refusal would have come first), commands they silenced, and silenced
@@ -1685,21 +1691,8 @@ impl Session {
         {
             return;
         }
-        if conn
-            .pending
-            .front()
-            .is_some_and(|p| p.awaiting && !p.expects_reply)
-        {
-            // A reply to a later command: the silenced subscribe-family commands before it got
-            // no confirmation, and will not (they failed, their errors silenced).
-            for p in conn.pending.iter_mut() {
-                if p.expects_reply {
-                    break;
-                }
-                p.awaiting = false;
-            }
-            self.drain_unreplied(conn, out);
-        }
+        while self.settle_silent_head(conn, out) {}
+
         if conn.pending.is_empty() {
             if conn.reads == 0
                 && !conn.preexisting
@@ -1997,6 +1990,51 @@ impl Session {
             self.drain_unreplied(conn, out);
         }
         false
+    }
+
+    /// Before a reply that is not a pub/sub frame: commands at the head that it shows got no
+    /// reply are written. Returns whether one was.
+    fn settle_silent_head(&mut self, conn: &mut Conn, out: &mut impl RecordOut) -> bool {
+        let Some(head) = conn.pending.front() else {
+            return false;
+        };
+        if head.awaiting && !head.expects_reply {
+            // A reply to a later command: the silenced subscribe-family commands before it got
+            // no confirmation, and will not (they failed, their errors silenced).
+            for p in conn.pending.iter_mut() {
+                if p.expects_reply {
+                    break;
+                }
+                p.awaiting = false;
+            }
+            self.drain_unreplied(conn, out);
+            return true;
+        }
+        self.settle_refused_reply_on(conn, out)
+    }
+
+    /// A CLIENT REPLY ON at the head, sent with replies off on a RESP2 connection subscribed by
+    /// then: Valkey refuses every command but (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET in that
+    /// context, here without a word, and replies stay off for the commands after it. Returns
+    /// whether there was one.
+    fn settle_refused_reply_on(&mut self, conn: &mut Conn, out: &mut impl RecordOut) -> bool {
+        let refused = conn.pending.front().is_some_and(|head| {
+            head.mode_change == ModeChange::On && head.sent_replies_off && head.expects_reply
+        }) && !conn.resp3
+            && conn.subscribed;
+        if refused {
+            let mut mode = ReplyMode::Off;
+            for (i, p) in conn.pending.iter_mut().enumerate() {
+                if i == 0 {
+                    p.expects_reply = false;
+                } else {
+                    (p.expects_reply, p.refusable) = reply_mode_step(&mut mode, p.mode_change);
+                }
+            }
+            conn.reply_mode = mode;
+            self.drain_unreplied(conn, out);
+        }
+        refused
     }
 
     /// A subscribe-family confirmation of `kind` (for `channel`): the head entry it completes. It

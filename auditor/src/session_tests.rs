@@ -4705,3 +4705,44 @@ fn a_reply_to_an_earlier_command_does_not_end_a_silenced_commands_confirmations(
     );
     assert_eq!(unmatched, 0);
 }
+
+#[test]
+fn a_client_reply_on_refused_without_a_word_leaves_replies_off() {
+    // QA: with replies off on a RESP2 connection subscribed by then, Valkey refuses CLIENT
+    // REPLY ON silently; taken for one that worked, it took the next reply, and every reply after
+    // it paired one command late.
+    use Outcome::*;
+    let (got, unmatched) = pubsub_run(
+        &[
+            &["CLIENT", "REPLY", "OFF"],
+            &["SUBSCRIBE", "a"],
+            &["CLIENT", "REPLY", "ON"],
+            &["PING"],
+            &["UNSUBSCRIBE"],
+            &["CLIENT", "REPLY", "ON"],
+            &["AUTH", "alice", "wrong"],
+            &["SET", "k", "v"],
+        ],
+        &[
+            confirmation("subscribe", Some("a"), 1),
+            confirmation("unsubscribe", Some("a"), 0),
+            b"+OK\r\n".to_vec(),
+            WRONGPASS.to_vec(),
+            b"+OK\r\n".to_vec(),
+        ],
+    );
+    assert_eq!(
+        got,
+        as_default(&[
+            ("client|reply", Unknown),
+            ("subscribe", Success),
+            ("client|reply", Unknown),
+            ("ping", Unknown),
+            ("unsubscribe", Success),
+            ("client|reply", Success),
+            ("auth", Failure),
+            ("set", Success),
+        ])
+    );
+    assert_eq!(unmatched, 0);
+}
