@@ -101,7 +101,7 @@ const MAX_RETAINED_ARGS: usize = 100_000;
 /// ...and prefix bytes kept over all its arguments.
 const MAX_RETAINED_PREFIX_BYTES: usize = 1024 * 1024;
 /// Prefix kept of a reply's line or payload, and of each depth-1 error element.
-const REPLY_TEXT_MAX: usize = 512;
+pub const REPLY_TEXT_MAX: usize = 512;
 /// Prefix kept of a reply's first element (`Reply::first`).
 const REPLY_FIRST_MAX: usize = 64;
 /// Depth-1 error elements kept per reply.
@@ -1226,7 +1226,7 @@ pub struct Reply {
     /// Prefix (max 512 bytes) of the line of Simple/Error/Integer/Double/Boolean/BigNumber, or of
     /// the payload of Bulk/Verbatim/BulkError (for Verbatim, including its `txt:` format). For an
     /// aggregate whose first element ends in "subscribe" (a pub/sub confirmation), prefix (max
-    /// 64 bytes) of its second element if that is a string (the channel); else empty.
+    /// 512 bytes) of its second element if that is a string (the channel); else empty.
     pub text: Vec<u8>,
     /// Element count for aggregates (Map: pairs), byte length for Bulk/Verbatim/BulkError, the
     /// value for Integer, -1 for any null, the line's real length for the other line types.
@@ -1719,7 +1719,7 @@ impl ReplyParser {
                 .is_some_and(|f| f.ends_with(b"subscribe"))
         {
             // A pub/sub confirmation's channel.
-            self.value.element_text_max = REPLY_FIRST_MAX;
+            self.value.element_text_max = REPLY_TEXT_MAX;
         }
         self.element_text.clear();
         self.state = if kind.is_line() {

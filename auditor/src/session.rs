@@ -384,6 +384,28 @@ fn channel_count(args: &[Arg]) -> u32 {
     u32::try_from(args.len().saturating_sub(1)).unwrap_or(u32::MAX)
 }
 
+/// Whether a command's reply could be an array of the client's choosing (a script's, a list's),
+/// so also one shaped like a pub/sub confirmation. Only the commonest that cannot are known.
+fn may_answer_with_any_array(p: &Pending) -> bool {
+    let known_shape = p.mode_change != ModeChange::None
+        || matches!(
+            p.effect,
+            Effect::Auth(_)
+                | Effect::Hello(_)
+                | Effect::HelloAuth(..)
+                | Effect::Multi
+                | Effect::Discard
+                | Effect::Quit
+                | Effect::Reset
+                | Effect::Subscribe(..)
+        )
+        || matches!(
+            &*p.record.command,
+            b"ping" | b"echo" | b"get" | b"set" | b"del" | b"exists" | b"incr" | b"select"
+        );
+    !known_shape
+}
+
 /// What RESET does to a connection's state.
 fn reset_connection(conn: &mut Conn) {
     conn.username = Arc::from(&b"default"[..]);
@@ -1632,6 +1654,21 @@ impl Session {
             let kind = first.as_deref().unwrap_or_default();
             while self.settle_refused_reply_on(conn, out) {}
             if let Some(at) = Self::confirmation_target(conn, kind, Some(&reply.text)) {
+                // In RESP2, before the connection is subscribed, any command may answer with an
+                // array like this (a script's): if the silenced command it seems to confirm
+                // failed, it is a later command's reply. The replies after it are uncertain then,
+                // until the client has had all of them (as after EXEC with pub/sub in it).
+                // (An UNSUBSCRIBE is refused no channel: only a subscribe can have failed.)
+                let ambiguous = reply.kind == ReplyKind::Array
+                    && !conn.subscribed
+                    && !kind.ends_with(b"unsubscribe")
+                    && conn.pending.get(at).is_some_and(|p| !p.expects_reply)
+                    && conn
+                        .pending
+                        .iter()
+                        .skip(at + 1)
+                        .find(|p| p.expects_reply)
+                        .is_some_and(may_answer_with_any_array);
                 // Everything before it was silent: CLIENT REPLY OFF/SKIP that took effect (a
                 // refusal would have come first), commands they silenced, and silenced
                 // subscribe-family commands that got no confirmation (they failed).
@@ -1640,7 +1677,18 @@ impl Session {
                     p.awaiting = false;
                 }
                 self.drain_unreplied(conn, out);
+                if ambiguous && let Some(head) = conn.pending.front_mut() {
+                    // (Its own outcome is as uncertain.)
+                    head.after_gap = true;
+                }
                 self.confirm_head(conn, kind, reply, out);
+                if ambiguous {
+                    for pending in conn.pending.iter_mut() {
+                        pending.after_gap = true;
+                    }
+                    conn.uncertain_since = Some(conn.reads);
+                    conn.uncertain_from_pubsub = true;
+                }
                 return;
             }
             if reply.kind == ReplyKind::Push || conn.subscribed || !conn.pubsub.known {
@@ -2051,10 +2099,11 @@ impl Session {
                     .as_deref()
                     .and_then(|c| c.get(usize::try_from(p.confirmations).ok()?));
                 let same = match (next, channel) {
-                    (Some(want), Some(got)) => {
-                        // (The reply keeps a prefix of a long name.)
-                        want.starts_with(got) || got.starts_with(want)
+                    // (The reply keeps a prefix of a long name.)
+                    (Some(want), Some(got)) if got.len() >= crate::resp::REPLY_TEXT_MAX => {
+                        want.starts_with(got)
                     }
+                    (Some(want), Some(got)) => want == got,
                     _ => true,
                 };
                 if same || p.expects_reply {
