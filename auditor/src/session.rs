@@ -1739,7 +1739,11 @@ impl Session {
         {
             return;
         }
-        while self.settle_silent_head(conn, out) {}
+        // (Checked here first: the common head has nothing to settle.)
+        while conn.pending.front().is_some_and(|p| {
+            (p.awaiting && !p.expects_reply) || (p.sent_replies_off && p.expects_reply)
+        }) && self.settle_silent_head(conn, out)
+        {}
 
         if conn.pending.is_empty() {
             if conn.reads == 0
