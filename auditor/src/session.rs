@@ -1691,8 +1691,8 @@ impl Session {
                 }
                 return;
             }
-            if reply.kind == ReplyKind::Push || conn.subscribed || !conn.pubsub.known {
-                // One no command in the FIFO waits for (a connection open at attach).
+            if reply.kind == ReplyKind::Push || conn.subscribed {
+                // A confirmation no command in the FIFO waits for (a connection open at attach).
                 note_confirmation(conn, kind, reply.third_int);
                 return;
             }

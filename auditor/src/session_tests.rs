@@ -4787,3 +4787,28 @@ fn an_array_that_may_confirm_a_silenced_subscribe_or_answer_a_script_makes_what_
     let set = set.expect("the SET is written, not hidden as alice's");
     assert_eq!(s(&set.username), "unknown");
 }
+
+#[test]
+fn on_a_connection_open_at_attach_an_array_like_a_confirmation_is_a_reply() {
+    // Its subscriptions are not known: a confirmation-shaped array (a list's) that no command
+    // waits for is some command's reply unless the connection is subscribed.
+    let mut w = Wire::detached(Settings::default());
+    let mut out: Vec<Record> = Vec::new();
+    let peer = Peer::from_v4([10, 0, 0, 7], CLIENT_PORT);
+    w.session
+        .add_existing(TGID, FD, 0, peer, None, w.now, &mut out);
+    w.client(&pipeline(&[
+        &["LRANGE", "l", "0", "-1"],
+        &["AUTH", "alice", "wrong"],
+    ]));
+    w.server(&[confirmation("subscribe", Some("x"), 1), WRONGPASS.to_vec()].concat());
+    let recs = w.take();
+    let got: Vec<_> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(
+        got,
+        [
+            ("lrange".to_string(), Outcome::Success),
+            ("auth".to_string(), Outcome::Failure)
+        ]
+    );
+}
