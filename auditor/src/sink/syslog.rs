@@ -1161,21 +1161,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[test]
-    fn tcp_messages_the_server_never_acknowledged_are_sent_again_on_the_next_connection() {
+    /// A sink to a TCP server on a fresh loopback port, whose sends time out after 50 ms.
+    fn tcp_sink_with_short_timeout() -> (TcpListener, SyslogSink) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let target = SyslogTarget::Tcp(listener.local_addr().unwrap().to_string());
         let mut sink = SyslogSink::open(options("local0", SyslogFormat::Rfc3164, target)).unwrap();
         sink.send_timeout = Duration::from_millis(50);
+        (listener, sink)
+    }
+
+    /// `count` numbered lines of ~1 KB: far more than a stalled server's windows hold.
+    fn kilobyte_records(count: usize) -> Vec<u8> {
+        (0..count)
+            .flat_map(|i| format!("record {i:05} {}\n", "x".repeat(1000)).into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn tcp_messages_the_server_never_acknowledged_are_sent_again_on_the_next_connection() {
+        let (listener, mut sink) = tcp_sink_with_short_timeout();
         sink.reconnect_interval = Duration::ZERO;
         sink.reopen().unwrap();
         let _replaced = listener.accept().unwrap();
         // A server that stalls: it never reads, so its window closes and sends time out.
         let (stalled, _) = listener.accept().unwrap();
         let count = 20_000;
-        let batch: Vec<u8> = (0..count)
-            .flat_map(|i| format!("record {i:05} {}\n", "x".repeat(1000)).into_bytes())
-            .collect();
+        let batch = kilobyte_records(count);
         assert!(
             sink.write_batch(&batch, count).is_err(),
             "the server's window never closed"
@@ -1219,15 +1230,10 @@ mod tests {
     fn a_retired_tcp_sink_hands_over_what_its_server_did_not_acknowledge() {
         // QA: switching `audit.protocol` away from a stalled rsyslog dropped the unacknowledged
         // messages uncounted, and the batch it failed midway was written again whole.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = SyslogTarget::Tcp(listener.local_addr().unwrap().to_string());
-        let mut sink = SyslogSink::open(options("local0", SyslogFormat::Rfc3164, target)).unwrap();
-        sink.send_timeout = Duration::from_millis(50);
+        let (listener, mut sink) = tcp_sink_with_short_timeout();
         let (stalled, _) = listener.accept().unwrap();
         let count = 20_000;
-        let batch: Vec<u8> = (0..count)
-            .flat_map(|i| format!("record {i:05} {}\n", "x".repeat(1000)).into_bytes())
-            .collect();
+        let batch = kilobyte_records(count);
         assert!(sink.write_batch(&batch, count).is_err());
         let sent = sink.delivered_of(&batch);
         assert!(sent > 0 && sent < batch.len());
