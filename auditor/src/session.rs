@@ -334,6 +334,8 @@ struct PubsubCounts {
     channels: u64,
     patterns: u64,
     shard: u64,
+    /// Where the counts are not known: whether the last count said subscribed.
+    last_subscribed: bool,
 }
 
 impl PubsubCounts {
@@ -342,14 +344,37 @@ impl PubsubCounts {
         channels: 0,
         patterns: 0,
         shard: 0,
+        last_subscribed: false,
     };
     const UNKNOWN: PubsubCounts = PubsubCounts {
         known: false,
         ..PubsubCounts::NONE
     };
 
+    /// Whether the connection is in the subscribed context.
+    #[inline]
+    fn subscribed(&self) -> bool {
+        if self.known {
+            self.channels + self.patterns + self.shard > 0
+        } else {
+            self.last_subscribed
+        }
+    }
+
+    /// Something may have hidden confirmations: only whether it is subscribed is kept.
+    fn forget(&mut self) {
+        *self = PubsubCounts {
+            last_subscribed: self.subscribed(),
+            ..PubsubCounts::UNKNOWN
+        };
+    }
+
     /// A confirmation of `kind` said `count`.
     fn confirm(&mut self, kind: &[u8], count: u64) {
+        if !self.known {
+            self.last_subscribed = count > 0;
+            return;
+        }
         match kind {
             b"subscribe" | b"unsubscribe" => self.channels = count.saturating_sub(self.patterns),
             b"psubscribe" | b"punsubscribe" => self.patterns = count.saturating_sub(self.channels),
@@ -370,13 +395,39 @@ impl PubsubCounts {
 /// A confirmation of `kind` with subscription count `count`: the connection's subscriptions.
 fn note_confirmation(conn: &mut Conn, kind: &[u8], count: Option<i64>) {
     let count = count.and_then(|c| u64::try_from(c).ok()).unwrap_or(1);
-    if conn.pubsub.known {
-        conn.pubsub.confirm(kind, count);
-        let p = conn.pubsub;
-        conn.subscribed = p.channels + p.patterns + p.shard > 0;
-    } else {
-        conn.subscribed = count > 0;
+    conn.pubsub.confirm(kind, count);
+}
+
+/// A subscribe-family confirmation of `kind` (for `channel`): the head entry it completes. It
+/// is the first such command of the kind in the FIFO that still awaits one, if only commands
+/// that get no reply come before it; for one sent with replies off, if the channel is its
+/// next one (otherwise that one failed, and the confirmation is a later command's).
+fn confirmation_target(conn: &Conn, kind: &[u8], channel: Option<&[u8]>) -> Option<usize> {
+    for (i, p) in conn.pending.iter().enumerate() {
+        if let Effect::Subscribe(k, _, channels) = &p.effect
+            && p.awaiting
+            && k.as_bytes() == kind
+        {
+            let next = channels
+                .as_deref()
+                .and_then(|c| c.get(usize::try_from(p.confirmations).ok()?));
+            let same = match (next, channel) {
+                // (The reply keeps a prefix of a long name.)
+                (Some(want), Some(got)) if got.len() >= crate::resp::REPLY_TEXT_MAX => {
+                    want.starts_with(got)
+                }
+                (Some(want), Some(got)) => want == got,
+                _ => true,
+            };
+            if same || p.expects_reply {
+                return Some(i);
+            }
+        }
+        if p.expects_reply && !p.refusable {
+            return None;
+        }
     }
+    None
 }
 
 /// The channels (or patterns) a subscribe-family command names.
@@ -410,7 +461,6 @@ fn may_answer_with_any_array(p: &Pending) -> bool {
 fn reset_connection(conn: &mut Conn) {
     conn.username = Arc::from(&b"default"[..]);
     conn.resp3 = false;
-    conn.subscribed = false;
     conn.pubsub = PubsubCounts::NONE;
     conn.monitor = false;
     conn.in_multi = false;
@@ -590,7 +640,6 @@ struct Conn {
     /// The MULTI the connection is in began before attach (found by a +QUEUED reply).
     multi_before_attach: bool,
     reply_mode: ReplyMode,
-    subscribed: bool,
     /// Its subscriptions, as the confirmations' counts tell them.
     pubsub: PubsubCounts,
     monitor: bool,
@@ -969,7 +1018,6 @@ impl Session {
             multi_before_attach: false,
             in_multi: false,
             reply_mode: ReplyMode::On,
-            subscribed: false,
             pubsub: PubsubCounts::UNKNOWN,
             monitor: false,
             resp3: false,
@@ -1044,7 +1092,6 @@ impl Session {
                     multi_before_attach: false,
                     in_multi: false,
                     reply_mode: ReplyMode::On,
-                    subscribed: false,
                     pubsub: PubsubCounts::NONE,
                     monitor: false,
                     resp3: false,
@@ -1297,7 +1344,7 @@ impl Session {
                         self.stats.bytes_skipped += gap;
                         unseen += gap;
                         // (It may have held confirmations.)
-                        conn.pubsub = PubsubCounts::UNKNOWN;
+                        conn.pubsub.forget();
                     }
                     conn.replies.skip(gap, &mut events);
                 }
@@ -1307,7 +1354,7 @@ impl Session {
             }
             if uncaptured_tail > 0 {
                 self.stats.bytes_skipped += uncaptured_tail;
-                conn.pubsub = PubsubCounts::UNKNOWN;
+                conn.pubsub.forget();
                 conn.replies.skip(uncaptured_tail, &mut events);
                 conn.out_expected += uncaptured_tail;
             }
@@ -1653,14 +1700,14 @@ impl Session {
         if confirmation && frame {
             let kind = first.as_deref().unwrap_or_default();
             while self.settle_refused_reply_on(conn, out) {}
-            if let Some(at) = Self::confirmation_target(conn, kind, Some(&reply.text)) {
+            if let Some(at) = confirmation_target(conn, kind, Some(&reply.text)) {
                 // In RESP2, before the connection is subscribed, any command may answer with an
                 // array like this (a script's): if the silenced command it seems to confirm
                 // failed, it is a later command's reply. The replies after it are uncertain then,
                 // until the client has had all of them (as after EXEC with pub/sub in it).
                 // (An UNSUBSCRIBE is refused no channel: only a subscribe can have failed.)
                 let ambiguous = reply.kind == ReplyKind::Array
-                    && !conn.subscribed
+                    && !conn.pubsub.subscribed()
                     && !kind.ends_with(b"unsubscribe")
                     && conn.pending.get(at).is_some_and(|p| !p.expects_reply)
                     && conn
@@ -1691,13 +1738,15 @@ impl Session {
                 }
                 return;
             }
-            if reply.kind == ReplyKind::Push || conn.subscribed {
+            if reply.kind == ReplyKind::Push || conn.pubsub.subscribed() {
                 // A confirmation no command in the FIFO waits for (a connection open at attach).
                 note_confirmation(conn, kind, reply.third_int);
                 return;
             }
             // Not subscribed and nothing to confirm: some command's array reply.
-        } else if frame && (reply.kind == ReplyKind::Push || (is_pubsub_kind && conn.subscribed)) {
+        } else if frame
+            && (reply.kind == ReplyKind::Push || (is_pubsub_kind && conn.pubsub.subscribed()))
+        {
             // A message, or another push (RESP3 invalidations): out of band.
             return;
         }
@@ -1936,7 +1985,7 @@ impl Session {
         ts_ns: u64,
         out: &mut impl RecordOut,
     ) -> u64 {
-        if conn.reply_mode != ReplyMode::On || conn.subscribed || conn.monitor {
+        if conn.reply_mode != ReplyMode::On || conn.pubsub.subscribed() || conn.monitor {
             return 0;
         }
         // A client blocked by a command still unanswered (BLPOP ...) is read but not served: the
@@ -2073,7 +2122,7 @@ impl Session {
         let refused = conn.pending.front().is_some_and(|head| {
             head.mode_change == ModeChange::On && head.sent_replies_off && head.expects_reply
         }) && !conn.resp3
-            && conn.subscribed;
+            && conn.pubsub.subscribed();
         if refused {
             let mut mode = ReplyMode::Off;
             for (i, p) in conn.pending.iter_mut().enumerate() {
@@ -2087,38 +2136,6 @@ impl Session {
             self.drain_unreplied(conn, out);
         }
         refused
-    }
-
-    /// A subscribe-family confirmation of `kind` (for `channel`): the head entry it completes. It
-    /// is the first such command of the kind in the FIFO that still awaits one, if only commands
-    /// that get no reply come before it; for one sent with replies off, if the channel is its
-    /// next one (otherwise that one failed, and the confirmation is a later command's).
-    fn confirmation_target(conn: &Conn, kind: &[u8], channel: Option<&[u8]>) -> Option<usize> {
-        for (i, p) in conn.pending.iter().enumerate() {
-            if let Effect::Subscribe(k, _, channels) = &p.effect
-                && p.awaiting
-                && k.as_bytes() == kind
-            {
-                let next = channels
-                    .as_deref()
-                    .and_then(|c| c.get(usize::try_from(p.confirmations).ok()?));
-                let same = match (next, channel) {
-                    // (The reply keeps a prefix of a long name.)
-                    (Some(want), Some(got)) if got.len() >= crate::resp::REPLY_TEXT_MAX => {
-                        want.starts_with(got)
-                    }
-                    (Some(want), Some(got)) => want == got,
-                    _ => true,
-                };
-                if same || p.expects_reply {
-                    return Some(i);
-                }
-            }
-            if p.expects_reply && !p.refusable {
-                return None;
-            }
-        }
-        None
     }
 
     /// A confirmation for the subscribe-family command at the head: complete once all came.
@@ -2141,10 +2158,7 @@ impl Session {
         };
         if done {
             head.awaiting = false;
-            let subscribed = conn.subscribed;
             self.finish_front(conn, reply, out);
-            // (Its effect follows the counts, which know the other kinds too.)
-            conn.subscribed = subscribed;
             self.drain_unreplied(conn, out);
         }
     }
@@ -2213,7 +2227,7 @@ impl Session {
             if !p.after_gap {
                 show_on_success(p);
             }
-            self.apply_effect(conn, &p.effect, reply);
+            self.apply_effect(conn, &p.effect);
             if matches!(p.effect, Effect::WhoAmI)
                 && !p.after_gap
                 && !conn.reply_doubt
@@ -2315,7 +2329,7 @@ impl Session {
         };
         // Checked before EXEC's own effects: a RESP3 connection subscribed before the
         // transaction may get messages in the middle of EXEC's reply.
-        let subscribed_resp3 = conn.resp3 && conn.subscribed;
+        let subscribed_resp3 = conn.resp3 && conn.pubsub.subscribed();
         // The user the transaction was queued as: RESET changes it before its queue is written.
         let queued_as = conn.username.clone();
         self.complete(conn, &mut p, reply);
@@ -2386,9 +2400,11 @@ impl Session {
                     q.record.error = why.as_bytes().to_vec();
                     forget_user_if_auth(conn, &q.effect);
                     if matches!(q.effect, Effect::Subscribe(..)) {
-                        conn.subscribed = true;
                         // (Its confirmations were EXEC's elements, unread.)
-                        conn.pubsub = PubsubCounts::UNKNOWN;
+                        conn.pubsub = PubsubCounts {
+                            last_subscribed: true,
+                            ..PubsubCounts::UNKNOWN
+                        };
                     }
                 } else if exec_ok {
                     q.record.time_unix_us = p.record.time_unix_us;
@@ -2406,19 +2422,7 @@ impl Session {
                         q.record.keys_modified = q.write_keys;
                         total_modified += q.write_keys;
                         // State changes queued in MULTI (e.g. AUTH) take effect at EXEC.
-                        let synthetic = Reply {
-                            kind: ReplyKind::Simple,
-                            start_ts: reply.start_ts,
-                            text: b"OK".to_vec(),
-                            len: 0,
-                            first: None,
-                            third_int: None,
-                            element_errors: Vec::new(),
-                            elements: 0,
-                            lost: false,
-                        };
-                        let effect = q.effect.clone();
-                        self.apply_effect(conn, &effect, &synthetic);
+                        self.apply_effect(conn, &q.effect);
                     }
                 } else {
                     q.record.result = Outcome::Failure;
@@ -2441,7 +2445,7 @@ impl Session {
         self.push_with(&p.settings, &mut p.record, out);
     }
 
-    fn apply_effect(&mut self, conn: &mut Conn, effect: &Effect, reply: &Reply) {
+    fn apply_effect(&mut self, conn: &mut Conn, effect: &Effect) {
         match effect {
             Effect::None
             | Effect::Exec
@@ -2465,9 +2469,8 @@ impl Session {
                 conn.in_multi = true;
                 conn.queued.clear();
             }
-            Effect::Subscribe(..) => {
-                conn.subscribed = reply.third_int.unwrap_or(1) > 0;
-            }
+            // (The subscriptions follow the confirmations: `note_confirmation`.)
+            Effect::Subscribe(..) => {}
             Effect::Monitor => conn.monitor = true,
             Effect::Reset => reset_connection(conn),
             Effect::ListenersChanged(port) => {
