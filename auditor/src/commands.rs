@@ -414,6 +414,9 @@ pub enum ChangeReply {
     Count,
     /// Only a nil reply means the write happened (SET ... NX GET answers the value it found).
     NoneUnlessNil,
+    /// A pop from the first non-empty of several keys: nil means none changed, anything else
+    /// names the one that did (BLPOP, BZPOPMIN, LMPOP, ...).
+    OneUnlessNil,
 }
 
 impl ChangeReply {
@@ -427,6 +430,8 @@ impl ChangeReply {
                 ChangeReply::NoneIfNilOrZero
             }
             "getset" | "eval" | "evalsha" | "fcall" => ChangeReply::Unknown,
+            "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "lmpop" | "blmpop" | "zmpop"
+            | "bzmpop" => ChangeReply::OneUnlessNil,
             _ => ChangeReply::NoneIfNil,
         }
     }

@@ -3073,6 +3073,7 @@ fn keys_changed(write_keys: u64, rule: ChangeReply, reply: &Reply) -> u64 {
         (ChangeReply::NoneUnlessNil, ReplyKind::Null) => write_keys,
         (ChangeReply::NoneUnlessNil, _) => 0,
         (_, ReplyKind::Null) => 0,
+        (ChangeReply::OneUnlessNil, _) => write_keys.min(1),
         // MIGRATE when none of its keys exists: nothing moved, nothing deleted.
         (_, ReplyKind::Simple) if reply.text == b"NOKEY" => 0,
         (ChangeReply::Count, ReplyKind::Integer) => reply.len.max(0) as u64,

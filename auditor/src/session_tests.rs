@@ -4377,6 +4377,28 @@ fn keys_modified_follows_what_the_reply_says_changed() {
         (&["SET", "k", "v", "GET", "XX"][..], b"$3\r\nold\r\n", 1),
         (&["GETSET", "k", "v"][..], b"$-1\r\n", 1),
         (&["BLPOP", "l", "0.01"][..], b"*-1\r\n", 0),
+        // A pop from the first non-empty of several keys changed the one its reply names (QA).
+        (
+            &["BLPOP", "a", "b", "c", "1"][..],
+            b"*2\r\n$1\r\nb\r\n$1\r\nx\r\n",
+            1,
+        ),
+        (
+            &["BZPOPMIN", "za", "zb", "1"][..],
+            b"*3\r\n$2\r\nzb\r\n$1\r\nm\r\n$1\r\n1\r\n",
+            1,
+        ),
+        (
+            &["LMPOP", "3", "la", "lb", "lc", "LEFT"][..],
+            b"*2\r\n$2\r\nlb\r\n*1\r\n$1\r\nx\r\n",
+            1,
+        ),
+        (&["LMPOP", "2", "la", "lb", "LEFT"][..], b"*-1\r\n", 0),
+        (
+            &["BLMOVE", "a", "b", "LEFT", "LEFT", "1"][..],
+            b"$1\r\nx\r\n",
+            2,
+        ),
         (&["LPOP", "l"][..], b"_\r\n", 0),
         (&["COPY", "a", "b"][..], b":0\r\n", 0),
         (&["COPY", "a", "b"][..], b":1\r\n", 1),
