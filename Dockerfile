@@ -4,8 +4,8 @@
 #   docker build -t valkey-auditor .
 #
 # The image cannot do anything without the host's kernel interfaces and privileges: run it as
-# deploy/kubernetes/daemonset.yaml does (hostPID, CAP_BPF CAP_PERFMON CAP_SYS_PTRACE,
-# /sys/kernel/tracing, /sys/fs/bpf and /sys/kernel/btf from the host).
+# deploy/kubernetes/daemonset.yaml does (hostPID, CAP_BPF CAP_PERFMON CAP_SYS_PTRACE
+# CAP_DAC_READ_SEARCH, /sys/kernel/tracing, /sys/fs/bpf and /sys/kernel/btf from the host).
 
 # Userspace toolchain (rust:<version>-bookworm is Debian 12 like the hosts) and the eBPF toolchain, both
 # pinned to the releases in /work/shared/reference/ebpf-toolchain.md: stable 1.95.0 (LLVM 22.1.2) and

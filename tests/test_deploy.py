@@ -30,7 +30,7 @@ README = ROOT / "README.md"
 # The Kubernetes API the manifests are validated against (kubernetes-validate ships its schemas).
 K8S_VERSION = "1.30.0"
 # What the manifests and the unit must grant: nothing more, nothing less.
-CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"}
+CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
 BINARY = "/usr/local/bin/auditor"
 
 

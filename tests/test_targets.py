@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,7 +14,7 @@ import redis
 from conftest import AUDITOR, VALKEY_SERVER, Valkey, free_port, terminate, wait_until
 from test_capture import info_audit
 
-REQUIRED_CAPS = ["cap_bpf", "cap_perfmon", "cap_sys_ptrace"]
+REQUIRED_CAPS = ["cap_bpf", "cap_perfmon", "cap_sys_ptrace", "cap_dac_read_search"]
 
 
 def wait_control(proc, control, what):
@@ -369,8 +370,8 @@ def test_runs_with_exactly_the_documented_capabilities(valkey, tmp_path):
             return [json.loads(l) for l in log.read_bytes().split(b"\n")[:-1]]
 
         wait_control(proc, control, "auditor with the minimal capabilities")
-        # After attach only CAP_SYS_PTRACE (bit 19) is left.
-        assert cap_eff(proc.pid) == 1 << 19
+        # After attach only CAP_SYS_PTRACE (bit 19) and CAP_DAC_READ_SEARCH (bit 2) are left.
+        assert cap_eff(proc.pid) == (1 << 19) | (1 << 2)
         # Without CAP_SYS_NICE the default nice -5 cannot be set: the threads keep nice 0.
         assert set(thread_nice(proc.pid).values()) == {0}
         with valkey.client() as c:
@@ -388,6 +389,61 @@ def test_runs_with_exactly_the_documented_capabilities(valkey, tmp_path):
             later.stop()
     finally:
         terminate(proc)
+
+
+def test_a_server_run_by_another_user_is_audited_with_exactly_the_documented_capabilities(tmp_path):
+    # QA: with CAP_SYS_PTRACE alone, /proc/<pid>/fd of a server run as another user (mode 0500,
+    # owned by it) could not be listed: its listening ports and open connections were unknown and
+    # not one of its commands was recorded, without a word. Packages run valkey-server as `valkey`.
+    import json
+    import tempfile
+    home = Path(tempfile.mkdtemp(prefix="auditor-other-user-"))
+    os.chmod(home, 0o777)
+    server_bin = home / "valkey-server"
+    shutil.copy(VALKEY_SERVER, server_bin)
+    os.chmod(server_bin, 0o755)
+    port = free_port()
+    server = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               str(server_bin), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(home)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    log = tmp_path / "other-user.log"
+    proc = None
+    try:
+        def ping():
+            try:
+                with redis.Redis(port=port, socket_timeout=0.5) as r:
+                    return r.ping()
+            except redis.RedisError:
+                return False
+        wait_until(ping, what="valkey-server run as nobody to answer PING")
+        assert os.stat(f"/proc/{server.pid}").st_uid == 65534
+        before = redis.Redis(port=port)
+        before.ping()  # a connection open at attach
+        control = free_port()
+        proc = run_with_caps(REQUIRED_CAPS, [str(AUDITOR), "--pid", str(server.pid), "--control",
+                                             f"127.0.0.1:{control}", "audit.protocol",
+                                             f"file {log}", "audit.format", "json"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_control(proc, control, "auditor with the minimal capabilities")
+        before.set("set-on-a-connection-open-at-attach", "v")
+        with redis.Redis(port=port) as after:
+            after.set("set-on-a-new-connection", "v")
+
+        def keys():
+            if not log.exists():
+                return set()
+            return {k for line in log.read_bytes().split(b"\n")[:-1]
+                    for k in json.loads(line)["keys"]}
+        wait_until(lambda: {"set-on-a-connection-open-at-attach",
+                            "set-on-a-new-connection"} <= keys(),
+                   what="both SETs on the server run as nobody")
+        before.close()
+    finally:
+        if proc is not None:
+            terminate(proc)
+        terminate(server)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.parametrize("missing", REQUIRED_CAPS)

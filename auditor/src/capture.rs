@@ -458,7 +458,8 @@ fn privilege_hint(e: anyhow::Error) -> anyhow::Error {
         || text.contains("permission denied")
     {
         e.context(
-            "missing privileges: run as root, or with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE",
+            "missing privileges: run as root, or with CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and \
+             CAP_DAC_READ_SEARCH",
         )
     } else {
         e

@@ -346,7 +346,7 @@ fn run() -> Result<()> {
                 }),
             None => HashMap::new(),
         };
-        registry.register(
+        let registered = registry.register(
             pid,
             explicit,
             &users,
@@ -354,7 +354,14 @@ fn run() -> Result<()> {
             &mut session,
             &metrics,
             &mut initial,
-        )?;
+        );
+        match registered {
+            // A server named with --pid must be audited, or the auditor says so and stops.
+            Err(e) if explicit => return Err(e.context(format!("cannot audit server {pid}"))),
+            // One found by name must not stop the others.
+            Err(e) => eprintln!("auditor: cannot audit server {pid}: {e:#}"),
+            Ok(()) => {}
+        }
     }
 
     let queue = Queue::new(
@@ -1295,6 +1302,16 @@ impl Registry {
     ) -> Result<()> {
         if self.targets.contains_key(&pid) {
             return Ok(());
+        }
+        if let Err(e) = procscan::fd_access(pid)
+            && e.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            // Nothing of it could be audited: its listening ports are unknown.
+            bail!(
+                "cannot read /proc/{pid}/fd ({e}): its listening ports and open connections \
+                 cannot be found (a server run by another user needs CAP_SYS_PTRACE and \
+                 CAP_DAC_READ_SEARCH)"
+            );
         }
         // With socket tracepoints the kernel registers a target's socket at its first read or
         // write and takes it for a new connection: the connections open now are registered

@@ -3,18 +3,22 @@
 //!
 //! * `CAP_BPF`: load the programs and create the maps.
 //! * `CAP_PERFMON`: attach tracing programs to tracepoints.
-//! * `CAP_SYS_PTRACE`: read `/proc/<pid>/fd`, `environ` and `root` of servers run by other users
-//!   (existing connections, pod identity); kept for the daemon's lifetime, since new servers are
-//!   described as they start.
+//! * `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH`: read `/proc/<pid>/fd`, `environ` and `root` of
+//!   servers run by other users (listening sockets, existing connections, pod identity). Both are
+//!   needed: the `fd` directory and `environ` belong to the server's user (mode 0500 and 0400), so
+//!   listing or reading them is a permission check (`CAP_DAC_READ_SEARCH`, read-only), and what
+//!   they name is behind the ptrace check (`CAP_SYS_PTRACE`). Without the first, a server run as
+//!   `valkey` showed nothing: no listening port, so none of its clients was audited. Kept for the
+//!   daemon's lifetime, since new servers are described as they start.
 //!
-//! After attach, only `CAP_SYS_PTRACE` stays: map updates and ring-buffer reads go through file
+//! After attach, only those two stay: map updates and ring-buffer reads go through file
 //! descriptors the daemon already holds and need no capability.
 
 use anyhow::{Result, bail};
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// The minimum set, with what each one is for (documented in README, deploy/).
-pub const REQUIRED: [(Capability, &str); 3] = [
+pub const REQUIRED: [(Capability, &str); 4] = [
     (
         Capability::CAP_BPF,
         "to load the eBPF programs and create their maps",
@@ -27,10 +31,14 @@ pub const REQUIRED: [(Capability, &str); 3] = [
         Capability::CAP_SYS_PTRACE,
         "to read /proc/<pid>/fd, environ and root of servers run by other users",
     ),
+    (
+        Capability::CAP_DAC_READ_SEARCH,
+        "to list /proc/<pid>/fd and read environ of servers run by other users",
+    ),
 ];
 
 /// What the daemon keeps after attaching.
-pub const KEPT: [Capability; 1] = [Capability::CAP_SYS_PTRACE];
+pub const KEPT: [Capability; 2] = [Capability::CAP_SYS_PTRACE, Capability::CAP_DAC_READ_SEARCH];
 
 /// Fail with a message naming every missing capability.
 pub fn check_required() -> Result<()> {

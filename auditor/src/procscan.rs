@@ -49,6 +49,17 @@ pub fn socket_at(pid: u32, fd: u32) -> std::io::Result<Option<u64>> {
         .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()))
 }
 
+/// Whether the sockets `pid` holds can be read: `/proc/<pid>/fd` listed and an entry's target
+/// read. For a server run by another user, both need privileges (see `privileges`); without them
+/// its listening ports and open connections are unknown.
+pub fn fd_access(pid: u32) -> std::io::Result<()> {
+    let dir = format!("/proc/{pid}/fd");
+    if let Some(entry) = fs::read_dir(&dir)?.next() {
+        fs::read_link(entry?.path())?;
+    }
+    Ok(())
+}
+
 fn process_exists(pid: u32) -> bool {
     fs::metadata(format!("/proc/{pid}/fd")).is_ok()
 }

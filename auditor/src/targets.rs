@@ -6,8 +6,8 @@
 //! dropped, and with `--follow-restarts` an explicit target's successor (the same executable,
 //! listening on the same port once it listens) is audited again.
 //!
-//! Where the identity comes from (all read from /proc of the host, which needs CAP_SYS_PTRACE for
-//! access to processes of other users):
+//! Where the identity comes from (all read from /proc of the host, which needs CAP_SYS_PTRACE and
+//! CAP_DAC_READ_SEARCH for access to processes of other users):
 //! * pid inside the container: the last `NSpid:` value of `/proc/<pid>/status`;
 //! * port: the first TCP listener in the server's own network namespace (`/proc/<pid>/net/tcp*`);
 //! * container id: the 64-hex id in `/proc/<pid>/cgroup` (docker, containerd, CRI-O, podman);
