@@ -38,13 +38,13 @@ def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
 
 
 class Valkey:
-    def __init__(self, tmp_path, extra_args=()):
+    def __init__(self, tmp_path, extra_args=(), binary=VALKEY_SERVER):
         self.port = free_port()
         self.dir = tmp_path / f"valkey-{self.port}"
         self.dir.mkdir()
         self.sock = str(self.dir / "valkey.sock")
         args = [
-            str(VALKEY_SERVER), "--port", str(self.port), "--bind", "127.0.0.1", "-::1",
+            str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "-::1",
             "--unixsocket", self.sock, "--unixsocketperm", "777", "--save", "", "--appendonly", "no",
             "--dir", str(self.dir), "--protected-mode", "no", "--enable-debug-command", "yes",
             *extra_args,

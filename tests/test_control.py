@@ -207,13 +207,15 @@ def test_config_rewrite_keeps_other_bytes_and_never_replaces_a_file_it_cannot_re
     # (The log path, given on the command line, is appended under the generated header.)
     assert conf.read_bytes().startswith(b"# caf\xe9 shared with the server\nport 6379\n"
                                         b"audit.format csv\nmaxmemory 2gb\n")
-    # Owned by another user, mode 0600: root without CAP_DAC_OVERRIDE (dropped after attach)
-    # cannot read it.
+    # Owned by another user, mode 0600: root keeps only CAP_DAC_READ_SEARCH after attach, so it
+    # reads the file but could not give the new one that owner: the rewrite fails, saying why.
     before = conf.read_bytes()
     os.chown(conf, 65534, 65534)
     os.chmod(conf, 0o600)
     out = cli(a, "CONFIG", "REWRITE").strip()
-    assert out == "ERR Rewriting config file: Permission denied (os error 13)", out
+    assert out == ("ERR Rewriting config file: cannot keep its owner 65534:65534 (Operation not "
+                   "permitted (os error 1); the auditor keeps no CAP_CHOWN once attached): the "
+                   "file is left as it was"), out
     assert conf.read_bytes() == before
     assert (conf.stat().st_uid, conf.stat().st_mode & 0o777) == (65534, 0o600)
 
@@ -346,6 +348,57 @@ def test_control_password(valkey, start_auditor):
     text = a.log.read_bytes()
     assert b"ctl-secret-pw" not in text and b"new-ctl-pw" not in text
     assert b"param=audit.control_requirepass" in text
+
+
+def cli_as_nobody(auditor, *args, password=None):
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+           REDIS_CLI, "-p", str(auditor.control)]
+    if password:
+        cmd += ["--no-auth-warning", "-a", password]
+    out = subprocess.run(cmd + [str(a) for a in args], capture_output=True, timeout=10)
+    return out.stdout.decode()
+
+
+def test_only_root_or_the_password_changes_what_runs_or_where_it_writes(valkey, start_auditor, tmp_path):
+    """QA: any local user could make the auditor (root) run a program through a control port
+    without a password (`audit.archive_command`), or write its log where it said (a log at
+    /etc/ld.so.preload loads a library a key names). Valkey's answer for `dir` is its protected
+    configs; here they are set by root or a client with the control password."""
+    a = start_auditor(valkey.pid)
+    pwned = tmp_path / "pwned"
+    refused = "ERR CONFIG SET failed (possibly related to argument '{}') - can't set protected config"
+    for name, value in (("audit.archive_command", f"/usr/bin/touch {pwned}"),
+                        ("audit.protocol", f"file {tmp_path / 'elsewhere.log'}"),
+                        ("audit.spool_dir", str(tmp_path))):
+        assert cli_as_nobody(a, "CONFIG", "SET", name, value).strip() == refused.format(name)
+    # Nothing else in the same call is applied; settings that run nothing stay open to all.
+    assert cli_as_nobody(a, "CONFIG", "SET", "audit.payload_maxsize", "7", "audit.archive_command",
+                         "/bin/true").strip() == refused.format("audit.archive_command")
+    assert config_get(a, "audit.archive_command") == {"audit.archive_command": ""}
+    assert config_get(a, "audit.payload_maxsize") == {"audit.payload_maxsize": "1024"}
+    assert cli_as_nobody(a, "CONFIG", "SET", "audit.payload_maxsize", "7").strip() == "OK"
+    # The file in force may be named again by anyone: logrotate's reopen.
+    protocol = config_get(a, "audit.protocol")["audit.protocol"]
+    assert cli_as_nobody(a, "CONFIG", "SET", "audit.protocol", protocol).strip() == "OK"
+    # Root on this host may.
+    assert cli(a, "CONFIG", "SET", "audit.archive_command", "/bin/true %path").strip() == "OK"
+    recs = wait_until(lambda: [r for r in a.records() if r["category"] == "CONFIG"
+                               and r["result"] == "FAILURE"] or None,
+                      what="the refused CONFIG SET records")
+    assert any(r["error"] == refused.format("audit.archive_command") for r in recs), recs
+    assert not pwned.exists()
+
+
+def test_the_control_password_opens_protected_configs_to_any_user(valkey, start_auditor, tmp_path):
+    a = start_auditor(valkey.pid, extra=("--control-password", "ctl-secret-pw"))
+    assert cli_as_nobody(a, "CONFIG", "SET", "audit.archive_command", "/bin/true %path",
+                         password="ctl-secret-pw").strip() == "OK"
+    assert config_get(a, "audit.archive_command", password="ctl-secret-pw") == {
+        "audit.archive_command": "/bin/true %path"}
+    b = start_auditor(valkey.pid, extra=("--enable-protected-configs", "no"))
+    assert cli(b, "CONFIG", "SET", "audit.archive_command", "/bin/true %path").strip() == (
+        "ERR CONFIG SET failed (possibly related to argument 'audit.archive_command') - can't set "
+        "protected config")
 
 
 def test_config_changes_refused_for_want_of_auth_are_recorded(valkey, start_auditor):

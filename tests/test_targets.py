@@ -160,6 +160,30 @@ def test_follow_restarts_audits_the_successor(valkey, start_auditor):
     assert f"pids={old},{valkey.pid}" in stop["command_args"].split(), stop
 
 
+def test_follow_restarts_audits_the_successor_of_a_server_whose_binary_was_upgraded(
+        tmp_path, start_auditor):
+    # QA: a package upgrade renames a new binary over the running server's; its /proc/<pid>/exe
+    # then reads "<path> (deleted)", and the restarted server (the new file, same path and port)
+    # was never taken for its successor: nothing more was audited, the auditor kept waiting.
+    binary = tmp_path / "bin" / "valkey-server"
+    binary.parent.mkdir()
+    shutil.copy(VALKEY_SERVER, binary)
+    server = Valkey(tmp_path, binary=binary)
+    try:
+        upgrade = binary.parent / ".valkey-server.new"
+        shutil.copy(VALKEY_SERVER, upgrade)
+        os.rename(upgrade, binary)
+        assert os.readlink(f"/proc/{server.pid}/exe").endswith(" (deleted)")
+        auditor = start_auditor(server.pid, extra=("--follow-restarts",))
+        set_and_wait(auditor, server, "before-upgrade")
+        old = server.pid
+        server.kill_and_restart()
+        rec = set_and_wait(auditor, server, "after-upgrade")
+        assert rec["pid"] == server.pid != old
+    finally:
+        server.stop()
+
+
 def test_follow_restarts_ignores_another_server_started_while_waiting(valkey, start_valkey, start_auditor):
     auditor = start_auditor(valkey.pid, extra=("--follow-restarts",))
     set_and_wait(auditor, valkey, "before")

@@ -145,10 +145,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 /// Accept control clients forever. Each connection runs in its own task; the future returned never
 /// completes, so the daemon drops it (e.g. in a `select!`) to stop listening.
-pub async fn serve(listener: TcpListener, backend: Arc<dyn ControlBackend>) {
+pub async fn serve(
+    listener: TcpListener,
+    backend: Arc<dyn ControlBackend>,
+    protected: ProtectedConfigs,
+) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let shared = Arc::new(Shared {
         backend,
+        protected,
         started: Instant::now(),
         port,
         slots: Arc::new(Semaphore::new(MAX_CLIENTS)),
@@ -176,9 +181,42 @@ pub async fn serve(listener: TcpListener, backend: Arc<dyn ControlBackend>) {
     }
 }
 
+/// Who may change, at run time, the settings that make the auditor (root) run a program or write
+/// where it is told: `audit.archive_command`, `audit.protocol` naming another file,
+/// `audit.spool_dir` (Valkey's `enable-protected-configs` for `dir` and `dbfilename`). Without
+/// this, any local user could reach root through a control port without a password: an archive
+/// command runs as root, and a log written to `/etc/ld.so.preload` would load a library the
+/// user names in a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtectedConfigs {
+    /// A client that authenticated with the control password, or one on this host whose socket
+    /// belongs to root (the default).
+    Root,
+    /// Any client that may run CONFIG SET.
+    Yes,
+    /// None: they are set only at start (command line, `--config` file).
+    No,
+}
+
+/// Whether setting `name` to `value` (over `current`) is a protected change.
+fn protected_change(name: &str, value: &str, current: Option<&str>) -> bool {
+    let same = || current.is_some_and(|c| c.split_whitespace().eq(value.split_whitespace()));
+    match name {
+        "audit.archive_command" | "audit.spool_dir" => !same(),
+        // Syslog and TCP targets write no file; the file in force may be named again (to reopen
+        // it after logrotate).
+        "audit.protocol" => {
+            let kind = value.split_whitespace().next().unwrap_or("");
+            !(kind.eq_ignore_ascii_case("syslog") || kind.eq_ignore_ascii_case("tcp") || same())
+        }
+        _ => false,
+    }
+}
+
 /// State shared by all connections of one control port.
 struct Shared {
     backend: Arc<dyn ControlBackend>,
+    protected: ProtectedConfigs,
     started: Instant,
     port: u16,
     slots: Arc<Semaphore>,
@@ -1874,12 +1912,19 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
         };
         pairs.push((name, pair[1].clone()));
     }
-    let result = match duplicate.filter(|_| all_known) {
+    let protected = match all_known && duplicate.is_none() {
+        true => protected_refused(client, shared, &pairs).await,
+        false => None,
+    };
+    let result = match (duplicate.filter(|_| all_known), protected) {
         // (An unknown name is reported first, by the backend, as Valkey does.)
-        Some(name) => Err(format!(
+        (Some(name), _) => Err(format!(
             "CONFIG SET failed (possibly related to argument '{name}') - duplicate parameter"
         )),
-        None => config_set_checked(shared, pairs).await,
+        (None, Some(name)) => Err(format!(
+            "CONFIG SET failed (possibly related to argument '{name}') - can't set protected config"
+        )),
+        (None, None) => config_set_checked(shared, pairs).await,
     };
     shared
         .audit(ControlEvent {
@@ -1899,6 +1944,38 @@ async fn config_set(client: &Client, shared: &Shared, full_args: &[Bytes]) -> Re
         Ok(()) => Reply::ok(),
         Err(message) => Reply::err(format!("ERR {message}")),
     }
+}
+
+/// The first protected change among `pairs` that `client` may not make (see `ProtectedConfigs`).
+async fn protected_refused(
+    client: &Client,
+    shared: &Shared,
+    pairs: &[(String, Bytes)],
+) -> Option<String> {
+    let names: Vec<String> = pairs.iter().map(|(name, _)| name.clone()).collect();
+    let current = shared.backend.get_settings(&names);
+    let first = pairs
+        .iter()
+        .zip(&current)
+        .find(|((name, value), current)| {
+            protected_change(name, &String::from_utf8_lossy(value), current.as_deref())
+        })
+        .map(|((name, _), _)| name.clone())?;
+    let allowed = match shared.protected {
+        ProtectedConfigs::Yes => true,
+        ProtectedConfigs::No => false,
+        ProtectedConfigs::Root => {
+            (shared.password_required() && client.authenticated) || {
+                let (peer, local) = (client.peer, client.local);
+                tokio::task::spawn_blocking(move || crate::procscan::local_peer_uid(peer, local))
+                    .await
+                    .ok()
+                    .flatten()
+                    == Some(0)
+            }
+        }
+    };
+    (!allowed).then_some(first)
 }
 
 /// The values' own check, then the backend's all-or-nothing apply (which names unknown parameters
@@ -2118,6 +2195,19 @@ mod tests {
         fn events(&self) -> Vec<Event> {
             self.events.lock().unwrap().clone()
         }
+
+        /// With the settings that name a file or a program, too.
+        fn with_protected(password: &str) -> Arc<FakeBackend> {
+            let backend = FakeBackend::new(password);
+            backend.settings.lock().unwrap().extend([
+                (
+                    "audit.protocol".into(),
+                    "file /var/log/valkey/audit.log".into(),
+                ),
+                ("audit.archive_command".into(), "".into()),
+            ]);
+            backend
+        }
     }
 
     impl ControlBackend for FakeBackend {
@@ -2204,10 +2294,113 @@ mod tests {
     }
 
     async fn start(backend: Arc<FakeBackend>) -> u16 {
+        start_with(backend, ProtectedConfigs::Root).await
+    }
+
+    async fn start_with(backend: Arc<FakeBackend>, protected: ProtectedConfigs) -> u16 {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        tokio::spawn(serve(listener, backend));
+        tokio::spawn(serve(listener, backend, protected));
         port
+    }
+
+    #[test]
+    fn protected_changes_are_those_that_run_or_write_somewhere_else() {
+        let file = Some("file /var/log/valkey/audit.log");
+        assert!(!protected_change(
+            "audit.protocol",
+            "file /var/log/valkey/audit.log",
+            file
+        ));
+        assert!(!protected_change(
+            "audit.protocol",
+            " file  /var/log/valkey/audit.log",
+            file
+        ));
+        assert!(protected_change(
+            "audit.protocol",
+            "file /etc/ld.so.preload",
+            file
+        ));
+        assert!(protected_change(
+            "audit.protocol",
+            "FILE /etc/ld.so.preload",
+            file
+        ));
+        assert!(!protected_change("audit.protocol", "syslog local0", file));
+        assert!(!protected_change(
+            "audit.protocol",
+            "TCP 10.0.0.1:514",
+            file
+        ));
+        assert!(protected_change(
+            "audit.archive_command",
+            "/bin/sh -c id",
+            Some("")
+        ));
+        assert!(protected_change(
+            "audit.archive_command",
+            "",
+            Some("/usr/bin/ship %path")
+        ));
+        assert!(!protected_change("audit.archive_command", "", Some("")));
+        assert!(protected_change(
+            "audit.spool_dir",
+            "/etc/cron.d",
+            Some("/var/spool/auditor")
+        ));
+        assert!(!protected_change("audit.format", "json", Some("text")));
+    }
+
+    #[tokio::test]
+    async fn protected_configs_follow_the_setting() {
+        let set_archive = [
+            "CONFIG",
+            "SET",
+            "audit.archive_command",
+            "/usr/bin/ship %path",
+        ];
+        let refused = "-ERR CONFIG SET failed (possibly related to argument \
+                       'audit.archive_command') - can't set protected config\r\n";
+        // `no`: never at run time, whoever asks; other settings in the same call are not applied.
+        let backend = FakeBackend::with_protected("");
+        let mut c =
+            TestClient::connect(start_with(backend.clone(), ProtectedConfigs::No).await).await;
+        let mut both = vec!["CONFIG", "SET", "audit.format", "json"];
+        both.extend_from_slice(&set_archive[2..]);
+        assert_eq!(c.cmd(&both).await, refused);
+        assert_eq!(backend.value("audit.format"), "text");
+        // Naming the file in force again (to reopen it) is no change.
+        let reopen = [
+            "CONFIG",
+            "SET",
+            "audit.protocol",
+            "file /var/log/valkey/audit.log",
+        ];
+        assert_eq!(c.cmd(&reopen).await, "+OK\r\n");
+        // `root` (the default): this test runs as root, on this host.
+        let backend = FakeBackend::with_protected("");
+        let mut c = TestClient::connect(start(backend.clone()).await).await;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(c.cmd(&set_archive).await, "+OK\r\n");
+            assert_eq!(
+                backend.value("audit.archive_command"),
+                "/usr/bin/ship %path"
+            );
+        } else {
+            assert_eq!(c.cmd(&set_archive).await, refused);
+        }
+        // ... and a client authenticated with the password, whoever it is.
+        let backend = FakeBackend::with_protected("pw");
+        let mut c = TestClient::connect(start(backend.clone()).await).await;
+        assert_eq!(c.cmd(&["AUTH", "pw"]).await, "+OK\r\n");
+        assert_eq!(c.cmd(&set_archive).await, "+OK\r\n");
+        // `yes`: anyone who may CONFIG SET.
+        let backend = FakeBackend::with_protected("");
+        let mut c =
+            TestClient::connect(start_with(backend.clone(), ProtectedConfigs::Yes).await).await;
+        assert_eq!(c.cmd(&set_archive).await, "+OK\r\n");
     }
 
     /// A raw-bytes client: sends what it is given, returns each reply's exact bytes as text.

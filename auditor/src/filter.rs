@@ -871,7 +871,9 @@ pub struct LookupCounts {
 ///    CONNECTION records are subject only to `enabled` and `events` (the module writes them even for
 ///    excluded users and addresses).
 /// 2. Effective category: the command's custom category if any, else `category`.
-/// 3. Excluded user/address → `None`, unless the effective category is CONFIG and
+/// 3. Excluded user/address → `None`, unless the command is a CONFIG command (`category`, even
+///    when a custom category holds it: the module's check of the effective category let
+///    `custom_category admin:CONFIG` hide every CONFIG change of an excluded user) and
 ///    `always_audit_config` (a "forced CONFIG").
 /// 4. Unless forced CONFIG: prefix `!` match, `exclude_commands` match, or category not in
 ///    `events` → `None`.
@@ -904,7 +906,7 @@ pub fn decide(
         }
         None => Eff::Builtin(category),
     };
-    let forced = cfg.always_audit_config && matches!(eff, Eff::Builtin(Category::Config));
+    let forced = cfg.always_audit_config && matches!(category, Category::Config);
     if !forced {
         // Like the module's ATTEMPT records, authentication attempts stay visible for excluded
         // users and addresses: who tried to become whom is what an audit must show.
@@ -1523,7 +1525,10 @@ mod tests {
             ("config forced events", &[("events", "keys"), ("always_audit_config", "yes")], Config, "config|set", "u", IP, Success, Some(Config)),
             ("config not forced events", &[("events", "keys")], Config, "config|set", "u", IP, Success, None),
             ("forced only config", &[("excluderules", "u"), ("always_audit_config", "yes")], KeyOp, "set", "u", IP, Success, None),
-            ("config in custom not forced", &[("custom_category", "admin:config"), ("events", "all,admin"), ("excluderules", "u"), ("always_audit_config", "yes")], Config, "config|set", "u", IP, Success, None),
+            // (The module does not force it: a custom category hid every CONFIG change. QA.)
+            ("config in custom forced", &[("custom_category", "admin:config"), ("events", "all,admin"), ("excluderules", "u"), ("always_audit_config", "yes")], Config, "config|set", "u", IP, Success, custom("admin")),
+            ("config in custom forced events", &[("custom_category", "admin:config"), ("events", "keys"), ("always_audit_config", "yes")], Config, "config|set", "u", IP, Success, custom("admin")),
+            ("config in custom not forced without the setting", &[("custom_category", "admin:config"), ("events", "all,admin"), ("excluderules", "u")], Config, "config|set", "u", IP, Success, None),
             // exclude_commands
             ("excl cmd", &[("exclude_commands", "PING,INFO")], Other, "ping", "u", IP, Success, None),
             ("excl cmd other", &[("exclude_commands", "PING,INFO")], Other, "echo", "u", IP, Success, Some(Other)),

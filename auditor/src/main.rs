@@ -88,8 +88,14 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1:6380")]
     control: SocketAddr,
     /// Password of the control port (same as `audit.control_requirepass`).
-    #[arg(long)]
+    #[arg(long, env = "AUDITOR_CONTROL_PASSWORD", hide_env_values = true)]
     control_password: Option<String>,
+    /// Who may change, with CONFIG SET, the settings that make the auditor (root) run a program
+    /// or write a file where it is told (`audit.archive_command`, `audit.protocol` naming another
+    /// file, `audit.spool_dir`): `root` (a client authenticated with the control password, or one
+    /// on this host whose socket belongs to root), `yes` (any client), `no` (set at start only).
+    #[arg(long, value_enum, default_value = "root")]
+    enable_protected_configs: control::ProtectedConfigs,
     /// Config file with `audit.<name> <value>` lines; CONFIG REWRITE writes back to it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -499,7 +505,7 @@ fn run() -> Result<()> {
             }
         };
         tokio::select! {
-            _ = control::serve(listener, backend) => {},
+            _ = control::serve(listener, backend, cli.enable_protected_configs) => {},
             _ = async {
                 match metrics_endpoint {
                     Some((listener, page)) => prometheus::serve(listener, page).await,

@@ -111,6 +111,52 @@ fn parse_addr(s: &str) -> Option<(Vec<u8>, u16)> {
     Some((bytes, port))
 }
 
+/// The address as `/proc/net/tcp*` would show it: IPv4 (also when IPv4-mapped) as 4 bytes.
+fn table_form(addr: std::net::SocketAddr) -> (Vec<u8>, u16) {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.octets().to_vec(),
+            None => v6.octets().to_vec(),
+        },
+    };
+    (ip, addr.port())
+}
+
+/// The uid owning the TCP socket at `local` connected to `remote`, found in a `/proc/net/tcp{,6}`
+/// table's text (IPv4-mapped addresses compared as IPv4).
+fn tcp_socket_uid_in(
+    text: &str,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> Option<u32> {
+    let (local, remote) = (table_form(local), table_form(remote));
+    text.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let unmapped = |s: &str| {
+            let (ip, port) = parse_addr(s)?;
+            let mapped = <[u8; 16]>::try_from(ip.as_slice())
+                .ok()
+                .and_then(|a| Ipv6Addr::from(a).to_ipv4_mapped());
+            Some((mapped.map_or(ip, |v4| v4.octets().to_vec()), port))
+        };
+        let found = cols.len() > 7
+            && unmapped(cols[1]).as_ref() == Some(&local)
+            && unmapped(cols[2]).as_ref() == Some(&remote);
+        found.then(|| cols[7].parse().ok()).flatten()
+    })
+}
+
+/// The uid owning the other end of a connection to this process (`peer` connected to our
+/// `local`), when that end is a socket in this network namespace: `None` for a client on another
+/// host or in another namespace, whose user cannot be known.
+pub fn local_peer_uid(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Option<u32> {
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .find_map(|text| tcp_socket_uid_in(&text, peer, local))
+}
+
 /// TCP sockets from a `/proc/<pid>/net/tcp{,6}` table: inode → (local port, peer, state).
 fn tcp_table(text: &str) -> Vec<(u64, u16, Peer, u8)> {
     let mut rows = Vec::new();
@@ -388,6 +434,40 @@ mod tests {
             }
         );
         assert_eq!(rows[1].0, 5678);
+    }
+
+    #[test]
+    fn finds_the_user_of_a_local_peer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_accepted, peer) = listener.accept().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(
+            local_peer_uid(peer, listener.local_addr().unwrap()),
+            Some(me)
+        );
+        assert_eq!(peer, client.local_addr().unwrap());
+        // Our own side of it is not the peer's; a peer on another host is unknown.
+        let other: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        assert_eq!(local_peer_uid(other, listener.local_addr().unwrap()), None);
+    }
+
+    #[test]
+    fn reads_the_uid_column_and_compares_mapped_addresses_as_ipv4() {
+        let v4 = "header\n   1: 0100007F:D3A4 0100007F:18EC 01 0:0 0:0 0 65534 0 5678 1\n";
+        let peer: std::net::SocketAddr = "127.0.0.1:54180".parse().unwrap();
+        let ours: std::net::SocketAddr = "127.0.0.1:6380".parse().unwrap();
+        assert_eq!(tcp_socket_uid_in(v4, peer, ours), Some(65534));
+        let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:54180".parse().unwrap();
+        assert_eq!(tcp_socket_uid_in(v4, mapped, ours), Some(65534));
+        assert_eq!(
+            tcp_socket_uid_in(v4, ours, peer),
+            None,
+            "the other end's row"
+        );
+        let v6 = "header\n   0: 0000000000000000FFFF00000100007F:D3A4 0000000000000000FFFF00000100007F:18EC 01 0:0 0:0 0 1000 0 9 1\n";
+        assert_eq!(tcp_socket_uid_in(v6, peer, ours), Some(1000));
     }
 
     #[test]

@@ -1250,6 +1250,15 @@ impl Reply {
         self.kind.is_error()
     }
 
+    /// A reply of `kind` with nothing in it, at `start_ts`.
+    pub fn bare(kind: ReplyKind, start_ts: u64) -> Self {
+        Reply {
+            kind,
+            start_ts,
+            ..Reply::empty()
+        }
+    }
+
     fn empty() -> Self {
         Reply {
             kind: ReplyKind::Null,

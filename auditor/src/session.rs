@@ -16,8 +16,7 @@ use auditor_common::SEGMENT_HDR_LEN;
 
 use crate::argv::Arg;
 use crate::commands::{
-    ChangeReply, CommandTable, Described, FxBuildHasher, command_args, command_args_into,
-    command_args_on_success,
+    ChangeReply, CommandTable, Described, FxBuildHasher, command_args_into, command_args_on_success,
 };
 use crate::filter;
 use crate::record::{Category, CommandName, KeyList, Outcome, Record, ServerInfo};
@@ -55,6 +54,11 @@ const QUEUE_FULL: &str = "outcome not tracked (over 100000 queued or 32 MiB of t
 /// How long an unanswered CLIENT REPLY OFF/SKIP waits before it is taken as having worked (see
 /// `Session::settle_quiet`): Valkey answers a refusal in the same event-loop pass.
 pub const QUIET_NS: u64 = 100_000_000;
+/// How long REPLCONF records wait for the SYNC/PSYNC that would show a replica's handshake (see
+/// `Conn::held`); a replica sends it within a round trip or two.
+const HANDSHAKE_WAIT_NS: u64 = 2_000_000_000;
+/// REPLCONF records held at most per connection (a replica's handshake sends a few).
+const MAX_HELD_HANDSHAKE: usize = 16;
 /// The error of a command whose reply cannot be told apart from those of commands lost in a
 /// request-side capture gap before it.
 const REPLY_UNCERTAIN: &str = "reply uncertain (capture gap)";
@@ -518,6 +522,12 @@ enum Effect {
     /// after an AUTH a CLIENT REPLY OFF/SKIP silenced becomes known), where replies are known to
     /// be in step with requests (`reply_doubt`).
     WhoAmI,
+    /// SYNC/PSYNC: once the server accepts it (any reply but an error) the link is a replica's,
+    /// and what the server sends on it is the replication stream.
+    Sync,
+    /// REPLCONF (but ACK) while internal clients are ignored: a replica's handshake, or any
+    /// client's (it is not refused to them). Its record waits in `Conn::held` for what follows.
+    Handshake,
 }
 
 /// What the record of a command that can carry secrets may show, decided by its reply.
@@ -653,9 +663,16 @@ struct Conn {
     /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
     /// replies, and the link is server-internal traffic.
     replica: bool,
-    /// Server-internal traffic (a replica's REPLCONF/SYNC/PSYNC link): not audited while
-    /// `ignore_internal_clients` is on.
+    /// Server-internal traffic (a replica's link, once the server accepted its SYNC/PSYNC; a
+    /// cluster-bus link): not audited while `ignore_internal_clients` is on.
     internal: bool,
+    /// Records of REPLCONF commands (`Effect::Handshake`), with the settings they were read
+    /// under: a replica's handshake is not audited while internal clients are ignored, but the
+    /// server does not refuse REPLCONF to any client. Dropped when a SYNC/PSYNC after them is
+    /// accepted; written when anything else follows, or at close.
+    held: Vec<(Arc<Settings>, Record)>,
+    /// When the first of `held` was read (they are written after `HANDSHAKE_WAIT_NS` of quiet).
+    held_since: u64,
     /// Another cluster node's bus link, accepted on the cluster-bus port: its binary messages
     /// (each starting `RCmb`) are neither commands nor replies, so nothing of it is parsed. Known
     /// by the server's first bytes on a link accepted since attach: a reply starts with a RESP
@@ -1027,6 +1044,8 @@ impl Session {
             tls: false,
             replica: false,
             internal: false,
+            held: Vec::new(),
+            held_since: 0,
             reads: 0,
             uncertain_since: None,
             uncertain_from_pubsub: false,
@@ -1101,6 +1120,8 @@ impl Session {
                     tls: false,
                     replica: false,
                     internal: false,
+                    held: Vec::new(),
+                    held_since: 0,
                     reads: 0,
                     uncertain_since: None,
                     uncertain_from_pubsub: false,
@@ -1359,10 +1380,27 @@ impl Session {
                 conn.out_expected += uncaptured_tail;
             }
             for ev in events.drain(..) {
+                if conn.replica {
+                    // A SYNC/PSYNC was accepted: the rest is the replication stream.
+                    break;
+                }
                 match ev {
                     ReplyEvent::Reply(reply) => {
                         self.on_reply(&mut conn, &reply, out);
                         self.pool.put_bytes(reply.text);
+                    }
+                    ReplyEvent::Desync { .. }
+                        if !conn.in_multi
+                            && conn
+                                .pending
+                                .front()
+                                .is_some_and(|p| matches!(p.effect, Effect::Sync)) =>
+                    {
+                        // What a server sends a SYNC/PSYNC it accepts need not be RESP (a
+                        // dual-channel replica's `$ENDOFF:` line); an error would have been.
+                        let p = conn.pending.pop_front().expect("front exists");
+                        let accepted = Reply::bare(ReplyKind::Simple, ts_ns);
+                        self.finish_replication(&mut conn, p, &accepted, out);
                     }
                     ReplyEvent::Desync { reason } => {
                         self.stats.reply_resyncs += 1;
@@ -1439,48 +1477,32 @@ impl Session {
     ) {
         self.stats.requests += 1;
         let settings = self.settings_at(req.done_ts);
-        if matches!(
-            &*d.command,
-            b"replconf" | b"replconf|ack" | b"sync" | b"psync"
-        ) || d.command.starts_with(b"replconf")
-        {
-            // Only replicas speak REPLCONF/SYNC/PSYNC: the link is server-internal traffic.
-            conn.internal = true;
-        }
         if conn.internal && settings.ignore_internal_clients {
-            if matches!(&*d.command, b"sync" | b"psync") {
-                conn.replica = true;
-                for p in std::mem::take(&mut conn.pending) {
-                    let ts = p.done_ts;
-                    self.finish_unknown(conn, p, "", ts, out);
-                }
-            }
             return;
         }
-        if matches!(&*d.command, b"sync" | b"psync") {
-            // From here on the server streams the dataset and its writes to this connection.
-            conn.replica = true;
-            for p in std::mem::take(&mut conn.pending) {
-                let ts = p.done_ts;
-                self.finish_unknown(conn, p, "", ts, out);
+        // Only what the server does tells a replica: any client may send REPLCONF, SYNC or
+        // PSYNC (QA: taking one REPLCONF for a replica's hid everything after it, wrong
+        // passwords and FLUSHALL included).
+        let replconf = *d.command == *b"replconf" || d.command.starts_with(b"replconf|");
+        if replconf && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack")) {
+            if conn.preexisting && !conn.replica && conn.pending.is_empty() {
+                // A replica's offset report on a link open at attach: what the server sends on
+                // it is the replication stream (a client's commands after it are still audited).
+                conn.replica = true;
             }
             if settings.ignore_internal_clients {
+                // Valkey ignores it from anyone but a replica, and never answers it.
                 return;
             }
-            let args_text = command_args(d, &req.args, true, 0);
-            let mut rec = self.bare_record(d.category.clone(), &d.command, req.done_ts);
-            rec.command_args = args_text;
-            rec.server = conn.server.clone();
-            rec.client_id = conn.client_id;
-            rec.username = conn.username.clone();
-            rec.client_ip = conn.ip.clone();
-            rec.client_port = conn.port;
-            rec.pid = conn.tgid;
-            rec.result = Outcome::Unknown;
-            self.push(rec, req.done_ts, out);
-            return;
+        } else if !replconf && !matches!(&*d.command, b"sync" | b"psync") && !conn.held.is_empty() {
+            // Not a replica's handshake: what it held is written first.
+            self.release_held(conn, out);
         }
-        let mut effect = effect_of(d, &req.args);
+        let mut effect = if replconf && settings.ignore_internal_clients {
+            Effect::Handshake
+        } else {
+            effect_of(d, &req.args)
+        };
         let mode_change = if *d.command == *b"client|reply" {
             match req.args.get(2).map(|a| a.lower()).as_deref() {
                 Some("on") => ModeChange::On,
@@ -1495,9 +1517,7 @@ impl Session {
         };
         let sent_replies_off = conn.reply_mode == ReplyMode::Off;
         let (mut expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
-        if d.command.starts_with(b"replconf")
-            && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack"))
-        {
+        if replconf && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack")) {
             // A replica's offset report: Valkey never answers it (a client's neither).
             expects_reply = false;
         }
@@ -2192,7 +2212,12 @@ impl Session {
             || conn
                 .pending
                 .front()
-                .is_some_and(|p| matches!(p.effect, Effect::Exec | Effect::Discard))
+                .is_some_and(|p| {
+                    matches!(
+                        p.effect,
+                        Effect::Exec | Effect::Discard | Effect::Sync | Effect::Handshake
+                    )
+                })
             // (A connection open before attach may be inside MULTI already.)
             || (conn.preexisting && !conn.multi_known && is_queued(reply));
         if general {
@@ -2263,6 +2288,60 @@ impl Session {
 
     /// `finish` for every case, MULTI/EXEC/DISCARD included.
     #[inline(never)]
+    /// A REPLCONF's (held) or a SYNC/PSYNC's reply. The server accepting a SYNC/PSYNC makes the
+    /// link a replica's: from there on it sends the replication stream, never parsed as replies,
+    /// and what the link held is dropped while internal clients are ignored.
+    fn finish_replication(
+        &mut self,
+        conn: &mut Conn,
+        mut p: Pending,
+        reply: &Reply,
+        out: &mut impl RecordOut,
+    ) {
+        self.complete(conn, &mut p, reply);
+        if matches!(p.effect, Effect::Handshake) && !reply.is_error() {
+            if conn.held.len() >= MAX_HELD_HANDSHAKE {
+                // More than a replica sends: bounded memory, written all the same.
+                self.release_held(conn, out);
+            }
+            if conn.held.is_empty() {
+                conn.held_since = p.done_ts;
+            }
+            conn.held.push((p.settings, p.record));
+            return;
+        }
+        if reply.is_error() {
+            self.release_held(conn, out);
+            self.push_with(&p.settings, &mut p.record, out);
+            return;
+        }
+        self.become_replica(conn, out);
+        if p.settings.ignore_internal_clients {
+            conn.internal = true;
+            conn.held.clear();
+        } else {
+            self.release_held(conn, out);
+            self.push_with(&p.settings, &mut p.record, out);
+        }
+    }
+
+    /// The server accepted a SYNC/PSYNC: what it sends from here on is the replication stream.
+    /// Commands pipelined after it get no reply the auditor can read.
+    fn become_replica(&mut self, conn: &mut Conn, out: &mut impl RecordOut) {
+        conn.replica = true;
+        for p in std::mem::take(&mut conn.pending) {
+            let ts = p.done_ts;
+            self.finish_unknown(conn, p, "", ts, out);
+        }
+    }
+
+    /// Write the records a possible replica handshake held (`Conn::held`), in order.
+    fn release_held(&mut self, conn: &mut Conn, out: &mut impl RecordOut) {
+        for (settings, mut record) in std::mem::take(&mut conn.held) {
+            self.push_with(&settings, &mut record, out);
+        }
+    }
+
     fn finish_general(
         &mut self,
         conn: &mut Conn,
@@ -2271,6 +2350,10 @@ impl Session {
         out: &mut impl RecordOut,
     ) {
         let failed = reply.is_error();
+        if !conn.in_multi && matches!(p.effect, Effect::Sync | Effect::Handshake) {
+            self.finish_replication(conn, p, reply, out);
+            return;
+        }
         if matches!(
             p.effect,
             Effect::Multi | Effect::Exec | Effect::Discard | Effect::Reset
@@ -2472,6 +2555,8 @@ impl Session {
             // (The subscriptions follow the confirmations: `note_confirmation`.)
             Effect::Subscribe(..) => {}
             Effect::Monitor => conn.monitor = true,
+            // (Their replies decide: `finish_replication`.)
+            Effect::Sync | Effect::Handshake => {}
             Effect::Reset => reset_connection(conn),
             Effect::ListenersChanged(port) => {
                 if let Some(port) = *port
@@ -2532,6 +2617,7 @@ impl Session {
             return;
         };
         self.report_lost_commands(&mut conn, ts_ns, out);
+        self.release_held(&mut conn, out);
         let queued = std::mem::take(&mut conn.queued);
         // A transaction whose client leaves before EXEC is discarded by the server; once EXEC
         // was sent (its reply unseen) it may have run.
@@ -2618,18 +2704,23 @@ impl Session {
     /// come at once, so they took effect, and the records held behind them (a fire-and-forget
     /// client that went quiet) are written. The caller has processed every event up to `now_ns`.
     pub fn settle_quiet(&mut self, now_ns: u64, out: &mut impl RecordOut) {
-        let quiet: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.pending
-                    .front()
-                    .is_some_and(|p| p.refusable && now_ns.saturating_sub(p.done_ts) >= QUIET_NS)
-            })
-            .map(|(k, _)| *k)
-            .collect();
+        let quiet: Vec<(u32, u32)> =
+            self.conns
+                .iter()
+                .filter(|(_, c)| {
+                    c.pending.front().is_some_and(|p| {
+                        p.refusable && now_ns.saturating_sub(p.done_ts) >= QUIET_NS
+                    }) || (!c.held.is_empty()
+                        && now_ns.saturating_sub(c.held_since) >= HANDSHAKE_WAIT_NS)
+                })
+                .map(|(k, _)| *k)
+                .collect();
         for key in quiet {
             if let Some(mut conn) = self.conns.remove(&key) {
+                if now_ns.saturating_sub(conn.held_since) >= HANDSHAKE_WAIT_NS {
+                    // No SYNC/PSYNC came: not a replica's handshake.
+                    self.release_held(&mut conn, out);
+                }
                 self.settle_refusable(&mut conn, None, out);
                 self.conns.insert(key, conn);
             }
@@ -2641,6 +2732,7 @@ impl Session {
         let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
         for key in keys {
             if let Some(mut conn) = self.conns.remove(&key) {
+                self.release_held(&mut conn, out);
                 // Commands queued in an open MULTI were sent before anything still pending.
                 for q in std::mem::take(&mut conn.queued) {
                     self.finish_unknown(&mut conn, q, "auditor stopped before EXEC", now_ns, out);
@@ -3118,6 +3210,7 @@ fn effect_of(d: &Described, args: &[Arg]) -> Effect {
         b"reset" => Effect::Reset,
         b"quit" => Effect::Quit,
         b"acl|whoami" => Effect::WhoAmI,
+        b"sync" | b"psync" => Effect::Sync,
         b"config|set"
             if args.iter().skip(2).step_by(2).any(|a| {
                 a.eq_ignore_case("port") || a.eq_ignore_case("tls-port") || a.eq_ignore_case("bind")

@@ -3845,6 +3845,82 @@ fn a_replica_link_is_hidden_but_its_connection_is_closed() {
 }
 
 #[test]
+fn replconf_does_not_hide_a_client() {
+    // QA: the first REPLCONF made the connection "internal" for good, whatever the server said:
+    // any client could hide its own commands (wrong passwords, FLUSHALL) behind one.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&cmd(&["REPLCONF", "listening-port", "7777"]));
+    w.server(b"+OK\r\n");
+    assert!(
+        w.take().is_empty(),
+        "held while it may be a replica's handshake"
+    );
+    w.client(&cmd(&["SET", "secret", "v"]));
+    w.server(b"+OK\r\n");
+    // Written before what follows, in order.
+    assert_eq!(names(&w.take()), ["replconf", "set"]);
+    let flush = w.roundtrip(&["FLUSHALL"], b"+OK\r\n");
+    assert_eq!(s(&flush.command), "flushall");
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["disconnection"]);
+    assert_eq!(s(&recs[0].command_args), "type=normal");
+
+    // A PSYNC the server refuses makes no replica.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&cmd(&["REPLCONF", "listening-port", "7777"]));
+    w.server(b"+OK\r\n");
+    w.client(&cmd(&["PSYNC", "?", "-1"]));
+    w.server(b"-NOPERM User mallory has no permissions to run the 'psync' command\r\n");
+    let recs = w.take();
+    assert_eq!(names(&recs), ["replconf", "psync"]);
+    assert_eq!(recs[1].result, Outcome::Failure);
+    let set = w.roundtrip(&["SET", "k", "v"], b"+OK\r\n");
+    assert_eq!(s(&set.command), "set");
+
+    // An unknown command that merely starts like it, and a refused REPLCONF, are not held.
+    let mut w = Wire::new();
+    w.take();
+    let x = w.roundtrip(
+        &["replconfx"],
+        b"-ERR unknown command 'replconfx', with args beginning with: \r\n",
+    );
+    assert_eq!(x.result, Outcome::Failure);
+    let refused = w.roundtrip(
+        &["REPLCONF", "listening-port", "1"],
+        b"-NOAUTH Authentication required.\r\n",
+    );
+    assert_eq!(refused.result, Outcome::Failure);
+
+    // With no SYNC/PSYNC after it, a REPLCONF is written once the link has been quiet a while.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&cmd(&["REPLCONF", "listening-port", "7777"]));
+    w.server(b"+OK\r\n");
+    let mut out = Vec::new();
+    w.session.settle_quiet(w.now + 100_000_000, &mut out);
+    assert!(out.is_empty(), "a replica's PSYNC may still come");
+    w.session.settle_quiet(w.now + 3_000_000_000, &mut out);
+    assert_eq!(names(&out), ["replconf"]);
+}
+
+#[test]
+fn a_replica_link_open_at_attach_is_found_by_its_offset_reports() {
+    let mut w = Wire::detached(Settings::default());
+    let mut out: Vec<Record> = Vec::new();
+    let peer = Peer::from_v4([10, 0, 0, 9], 6380);
+    w.session
+        .add_existing(TGID, FD, 0, peer, None, w.now, &mut out);
+    w.client(&cmd(&["REPLCONF", "ACK", "1234"]));
+    // The replication stream is not taken for replies.
+    w.server(&cmd(&["SET", "k", "v"]));
+    assert!(w.take().is_empty(), "{:?}", names(&w.take()));
+    assert_eq!(w.stats().replies_unmatched, 0);
+}
+
+#[test]
 fn a_replica_link_is_audited_when_internal_clients_are_not_ignored() {
     let mut w = Wire::with(settings(&["audit.ignore_internal_clients", "no"]));
     w.take();

@@ -79,8 +79,16 @@ pub fn comm_of(pid: u32) -> String {
 pub fn exe_of(pid: u32) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt as _;
     std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.as_os_str().as_bytes().to_vec())
+        .map(|p| exe_path(p.as_os_str().as_bytes()))
         .unwrap_or_default()
+}
+
+/// The executable's path from its `/proc/<pid>/exe` link: the kernel adds ` (deleted)` once the
+/// file was replaced (a package upgrade renames a new one over it), and the server restarted
+/// after the upgrade runs the new file at the same path (QA: `--follow-restarts` never took it
+/// for the successor of one started before the upgrade).
+fn exe_path(link: &[u8]) -> Vec<u8> {
+    link.strip_suffix(b" (deleted)").unwrap_or(link).to_vec()
 }
 
 /// The parent of `pid` (0 if unknown), from `/proc/<pid>/stat`.
@@ -245,6 +253,18 @@ pub struct Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgraded_executable_keeps_its_path() {
+        assert_eq!(
+            exe_path(b"/usr/bin/valkey-server (deleted)"),
+            b"/usr/bin/valkey-server"
+        );
+        assert_eq!(
+            exe_path(b"/usr/bin/valkey-server"),
+            b"/usr/bin/valkey-server"
+        );
+    }
 
     #[test]
     fn cgroup_v2_containerd_pod() {
