@@ -528,6 +528,10 @@ enum Effect {
     /// REPLCONF (but ACK) while internal clients are ignored: a replica's handshake, or any
     /// client's (it is not refused to them). Its record waits in `Conn::held` for what follows.
     Handshake,
+    /// CLUSTER SYNCSLOTS ESTABLISH while internal clients are ignored: another node starting an
+    /// atomic slot migration into this one. Once the server accepts it, the link streams the
+    /// slots' keys as commands (SELECT, SET, ...): server-internal traffic, like a primary's.
+    SlotImport,
 }
 
 /// What the record of a command that can carry secrets may show, decided by its reply.
@@ -1500,6 +1504,14 @@ impl Session {
         }
         let mut effect = if replconf && settings.ignore_internal_clients {
             Effect::Handshake
+        } else if settings.ignore_internal_clients
+            && *d.command == *b"cluster|syncslots"
+            && req
+                .args
+                .get(2)
+                .is_some_and(|a| a.eq_ignore_case("establish"))
+        {
+            Effect::SlotImport
         } else {
             effect_of(d, &req.args)
         };
@@ -2215,7 +2227,11 @@ impl Session {
                 .is_some_and(|p| {
                     matches!(
                         p.effect,
-                        Effect::Exec | Effect::Discard | Effect::Sync | Effect::Handshake
+                        Effect::Exec
+                            | Effect::Discard
+                            | Effect::Sync
+                            | Effect::Handshake
+                            | Effect::SlotImport
                     )
                 })
             // (A connection open before attach may be inside MULTI already.)
@@ -2315,6 +2331,14 @@ impl Session {
             self.push_with(&p.settings, &mut p.record, out);
             return;
         }
+        if matches!(p.effect, Effect::SlotImport) {
+            // The keys it streams are the other node's, not a client's (QA: every migrated key
+            // was written as a SET by `default`, some with another command's reply). What it
+            // pipelined after the handshake is part of the stream.
+            conn.internal = true;
+            conn.pending.clear();
+            return;
+        }
         self.become_replica(conn, out);
         if p.settings.ignore_internal_clients {
             conn.internal = true;
@@ -2350,7 +2374,12 @@ impl Session {
         out: &mut impl RecordOut,
     ) {
         let failed = reply.is_error();
-        if !conn.in_multi && matches!(p.effect, Effect::Sync | Effect::Handshake) {
+        if !conn.in_multi
+            && matches!(
+                p.effect,
+                Effect::Sync | Effect::Handshake | Effect::SlotImport
+            )
+        {
             self.finish_replication(conn, p, reply, out);
             return;
         }
@@ -2556,7 +2585,7 @@ impl Session {
             Effect::Subscribe(..) => {}
             Effect::Monitor => conn.monitor = true,
             // (Their replies decide: `finish_replication`.)
-            Effect::Sync | Effect::Handshake => {}
+            Effect::Sync | Effect::Handshake | Effect::SlotImport => {}
             Effect::Reset => reset_connection(conn),
             Effect::ListenersChanged(port) => {
                 if let Some(port) = *port

@@ -3907,6 +3907,46 @@ fn replconf_does_not_hide_a_client() {
 }
 
 #[test]
+fn an_atomic_slot_migration_link_is_internal() {
+    // QA: the source node of CLUSTER MIGRATESLOTS streams the slots' keys to the target's client
+    // port after CLUSTER SYNCSLOTS ESTABLISH: each was written as a client's SET.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&cmd(&[
+        "CLUSTER",
+        "SYNCSLOTS",
+        "ESTABLISH",
+        "SOURCE",
+        "abc",
+        "NAME",
+        "m1",
+        "SLOTSRANGES",
+        "0",
+        "99",
+    ]));
+    w.server(b"+OK\r\n");
+    w.client(&pipeline(&[
+        &["CLUSTER", "SYNCSLOTS", "ACK"],
+        &["SELECT", "0"],
+        &["SET", "mig:1", "v"],
+        &["SET", "mig:2", "v"],
+    ]));
+    w.server(b"+OK\r\n");
+    w.close();
+    assert_eq!(names(&w.take()), ["disconnection"]);
+    // Refused, it is a client's command like any other, and hides nothing.
+    let mut w = Wire::new();
+    w.take();
+    let r = w.roundtrip(
+        &["CLUSTER", "SYNCSLOTS", "ESTABLISH", "SOURCE", "abc"],
+        b"-ERR This instance has cluster support disabled\r\n",
+    );
+    assert_eq!(r.result, Outcome::Failure);
+    let set = w.roundtrip(&["SET", "k", "v"], b"+OK\r\n");
+    assert_eq!(s(&set.command), "set");
+}
+
+#[test]
 fn a_replica_link_open_at_attach_is_found_by_its_offset_reports() {
     let mut w = Wire::detached(Settings::default());
     let mut out: Vec<Record> = Vec::new();
