@@ -105,6 +105,8 @@ INVALID = [
     ("audit.command_result_mode", "some", "argument(s) must be one of the following: failures, all"),
     ("audit.excluderules", "@999.1.1.1", ""),
     ("audit.events", "keys,!!", ""),
+    # QA: a typo (`key`) selected nothing and turned key auditing off without a word.
+    ("audit.events", "key,auth", "unknown event type 'key'"),
     ("audit.protocol", "carrier-pigeon x", ""),
 ]
 
@@ -380,6 +382,10 @@ def test_only_root_or_the_password_changes_what_runs_or_where_it_writes(valkey, 
     # The file in force may be named again by anyone: logrotate's reopen.
     protocol = config_get(a, "audit.protocol")["audit.protocol"]
     assert cli_as_nobody(a, "CONFIG", "SET", "audit.protocol", protocol).strip() == "OK"
+    # QA: nor may it set a password, give it, and then set them.
+    assert cli_as_nobody(a, "CONFIG", "SET", "audit.control_requirepass", "mine").strip() == \
+        refused.format("audit.control_requirepass")
+    assert cli(a, "PING").strip() == "PONG"
     # Root on this host may.
     assert cli(a, "CONFIG", "SET", "audit.archive_command", "/bin/true %path").strip() == "OK"
     recs = wait_until(lambda: [r for r in a.records() if r["category"] == "CONFIG"

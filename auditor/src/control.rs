@@ -183,7 +183,7 @@ pub async fn serve(
 
 /// Who may change, at run time, the settings that make the auditor (root) run a program or write
 /// where it is told: `audit.archive_command`, `audit.protocol` naming another file,
-/// `audit.spool_dir` (Valkey's `enable-protected-configs` for `dir` and `dbfilename`). Without
+/// `audit.spool_dir`, and the control password that would let its setter change them (Valkey's `enable-protected-configs` for `dir` and `dbfilename`). Without
 /// this, any local user could reach root through a control port without a password: an archive
 /// command runs as root, and a log written to `/etc/ld.so.preload` would load a library the
 /// user names in a key.
@@ -198,10 +198,17 @@ pub enum ProtectedConfigs {
     No,
 }
 
+/// The control password's setting.
+const PASSWORD_SETTING: &str = "audit.control_requirepass";
+
 /// Whether setting `name` to `value` (over `current`) is a protected change.
 fn protected_change(name: &str, value: &str, current: Option<&str>) -> bool {
     let same = || current.is_some_and(|c| c.split_whitespace().eq(value.split_whitespace()));
     match name {
+        // Whoever sets the password becomes the one client that may change the rest (QA: a local
+        // user set one, gave it, and had an archive command run as root). Hidden by CONFIG GET,
+        // so any SET counts.
+        PASSWORD_SETTING => true,
         "audit.archive_command" | "audit.spool_dir" => !same(),
         // Syslog and TCP targets write no file; the file in force may be named again (to reopen
         // it after logrotate).
@@ -1954,18 +1961,29 @@ async fn protected_refused(
 ) -> Option<String> {
     let names: Vec<String> = pairs.iter().map(|(name, _)| name.clone()).collect();
     let current = shared.backend.get_settings(&names);
-    let first = pairs
+    let protected: Vec<&str> = pairs
         .iter()
         .zip(&current)
-        .find(|((name, value), current)| {
+        .filter(|((name, value), current)| {
             protected_change(name, &String::from_utf8_lossy(value), current.as_deref())
         })
-        .map(|((name, _), _)| name.clone())?;
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    let first = *protected.first()?;
+    // (Only a password already set and given proves anything: one this client just set proves
+    // nothing, which is why setting it is itself protected.)
+    let authenticated = shared.password_required() && client.authenticated;
     let allowed = match shared.protected {
-        ProtectedConfigs::Yes => true,
-        ProtectedConfigs::No => false,
+        ProtectedConfigs::Yes => return None,
+        // Only set at start; but the password may be changed by a client that gave it.
+        ProtectedConfigs::No => {
+            return protected
+                .into_iter()
+                .find(|name| !(*name == PASSWORD_SETTING && authenticated))
+                .map(str::to_string);
+        }
         ProtectedConfigs::Root => {
-            (shared.password_required() && client.authenticated) || {
+            authenticated || {
                 let (peer, local) = (client.peer, client.local);
                 tokio::task::spawn_blocking(move || crate::procscan::local_peer_uid(peer, local))
                     .await
@@ -1975,7 +1993,7 @@ async fn protected_refused(
             }
         }
     };
-    (!allowed).then_some(first)
+    (!allowed).then(|| first.to_string())
 }
 
 /// The values' own check, then the backend's all-or-nothing apply (which names unknown parameters
@@ -2350,6 +2368,11 @@ mod tests {
             Some("/var/spool/auditor")
         ));
         assert!(!protected_change("audit.format", "json", Some("text")));
+        assert!(protected_change(
+            "audit.control_requirepass",
+            "pw",
+            Some("")
+        ));
     }
 
     #[tokio::test]
@@ -2378,6 +2401,20 @@ mod tests {
             "file /var/log/valkey/audit.log",
         ];
         assert_eq!(c.cmd(&reopen).await, "+OK\r\n");
+        // Nor may a password be set at run time; a client that gave the one set at start may
+        // change it.
+        let set_pw = ["CONFIG", "SET", "audit.control_requirepass", "new"];
+        assert_eq!(
+            c.cmd(&set_pw).await,
+            "-ERR CONFIG SET failed (possibly related to argument 'audit.control_requirepass') - \
+             can't set protected config\r\n"
+        );
+        let backend = FakeBackend::with_protected("pw");
+        let mut c =
+            TestClient::connect(start_with(backend.clone(), ProtectedConfigs::No).await).await;
+        assert_eq!(c.cmd(&["AUTH", "pw"]).await, "+OK\r\n");
+        assert_eq!(c.cmd(&set_archive).await, refused);
+        assert_eq!(c.cmd(&set_pw).await, "+OK\r\n");
         // `root` (the default): this test runs as root, on this host.
         let backend = FakeBackend::with_protected("");
         let mut c = TestClient::connect(start(backend.clone()).await).await;

@@ -837,6 +837,25 @@ pub struct FilterConfig {
     pub result_mode: ResultMode,
 }
 
+impl FilterConfig {
+    /// The first name `events` gives that is neither a built-in event type nor a category
+    /// `custom_category` defines: such a name selects nothing (a typo like `key` for `keys`
+    /// silently turned key auditing off).
+    pub fn undefined_event(&self) -> Option<&str> {
+        self.events
+            .custom
+            .iter()
+            .find(|name| {
+                !self
+                    .custom
+                    .cats
+                    .iter()
+                    .any(|c| c.name.eq_ignore_ascii_case(name))
+            })
+            .map(String::as_str)
+    }
+}
+
 impl Default for FilterConfig {
     fn default() -> Self {
         FilterConfig {
@@ -1316,6 +1335,21 @@ mod tests {
         assert_eq!(c.len(), 15);
         c.merge("cat16:cmd16").unwrap();
         assert_eq!(c.len(), 16);
+    }
+
+    #[test]
+    fn events_naming_no_category_are_found() {
+        let mut cfg = FilterConfig {
+            events: Events::parse("all,Flushes").unwrap(),
+            ..FilterConfig::default()
+        };
+        assert_eq!(cfg.undefined_event(), Some("Flushes"));
+        cfg.custom.merge("flushes:FLUSHDB").unwrap();
+        assert_eq!(cfg.undefined_event(), None);
+        cfg.events = Events::parse("key,auth").unwrap();
+        assert_eq!(cfg.undefined_event(), Some("key"));
+        cfg.events = Events::parse("keys,auth").unwrap();
+        assert_eq!(cfg.undefined_event(), None);
     }
 
     #[test]

@@ -92,7 +92,7 @@ struct Cli {
     control_password: Option<String>,
     /// Who may change, with CONFIG SET, the settings that make the auditor (root) run a program
     /// or write a file where it is told (`audit.archive_command`, `audit.protocol` naming another
-    /// file, `audit.spool_dir`): `root` (a client authenticated with the control password, or one
+    /// file, `audit.spool_dir`), and the control password: `root` (a client authenticated with the control password, or one
     /// on this host whose socket belongs to root), `yes` (any client), `no` (set at start only).
     #[arg(long, value_enum, default_value = "root")]
     enable_protected_configs: control::ProtectedConfigs,
@@ -736,6 +736,18 @@ impl ControlBackend for Backend {
         self.settings
             .update(|current| {
                 let next = current.apply_all(pairs).map_err(|e| e.to_string())?;
+                if pairs
+                    .iter()
+                    .any(|(name, _)| name.eq_ignore_ascii_case("audit.events"))
+                    && let Some(name) = next.filter.undefined_event()
+                {
+                    // (At start, `events` may come before the `custom_category` it names.)
+                    return Err(format!(
+                        "CONFIG SET failed (possibly related to argument 'audit.events') - \
+                         unknown event type '{name}': use connections, auth, config, keys, \
+                         other, all, none or a category audit.custom_category defines"
+                    ));
+                }
                 if next.protocol != current.protocol || next.delivery != current.delivery {
                     // Refuse a destination that cannot be used: the running one stays in use.
                     // Named after the first setting given that changes the destination.

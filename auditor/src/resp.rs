@@ -1394,6 +1394,11 @@ impl ReplyParser {
         Self::with_state(ReplyState::Idle)
     }
 
+    /// Between replies: no byte of the next one seen yet.
+    pub fn idle(&self) -> bool {
+        matches!(self.state, ReplyState::Idle) && !self.reply_started && self.stack.is_empty()
+    }
+
     /// A parser for a connection seen mid-stream. It drops bytes until a RESP type byte at a line
     /// start: the very first byte seen (captures are whole syscalls, usually whole replies) or a
     /// byte right after `\r\n`. The first reply is tentative (see the module doc).

@@ -699,6 +699,15 @@ struct Conn {
     /// Guesses `drop_unanswered_guesses` counted that may still get their replies (a real command
     /// held by CLIENT PAUSE): such a reply is not a command the gap held, counted again.
     guesses_owed: u64,
+    /// A request-side gap lost bytes of this connection since it opened: a reply no request
+    /// awaits answers a command it held, even after the doubt ended (`uncertain_since`): Valkey
+    /// goes on reading a client whose replies it could not all write yet (a slow reader), so the
+    /// read that ended the doubt may have come with replies still owed (QA: thousands of
+    /// pipelined SETs lost in ring gaps went uncounted).
+    request_gap_seen: bool,
+    /// Commands a reply-side gap made written as unknown whose replies may still come after it:
+    /// such a reply is theirs, not a lost command's.
+    replies_for_written: u64,
     /// Replies that came after a request-side gap with no request pending: each answers a command
     /// the gap held. Reported as one `commands_not_captured` loss record at the next read or at
     /// close.
@@ -1055,6 +1064,8 @@ impl Session {
             uncertain_from_pubsub: false,
             lost_commands: 0,
             guesses_owed: 0,
+            request_gap_seen: false,
+            replies_for_written: 0,
         };
         self.stats.connections_seen += 1;
         let rec = self.connection_record(
@@ -1131,6 +1142,8 @@ impl Session {
                     uncertain_from_pubsub: false,
                     lost_commands: 0,
                     guesses_owed: 0,
+                    request_gap_seen: false,
+                    replies_for_written: 0,
                 };
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
@@ -1286,7 +1299,6 @@ impl Session {
                         }))
             }) {
                 conn.uncertain_since = None;
-                conn.guesses_owed = 0;
                 conn.uncertain_from_pubsub = false;
             }
             // Valkey answers everything it read before it reads the client again: a CLIENT
@@ -1335,6 +1347,7 @@ impl Session {
                     RequestEvent::Desync { reason } => {
                         self.stats.request_resyncs += 1;
                         conn.uncertain_since = Some(conn.reads);
+                        conn.request_gap_seen = true;
                         let rec = self.loss_record(
                             &conn,
                             LossCause::RequestResync,
@@ -1352,6 +1365,14 @@ impl Session {
                 }
             }
             self.scratch_req = events;
+        } else if !conn.replica && self.sync_accepted_by(&conn, &pieces) {
+            // The server accepted a SYNC/PSYNC: from its first byte, what follows is the
+            // replication stream (a SYNC's dataset comes as `$<len>` and its bytes, with no CRLF
+            // after them: waiting for a whole reply would wait forever).
+            let p = conn.pending.pop_front().expect("a SYNC/PSYNC at the head");
+            let accepted = Reply::bare(ReplyKind::Simple, ts_ns);
+            self.finish_replication(&mut conn, p, &accepted, out);
+            advance_unparsed(&mut conn.out_expected, pieces, uncaptured_tail);
         } else if conn.replica {
             // The replication stream.
             advance_unparsed(&mut conn.out_expected, pieces, uncaptured_tail);
@@ -1410,6 +1431,7 @@ impl Session {
                         self.stats.reply_resyncs += 1;
                         let n = conn.pending.len() as u64;
                         self.stats.reply_resync_commands += n;
+                        conn.replies_for_written += n;
                         let rec = self.loss_record(
                             &conn,
                             LossCause::ReplyResync,
@@ -1849,8 +1871,13 @@ impl Session {
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if !conn.preexisting && !conn.internal {
                 self.stats.replies_unmatched += 1;
-                if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
-                    if conn.guesses_owed > 0 {
+                if (conn.uncertain_since.is_some() || conn.request_gap_seen)
+                    && !conn.uncertain_from_pubsub
+                {
+                    if conn.replies_for_written > 0 {
+                        // A command written unknown at a reply gap got its reply after all.
+                        conn.replies_for_written -= 1;
+                    } else if conn.guesses_owed > 0 {
                         // A counted guess was a real command after all: counted once.
                         conn.guesses_owed -= 1;
                     } else {
@@ -2347,6 +2374,20 @@ impl Session {
             self.release_held(conn, out);
             self.push_with(&p.settings, &mut p.record, out);
         }
+    }
+
+    /// Whether this write of the server begins its acceptance of the SYNC/PSYNC at the head: a
+    /// `+FULLRESYNC`/`+CONTINUE` line or a dataset's `$` (an error begins with `-`).
+    fn sync_accepted_by(&self, conn: &Conn, pieces: &Pieces) -> bool {
+        !conn.in_multi
+            && conn
+                .pending
+                .front()
+                .is_some_and(|p| matches!(p.effect, Effect::Sync))
+            && conn.replies.idle()
+            && pieces.one.is_some_and(|(pos, bytes)| {
+                pos == conn.out_expected && matches!(bytes.first(), Some(b'+' | b'$'))
+            })
     }
 
     /// The server accepted a SYNC/PSYNC: what it sends from here on is the replication stream.

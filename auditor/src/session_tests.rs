@@ -2413,6 +2413,27 @@ fn after_a_request_gap_a_read_with_a_guess_still_unanswered_counts_it_instead() 
 }
 
 #[test]
+fn a_command_lost_in_a_gap_is_counted_even_when_a_read_ended_the_doubt_too_early() {
+    // QA: Valkey reads a slow reader again before it could write all its replies, so "a read
+    // with nothing pending" may come with replies still owed; the lost command's reply then
+    // came with nothing pending and no doubt left, and was not counted.
+    let mut w = Wire::new();
+    get_a_gap_get_b(&mut w);
+    // GET a's reply, then the lost INCR's, taken for GET b's (unknown, as it should be).
+    w.server(b"$1\r\n1\r\n-ERR value is not an integer or out of range\r\n");
+    assert_eq!(names(&w.take()), ["get", "get"]);
+    // A read with nothing pending: GET b's reply is still owed, unwritten.
+    w.client(&cmd(&["GET", "c"]));
+    w.server(b"$-1\r\n$1\r\nz\r\n");
+    w.close();
+    let recs = w.take();
+    assert_eq!(
+        loss_records(&recs),
+        ["cause=commands_not_captured count=1 bytes=0 reason=replies to commands in a capture gap"]
+    );
+}
+
+#[test]
 fn guesses_behind_a_blocked_command_wait_for_their_replies() {
     // A client blocked by BLPOP is read but not served: a read with guesses unanswered says
     // nothing about them while the BLPOP awaits its reply.
@@ -3904,6 +3925,30 @@ fn replconf_does_not_hide_a_client() {
     assert!(out.is_empty(), "a replica's PSYNC may still come");
     w.session.settle_quiet(w.now + 3_000_000_000, &mut out);
     assert_eq!(names(&out), ["replconf"]);
+}
+
+#[test]
+fn a_plain_sync_is_a_replica_from_its_datasets_first_byte() {
+    // QA: SYNC is answered with `$<len>` and the dataset, with no CRLF after it: the link was
+    // left waiting for a whole reply, and closed as a normal client's unanswered SYNC.
+    for ignore in ["yes", "no"] {
+        let mut w = Wire::with(settings(&["audit.ignore_internal_clients", ignore]));
+        w.take();
+        w.client(&cmd(&["SYNC"]));
+        w.server(b"$9\r\nREDIS0011");
+        w.close();
+        let recs = w.take();
+        let expected: &[&str] = if ignore == "yes" {
+            &["disconnection"]
+        } else {
+            &["sync", "disconnection"]
+        };
+        assert_eq!(names(&recs), expected, "ignore_internal_clients {ignore}");
+        assert_eq!(s(&recs.last().unwrap().command_args), "type=replica");
+        if ignore == "no" {
+            assert_eq!(recs[0].result, Outcome::Success);
+        }
+    }
 }
 
 #[test]

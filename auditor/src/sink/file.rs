@@ -885,6 +885,40 @@ fn sync_data(live: &LiveFile) -> io::Result<()> {
     }
 }
 
+/// Open `path` to append to it (created 0640), following a symbolic link only if root (or this
+/// process's user) owns it: the auditor writes as root, and a user who may write in the log's
+/// directory could otherwise point the log at any file root may write (QA: a symlink swapped in
+/// before a reopen put records with a key naming a library into a root-only file).
+/// `/dev/stdout` and links an operator made are root's.
+fn open_append(path: &Path) -> io::Result<File> {
+    let open = |follow: bool| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(LOG_FILE_MODE)
+            .custom_flags(if follow { 0 } else { libc::O_NOFOLLOW })
+            .open(path)
+    };
+    match open(false) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let owner = fs::symlink_metadata(path)?.uid();
+            // SAFETY: geteuid has no preconditions.
+            if owner == 0 || owner == unsafe { libc::geteuid() } {
+                open(true)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "it is a symbolic link owned by uid {owner}, not root: refused, since \
+                         its owner could point it at any file root may write"
+                    ),
+                ))
+            }
+        }
+        opened => opened,
+    }
+}
+
 /// Open (create 0640, append) the live file at `path`, whose directory must exist. `previous` is
 /// the file being replaced: if the path still names it, its content keeps its start time.
 fn open_live(
@@ -893,15 +927,10 @@ fn open_live(
     previous: Option<&LiveFile>,
 ) -> Result<LiveFile, SinkError> {
     require_directory(path)?;
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(LOG_FILE_MODE)
-        .open(path)
-        .map_err(|e| SinkError {
-            message: format!("cannot open audit log {}: {e}", path.display()),
-            retryable: is_transient(&e),
-        })?;
+    let file = open_append(path).map_err(|e| SinkError {
+        message: format!("cannot open audit log {}: {e}", path.display()),
+        retryable: is_transient(&e),
+    })?;
     let meta = file.metadata().map_err(|e| SinkError {
         message: format!("cannot stat audit log {}: {e}", path.display()),
         retryable: true,
@@ -1556,6 +1585,32 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn a_log_path_that_is_another_users_symlink_is_refused() {
+        let dir = TempDir::new("symlink");
+        let target = dir.join("root-only");
+        fs::write(&target, b"").unwrap();
+        let link = dir.join("audit.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        // Ours (or root's): followed, as /dev/stdout is.
+        assert!(open_append(&link).is_ok());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // (Only root can give the link to another user.)
+        }
+        let c = std::ffi::CString::new(link.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; lchown changes the link itself.
+        assert_eq!(unsafe { libc::lchown(c.as_ptr(), 65534, 65534) }, 0);
+        let err = open_append(&link).unwrap_err();
+        assert!(
+            err.to_string().contains("symbolic link owned by uid 65534"),
+            "{err}"
+        );
+        assert_eq!(fs::read(&target).unwrap(), b"");
+        // A plain file is opened as before.
+        assert!(open_append(&dir.join("plain.log")).is_ok());
     }
 
     /// A clock the test moves by hand.
