@@ -626,7 +626,7 @@ fn parse_multibulk(src: &[u8], unauthenticated: bool) -> Result<Parsed, DecodeEr
             return Ok(Parsed::Incomplete);
         }
         if &src[end..end + 2] != b"\r\n" {
-            return protocol_error("bulk string not terminated by CRLF");
+            return protocol_error("invalid CRLF in request");
         }
         ranges.push(body..end);
         pos = end + 2;
@@ -3030,8 +3030,13 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn oversized_requests_disconnect() {
         let port = start(FakeBackend::new("")).await;
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 6] = [
             (b"*1\r\n$2000000\r\n", "invalid bulk length"),
+            // (QA: Valkey's text, not a wording of our own.)
+            (
+                b"*2\r\n$4\r\nECHO\r\n$2\r\nhiXX\r\n",
+                "invalid CRLF in request",
+            ),
             (b"*2000\r\n", "invalid multibulk length"),
             (b"*1\r\n$-5\r\n", "invalid bulk length"),
             (b"*1\r\n+PING\r\n", "expected '+', got '+'"),
@@ -3075,7 +3080,7 @@ mod tests {
         assert_eq!(c.cmd(&["PING"]).await, "+PONG\r\n");
         let stats = c.cmd(&["INFO", "stats"]).await;
         assert!(
-            stats.contains("protocol_error_disconnections:7\r\n"),
+            stats.contains("protocol_error_disconnections:8\r\n"),
             "{stats}"
         );
     }
