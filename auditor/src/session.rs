@@ -2342,7 +2342,13 @@ impl Session {
         out: &mut impl RecordOut,
     ) {
         self.complete(conn, &mut p, reply);
-        if matches!(p.effect, Effect::Handshake) && !reply.is_error() {
+        // A command other than a replica's pipelined after it: no handshake, written in order.
+        let handshake = !conn
+            .pending
+            .iter()
+            .any(|q| !matches!(q.effect, Effect::Handshake | Effect::Sync));
+        let hold = handshake && !reply.is_error();
+        if matches!(p.effect, Effect::Handshake) && hold {
             if conn.held.len() >= MAX_HELD_HANDSHAKE {
                 // More than a replica sends: bounded memory, written all the same.
                 self.release_held(conn, out);
@@ -2353,7 +2359,7 @@ impl Session {
             conn.held.push((p.settings, p.record));
             return;
         }
-        if reply.is_error() {
+        if reply.is_error() || matches!(p.effect, Effect::Handshake) {
             self.release_held(conn, out);
             self.push_with(&p.settings, &mut p.record, out);
             return;

@@ -3888,6 +3888,15 @@ fn replconf_does_not_hide_a_client() {
     assert_eq!(names(&recs), ["disconnection"]);
     assert_eq!(s(&recs[0].command_args), "type=normal");
 
+    // Pipelined with a client's command: written at once, in order.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&pipeline(&[&["REPLCONF", "capa", "eof"], &["GET", "k"]]));
+    w.server(b"+OK\r\n");
+    assert_eq!(names(&w.take()), ["replconf"]);
+    w.server(b"$-1\r\n");
+    assert_eq!(names(&w.take()), ["get"]);
+
     // A PSYNC the server refuses makes no replica.
     let mut w = Wire::new();
     w.take();
