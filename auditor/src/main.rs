@@ -92,8 +92,9 @@ struct Cli {
     control_password: Option<String>,
     /// Who may change, with CONFIG SET, the settings that make the auditor (root) run a program
     /// or write a file where it is told (`audit.archive_command`, `audit.protocol` naming another
-    /// file, `audit.spool_dir`), and the control password: `root` (a client authenticated with the control password, or one
-    /// on this host whose socket belongs to root), `yes` (any client), `no` (set at start only).
+    /// file, `audit.spool_dir`), and the control password: `root` (a client authenticated with
+    /// the control password, or one on this host whose socket belongs to root), `yes` (any
+    /// client), `no` (set at start only).
     #[arg(long, value_enum, default_value = "root")]
     enable_protected_configs: control::ProtectedConfigs,
     /// Config file with `audit.<name> <value>` lines; CONFIG REWRITE writes back to it.
