@@ -473,13 +473,35 @@ fn reset_connection(conn: &mut Conn) {
     conn.reply_mode = ReplyMode::On;
 }
 
-/// Whether an error reply to CLIENT REPLY OFF/SKIP is that command's refusal: an ACL denial or
-/// a MULTI / subscribed-context rejection names it; NOAUTH and LOADING refuse every command.
-/// (Anything else is the reply of a later command, which OFF/SKIP did not silence.)
-fn is_client_reply_refusal(text: &[u8]) -> bool {
+/// What a command expects, `(expects_reply, refusable)`, in reply mode `mode` (which it may
+/// change): see `reply_mode_step` and `silent_when_run`.
+fn expectation(mode: &mut ReplyMode, p: &Pending) -> (bool, bool) {
+    silent_when_run(
+        reply_mode_step(mode, p.mode_change),
+        matches!(p.effect, Effect::OffsetReport),
+    )
+}
+
+/// A command the server answers only to refuse it (REPLCONF ACK/GETACK) is, where replies are
+/// on, refusable like CLIENT REPLY OFF: a refusal is its only reply.
+fn silent_when_run((expects_reply, refusable): (bool, bool), silent: bool) -> (bool, bool) {
+    if silent {
+        (false, expects_reply)
+    } else {
+        (expects_reply, refusable)
+    }
+}
+
+/// Whether an error reply to a command silent when it works (CLIENT REPLY OFF/SKIP, REPLCONF
+/// ACK/GETACK) is that command's refusal: an ACL denial or a MULTI / subscribed-context
+/// rejection names it (`'<command>'`); NOAUTH and LOADING refuse every command. (Anything else is
+/// the reply of a later command, which it did not silence.)
+fn is_refusal_of(command: &[u8], text: &[u8]) -> bool {
     text.starts_with(b"NOAUTH")
         || text.starts_with(b"LOADING")
-        || text.windows(14).any(|w| w == b"'client|reply'")
+        || text
+            .windows(command.len() + 2)
+            .any(|w| w[0] == b'\'' && w[w.len() - 1] == b'\'' && &w[1..w.len() - 1] == command)
 }
 
 /// The inode of a connection whose socket was already closed when its accept was handled (a client
@@ -528,6 +550,10 @@ enum Effect {
     /// REPLCONF (but ACK) while internal clients are ignored: a replica's handshake, or any
     /// client's (it is not refused to them). Its record waits in `Conn::held` for what follows.
     Handshake,
+    /// REPLCONF ACK/GETACK: silent once it runs (refusable, like CLIENT REPLY OFF); not written
+    /// then while internal clients are ignored (Valkey ignores an ACK from anyone but a
+    /// replica). A refusal is written like any command's.
+    OffsetReport,
     /// CLUSTER SYNCSLOTS ESTABLISH while internal clients are ignored: another node starting an
     /// atomic slot migration into this one. Once the server accepts it, the link streams the
     /// slots' keys as commands (SELECT, SET, ...): server-internal traffic, like a primary's.
@@ -1510,21 +1536,38 @@ impl Session {
         // PSYNC (QA: taking one REPLCONF for a replica's hid everything after it, wrong
         // passwords and FLUSHALL included).
         let replconf = *d.command == *b"replconf" || d.command.starts_with(b"replconf|");
-        if replconf && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack")) {
+        // REPLCONF ACK/GETACK: Valkey answers nothing once it runs (it ignores an ACK from
+        // anyone but a replica), but it refuses it like any command (NOPERM, NOAUTH) and a wrong
+        // number of arguments is a syntax error (QA: taken for silent, those errors were paired
+        // with the next commands: a denied REPLCONF made a SET read as denied).
+        let silent_report = replconf
+            && req
+                .args
+                .get(1)
+                .is_some_and(|a| a.eq_ignore_case("ack") || a.eq_ignore_case("getack"))
+            && req.argc % 2 == 1
+            // Queued inside MULTI (+QUEUED), also behind a MULTI not yet answered.
+            && !conn.in_multi
+            && !conn
+                .pending
+                .iter()
+                .any(|p| matches!(p.effect, Effect::Multi));
+        if silent_report && req.args[1].eq_ignore_case("ack") {
             if conn.preexisting && !conn.replica && conn.pending.is_empty() {
                 // A replica's offset report on a link open at attach: what the server sends on
                 // it is the replication stream (a client's commands after it are still audited).
                 conn.replica = true;
             }
-            if settings.ignore_internal_clients {
-                // Valkey ignores it from anyone but a replica, and never answers it.
+            if conn.replica && settings.ignore_internal_clients {
                 return;
             }
         } else if !replconf && !matches!(&*d.command, b"sync" | b"psync") && !conn.held.is_empty() {
             // Not a replica's handshake: what it held is written first.
             self.release_held(conn, out);
         }
-        let mut effect = if replconf && settings.ignore_internal_clients {
+        let mut effect = if silent_report {
+            Effect::OffsetReport
+        } else if replconf && settings.ignore_internal_clients {
             Effect::Handshake
         } else if settings.ignore_internal_clients
             && *d.command == *b"cluster|syncslots"
@@ -1550,11 +1593,10 @@ impl Session {
             ModeChange::None
         };
         let sent_replies_off = conn.reply_mode == ReplyMode::Off;
-        let (mut expects_reply, refusable) = reply_mode_step(&mut conn.reply_mode, mode_change);
-        if replconf && req.args.get(1).is_some_and(|a| a.eq_ignore_case("ack")) {
-            // A replica's offset report: Valkey never answers it (a client's neither).
-            expects_reply = false;
-        }
+        let (expects_reply, refusable) = silent_when_run(
+            reply_mode_step(&mut conn.reply_mode, mode_change),
+            silent_report,
+        );
         let awaiting = d.arity_ok && !conn.in_multi && matches!(effect, Effect::Subscribe(..));
         if awaiting
             && !expects_reply
@@ -2131,14 +2173,14 @@ impl Session {
             }
             if let Some(reply) = reply
                 && reply.is_error()
-                && is_client_reply_refusal(&reply.text)
+                && is_refusal_of(&head.record.command, &reply.text)
             {
                 // It changed nothing: replies stayed on. What the commands after it expect is
                 // worked out again from there, mode changes among them included (a SKIP after a
                 // refused OFF is a SKIP with replies on: refusable, and the next command silent).
                 let mut mode = ReplyMode::On;
                 for p in conn.pending.iter_mut().skip(1) {
-                    (p.expects_reply, p.refusable) = reply_mode_step(&mut mode, p.mode_change);
+                    (p.expects_reply, p.refusable) = expectation(&mut mode, p);
                 }
                 conn.reply_mode = mode;
                 self.finish_front(conn, reply, out);
@@ -2188,7 +2230,7 @@ impl Session {
                 if i == 0 {
                     p.expects_reply = false;
                 } else {
-                    (p.expects_reply, p.refusable) = reply_mode_step(&mut mode, p.mode_change);
+                    (p.expects_reply, p.refusable) = expectation(&mut mode, p);
                 }
             }
             conn.reply_mode = mode;
@@ -2230,6 +2272,10 @@ impl Session {
             .is_some_and(|p| !p.expects_reply && !p.refusable && !p.awaiting)
         {
             let p = conn.pending.pop_front().expect("front exists");
+            if matches!(p.effect, Effect::OffsetReport) && p.settings.ignore_internal_clients {
+                // It ran, and did nothing a client's audit shows.
+                continue;
+            }
             let done = p.done_ts;
             let reset = matches!(p.effect, Effect::Reset);
             // (An AUTH silenced by CLIENT REPLY OFF/SKIP may have worked: `finish_unknown`
@@ -2632,7 +2678,7 @@ impl Session {
             Effect::Subscribe(..) => {}
             Effect::Monitor => conn.monitor = true,
             // (Their replies decide: `finish_replication`.)
-            Effect::Sync | Effect::Handshake | Effect::SlotImport => {}
+            Effect::Sync | Effect::Handshake | Effect::SlotImport | Effect::OffsetReport => {}
             Effect::Reset => reset_connection(conn),
             Effect::ListenersChanged(port) => {
                 if let Some(port) = *port

@@ -3937,6 +3937,83 @@ fn replconf_does_not_hide_a_client() {
 }
 
 #[test]
+fn replconf_ack_from_a_client_is_refusable_not_replyless() {
+    // QA: REPLCONF ACK/GETACK was taken for never answered; Valkey refuses it like any command
+    // (NOPERM, NOAUTH, a syntax error for an even count), and each refusal was paired with the
+    // next command: a SET read as ACL-denied, a good AUTH as a wrong password.
+    let result = |r: &Record| (s(&r.command), r.result, s(&r.error));
+    let mut w = Wire::new();
+    w.take();
+    w.client(&pipeline(&[
+        &["REPLCONF", "ACK", "0"],
+        &["SET", "a", "1"],
+        &["GET", "a"],
+    ]));
+    w.server(
+        b"-NOPERM User dave has no permissions to run the 'replconf' command\r\n+OK\r\n$1\r\n1\r\n",
+    );
+    let recs = w.take();
+    assert_eq!(
+        recs.iter().map(result).collect::<Vec<_>>(),
+        [
+            (
+                "replconf".into(),
+                Outcome::Failure,
+                "acl_deny_reason=command".into()
+            ),
+            ("set".into(), Outcome::Success, String::new()),
+            ("get".into(), Outcome::Success, String::new()),
+        ]
+    );
+    // An even count is a syntax error, its reply like any command's.
+    let r = w.roundtrip(&["REPLCONF", "ACK"], b"-ERR syntax error\r\n");
+    assert_eq!(
+        (s(&r.command), r.result),
+        ("replconf".into(), Outcome::Failure)
+    );
+    // Run, it is silent: GETACK answers nothing, the GET's reply is the GET's; not written while
+    // internal clients are ignored.
+    w.client(&pipeline(&[
+        &["SET", "b", "1"],
+        &["REPLCONF", "GETACK", "*"],
+        &["GET", "b"],
+    ]));
+    w.server(b"+OK\r\n$1\r\n1\r\n");
+    let recs = w.take();
+    assert_eq!(
+        recs.iter().map(result).collect::<Vec<_>>(),
+        [
+            ("set".into(), Outcome::Success, String::new()),
+            ("get".into(), Outcome::Success, String::new()),
+        ]
+    );
+    // NOAUTH refuses it too: the AUTHs after it keep their own replies.
+    w.client(&pipeline(&[
+        &["REPLCONF", "ACK", "0"],
+        &["AUTH", "default", "wrong"],
+        &["AUTH", "default", "right"],
+    ]));
+    w.server(b"-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n");
+    let recs = w.take();
+    assert_eq!(
+        recs.iter()
+            .map(|r| (s(&r.command), r.result))
+            .collect::<Vec<_>>(),
+        [
+            ("replconf".into(), Outcome::Failure),
+            ("auth".into(), Outcome::Failure),
+            ("auth".into(), Outcome::Success),
+        ]
+    );
+    // Not ignoring internal clients, a silent one is written, its outcome not shown by a reply.
+    let mut w = Wire::with(settings(&["audit.ignore_internal_clients", "no"]));
+    w.take();
+    w.client(&pipeline(&[&["REPLCONF", "ACK", "0"], &["PING"]]));
+    w.server(b"+PONG\r\n");
+    assert_eq!(names(&w.take()), ["replconf", "ping"]);
+}
+
+#[test]
 fn a_plain_sync_is_a_replica_from_its_datasets_first_byte() {
     // QA: SYNC is answered with `$<len>` and the dataset, with no CRLF after it: the link was
     // left waiting for a whole reply, and closed as a normal client's unanswered SYNC.
@@ -5002,5 +5079,31 @@ fn on_a_connection_open_at_attach_an_array_like_a_confirmation_is_a_reply() {
             ("lrange".to_string(), Outcome::Success),
             ("auth".to_string(), Outcome::Failure)
         ]
+    );
+}
+
+#[test]
+fn replconf_ack_inside_multi_is_queued_like_any_command() {
+    let mut w = Wire::new();
+    w.take();
+    w.client(&pipeline(&[
+        &["MULTI"],
+        &["REPLCONF", "ACK", "0"],
+        &["SET", "a4", "1"],
+        &["EXEC"],
+        &["GET", "a4"],
+    ]));
+    w.server(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n$1\r\n1\r\n");
+    w.close();
+    let recs = w.take();
+    // (Run by EXEC it adds no element: the server's reply to EXEC is then one short, and the
+    // GET's is taken as its last, as any client takes it. Nothing is discarded.)
+    assert_eq!(
+        names(&recs),
+        ["multi", "replconf", "set", "exec", "get", "disconnection"]
+    );
+    assert!(
+        recs.iter().all(|r| !s(&r.error).starts_with("discarded")),
+        "{recs:?}"
     );
 }
