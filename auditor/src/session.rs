@@ -67,6 +67,9 @@ const REPLY_UNCERTAIN: &str = "reply uncertain (capture gap)";
 /// first such command on, EXEC's elements no longer line up with the commands, nor do the
 /// replies after it until the client has had all of them.
 const REPLY_UNCERTAIN_PUBSUB: &str = "reply uncertain (pub/sub inside MULTI)";
+/// A transaction with REPLCONF ACK/GETACK in it: EXEC's array counts it, but it adds no element,
+/// so the array takes the reply of the command after EXEC for its last.
+const REPLY_UNCERTAIN_REPLCONF: &str = "reply uncertain (REPLCONF ACK inside MULTI)";
 /// EXEC elements past the last error the reply parser keeps (`resp::MAX_ELEMENT_ERRORS`).
 const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)";
 /// A connection open before attach was inside MULTI already: EXEC's reply holds the results of
@@ -722,6 +725,8 @@ struct Conn {
     /// `uncertain_since` was set by a transaction with pub/sub in it, not by a capture gap: the
     /// replies left over are EXEC's, not those of commands the gap held.
     uncertain_from_pubsub: bool,
+    /// The reason written while `uncertain_from_pubsub` (pub/sub, or REPLCONF ACK, in EXEC).
+    uncertain_why: &'static str,
     /// Guesses `drop_unanswered_guesses` counted that may still get their replies (a real command
     /// held by CLIENT PAUSE): such a reply is not a command the gap held, counted again.
     guesses_owed: u64,
@@ -1088,6 +1093,7 @@ impl Session {
             reads: 0,
             uncertain_since: None,
             uncertain_from_pubsub: false,
+            uncertain_why: REPLY_UNCERTAIN_PUBSUB,
             lost_commands: 0,
             guesses_owed: 0,
             request_gap_seen: false,
@@ -1166,6 +1172,7 @@ impl Session {
                     reads: 0,
                     uncertain_since: None,
                     uncertain_from_pubsub: false,
+                    uncertain_why: REPLY_UNCERTAIN_PUBSUB,
                     lost_commands: 0,
                     guesses_owed: 0,
                     request_gap_seen: false,
@@ -1545,13 +1552,8 @@ impl Session {
                 .args
                 .get(1)
                 .is_some_and(|a| a.eq_ignore_case("ack") || a.eq_ignore_case("getack"))
-            && req.argc % 2 == 1
-            // Queued inside MULTI (+QUEUED), also behind a MULTI not yet answered.
-            && !conn.in_multi
-            && !conn
-                .pending
-                .iter()
-                .any(|p| matches!(p.effect, Effect::Multi));
+            // (Inside MULTI it is queued: a +QUEUED at the head is its reply, `settle_refusable`.)
+            && req.argc % 2 == 1;
         if silent_report && req.args[1].eq_ignore_case("ack") {
             if conn.preexisting && !conn.replica && conn.pending.is_empty() {
                 // A replica's offset report on a link open at attach: what the server sends on
@@ -1565,7 +1567,7 @@ impl Session {
             // Not a replica's handshake: what it held is written first.
             self.release_held(conn, out);
         }
-        let mut effect = if silent_report {
+        let mut effect = if silent_report && conn.reply_mode == ReplyMode::On {
             Effect::OffsetReport
         } else if replconf && settings.ignore_internal_clients {
             Effect::Handshake
@@ -1831,6 +1833,7 @@ impl Session {
                     }
                     conn.uncertain_since = Some(conn.reads);
                     conn.uncertain_from_pubsub = true;
+                    conn.uncertain_why = REPLY_UNCERTAIN_PUBSUB;
                 }
                 return;
             }
@@ -2187,6 +2190,15 @@ impl Session {
                 self.drain_unreplied(conn, out);
                 return true;
             }
+            if let Some(reply) = reply
+                && matches!(head.effect, Effect::OffsetReport)
+                && is_queued(reply)
+            {
+                // Inside MULTI: queued, and this is its reply.
+                head.refusable = false;
+                head.expects_reply = true;
+                return false;
+            }
             // It took effect: an unanswered command like those it silenced.
             head.refusable = false;
             self.drain_unreplied(conn, out);
@@ -2364,7 +2376,7 @@ impl Session {
             // another command's.
             p.record.result = Outcome::Unknown;
             p.record.error = if conn.uncertain_from_pubsub {
-                REPLY_UNCERTAIN_PUBSUB
+                conn.uncertain_why
             } else {
                 REPLY_UNCERTAIN
             }
@@ -2559,7 +2571,11 @@ impl Session {
             } else {
                 queued
                     .iter()
-                    .position(|q| matches!(q.effect, Effect::Subscribe(..)))
+                    .position(|q| matches!(q.effect, Effect::Subscribe(..) | Effect::OffsetReport))
+            };
+            let pubsub_why = match pubsub_from.and_then(|i| queued.get(i)) {
+                Some(q) if matches!(q.effect, Effect::OffsetReport) => REPLY_UNCERTAIN_REPLCONF,
+                _ => REPLY_UNCERTAIN_PUBSUB,
             };
             let errors_from =
                 (reply.element_errors.len() >= crate::resp::MAX_ELEMENT_ERRORS).then(|| {
@@ -2571,7 +2587,7 @@ impl Session {
             let uncertain = match (pubsub_from, errors_from) {
                 _ if before_attach => Some((0, REPLY_UNCERTAIN_ATTACH)),
                 (Some(a), Some(b)) if b < a => Some((b, REPLY_UNCERTAIN_ERRORS)),
-                (Some(a), _) => Some((a, REPLY_UNCERTAIN_PUBSUB)),
+                (Some(a), _) => Some((a, pubsub_why)),
                 (None, Some(b)) => Some((b, REPLY_UNCERTAIN_ERRORS)),
                 (None, None) => None,
             };
@@ -2583,6 +2599,7 @@ impl Session {
                 }
                 conn.uncertain_since = Some(conn.reads);
                 conn.uncertain_from_pubsub = true;
+                conn.uncertain_why = pubsub_why;
             }
             for (i, mut q) in queued.into_iter().enumerate() {
                 if matches!(p.effect, Effect::Reset) {
