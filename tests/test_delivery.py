@@ -1642,9 +1642,11 @@ def test_a_connection_whose_report_the_full_ring_dropped_is_audited_from_its_nex
                               what="the SET after the window")
         recorded = sum(1 for r in recs if r["keys"] and r["keys"][0].startswith("window:")) - 1
         uncaptured = sent - recorded
-        # Request and reply of each, but for one whose reply came after it was found (that one
-        # is counted as a command not captured).
-        assert kernel_ring_drops(a.proc.pid) - dropped_while_stopped >= 2 * uncaptured - 1, (
+        # Request and reply of each, but around the moment it was found: the command in flight
+        # then may have had its request dropped and its reply captured (counted as a command not
+        # captured), and the one before it its reply dropped after its request was (CI: 5,486
+        # drops for 2,744 commands).
+        assert kernel_ring_drops(a.proc.pid) - dropped_while_stopped >= 2 * uncaptured - 2, (
             sent, recorded)
     wait_until(lambda: int(info(a)["audit_lost_ring_buffer_events"]) > 0, timeout=10,
                what="the ring's losses counted")
