@@ -54,6 +54,11 @@ fn keys_of(r: &Record) -> Vec<String> {
     r.keys.iter().map(s).collect()
 }
 
+/// Each record's command and result, in order.
+fn outcomes(recs: &[Record]) -> Vec<(String, Outcome)> {
+    recs.iter().map(|r| (s(&r.command), r.result)).collect()
+}
+
 fn names(recs: &[Record]) -> Vec<String> {
     recs.iter().map(|r| s(&r.command)).collect()
 }
@@ -1989,7 +1994,7 @@ fn a_refused_client_reply_skip_in_a_pipeline_keeps_replies_on_their_commands() {
           -ERR value is not an integer or out of range\r\n$3\r\nabc\r\n$5\r\nafter\r\n",
     );
     let recs = w.take();
-    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(
         got,
         vec![
@@ -2016,7 +2021,7 @@ fn client_reply_skip_whose_next_reply_is_an_error_of_a_later_command_took_effect
     ]));
     w.server(b"-ERR value is not an integer or out of range\r\n");
     let recs = w.take();
-    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(
         got,
         vec![
@@ -2072,7 +2077,7 @@ fn client_reply_off_refused_inside_multi() {
     w.client(&cmd(&["EXEC"]));
     w.server(b"-EXECABORT Transaction discarded because of previous errors.\r\n");
     let recs = w.take();
-    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(got[0], ("client|reply".into(), Outcome::Failure));
     assert!(got.iter().all(|(_, r)| *r != Outcome::Unknown), "{got:?}");
     let p = w.roundtrip(&["PING"], b"+PONG\r\n");
@@ -2101,7 +2106,7 @@ fn a_client_reply_skip_after_a_refused_off_in_one_pipeline_is_a_skip_with_replie
         b"+OK\r\n-ERR Command 'client|reply' not allowed inside a transaction\r\n+OK\r\n$1\r\n1\r\n",
     );
     let recs = w.take();
-    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(
         got,
         [
@@ -2130,7 +2135,7 @@ fn client_reply_off_in_a_pipeline() {
     ]));
     w.server(b"$-1\r\n+OK\r\n$1\r\n1\r\n");
     let recs = w.take();
-    let got: Vec<(String, Outcome)> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(
         got,
         vec![
@@ -5072,7 +5077,7 @@ fn on_a_connection_open_at_attach_an_array_like_a_confirmation_is_a_reply() {
     ]));
     w.server(&[confirmation("subscribe", Some("x"), 1), WRONGPASS.to_vec()].concat());
     let recs = w.take();
-    let got: Vec<_> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(
         got,
         [
@@ -5136,7 +5141,7 @@ fn replconf_ack_after_a_transaction_in_the_same_write_runs_silently() {
     ]));
     w.server(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n-NOPERM User bob has no permissions to run the 'flushall' command\r\n+PONG\r\n");
     let recs = w.take();
-    let got: Vec<_> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&recs);
     assert_eq!(
         got,
         [
@@ -5155,7 +5160,7 @@ fn replconf_ack_after_a_transaction_in_the_same_write_runs_silently() {
         &["PING"],
     ]));
     w.server(b"-NOPERM User erin has no permissions to run the 'multi' command\r\n:1\r\n+PONG\r\n");
-    let got: Vec<_> = w.take().iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&w.take());
     assert_eq!(
         got,
         [
@@ -5171,7 +5176,7 @@ fn replconf_ack_after_a_transaction_in_the_same_write_runs_silently() {
         &["PING"],
     ]));
     w.server(b"+PONG\r\n");
-    let got: Vec<_> = w.take().iter().map(|r| (s(&r.command), r.result)).collect();
+    let got = outcomes(&w.take());
     assert_eq!(
         got,
         [
