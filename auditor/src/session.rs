@@ -485,6 +485,12 @@ fn expectation(mode: &mut ReplyMode, p: &Pending) -> (bool, bool) {
     )
 }
 
+/// A refusable command whose refusal did not come before the next reply: it took effect.
+fn settle_as_run(p: &mut Pending) {
+    p.refusable = false;
+    p.ran_silently = matches!(p.effect, Effect::OffsetReport);
+}
+
 /// A command the server answers only to refuse it (REPLCONF ACK/GETACK) is, where replies are
 /// on, refusable like CLIENT REPLY OFF: a refusal is its only reply.
 fn silent_when_run((expects_reply, refusable): (bool, bool), silent: bool) -> (bool, bool) {
@@ -638,6 +644,8 @@ struct Pending {
     mode_change: ModeChange,
     /// Read while replies were off: a refusal of it is silent too.
     sent_replies_off: bool,
+    /// A REPLCONF ACK/GETACK whose refusal did not come: it ran (`settle_as_run`).
+    ran_silently: bool,
     /// `Conn::reads` when it was read.
     read: u64,
     /// Its argument count passed the command's arity (see `Described::arity_ok`).
@@ -1567,7 +1575,9 @@ impl Session {
             // Not a replica's handshake: what it held is written first.
             self.release_held(conn, out);
         }
-        let mut effect = if silent_report && conn.reply_mode == ReplyMode::On {
+        // (Read with replies off it is silent either way, but an OffsetReport still: should a
+        // refusal of the CLIENT REPLY OFF turn them back on, it is refusable, not answered.)
+        let mut effect = if silent_report {
             Effect::OffsetReport
         } else if replconf && settings.ignore_internal_clients {
             Effect::Handshake
@@ -1709,6 +1719,7 @@ impl Session {
             refusable,
             mode_change,
             sent_replies_off,
+            ran_silently: false,
             read: conn.reads,
             arity_ok: d.arity_ok,
         });
@@ -1762,6 +1773,7 @@ impl Session {
             refusable: false,
             mode_change: ModeChange::None,
             sent_replies_off: false,
+            ran_silently: false,
             read: conn.reads,
             arity_ok: true,
         };
@@ -1818,7 +1830,9 @@ impl Session {
                 // refusal would have come first), commands they silenced, and silenced
                 // subscribe-family commands that got no confirmation (they failed).
                 for p in conn.pending.iter_mut().take(at) {
-                    p.refusable = false;
+                    if p.refusable {
+                        settle_as_run(p);
+                    }
                     p.awaiting = false;
                 }
                 self.drain_unreplied(conn, out);
@@ -2200,7 +2214,7 @@ impl Session {
                 return false;
             }
             // It took effect: an unanswered command like those it silenced.
-            head.refusable = false;
+            settle_as_run(head);
             self.drain_unreplied(conn, out);
         }
         false
@@ -2284,8 +2298,9 @@ impl Session {
             .is_some_and(|p| !p.expects_reply && !p.refusable && !p.awaiting)
         {
             let p = conn.pending.pop_front().expect("front exists");
-            if matches!(p.effect, Effect::OffsetReport) && p.settings.ignore_internal_clients {
-                // It ran, and did nothing a client's audit shows.
+            if p.ran_silently && p.settings.ignore_internal_clients {
+                // A REPLCONF ACK that ran: nothing a client's audit shows. (One silenced by
+                // CLIENT REPLY may have been refused unseen: written, its outcome unknown.)
                 continue;
             }
             let done = p.done_ts;

@@ -5186,3 +5186,38 @@ fn replconf_ack_after_a_transaction_in_the_same_write_runs_silently() {
         ]
     );
 }
+
+#[test]
+fn a_replconf_ack_read_with_replies_off_is_still_silent_when_a_refusal_turns_them_on() {
+    // Read after a CLIENT REPLY OFF, a REPLCONF ACK expected no reply; the server then refused
+    // the OFF, and the commands after it were worked out again as if replies were on. The ACK,
+    // silent whenever it runs, was taken for answered: the SET's +OK became its reply, the
+    // GET's bulk the SET's, and the GET waited for a reply that never came.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["REPLCONF", "ACK", "0"],
+        &["SET", "a", "1"],
+        &["GET", "a"],
+    ]));
+    w.server(
+        b"-NOPERM User nocl has no permissions to run the 'client|reply' command\r\n+OK\r\n$1\r\n1\r\n",
+    );
+    let got = outcomes(&w.take());
+    assert_eq!(
+        got,
+        [
+            ("client|reply".into(), Outcome::Failure),
+            ("set".into(), Outcome::Success),
+            ("get".into(), Outcome::Success),
+        ]
+    );
+    // Before a subscribe confirmation too, one whose refusal did not come ran: not written.
+    w.client(&pipeline(&[
+        &["REPLCONF", "ACK", "0"],
+        &["SUBSCRIBE", "ch"],
+    ]));
+    w.server(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n");
+    assert_eq!(names(&w.take()), ["subscribe"]);
+}
