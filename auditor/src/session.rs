@@ -1571,7 +1571,7 @@ impl Session {
             if conn.replica && settings.ignore_internal_clients {
                 return;
             }
-        } else if !replconf && !matches!(&*d.command, b"sync" | b"psync") && !conn.held.is_empty() {
+        } else if !conn.held.is_empty() && !replconf && !matches!(&*d.command, b"sync" | b"psync") {
             // Not a replica's handshake: what it held is written first.
             self.release_held(conn, out);
         }
