@@ -70,6 +70,9 @@ const REPLY_UNCERTAIN_PUBSUB: &str = "reply uncertain (pub/sub inside MULTI)";
 /// A transaction with REPLCONF ACK/GETACK in it: EXEC's array counts it, but it adds no element,
 /// so the array takes the reply of the command after EXEC for its last.
 const REPLY_UNCERTAIN_REPLCONF: &str = "reply uncertain (REPLCONF ACK inside MULTI)";
+/// A REPLCONF whose option before ACK may fail on the server's state, and an error such an
+/// option gives: it may as well be the next command's.
+const REPLY_UNCERTAIN_REPLCONF_OPTION: &str = "reply uncertain (REPLCONF option before ACK)";
 /// EXEC elements past the last error the reply parser keeps (`resp::MAX_ELEMENT_ERRORS`).
 const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)";
 /// A connection open before attach was inside MULTI already: EXEC's reply holds the results of
@@ -481,14 +484,106 @@ fn reset_connection(conn: &mut Conn) {
 fn expectation(mode: &mut ReplyMode, p: &Pending) -> (bool, bool) {
     silent_when_run(
         reply_mode_step(mode, p.mode_change),
-        matches!(p.effect, Effect::OffsetReport),
+        matches!(p.effect, Effect::OffsetReport(_)),
     )
+}
+
+/// How Valkey's `replconfCommand` answers a REPLCONF: an even argument count is a syntax error;
+/// then it works through the option/value pairs in order, answers an invalid one with an error,
+/// returns without a word at ACK or GETACK, and says +OK at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplconfRun {
+    /// +OK or an error, like any command.
+    Answered,
+    /// It reaches ACK/GETACK: only a refusal of the whole command (ACL, NOAUTH) answers it.
+    Silent,
+    /// It reaches ACK/GETACK unless an option before it fails on the server's state (an RDB
+    /// client id, a cluster node, a filter, a version): that option's error then.
+    SilentUnlessOptionFails,
+}
+
+/// `ReplconfRun` for REPLCONF's arguments (`args[0]` is the command); the checks that depend
+/// only on the arguments are made here as the server makes them.
+fn replconf_run(args: &[Arg], argc: u64) -> ReplconfRun {
+    // (NET_HOST_STR_LEN: a longer ip-address is refused.)
+    const MAX_IP_ADDRESS: u64 = 255;
+    let integer = |a: &Arg| {
+        if a.is_complete() {
+            crate::commands::string2ll(&a.prefix)
+        } else {
+            None
+        }
+    };
+    if argc.is_multiple_of(2) {
+        return ReplconfRun::Answered;
+    }
+    let mut on_state = false;
+    for pair in args.get(1..).unwrap_or_default().chunks_exact(2) {
+        let (option, value) = (&pair[0], &pair[1]);
+        let is = |name: &str| option.eq_ignore_case(name);
+        let valid = if is("ack") || is("getack") {
+            return if on_state {
+                ReplconfRun::SilentUnlessOptionFails
+            } else {
+                ReplconfRun::Silent
+            };
+        } else if is("listening-port") {
+            integer(value).is_some()
+        } else if is("ip-address") {
+            value.len <= MAX_IP_ADDRESS
+        } else if is("capa") {
+            true
+        } else if is("rdb-only") || is("rdb-channel") {
+            matches!(integer(value), Some(0 | 1))
+        } else if is("set-rdb-client-id") {
+            on_state = true;
+            integer(value).is_some()
+        } else if is("rdb-filter-only") || is("version") || is("set-cluster-node-id") {
+            on_state = true;
+            true
+        } else {
+            false
+        };
+        if !valid {
+            return ReplconfRun::Answered;
+        }
+    }
+    ReplconfRun::Answered
+}
+
+/// Whether `text` is the error of a REPLCONF option that fails on the server's state
+/// (`ReplconfRun::SilentUnlessOptionFails`), or of an option this server does not know.
+fn is_replconf_option_error(text: &[u8]) -> bool {
+    let text = text.strip_prefix(b"ERR ").unwrap_or(text);
+    [
+        &b"Unrecognized REPLCONF option"[..],
+        b"Unrecognized RDB client id",
+        b"Missing rdb-filter-only values",
+        b"Unsupported rdb-filter-only option",
+        b"Unrecognized version format",
+        b"This instance has cluster support disabled",
+        b"Unknown node",
+    ]
+    .iter()
+    .any(|t| text.starts_with(t))
+}
+
+/// Replies from here on may not be the commands' they seem to answer (for `why`, not a capture
+/// gap): the pending commands' results, and those of commands read before the client has had
+/// every reply, are written unknown.
+fn doubt_replies(conn: &mut Conn, why: &'static str) {
+    for pending in conn.pending.iter_mut() {
+        pending.after_gap = true;
+    }
+    conn.uncertain_since = Some(conn.reads);
+    conn.uncertain_from_pubsub = true;
+    conn.uncertain_why = why;
 }
 
 /// A refusable command whose refusal did not come before the next reply: it took effect.
 fn settle_as_run(p: &mut Pending) {
     p.refusable = false;
-    p.ran_silently = matches!(p.effect, Effect::OffsetReport);
+    p.ran_silently = matches!(p.effect, Effect::OffsetReport(_));
 }
 
 /// A command the server answers only to refuse it (REPLCONF ACK/GETACK) is, where replies are
@@ -559,10 +654,11 @@ enum Effect {
     /// REPLCONF (but ACK) while internal clients are ignored: a replica's handshake, or any
     /// client's (it is not refused to them). Its record waits in `Conn::held` for what follows.
     Handshake,
-    /// REPLCONF ACK/GETACK: silent once it runs (refusable, like CLIENT REPLY OFF); not written
-    /// then while internal clients are ignored (Valkey ignores an ACK from anyone but a
-    /// replica). A refusal is written like any command's.
-    OffsetReport,
+    /// REPLCONF that reaches ACK/GETACK (`ReplconfRun`): silent once it runs (refusable, like
+    /// CLIENT REPLY OFF); not written then while internal clients are ignored (Valkey ignores an
+    /// ACK from anyone but a replica). A refusal is written like any command's. `true`: an option
+    /// before it may fail on the server's state, and its error is a refusal too.
+    OffsetReport(bool),
     /// CLUSTER SYNCSLOTS ESTABLISH while internal clients are ignored: another node starting an
     /// atomic slot migration into this one. Once the server accepts it, the link streams the
     /// slots' keys as commands (SELECT, SET, ...): server-internal traffic, like a primary's.
@@ -1555,13 +1651,16 @@ impl Session {
         // anyone but a replica), but it refuses it like any command (NOPERM, NOAUTH) and a wrong
         // number of arguments is a syntax error (QA: taken for silent, those errors were paired
         // with the next commands: a denied REPLCONF made a SET read as denied).
-        let silent_report = replconf
-            && req
-                .args
-                .get(1)
-                .is_some_and(|a| a.eq_ignore_case("ack") || a.eq_ignore_case("getack"))
-            // (Inside MULTI it is queued: a +QUEUED at the head is its reply, `settle_refusable`.)
-            && req.argc % 2 == 1;
+        // Valkey works through the options in order and returns at ACK/GETACK wherever it is
+        // (QA: `REPLCONF listening-port 1 ACK 5` was taken for answered, and every result after
+        // it shifted by one: a wrong password read as a good one).
+        // (Inside MULTI it is queued: a +QUEUED at the head is its reply, `settle_refusable`.)
+        let run = if replconf {
+            replconf_run(&req.args, req.argc)
+        } else {
+            ReplconfRun::Answered
+        };
+        let silent_report = run != ReplconfRun::Answered;
         if silent_report && req.args[1].eq_ignore_case("ack") {
             if conn.preexisting && !conn.replica && conn.pending.is_empty() {
                 // A replica's offset report on a link open at attach: what the server sends on
@@ -1578,7 +1677,7 @@ impl Session {
         // (Read with replies off it is silent either way, but an OffsetReport still: should a
         // refusal of the CLIENT REPLY OFF turn them back on, it is refusable, not answered.)
         let mut effect = if silent_report {
-            Effect::OffsetReport
+            Effect::OffsetReport(run == ReplconfRun::SilentUnlessOptionFails)
         } else if replconf && settings.ignore_internal_clients {
             Effect::Handshake
         } else if settings.ignore_internal_clients
@@ -1842,12 +1941,7 @@ impl Session {
                 }
                 self.confirm_head(conn, kind, reply, out);
                 if ambiguous {
-                    for pending in conn.pending.iter_mut() {
-                        pending.after_gap = true;
-                    }
-                    conn.uncertain_since = Some(conn.reads);
-                    conn.uncertain_from_pubsub = true;
-                    conn.uncertain_why = REPLY_UNCERTAIN_PUBSUB;
+                    doubt_replies(conn, REPLY_UNCERTAIN_PUBSUB);
                 }
                 return;
             }
@@ -2188,10 +2282,22 @@ impl Session {
             if !head.refusable {
                 return false;
             }
+            // Most likely the error of an option before ACK, but the command after it may have
+            // failed alike (an unknown node): taken for the REPLCONF's, and then its result and
+            // those of the commands after it, until the client has had every reply, are
+            // written unknown, never another command's.
+            let option_error = reply.is_some_and(|reply| {
+                reply.is_error()
+                    && matches!(head.effect, Effect::OffsetReport(true))
+                    && is_replconf_option_error(&reply.text)
+            });
             if let Some(reply) = reply
                 && reply.is_error()
-                && is_refusal_of(&head.record.command, &reply.text)
+                && (option_error || is_refusal_of(&head.record.command, &reply.text))
             {
+                if option_error {
+                    doubt_replies(conn, REPLY_UNCERTAIN_REPLCONF_OPTION);
+                }
                 // It changed nothing: replies stayed on. What the commands after it expect is
                 // worked out again from there, mode changes among them included (a SKIP after a
                 // refused OFF is a SKIP with replies on: refusable, and the next command silent).
@@ -2205,7 +2311,7 @@ impl Session {
                 return true;
             }
             if let Some(reply) = reply
-                && matches!(head.effect, Effect::OffsetReport)
+                && matches!(head.effect, Effect::OffsetReport(_))
                 && is_queued(reply)
             {
                 // Inside MULTI: queued, and this is its reply.
@@ -2584,12 +2690,12 @@ impl Session {
             let pubsub_from = if subscribed_resp3 {
                 Some(0)
             } else {
-                queued
-                    .iter()
-                    .position(|q| matches!(q.effect, Effect::Subscribe(..) | Effect::OffsetReport))
+                queued.iter().position(|q| {
+                    matches!(q.effect, Effect::Subscribe(..) | Effect::OffsetReport(_))
+                })
             };
             let pubsub_why = match pubsub_from.and_then(|i| queued.get(i)) {
-                Some(q) if matches!(q.effect, Effect::OffsetReport) => REPLY_UNCERTAIN_REPLCONF,
+                Some(q) if matches!(q.effect, Effect::OffsetReport(_)) => REPLY_UNCERTAIN_REPLCONF,
                 _ => REPLY_UNCERTAIN_PUBSUB,
             };
             let errors_from =
@@ -2609,12 +2715,7 @@ impl Session {
             if exec_ok && pubsub_from.is_some() {
                 // The replies after EXEC's may be its leftovers: what is pending now, and what
                 // is read before the client has had every reply, is written as unknown.
-                for pending in conn.pending.iter_mut() {
-                    pending.after_gap = true;
-                }
-                conn.uncertain_since = Some(conn.reads);
-                conn.uncertain_from_pubsub = true;
-                conn.uncertain_why = pubsub_why;
+                doubt_replies(conn, pubsub_why);
             }
             for (i, mut q) in queued.into_iter().enumerate() {
                 if matches!(p.effect, Effect::Reset) {
@@ -2710,7 +2811,7 @@ impl Session {
             Effect::Subscribe(..) => {}
             Effect::Monitor => conn.monitor = true,
             // (Their replies decide: `finish_replication`.)
-            Effect::Sync | Effect::Handshake | Effect::SlotImport | Effect::OffsetReport => {}
+            Effect::Sync | Effect::Handshake | Effect::SlotImport | Effect::OffsetReport(_) => {}
             Effect::Reset => reset_connection(conn),
             Effect::ListenersChanged(port) => {
                 if let Some(port) = *port

@@ -5221,3 +5221,125 @@ fn a_replconf_ack_read_with_replies_off_is_still_silent_when_a_refusal_turns_the
     w.server(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n");
     assert_eq!(names(&w.take()), ["subscribe"]);
 }
+
+#[test]
+fn a_replconf_is_silent_wherever_its_ack_or_getack_comes() {
+    // QA: Valkey returns without a word at ACK/GETACK in any option position; only one first
+    // was taken for silent, so `REPLCONF listening-port 1 ACK 5` took the GET's reply, and each
+    // result after it was the previous command's: the second wrong password read as a good one
+    // and the FLUSHALL ran as `admin`.
+    for first in [
+        &["listening-port", "1", "ACK", "5"][..],
+        &["capa", "eof", "GETACK", "*"],
+    ] {
+        let mut w = Wire::new();
+        w.take();
+        let mut replconf = vec!["REPLCONF"];
+        replconf.extend_from_slice(first);
+        w.client(&pipeline(&[
+            &replconf,
+            &["GET", "k"],
+            &["AUTH", "admin", "guess1"],
+            &["AUTH", "admin", "guess2"],
+            &["FLUSHALL"],
+        ]));
+        w.server(b"$1\r\nv\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n");
+        let recs = w.take();
+        assert_eq!(
+            outcomes(&recs),
+            [
+                ("get".into(), Outcome::Success),
+                ("auth".into(), Outcome::Failure),
+                ("auth".into(), Outcome::Failure),
+                ("flushall".into(), Outcome::Success),
+            ],
+            "{first:?}"
+        );
+        assert_eq!(s(&recs[3].username), "default");
+    }
+}
+
+#[test]
+fn a_replconf_option_before_ack_that_fails_is_answered_or_uncertain() {
+    // An invalid value before ACK: the error is the REPLCONF's, the next reply the next one's.
+    let mut w = Wire::new();
+    w.take();
+    w.client(&pipeline(&[
+        &["REPLCONF", "listening-port", "abc", "ACK", "5"],
+        &["SET", "a", "1"],
+    ]));
+    w.server(b"-ERR value is not an integer or out of range\r\n+OK\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("replconf".into(), Outcome::Failure),
+            ("set".into(), Outcome::Success),
+        ]
+    );
+    // An option whose check needs the server's state: its error is taken for the REPLCONF's,
+    // but the next command might have failed alike, so no result is claimed until the client
+    // has had every reply.
+    w.client(&pipeline(&[
+        &["REPLCONF", "set-rdb-client-id", "99", "ACK", "1"],
+        &["SET", "b", "1"],
+    ]));
+    w.server(b"-ERR Unrecognized RDB client id 99\r\n+OK\r\n");
+    let recs = w.take();
+    assert_eq!(
+        outcomes(&recs),
+        [
+            ("replconf".into(), Outcome::Unknown),
+            ("set".into(), Outcome::Unknown),
+        ]
+    );
+    assert_eq!(
+        s(&recs[1].error),
+        "reply uncertain (REPLCONF option before ACK)"
+    );
+    let r = w.roundtrip(&["GET", "b"], b"$1\r\n1\r\n");
+    assert_eq!((s(&r.command), r.result), ("get".into(), Outcome::Success));
+}
+
+#[test]
+fn replconf_run_follows_the_servers_option_checks() {
+    use ReplconfRun::{Answered, Silent, SilentUnlessOptionFails};
+    let long_ip = "a".repeat(256);
+    let cases: [(&[&str], ReplconfRun); 11] = [
+        (&["REPLCONF", "ACK", "0"], Silent),
+        (&["replconf", "getack", "*"], Silent),
+        (&["REPLCONF", "ACK"], Answered),
+        (&["REPLCONF", "listening-port", "1"], Answered),
+        (
+            &[
+                "REPLCONF",
+                "ip-address",
+                "10.0.0.1",
+                "capa",
+                "x",
+                "ack",
+                "1",
+            ],
+            Silent,
+        ),
+        (&["REPLCONF", "ip-address", &long_ip, "ack", "1"], Answered),
+        (&["REPLCONF", "rdb-only", "2", "ack", "1"], Answered),
+        (&["REPLCONF", "rdb-channel", "1", "ack", "1"], Silent),
+        (&["REPLCONF", "bogus", "1", "ack", "1"], Answered),
+        (
+            &["REPLCONF", "set-rdb-client-id", "x", "ack", "1"],
+            Answered,
+        ),
+        (
+            &["REPLCONF", "set-cluster-node-id", "abc", "getack", "*"],
+            SilentUnlessOptionFails,
+        ),
+    ];
+    for (words, expected) in cases {
+        let args: Vec<Arg> = words.iter().map(|w| Arg::new(w.as_bytes())).collect();
+        assert_eq!(
+            replconf_run(&args, args.len() as u64),
+            expected,
+            "{words:?}"
+        );
+    }
+}
