@@ -843,6 +843,10 @@ struct Conn {
     /// Commands a reply-side gap made written as unknown whose replies may still come after it:
     /// such a reply is theirs, not a lost command's.
     replies_for_written: u64,
+    /// Replies that answered no request while no request-side gap was known: the ring drops a
+    /// read and lets the replies to its commands through, so the gap shows only at the next read
+    /// (its position jumps), after them. If that read shows one, they answer commands it held.
+    replies_before_gap: u64,
     /// Replies that came after a request-side gap with no request pending: each answers a command
     /// the gap held. Reported as one `commands_not_captured` loss record at the next read or at
     /// close.
@@ -1202,6 +1206,7 @@ impl Session {
             guesses_owed: 0,
             request_gap_seen: false,
             replies_for_written: 0,
+            replies_before_gap: 0,
         };
         self.stats.connections_seen += 1;
         let rec = self.connection_record(
@@ -1281,6 +1286,7 @@ impl Session {
                     guesses_owed: 0,
                     request_gap_seen: false,
                     replies_for_written: 0,
+                    replies_before_gap: 0,
                 };
                 self.stats.connections_seen += 1;
                 let rec = self.connection_record(&conn, b"connection", b"type=normal", ts_ns);
@@ -1413,6 +1419,13 @@ impl Session {
         if inbound {
             self.report_lost_commands(&mut conn, ts_ns, out);
             conn.reads += 1;
+            // Replies that answered nothing since the last read answer commands of a gap this
+            // read shows before its bytes (QA: hundreds of pipelined SETs per connection, whose
+            // reads the full ring dropped, were neither written nor counted).
+            let mut replies_before_gap = std::mem::take(&mut conn.replies_before_gap);
+            if !pieces.one.is_some_and(|(pos, _)| pos > conn.in_expected) {
+                replies_before_gap = 0;
+            }
             let dropped = if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
                 self.drop_unanswered_guesses(&mut conn, ts_ns, out)
             } else {
@@ -1485,6 +1498,7 @@ impl Session {
                         self.stats.request_resyncs += 1;
                         conn.uncertain_since = Some(conn.reads);
                         conn.request_gap_seen = true;
+                        conn.lost_commands += std::mem::take(&mut replies_before_gap);
                         let rec = self.loss_record(
                             &conn,
                             LossCause::RequestResync,
@@ -2024,18 +2038,19 @@ impl Session {
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if !conn.preexisting && !conn.internal {
                 self.stats.replies_unmatched += 1;
-                if (conn.uncertain_since.is_some() || conn.request_gap_seen)
-                    && !conn.uncertain_from_pubsub
-                {
+                if !conn.uncertain_from_pubsub {
                     if conn.replies_for_written > 0 {
                         // A command written unknown at a reply gap got its reply after all.
                         conn.replies_for_written -= 1;
                     } else if conn.guesses_owed > 0 {
                         // A counted guess was a real command after all: counted once.
                         conn.guesses_owed -= 1;
-                    } else {
+                    } else if conn.uncertain_since.is_some() || conn.request_gap_seen {
                         // The command it answers was in the capture gap: it ran, unseen.
                         conn.lost_commands += 1;
+                    } else {
+                        // Perhaps in a gap the next read shows.
+                        conn.replies_before_gap += 1;
                     }
                 }
             } else if conn.preexisting
