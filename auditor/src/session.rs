@@ -1423,7 +1423,7 @@ impl Session {
             // read shows before its bytes (QA: hundreds of pipelined SETs per connection, whose
             // reads the full ring dropped, were neither written nor counted).
             let mut replies_before_gap = std::mem::take(&mut conn.replies_before_gap);
-            if !pieces.one.is_some_and(|(pos, _)| pos > conn.in_expected) {
+            if pieces.one.is_none_or(|(pos, _)| pos <= conn.in_expected) {
                 replies_before_gap = 0;
             }
             let dropped = if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
