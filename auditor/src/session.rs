@@ -70,6 +70,8 @@ const REPLY_UNCERTAIN_PUBSUB: &str = "reply uncertain (pub/sub inside MULTI)";
 /// A transaction with REPLCONF ACK/GETACK in it: EXEC's array counts it, but it adds no element,
 /// so the array takes the reply of the command after EXEC for its last.
 const REPLY_UNCERTAIN_REPLCONF: &str = "reply uncertain (REPLCONF ACK inside MULTI)";
+/// A command on a replica's link, where the server sends no replies.
+const REPLICA_LINK_NO_REPLY: &str = "no reply on a replica link";
 /// A REPLCONF whose option before ACK may fail on the server's state, and an error such an
 /// option gives: it may as well be the next command's.
 const REPLY_UNCERTAIN_REPLCONF_OPTION: &str = "reply uncertain (REPLCONF option before ACK)";
@@ -1684,6 +1686,12 @@ impl Session {
             if conn.replica && settings.ignore_internal_clients {
                 return;
             }
+        } else if conn.replica
+            && settings.ignore_internal_clients
+            && (replconf || matches!(&*d.command, b"sync" | b"psync"))
+        {
+            // A replica's own traffic (Valkey ignores SYNC/PSYNC from a replica).
+            return;
         } else if !conn.held.is_empty() && !replconf && !matches!(&*d.command, b"sync" | b"psync") {
             // Not a replica's handshake: what it held is written first.
             self.release_held(conn, out);
@@ -1836,6 +1844,17 @@ impl Session {
             read: conn.reads,
             arity_ok: d.arity_ok,
         });
+        if conn.replica {
+            // On a replica's link the server sends the replication stream, never a reply (one
+            // that would reply has the link dropped after it ran): written at once, its outcome
+            // unknown (QA: a client whose SYNC was accepted ran ACL SETUSER and CONFIG SET,
+            // under CLIENT REPLY OFF too, and none of it was written).
+            if let Some(p) = conn.pending.pop_back() {
+                let ts = p.done_ts;
+                self.finish_unknown(conn, p, REPLICA_LINK_NO_REPLY, ts, out);
+            }
+            return;
+        }
         // A command that gets no reply, with nothing before it: its record is complete now
         // (unless the server may still refuse it).
         if !expects_reply && conn.pending.len() == 1 {
@@ -2542,7 +2561,15 @@ impl Session {
             .iter()
             .any(|q| !matches!(q.effect, Effect::Handshake | Effect::Sync));
         let hold = handshake && !reply.is_error();
-        if matches!(p.effect, Effect::Handshake) && hold {
+        // A dual-channel replica's PSYNC: the server will sync it on another link, and this one
+        // sends PSYNC again once it has (`syncCommand` writes +DUALCHANNELSYNC and returns):
+        // a step of the handshake, not the acceptance.
+        let dual_channel_step =
+            matches!(p.effect, Effect::Sync) && reply.text == b"DUALCHANNELSYNC";
+        if (matches!(p.effect, Effect::Handshake)
+            || (dual_channel_step && p.settings.ignore_internal_clients))
+            && hold
+        {
             if conn.held.len() >= MAX_HELD_HANDSHAKE {
                 // More than a replica sends: bounded memory, written all the same.
                 self.release_held(conn, out);
@@ -2553,7 +2580,7 @@ impl Session {
             conn.held.push((p.settings, p.record));
             return;
         }
-        if reply.is_error() || matches!(p.effect, Effect::Handshake) {
+        if reply.is_error() || matches!(p.effect, Effect::Handshake) || dual_channel_step {
             self.release_held(conn, out);
             self.push_with(&p.settings, &mut p.record, out);
             return;
@@ -2568,7 +2595,7 @@ impl Session {
         }
         self.become_replica(conn, out);
         if p.settings.ignore_internal_clients {
-            conn.internal = true;
+            // (Not `internal`: what else the link sends is still written, `on_described`.)
             conn.held.clear();
         } else {
             self.release_held(conn, out);
@@ -2586,7 +2613,9 @@ impl Session {
                 .is_some_and(|p| matches!(p.effect, Effect::Sync))
             && conn.replies.idle()
             && pieces.one.is_some_and(|(pos, bytes)| {
-                pos == conn.out_expected && matches!(bytes.first(), Some(b'+' | b'$'))
+                pos == conn.out_expected
+                    && matches!(bytes.first(), Some(b'+' | b'$'))
+                    && !bytes.starts_with(b"+DUALCHANNELSYNC\r")
             })
     }
 

@@ -5389,3 +5389,78 @@ fn replconf_run_follows_the_servers_option_checks() {
         );
     }
 }
+
+#[test]
+fn what_a_replica_link_sends_besides_its_replication_traffic_is_written() {
+    // QA: once the server accepted a client's SYNC/PSYNC, nothing it sent was written, and Valkey
+    // runs a replica's commands (it drops the link only once one replies, and under CLIENT REPLY
+    // OFF none does): ACL SETUSER and CONFIG SET requirepass went unseen.
+    for ignore in ["yes", "no"] {
+        let mut w = Wire::with(settings(&["audit.ignore_internal_clients", ignore]));
+        w.take();
+        w.client(&cmd(&["SYNC"]));
+        w.server(b"$9\r\nREDIS0011");
+        let before = names(&w.take());
+        w.client(&cmd(&["REPLCONF", "ACK", "0"]));
+        w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+        w.client(&cmd(&["ACL", "SETUSER", "evil", "on", ">pw", "+@all"]));
+        w.client(&cmd(&["CONFIG", "SET", "requirepass", "owned"]));
+        let recs = w.take();
+        let mut expected = vec!["client|reply", "acl|setuser", "config|set"];
+        if ignore == "no" {
+            assert_eq!(before, ["sync"]);
+            expected.insert(0, "replconf");
+        } else {
+            assert!(before.is_empty(), "{before:?}");
+        }
+        assert_eq!(names(&recs), expected, "ignore_internal_clients {ignore}");
+        for r in &recs {
+            assert_eq!(r.result, Outcome::Unknown);
+            assert_eq!(s(&r.error), "no reply on a replica link");
+        }
+        let acl = s(&recs[expected.len() - 2].command_args);
+        assert!(!acl.contains("pw"), "{acl}");
+        let config = s(&recs[expected.len() - 1].command_args);
+        assert!(!config.contains("owned"), "{config}");
+    }
+}
+
+#[test]
+fn a_dual_channel_replicas_first_psync_is_a_step_of_its_handshake() {
+    // `+DUALCHANNELSYNC`: the server syncs the replica over another link, and this one sends
+    // REPLCONF set-rdb-client-id and PSYNC again; only that PSYNC's +CONTINUE accepts it.
+    let mut w = Wire::new();
+    w.take();
+    for (request, reply) in [
+        (&["REPLCONF", "capa", "dual-channel"][..], &b"+OK\r\n"[..]),
+        (&["PSYNC", "?", "-1"], b"+DUALCHANNELSYNC\r\n"),
+        (&["REPLCONF", "set-rdb-client-id", "7"], b"+OK\r\n"),
+        (
+            &["PSYNC", "8de1787ba490483314a4d30f1c628bc5025eb761", "10"],
+            b"+CONTINUE\r\n",
+        ),
+    ] {
+        w.client(&cmd(request));
+        w.server(reply);
+    }
+    w.client(&cmd(&["REPLCONF", "ACK", "10"]));
+    assert!(w.take().is_empty());
+    w.close();
+    let recs = w.take();
+    assert_eq!(names(&recs), ["disconnection"]);
+    assert_eq!(s(&recs[0].command_args), "type=replica");
+    // Audited, each command has its own result.
+    let mut w = Wire::with(settings(&["audit.ignore_internal_clients", "no"]));
+    w.take();
+    w.client(&cmd(&["PSYNC", "?", "-1"]));
+    w.server(b"+DUALCHANNELSYNC\r\n");
+    w.client(&cmd(&["REPLCONF", "set-rdb-client-id", "7"]));
+    w.server(b"+OK\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("psync".into(), Outcome::Success),
+            ("replconf".into(), Outcome::Success),
+        ]
+    );
+}
