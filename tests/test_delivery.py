@@ -429,6 +429,28 @@ def test_archive_command_moving_files_away_never_gets_a_name_twice(valkey, start
     assert_gapless(sorted(recs, key=lambda r: r["seq"]))
     assert len(rolled_names) >= 10, rolled_names
 
+def test_archive_command_runs_without_the_capabilities_the_daemon_dropped(valkey, start_auditor, tmp_path):
+    """QA: the daemon, uid 0, dropped its capabilities but not its bounding set, so the archive
+    command (or code that took the daemon over) got every capability back at exec, CAP_SYS_ADMIN
+    included. It gets none now, and cannot gain any through a set-user-id program."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    status = tmp_path / "status.txt"
+    script = tmp_path / "archive.sh"
+    script.write_text("#!/bin/sh\n"
+                      f"grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs):' /proc/self/status > '{status}.tmp'\n"
+                      f"mv '{status}.tmp' '{status}'\n")
+    script.chmod(0o755)
+    live = logs / "audit.log"
+    a = file_auditor(start_auditor, valkey, live, "audit.max_file_size", "3000")
+    assert cli(a, "CONFIG", "SET", "audit.archive_command", f"{script} %path").strip() == "OK"
+    set_one_by_one(valkey, live, [f"caps:{i}" for i in range(40)], "y" * 100)
+    wait_until(status.exists, timeout=20, what="the archive command to run")
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+    fields = {k: v.strip() for k, v in fields.items()}
+    assert fields == {"CapPrm": "0" * 16, "CapEff": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1"}, fields
+
+
 def test_archive_command_failing_once_succeeds_on_retry(valkey, start_auditor, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

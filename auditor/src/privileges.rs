@@ -63,12 +63,26 @@ pub fn check_required() -> Result<()> {
     Ok(())
 }
 
-/// Keep only `KEPT`, in the effective and permitted sets; nothing is inheritable or ambient.
+/// Keep only `KEPT`, in the effective and permitted sets; nothing is inheritable or ambient, and
+/// nothing a program the daemon runs could regain.
 pub fn drop_after_attach() -> Result<()> {
     let keep: CapsHashSet = KEPT.into_iter().collect();
     let err = |set: &str, e: caps::errors::CapsError| {
         anyhow::anyhow!("dropping capabilities ({set} set): {e}")
     };
+    // A process of uid 0 that runs a program gives it every capability of its bounding set
+    // (QA: `audit.archive_command` ran with all of them, CAP_SYS_ADMIN included, and so would
+    // code that took over the daemon): the bounding set is emptied where the daemon may (with
+    // CAP_SETPCAP, as plain root; under the unit and the DaemonSet it holds only the four), and
+    // no program it runs gains privileges from a set-user-id or file-capability binary either.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        caps::clear(None, CapSet::Bounding).map_err(|e| err("bounding", e))?;
+    }
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only and changes only this
+    // thread's flag, which the threads started later inherit.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        bail!("setting no_new_privs: {}", std::io::Error::last_os_error());
+    }
     caps::clear(None, CapSet::Ambient).map_err(|e| err("ambient", e))?;
     caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable", e))?;
     caps::set(None, CapSet::Effective, &keep).map_err(|e| err("effective", e))?;
