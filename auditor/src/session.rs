@@ -802,6 +802,9 @@ struct Conn {
     /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
     /// replies, and the link is server-internal traffic.
     replica: bool,
+    /// `replica` was concluded from a REPLCONF ACK on a link open at attach: the first command a
+    /// replica never sends shows it was a client's (`on_described`).
+    replica_guessed: bool,
     /// Server-internal traffic (a replica's link, once the server accepted its SYNC/PSYNC; a
     /// cluster-bus link): not audited while `ignore_internal_clients` is on.
     internal: bool,
@@ -1197,6 +1200,7 @@ impl Session {
             cluster_bus: false,
             tls: false,
             replica: false,
+            replica_guessed: false,
             internal: false,
             held: Vec::new(),
             held_since: 0,
@@ -1277,6 +1281,7 @@ impl Session {
                     cluster_bus: false,
                     tls: false,
                     replica: false,
+                    replica_guessed: false,
                     internal: false,
                     held: Vec::new(),
                     held_since: 0,
@@ -1682,10 +1687,17 @@ impl Session {
                 // A replica's offset report on a link open at attach: what the server sends on
                 // it is the replication stream (a client's commands after it are still audited).
                 conn.replica = true;
+                conn.replica_guessed = true;
             }
             if conn.replica && settings.ignore_internal_clients {
                 return;
             }
+        } else if conn.replica_guessed && !replconf {
+            // A replica sends nothing but REPLCONF ACK: a client's REPLCONF ACK, which Valkey
+            // ignores (QA: one made a client open at attach a replica, and its FLUSHALL and
+            // the rest went without results). The server wrote nothing to it meanwhile.
+            conn.replica = false;
+            conn.replica_guessed = false;
         } else if conn.replica
             && settings.ignore_internal_clients
             && (replconf || matches!(&*d.command, b"sync" | b"psync"))
@@ -1917,6 +1929,11 @@ impl Session {
     }
 
     fn on_reply(&mut self, conn: &mut Conn, reply: &Reply, out: &mut impl RecordOut) {
+        if reply.kind == ReplyKind::Push {
+            // Only a RESP3 connection gets pushes (QA: one open at attach, its HELLO 3 unseen,
+            // took a client's LRANGE of a list beginning with "message" for a message).
+            conn.resp3 = true;
+        }
         // Out-of-band data first: it answers no request.
         let first = reply.first.as_deref().map(|f| f.to_ascii_lowercase());
         let is_pubsub_kind = matches!(
@@ -2475,7 +2492,10 @@ impl Session {
                     )
                 })
             // (A connection open before attach may be inside MULTI already.)
-            || (conn.preexisting && !conn.multi_known && is_queued(reply));
+            || (conn.preexisting
+                && !conn.multi_known
+                && is_queued(reply)
+                && conn.pending.front().is_some_and(|p| !returns_any_status(p)));
         if general {
             if let Some(p) = conn.pending.pop_front() {
                 self.finish_general(conn, p, reply, out);
@@ -2660,7 +2680,12 @@ impl Session {
             conn.multi_known = true;
         }
         let queued_reply = is_queued(reply);
-        if queued_reply && !conn.in_multi && conn.preexisting && !conn.multi_known {
+        if queued_reply
+            && !conn.in_multi
+            && conn.preexisting
+            && !conn.multi_known
+            && !returns_any_status(&p)
+        {
             // Open before attach and inside MULTI already: this command was queued.
             conn.in_multi = true;
             conn.multi_known = true;
@@ -3258,6 +3283,13 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
 }
 
 /// Commands whose error reply may come from the script or function they run.
+/// A command whose reply may be any status line, +QUEUED included: a script, or one the table
+/// does not know (a module's). Its +QUEUED says nothing of a MULTI begun before attach (QA: a
+/// script returning QUEUED was taken for queued, and never written once a real MULTI followed).
+fn returns_any_status(p: &Pending) -> bool {
+    !p.known || runs_a_script(&p.record.command)
+}
+
 fn runs_a_script(command: &[u8]) -> bool {
     matches!(
         command,

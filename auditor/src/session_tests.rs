@@ -5464,3 +5464,86 @@ fn a_dual_channel_replicas_first_psync_is_a_step_of_its_handshake() {
         ]
     );
 }
+
+#[test]
+fn a_clients_replconf_ack_on_a_link_open_at_attach_hides_nothing_after_it() {
+    // QA: one REPLCONF ACK (Valkey ignores it from a client) made a connection open at attach a
+    // replica's: its FLUSHALL and the rest got replies, but were written only at close, unknown.
+    let mut w = open_at_attach(50000);
+    w.client(&cmd(&["REPLCONF", "ACK", "0"]));
+    assert!(w.take().is_empty());
+    w.client(&pipeline(&[
+        &["SET", "a", "1"],
+        &["FLUSHALL"],
+        &["GET", "a"],
+    ]));
+    w.server(b"+OK\r\n+OK\r\n$-1\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("set".into(), Outcome::Success),
+            ("flushall".into(), Outcome::Success),
+            ("get".into(), Outcome::Success),
+        ]
+    );
+}
+
+#[test]
+fn a_script_returning_queued_on_a_link_open_at_attach_is_not_taken_for_queued() {
+    // QA: +QUEUED from EVAL made a connection open at attach "inside MULTI since before attach":
+    // the EVAL (which flushed everything) was written only at close, as discarded, or never.
+    let mut w = open_at_attach(50001);
+    let eval = [
+        "EVAL",
+        "redis.call('FLUSHALL'); return redis.status_reply('QUEUED')",
+        "0",
+    ];
+    w.client(&cmd(&eval));
+    w.server(b"+QUEUED\r\n");
+    assert_eq!(outcomes(&w.take()), [("eval".into(), Outcome::Success)]);
+    w.client(&pipeline(&[&["MULTI"], &["SET", "gone", "1"], &["EXEC"]]));
+    w.server(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("multi".into(), Outcome::Success),
+            ("set".into(), Outcome::Success),
+            ("exec".into(), Outcome::Success),
+        ]
+    );
+}
+
+#[test]
+fn a_push_shows_a_connection_open_at_attach_speaks_resp3() {
+    // QA: subscribed at attach over RESP3 (its HELLO 3 unseen), an LRANGE of a list beginning
+    // with "message" was dropped as a message, and every reply after it went one command late.
+    let mut w = open_at_attach(50002);
+    w.server(b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+    let r = w.roundtrip(
+        &["SUBSCRIBE", "ch2"],
+        b">3\r\n$9\r\nsubscribe\r\n$3\r\nch2\r\n:2\r\n",
+    );
+    assert_eq!(
+        (s(&r.command), r.result),
+        ("subscribe".into(), Outcome::Success)
+    );
+    w.client(&pipeline(&[&["LRANGE", "l", "0", "-1"], &["INCR", "n"]]));
+    w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n:1\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("lrange".into(), Outcome::Success),
+            ("incr".into(), Outcome::Success),
+        ]
+    );
+}
+
+/// A client connection that was open when the auditor attached, from port `port`.
+fn open_at_attach(port: u16) -> Wire {
+    let mut w = Wire::detached(Settings::default());
+    let mut out: Vec<Record> = Vec::new();
+    let peer = Peer::from_v4([10, 0, 0, 9], port);
+    w.session
+        .add_existing(TGID, FD, 0, peer, None, w.now, &mut out);
+    w
+}
