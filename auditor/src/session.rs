@@ -2734,9 +2734,6 @@ impl Session {
         } else {
             (Vec::new(), 0)
         };
-        // Checked before EXEC's own effects: a RESP3 connection subscribed before the
-        // transaction may get messages in the middle of EXEC's reply.
-        let subscribed_resp3 = conn.resp3 && conn.pubsub.subscribed();
         // The user the transaction was queued as: RESET changes it before its queue is written.
         let queued_as = conn.username.clone();
         self.complete(conn, &mut p, reply);
@@ -2756,13 +2753,12 @@ impl Session {
             // aborted, which only a null reply says.
             let count_mismatch = exec_ran && !exec_ok;
             // From which command on EXEC's elements say nothing sure, and why.
-            let pubsub_from = if subscribed_resp3 {
-                Some(0)
-            } else {
-                queued.iter().position(|q| {
-                    matches!(q.effect, Effect::Subscribe(..) | Effect::OffsetReport(_))
-                })
-            };
+            // (Messages and other pushes to a subscribed RESP3 connection, its own PUBLISH and
+            // keyspace events inside the transaction included, come after EXEC's reply: QA
+            // found every result of such a client's transactions written unknown for nothing.)
+            let pubsub_from = queued
+                .iter()
+                .position(|q| matches!(q.effect, Effect::Subscribe(..) | Effect::OffsetReport(_)));
             let pubsub_why = match pubsub_from.and_then(|i| queued.get(i)) {
                 Some(q) if matches!(q.effect, Effect::OffsetReport(_)) => REPLY_UNCERTAIN_REPLCONF,
                 _ => REPLY_UNCERTAIN_PUBSUB,

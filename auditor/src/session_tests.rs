@@ -5547,3 +5547,35 @@ fn open_at_attach(port: u16) -> Wire {
         .add_existing(TGID, FD, 0, peer, None, w.now, &mut out);
     w
 }
+
+#[test]
+fn a_subscribed_resp3_clients_transaction_has_its_results() {
+    // QA: a RESP3 client subscribed to keyspace events (a client-side cache) got every result of
+    // its transactions, and the reply after EXEC, written unknown: Valkey sends the pushes after
+    // EXEC's reply, and a push is never an element of it.
+    let mut w = Wire::new();
+    w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    w.roundtrip(
+        &["SUBSCRIBE", "__keyspace@0__:k"],
+        b">3\r\n$9\r\nsubscribe\r\n$16\r\n__keyspace@0__:k\r\n:1\r\n",
+    );
+    w.take();
+    w.client(&pipeline(&[
+        &["MULTI"],
+        &["SET", "k", "x"],
+        &["INCR", "k"],
+        &["EXEC"],
+        &["PING"],
+    ]));
+    w.server(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n-ERR value is not an integer or out of range\r\n>3\r\n$7\r\nmessage\r\n$16\r\n__keyspace@0__:k\r\n$3\r\nset\r\n+PONG\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("multi".into(), Outcome::Success),
+            ("set".into(), Outcome::Success),
+            ("incr".into(), Outcome::Failure),
+            ("exec".into(), Outcome::Success),
+            ("ping".into(), Outcome::Success),
+        ]
+    );
+}
