@@ -429,6 +429,49 @@ def test_archive_command_moving_files_away_never_gets_a_name_twice(valkey, start
     assert_gapless(sorted(recs, key=lambda r: r["seq"]))
     assert len(rolled_names) >= 10, rolled_names
 
+def test_sighup_while_the_auditor_starts_does_not_end_it(valkey, tmp_path):
+    """QA: SIGHUP's default action ends a process, and the handler was installed only once the
+    auditor was up: a logrotate reload landing during a (re)start killed it, with an empty log."""
+    log = tmp_path / "hup.log"
+    control = free_port()
+    proc = subprocess.Popen([str(AUDITOR), "--pid", str(valkey.pid), "--control", f"127.0.0.1:{control}",
+                             "audit.protocol", f"file {log}", "audit.format", "json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def handles_hangup():
+            # (Before its first instruction no process can: bit 0 of SigBlk or SigCgt is SIGHUP.)
+            assert proc.poll() is None, proc.stderr.read()
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            return any(int(re.search(rf"^{field}:\s*([0-9a-f]+)", status, re.M).group(1), 16) & 1
+                       for field in ("SigBlk", "SigCgt"))
+        wait_until(handles_hangup, interval=0.001, what="the auditor to hold or catch SIGHUP")
+
+        def pong():
+            try:
+                with socket.create_connection(("127.0.0.1", control), timeout=0.2) as s:
+                    s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                    return s.recv(64) == b"+PONG\r\n"
+            except OSError:
+                return False
+        # From the start, not only once it is up (loading and attaching take a while).
+        assert not pong(), "SIGHUP was handled only once the auditor was up"
+
+        def answers():
+            # A HUP every round until the control port answers: the rest of start-up is covered.
+            assert proc.poll() is None, f"auditor ended by SIGHUP: {proc.returncode}"
+            proc.send_signal(signal.SIGHUP)
+            return pong()
+        wait_until(answers, timeout=30, interval=0.01, what="the control port, under SIGHUPs")
+        Raw(valkey.port).call("SET", "after-hup", "1")
+
+        def written():
+            lines = log.read_bytes().splitlines() if log.exists() else []
+            return any(json.loads(l).get("keys") == ["after-hup"] for l in lines)
+        wait_until(written, what="the SET's record")
+    finally:
+        terminate(proc)
+
+
 def test_archive_command_runs_without_the_capabilities_the_daemon_dropped(valkey, start_auditor, tmp_path):
     """QA: the daemon, uid 0, dropped its capabilities but not its bounding set, so the archive
     command (or code that took the daemon over) got every capability back at exec, CAP_SYS_ADMIN
