@@ -1370,6 +1370,27 @@ def test_tcp_records_that_fit_neither_collector_nor_spool_at_stop_are_reported(v
     finally:
         listener.close()
 
+def test_an_unusable_spool_directory_is_said(valkey, start_auditor, tmp_path):
+    """QA: the unit's sandbox left the default spool directory read-only, and while the collector
+    was away everything past the memory queue was dropped (counted) without a word about why."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    col = Collector()  # away
+    a = start_auditor(valkey.pid, settings=(
+        "audit.protocol", f"tcp 127.0.0.1:{col.port}", "audit.tcp_retry_interval_ms", "200",
+        "audit.spool_dir", str(blocker / "spool"), "audit.max_queue_size", "65536"))
+    try:
+        s = connect(valkey.port)
+        send_sets(s, [f"nospool:{i:05d}" for i in range(2000)], b"s" * 100)
+        wait_until(lambda: "TCP sink: spool" in a.stderr_path.read_text(), timeout=30,
+                   what="the auditor to say the spool cannot be used")
+        said = a.stderr_path.read_text()
+        assert str(blocker / "spool") in said and "dropped" in said, said
+        s.close()
+    finally:
+        col.close()
+
+
 def test_tcp_spool_overflow_loss_count_is_exact(valkey, start_auditor, tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()

@@ -772,7 +772,16 @@ impl TcpSink {
                 self.spool_retry_at = None;
             }
             Err(e) => {
-                self.note(format!("spool {}: {e}", path.display()));
+                let message = format!("spool {}: {e}", path.display());
+                if self.last_error.as_deref() != Some(message.as_str()) {
+                    // Said once per cause (QA: a spool directory the unit's sandbox kept
+                    // read-only dropped records past the memory queue without a word).
+                    eprintln!(
+                        "auditor: TCP sink: {message}; while the collector is away, records past \
+                         the memory queue are dropped (counted)"
+                    );
+                }
+                self.note(message);
                 self.spool_retry_at = Some(Instant::now() + SPOOL_RETRY_INTERVAL);
             }
         }
