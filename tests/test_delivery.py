@@ -203,6 +203,8 @@ def test_start_and_stop_records_and_clean_stop_flushes(valkey, start_auditor):
     s = connect(valkey.port)
     keys = [f"flush:{i}" for i in range(5000)]
     send_sets(s, keys)
+    # The stop record carries the settings in force at the end (QA: run-time changes showed nowhere).
+    assert cli(a, "CONFIG", "SET", "audit.exclude_commands", "ping").strip() == "OK"
     assert a.stop() == 0
     recs = read_records(a.log)
     assert_gapless(recs)
@@ -211,6 +213,8 @@ def test_start_and_stop_records_and_clean_stop_flushes(valkey, start_auditor):
     assert (last["category"], last["command"]) == ("AUDIT", "stop")
     assert re.search(r"\bversion=\d+\.\d+\.\d+", last["command_args"])
     assert f"pids={valkey.pid}" in last["command_args"].split()
+    assert "exclude_commands=ping" in last["command_args"].split(), last["command_args"]
+    assert "format=json" in last["command_args"].split(), last["command_args"]
     s.close()
 
 

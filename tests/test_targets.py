@@ -198,6 +198,12 @@ def test_follow_restarts_ignores_another_server_started_while_waiting(valkey, st
     assert rec["pid"] == valkey.pid and rec["server_port"] == valkey.port
     stray = [r for r in auditor.records() if r["pid"] == other.proc.pid]
     assert not stray, (auditor.stderr_path.read_text(), stray[:2])
+    # Nor is it among the servers the stop record says were audited (QA).
+    assert auditor.stop() == 0
+    stop = auditor.records()[-1]
+    assert stop["command"] == "stop"
+    pids = dict(w.split("=", 1) for w in stop["command_args"].split() if w.startswith("pids="))["pids"]
+    assert str(other.proc.pid) not in pids.split(","), stop
 
 
 def test_follow_restarts_finds_the_successor_started_with_another_server(valkey, start_auditor,

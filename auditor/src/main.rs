@@ -403,7 +403,11 @@ fn run() -> Result<()> {
         metrics.clone(),
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let start = audit_record(&host, b"start", start_args(&settings, &registry.pids()));
+    let start = audit_record(
+        &host,
+        b"start",
+        settings_args(&settings, &pid_list(&registry.pids())),
+    );
     let mut first = vec![start];
     first.append(&mut initial);
     let initial = first;
@@ -553,11 +557,9 @@ fn run() -> Result<()> {
         Err(_) => (Err(anyhow::anyhow!("capture thread panicked")), pids_text),
     };
     // A clean stop flushes everything: the stop record goes last, then the queue is drained.
-    let stop_rec = audit_record(
-        &host,
-        b"stop",
-        format!("version={} pids={pids_text}", env!("CARGO_PKG_VERSION")).into_bytes(),
-    );
+    // With the settings in force at the end, as the start record has them at the start (QA:
+    // what was changed at run time showed nowhere at the end of the run).
+    let stop_rec = audit_record(&host, b"stop", settings_args(&shared.get(), &pids_text));
     queue.release_placed(u64::MAX);
     queue.push_final(&mut vec![stop_rec]);
     queue.close();
@@ -641,12 +643,9 @@ fn pid_list(pids: &[u32]) -> String {
         .join(",")
 }
 
-fn start_args(s: &Settings, pids: &[u32]) -> Vec<u8> {
-    let mut out = format!(
-        "version={} pids={}",
-        env!("CARGO_PKG_VERSION"),
-        pid_list(pids)
-    );
+/// `command_args` of the start and stop records: version, pids and the settings (no secret).
+fn settings_args(s: &Settings, pids: &str) -> Vec<u8> {
+    let mut out = format!("version={} pids={pids}", env!("CARGO_PKG_VERSION"));
     for name in SETTING_NAMES {
         if let Some(v) = s.get(name)
             && !auditor::settings::is_secret(name)
@@ -1653,6 +1652,8 @@ impl Registry {
     fn reject_candidate(&mut self, pid: u32, capture: &mut Capture, metrics: &Metrics) {
         capture.remove_target(pid);
         self.targets.remove(&pid);
+        // Not audited after all: not in the stop record's list either (QA).
+        self.audited.retain(|&p| p != pid);
         self.last_describe.remove(&pid);
         metrics.target_removed(pid);
         self.rejected.insert(pid);
