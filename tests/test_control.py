@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REDIS_CLI, commands_of, wait_until
+from conftest import REDIS_CLI, commands_of, free_port, wait_until
 from test_capture import Raw, resp
 
 SETTINGS = [
@@ -582,6 +582,44 @@ def test_ignore_internal_clients_with_real_replica(start_valkey, start_auditor):
     rb = b.wait_records(lambda rs: any(r["command"] == "replconf" and r["command_args"].startswith("arg1=ACK")
                                        for r in rs), timeout=15, what="a REPLCONF ACK record")
     assert [r["keys"] for r in ra if r["command"] == "set"] == [["replicated"]]
+
+
+def test_ignore_internal_clients_with_a_real_slot_migration(start_valkey, start_auditor):
+    """Atomic slot migration (CLUSTER MIGRATESLOTS): the source streams the slots' keys to the
+    target's client port after CLUSTER SYNCSLOTS ESTABLISH; none of it is a client's. But any
+    client may send ESTABLISH, and the server runs what follows it: that is written (QA)."""
+    nodes = [start_valkey("--cluster-enabled", "yes", "--cluster-port", str(free_port()))
+             for _ in range(2)]
+    source, target = nodes
+    c = Raw(source.port)
+    assert c.call("CLUSTER", "ADDSLOTSRANGE", "0", "16383") == b"+OK\r\n"
+    bus = int(c.call("CONFIG", "GET", "cluster-port").split(b"\r\n")[-2])
+    t = Raw(target.port)
+    assert t.call("CLUSTER", "MEET", "127.0.0.1", str(source.port), str(bus)) == b"+OK\r\n"
+    wait_until(lambda: b"cluster_known_nodes:2" in t.call("CLUSTER", "INFO")
+               and b"cluster_state:ok" in t.call("CLUSTER", "INFO"), timeout=30, what="a 2-node cluster")
+    target_id = t.call("CLUSTER", "MYID").split(b"\r\n")[1].decode()
+    source_id = c.call("CLUSTER", "MYID").split(b"\r\n")[1].decode()
+    # Keys of slot 0..100 ({06S} hashes to slot 0), written before the auditor attaches.
+    for i in range(20):
+        assert c.call("SET", f"{{06S}}mig:{i}", "v") == b"+OK\r\n"
+    a = start_auditor(target.pid)
+    assert c.call("CLUSTER", "MIGRATESLOTS", "SLOTSRANGE", "0", "100", "NODE", target_id) == b"+OK\r\n"
+    wait_until(lambda: t.call("GET", "{06S}mig:19") == b"$1\r\nv\r\n", timeout=30,
+               what="the keys on the target")
+    # A client's forged ESTABLISH: what it runs after is written, its outcome unknown.
+    forger = Raw(target.port)
+    forger.call("CLUSTER", "SYNCSLOTS", "ESTABLISH", "SOURCE", source_id, "NAME", "f" * 40,
+                "SLOTSRANGE", "200", "300")
+    forger.sock.sendall(resp("CONFIG", "SET", "maxmemory", "777"))
+    recs = a.wait_records(lambda rs: any(r["command"] == "config|set" for r in rs), timeout=15,
+                          what="the forger's CONFIG SET")
+    forged = [r for r in recs if r["command"] == "config|set"]
+    assert forged[0]["result"] == "UNKNOWN" and forged[0]["error"] == "no reply on a slot migration link"
+    assert not [r for r in recs if r["command"] in ("set", "restore")], "the migrated keys are no client's"
+    forger.close()
+    c.close()
+    t.close()
 
 
 def test_garbage_control_client_is_disconnected_capture_unaffected(audited):

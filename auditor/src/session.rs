@@ -71,7 +71,9 @@ const REPLY_UNCERTAIN_PUBSUB: &str = "reply uncertain (pub/sub inside MULTI)";
 /// so the array takes the reply of the command after EXEC for its last.
 const REPLY_UNCERTAIN_REPLCONF: &str = "reply uncertain (REPLCONF ACK inside MULTI)";
 /// A command on a replica's link, where the server sends no replies.
-const REPLICA_LINK_NO_REPLY: &str = "no reply on a replica link";
+const NO_REPLY_REPLICA_LINK: &str = "no reply on a replica link";
+/// A command on a slot migration's link, where the server sends only the migration's messages.
+const NO_REPLY_SLOT_MIGRATION_LINK: &str = "no reply on a slot migration link";
 /// A REPLCONF whose option before ACK may fail on the server's state, and an error such an
 /// option gives: it may as well be the next command's.
 const REPLY_UNCERTAIN_REPLCONF_OPTION: &str = "reply uncertain (REPLCONF option before ACK)";
@@ -805,6 +807,10 @@ struct Conn {
     /// `replica` was concluded from a REPLCONF ACK on a link open at attach: the first command a
     /// replica never sends shows it was a client's (`on_described`).
     replica_guessed: bool,
+    /// The server accepted `CLUSTER SYNCSLOTS ESTABLISH` on this link (internal clients
+    /// ignored): another node streams the migrated slots' keys here (`is_migration_stream`); it
+    /// gets no replies.
+    slot_import: bool,
     /// Server-internal traffic (a replica's link, once the server accepted its SYNC/PSYNC; a
     /// cluster-bus link): not audited while `ignore_internal_clients` is on.
     internal: bool,
@@ -1201,6 +1207,7 @@ impl Session {
             tls: false,
             replica: false,
             replica_guessed: false,
+            slot_import: false,
             internal: false,
             held: Vec::new(),
             held_since: 0,
@@ -1282,6 +1289,7 @@ impl Session {
                     tls: false,
                     replica: false,
                     replica_guessed: false,
+                    slot_import: false,
                     internal: false,
                     held: Vec::new(),
                     held_since: 0,
@@ -1531,8 +1539,8 @@ impl Session {
             let accepted = Reply::bare(ReplyKind::Simple, ts_ns);
             self.finish_replication(&mut conn, p, &accepted, out);
             advance_unparsed(&mut conn.out_expected, pieces, uncaptured_tail);
-        } else if conn.replica {
-            // The replication stream.
+        } else if conn.replica || conn.slot_import {
+            // The replication stream (or the slot migration's messages to its source).
             advance_unparsed(&mut conn.out_expected, pieces, uncaptured_tail);
         } else {
             // All pieces of the record are fed before any reply is acted on, as for one raw
@@ -1704,6 +1712,11 @@ impl Session {
         {
             // A replica's own traffic (Valkey ignores SYNC/PSYNC from a replica).
             return;
+        } else if conn.slot_import
+            && settings.ignore_internal_clients
+            && is_migration_stream(&d.command, d.write_keys as u64)
+        {
+            return;
         } else if !conn.held.is_empty() && !replconf && !matches!(&*d.command, b"sync" | b"psync") {
             // Not a replica's handshake: what it held is written first.
             self.release_held(conn, out);
@@ -1856,14 +1869,20 @@ impl Session {
             read: conn.reads,
             arity_ok: d.arity_ok,
         });
-        if conn.replica {
+        if conn.replica || conn.slot_import {
             // On a replica's link the server sends the replication stream, never a reply (one
-            // that would reply has the link dropped after it ran): written at once, its outcome
-            // unknown (QA: a client whose SYNC was accepted ran ACL SETUSER and CONFIG SET,
-            // under CLIENT REPLY OFF too, and none of it was written).
+            // that would reply has the link dropped after it ran), and on a slot migration's
+            // only its own messages: written at once, its outcome unknown (QA: a client whose
+            // SYNC was accepted ran ACL SETUSER and CONFIG SET, under CLIENT REPLY OFF too, and
+            // none of it was written).
+            let why = if conn.replica {
+                NO_REPLY_REPLICA_LINK
+            } else {
+                NO_REPLY_SLOT_MIGRATION_LINK
+            };
             if let Some(p) = conn.pending.pop_back() {
                 let ts = p.done_ts;
-                self.finish_unknown(conn, p, REPLICA_LINK_NO_REPLY, ts, out);
+                self.finish_unknown(conn, p, why, ts, out);
             }
             return;
         }
@@ -2607,10 +2626,16 @@ impl Session {
         }
         if matches!(p.effect, Effect::SlotImport) {
             // The keys it streams are the other node's, not a client's (QA: every migrated key
-            // was written as a SET by `default`, some with another command's reply). What it
-            // pipelined after the handshake is part of the stream.
-            conn.internal = true;
-            conn.pending.clear();
+            // was written as a SET by `default`, some with another command's reply). Anything
+            // else is written (QA: any client could run CONFIG SET and ACL SETUSER unseen after
+            // an ESTABLISH the server accepted).
+            conn.slot_import = true;
+            for q in std::mem::take(&mut conn.pending) {
+                if !is_migration_stream(&q.record.command, q.write_keys) {
+                    let ts = q.done_ts;
+                    self.finish_unknown(conn, q, NO_REPLY_SLOT_MIGRATION_LINK, ts, out);
+                }
+            }
             return;
         }
         self.become_replica(conn, out);
@@ -3284,6 +3309,18 @@ fn fill_error(rec: &mut Record, text: &[u8], arity_ok: bool) {
 /// script returning QUEUED was taken for queued, and never written once a real MULTI followed).
 fn returns_any_status(p: &Pending) -> bool {
     !p.known || runs_a_script(&p.record.command)
+}
+
+/// What another node sends on a slot migration's link (`Conn::slot_import`): the slots'
+/// snapshot and changes as commands that write keys, database switches, transactions around
+/// them, and the migration's own messages. Anything else there is a client's (an ordinary
+/// client may send ESTABLISH, and the server runs what follows).
+fn is_migration_stream(command: &[u8], write_keys: u64) -> bool {
+    write_keys > 0
+        || matches!(
+            command,
+            b"select" | b"multi" | b"exec" | b"ping" | b"cluster|syncslots" | b"function|restore"
+        )
 }
 
 fn runs_a_script(command: &[u8]) -> bool {

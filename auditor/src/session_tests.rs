@@ -4089,7 +4089,7 @@ fn a_plain_sync_is_a_replica_from_its_datasets_first_byte() {
 }
 
 #[test]
-fn an_atomic_slot_migration_link_is_internal() {
+fn an_atomic_slot_migration_links_stream_is_internal() {
     // QA: the source node of CLUSTER MIGRATESLOTS streams the slots' keys to the target's client
     // port after CLUSTER SYNCSLOTS ESTABLISH: each was written as a client's SET.
     let mut w = Wire::new();
@@ -4114,6 +4114,19 @@ fn an_atomic_slot_migration_link_is_internal() {
         &["SET", "mig:2", "v"],
     ]));
     w.server(b"+OK\r\n");
+    assert!(w.take().is_empty());
+    // QA: any client may send ESTABLISH, and the server runs what follows: what is no migration
+    // stream is written, its outcome unknown (the link gets no replies).
+    w.client(&pipeline(&[
+        &["CONFIG", "SET", "maxmemory", "777"],
+        &["ACL", "SETUSER", "evil3", "on", ">x", "+@all"],
+        &["DEL", "mig:1"],
+    ]));
+    let recs = w.take();
+    assert_eq!(names(&recs), ["config|set", "acl|setuser"]);
+    assert!(recs.iter().all(
+        |r| r.result == Outcome::Unknown && s(&r.error) == "no reply on a slot migration link"
+    ));
     w.close();
     assert_eq!(names(&w.take()), ["disconnection"]);
     // Refused, it is a client's command like any other, and hides nothing.
