@@ -801,6 +801,10 @@ struct Conn {
     /// CLIENT REPLY OFF or SKIP before attach or in the gap), so a reply is not trusted to name
     /// the user (ACL WHOAMI).
     reply_doubt: bool,
+    /// Open at attach, and a reply has answered a request read since: every reply to what was
+    /// sent before attach has come, so one that answers nothing answers a command lost in a
+    /// capture gap, as on a connection accepted since.
+    answered_since_attach: bool,
     /// A replica's link (after SYNC/PSYNC): what the server sends is the replication stream, not
     /// replies, and the link is server-internal traffic.
     replica: bool,
@@ -1203,6 +1207,7 @@ impl Session {
             resp3: false,
             preexisting: true,
             reply_doubt: true,
+            answered_since_attach: false,
             cluster_bus: false,
             tls: false,
             replica: false,
@@ -1285,6 +1290,7 @@ impl Session {
                     resp3: false,
                     preexisting: false,
                     reply_doubt: false,
+                    answered_since_attach: false,
                     cluster_bus: false,
                     tls: false,
                     replica: false,
@@ -1691,7 +1697,9 @@ impl Session {
         };
         let silent_report = run != ReplconfRun::Answered;
         if silent_report && req.args[1].eq_ignore_case("ack") {
-            if conn.preexisting && !conn.replica && conn.pending.is_empty() {
+            // (Its first read since attach: a replica sends nothing else, and a client's CLIENT
+            // REPLY SKIP before it was its own, QA.)
+            if conn.preexisting && !conn.replica && conn.pending.is_empty() && conn.reads == 1 {
                 // A replica's offset report on a link open at attach: what the server sends on
                 // it is the replication stream (a client's commands after it are still audited).
                 conn.replica = true;
@@ -2091,7 +2099,7 @@ impl Session {
                 return;
             }
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
-            if !conn.preexisting && !conn.internal {
+            if (!conn.preexisting || conn.answered_since_attach) && !conn.internal {
                 self.stats.replies_unmatched += 1;
                 if !conn.uncertain_from_pubsub {
                     if conn.replies_for_written > 0 {
@@ -2121,6 +2129,7 @@ impl Session {
             }
             return;
         }
+        conn.answered_since_attach = true;
         // The server refused bytes the client sent and closes the connection: it never reads
         // what came after them, so the requests parsed from there were never run.
         // (`Some(quit)`: the server closes after this reply.)
@@ -2525,6 +2534,13 @@ impl Session {
         let mut pending = std::mem::take(&mut conn.pending);
         if let Some(p) = pending.front_mut() {
             self.complete(conn, p, reply);
+            if conn.preexisting && !conn.multi_known && is_queued(reply) {
+                // A script's (or a module command's) +QUEUED on a connection open at attach:
+                // its own status, or queued in a MULTI begun before attach, whose EXEC or
+                // DISCARD will say what became of it (QA: written SUCCESS, it had failed).
+                p.record.result = Outcome::Unknown;
+                p.record.error = REPLY_UNCERTAIN_ATTACH.as_bytes().to_vec();
+            }
             self.push_with(&p.settings, &mut p.record, out);
             pending.drain(..1);
         }
