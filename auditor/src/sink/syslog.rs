@@ -645,16 +645,22 @@ impl SyslogSink {
     }
 }
 
+/// The first of `paths` that is a socket, not merely a path that exists (QA: without /dev/log, a
+/// directory at /var/run/log was taken, and the error named it).
+fn first_socket<'a>(mut paths: impl Iterator<Item = &'a Path>) -> Option<&'a Path> {
+    paths.find(|p| {
+        std::fs::metadata(p)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    })
+}
+
 /// Opens the transport for the target. Remote hosts are resolved here, so a reconnect sees DNS changes.
 fn open_transport(opts: &SyslogOptions, send_timeout: Duration) -> io::Result<Transport> {
     match &opts.target {
         SyslogTarget::Local => match &opts.local_socket {
             Some(path) => open_local(path, send_timeout),
             None => {
-                let found = LOCAL_SOCKET_PATHS
-                    .iter()
-                    .map(Path::new)
-                    .find(|p| p.exists());
+                let found = first_socket(LOCAL_SOCKET_PATHS.iter().map(Path::new));
                 let path = found.ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::NotFound,
@@ -1591,5 +1597,20 @@ template(name="fields" type="string" string="%syslogfacility-text% %syslogseveri
         }
         drop(rsyslog);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_local_socket_is_the_first_path_that_is_a_socket() {
+        let dir = std::env::temp_dir().join(format!("syslog-paths-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        let socket = dir.join("sock");
+        let _bound = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+        let paths = [dir.join("missing"), dir.join("log"), socket.clone()];
+        assert_eq!(
+            first_socket(paths.iter().map(|p| p.as_path())),
+            Some(socket.as_path())
+        );
+        assert_eq!(first_socket(paths[..2].iter().map(|p| p.as_path())), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
