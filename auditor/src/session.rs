@@ -77,6 +77,10 @@ const NO_REPLY_SLOT_MIGRATION_LINK: &str = "no reply on a slot migration link";
 /// A REPLCONF whose option before ACK may fail on the server's state, and an error such an
 /// option gives: it may as well be the next command's.
 const REPLY_UNCERTAIN_REPLCONF_OPTION: &str = "reply uncertain (REPLCONF option before ACK)";
+/// A connection open at attach, whose subscriptions were not seen, got an array that is a
+/// message or a command's reply.
+const REPLY_UNCERTAIN_SUBSCRIBED_AT_ATTACH: &str =
+    "reply uncertain (a message or a reply: subscribed before attach?)";
 /// EXEC elements past the last error the reply parser keeps (`resp::MAX_ELEMENT_ERRORS`).
 const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)";
 /// A connection open before attach was inside MULTI already: EXEC's reply holds the results of
@@ -466,7 +470,41 @@ fn may_answer_with_any_array(p: &Pending) -> bool {
         )
         || matches!(
             &*p.record.command,
-            b"ping" | b"echo" | b"get" | b"set" | b"del" | b"exists" | b"incr" | b"select"
+            b"ping"
+                | b"echo"
+                | b"get"
+                | b"set"
+                | b"del"
+                | b"unlink"
+                | b"exists"
+                | b"incr"
+                | b"incrby"
+                | b"decr"
+                | b"decrby"
+                | b"append"
+                | b"strlen"
+                | b"setnx"
+                | b"setex"
+                | b"mset"
+                | b"expire"
+                | b"pexpire"
+                | b"ttl"
+                | b"pttl"
+                | b"type"
+                | b"lpush"
+                | b"rpush"
+                | b"llen"
+                | b"sadd"
+                | b"scard"
+                | b"hset"
+                | b"hlen"
+                | b"zadd"
+                | b"zcard"
+                | b"publish"
+                | b"select"
+                | b"dbsize"
+                | b"flushall"
+                | b"flushdb"
         );
     !known_shape
 }
@@ -2033,6 +2071,28 @@ impl Session {
         {
             // A message, or another push (RESP3 invalidations): out of band.
             return;
+        } else if frame
+            && is_pubsub_kind
+            && !conn.pubsub.known
+            && let Some(head) = conn.pending.front()
+        {
+            // A RESP2 connection open at attach, subscribed or not, unseen: a message, or the
+            // reply of a command that may answer with any array (QA: a message to a connection
+            // subscribed before attach was taken for FLUSHALL's reply, and every result after it
+            // went one command late, the refused FLUSHALL written SUCCESS).
+            if !may_answer_with_any_array(head) {
+                conn.pubsub.last_subscribed = true;
+                return;
+            }
+            doubt_replies(conn, REPLY_UNCERTAIN_SUBSCRIBED_AT_ATTACH);
+        }
+        if !conn.pubsub.known
+            && reply.is_error()
+            && reply.text.starts_with(b"ERR Can't execute")
+            && reply.text.ends_with(b"are allowed in this context")
+        {
+            // Only a RESP2 connection in the subscribed context is refused so.
+            conn.pubsub.last_subscribed = true;
         }
         if conn.monitor
             && reply.kind == ReplyKind::Simple

@@ -5648,3 +5648,58 @@ fn a_replconf_ack_after_other_commands_on_a_link_open_at_attach_is_a_clients() {
         ]
     );
 }
+
+#[test]
+fn a_message_to_a_connection_subscribed_before_attach_is_no_reply() {
+    // QA: a RESP2 connection subscribed before attach: a message that came just before the
+    // replies to its pipeline was taken for FLUSHALL's reply, and every result after it went one
+    // command late (the refused FLUSHALL written SUCCESS).
+    let refused = |c: &str| {
+        format!(
+            "-ERR Can't execute '{c}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / \
+             RESET are allowed in this context\r\n"
+        )
+    };
+    let mut w = open_at_attach(50005);
+    w.take();
+    w.client(&pipeline(&[&["FLUSHALL"], &["INCR", "n"]]));
+    let mut replies = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n".to_vec();
+    replies.extend_from_slice(refused("flushall").as_bytes());
+    replies.extend_from_slice(refused("incr").as_bytes());
+    w.server(&replies);
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("flushall".into(), Outcome::Failure),
+            ("incr".into(), Outcome::Failure),
+        ]
+    );
+    // Seen refused so, the connection is known subscribed: a message before a reply to a
+    // command that may answer with any array is a message too.
+    w.client(&cmd(&["LRANGE", "l", "0", "-1"]));
+    let mut replies = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nyo\r\n".to_vec();
+    replies.extend_from_slice(refused("lrange").as_bytes());
+    w.server(&replies);
+    assert_eq!(outcomes(&w.take()), [("lrange".into(), Outcome::Failure)]);
+}
+
+#[test]
+fn a_message_shaped_reply_on_a_connection_open_at_attach_is_uncertain_not_shifted() {
+    // Not known subscribed: an LRANGE of a list that begins with "message" may be its reply or a
+    // message; which, cannot be told, so no result after it is claimed until the client has had
+    // every reply, and none is another command's.
+    let mut w = open_at_attach(50006);
+    w.take();
+    w.client(&pipeline(&[&["LRANGE", "l", "0", "-1"], &["INCR", "n"]]));
+    w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n:1\r\n");
+    let recs = w.take();
+    assert_eq!(
+        outcomes(&recs),
+        [
+            ("lrange".into(), Outcome::Unknown),
+            ("incr".into(), Outcome::Unknown),
+        ]
+    );
+    let r = w.roundtrip(&["GET", "k"], b"$-1\r\n");
+    assert_eq!((s(&r.command), r.result), ("get".into(), Outcome::Success));
+}
