@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REDIS_CLI, commands_of, free_port, wait_until
+from conftest import AUDITOR, REDIS_CLI, commands_of, free_port, wait_until
 from test_capture import Raw, resp
 
 SETTINGS = [
@@ -714,6 +714,17 @@ def test_an_excluderules_entry_with_a_bad_address_is_left_out_at_start(valkey, s
     assert "'@999.1.1.1'" in a.stderr_path.read_text()
     marker(valkey, "bad-ip-start")
     a.wait_records(lambda rs: any("bad-ip-start" in r["command_args"] for r in rs), what="the marker")
+
+
+def test_a_bad_config_file_line_is_named_by_file_line_and_text(valkey, tmp_path):
+    """QA: a bad line gave only a CONFIG SET-like error, naming neither the file nor the line."""
+    conf = tmp_path / "auditor.conf"
+    conf.write_text("# audit settings\naudit.format json\n\naudit.payload_maxsize lots\n")
+    out = subprocess.run([str(AUDITOR), "--pid", str(valkey.pid), "--config", str(conf),
+                          "--control", f"127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1
+    assert f"config file {conf}: line 4: 'audit.payload_maxsize lots'" in out.stderr, out.stderr
 
 
 def test_config_sets_refused_before_running_are_recorded_without_secrets(valkey, start_auditor):

@@ -229,7 +229,7 @@ fn run() -> Result<()> {
         // Only `audit.*` lines matter; a shared valkey.conf may hold other bytes elsewhere.
         warnings = settings
             .apply_config_text(&String::from_utf8_lossy(&bytes))
-            .map_err(anyhow::Error::msg)?;
+            .with_context(|| format!("config file {}", path.display()))?;
     }
     warnings.extend(
         settings
