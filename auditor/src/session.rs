@@ -2071,16 +2071,17 @@ impl Session {
         {
             // A message, or another push (RESP3 invalidations): out of band.
             return;
-        } else if frame
-            && is_pubsub_kind
-            && !conn.pubsub.known
-            && let Some(head) = conn.pending.front()
-        {
+        } else if frame && is_pubsub_kind && !conn.pubsub.known {
             // A RESP2 connection open at attach, subscribed or not, unseen: a message, or the
             // reply of a command that may answer with any array (QA: a message to a connection
             // subscribed before attach was taken for FLUSHALL's reply, and every result after it
-            // went one command late, the refused FLUSHALL written SUCCESS).
-            if !may_answer_with_any_array(head) {
+            // went one command late, the refused FLUSHALL written SUCCESS). With nothing pending
+            // it is a message (not a lost command's reply, to be counted).
+            if conn
+                .pending
+                .front()
+                .is_none_or(|head| !may_answer_with_any_array(head))
+            {
                 conn.pubsub.last_subscribed = true;
                 return;
             }

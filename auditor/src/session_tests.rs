@@ -5602,18 +5602,7 @@ fn a_command_lost_in_a_gap_on_a_link_open_at_attach_is_counted() {
     // QA: on a connection open at attach, replies that answered nothing were all taken for
     // replies to commands sent before attach: thousands of SETs a full ring hid went uncounted
     // (after an auditor restart every connection is such a one).
-    let mut w = open_at_attach(50003);
-    w.take();
-    // Once a command read since attach has its reply, every earlier reply has come.
-    assert_eq!(
-        w.roundtrip(&["GET", "a"], b"$1\r\n1\r\n").result,
-        Outcome::Success
-    );
-    w.client_gap(cmd(&["INCR", "x"]).len() as u64);
-    w.server(b":1\r\n");
-    w.client(&cmd(&["GET", "b"]));
-    w.server(b"$-1\r\n");
-    w.take();
+    let mut w = open_at_attach_with_a_command_lost(50003);
     let p = w.roundtrip_after_lost(1, &["PING"], b"+PONG\r\n");
     assert_eq!(p.result, Outcome::Success);
     assert_eq!(w.stats().commands_not_captured, 1);
@@ -5684,6 +5673,20 @@ fn a_message_to_a_connection_subscribed_before_attach_is_no_reply() {
 }
 
 #[test]
+fn messages_to_a_connection_subscribed_before_attach_count_no_lost_commands() {
+    // Replies that answer nothing count lost commands once a connection open at attach is in
+    // step; its messages answer nothing and are no replies.
+    let mut w = open_at_attach_with_a_command_lost(50007);
+    // Ten messages with nothing pending, then a command.
+    for _ in 0..10 {
+        w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n");
+    }
+    let p = w.roundtrip_after_lost(1, &["PING"], b"+PONG\r\n");
+    assert_eq!(p.result, Outcome::Success);
+    assert_eq!(w.stats().commands_not_captured, 1);
+}
+
+#[test]
 fn a_message_shaped_reply_on_a_connection_open_at_attach_is_uncertain_not_shifted() {
     // Not known subscribed: an LRANGE of a list that begins with "message" may be its reply or a
     // message; which, cannot be told, so no result after it is claimed until the client has had
@@ -5702,4 +5705,21 @@ fn a_message_shaped_reply_on_a_connection_open_at_attach_is_uncertain_not_shifte
     );
     let r = w.roundtrip(&["GET", "k"], b"$-1\r\n");
     assert_eq!((s(&r.command), r.result), ("get".into(), Outcome::Success));
+}
+
+/// `open_at_attach`, in step (a command read since attach has its reply), then one command lost
+/// in a request-side gap whose reply came before the read that shows the gap.
+fn open_at_attach_with_a_command_lost(port: u16) -> Wire {
+    let mut w = open_at_attach(port);
+    w.take();
+    assert_eq!(
+        w.roundtrip(&["GET", "a"], b"$1\r\n1\r\n").result,
+        Outcome::Success
+    );
+    w.client_gap(cmd(&["INCR", "x"]).len() as u64);
+    w.server(b":1\r\n");
+    w.client(&cmd(&["GET", "b"]));
+    w.server(b"$-1\r\n");
+    w.take();
+    w
 }
