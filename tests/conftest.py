@@ -88,6 +88,16 @@ def terminate(proc, timeout=10):
             proc.wait()
 
 
+def control_answers(port, timeout=0.5):
+    """Whether an auditor's control port answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64) == b"+PONG\r\n"
+    except OSError:
+        return False
+
+
 class Auditor:
     def __init__(self, tmp_path, pid, fmt="json", extra=(), settings=(), env=None):
         self.control = free_port()
@@ -105,12 +115,7 @@ class Auditor:
     def _ready(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"auditor exited with {self.proc.returncode}: {self.stderr_path.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.control), timeout=0.5) as s:
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return s.recv(64) == b"+PONG\r\n"
-        except OSError:
-            return False
+        return control_answers(self.control)
 
     def lines(self):
         if not self.log.exists():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AUDITOR, free_port, terminate, wait_until
+from conftest import AUDITOR, control_answers, free_port, terminate, wait_until
 from test_capture import Raw, resp
 from test_control import cli, config_get
 
@@ -450,21 +450,14 @@ def test_sighup_while_the_auditor_starts_does_not_end_it(valkey, tmp_path):
                        for field in ("SigBlk", "SigCgt"))
         wait_until(handles_hangup, interval=0.001, what="the auditor to hold or catch SIGHUP")
 
-        def pong():
-            try:
-                with socket.create_connection(("127.0.0.1", control), timeout=0.2) as s:
-                    s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                    return s.recv(64) == b"+PONG\r\n"
-            except OSError:
-                return False
         # From the start, not only once it is up (loading and attaching take a while).
-        assert not pong(), "SIGHUP was handled only once the auditor was up"
+        assert not control_answers(control, timeout=0.2), "SIGHUP was handled only once the auditor was up"
 
         def answers():
             # A HUP every round until the control port answers: the rest of start-up is covered.
             assert proc.poll() is None, f"auditor ended by SIGHUP: {proc.returncode}"
             proc.send_signal(signal.SIGHUP)
-            return pong()
+            return control_answers(control, timeout=0.2)
         wait_until(answers, timeout=30, interval=0.01, what="the control port, under SIGHUPs")
         Raw(valkey.port).call("SET", "after-hup", "1")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import AUDITOR, ROOT, Valkey, free_port, terminate, wait_until
+from conftest import AUDITOR, ROOT, Valkey, control_answers, free_port, terminate, wait_until
 
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 UNIT = ROOT / "deploy" / "systemd" / "auditor.service"
@@ -356,15 +356,6 @@ def test_dockerfile_builds_the_binary_the_manifests_run():
 
 # --- the DaemonSet's command line, run for real ------------------------------------------------------------
 
-def _control_ping(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return s.recv(64) == b"+PONG\r\n"
-    except OSError:
-        return False
-
-
 class DaemonSetAuditor:
     """target/release/auditor with the DaemonSet's args; only the config file (its log directory moved
     to `tmp`) and the two listen addresses (127.0.0.1, free ports) differ."""
@@ -402,7 +393,7 @@ class DaemonSetAuditor:
     def wait_ready(self):
         def ready():
             self.check_running()
-            return _control_ping(self.control)
+            return control_answers(self.control)
         wait_until(ready, timeout=30, what="auditor control port to answer PONG")
 
     def log_for(self, port):

@@ -618,7 +618,7 @@ fn doubt_replies(conn: &mut Conn, why: &'static str) {
         pending.after_gap = true;
     }
     conn.uncertain_since = Some(conn.reads);
-    conn.uncertain_from_pubsub = true;
+    conn.uncertain_not_from_gap = true;
     conn.uncertain_why = why;
 }
 
@@ -879,10 +879,11 @@ struct Conn {
     /// after it. Until the client has had every reply (nothing pending when a later read comes),
     /// those commands' results are written as unknown rather than guessed.
     uncertain_since: Option<u64>,
-    /// `uncertain_since` was set by a transaction with pub/sub in it, not by a capture gap: the
-    /// replies left over are EXEC's, not those of commands the gap held.
-    uncertain_from_pubsub: bool,
-    /// The reason written while `uncertain_from_pubsub` (pub/sub, or REPLCONF ACK, in EXEC).
+    /// `uncertain_since` was set by `doubt_replies`, not by a capture gap (pub/sub or REPLCONF
+    /// ACK in EXEC, a REPLCONF option's error, a message-shaped array): the replies left over
+    /// answer seen commands, not commands a gap held, so none is counted lost.
+    uncertain_not_from_gap: bool,
+    /// The reason written while `uncertain_not_from_gap`.
     uncertain_why: &'static str,
     /// Guesses `drop_unanswered_guesses` counted that may still get their replies (a real command
     /// held by CLIENT PAUSE): such a reply is not a command the gap held, counted again.
@@ -1256,7 +1257,7 @@ impl Session {
             held_since: 0,
             reads: 0,
             uncertain_since: None,
-            uncertain_from_pubsub: false,
+            uncertain_not_from_gap: false,
             uncertain_why: REPLY_UNCERTAIN_PUBSUB,
             lost_commands: 0,
             guesses_owed: 0,
@@ -1339,7 +1340,7 @@ impl Session {
                     held_since: 0,
                     reads: 0,
                     uncertain_since: None,
-                    uncertain_from_pubsub: false,
+                    uncertain_not_from_gap: false,
                     uncertain_why: REPLY_UNCERTAIN_PUBSUB,
                     lost_commands: 0,
                     guesses_owed: 0,
@@ -1485,7 +1486,7 @@ impl Session {
             if pieces.one.is_none_or(|(pos, _)| pos <= conn.in_expected) {
                 replies_before_gap = 0;
             }
-            let dropped = if conn.uncertain_since.is_some() && !conn.uncertain_from_pubsub {
+            let dropped = if conn.uncertain_since.is_some() && !conn.uncertain_not_from_gap {
                 self.drop_unanswered_guesses(&mut conn, ts_ns, out)
             } else {
                 0
@@ -1508,7 +1509,7 @@ impl Session {
                         }))
             }) {
                 conn.uncertain_since = None;
-                conn.uncertain_from_pubsub = false;
+                conn.uncertain_not_from_gap = false;
             }
             // Valkey answers everything it read before it reads the client again: a CLIENT
             // REPLY OFF/SKIP read earlier and still unanswered was not refused.
@@ -2162,7 +2163,7 @@ impl Session {
             // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
             if (!conn.preexisting || conn.answered_since_attach) && !conn.internal {
                 self.stats.replies_unmatched += 1;
-                if !conn.uncertain_from_pubsub {
+                if !conn.uncertain_not_from_gap {
                     if conn.replies_for_written > 0 {
                         // A command written unknown at a reply gap got its reply after all.
                         conn.replies_for_written -= 1;
@@ -2566,25 +2567,21 @@ impl Session {
     /// and drops it in place; the rest goes to `finish_general`.
     #[inline]
     fn finish_front(&mut self, conn: &mut Conn, reply: &Reply, out: &mut impl RecordOut) {
+        // A +QUEUED on a connection open at attach: inside a MULTI begun before attach, unless a
+        // script's or an unknown command's, which may be its own status.
+        let attach_queued = conn.preexisting && !conn.multi_known && is_queued(reply);
         let general = conn.in_multi
-            || conn
-                .pending
-                .front()
-                .is_some_and(|p| {
-                    matches!(
-                        p.effect,
-                        Effect::Exec
-                            | Effect::Discard
-                            | Effect::Sync
-                            | Effect::Handshake
-                            | Effect::SlotImport
-                    )
-                })
-            // (A connection open before attach may be inside MULTI already.)
-            || (conn.preexisting
-                && !conn.multi_known
-                && is_queued(reply)
-                && conn.pending.front().is_some_and(|p| !returns_any_status(p)));
+            || conn.pending.front().is_some_and(|p| {
+                matches!(
+                    p.effect,
+                    Effect::Exec
+                        | Effect::Discard
+                        | Effect::Sync
+                        | Effect::Handshake
+                        | Effect::SlotImport
+                )
+            })
+            || (attach_queued && conn.pending.front().is_some_and(|p| !returns_any_status(p)));
         if general {
             if let Some(p) = conn.pending.pop_front() {
                 self.finish_general(conn, p, reply, out);
@@ -2595,10 +2592,10 @@ impl Session {
         let mut pending = std::mem::take(&mut conn.pending);
         if let Some(p) = pending.front_mut() {
             self.complete(conn, p, reply);
-            if conn.preexisting && !conn.multi_known && is_queued(reply) {
-                // A script's (or a module command's) +QUEUED on a connection open at attach:
-                // its own status, or queued in a MULTI begun before attach, whose EXEC or
-                // DISCARD will say what became of it (QA: written SUCCESS, it had failed).
+            if attach_queued {
+                // A script's (or a module command's): its own status, or queued in a MULTI
+                // begun before attach, whose EXEC or DISCARD will say what became of it (QA:
+                // written SUCCESS, it had failed).
                 p.record.result = Outcome::Unknown;
                 p.record.error = REPLY_UNCERTAIN_ATTACH.as_bytes().to_vec();
             }
@@ -2646,7 +2643,7 @@ impl Session {
             // claims no outcome it cannot know; nor is a user guessed from a reply that may be
             // another command's.
             p.record.result = Outcome::Unknown;
-            p.record.error = if conn.uncertain_from_pubsub {
+            p.record.error = if conn.uncertain_not_from_gap {
                 conn.uncertain_why
             } else {
                 REPLY_UNCERTAIN
