@@ -853,9 +853,6 @@ struct Conn {
     /// ignored): another node streams the migrated slots' keys here (`is_migration_stream`); it
     /// gets no replies.
     slot_import: bool,
-    /// Server-internal traffic (a replica's link, once the server accepted its SYNC/PSYNC; a
-    /// cluster-bus link): not audited while `ignore_internal_clients` is on.
-    internal: bool,
     /// Records of REPLCONF commands (`Effect::Handshake`), with the settings they were read
     /// under: a replica's handshake is not audited while internal clients are ignored, but the
     /// server does not refuse REPLCONF to any client. Dropped when a SYNC/PSYNC after them is
@@ -1252,7 +1249,6 @@ impl Session {
             replica: false,
             replica_guessed: false,
             slot_import: false,
-            internal: false,
             held: Vec::new(),
             held_since: 0,
             reads: 0,
@@ -1335,7 +1331,6 @@ impl Session {
                     replica: false,
                     replica_guessed: false,
                     slot_import: false,
-                    internal: false,
                     held: Vec::new(),
                     held_since: 0,
                     reads: 0,
@@ -1446,7 +1441,6 @@ impl Session {
             let tls = first.starts_with(TLS_HANDSHAKE_SIGNATURE);
             if bus || tls {
                 conn.cluster_bus = bus;
-                conn.internal = bus;
                 conn.tls = tls;
                 // What the link's first message looked like to the request parser is no command.
                 conn.pending.clear();
@@ -1714,9 +1708,6 @@ impl Session {
     ) {
         self.stats.requests += 1;
         let settings = self.settings_at(req.done_ts);
-        if conn.internal && settings.ignore_internal_clients {
-            return;
-        }
         // Only what the server does tells a replica: any client may send REPLCONF, SYNC or
         // PSYNC (QA: taking one REPLCONF for a replica's hid everything after it, wrong
         // passwords and FLUSHALL included).
@@ -2160,8 +2151,8 @@ impl Session {
                 self.push(rec, reply.start_ts, out);
                 return;
             }
-            // Replies to a replica link's unaudited REPLCONF/SYNC are expected, not unmatched.
-            if (!conn.preexisting || conn.answered_since_attach) && !conn.internal {
+            // (A connection open at attach gets the replies to what it sent before attach first.)
+            if !conn.preexisting || conn.answered_since_attach {
                 self.stats.replies_unmatched += 1;
                 if !conn.uncertain_not_from_gap {
                     if conn.replies_for_written > 0 {
@@ -2178,11 +2169,7 @@ impl Session {
                         conn.replies_before_gap += 1;
                     }
                 }
-            } else if conn.preexisting
-                && conn.reads > 0
-                && conn.requests.resyncing()
-                && !conn.internal
-            {
+            } else if conn.preexisting && conn.reads > 0 && conn.requests.resyncing() {
                 // Of a connection caught mid-command at attach, the parser has not framed what
                 // was read since: the reply answers a command those bytes held, which ran unseen
                 // (before any read, it answers one sent before attach).
@@ -2714,7 +2701,7 @@ impl Session {
         }
         self.become_replica(conn, out);
         if p.settings.ignore_internal_clients {
-            // (Not `internal`: what else the link sends is still written, `on_described`.)
+            // The handshake is the replica's; what else the link sends is written (`on_described`).
             conn.held.clear();
         } else {
             self.release_held(conn, out);
