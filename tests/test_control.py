@@ -558,6 +558,45 @@ def test_filter_rules(valkey, start_auditor, settings, present, absent):
         assert absent not in pairs, (absent, sorted(pairs))
 
 
+AUTH_PAST_COMMAND_FILTERS = [
+    {"audit.exclude_commands": "auth,hello,flushall"},
+    {"audit.prefix_filter": "!a*,!h*,!f*"},
+    # The module's own "exclusion through a custom category" pattern.
+    {"audit.custom_category": "noise:AUTH,HELLO,FLUSHALL", "audit.events": "connections,auth"},
+]
+
+
+@pytest.mark.parametrize("settings", AUTH_PAST_COMMAND_FILTERS)
+def test_auth_attempts_and_acl_denials_pass_command_filters(valkey, start_auditor, settings):
+    """Authentication attempts and ACL denials are written whatever exclude_commands, prefix
+    filters and custom categories say (the module's auth callbacks write its ATTEMPT and
+    SUCCESS/FAILURE records past them): excluding `auth` to quiet health checks must not hide a
+    password-guessing run, nor a custom category a refused FLUSHALL."""
+    a = start_auditor(valkey.pid, settings=[x for kv in settings.items() for x in kv])
+    admin = Raw(valkey.port)
+    admin.call("ACL", "SETUSER", "lim", "on", ">limpw", "~*", "+get")
+    admin.close()
+    c = Raw(valkey.port)
+    assert c.call("AUTH", "lim", "guess1").startswith(b"-WRONGPASS")
+    assert c.call("HELLO", "2", "AUTH", "lim", "guess2").startswith(b"-WRONGPASS")
+    assert c.call("AUTH", "lim", "limpw") == b"+OK\r\n"
+    assert c.call("FLUSHALL").startswith(b"-NOPERM")
+    c.close()
+    fields = ("category", "command", "result", "username", "error")
+
+    def seen(recs):
+        return [tuple(r[f] for f in fields) for r in recs if r["client_port"] == c.port
+                and r["category"] != "CONNECTION"]
+    recs = a.wait_records(lambda rs: len(seen(rs)) >= 4, what="the four AUTH records")
+    wrongpass = "WRONGPASS invalid username-password pair or user is disabled."
+    assert seen(recs) == [
+        ("AUTH", "auth", "FAILURE", "default", wrongpass),
+        ("AUTH", "hello", "FAILURE", "default", wrongpass),
+        ("AUTH", "auth", "SUCCESS", "default", ""),
+        ("AUTH", "flushall", "FAILURE", "lim", "acl_deny_reason=command"),
+    ]
+
+
 def test_ignore_internal_clients_with_real_replica(start_valkey, start_auditor):
     primary = start_valkey()
     a = start_auditor(primary.pid)

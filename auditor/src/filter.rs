@@ -887,8 +887,10 @@ pub struct LookupCounts {
 ///
 /// Order (the module's, with its defects fixed):
 /// 1. AUDIT and AUDIT_LOSS: always written. Otherwise, not enabled → `None`.
-///    CONNECTION records are subject only to `enabled` and `events` (the module writes them even for
-///    excluded users and addresses).
+///    CONNECTION and AUTH records (authentication attempts, ACL denials) are subject only to
+///    `enabled` and `events`: the module writes connections, and its auth callbacks write
+///    authentication attempts, even for excluded users, addresses and commands (a custom category
+///    or an exclusion of `auth` hid a password-guessing run; of `flushall`, a refused FLUSHALL).
 /// 2. Effective category: the command's custom category if any, else `category`.
 /// 3. Excluded user/address → `None`, unless the command is a CONFIG command (`category`, even
 ///    when a custom category holds it: the module's check of the effective category let
@@ -913,8 +915,12 @@ pub fn decide(
     match category {
         Category::Audit | Category::AuditLoss => return Some(category.clone()),
         _ if !cfg.enabled => return None,
-        Category::Connection => {
-            return cfg.events.allows(category).then_some(Category::Connection);
+        // Authentication attempts and ACL denials are what an audit must show whatever the
+        // command-level filters say (the module writes its ATTEMPT and SUCCESS/FAILURE records from
+        // its auth callbacks, past exclude_commands, prefix filters and custom categories; its
+        // denials go through them, so `exclude_commands flushall` hid a refused FLUSHALL).
+        Category::Connection | Category::Auth => {
+            return cfg.events.allows(category).then(|| category.clone());
         }
         _ => {}
     }
@@ -927,16 +933,13 @@ pub fn decide(
     };
     let forced = cfg.always_audit_config && matches!(category, Category::Config);
     if !forced {
-        // Like the module's ATTEMPT records, authentication attempts stay visible for excluded
-        // users and addresses: who tried to become whom is what an audit must show.
-        let auth = matches!(eff, Eff::Builtin(Category::Auth));
         let prefix_excluded = !cfg.prefix_filter.is_empty() && {
             let hit = cfg.prefix_filter.longest_match(command);
             counts.prefix_filter_checks += 1;
             counts.prefix_filter_matches += u64::from(hit.is_some());
             hit == Some(true)
         };
-        if (!auth && cfg.exclude_rules.matches(username, client_ip))
+        if cfg.exclude_rules.matches(username, client_ip)
             || prefix_excluded
             || cfg.exclude_commands.matches(command)
             || !cfg.events.allows_eff(eff)
@@ -1540,6 +1543,16 @@ mod tests {
             ("excl user ci", &[("excluderules", "alice")], KeyOp, "set", "ALICE", IP, Success, None),
             ("excl other user", &[("excluderules", "alice")], KeyOp, "set", "default", IP, Success, Some(KeyOp)),
             ("excl auth record kept", &[("excluderules", "alice")], Auth, "auth", "alice", IP, Failure, Some(Auth)),
+            // AUTH records (authentication attempts, ACL denials) past command-level filters (QA Q:
+            // a guessing run hidden by `exclude_commands auth`, a refused FLUSHALL by its category)
+            ("auth excl cmd", &[("exclude_commands", "auth,hello")], Auth, "auth", "u", IP, Failure, Some(Auth)),
+            ("hello auth excl cmd", &[("exclude_commands", "hello")], Auth, "hello", "u", IP, Failure, Some(Auth)),
+            ("auth prefix excl", &[("prefix_filter", "!a*")], Auth, "auth", "u", IP, Failure, Some(Auth)),
+            ("auth in custom", &[("custom_category", "noise:AUTH,HELLO,PING")], Auth, "auth", "u", IP, Success, Some(Auth)),
+            ("denial in custom exclusion pattern", &[("custom_category", "flushes:FLUSHDB,FLUSHALL"), ("events", "connections,auth")], Auth, "flushall", "u", IP, Failure, Some(Auth)),
+            ("denial excl cmd", &[("exclude_commands", "flushall")], Auth, "flushall", "u", IP, Failure, Some(Auth)),
+            ("denial events keys", &[("events", "keys")], Auth, "get", "u", IP, Failure, None),
+            ("denial disabled", &[("enabled", "no")], Auth, "get", "u", IP, Failure, None),
             ("excl ip", &[("excluderules", "@127.0.0.1")], Other, "ping", "u", IP, Success, None),
             ("excl cidr", &[("excluderules", "@127.0.0.0/8")], Other, "ping", "u", "127.1.2.3", Success, None),
             ("excl user@ip other ip", &[("excluderules", "u@10.0.0.1")], Other, "ping", "u", IP, Success, Some(Other)),
