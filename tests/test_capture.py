@@ -719,6 +719,25 @@ def test_inline_quotes_joined_to_text_are_split_as_valkey_splits_them(audited):
         ("set", ["k2"], "SUCCESS"), ("flushall", [], "SUCCESS"), ("echo", [], "SUCCESS")], mine
 
 
+def test_an_inline_value_ending_in_a_backslash_before_its_closing_quote_is_run_and_recorded(audited):
+    """Valkey 9.1.2 reads `"v\\"` ending a line as `v\\` and a closing quote (an escape needs a byte
+    after the escaped one). QA: taken for an unclosed quote, the line became a protocol error and
+    the ACL SETUSER and CONFIG SET after it in the same write were run but never recorded."""
+    valkey, auditor = audited
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b'SET k1 "v\\"\r\nACL SETUSER backdoor on nopass +@all ~*\r\n'
+              b"SET 'k3' 'x\\'\r\nCONFIG SET maxmemory-policy noeviction\r\nECHO done\r\n")
+    read_until(s, lambda b: b == b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n$4\r\ndone\r\n")
+    s.close()
+    assert valkey.client().get("k1") == b"v\\" and valkey.client().get("k3") == b"x\\"
+    recs = auditor.wait_records(lambda rs: any(r["command"] == "echo" for r in rs))
+    mine = [r for r in recs if r["client_port"] == port and r["category"] != "CONNECTION"]
+    assert [(r["command"], r["keys"], r["result"]) for r in mine] == [
+        ("set", ["k1"], "SUCCESS"), ("acl|setuser", [], "SUCCESS"), ("set", ["k3"], "SUCCESS"),
+        ("config|set", [], "SUCCESS"), ("echo", [], "SUCCESS")], mine
+
+
 def test_commands_after_bytes_the_server_refused_are_not_recorded(audited):
     """A bulk payload with a wrong CRLF: Valkey refuses it ("invalid CRLF in request") and closes
     the connection without reading what follows. The log says so and invents no command."""

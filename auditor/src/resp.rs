@@ -984,7 +984,9 @@ fn hex_value(b: u8) -> Option<u8> {
 /// `"FLUSH"ALL` is `FLUSHALL`, `'it''s'` is `its` (checked against the real server: sdssplitargs
 /// refused a closing quote followed by text, Valkey 9 does not, and taking such a line for a
 /// protocol error left the commands it ran out of the log). In double quotes `\xHH`, `\n`, `\r`,
-/// `\t`, `\b`, `\a` and `\<c>` (= c) are escapes; in single quotes only `\'`. A NUL ends the line.
+/// `\t`, `\b`, `\a` and `\<c>` (= c) are escapes; in single quotes only `\'`; either only when a
+/// byte follows the escaped one (`"v\"` ending a line is `v\`: taken for an unclosed quote, it hid
+/// the commands after it in the same read). A NUL ends the line.
 pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
     let line = match line.iter().position(|&b| b == 0) {
         Some(nul) => line.get(..nul).unwrap_or_default(),
@@ -1012,7 +1014,9 @@ pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
                     p += 1;
                     match c {
                         b'"' => break,
-                        b'\\' if p < line.len() => {
+                        // An escape needs a byte after the escaped one: Valkey 9.1.2 reads
+                        // `"v\"` at the end of a line as `v\` and a closing quote (checked).
+                        b'\\' if p + 1 < line.len() => {
                             let hex = line
                                 .get(p + 1..p + 3)
                                 .and_then(|h| Some(hex_value(h[0])? * 16 + hex_value(h[1])?));
@@ -1042,7 +1046,7 @@ pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
                     p += 1;
                     match c {
                         b'\'' => break,
-                        b'\\' if line.get(p) == Some(&b'\'') => {
+                        b'\\' if line.get(p) == Some(&b'\'') && p + 1 < line.len() => {
                             token.push(b'\'');
                             p += 1;
                         }
@@ -2146,6 +2150,15 @@ mod tests {
             (b"ECHO \"a\"\x0bb", &[b"ECHO", b"a\x0bb"]),
             (b"\x0bECHO \x0cx", &[b"ECHO", b"x"]),
             (br#"ECHO "a\\" \"#, &[b"ECHO", b"a\\", b"\\"]),
+            // An escape needs a byte after the escaped one (Valkey 9.1.2, checked; QA R).
+            (br#"SET k1 "v\""#, &[b"SET", b"k1", b"v\\"]),
+            (br"SET 'k3' 'x\'", &[b"SET", b"k3", b"x\\"]),
+            (br#"ECHO "\\\""#, &[b"ECHO", b"\\\\"]),
+            (br#"ECHO x"a\""#, &[b"ECHO", b"xa\\"]),
+            (br#"ECHO "\""#, &[b"ECHO", b"\\"]),
+            (br#"ECHO "a\"""#, &[b"ECHO", b"a\""]),
+            (br"ECHO 'a\''", &[b"ECHO", b"a'"]),
+            (br#"ECHO "a\x""#, &[b"ECHO", b"ax"]),
         ];
         for (line, expected) in cases {
             let mut data = line.to_vec();
@@ -2184,6 +2197,10 @@ mod tests {
             b"SET k 'abc\n",
             b"SET k \"abc\"def\"\r\n",
             b"SET k 'a'b'\r\n",
+            // `\"` not at the very end is an escaped quote (Valkey 9.1.2 refuses these).
+            b"ECHO \"a\\\"  \r\n",
+            b"ECHO \"a\\\" b\r\n",
+            b"ECHO \"ab\\\r\n",
         ] {
             let mut data = line.to_vec();
             data.extend_from_slice(&multibulk(&[b"PING"]));
