@@ -1793,7 +1793,17 @@ impl Session {
             reply_mode_step(&mut conn.reply_mode, mode_change),
             silent_report,
         );
-        let awaiting = d.arity_ok && !conn.in_multi && matches!(effect, Effect::Subscribe(..));
+        // Queued, its confirmations come as EXEC's elements. (`in_multi` follows the replies: a
+        // command read after an EXEC, DISCARD or RESET still unanswered is not queued. QA: a
+        // SUBSCRIBE pipelined after EXEC took the next command's reply for its own, its RESP3
+        // confirmation skipped as a push, and every result after it shifted by one.)
+        let awaiting = d.arity_ok
+            && matches!(effect, Effect::Subscribe(..))
+            && !(conn.in_multi
+                && !conn
+                    .pending
+                    .iter()
+                    .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset)));
         if awaiting
             && !expects_reply
             && let Effect::Subscribe(_, n, channels) = &mut effect

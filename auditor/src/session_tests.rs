@@ -3265,6 +3265,35 @@ fn resp3_pushes_are_not_replies() {
     assert_eq!(w.stats().replies_unmatched, 0);
 }
 
+/// QA (randomized differential test): a SUBSCRIBE read after an EXEC still unanswered is not
+/// queued: its RESP3 confirmation is its reply, not a push to skip (it took the next command's
+/// reply, and a wrong AUTH's WRONGPASS went to the INCR before it).
+#[test]
+fn resp3_subscribe_pipelined_after_exec_takes_its_confirmation() {
+    for end in ["EXEC", "DISCARD"] {
+        let mut w = Wire::new();
+        w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+        w.roundtrip(&["MULTI"], b"+OK\r\n");
+        w.client(&pipeline(&[&[end], &["SUBSCRIBE", "ch1"]]));
+        let end_reply: &[u8] = if end == "EXEC" { b"*0\r\n" } else { b"+OK\r\n" };
+        w.server(end_reply);
+        w.server(b">3\r\n$9\r\nsubscribe\r\n$3\r\nch1\r\n:1\r\n");
+        w.client(&pipeline(&[&["INCR", "a"], &["AUTH", "alice", "bad"]]));
+        w.server(b":1\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+        let recs = w.take();
+        assert_eq!(
+            outcomes(&recs),
+            [
+                (end.to_lowercase(), Outcome::Success),
+                ("subscribe".into(), Outcome::Success),
+                ("incr".into(), Outcome::Success),
+                ("auth".into(), Outcome::Failure),
+            ],
+            "{end}"
+        );
+    }
+}
+
 #[test]
 fn resp3_subscribe_to_several_channels_waits_for_every_confirmation() {
     let mut w = Wire::new();
