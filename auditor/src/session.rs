@@ -1797,13 +1797,14 @@ impl Session {
         // command read after an EXEC, DISCARD or RESET still unanswered is not queued. QA: a
         // SUBSCRIBE pipelined after EXEC took the next command's reply for its own, its RESP3
         // confirmation skipped as a push, and every result after it shifted by one.)
-        let awaiting = d.arity_ok
-            && matches!(effect, Effect::Subscribe(..))
-            && !(conn.in_multi
+        let queued = || {
+            conn.in_multi
                 && !conn
                     .pending
                     .iter()
-                    .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset)));
+                    .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset))
+        };
+        let awaiting = d.arity_ok && matches!(effect, Effect::Subscribe(..)) && !queued();
         if awaiting
             && !expects_reply
             && let Effect::Subscribe(_, n, channels) = &mut effect
