@@ -86,6 +86,10 @@ const REPLY_UNCERTAIN_ERRORS: &str = "reply uncertain (over 4096 errors in EXEC)
 /// A connection open before attach was inside MULTI already: EXEC's reply holds the results of
 /// commands queued before attach too, which may not be one element each.
 const REPLY_UNCERTAIN_ATTACH: &str = "reply uncertain (MULTI began before attach)";
+/// The `error` of results after a HELLO AUTH that CLIENT REPLY OFF/SKIP silenced and that would
+/// change the protocol: whether it worked (and pub/sub confirmations come as pushes or arrays)
+/// cannot be told.
+const REPLY_UNCERTAIN_HELLO: &str = "reply uncertain (silenced HELLO AUTH)";
 /// Smallest prefix kept of each argument (command names, subcommands, keys): one byte more than
 /// a key shows at least, so that a longer one is known to be cut.
 const MIN_KEEP: usize = crate::commands::KEY_MIN_SHOWN + 1;
@@ -530,6 +534,15 @@ fn expectation(mode: &mut ReplyMode, p: &Pending) -> (bool, bool) {
     )
 }
 
+/// `p`'s expectation worked out again in `mode`, once a reply showed the mode it was read in to
+/// be another, and whether replies were off when it was sent with it (QA: a CLIENT REPLY ON
+/// after a refused OFF kept "sent with replies off", was taken for refused unseen on a
+/// subscribed connection, and every result after it was written unknown).
+fn reexpect(mode: &mut ReplyMode, p: &mut Pending) {
+    p.sent_replies_off = *mode == ReplyMode::Off;
+    (p.expects_reply, p.refusable) = expectation(mode, p);
+}
+
 /// How Valkey's `replconfCommand` answers a REPLCONF: an even argument count is a syntax error;
 /// then it works through the option/value pairs in order, answers an invalid one with an error,
 /// returns without a word at ACK or GETACK, and says +OK at the end.
@@ -641,13 +654,16 @@ fn silent_when_run((expects_reply, refusable): (bool, bool), silent: bool) -> (b
 /// Whether an error reply to a command silent when it works (CLIENT REPLY OFF/SKIP, REPLCONF
 /// ACK/GETACK) is that command's refusal: an ACL denial or a MULTI / subscribed-context
 /// rejection names it (`'<command>'`); NOAUTH and LOADING refuse every command. (Anything else is
-/// the reply of a later command, which it did not silence.)
+/// the reply of a later command, which it did not silence: an arity error too, which names the
+/// command but cannot be such a command's, its arity right. QA: `CLIENT REPLY OFF x` behind a
+/// SKIP gave the SKIP its arity error, and every reply after went one command late.)
 fn is_refusal_of(command: &[u8], text: &[u8]) -> bool {
     text.starts_with(b"NOAUTH")
         || text.starts_with(b"LOADING")
-        || text
-            .windows(command.len() + 2)
-            .any(|w| w[0] == b'\'' && w[w.len() - 1] == b'\'' && &w[1..w.len() - 1] == command)
+        || (!text.starts_with(b"ERR wrong number of arguments")
+            && text
+                .windows(command.len() + 2)
+                .any(|w| w[0] == b'\'' && w[w.len() - 1] == b'\'' && &w[1..w.len() - 1] == command))
 }
 
 /// The inode of a connection whose socket was already closed when its accept was handled (a client
@@ -1776,7 +1792,9 @@ impl Session {
         } else {
             effect_of(d, &req.args)
         };
-        let mode_change = if *d.command == *b"client|reply" {
+        // (`CLIENT REPLY OFF x` is refused for its arity, silently behind a SKIP: QA found it
+        // taken for an OFF that worked, every later result unknown.)
+        let mode_change = if *d.command == *b"client|reply" && d.arity_ok {
             match req.args.get(2).map(|a| a.lower()).as_deref() {
                 Some("on") => ModeChange::On,
                 Some("off") => ModeChange::Off,
@@ -2020,13 +2038,24 @@ impl Session {
         );
         let confirmation =
             is_pubsub_kind && first.as_deref().is_some_and(|f| f.ends_with(b"subscribe"));
+        if reply.kind != ReplyKind::Push
+            && !reply.is_error()
+            && (confirmation || !is_pubsub_kind)
+            && conn.pending.front().is_some_and(|p| p.refusable)
+        {
+            // A reply in order (no message, no push) that is no refusal: the CLIENT REPLY
+            // OFF/SKIP at the head took effect, and what it silenced ran before this reply was
+            // sent, a HELLO's protocol change included, which decides how to read it (QA: the
+            // RESP2 confirmations of a SUBSCRIBE after a silenced HELLO 2 taken for replies).
+            self.settle_refusable(conn, Some(reply), out);
+        }
         // In RESP3 every pub/sub frame is a push: an array there is some command's reply (an
         // LRANGE of a list that begins with "message" is not a message).
         let frame =
             reply.kind == ReplyKind::Push || (reply.kind == ReplyKind::Array && !conn.resp3);
         if confirmation && frame {
             let kind = first.as_deref().unwrap_or_default();
-            while self.settle_refused_reply_on(conn, out) {}
+            while self.settle_refused_reply_on(conn, reply, out) {}
             if let Some(at) = confirmation_target(conn, kind, Some(&reply.text)) {
                 // In RESP2, before the connection is subscribed, any command may answer with an
                 // array like this (a script's): if the silenced command it seems to confirm
@@ -2139,7 +2168,7 @@ impl Session {
         // (Checked here first: the common head has nothing to settle.)
         while conn.pending.front().is_some_and(|p| {
             (p.awaiting && !p.expects_reply) || (p.sent_replies_off && p.expects_reply)
-        }) && self.settle_silent_head(conn, out)
+        }) && self.settle_silent_head(conn, reply, out)
         {}
 
         if conn.pending.is_empty() {
@@ -2430,9 +2459,17 @@ impl Session {
                     && matches!(head.effect, Effect::OffsetReport(true))
                     && is_replconf_option_error(&reply.text)
             });
+            // (Only a RESP2 connection is refused for its subscribed context: QA found a later
+            // SKIP's such refusal taken for a RESP3 one's.)
+            let context_refusal = |text: &[u8]| {
+                text.starts_with(b"ERR Can't execute")
+                    && text.ends_with(b"are allowed in this context")
+            };
             if let Some(reply) = reply
                 && reply.is_error()
-                && (option_error || is_refusal_of(&head.record.command, &reply.text))
+                && (option_error
+                    || (is_refusal_of(&head.record.command, &reply.text)
+                        && !(conn.resp3 && context_refusal(&reply.text))))
             {
                 if option_error {
                     doubt_replies(conn, REPLY_UNCERTAIN_REPLCONF_OPTION);
@@ -2442,7 +2479,7 @@ impl Session {
                 // refused OFF is a SKIP with replies on: refusable, and the next command silent).
                 let mut mode = ReplyMode::On;
                 for p in conn.pending.iter_mut().skip(1) {
-                    (p.expects_reply, p.refusable) = expectation(&mut mode, p);
+                    reexpect(&mut mode, p);
                 }
                 conn.reply_mode = mode;
                 self.finish_front(conn, reply, out);
@@ -2467,7 +2504,12 @@ impl Session {
 
     /// Before a reply that is not a pub/sub frame: commands at the head that it shows got no
     /// reply are written. Returns whether one was.
-    fn settle_silent_head(&mut self, conn: &mut Conn, out: &mut impl RecordOut) -> bool {
+    fn settle_silent_head(
+        &mut self,
+        conn: &mut Conn,
+        reply: &Reply,
+        out: &mut impl RecordOut,
+    ) -> bool {
         let Some(head) = conn.pending.front() else {
             return false;
         };
@@ -2483,25 +2525,32 @@ impl Session {
             self.drain_unreplied(conn, out);
             return true;
         }
-        self.settle_refused_reply_on(conn, out)
+        self.settle_refused_reply_on(conn, reply, out)
     }
 
-    /// A CLIENT REPLY ON at the head, sent with replies off on a RESP2 connection subscribed by
-    /// then: Valkey refuses every command but (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET in that
-    /// context, here without a word, and replies stay off for the commands after it. Returns
-    /// whether there was one.
-    fn settle_refused_reply_on(&mut self, conn: &mut Conn, out: &mut impl RecordOut) -> bool {
+    /// A CLIENT REPLY ON at the head, sent with replies off, refused without a word (replies
+    /// were off), so replies stay off for the commands after it: on a RESP2 connection subscribed
+    /// by then (Valkey refuses every command but (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET in that
+    /// context), or when the reply at hand is not its +OK (QA: an ACL-refused ON took an
+    /// UNSUBSCRIBE's confirmation for its +OK, and every reply after went one command early, a
+    /// wrong AUTH written SUCCESS). Returns whether there was one.
+    fn settle_refused_reply_on(
+        &mut self,
+        conn: &mut Conn,
+        reply: &Reply,
+        out: &mut impl RecordOut,
+    ) -> bool {
         let refused = conn.pending.front().is_some_and(|head| {
             head.mode_change == ModeChange::On && head.sent_replies_off && head.expects_reply
-        }) && !conn.resp3
-            && conn.pubsub.subscribed();
+        }) && ((!conn.resp3 && conn.pubsub.subscribed())
+            || !(reply.kind == ReplyKind::Simple && reply.text == b"OK"));
         if refused {
             let mut mode = ReplyMode::Off;
             for (i, p) in conn.pending.iter_mut().enumerate() {
                 if i == 0 {
                     p.expects_reply = false;
                 } else {
-                    (p.expects_reply, p.refusable) = expectation(&mut mode, p);
+                    reexpect(&mut mode, p);
                 }
             }
             conn.reply_mode = mode;
@@ -2543,6 +2592,27 @@ impl Session {
             .is_some_and(|p| !p.expects_reply && !p.refusable && !p.awaiting)
         {
             let p = conn.pending.pop_front().expect("front exists");
+            // A silenced HELLO still ran: the replies after it come in its protocol (QA: HELLO 2
+            // behind a SKIP on a RESP3 connection, the RESP2 confirmations of a SUBSCRIBE after
+            // it taken for replies, a wrong AUTH written SUCCESS). With AUTH it may have failed.
+            match p.effect {
+                Effect::Hello(Some(v)) => conn.resp3 = v == 3,
+                Effect::HelloAuth(Some(v), _) if conn.resp3 != (v == 3) => {
+                    // Taken for worked (the user is unknown); where pub/sub frames may come,
+                    // whose form it decides, the replies till the client has had them all are
+                    // unknown.
+                    conn.resp3 = v == 3;
+                    if conn.pubsub.subscribed()
+                        || conn
+                            .pending
+                            .iter()
+                            .any(|p| matches!(p.effect, Effect::Subscribe(..)))
+                    {
+                        doubt_replies(conn, REPLY_UNCERTAIN_HELLO);
+                    }
+                }
+                _ => {}
+            }
             if p.ran_silently && p.settings.ignore_internal_clients {
                 // A REPLCONF ACK that ran: nothing a client's audit shows. (One silenced by
                 // CLIENT REPLY may have been refused unseen: written, its outcome unknown.)

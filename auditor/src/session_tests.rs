@@ -3265,6 +3265,115 @@ fn resp3_pushes_are_not_replies() {
     assert_eq!(w.stats().replies_unmatched, 0);
 }
 
+/// QA S: replies that show a CLIENT REPLY (or what it silenced) went otherwise than assumed.
+#[test]
+fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
+    let wrongpass = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+    // An ON refused unseen under OFF (an ACL denial): an UNSUBSCRIBE's confirmation, sent with
+    // replies off too, is not its +OK.
+    let mut w = Wire::new();
+    w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "ON"],
+        &["UNSUBSCRIBE"],
+        &["AUTH", "root", "wrongpw"],
+        &["CLIENT", "REPLY", "ON"],
+        &["INCR", "s"],
+    ]));
+    w.server(b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n+OK\r\n-ERR value is not an integer or out of range\r\n");
+    let recs = w.take();
+    let seen: Vec<_> = recs
+        .iter()
+        .map(|r| (s(&r.command), r.result, s(&r.username)))
+        .collect();
+    assert_eq!(
+        seen[1..],
+        [
+            ("client|reply".into(), Outcome::Unknown, "default".into()),
+            ("unsubscribe".into(), Outcome::Success, "default".into()),
+            ("auth".into(), Outcome::Unknown, "default".into()),
+            ("client|reply".into(), Outcome::Success, "unknown".into()),
+            ("incr".into(), Outcome::Failure, "unknown".into()),
+        ]
+    );
+    // `CLIENT REPLY OFF x` (arity) behind a SKIP: the SKIP silenced INCR, the error is OFF's.
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["INCR", "s"],
+        &["CLIENT", "REPLY", "OFF", "x"],
+        &["ECHO", "m"],
+        &["AUTH", "bad"],
+    ]));
+    let mut replies =
+        b"-ERR wrong number of arguments for 'client|reply' command\r\n$1\r\nm\r\n".to_vec();
+    replies.extend_from_slice(wrongpass);
+    w.server(&replies);
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("client|reply".into(), Outcome::Unknown),
+            ("incr".into(), Outcome::Unknown),
+            ("client|reply".into(), Outcome::Failure),
+            ("echo".into(), Outcome::Success),
+            ("auth".into(), Outcome::Failure),
+        ]
+    );
+    // A RESP2 subscribed connection refuses OFF and ON aloud: the ON was not sent with replies
+    // off, so it is no silent refusal.
+    let mut w = Wire::new();
+    w.roundtrip(
+        &["SUBSCRIBE", "c"],
+        b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n",
+    );
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["CLIENT", "REPLY", "ON"],
+        &["UNSUBSCRIBE"],
+        &["AUTH", "bad"],
+    ]));
+    let refusal = b"-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n";
+    let mut replies = [
+        &refusal[..],
+        refusal,
+        b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nc\r\n:0\r\n",
+        wrongpass,
+    ]
+    .concat();
+    w.server(&replies);
+    replies.clear();
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("client|reply".into(), Outcome::Failure),
+            ("client|reply".into(), Outcome::Failure),
+            ("unsubscribe".into(), Outcome::Success),
+            ("auth".into(), Outcome::Failure),
+        ]
+    );
+    // A HELLO 2 a SKIP silenced on a RESP3 connection ran: the confirmations after it are RESP2
+    // arrays, not replies.
+    let mut w = Wire::new();
+    w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["HELLO", "2"],
+        &["SUBSCRIBE", "c1", "c2"],
+        &["AUTH", "alice", "wrongpw"],
+    ]));
+    let refusal = b"-ERR Can't execute 'auth': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n";
+    w.server(&[&b"*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc2\r\n:2\r\n"[..], refusal].concat());
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("client|reply".into(), Outcome::Unknown),
+            ("hello".into(), Outcome::Unknown),
+            ("subscribe".into(), Outcome::Success),
+            ("auth".into(), Outcome::Failure),
+        ]
+    );
+}
+
 /// QA (randomized differential test): a SUBSCRIBE read after an EXEC still unanswered is not
 /// queued: its RESP3 confirmation is its reply, not a push to skip (it took the next command's
 /// reply, and a wrong AUTH's WRONGPASS went to the INCR before it).
