@@ -738,6 +738,29 @@ def test_an_inline_value_ending_in_a_backslash_before_its_closing_quote_is_run_a
         ("config|set", [], "SUCCESS"), ("echo", [], "SUCCESS")], mine
 
 
+def test_inline_lines_are_read_as_valkey_reads_them_0xff_and_long_lines(audited):
+    """Valkey 9.1.2 drops every 0xff byte written in an inline line (`FLUSH\\xffALL` runs
+    FLUSHALL), and runs a line over 64 KiB whose end its read got. QA: the first was recorded as
+    an unknown command (an AUTH so spelt with its password in the clear); the second was taken
+    for a refused line at a ring-chunk boundary, and the commands after it went unrecorded."""
+    valkey, auditor = audited
+    valkey.client().execute_command("ACL", "SETUSER", "bob", "on", ">BobSecret1", "~*", "+@all")
+    s = socket.create_connection(("127.0.0.1", valkey.port))
+    port = s.getsockname()[1]
+    s.sendall(b"SET \xffvictim x\r\nA\xffUTH bob BobSecret1\r\nECHO " + b"y" * 100_000
+              + b"\r\nCON\xffFIG SET maxmemory-policy noeviction\r\nECHO done\r\n")
+    read_until(s, lambda b: b.endswith(b"+OK\r\n$4\r\ndone\r\n"))
+    s.close()
+    assert valkey.client().get("victim") == b"x"
+    recs = auditor.wait_records(lambda rs: any(r["command_args"] == "arg1=done" for r in rs))
+    mine = [r for r in recs if r["client_port"] == port and r["category"] != "CONNECTION"]
+    assert [(r["command"], r["keys"], r["result"], r["username"]) for r in mine] == [
+        ("set", ["victim"], "SUCCESS", "default"), ("auth", [], "SUCCESS", "default"),
+        ("echo", [], "SUCCESS", "bob"), ("config|set", [], "SUCCESS", "bob"),
+        ("echo", [], "SUCCESS", "bob")], mine
+    assert b"BobSecret1" not in auditor.log.read_bytes()
+
+
 def test_commands_after_bytes_the_server_refused_are_not_recorded(audited):
     """A bulk payload with a wrong CRLF: Valkey refuses it ("invalid CRLF in request") and closes
     the connection without reading what follows. The log says so and invents no command."""

@@ -432,9 +432,20 @@ impl RequestParser {
         mem::swap(&mut self.pool, pool);
     }
 
-    /// Feeds bytes and pushes completed requests and events to `out`.
+    /// Feeds one read's bytes and pushes completed requests and events to `out`.
     pub fn feed(&mut self, data: &[u8], ts: u64, out: &mut Vec<RequestEvent>) {
         self.feed_pooled(data, ts, out, &mut BufPool::default());
+        self.end_read(out);
+    }
+
+    /// The end of one read of the server's (whose pieces were fed): like Valkey, refuse an inline
+    /// line of which more than 64 KiB are pending without its end ("too big inline request").
+    pub fn end_read(&mut self, out: &mut Vec<RequestEvent>) {
+        if matches!(self.state, RequestState::Inline)
+            && self.inline_line.len() > PROTO_INLINE_MAX_SIZE
+        {
+            self.fail("too big inline request", false, out);
+        }
     }
 
     fn feed_inner(&mut self, data: &[u8], ts: u64, out: &mut Vec<RequestEvent>) {
@@ -849,11 +860,11 @@ impl RequestParser {
             }
         };
         let Some(newline) = newline else {
-            if self.inline_line.len().saturating_add(rest.len()) > PROTO_INLINE_MAX_SIZE {
-                self.fail("too big inline request", false, out);
-            } else {
-                self.inline_line.extend_from_slice(rest);
-            }
+            // (Refused only at the end of the read, `end_read`, as the server checks: a read
+            // comes in several pieces, and a piece without the line's end said nothing. QA: a
+            // 100,000-byte line the server ran was refused here, and the commands after it in
+            // the same write went unrecorded.)
+            self.inline_line.extend_from_slice(rest);
             return rest.len();
         };
         let body = rest.get(..newline).unwrap_or_default();
@@ -1026,19 +1037,22 @@ pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
                                     p += 3;
                                 }
                                 (e, _) => {
-                                    token.push(match e {
-                                        b'n' => b'\n',
-                                        b'r' => b'\r',
-                                        b't' => b'\t',
-                                        b'b' => 0x08,
-                                        b'a' => 0x07,
-                                        other => other,
-                                    });
+                                    push_literal(
+                                        &mut token,
+                                        match e {
+                                            b'n' => b'\n',
+                                            b'r' => b'\r',
+                                            b't' => b'\t',
+                                            b'b' => 0x08,
+                                            b'a' => 0x07,
+                                            other => other,
+                                        },
+                                    );
                                     p += 1;
                                 }
                             }
                         }
-                        c => token.push(c),
+                        c => push_literal(&mut token, c),
                     }
                 },
                 b'\'' => loop {
@@ -1050,10 +1064,10 @@ pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
                             token.push(b'\'');
                             p += 1;
                         }
-                        c => token.push(c),
+                        c => push_literal(&mut token, c),
                     }
                 },
-                c => token.push(c),
+                c => push_literal(&mut token, c),
             }
         }
         argc += 1;
@@ -1068,6 +1082,16 @@ pub fn split_inline_args(line: &[u8], keep: usize) -> Option<(Vec<Arg>, u64)> {
                 lost: false,
             });
         }
+    }
+}
+
+/// A byte of an inline argument as written (not from a `\xHH` escape): Valkey 9.1.2 drops every
+/// 0xff there, quoted or not (`FLUSH\xffALL` runs FLUSHALL, a lone one is an empty argument;
+/// checked). QA: taken as written, `A\xffUTH bob <password>` was recorded as an unknown command
+/// with its password in the clear, and a FLUSHALL so spelt passed every filter on its name.
+fn push_literal(token: &mut Vec<u8>, b: u8) {
+    if b != 0xff {
+        token.push(b);
     }
 }
 
@@ -2159,6 +2183,14 @@ mod tests {
             (br#"ECHO "a\"""#, &[b"ECHO", b"a\""]),
             (br"ECHO 'a\''", &[b"ECHO", b"a'"]),
             (br#"ECHO "a\x""#, &[b"ECHO", b"ax"]),
+            // Every 0xff written is dropped, one from `\xff` kept (Valkey 9.1.2, checked; QA T).
+            (b"FLUSH\xffALL", &[b"FLUSHALL"]),
+            (
+                b"ECHO \"a\xffb\" 'c\xffd' \xff",
+                &[b"ECHO", b"ab", b"cd", b""],
+            ),
+            (b"ECHO \"\\\xff\" '\\\xff'", &[b"ECHO", b"", b"\\"]),
+            (br#"ECHO "\xff""#, &[b"ECHO", b"\xff"]),
         ];
         for (line, expected) in cases {
             let mut data = line.to_vec();
@@ -2633,6 +2665,40 @@ mod tests {
         assert_eq!(request.args[0].len, PROTO_INLINE_MAX_SIZE as u64);
         assert_eq!(request.args[0].prefix.len(), KEEP);
         assert_eq!(parse_requests_bytewise(&longest), events);
+    }
+
+    /// One read comes in pieces (16,000-byte ring chunks): the 64 KiB check of an inline line is
+    /// made at the read's end, as the server makes it (QA: a 100,000-byte line the server ran,
+    /// read in three reads of 16,386, 49,028 and 34,754 bytes, was refused at a chunk boundary).
+    #[test]
+    fn the_inline_length_check_is_made_at_the_end_of_a_read() {
+        let mut data = b"ECHO ".to_vec();
+        data.extend(std::iter::repeat_n(b'y', 100_000));
+        data.extend_from_slice(b"\r\nSET k v\r\n");
+        let reads = [&data[..16_386], &data[16_386..65_414], &data[65_414..]];
+        let mut parser = RequestParser::new(KEEP);
+        let mut out = Vec::new();
+        for read in reads {
+            for piece in read.chunks(16_000) {
+                parser.feed_pooled(piece, 1, &mut out, &mut BufPool::default());
+            }
+            parser.end_read(&mut out);
+        }
+        assert!(request_desyncs(&out).is_empty(), "{out:?}");
+        let names: Vec<_> = requests(&out)
+            .iter()
+            .map(|r| r.args[0].prefix.clone())
+            .collect();
+        assert_eq!(names, [b"ECHO".to_vec(), b"SET".to_vec()]);
+        // More than 64 KiB pending at the end of a read: refused.
+        let mut parser = RequestParser::new(KEEP);
+        let mut out = Vec::new();
+        for piece in data[..70_000].chunks(16_000) {
+            parser.feed_pooled(piece, 1, &mut out, &mut BufPool::default());
+        }
+        assert!(request_desyncs(&out).is_empty());
+        parser.end_read(&mut out);
+        assert_eq!(request_desyncs(&out), ["too big inline request"]);
     }
 
     /// Probed on valkey-server 9.1.2: an inline line holding a NUL is never executed, nor is

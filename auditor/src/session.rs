@@ -1392,11 +1392,8 @@ impl Session {
                 inbound,
                 Pieces::one(stream_pos + chunk_off as u64, bytes),
                 // Bytes of this syscall past the capture cap: known once its last captured chunk is in.
-                if chunk_off as u64 + bytes.len() as u64 >= captured_len as u64 {
-                    (total_len as u64).saturating_sub(captured_len as u64)
-                } else {
-                    0
-                },
+                (chunk_off as u64 + bytes.len() as u64 >= captured_len as u64)
+                    .then(|| (total_len as u64).saturating_sub(captured_len as u64)),
                 out,
             ),
             CaptureEvent::Segments {
@@ -1418,11 +1415,11 @@ impl Session {
                     body,
                     tail.then_some(stream_pos + u64::from(captured_len)),
                 ),
-                if tail {
+                Some(if tail {
                     u64::from(total_len.saturating_sub(captured_len))
                 } else {
                     0
-                },
+                }),
                 out,
             ),
         }
@@ -1436,9 +1433,11 @@ impl Session {
         ts_ns: u64,
         inbound: bool,
         pieces: Pieces,
-        uncaptured_tail: u64,
+        // `Some` for the last captured chunk of a syscall: its bytes past the capture cap.
+        syscall_end: Option<u64>,
         out: &mut impl RecordOut,
     ) {
+        let uncaptured_tail = syscall_end.unwrap_or(0);
         let Some(mut conn) = self.conns.remove(&(tgid, fd)) else {
             return;
         };
@@ -1546,6 +1545,9 @@ impl Session {
                 self.stats.bytes_skipped += uncaptured_tail;
                 conn.requests.skip(uncaptured_tail, &mut events);
                 conn.in_expected += uncaptured_tail;
+            }
+            if syscall_end.is_some() {
+                conn.requests.end_read(&mut events);
             }
             for ev in events.drain(..) {
                 match ev {
