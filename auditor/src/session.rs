@@ -2613,6 +2613,29 @@ impl Session {
                         doubt_replies(conn, REPLY_UNCERTAIN_HELLO);
                     }
                 }
+                // A silenced MULTI ran too (QA: behind a SKIP, the +QUEUED of the commands after
+                // it were taken for their results, a queued wrong AUTH for a login).
+                Effect::Multi if !conn.in_multi => {
+                    conn.in_multi = true;
+                    conn.queued.clear();
+                }
+                // A silenced EXEC or DISCARD ended the transaction: what it ran, if anything,
+                // is not known.
+                Effect::Exec | Effect::Discard if conn.in_multi => {
+                    conn.in_multi = false;
+                    let why = if matches!(p.effect, Effect::Exec) {
+                        "reply unknown (EXEC silenced)"
+                    } else {
+                        "discarded"
+                    };
+                    for q in std::mem::take(&mut conn.queued) {
+                        if matches!(p.effect, Effect::Exec) {
+                            self.finish_unknown(conn, q, why, p.done_ts, out);
+                        } else {
+                            self.finish_discarded(conn, q, why.as_bytes(), out);
+                        }
+                    }
+                }
                 _ => {}
             }
             if p.ran_silently && p.settings.ignore_internal_clients {

@@ -3374,6 +3374,38 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
     );
 }
 
+/// QA T: a MULTI silenced by CLIENT REPLY SKIP still ran: the +QUEUED after it are no results
+/// (a queued wrong AUTH was taken for a login, the user's later commands hidden by excluderules).
+#[test]
+fn silenced_multi_exec_and_discard_still_ran() {
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["MULTI"],
+        &["AUTH", "alice", "wrong"],
+        &["INCR", "s"],
+        &["EXEC"],
+        &["PING"],
+    ]));
+    w.server(b"+QUEUED\r\n+QUEUED\r\n*2\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n-ERR value is not an integer or out of range\r\n+PONG\r\n");
+    let recs = w.take();
+    let seen: Vec<_> = recs
+        .iter()
+        .map(|r| (s(&r.command), r.result, s(&r.username)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("client|reply".into(), Outcome::Unknown, "default".into()),
+            ("multi".into(), Outcome::Unknown, "default".into()),
+            ("auth".into(), Outcome::Failure, "default".into()),
+            ("incr".into(), Outcome::Failure, "default".into()),
+            ("exec".into(), Outcome::Success, "default".into()),
+            ("ping".into(), Outcome::Success, "default".into()),
+        ]
+    );
+}
+
 /// QA (randomized differential test): a SUBSCRIBE read after an EXEC still unanswered is not
 /// queued: its RESP3 confirmation is its reply, not a push to skip (it took the next command's
 /// reply, and a wrong AUTH's WRONGPASS went to the INCR before it).
