@@ -1824,7 +1824,7 @@ impl Session {
                     .iter()
                     .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset))
         };
-        let awaiting = d.arity_ok && matches!(effect, Effect::Subscribe(..)) && !queued();
+        let awaiting = matches!(effect, Effect::Subscribe(..)) && d.arity_ok && !queued();
         if awaiting
             && !expects_reply
             && let Effect::Subscribe(_, n, channels) = &mut effect
@@ -2040,10 +2040,10 @@ impl Session {
         );
         let confirmation =
             is_pubsub_kind && first.as_deref().is_some_and(|f| f.ends_with(b"subscribe"));
-        if reply.kind != ReplyKind::Push
+        if conn.pending.front().is_some_and(|p| p.refusable)
+            && reply.kind != ReplyKind::Push
             && !reply.is_error()
             && (confirmation || !is_pubsub_kind)
-            && conn.pending.front().is_some_and(|p| p.refusable)
         {
             // A reply in order (no message, no push) that is no refusal: the CLIENT REPLY
             // OFF/SKIP at the head took effect, and what it silenced ran before this reply was

@@ -3377,7 +3377,7 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
 /// QA T: a MULTI silenced by CLIENT REPLY SKIP still ran: the +QUEUED after it are no results
 /// (a queued wrong AUTH was taken for a login, the user's later commands hidden by excluderules).
 #[test]
-fn silenced_multi_exec_and_discard_still_ran() {
+fn a_multi_silenced_by_skip_still_ran() {
     let mut w = Wire::new();
     w.client(&pipeline(&[
         &["CLIENT", "REPLY", "SKIP"],
