@@ -641,6 +641,20 @@ fn settle_as_run(p: &mut Pending) {
     p.ran_silently = matches!(p.effect, Effect::OffsetReport(_));
 }
 
+/// An ACL denial naming a user other than the connection's that a later AUTH or HELLO AUTH in
+/// the FIFO asks for: that command's refusal after the login (silenced) worked, not the head's.
+fn denial_of_a_later_login(conn: &Conn, text: &[u8]) -> bool {
+    text.strip_prefix(b"NOPERM User ")
+        .and_then(|rest| rest.split(|&b| b == b' ').next())
+        .is_some_and(|name| {
+            name != &conn.username[..]
+                && conn.pending.iter().skip(1).any(|p| match &p.effect {
+                    Effect::Auth(user) | Effect::HelloAuth(_, user) => user == name,
+                    _ => false,
+                })
+        })
+}
+
 /// A command the server answers only to refuse it (REPLCONF ACK/GETACK) is, where replies are
 /// on, refusable like CLIENT REPLY OFF: a refusal is its only reply.
 fn silent_when_run((expects_reply, refusable): (bool, bool), silent: bool) -> (bool, bool) {
@@ -1529,6 +1543,17 @@ impl Session {
             {
                 self.settle_refusable(&mut conn, None, out);
             }
+            // A CLIENT REPLY ON sent with replies off and read earlier, still without its +OK:
+            // refused unseen (an ACL denial), replies still off (QA: a later ON's +OK taken for
+            // it made a wrong AUTH read SUCCESS, and a good one FAILURE).
+            if conn.pending.front().is_some_and(|p| {
+                p.mode_change == ModeChange::On
+                    && p.sent_replies_off
+                    && p.expects_reply
+                    && p.read < conn.reads
+            }) {
+                self.settle_refused_reply_on(&mut conn, None, out);
+            }
             let mut events = std::mem::take(&mut self.scratch_req);
             for (pos, bytes) in pieces {
                 if pos > conn.in_expected {
@@ -2057,7 +2082,7 @@ impl Session {
             reply.kind == ReplyKind::Push || (reply.kind == ReplyKind::Array && !conn.resp3);
         if confirmation && frame {
             let kind = first.as_deref().unwrap_or_default();
-            while self.settle_refused_reply_on(conn, reply, out) {}
+            while self.settle_refused_reply_on(conn, Some(reply), out) {}
             if let Some(at) = confirmation_target(conn, kind, Some(&reply.text)) {
                 // In RESP2, before the connection is subscribed, any command may answer with an
                 // array like this (a script's): if the silenced command it seems to confirm
@@ -2448,7 +2473,9 @@ impl Session {
         reply: Option<&Reply>,
         out: &mut impl RecordOut,
     ) -> bool {
-        while let Some(head) = conn.pending.front_mut() {
+        while !conn.pending.is_empty() {
+            let later_login = reply.is_some_and(|r| denial_of_a_later_login(conn, &r.text));
+            let head = conn.pending.front_mut().expect("not empty");
             if !head.refusable {
                 return false;
             }
@@ -2467,11 +2494,15 @@ impl Session {
                 text.starts_with(b"ERR Can't execute")
                     && text.ends_with(b"are allowed in this context")
             };
+            // (An ACL denial names the user: one naming another than the head ran as is a later
+            // command's, run after a silenced AUTH. QA: a SKIP of `default` took the denial of
+            // bob's SKIP after `AUTH bob` for its own, and bob's login was written a failure.)
             if let Some(reply) = reply
                 && reply.is_error()
                 && (option_error
                     || (is_refusal_of(&head.record.command, &reply.text)
-                        && !(conn.resp3 && context_refusal(&reply.text))))
+                        && !(conn.resp3 && context_refusal(&reply.text))
+                        && !later_login))
             {
                 if option_error {
                     doubt_replies(conn, REPLY_UNCERTAIN_REPLCONF_OPTION);
@@ -2527,7 +2558,7 @@ impl Session {
             self.drain_unreplied(conn, out);
             return true;
         }
-        self.settle_refused_reply_on(conn, reply, out)
+        self.settle_refused_reply_on(conn, Some(reply), out)
     }
 
     /// A CLIENT REPLY ON at the head, sent with replies off, refused without a word (replies
@@ -2536,16 +2567,17 @@ impl Session {
     /// context), or when the reply at hand is not its +OK (QA: an ACL-refused ON took an
     /// UNSUBSCRIBE's confirmation for its +OK, and every reply after went one command early, a
     /// wrong AUTH written SUCCESS). Returns whether there was one.
+    /// (`reply` `None`: the server read the client again, with no reply since.)
     fn settle_refused_reply_on(
         &mut self,
         conn: &mut Conn,
-        reply: &Reply,
+        reply: Option<&Reply>,
         out: &mut impl RecordOut,
     ) -> bool {
         let refused = conn.pending.front().is_some_and(|head| {
             head.mode_change == ModeChange::On && head.sent_replies_off && head.expects_reply
         }) && ((!conn.resp3 && conn.pubsub.subscribed())
-            || !(reply.kind == ReplyKind::Simple && reply.text == b"OK"));
+            || reply.is_none_or(|reply| !(reply.kind == ReplyKind::Simple && reply.text == b"OK")));
         if refused {
             let mut mode = ReplyMode::Off;
             for (i, p) in conn.pending.iter_mut().enumerate() {

@@ -3374,6 +3374,60 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
     );
 }
 
+/// QA U: ACL-refused CLIENT REPLY commands after a silenced AUTH. The denial of bob's SKIP is no
+/// refusal of the SKIP `default` sent before his AUTH (his login was written a failure); an ON
+/// sent with replies off and still without its +OK when the server reads the client again was
+/// refused (a later ON's +OK taken for it made a wrong AUTH read SUCCESS).
+#[test]
+fn acl_refused_client_reply_after_a_silenced_login() {
+    let wrongpass = &b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"[..];
+    let mut w = Wire::new();
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["AUTH", "bob", "bpass"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["AUTH", "alice", "wrong"],
+    ]));
+    w.server(
+        &[
+            &b"-NOPERM User bob has no permissions to run the 'client|reply' command\r\n"[..],
+            wrongpass,
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("client|reply".into(), Outcome::Unknown),
+            ("auth".into(), Outcome::Unknown),
+            ("client|reply".into(), Outcome::Failure),
+            ("auth".into(), Outcome::Failure),
+        ]
+    );
+    let mut w = Wire::new();
+    w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    w.client(&cmd(&["AUTH", "bob", "bpass"]));
+    w.client(&cmd(&["CLIENT", "REPLY", "ON"]));
+    w.client(&cmd(&["AUTH", "alice", "apass"]));
+    w.client(&cmd(&["CLIENT", "REPLY", "ON"]));
+    w.server(b"+OK\r\n");
+    w.client(&cmd(&["AUTH", "alice", "wrong"]));
+    w.server(wrongpass);
+    let recs = w.take();
+    let seen: Vec<_> = recs.iter().map(|r| (s(&r.command), r.result)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("client|reply".into(), Outcome::Unknown),
+            ("auth".into(), Outcome::Unknown),
+            ("client|reply".into(), Outcome::Unknown),
+            ("auth".into(), Outcome::Unknown),
+            ("client|reply".into(), Outcome::Success),
+            ("auth".into(), Outcome::Failure),
+        ]
+    );
+}
+
 /// QA T: a MULTI silenced by CLIENT REPLY SKIP still ran: the +QUEUED after it are no results
 /// (a queued wrong AUTH was taken for a login, the user's later commands hidden by excluderules).
 #[test]
