@@ -644,15 +644,18 @@ fn settle_as_run(p: &mut Pending) {
 /// An ACL denial naming a user other than the connection's that a later AUTH or HELLO AUTH in
 /// the FIFO asks for: that command's refusal after the login (silenced) worked, not the head's.
 fn denial_of_a_later_login(conn: &Conn, text: &[u8]) -> bool {
-    text.strip_prefix(b"NOPERM User ")
-        .and_then(|rest| rest.split(|&b| b == b' ').next())
-        .is_some_and(|name| {
-            name != &conn.username[..]
-                && conn.pending.iter().skip(1).any(|p| match &p.effect {
-                    Effect::Auth(user) | Effect::HelloAuth(_, user) => user == name,
-                    _ => false,
-                })
-        })
+    // (A user not known may be the one named: then nothing is ruled out.)
+    !Arc::ptr_eq(&conn.username, &UNKNOWN_USER)
+        && text
+            .strip_prefix(b"NOPERM User ")
+            .and_then(|rest| rest.split(|&b| b == b' ').next())
+            .is_some_and(|name| {
+                name != &conn.username[..]
+                    && conn.pending.iter().skip(1).any(|p| match &p.effect {
+                        Effect::Auth(user) | Effect::HelloAuth(_, user) => user == name,
+                        _ => false,
+                    })
+            })
 }
 
 /// A command the server answers only to refuse it (REPLCONF ACK/GETACK) is, where replies are
@@ -668,9 +671,9 @@ fn silent_when_run((expects_reply, refusable): (bool, bool), silent: bool) -> (b
 /// Whether an error reply to a command silent when it works (CLIENT REPLY OFF/SKIP, REPLCONF
 /// ACK/GETACK) is that command's refusal: an ACL denial or a MULTI / subscribed-context
 /// rejection names it (`'<command>'`); NOAUTH and LOADING refuse every command. (Anything else is
-/// the reply of a later command, which it did not silence: an arity error too, which names the
-/// command but cannot be such a command's, its arity right. QA: `CLIENT REPLY OFF x` behind a
-/// SKIP gave the SKIP its arity error, and every reply after went one command late.)
+/// the reply of a later command, which it did not silence: an arity error naming the command too,
+/// since a CLIENT REPLY of the wrong arity is never refusable, changing no mode. QA: `CLIENT REPLY
+/// OFF x` behind a SKIP gave the SKIP its arity error, and every reply after went one late.)
 fn is_refusal_of(command: &[u8], text: &[u8]) -> bool {
     text.starts_with(b"NOAUTH")
         || text.starts_with(b"LOADING")
@@ -1405,6 +1408,7 @@ impl Session {
                 ts_ns,
                 inbound,
                 Pieces::one(stream_pos + chunk_off as u64, bytes),
+                chunk_off == 0,
                 // Bytes of this syscall past the capture cap: known once its last captured chunk is in.
                 (chunk_off as u64 + bytes.len() as u64 >= captured_len as u64)
                     .then(|| (total_len as u64).saturating_sub(captured_len as u64)),
@@ -1429,6 +1433,8 @@ impl Session {
                     body,
                     tail.then_some(stream_pos + u64::from(captured_len)),
                 ),
+                true,
+                // (One record holds a whole write.)
                 Some(if tail {
                     u64::from(total_len.saturating_sub(captured_len))
                 } else {
@@ -1447,6 +1453,8 @@ impl Session {
         ts_ns: u64,
         inbound: bool,
         pieces: Pieces,
+        // The first chunk of a syscall (a read is counted once, however many chunks it takes).
+        syscall_start: bool,
         // `Some` for the last captured chunk of a syscall: its bytes past the capture cap.
         syscall_end: Option<u64>,
         out: &mut impl RecordOut,
@@ -1501,7 +1509,10 @@ impl Session {
         }
         if inbound {
             self.report_lost_commands(&mut conn, ts_ns, out);
-            conn.reads += 1;
+            // (Per read, not per 16,000-byte chunk: "read again since" must mean the server's
+            // next read. Review: a CLIENT REPLY ON that worked, in the first chunk of a 16 KiB
+            // read, was taken for refused at the second.)
+            conn.reads += u64::from(syscall_start);
             // Replies that answered nothing since the last read answer commands of a gap this
             // read shows before its bytes (QA: hundreds of pipelined SETs per connection, whose
             // reads the full ring dropped, were neither written nor counted).
@@ -1839,15 +1850,21 @@ impl Session {
             silent_report,
         );
         // Queued, its confirmations come as EXEC's elements. (`in_multi` follows the replies: a
-        // command read after an EXEC, DISCARD or RESET still unanswered is not queued. QA: a
-        // SUBSCRIBE pipelined after EXEC took the next command's reply for its own, its RESP3
-        // confirmation skipped as a push, and every result after it shifted by one.)
+        // command read after an EXEC, DISCARD or RESET still unanswered is not queued, one read
+        // after a MULTI still unanswered is. QA: a SUBSCRIBE pipelined after EXEC took the next
+        // command's reply for its own, its RESP3 confirmation skipped as a push, and every
+        // result after it shifted by one.)
         let queued = || {
-            conn.in_multi
-                && !conn
-                    .pending
-                    .iter()
-                    .any(|p| matches!(p.effect, Effect::Exec | Effect::Discard | Effect::Reset))
+            // The last transaction command still unanswered says, else the replies so far.
+            conn.pending
+                .iter()
+                .rev()
+                .find_map(|p| match p.effect {
+                    Effect::Multi => Some(true),
+                    Effect::Exec | Effect::Discard | Effect::Reset => Some(false),
+                    _ => None,
+                })
+                .unwrap_or(conn.in_multi)
         };
         let awaiting = matches!(effect, Effect::Subscribe(..)) && d.arity_ok && !queued();
         if awaiting
@@ -2066,6 +2083,8 @@ impl Session {
         let confirmation =
             is_pubsub_kind && first.as_deref().is_some_and(|f| f.ends_with(b"subscribe"));
         if conn.pending.front().is_some_and(|p| p.refusable)
+            && !conn.monitor
+            && conn.replies_to_pass == 0
             && reply.kind != ReplyKind::Push
             && !reply.is_error()
             && (confirmation || !is_pubsub_kind)
@@ -2630,8 +2649,9 @@ impl Session {
             // behind a SKIP on a RESP3 connection, the RESP2 confirmations of a SUBSCRIBE after
             // it taken for replies, a wrong AUTH written SUCCESS). With AUTH it may have failed.
             match p.effect {
-                Effect::Hello(Some(v)) => conn.resp3 = v == 3,
-                Effect::HelloAuth(Some(v), _) if conn.resp3 != (v == 3) => {
+                // (A HELLO 4 is refused: NOPROTO.)
+                Effect::Hello(Some(v @ (2 | 3))) => conn.resp3 = v == 3,
+                Effect::HelloAuth(Some(v @ (2 | 3)), _) if conn.resp3 != (v == 3) => {
                     // Taken for worked (the user is unknown); where pub/sub frames may come,
                     // whose form it decides, the replies till the client has had them all are
                     // unknown.
@@ -2649,12 +2669,17 @@ impl Session {
                 // it were taken for their results, a queued wrong AUTH for a login).
                 Effect::Multi if !conn.in_multi => {
                     conn.in_multi = true;
+                    conn.multi_known = true;
                     conn.queued.clear();
+                    conn.queued_untracked = 0;
                 }
                 // A silenced EXEC or DISCARD ended the transaction: what it ran, if anything,
                 // is not known.
                 Effect::Exec | Effect::Discard if conn.in_multi => {
                     conn.in_multi = false;
+                    conn.multi_known = true;
+                    conn.multi_before_attach = false;
+                    conn.queued_untracked = 0;
                     let why = if matches!(p.effect, Effect::Exec) {
                         "reply unknown (EXEC silenced)"
                     } else {

@@ -3333,7 +3333,7 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
         &["AUTH", "bad"],
     ]));
     let refusal = b"-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n";
-    let mut replies = [
+    let replies = [
         &refusal[..],
         refusal,
         b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nc\r\n:0\r\n",
@@ -3341,7 +3341,6 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
     ]
     .concat();
     w.server(&replies);
-    replies.clear();
     assert_eq!(
         outcomes(&w.take()),
         [
@@ -3424,6 +3423,64 @@ fn acl_refused_client_reply_after_a_silenced_login() {
             ("auth".into(), Outcome::Unknown),
             ("client|reply".into(), Outcome::Success),
             ("auth".into(), Outcome::Failure),
+        ]
+    );
+}
+
+/// Review: a read of more than 16,000 bytes comes in several ring chunks, and is one read: a
+/// CLIENT REPLY ON that worked, in its first chunk, is not taken for refused at the second (its
+/// +OK had not come "before the server read again"). A HELLO 4 (refused: NOPROTO) a SKIP
+/// silenced changes no protocol.
+#[test]
+fn a_read_in_several_chunks_is_one_read_and_a_silenced_hello_4_changes_nothing() {
+    let mut w = Wire::new();
+    w.client(&cmd(&["CLIENT", "REPLY", "OFF"]));
+    let mut read = pipeline(&[&["CLIENT", "REPLY", "ON"], &["GET", "k"]]);
+    let mut sets = 0;
+    while read.len() < 16_384 {
+        read.extend_from_slice(&cmd(&["SET", "k", &"v".repeat(400)]));
+        sets += 1;
+    }
+    let pos = w.in_pos;
+    w.in_pos += read.len() as u64;
+    let n = read.len() as u32;
+    w.data(true, pos, n, 0, n, &read[..16_000]);
+    w.data(true, pos, n, 16_000, n, &read[16_000..]);
+    let mut replies = b"+OK\r\n$1\r\nv\r\n".to_vec();
+    for _ in 0..sets {
+        replies.extend_from_slice(b"+OK\r\n");
+    }
+    w.server(&replies);
+    let recs = w.take();
+    assert_eq!(recs.len(), 3 + sets);
+    assert_eq!(
+        outcomes(&recs[..3]),
+        [
+            ("client|reply".into(), Outcome::Unknown),
+            ("client|reply".into(), Outcome::Success),
+            ("get".into(), Outcome::Success),
+        ]
+    );
+    assert!(recs[3..].iter().all(|r| r.result == Outcome::Success));
+
+    let mut w = Wire::new();
+    w.roundtrip(&["HELLO", "3"], b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    w.roundtrip(
+        &["SUBSCRIBE", "c"],
+        b">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n",
+    );
+    w.client(&pipeline(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["HELLO", "4"],
+        &["LRANGE", "l", "0", "-1"],
+    ]));
+    w.server(b"*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n");
+    assert_eq!(
+        outcomes(&w.take()),
+        [
+            ("client|reply".into(), Outcome::Unknown),
+            ("hello".into(), Outcome::Unknown),
+            ("lrange".into(), Outcome::Success),
         ]
     );
 }
