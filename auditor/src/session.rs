@@ -1554,17 +1554,6 @@ impl Session {
             {
                 self.settle_refusable(&mut conn, None, out);
             }
-            // A CLIENT REPLY ON sent with replies off and read earlier, still without its +OK:
-            // refused unseen (an ACL denial), replies still off (QA: a later ON's +OK taken for
-            // it made a wrong AUTH read SUCCESS, and a good one FAILURE).
-            if conn.pending.front().is_some_and(|p| {
-                p.mode_change == ModeChange::On
-                    && p.sent_replies_off
-                    && p.expects_reply
-                    && p.read < conn.reads
-            }) {
-                self.settle_refused_reply_on(&mut conn, None, out);
-            }
             let mut events = std::mem::take(&mut self.scratch_req);
             for (pos, bytes) in pieces {
                 if pos > conn.in_expected {
@@ -2101,7 +2090,7 @@ impl Session {
             reply.kind == ReplyKind::Push || (reply.kind == ReplyKind::Array && !conn.resp3);
         if confirmation && frame {
             let kind = first.as_deref().unwrap_or_default();
-            while self.settle_refused_reply_on(conn, Some(reply), out) {}
+            while self.settle_refused_reply_on(conn, reply, out) {}
             if let Some(at) = confirmation_target(conn, kind, Some(&reply.text)) {
                 // In RESP2, before the connection is subscribed, any command may answer with an
                 // array like this (a script's): if the silenced command it seems to confirm
@@ -2577,7 +2566,7 @@ impl Session {
             self.drain_unreplied(conn, out);
             return true;
         }
-        self.settle_refused_reply_on(conn, Some(reply), out)
+        self.settle_refused_reply_on(conn, reply, out)
     }
 
     /// A CLIENT REPLY ON at the head, sent with replies off, refused without a word (replies
@@ -2586,17 +2575,16 @@ impl Session {
     /// context), or when the reply at hand is not its +OK (QA: an ACL-refused ON took an
     /// UNSUBSCRIBE's confirmation for its +OK, and every reply after went one command early, a
     /// wrong AUTH written SUCCESS). Returns whether there was one.
-    /// (`reply` `None`: the server read the client again, with no reply since.)
     fn settle_refused_reply_on(
         &mut self,
         conn: &mut Conn,
-        reply: Option<&Reply>,
+        reply: &Reply,
         out: &mut impl RecordOut,
     ) -> bool {
         let refused = conn.pending.front().is_some_and(|head| {
             head.mode_change == ModeChange::On && head.sent_replies_off && head.expects_reply
         }) && ((!conn.resp3 && conn.pubsub.subscribed())
-            || reply.is_none_or(|reply| !(reply.kind == ReplyKind::Simple && reply.text == b"OK")));
+            || !(reply.kind == ReplyKind::Simple && reply.text == b"OK"));
         if refused {
             let mut mode = ReplyMode::Off;
             for (i, p) in conn.pending.iter_mut().enumerate() {
