@@ -42,9 +42,10 @@
 //!   guess (below), where strict CRLF checks are how a wrong guess is detected.
 //! * Anything else is an inline command: a line up to `\n` (a trailing `\r` is stripped), split
 //!   as Valkey 9.1.2 splits it (quotes join the text around them). Blank lines are no command.
-//!   Unbalanced quotes are a Desync, and so are more than 64 KiB of a line without its end after
-//!   a `feed` (one read of the server's: "too big inline request"; a longer line whose end came
-//!   in the same read is run). A
+//!   Unbalanced quotes are a Desync, and so are more than 64 KiB of a line without its end at
+//!   `end_read` (the end of one read of the server's, whose ring chunks were fed one by one; `feed`
+//!   is a whole read: "too big inline request"; a longer line whose end came in the same read is
+//!   run). Every 0xff written in a line is dropped, as Valkey drops it. A
 //!   NUL before the `\n` means the line never ends, as for the server's `strchr`: nothing after
 //!   it runs, until 64 KiB are pending and the server refuses them.
 //!

@@ -543,6 +543,16 @@ fn reexpect(mode: &mut ReplyMode, p: &mut Pending) {
     (p.expects_reply, p.refusable) = expectation(mode, p);
 }
 
+/// The head's reply showed the reply mode after it to be `mode`: what the commands after it
+/// expect, and the connection's mode, worked out again from there (mode changes among them
+/// included: a SKIP after a refused OFF is a SKIP with replies on).
+fn reexpect_after_head(conn: &mut Conn, mut mode: ReplyMode) {
+    for p in conn.pending.iter_mut().skip(1) {
+        reexpect(&mut mode, p);
+    }
+    conn.reply_mode = mode;
+}
+
 /// How Valkey's `replconfCommand` answers a REPLCONF: an even argument count is a syntax error;
 /// then it works through the option/value pairs in order, answers an invalid one with an error,
 /// returns without a word at ACK or GETACK, and says +OK at the end.
@@ -639,6 +649,13 @@ fn doubt_replies(conn: &mut Conn, why: &'static str) {
 fn settle_as_run(p: &mut Pending) {
     p.refusable = false;
     p.ran_silently = matches!(p.effect, Effect::OffsetReport(_));
+}
+
+/// Valkey's refusal of a command in a RESP2 connection's subscribed context ("ERR Can't execute
+/// '<cmd>': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this
+/// context").
+fn is_subscribed_context_refusal(text: &[u8]) -> bool {
+    text.starts_with(b"ERR Can't execute") && text.ends_with(b"are allowed in this context")
 }
 
 /// An ACL denial naming a user other than the connection's that a later AUTH or HELLO AUTH in
@@ -1699,16 +1716,13 @@ impl Session {
                                 // queued commands are written (before it, as EXEC writes them),
                                 // not left for the next MULTI to clear.
                                 Effect::Exec | Effect::Discard | Effect::Reset => {
-                                    conn.in_multi = false;
-                                    for q in std::mem::take(&mut conn.queued) {
-                                        self.finish_unknown(
-                                            &mut conn,
-                                            q,
-                                            "reply lost (capture gap)",
-                                            ts_ns,
-                                            out,
-                                        );
-                                    }
+                                    self.end_transaction_unseen(
+                                        &mut conn,
+                                        false,
+                                        "reply lost (capture gap)",
+                                        ts_ns,
+                                        out,
+                                    );
                                 }
                                 _ => {}
                             }
@@ -2154,11 +2168,7 @@ impl Session {
             }
             doubt_replies(conn, REPLY_UNCERTAIN_SUBSCRIBED_AT_ATTACH);
         }
-        if !conn.pubsub.known
-            && reply.is_error()
-            && reply.text.starts_with(b"ERR Can't execute")
-            && reply.text.ends_with(b"are allowed in this context")
-        {
+        if !conn.pubsub.known && reply.is_error() && is_subscribed_context_refusal(&reply.text) {
             // Only a RESP2 connection in the subscribed context is refused so.
             conn.pubsub.last_subscribed = true;
         }
@@ -2482,7 +2492,8 @@ impl Session {
         out: &mut impl RecordOut,
     ) -> bool {
         while !conn.pending.is_empty() {
-            let later_login = reply.is_some_and(|r| denial_of_a_later_login(conn, &r.text));
+            let later_login =
+                reply.is_some_and(|r| r.is_error() && denial_of_a_later_login(conn, &r.text));
             let head = conn.pending.front_mut().expect("not empty");
             if !head.refusable {
                 return false;
@@ -2496,12 +2507,6 @@ impl Session {
                     && matches!(head.effect, Effect::OffsetReport(true))
                     && is_replconf_option_error(&reply.text)
             });
-            // (Only a RESP2 connection is refused for its subscribed context: QA found a later
-            // SKIP's such refusal taken for a RESP3 one's.)
-            let context_refusal = |text: &[u8]| {
-                text.starts_with(b"ERR Can't execute")
-                    && text.ends_with(b"are allowed in this context")
-            };
             // (An ACL denial names the user: one naming another than the head ran as is a later
             // command's, run after a silenced AUTH. QA: a SKIP of `default` took the denial of
             // bob's SKIP after `AUTH bob` for its own, and bob's login was written a failure.)
@@ -2509,7 +2514,9 @@ impl Session {
                 && reply.is_error()
                 && (option_error
                     || (is_refusal_of(&head.record.command, &reply.text)
-                        && !(conn.resp3 && context_refusal(&reply.text))
+                        // (Only a RESP2 connection is refused for its subscribed context: QA
+                        // found a later SKIP's such refusal taken for a RESP3 one's.)
+                        && !(conn.resp3 && is_subscribed_context_refusal(&reply.text))
                         && !later_login))
             {
                 if option_error {
@@ -2518,11 +2525,7 @@ impl Session {
                 // It changed nothing: replies stayed on. What the commands after it expect is
                 // worked out again from there, mode changes among them included (a SKIP after a
                 // refused OFF is a SKIP with replies on: refusable, and the next command silent).
-                let mut mode = ReplyMode::On;
-                for p in conn.pending.iter_mut().skip(1) {
-                    reexpect(&mut mode, p);
-                }
-                conn.reply_mode = mode;
+                reexpect_after_head(conn, ReplyMode::On);
                 self.finish_front(conn, reply, out);
                 self.drain_unreplied(conn, out);
                 return true;
@@ -2586,15 +2589,10 @@ impl Session {
         }) && ((!conn.resp3 && conn.pubsub.subscribed())
             || !(reply.kind == ReplyKind::Simple && reply.text == b"OK"));
         if refused {
-            let mut mode = ReplyMode::Off;
-            for (i, p) in conn.pending.iter_mut().enumerate() {
-                if i == 0 {
-                    p.expects_reply = false;
-                } else {
-                    reexpect(&mut mode, p);
-                }
+            if let Some(head) = conn.pending.front_mut() {
+                head.expects_reply = false;
             }
-            conn.reply_mode = mode;
+            reexpect_after_head(conn, ReplyMode::Off);
             self.drain_unreplied(conn, out);
         }
         refused
@@ -2656,30 +2654,22 @@ impl Session {
                 // A silenced MULTI ran too (QA: behind a SKIP, the +QUEUED of the commands after
                 // it were taken for their results, a queued wrong AUTH for a login).
                 Effect::Multi if !conn.in_multi => {
-                    conn.in_multi = true;
                     conn.multi_known = true;
-                    conn.queued.clear();
-                    conn.queued_untracked = 0;
+                    self.apply_effect(conn, &p.effect);
                 }
                 // A silenced EXEC or DISCARD ended the transaction: what it ran, if anything,
                 // is not known.
-                Effect::Exec | Effect::Discard if conn.in_multi => {
-                    conn.in_multi = false;
-                    conn.multi_known = true;
-                    conn.multi_before_attach = false;
-                    conn.queued_untracked = 0;
-                    let why = if matches!(p.effect, Effect::Exec) {
-                        "reply unknown (EXEC silenced)"
-                    } else {
-                        "discarded"
-                    };
-                    for q in std::mem::take(&mut conn.queued) {
-                        if matches!(p.effect, Effect::Exec) {
-                            self.finish_unknown(conn, q, why, p.done_ts, out);
-                        } else {
-                            self.finish_discarded(conn, q, why.as_bytes(), out);
-                        }
-                    }
+                Effect::Exec if conn.in_multi => {
+                    self.end_transaction_unseen(
+                        conn,
+                        false,
+                        "reply unknown (EXEC silenced)",
+                        p.done_ts,
+                        out,
+                    );
+                }
+                Effect::Discard if conn.in_multi => {
+                    self.end_transaction_unseen(conn, true, "discarded", p.done_ts, out);
                 }
                 _ => {}
             }
@@ -3153,6 +3143,31 @@ impl Session {
         p.record.result = Outcome::Unknown;
         p.record.error = why.as_bytes().to_vec();
         self.push_with(&p.settings, &mut p.record, out);
+    }
+
+    /// A transaction ended by a command whose reply was not seen (lost in a capture gap, or
+    /// silenced): its queued commands are written, `discarded` (a DISCARD: FAILURE) or with
+    /// outcomes unknown, before it as EXEC writes them, and its bookkeeping ends (a leftover
+    /// untracked count would have written every later transaction's commands untracked).
+    fn end_transaction_unseen(
+        &mut self,
+        conn: &mut Conn,
+        discarded: bool,
+        why: &str,
+        ts: u64,
+        out: &mut impl RecordOut,
+    ) {
+        conn.in_multi = false;
+        conn.multi_known = true;
+        conn.multi_before_attach = false;
+        conn.queued_untracked = 0;
+        for q in std::mem::take(&mut conn.queued) {
+            if discarded {
+                self.finish_discarded(conn, q, why.as_bytes(), out);
+            } else {
+                self.finish_unknown(conn, q, why, ts, out);
+            }
+        }
     }
 
     /// Write a queued command whose transaction the server discarded without running it.

@@ -59,6 +59,12 @@ fn outcomes(recs: &[Record]) -> Vec<(String, Outcome)> {
     recs.iter().map(|r| (s(&r.command), r.result)).collect()
 }
 
+/// `recs`' (command, result) pairs are exactly `want`, in order.
+fn assert_outcomes(recs: &[Record], want: &[(&str, Outcome)]) {
+    let want: Vec<(String, Outcome)> = want.iter().map(|&(c, o)| (c.to_string(), o)).collect();
+    assert_eq!(outcomes(recs), want);
+}
+
 fn names(recs: &[Record]) -> Vec<String> {
     recs.iter().map(|r| s(&r.command)).collect()
 }
@@ -3309,15 +3315,15 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
         b"-ERR wrong number of arguments for 'client|reply' command\r\n$1\r\nm\r\n".to_vec();
     replies.extend_from_slice(wrongpass);
     w.server(&replies);
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("client|reply".into(), Outcome::Unknown),
-            ("incr".into(), Outcome::Unknown),
-            ("client|reply".into(), Outcome::Failure),
-            ("echo".into(), Outcome::Success),
-            ("auth".into(), Outcome::Failure),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("client|reply", Outcome::Unknown),
+            ("incr", Outcome::Unknown),
+            ("client|reply", Outcome::Failure),
+            ("echo", Outcome::Success),
+            ("auth", Outcome::Failure),
+        ],
     );
     // A RESP2 subscribed connection refuses OFF and ON aloud: the ON was not sent with replies
     // off, so it is no silent refusal.
@@ -3341,14 +3347,14 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
     ]
     .concat();
     w.server(&replies);
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("client|reply".into(), Outcome::Failure),
-            ("client|reply".into(), Outcome::Failure),
-            ("unsubscribe".into(), Outcome::Success),
-            ("auth".into(), Outcome::Failure),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("client|reply", Outcome::Failure),
+            ("client|reply", Outcome::Failure),
+            ("unsubscribe", Outcome::Success),
+            ("auth", Outcome::Failure),
+        ],
     );
     // A HELLO 2 a SKIP silenced on a RESP3 connection ran: the confirmations after it are RESP2
     // arrays, not replies.
@@ -3362,14 +3368,14 @@ fn client_reply_refusals_and_silenced_hellos_keep_replies_in_line() {
     ]));
     let refusal = b"-ERR Can't execute 'auth': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n";
     w.server(&[&b"*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc2\r\n:2\r\n"[..], refusal].concat());
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("client|reply".into(), Outcome::Unknown),
-            ("hello".into(), Outcome::Unknown),
-            ("subscribe".into(), Outcome::Success),
-            ("auth".into(), Outcome::Failure),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("client|reply", Outcome::Unknown),
+            ("hello", Outcome::Unknown),
+            ("subscribe", Outcome::Success),
+            ("auth", Outcome::Failure),
+        ],
     );
 }
 
@@ -3392,14 +3398,14 @@ fn acl_refused_client_reply_after_a_silenced_login() {
         ]
         .concat(),
     );
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("client|reply".into(), Outcome::Unknown),
-            ("auth".into(), Outcome::Unknown),
-            ("client|reply".into(), Outcome::Failure),
-            ("auth".into(), Outcome::Failure),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("client|reply", Outcome::Unknown),
+            ("auth", Outcome::Unknown),
+            ("client|reply", Outcome::Failure),
+            ("auth", Outcome::Failure),
+        ],
     );
 }
 
@@ -3430,12 +3436,12 @@ fn a_read_in_several_chunks_is_one_read_and_a_silenced_hello_4_changes_nothing()
     w.server(&replies);
     let recs = w.take();
     assert_eq!(recs.len(), 2 + sets);
-    assert_eq!(
-        outcomes(&recs[..2]),
-        [
-            ("client|reply".into(), Outcome::Failure),
-            ("get".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &recs[..2],
+        &[
+            ("client|reply", Outcome::Failure),
+            ("get", Outcome::Success),
+        ],
     );
     assert!(recs[2..].iter().all(|r| r.result == Outcome::Success));
 
@@ -3451,13 +3457,13 @@ fn a_read_in_several_chunks_is_one_read_and_a_silenced_hello_4_changes_nothing()
         &["LRANGE", "l", "0", "-1"],
     ]));
     w.server(b"*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("client|reply".into(), Outcome::Unknown),
-            ("hello".into(), Outcome::Unknown),
-            ("lrange".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("client|reply", Outcome::Unknown),
+            ("hello", Outcome::Unknown),
+            ("lrange", Outcome::Success),
+        ],
     );
 }
 
@@ -5585,12 +5591,9 @@ fn a_replconf_option_before_ack_that_fails_is_answered_or_uncertain() {
         &["SET", "a", "1"],
     ]));
     w.server(b"-ERR value is not an integer or out of range\r\n+OK\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("replconf".into(), Outcome::Failure),
-            ("set".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[("replconf", Outcome::Failure), ("set", Outcome::Success)],
     );
     // An option whose check needs the server's state: its error is taken for the REPLCONF's,
     // but the next command might have failed alike, so no result is claimed until the client
@@ -5601,12 +5604,9 @@ fn a_replconf_option_before_ack_that_fails_is_answered_or_uncertain() {
     ]));
     w.server(b"-ERR Unrecognized RDB client id 99\r\n+OK\r\n");
     let recs = w.take();
-    assert_eq!(
-        outcomes(&recs),
-        [
-            ("replconf".into(), Outcome::Unknown),
-            ("set".into(), Outcome::Unknown),
-        ]
+    assert_outcomes(
+        &recs,
+        &[("replconf", Outcome::Unknown), ("set", Outcome::Unknown)],
     );
     assert_eq!(
         s(&recs[1].error),
@@ -5726,12 +5726,9 @@ fn a_dual_channel_replicas_first_psync_is_a_step_of_its_handshake() {
     w.server(b"+DUALCHANNELSYNC\r\n");
     w.client(&cmd(&["REPLCONF", "set-rdb-client-id", "7"]));
     w.server(b"+OK\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("psync".into(), Outcome::Success),
-            ("replconf".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[("psync", Outcome::Success), ("replconf", Outcome::Success)],
     );
 }
 
@@ -5748,13 +5745,13 @@ fn a_clients_replconf_ack_on_a_link_open_at_attach_hides_nothing_after_it() {
         &["GET", "a"],
     ]));
     w.server(b"+OK\r\n+OK\r\n$-1\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("set".into(), Outcome::Success),
-            ("flushall".into(), Outcome::Success),
-            ("get".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("set", Outcome::Success),
+            ("flushall", Outcome::Success),
+            ("get", Outcome::Success),
+        ],
     );
 }
 
@@ -5777,13 +5774,13 @@ fn a_script_returning_queued_on_a_link_open_at_attach_is_not_taken_for_queued() 
     assert_eq!(s(&r.error), "reply uncertain (MULTI began before attach)");
     w.client(&pipeline(&[&["MULTI"], &["SET", "gone", "1"], &["EXEC"]]));
     w.server(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("multi".into(), Outcome::Success),
-            ("set".into(), Outcome::Success),
-            ("exec".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("multi", Outcome::Success),
+            ("set", Outcome::Success),
+            ("exec", Outcome::Success),
+        ],
     );
 }
 
@@ -5803,12 +5800,9 @@ fn a_push_shows_a_connection_open_at_attach_speaks_resp3() {
     );
     w.client(&pipeline(&[&["LRANGE", "l", "0", "-1"], &["INCR", "n"]]));
     w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n:1\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("lrange".into(), Outcome::Success),
-            ("incr".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[("lrange", Outcome::Success), ("incr", Outcome::Success)],
     );
 }
 
@@ -5842,15 +5836,15 @@ fn a_subscribed_resp3_clients_transaction_has_its_results() {
         &["PING"],
     ]));
     w.server(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n-ERR value is not an integer or out of range\r\n>3\r\n$7\r\nmessage\r\n$16\r\n__keyspace@0__:k\r\n$3\r\nset\r\n+PONG\r\n");
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("multi".into(), Outcome::Success),
-            ("set".into(), Outcome::Success),
-            ("incr".into(), Outcome::Failure),
-            ("exec".into(), Outcome::Success),
-            ("ping".into(), Outcome::Success),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[
+            ("multi", Outcome::Success),
+            ("set", Outcome::Success),
+            ("incr", Outcome::Failure),
+            ("exec", Outcome::Success),
+            ("ping", Outcome::Success),
+        ],
     );
 }
 
@@ -5913,12 +5907,9 @@ fn a_message_to_a_connection_subscribed_before_attach_is_no_reply() {
     replies.extend_from_slice(refused("flushall").as_bytes());
     replies.extend_from_slice(refused("incr").as_bytes());
     w.server(&replies);
-    assert_eq!(
-        outcomes(&w.take()),
-        [
-            ("flushall".into(), Outcome::Failure),
-            ("incr".into(), Outcome::Failure),
-        ]
+    assert_outcomes(
+        &w.take(),
+        &[("flushall", Outcome::Failure), ("incr", Outcome::Failure)],
     );
     // Seen refused so, the connection is known subscribed: a message before a reply to a
     // command that may answer with any array is a message too.
@@ -5953,12 +5944,9 @@ fn a_message_shaped_reply_on_a_connection_open_at_attach_is_uncertain_not_shifte
     w.client(&pipeline(&[&["LRANGE", "l", "0", "-1"], &["INCR", "n"]]));
     w.server(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n:1\r\n");
     let recs = w.take();
-    assert_eq!(
-        outcomes(&recs),
-        [
-            ("lrange".into(), Outcome::Unknown),
-            ("incr".into(), Outcome::Unknown),
-        ]
+    assert_outcomes(
+        &recs,
+        &[("lrange", Outcome::Unknown), ("incr", Outcome::Unknown)],
     );
     let r = w.roundtrip(&["GET", "k"], b"$-1\r\n");
     assert_eq!((s(&r.command), r.result), ("get".into(), Outcome::Success));
